@@ -1,0 +1,3 @@
+"""thpcow: a lab for Linux transparent huge pages and copy-on-write after fork()."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""User memory accesses: the loads and stores of a simulated process.
+
+A store takes the write-fault path for each page that is not mapped
+writable, then lands in the page's content token; a load takes the read-fault
+path for pages not present and returns their tokens.  Contents are tracked
+per 4 KiB page: a store of any size replaces the token of every page it
+touches.
+
+``write_pages`` is the batched store path.  Pages that already are writable
+are resolved with array operations; read-only anon PTEs go through
+:func:`memory.wp_page_copy_batch`; read-only PMD leaves and empty entries take
+the scalar fault path (one fault per 2 MiB block resolves a whole THP).  The
+result equals storing the pages one by one, in order (``write_pages_scalar``),
+up to which physical frames were picked; tests check both against each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import PAGE_SHIFT, VM_READ, VM_WRITE
+from .errors import SegmentationFault
+from .folio import PG_HUGE_ZERO
+from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
+from . import memory
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+# -- permission checks ------------------------------------------------------------------------
+def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
+    """Index of the first page not in a VMA with ``need`` (VM_READ/VM_WRITE), or -1."""
+    if not mm.vmas:
+        return 0 if len(vpages) else -1
+    starts = np.array([v.start >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
+    ends = np.array([v.end >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
+    ok_flags = np.array([bool(v.flags & need) for v in mm.vmas])
+    i = np.searchsorted(starts, vpages, side="right") - 1
+    ic = np.maximum(i, 0)
+    good = (i >= 0) & (vpages < ends[ic]) & ok_flags[ic]
+    bad = np.flatnonzero(~good)
+    return int(bad[0]) if len(bad) else -1
+
+
+def _segv(mm: MM, vpage: int, write: bool) -> SegmentationFault:
+    addr = vpage << PAGE_SHIFT
+    vma = mm.find_vma(addr)
+    if vma is None:
+        return SegmentationFault(addr, "not mapped (SEGV_MAPERR)")
+    what = "write to a mapping without PROT_WRITE" if write else "read of a mapping without PROT_READ"
+    return SegmentationFault(addr, f"{what} (SEGV_ACCERR)")
+
+
+# -- entry state ----------------------------------------------------------------------------------
+def entry_state(mm: MM, vpages: np.ndarray):
+    """Vector page-table walk: (slot, kind, row, col, pte pfn, pte flags) per page."""
+    pt = mm.pt
+    slots = pt.lookup_slots(vpages >> 9)
+    has = slots >= 0
+    sc = np.where(has, slots, 0)
+    kind = np.where(has, pt.pmd_kind[sc], 0)
+    rows = np.where(kind == PMD_TABLE, pt.pmd_row[sc], 0)
+    cols = vpages & 511
+    pfn = np.where(kind == PMD_TABLE, pt.pte_pfn[rows, cols], -1)
+    flags = np.where(kind == PMD_TABLE, pt.pte_flags[rows, cols], 0).astype(np.uint8)
+    return sc, kind, rows, cols, pfn, flags
+
+
+def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
+    """The frame each page maps now (-1 if none); the huge zero PMD maps the zero page."""
+    pt = mm.pt
+    sc, kind, rows, cols, pfn, flags = entry_state(mm, vpages)
+    leaf = kind == PMD_LEAF
+    if leaf.any():
+        fids = pt.pmd_folio[sc[leaf]]
+        heads = k.folios.head[fids]
+        huge_zero = (k.folios.flags[fids] & PG_HUGE_ZERO).astype(bool)
+        pfn = pfn.copy()
+        pfn[leaf] = np.where(huge_zero, 0, heads + (vpages[leaf] & 511))
+    return pfn
+
+
+# -- stores -------------------------------------------------------------------------------------------
+def _unique_in_order(vpages: np.ndarray, tokens: np.ndarray):
+    """Distinct pages in order of first store, with the token of their last store."""
+    uniq, first = np.unique(vpages, return_index=True)
+    _, last_rev = np.unique(vpages[::-1], return_index=True)
+    last = len(vpages) - 1 - last_rev
+    order = np.argsort(first, kind="stable")
+    return uniq[order], tokens[last][order]
+
+
+def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> None:
+    """Every page is writable now: set dirty/young and store the tokens."""
+    pt = mm.pt
+    sc, kind, rows, cols, pfn, flags = entry_state(mm, pages)
+    tab = kind == PMD_TABLE
+    pt.pte_flags[rows[tab], cols[tab]] |= _PAGE_DIRTY | _PAGE_ACCESSED
+    leaf = kind == PMD_LEAF
+    if leaf.any():
+        pt.pmd_flags[np.unique(sc[leaf])] |= _PAGE_DIRTY | _PAGE_ACCESSED
+    k.mem.content[resolve_pfns(k, mm, pages)] = tokens
+
+
+def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> None:
+    """Store ``tokens[i]`` into page ``vpages[i]``, in order (batched; see module doc)."""
+    vpages = np.asarray(vpages, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    bad = first_bad_page(mm, vpages, VM_WRITE)
+    if bad >= 0:
+        if bad:
+            write_pages(k, mm, vpages[:bad], tokens[:bad])
+        raise _segv(mm, int(vpages[bad]), True)
+    if not len(vpages):
+        return
+    pages, toks = _unique_in_order(vpages, tokens)
+    pt = mm.pt
+    pending = pages
+    while len(pending):
+        sc, kind, rows, cols, pfn, flags = entry_state(mm, pending)
+        leaf = kind == PMD_LEAF
+        leaf_w = leaf & (pt.pmd_flags[sc] & _PAGE_RW).astype(bool)
+        present = (kind == PMD_TABLE) & (pfn >= 0)
+        pte_w = present & (flags & _PAGE_RW).astype(bool)
+        done = leaf_w | pte_w
+        cow = present & ~pte_w & ~(flags & _PAGE_SPECIAL).astype(bool)
+        leaf_ro = leaf & ~leaf_w
+        if cow.any():
+            if not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
+                return write_pages_scalar(k, mm, vpages, tokens)
+        # Read-only PMD leaves: one scalar fault per 2 MiB block (split or reuse).
+        if leaf_ro.any():
+            _, first = np.unique(sc[leaf_ro], return_index=True)
+            for p in pending[leaf_ro][np.sort(first)].tolist():
+                _fault_store(k, mm, p)
+        rest = ~done & ~cow & ~leaf_ro
+        for p in pending[rest].tolist():
+            _fault_store(k, mm, p)
+        pending = pending[leaf_ro]
+        if len(pending):
+            # Pages of a split PMD come back as PTEs; pages of a reused PMD are done.
+            _, kind2, _, _, _, _ = entry_state(mm, pending)
+            pending = pending[kind2 == PMD_TABLE]
+            if len(pending):
+                sc2, kind2, rows2, cols2, pfn2, flags2 = entry_state(mm, pending)
+                pending = pending[~(flags2 & _PAGE_RW).astype(bool)]
+    _finish_stores(k, mm, pages, toks)
+
+
+def _fault_store(k: Kernel, mm: MM, vpage: int) -> None:
+    """Scalar: fault page ``vpage`` writable unless it already is."""
+    pt = mm.pt
+    addr = vpage << PAGE_SHIFT
+    s = pt.slot_of.get(vpage >> 9)
+    if s is not None:
+        kind = pt.pmd_kind[s]
+        if kind == PMD_LEAF and pt.pmd_flags[s] & _PAGE_RW:
+            return
+        if kind == PMD_TABLE:
+            row = pt.pmd_row[s]
+            if pt.pte_pfn[row, vpage & 511] >= 0 and pt.pte_flags[row, vpage & 511] & _PAGE_RW:
+                return
+    memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=True)
+
+
+def write_pages_scalar(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> None:
+    """The reference store path: one page at a time, in program order."""
+    vpages = np.asarray(vpages, dtype=np.int64)
+    for i, (p, t) in enumerate(zip(vpages.tolist(), np.asarray(tokens).tolist())):
+        if first_bad_page(mm, np.array([p]), VM_WRITE) == 0:
+            raise _segv(mm, p, True)
+        _fault_store(k, mm, p)
+        _finish_stores(k, mm, np.array([p], dtype=np.int64), np.array([t], dtype=np.int64))
+
+
+# -- loads ---------------------------------------------------------------------------------------------
+def read_pages(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
+    """Load every page: read faults where nothing is mapped; returns the tokens."""
+    vpages = np.asarray(vpages, dtype=np.int64)
+    bad = first_bad_page(mm, vpages, VM_READ)
+    if bad >= 0:
+        if bad:
+            read_pages(k, mm, vpages[:bad])
+        raise _segv(mm, int(vpages[bad]), False)
+    if not len(vpages):
+        return np.empty(0, dtype=np.int64)
+    pfn = resolve_pfns(k, mm, vpages)
+    missing = np.flatnonzero(pfn < 0)
+    if len(missing):
+        for p in vpages[missing].tolist():
+            if resolve_pfns(k, mm, np.array([p]))[0] < 0:
+                addr = p << PAGE_SHIFT
+                memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=False)
+        pfn = resolve_pfns(k, mm, vpages)
+    return k.mem.content[pfn]

@@ -1,0 +1,200 @@
+"""Invariant checker in the spirit of page_table_check and CONFIG_DEBUG_VM.
+
+:func:`check_kernel` recomputes, from every process's page tables alone, what
+the folio table, the per-page counters, the rss counters and vmstat must say,
+and raises :class:`InvariantViolation` with a message naming the mm, address,
+PFN or folio at the first disagreement.  The rules are those of
+kernel-semantics §11.6:
+
+1. a writable anon entry is the only mapping of its page system-wide
+   (page_table_check's anon_map_count rule); the zero pages are never writable;
+2. writable anon PTE => page AnonExclusive; writable anon PMD => head AnonExclusive;
+3. an AnonExclusive page is mapped by at most one mm;
+4. refcount == PTE mappings + PMD mappings (no pins or swap cache modelled);
+5. per-page mapcounts, entire and large mapcounts, NR_ANON_MAPPED, NR_ANON_THPS;
+6. per mm: MM_ANONPAGES equals a page-table walk, nr_ptes equals the tables;
+7. a PMD leaf maps a PMD-order folio, 2 MiB aligned, inside one VMA;
+8. no entry outside a VMA; no frame both free and mapped (buddy check);
+9. the MM_IDS_SHARED bit is set whenever two mms map a large folio;
+10. partially mapped large folios are on the deferred split queue;
+11. nr_anon per order equals the live anon folios of that order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
+from .errors import InvariantViolation
+from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
+from .mm import PMD_LEAF, PMD_TABLE, _PAGE_RW, _PAGE_SPECIAL
+from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+def _fail(msg: str) -> None:
+    raise InvariantViolation(msg)
+
+
+def check_kernel(k: Kernel) -> None:
+    mem, f = k.mem, k.folios
+    n = mem.nr_frames
+    pte_maps = np.zeros(n, dtype=np.int64)          # PTE mappings per pfn
+    writable_maps = np.zeros(n, dtype=np.int64)
+    entire = np.zeros(f.capacity, dtype=np.int64)   # PMD mappings per folio
+    pmd_writable = np.zeros(f.capacity, dtype=np.int64)
+    mm_of_page: dict[int, set] = {}                 # only for AE pages
+    per_mm_folio_maps: dict[int, dict[int, int]] = {}
+    for pid, proc in k.procs.items():
+        mm = proc.mm
+        pt = mm.pt
+        rss = 0
+        tables = 0
+        fmaps: dict[int, int] = {}
+        for s in range(pt.nr_slots):
+            kind = pt.pmd_kind[s]
+            base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+            if kind == 0:
+                continue
+            tables += 1
+            if kind == PMD_LEAF:
+                fid = int(pt.pmd_folio[s])
+                if fid < 0 or not f.used[fid]:
+                    _fail(f"mm {pid}: PMD at {base:#x} maps freed folio {fid}")
+                if f.order[fid] != HPAGE_PMD_ORDER:
+                    _fail(f"mm {pid}: PMD at {base:#x} maps folio {fid} of order {f.order[fid]}, not {HPAGE_PMD_ORDER}")
+                if int(f.head[fid]) % HPAGE_PMD_NR:
+                    _fail(f"mm {pid}: PMD at {base:#x} maps unaligned head pfn {int(f.head[fid]):#x}")
+                v = mm.find_vma(base)
+                if v is None or v.end < base + HPAGE_PMD_SIZE:
+                    _fail(f"mm {pid}: PMD leaf at {base:#x} is not inside one VMA")
+                if f.flags[fid] & PG_HUGE_ZERO:
+                    if pt.pmd_flags[s] & _PAGE_RW:
+                        _fail(f"mm {pid}: huge zero PMD at {base:#x} is writable")
+                    continue
+                entire[fid] += 1
+                rss += HPAGE_PMD_NR
+                fmaps[fid] = fmaps.get(fid, 0) + 1
+                if pt.pmd_flags[s] & _PAGE_RW:
+                    pmd_writable[fid] += 1
+                    if not mem.pflags[int(f.head[fid])] & PG_ANON_EXCLUSIVE:
+                        _fail(f"mm {pid}: writable PMD at {base:#x} maps folio {fid} whose head is not AnonExclusive")
+                if mem.pflags[int(f.head[fid])] & PG_ANON_EXCLUSIVE:
+                    mm_of_page.setdefault(int(f.head[fid]), set()).add(pid)
+                continue
+            row = int(pt.pmd_row[s])
+            pfns = pt.pte_pfn[row]
+            flags = pt.pte_flags[row]
+            present = np.flatnonzero(pfns >= 0)
+            if not len(present):
+                continue
+            addrs = base + (present << PAGE_SHIFT)
+            for a in (int(addrs[0]), int(addrs[-1])):
+                if mm.find_vma(a) is None:
+                    _fail(f"mm {pid}: PTE at {a:#x} lies outside every VMA")
+            if len(present) > 2:
+                for a in addrs.tolist():
+                    if mm.find_vma(a) is None:
+                        _fail(f"mm {pid}: PTE at {a:#x} lies outside every VMA")
+            special = (flags[present] & _PAGE_SPECIAL).astype(bool)
+            if (flags[present][special] & _PAGE_RW).any():
+                _fail(f"mm {pid}: a zero-page PTE in the table at {base:#x} is writable")
+            if (pfns[present][special] != ZERO_PFN).any():
+                _fail(f"mm {pid}: a special PTE at {base:#x} does not map the zero page")
+            idx = present[~special]
+            p = pfns[idx]
+            if (mem.folio[p] < 0).any():
+                bad = int(p[mem.folio[p] < 0][0])
+                _fail(f"mm {pid}: PTE in the table at {base:#x} maps pfn {bad:#x}, which belongs to no folio")
+            np.add.at(pte_maps, p, 1)
+            w = (flags[idx] & _PAGE_RW).astype(bool)
+            np.add.at(writable_maps, p[w], 1)
+            if len(p[w]) and not (mem.pflags[p[w]] & PG_ANON_EXCLUSIVE).all():
+                bad = int(p[w][~(mem.pflags[p[w]] & PG_ANON_EXCLUSIVE).astype(bool)][0])
+                _fail(f"mm {pid}: writable PTE maps pfn {bad:#x} that is not AnonExclusive")
+            ae = p[(mem.pflags[p] & PG_ANON_EXCLUSIVE).astype(bool)]
+            for q in ae.tolist():
+                mm_of_page.setdefault(q, set()).add(pid)
+            rss += len(p)
+            fids, counts = np.unique(mem.folio[p], return_counts=True)
+            for fid, c in zip(fids.tolist(), counts.tolist()):
+                fmaps[fid] = fmaps.get(fid, 0) + c
+        if rss != mm.rss_anon:
+            _fail(f"mm {pid}: MM_ANONPAGES={mm.rss_anon} but the page tables map {rss} anon pages")
+        if tables != mm.nr_ptes:
+            _fail(f"mm {pid}: nr_ptes={mm.nr_ptes} but there are {tables} page tables (incl. deposits)")
+        per_mm_folio_maps[pid] = fmaps
+    # Per page
+    if (mem.mapcount != pte_maps).any():
+        pfn = int(np.flatnonzero(mem.mapcount != pte_maps)[0])
+        _fail(f"pfn {pfn:#x}: page mapcount {mem.mapcount[pfn]} but {pte_maps[pfn]} PTEs map it")
+    for pfn, mms in mm_of_page.items():
+        if len(mms) > 1:
+            _fail(f"pfn {pfn:#x}: AnonExclusive but mapped by mms {sorted(mms)}")
+    wp = np.flatnonzero(writable_maps)
+    if len(wp):
+        fids = mem.folio[wp]
+        total = pte_maps[wp] + entire[fids]
+        if (total > 1).any():
+            pfn = int(wp[total > 1][0])
+            _fail(f"pfn {pfn:#x}: mapped writable but has {int(total[total > 1][0])} mappings")
+    # Per folio
+    live = np.flatnonzero(f.used[: f.capacity])
+    for fid in np.flatnonzero(pmd_writable).tolist():
+        head = int(f.head[fid])
+        if entire[fid] > 1 or pte_maps[head: head + HPAGE_PMD_NR].any():
+            _fail(f"folio {fid}: PMD-mapped writable but has other mappings")
+    pte_by_folio = np.zeros(f.capacity, dtype=np.int64)
+    owners = mem.folio >= 0
+    np.add.at(pte_by_folio, mem.folio[owners], pte_maps[owners])
+    nr_anon_pages = 0
+    nr_thps = 0
+    nr_anon = np.zeros(HPAGE_PMD_ORDER + 1, dtype=np.int64)
+    for fid in live.tolist():
+        if f.flags[fid] & PG_HUGE_ZERO:
+            continue
+        order = int(f.order[fid])
+        head = int(f.head[fid])
+        nr = 1 << order
+        if (mem.folio[head: head + nr] != fid).any():
+            _fail(f"folio {fid}: not every frame of pfn {head:#x}+{nr} points back to it")
+        maps = int(pte_by_folio[fid] + entire[fid])
+        if f.refcount[fid] != maps:
+            _fail(f"folio {fid} (pfn {head:#x}, order {order}): refcount {f.refcount[fid]} but {maps} mappings")
+        if f.entire[fid] != entire[fid]:
+            _fail(f"folio {fid}: entire_mapcount {f.entire[fid]} but {entire[fid]} PMD mappings")
+        if maps == 0:
+            _fail(f"folio {fid} (pfn {head:#x}): unmapped but not freed")
+        if order:
+            if f.large[fid] != maps:
+                _fail(f"folio {fid}: large_mapcount {f.large[fid]} but {maps} mappings")
+            mappers = [pid for pid, fm in per_mm_folio_maps.items() if fm.get(fid)]
+            if len(mappers) > 1 and not f.flags[fid] & PG_MM_IDS_SHARED:
+                _fail(f"folio {fid}: mapped by mms {mappers} but MM_IDS_SHARED is clear")
+            pages_mapped = int(np.count_nonzero(pte_maps[head: head + nr]))
+            if entire[fid] == 0 and 0 < pages_mapped < nr and f.flags[fid] & PG_ANON and order > 1:
+                if not f.flags[fid] & PG_PARTIALLY_MAPPED or not f.flags[fid] & PG_DEFERRED:
+                    _fail(f"folio {fid}: partially mapped ({pages_mapped}/{nr}) but not on the deferred split queue")
+        if f.flags[fid] & PG_ANON:
+            nr_anon[order] += 1
+            if entire[fid]:
+                nr_anon_pages += nr
+                nr_thps += nr
+            else:
+                nr_anon_pages += int(np.count_nonzero(pte_maps[head: head + nr]))
+    if nr_anon_pages != k.vmstat.node["nr_anon_pages"]:
+        _fail(f"vmstat: nr_anon_pages={k.vmstat.node['nr_anon_pages']} but {nr_anon_pages} anon pages are mapped")
+    if nr_thps != k.vmstat.node["nr_anon_transparent_hugepages"]:
+        _fail(f"vmstat: NR_ANON_THPS={k.vmstat.node['nr_anon_transparent_hugepages']} pages "
+              f"but {nr_thps} pages of PMD-mapped THPs")
+    for order in range(2, HPAGE_PMD_ORDER + 1):
+        if nr_anon[order] != k.vmstat.mthp_stat(order, "nr_anon"):
+            _fail(f"mTHP order {order}: nr_anon={k.vmstat.mthp_stat(order, 'nr_anon')} but {nr_anon[order]} live folios")
+    deferred = set(np.flatnonzero(f.used & (f.flags & PG_DEFERRED).astype(bool)).tolist())
+    if deferred != set(k.deferred):
+        _fail(f"deferred split queue holds {sorted(k.deferred)[:5]}... but PG_DEFERRED is set on {sorted(deferred)[:5]}...")
+    mem.check()

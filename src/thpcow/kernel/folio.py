@@ -1,0 +1,196 @@
+"""Model of struct folio (include/linux/mm_types.h) as a struct of arrays.
+
+A folio is identified by an integer id; ``PhysMem.folio[pfn]`` maps every frame
+of a folio to its id.  Fields follow the kernel, with counts stored as plain
+counts (the kernel stores mapcounts -1 based):
+
+- ``refcount`` (``_refcount``): one per PTE mapping, one per PMD mapping,
+  ``nr_pages`` more while in the swap cache, plus pins;
+- ``entire`` (``_entire_mapcount``): number of PMD mappings;
+- ``large`` (``_large_mapcount``): PMD mappings + every PTE mapping;
+- ``mm_id``/``mm_cnt`` (``_mm_id[2]``/``_mm_id_mapcount[2]``) and the
+  ``FOLIO_MM_IDS_SHARED`` bit, which together answer
+  ``folio_maybe_mapped_shared()`` for large folios (CONFIG_MM_ID);
+- ``flags``: PG_anon, PG_swapbacked, PG_swapcache, PG_dirty, on the deferred
+  split list, PG_partially_mapped, ...
+
+Per-page state (PTE mapcount, PG_anon_exclusive) lives in :class:`PhysMem`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# folio flags
+PG_ANON = 1 << 0
+PG_SWAPBACKED = 1 << 1
+PG_SWAPCACHE = 1 << 2
+PG_DIRTY = 1 << 3
+PG_LRU = 1 << 4
+PG_DEFERRED = 1 << 5          # on the deferred split queue (folio->_deferred_list)
+PG_PARTIALLY_MAPPED = 1 << 6
+PG_MM_IDS_SHARED = 1 << 7     # FOLIO_MM_IDS_SHARED_BIT
+PG_HUGE_ZERO = 1 << 8         # the huge zero folio (never rmapped)
+PG_REFERENCED = 1 << 9
+
+MM_ID_DUMMY = 0
+
+
+class FolioTable:
+    """All folios of one simulated kernel."""
+
+    _FIELDS = (
+        ("head", np.int64, -1), ("order", np.int8, 0), ("refcount", np.int32, 0),
+        ("entire", np.int32, 0), ("large", np.int32, 0), ("flags", np.uint16, 0),
+        ("mm_id0", np.int32, 0), ("mm_id1", np.int32, 0),
+        ("mm_cnt0", np.int32, 0), ("mm_cnt1", np.int32, 0),
+    )
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        for name, dtype, fill in self._FIELDS:
+            setattr(self, name, np.full(capacity, fill, dtype=dtype))
+        self.used = np.zeros(capacity, dtype=bool)
+        self._next = 0                     # ids below this were handed out once
+        self._free_ids: list[int] = []     # recycled ids (LIFO)
+        self.nr_live = 0
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        if cap == self.capacity:
+            return
+        for name, dtype, fill in self._FIELDS:
+            old = getattr(self, name)
+            new = np.full(cap, fill, dtype=dtype)
+            new[: self.capacity] = old
+            setattr(self, name, new)
+        used = np.zeros(cap, dtype=bool)
+        used[: self.capacity] = self.used
+        self.used = used
+        self.capacity = cap
+
+    def _reset(self, ids) -> None:
+        for name, _dtype, fill in self._FIELDS:
+            getattr(self, name)[ids] = fill
+
+    def alloc(self, head: int, order: int) -> int:
+        """A new folio id for the block at ``head`` (refcount set by the caller)."""
+        if self._free_ids:
+            fid = self._free_ids.pop()
+        else:
+            fid = self._next
+            self._next += 1
+            self._grow(self._next)
+        self._reset(fid)
+        self.head[fid] = head
+        self.order[fid] = order
+        self.used[fid] = True
+        self.nr_live += 1
+        return fid
+
+    def alloc_bulk(self, heads: np.ndarray) -> np.ndarray:
+        """Order-0 folio ids for many frames at once (Optimization: batched faults)."""
+        n = len(heads)
+        take = min(n, len(self._free_ids))
+        ids = np.empty(n, dtype=np.int64)
+        if take:
+            ids[:take] = self._free_ids[len(self._free_ids) - take:][::-1]
+            del self._free_ids[len(self._free_ids) - take:]
+        if n > take:
+            start = self._next
+            self._next += n - take
+            self._grow(self._next)
+            ids[take:] = np.arange(start, self._next)
+        self._reset(ids)
+        self.head[ids] = heads
+        self.used[ids] = True
+        self.nr_live += n
+        return ids
+
+    def release(self, fid: int) -> None:
+        self._reset(fid)
+        self.used[fid] = False
+        self._free_ids.append(fid)
+        self.nr_live -= 1
+
+    def nr_pages(self, fid: int) -> int:
+        return 1 << int(self.order[fid])
+
+    def test(self, fid: int, flag: int) -> bool:
+        return bool(self.flags[fid] & flag)
+
+    def set_flag(self, fid: int, flag: int) -> None:
+        self.flags[fid] |= flag
+
+    def clear_flag(self, fid: int, flag: int) -> None:
+        self.flags[fid] &= ~np.uint16(flag)
+
+    def maybe_mapped_shared(self, fid: int, page_mapcount: int) -> bool:
+        """Model of folio_maybe_mapped_shared() (CONFIG_MM_ID).
+
+        A small folio is shared when its page is mapped more than once; a large
+        folio when it has more than one mapping and the SHARED bit is set.
+        """
+        if self.order[fid] == 0:
+            return page_mapcount > 1
+        if self.large[fid] <= 1:
+            return False
+        return bool(self.flags[fid] & PG_MM_IDS_SHARED)
+
+    # -- CONFIG_MM_ID slot tracking (include/linux/rmap.h) --------------------------
+    def set_large_mapcount(self, fid: int, count: int, mm_id: int) -> None:
+        """Model of folio_set_large_mapcount(): a new folio, mapped by one mm."""
+        self.large[fid] = count
+        self.mm_id0[fid] = mm_id
+        self.mm_cnt0[fid] = count
+        self.mm_id1[fid] = MM_ID_DUMMY
+        self.mm_cnt1[fid] = 0
+
+    def add_large_mapcount(self, fid: int, diff: int, mm_id: int) -> int:
+        """Model of folio_add_return_large_mapcount()."""
+        old = int(self.large[fid])
+        new = old + diff
+        self.large[fid] = new
+        if self.mm_id0[fid] == mm_id:
+            self.mm_cnt0[fid] += diff
+        elif self.mm_id1[fid] == mm_id:
+            self.mm_cnt1[fid] += diff
+        elif self.mm_id0[fid] == MM_ID_DUMMY:
+            self.mm_id0[fid] = mm_id
+            self.mm_cnt0[fid] = diff
+            if old != 0:                 # we might have other mappings already
+                self.flags[fid] |= PG_MM_IDS_SHARED
+        elif self.mm_id1[fid] == MM_ID_DUMMY:
+            self.mm_id1[fid] = mm_id
+            self.mm_cnt1[fid] = diff
+            self.flags[fid] |= PG_MM_IDS_SHARED   # slot 0 certainly has mappings
+        else:
+            # No free slot: the mappings are only in the total.
+            self.flags[fid] |= PG_MM_IDS_SHARED
+        return new
+
+    def sub_large_mapcount(self, fid: int, diff: int, mm_id: int) -> int:
+        """Model of folio_sub_return_large_mapcount()."""
+        new = int(self.large[fid]) - diff
+        self.large[fid] = new
+        if self.mm_id0[fid] == mm_id:
+            self.mm_cnt0[fid] -= diff
+            if self.mm_cnt0[fid] > 0:
+                return new
+            self.mm_cnt0[fid] = 0
+            self.mm_id0[fid] = MM_ID_DUMMY
+        elif self.mm_id1[fid] == mm_id:
+            self.mm_cnt1[fid] -= diff
+            if self.mm_cnt1[fid] > 0:
+                return new
+            self.mm_cnt1[fid] = 0
+            self.mm_id1[fid] = MM_ID_DUMMY
+        # If one slot owns all mappings, the folio is mapped exclusively
+        # (an unmapped folio has both slots free and is exclusive too).
+        c0 = self.mm_cnt0[fid] if self.mm_id0[fid] != MM_ID_DUMMY else 0
+        c1 = self.mm_cnt1[fid] if self.mm_id1[fid] != MM_ID_DUMMY else 0
+        if c0 == new or c1 == new:
+            self.flags[fid] &= ~np.uint16(PG_MM_IDS_SHARED)
+        return new

@@ -1,0 +1,369 @@
+"""Model of mm/huge_memory.c: PMD-mapped THPs (v6.18).
+
+Faults (``do_huge_pmd_anonymous_page``, ``do_huge_pmd_wp_page``), fork
+(``copy_huge_pmd``), unmapping (``zap_huge_pmd``), splitting a PMD mapping
+(``split_huge_pmd``) and splitting a folio (``split_folio``), plus the
+eligibility helpers (``thp_vma_allowable_orders``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import (
+    HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, PTRS_PER_PTE,
+    VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE,
+)
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO
+from .memory import VM_FAULT_FALLBACK, VM_FAULT_OK, anon_vma_prepare
+from .mm import (
+    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
+    _PAGE_RW, _PAGE_SPECIAL,
+)
+from .physmem import PG_ANON_EXCLUSIVE
+from . import rmap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+PMD_ORDER_BIT = 1 << HPAGE_PMD_ORDER
+ALL_ANON_ORDERS = sum(1 << o for o in range(2, HPAGE_PMD_ORDER + 1))
+
+# tva types (enum tva_type)
+TVA_SMAPS = "smaps"
+TVA_PAGEFAULT = "pagefault"
+TVA_KHUGEPAGED = "khugepaged"
+TVA_FORCED_COLLAPSE = "forced_collapse"
+
+
+# -- eligibility ----------------------------------------------------------------------
+def vma_thp_disabled(mm: MM, vma: VMA, forced_collapse: bool) -> bool:
+    """Model of vma_thp_disabled(): VM_NOHUGEPAGE and PR_SET_THP_DISABLE."""
+    if vma.flags & VM_NOHUGEPAGE:
+        return True
+    if mm.thp_disable & 1 and not mm.thp_disable & 2:
+        return True                                  # MMF_DISABLE_THP_COMPLETELY
+    if mm.thp_disable & 2 and not vma.flags & VM_HUGEPAGE and not forced_collapse:
+        return True                                  # MMF_DISABLE_THP_EXCEPT_ADVISED
+    return False
+
+
+def thp_vma_suitable_orders(vma: VMA, addr: int, orders: int) -> int:
+    """Model of thp_vma_suitable_orders(): keep orders whose aligned block around addr fits."""
+    out = 0
+    o = orders
+    while o:
+        order = o.bit_length() - 1
+        o &= ~(1 << order)
+        size = PAGE_SIZE << order
+        haddr = addr & ~(size - 1)
+        if haddr >= vma.start and haddr + size <= vma.end:
+            out |= 1 << order
+    return out
+
+
+def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int = ALL_ANON_ORDERS) -> int:
+    """Model of thp_vma_allowable_orders()/__thp_vma_allowable_orders() for anon VMAs.
+
+    Guard clauses in the kernel's order: the VMA or the mm disabled THP; the
+    sysfs mask (skipped by MADV_COLLAPSE); khugepaged and collapse need an
+    anon_vma; non-fault users need the order to fit at the end of the VMA.
+    """
+    forced = tva == TVA_FORCED_COLLAPSE
+    if not k.thp_supported:
+        return 0
+    if vma_thp_disabled(mm, vma, forced):
+        return 0
+    if not forced:
+        orders &= k.sysfs_orders(bool(vma.flags & VM_HUGEPAGE))
+    if not orders:
+        return 0
+    if tva in (TVA_KHUGEPAGED, TVA_FORCED_COLLAPSE) and not vma.anon_vma:
+        return 0
+    if tva != TVA_PAGEFAULT:
+        # The highest order whose block ending at vm_end fits, and every lower one.
+        o = orders
+        while o:
+            order = o.bit_length() - 1
+            if thp_vma_suitable_orders(vma, vma.end - (PAGE_SIZE << order), 1 << order):
+                break
+            o &= ~(1 << order)
+        orders = o
+    return orders
+
+
+def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: str) -> bool:
+    return bool(thp_vma_allowable_orders(k, mm, vma, tva, 1 << order))
+
+
+def vma_thp_gfp_allows_direct(k: Kernel, vma: VMA) -> bool:
+    """Model of vma_thp_gfp_mask(): does this fault stall for reclaim/compaction?"""
+    mode = k.sysfs.defrag
+    advised = bool(vma.flags & VM_HUGEPAGE)
+    if mode == "always":
+        return True
+    if mode in ("defer+madvise", "madvise"):
+        return advised
+    return False
+
+
+def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
+    """Model of vma_alloc_anon_folio_pmd(): an order-9 folio, or -1 with fallback counted."""
+    pfn = k.alloc_thp(direct=vma_thp_gfp_allows_direct(k, vma))
+    if pfn < 0:
+        k.vmstat.count_vm_event("thp_fault_fallback")
+        k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_fallback")
+        return -1
+    k.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0           # folio_zero_user()
+    return k.new_folio(pfn, HPAGE_PMD_ORDER)
+
+
+# -- mapping a new THP ---------------------------------------------------------------------
+def map_anon_folio_pmd_nopf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> None:
+    """Model of map_anon_folio_pmd_nopf(): install a fresh exclusive THP at PMD level.
+
+    The PMD is dirty, young and writable if the VMA is; the folio gets its
+    first (exclusive) rmap, goes on the LRU and, when shrink_underused is on,
+    on the deferred split queue as not partially mapped.
+    """
+    pt = mm.pt
+    k.folios.refcount[fid] = 1
+    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=True)
+    pt.pmd_kind[s] = PMD_LEAF
+    pt.pmd_folio[s] = fid
+    pt.pmd_flags[s] = _PAGE_PRESENT | _PAGE_DIRTY | _PAGE_ACCESSED | (_PAGE_RW if vma.flags & VM_WRITE else 0)
+    rmap.deferred_split_folio(k, fid, partially_mapped=False)
+    mm.rss_anon += HPAGE_PMD_NR
+
+
+def map_anon_folio_pmd_pf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> None:
+    """Model of map_anon_folio_pmd_pf(): map_anon_folio_pmd_nopf() plus the fault counters."""
+    map_anon_folio_pmd_nopf(k, fid, mm, vma, s)
+    k.vmstat.count_vm_event("thp_fault_alloc")
+    k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_alloc")
+
+
+def _install_deposit(mm: MM) -> None:
+    """pgtable_trans_huge_deposit(): a PMD leaf keeps a spare PTE table."""
+    mm.nr_ptes += 1
+
+
+def do_huge_pmd_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool) -> int:
+    """Model of do_huge_pmd_anonymous_page().
+
+    Falls back (no counter) when the aligned 2 MiB is not inside the VMA; a
+    read maps the huge zero page when use_zero_page allows; a write allocates
+    a THP with the defrag semantics, counting thp_fault_fallback on failure.
+    """
+    haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+    if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
+        return VM_FAULT_FALLBACK
+    anon_vma_prepare(k, vma)
+    k.khugepaged_enter_vma(mm, vma)
+    if not write and k.sysfs.use_zero_page:
+        zfid = k.get_huge_zero_folio(mm)
+        if zfid < 0:
+            k.vmstat.count_vm_event("thp_fault_fallback")
+            return VM_FAULT_FALLBACK
+        pt = mm.pt
+        pt.pmd_kind[s] = PMD_LEAF
+        pt.pmd_folio[s] = zfid
+        pt.pmd_flags[s] = _PAGE_PRESENT | _PAGE_SPECIAL
+        _install_deposit(mm)
+        return VM_FAULT_OK
+    fid = vma_alloc_anon_folio_pmd(k, vma)
+    if fid < 0:
+        return VM_FAULT_FALLBACK
+    map_anon_folio_pmd_pf(k, fid, mm, vma, s)
+    _install_deposit(mm)
+    return VM_FAULT_OK
+
+
+# -- write-protect fault on a PMD ------------------------------------------------------------
+def do_huge_zero_wp_pmd(k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
+    """Model of do_huge_zero_wp_pmd(): replace the huge zero PMD with a fresh THP, or split."""
+    fid = vma_alloc_anon_folio_pmd(k, vma)
+    if fid < 0:
+        split_huge_pmd(k, mm, vma, s)
+        return VM_FAULT_FALLBACK
+    # pmdp_huge_clear_flush() of the zero PMD; the deposited table stays.
+    map_anon_folio_pmd_pf(k, fid, mm, vma, s)
+    return VM_FAULT_OK
+
+
+def do_huge_pmd_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
+    """Model of do_huge_pmd_wp_page() (upstream since v5.8).
+
+    In order: the huge zero PMD takes do_huge_zero_wp_pmd(); an
+    AnonExclusive head is reused; a folio with other references cannot be
+    reused; one whose only reference is this PMD becomes exclusive and is
+    reused.  Anything else splits this VMA's PMD and returns FALLBACK, so the
+    same fault copies one 4 KiB page at PTE level.  The COW policy may take
+    over before the split (the 2026 series and its alternatives).
+    """
+    pt = mm.pt
+    fid = int(pt.pmd_folio[s])
+    f = k.folios
+    if f.flags[fid] & PG_HUGE_ZERO:
+        return do_huge_zero_wp_pmd(k, mm, vma, addr, s)
+    head = int(f.head[fid])
+    if k.mem.pflags[head] & PG_ANON_EXCLUSIVE:
+        return _huge_pmd_reuse(k, mm, vma, s)
+    if f.refcount[fid] == 1:
+        k.mem.pflags[head] |= PG_ANON_EXCLUSIVE            # folio_move_anon_rmap()
+        return _huge_pmd_reuse(k, mm, vma, s)
+    ret = k.cow_policy.huge_pmd_wp_copy(k, mm, vma, addr, s, fid)
+    if ret is not None:
+        return ret
+    split_huge_pmd(k, mm, vma, s)
+    return VM_FAULT_FALLBACK
+
+
+def _huge_pmd_reuse(k: Kernel, mm: MM, vma: VMA, s: int) -> int:
+    mm.pt.pmd_flags[s] |= _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vma.flags & VM_WRITE else 0)
+    return VM_FAULT_OK
+
+
+# -- fork and zap ---------------------------------------------------------------------------
+def copy_huge_pmd(k: Kernel, dst: MM, src: MM, vma: VMA, s: int) -> None:
+    """Model of copy_huge_pmd(): share a PMD-mapped THP (or the huge zero PMD) with the child.
+
+    Simplification: no GUP pins, so the pinned case (split the parent's PMD
+    and copy for the child) never happens.
+    """
+    spt, dpt = src.pt, dst.pt
+    d = dpt.slot(int(spt.pmd_index[s]))
+    fid = int(spt.pmd_folio[s])
+    flags = spt.pmd_flags[s]
+    dpt.pmd_kind[d] = PMD_LEAF
+    dpt.pmd_folio[d] = fid
+    _install_deposit(dst)
+    if k.folios.flags[fid] & PG_HUGE_ZERO:
+        dpt.pmd_flags[d] = flags
+        dst.huge_zero = True
+        return
+    rmap.folio_try_dup_anon_rmap_pmd(k, fid, dst)
+    k.folios.refcount[fid] += 1
+    dst.rss_anon += HPAGE_PMD_NR
+    spt.pmd_flags[s] = flags & ~np.uint8(_PAGE_RW)
+    dpt.pmd_flags[d] = flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED)
+
+
+def zap_huge_pmd(k: Kernel, mm: MM, s: int) -> None:
+    """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table."""
+    pt = mm.pt
+    fid = int(pt.pmd_folio[s])
+    pt.pmd_kind[s] = PMD_NONE
+    pt.pmd_folio[s] = -1
+    flags = pt.pmd_flags[s]
+    pt.pmd_flags[s] = 0
+    mm.nr_ptes -= 1
+    if k.folios.flags[fid] & PG_HUGE_ZERO:
+        return
+    if flags & _PAGE_DIRTY:
+        k.folios.flags[fid] |= PG_DIRTY
+    rmap.folio_remove_rmap_pmd(k, fid, mm)
+    mm.rss_anon -= HPAGE_PMD_NR
+    rmap.folio_put(k, fid)
+
+
+# -- splitting a PMD mapping --------------------------------------------------------------------
+def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
+    """Model of split_huge_pmd()/__split_huge_pmd_locked(): one PMD leaf becomes 512 PTEs.
+
+    The deposited table is withdrawn and filled.  For an anon THP every PTE
+    inherits the PMD's write/dirty/young bits and the head page's
+    AnonExclusive bit; the folio gains 511 references and 512 PTE mapcounts
+    and loses its entire mapcount.  The folio itself is not split.  Counts
+    thp_split_pmd, also for the huge zero PMD.
+    """
+    pt = mm.pt
+    if pt.pmd_kind[s] != PMD_LEAF:
+        return
+    fid = int(pt.pmd_folio[s])
+    flags = pt.pmd_flags[s]
+    row = pt.alloc_row()                  # pgtable_trans_huge_withdraw(): nr_ptes unchanged
+    k.vmstat.count_vm_event("thp_split_pmd")
+    pt.pmd_kind[s] = PMD_TABLE
+    pt.pmd_row[s] = row
+    pt.pmd_folio[s] = -1
+    pt.pmd_flags[s] = 0
+    f = k.folios
+    if f.flags[fid] & PG_HUGE_ZERO:
+        from .physmem import ZERO_PFN
+        pt.pte_pfn[row] = ZERO_PFN
+        pt.pte_flags[row] = PTE_ZERO
+        return
+    head = int(f.head[fid])
+    ae = bool(k.mem.pflags[head] & PG_ANON_EXCLUSIVE)
+    if flags & _PAGE_DIRTY:
+        f.flags[fid] |= PG_DIRTY
+    f.refcount[fid] += HPAGE_PMD_NR - 1
+    rmap.folio_add_anon_rmap_ptes(k, fid, head, HPAGE_PMD_NR, mm, exclusive=ae)
+    rmap.folio_remove_rmap_pmd(k, fid, mm)
+    pt.pte_pfn[row] = np.arange(head, head + HPAGE_PMD_NR)
+    pt.pte_flags[row] = flags & (_PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
+
+
+def split_huge_pmd_address(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
+    """Model of split_huge_pmd_address(): split the PMD leaf covering addr, if any."""
+    s = mm.pt.slot_of.get(addr >> (PAGE_SHIFT + 9))
+    if s is not None:
+        split_huge_pmd(k, mm, vma, s)
+
+
+def vma_adjust_trans_huge(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
+    """Model of vma_adjust_trans_huge(): a VMA boundary inside a 2 MiB block splits its PMD."""
+    if addr & (HPAGE_PMD_SIZE - 1):
+        split_huge_pmd_address(k, mm, vma, addr)
+
+
+# -- splitting a folio ---------------------------------------------------------------------------
+def split_folio(k: Kernel, fid: int) -> int:
+    """Model of split_folio() for an anonymous large folio: split to order-0 folios.
+
+    Every PMD mapping is split first (thp_split_pmd each), then the folio's
+    pages become independent order-0 folios that keep their mappings: each
+    new folio's refcount is its page's mapcount.  Counts thp_split_page (PMD
+    order) and split[order]; nr_anon moves to order 0.  Returns 0, or an
+    errno-style negative value: -EINVAL for the huge zero folio or order < 2,
+    -EAGAIN when the folio has references that are not mappings (pins).
+    """
+    import errno as _e
+
+    f = k.folios
+    order = int(f.order[fid])
+    if f.flags[fid] & PG_HUGE_ZERO or order < 2 or not f.flags[fid] & PG_ANON:
+        return -_e.EINVAL
+    if f.refcount[fid] != f.large[fid] + (0):
+        if order >= HPAGE_PMD_ORDER:
+            k.vmstat.count_vm_event("thp_split_page_failed")
+        k.vmstat.count_mthp_stat(order, "split_failed")
+        return -_e.EAGAIN
+    # Unmap every PMD mapping by splitting it (the kernel uses migration entries).
+    if f.entire[fid]:
+        for mm, vma, s in k.rmap_walk_pmd(fid):
+            split_huge_pmd(k, mm, vma, s)
+    head = int(f.head[fid])
+    nr = 1 << order
+    rmap.folio_unqueue_deferred_split(k, fid)
+    pflags = f.flags[fid]
+    mapcounts = k.mem.mapcount[head: head + nr].copy()
+    mm_slots = [(int(f.mm_id0[fid]), int(f.mm_cnt0[fid])), (int(f.mm_id1[fid]), int(f.mm_cnt1[fid]))]
+    f.release(fid)
+    new_ids = f.alloc_bulk(np.arange(head, head + nr))
+    k.mem.folio[head: head + nr] = new_ids
+    f.order[new_ids] = 0
+    f.refcount[new_ids] = mapcounts
+    f.flags[new_ids] = pflags & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
+    del mm_slots
+    k.vmstat.mod_mthp_stat(order, "nr_anon", -1)
+    if order >= HPAGE_PMD_ORDER:
+        k.vmstat.count_vm_event("thp_split_page")
+    k.vmstat.count_mthp_stat(order, "split")
+    # Unmapped pages are freed (the kernel frees them after remapping).
+    for i in np.flatnonzero(mapcounts == 0).tolist():
+        rmap.free_folio(k, int(new_ids[i]))
+    return 0

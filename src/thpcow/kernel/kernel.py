@@ -1,0 +1,323 @@
+"""The simulated kernel: one machine's memory, its processes and their system calls.
+
+:class:`Kernel` holds the global state (frames, folios, counters, sysfs, the
+deferred split queue, the huge zero folio) and :class:`Process` is the user
+view of one task: ``mmap``, ``munmap``, ``mprotect``, ``mremap``, ``madvise``,
+``prctl``, ``fork``, ``exit`` and loads/stores.  Every call either succeeds or
+raises :class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
+
+With ``check=True`` the invariant checker (:mod:`thpcow.kernel.check`) runs
+after every system call and every access, as DEBUG_VM and page_table_check do.
+"""
+
+from __future__ import annotations
+
+import errno as E
+from typing import Iterator
+
+import numpy as np
+
+from .constants import (
+    HPAGE_PMD_NR, HPAGE_PMD_ORDER, MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
+    PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
+    VM_HUGEPAGE,
+)
+from .errors import KernelError, einval
+from .folio import PG_HUGE_ZERO, FolioTable
+from .mm import MM, PMD_LEAF, VMA
+from .physmem import PhysMem
+from .sysfs import Sysfs
+from .vmstat import VmStat
+from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
+from . import mmap as _mmap, mprotect as _mprotect, mremap as _mremap, policy as _policy
+
+
+class Kernel:
+    """A simulated Linux 6.18 memory-management subsystem."""
+
+    def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
+                 cow_policy: "_policy.CowPolicy | str | None" = None, series_thp_cow: bool = True) -> None:
+        if ram % PAGE_SIZE:
+            raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
+        self.ram = ram
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.mem = PhysMem(ram // PAGE_SIZE)
+        self.folios = FolioTable()
+        self.vmstat = VmStat()
+        self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
+        self.sysfs = Sysfs(stats_reader=self.vmstat.mthp_stat,
+                           counter_reader=lambda name: self.khugepaged_counters[name])
+        self.series_thp_cow = series_thp_cow
+        self.thp_supported = True
+        if ram < 512 << 20:
+            # hugepage_init(): THP off by default on machines under 512 MiB.
+            for knob, val in (("enabled", "never"), ("defrag", "never"), ("use_zero_page", "0")):
+                self.sysfs.write(knob, val)
+        self.cow_policy = _policy.get_policy(cow_policy)
+        self.deferred: dict[int, None] = {}          # the deferred split queue
+        self.huge_zero_fid = -1
+        self.procs: dict[int, Process] = {}
+        self.khugepaged_mms: dict[int, None] = {}    # khugepaged_scan.mm_head
+        self.check_enabled = check
+        self._next_pid = 1
+        self._next_mm_id = 1
+        self._next_anon_vma = 1
+        self.vmstat.node["nr_free_pages"] = self.mem.nr_free
+
+    # -- processes ---------------------------------------------------------------------
+    def spawn(self) -> "Process":
+        """A new process with an empty address space (as after execve())."""
+        mm = MM(pid=self._next_pid, mm_id=self._new_mm_id(), mmap_base=MMAP_BASE)
+        p = Process(self, mm)
+        self._next_pid += 1
+        self.procs[mm.pid] = p
+        return p
+
+    def _new_mm_id(self) -> int:
+        self._next_mm_id += 1
+        return self._next_mm_id
+
+    def new_anon_vma_id(self) -> int:
+        self._next_anon_vma += 1
+        return self._next_anon_vma
+
+    # -- allocation helpers ---------------------------------------------------------------
+    def new_folio(self, pfn: int, order: int) -> int:
+        fid = self.folios.alloc(pfn, order)
+        self.mem.folio[pfn: pfn + (1 << order)] = fid
+        return fid
+
+    def alloc_thp(self, direct: bool) -> int:
+        """An order-9 block, or -1.  ``direct``: the caller may stall for compaction.
+
+        Simplification: no compaction is modelled yet, so a THP can be had
+        exactly when the buddy allocator has a free block of order >= 9.
+        """
+        return self.mem.alloc(HPAGE_PMD_ORDER)
+
+    def get_huge_zero_folio(self, mm: MM) -> int:
+        """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
+        if self.huge_zero_fid < 0:
+            pfn = self.mem.alloc(HPAGE_PMD_ORDER)
+            if pfn < 0:
+                self.vmstat.count_vm_event("thp_zero_page_alloc_failed")
+                return -1
+            self.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
+            fid = self.new_folio(pfn, HPAGE_PMD_ORDER)
+            self.folios.flags[fid] = PG_HUGE_ZERO
+            self.folios.refcount[fid] = 1
+            self.huge_zero_fid = fid
+            self.vmstat.count_vm_event("thp_zero_page_alloc")
+        mm.huge_zero = True
+        return self.huge_zero_fid
+
+    def sysfs_orders(self, vm_hugepage: bool) -> int:
+        return self.sysfs.anon_orders(vm_hugepage)
+
+    # -- khugepaged registration (the daemon itself comes with the lifecycle work) -----------
+    def khugepaged_enter(self, mm: MM) -> None:
+        """Model of __khugepaged_enter(): put the mm on khugepaged's list once."""
+        if not mm.khugepaged:
+            mm.khugepaged = True
+            self.khugepaged_mms[mm.pid] = None
+
+    def khugepaged_enter_vma(self, mm: MM, vma: VMA) -> None:
+        """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
+        if mm.khugepaged or not self._khugepaged_enabled():
+            return
+        if hm.thp_vma_allowable_orders(self, mm, vma, hm.TVA_KHUGEPAGED if vma.anon_vma else hm.TVA_SMAPS):
+            self.khugepaged_enter(mm)
+
+    def _khugepaged_enabled(self) -> bool:
+        return bool(self.sysfs.anon_orders(True))
+
+    # -- rmap walk (slow; used by split_folio) ----------------------------------------------
+    def rmap_walk_pmd(self, fid: int) -> Iterator[tuple[MM, VMA, int]]:
+        """Every (mm, vma, slot) whose PMD leaf maps folio ``fid``."""
+        out = []
+        for p in self.procs.values():
+            pt = p.mm.pt
+            n = pt.nr_slots
+            for s in np.flatnonzero((pt.pmd_kind[:n] == PMD_LEAF) & (pt.pmd_folio[:n] == fid)).tolist():
+                addr = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
+                out.append((p.mm, p.mm.find_vma(addr), s))
+        return iter(out)
+
+    def populate(self, mm: MM, start: int, length: int, write: bool) -> None:
+        """Model of populate_vma_page_range() (MAP_POPULATE)."""
+        pages = np.arange(start >> PAGE_SHIFT, (start + length) >> PAGE_SHIFT, dtype=np.int64)
+        if write:
+            access.write_pages(self, mm, pages, self.mem.content[np.zeros(len(pages), dtype=np.int64)])
+        else:
+            access.read_pages(self, mm, pages)
+
+    # -- views -------------------------------------------------------------------------------------
+    def vmstat_snapshot(self) -> dict[str, int]:
+        self.vmstat.node["nr_free_pages"] = self.mem.nr_free
+        self.vmstat.node["nr_page_table_pages"] = sum(p.mm.nr_ptes for p in self.procs.values())
+        return self.vmstat.snapshot()
+
+    def vmstat_text(self) -> str:
+        self.vmstat_snapshot()
+        return self.vmstat.text()
+
+    def meminfo_anon_huge_kb(self) -> int:
+        return self.vmstat.meminfo_anon_huge_kb()
+
+    def check(self) -> None:
+        """Run the full invariant checker now."""
+        from . import check
+        check.check_kernel(self)
+
+    def _after(self) -> None:
+        if self.check_enabled:
+            self.check()
+
+
+class Process:
+    """The user view of one simulated task."""
+
+    def __init__(self, kernel: Kernel, mm: MM) -> None:
+        self.kernel = kernel
+        self.mm = mm
+
+    @property
+    def pid(self) -> int:
+        return self.mm.pid
+
+    def _alive(self, call: str) -> None:
+        if not self.mm.alive:
+            raise KernelError(E.ESRCH, call, f"pid {self.pid} has exited")
+
+    def _sys(self, call: str, fn, *args):
+        self._alive(call)
+        try:
+            return fn(self.kernel, self.mm, *args)
+        finally:
+            self.kernel._after()
+
+    # -- system calls ----------------------------------------------------------------------------
+    def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
+             addr: int = 0) -> int:
+        """mmap(2) of anonymous private memory; returns the address."""
+        return self._sys("mmap", _mmap.do_mmap, addr, length, prot, flags)
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._sys("munmap", _mmap.do_munmap, addr, length)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        self._sys("mprotect", _mprotect.do_mprotect, addr, length, prot)
+
+    def mremap(self, old_addr: int, old_len: int, new_len: int, flags: int = 0, new_addr: int = 0) -> int:
+        return self._sys("mremap", _mremap.do_mremap, old_addr, old_len, new_len, flags, new_addr)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self._sys("madvise", _madvise.do_madvise, addr, length, advice)
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        """prctl(2): PR_SET_THP_DISABLE and PR_GET_THP_DISABLE."""
+        self._alive("prctl")
+        call = "prctl"
+        mm = self.mm
+        if option == PR_GET_THP_DISABLE:
+            if arg2 or arg3 or arg4 or arg5:
+                raise einval(call, "PR_GET_THP_DISABLE takes no arguments")
+            return mm.thp_disable
+        if option != PR_SET_THP_DISABLE:
+            raise einval(call, f"option={option}: not modelled")
+        if arg4 or arg5:
+            raise einval(call, "PR_SET_THP_DISABLE: arg4 and arg5 must be 0")
+        if arg2 not in (0, 1):
+            raise einval(call, f"arg2={arg2}: must be 0 or 1")
+        if arg2 == 0:
+            if arg3:
+                raise einval(call, f"arg3={arg3:#x}: flags are only valid when disabling")
+            mm.thp_disable = 0
+            return 0
+        if arg3 & ~PR_THP_DISABLE_EXCEPT_ADVISED:
+            raise einval(call, f"arg3={arg3:#x}: unknown flags")
+        mm.thp_disable = 1 | (PR_THP_DISABLE_EXCEPT_ADVISED if arg3 else 0)
+        return 0
+
+    def fork(self) -> "Process":
+        """fork(2): a child with a copy-on-write copy of this address space."""
+        self._alive("fork")
+        k = self.kernel
+        child = k.spawn()
+        try:
+            _fork.dup_mmap(k, child.mm, self.mm)
+        finally:
+            k._after()
+        return child
+
+    def exit(self) -> None:
+        """exit(2): tear down the address space."""
+        self._alive("exit")
+        k = self.kernel
+        _mmap.unmap_all(k, self.mm)
+        self.mm.alive = False
+        k.procs.pop(self.pid, None)
+        k.khugepaged_mms.pop(self.pid, None)
+        k._after()
+
+    # -- memory accesses --------------------------------------------------------------------------
+    def write(self, addr: int, length: int = 1, token: int = 1) -> None:
+        """Store ``length`` bytes at ``addr``: every page touched now holds ``token``."""
+        pages = self._pages("write", addr, length)
+        self._sys("write", access.write_pages, pages, np.full(len(pages), token, dtype=np.int64))
+
+    def write_many(self, addrs, tokens) -> None:
+        """Many small stores (each within one page), in order: the batched path."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
+        self._sys("write", access.write_pages, addrs >> PAGE_SHIFT, tokens)
+
+    def write_many_scalar(self, addrs, tokens) -> None:
+        """The same stores through the one-page-at-a-time reference path."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
+        self._sys("write", access.write_pages_scalar, addrs >> PAGE_SHIFT, tokens)
+
+    def read(self, addr: int, length: int = 1) -> np.ndarray:
+        """Load ``length`` bytes at ``addr``: the token of every page touched."""
+        pages = self._pages("read", addr, length)
+        return self._sys("read", access.read_pages, pages)
+
+    def read_many(self, addrs) -> np.ndarray:
+        addrs = np.asarray(addrs, dtype=np.int64)
+        return self._sys("read", access.read_pages, addrs >> PAGE_SHIFT)
+
+    def _pages(self, call: str, addr: int, length: int) -> np.ndarray:
+        if length <= 0:
+            raise einval(call, f"length={length}: must be > 0")
+        if addr < 0 or addr + length > 1 << 47:
+            from .errors import SegmentationFault
+            raise SegmentationFault(max(addr, 0), "outside the user address space")
+        return np.arange(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1, dtype=np.int64)
+
+    # -- views -------------------------------------------------------------------------------------------
+    def smaps(self) -> str:
+        from . import task_mmu
+        return task_mmu.show_smaps(self.kernel, self.mm)
+
+    def smaps_rollup(self) -> str:
+        from . import task_mmu
+        return task_mmu.show_smaps_rollup(self.kernel, self.mm)
+
+    def smaps_fields(self, addr: int | None = None) -> dict[str, int]:
+        """smaps figures (kB) of the VMA containing addr, or the rollup if addr is None."""
+        from . import task_mmu
+        return task_mmu.smaps_fields(self.kernel, self.mm, addr)
+
+    def pagemap(self, addr: int, npages: int) -> np.ndarray:
+        from . import task_mmu
+        return task_mmu.pagemap_read(self.kernel, self.mm, addr, npages)
+
+    def status(self) -> dict[str, int]:
+        """/proc/PID/status memory lines (kB)."""
+        return {"RssAnon": self.mm.rss_anon * 4, "VmSwap": self.mm.rss_swap * 4,
+                "VmPTE": self.mm.nr_ptes * 4}
+
+    def vmas(self) -> list[VMA]:
+        return list(self.mm.vmas)

@@ -1,0 +1,412 @@
+"""Model of mm/memory.c: the PTE-level fault paths, fork's page-table copy and zapping.
+
+Fault entry is :func:`handle_mm_fault`; it dispatches exactly as
+``__handle_mm_fault()`` does: a PMD-order THP fault when the PMD is empty and
+the order is allowed, ``do_huge_pmd_wp_page()`` for a write to a read-only PMD
+leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_wp_page()``).
+
+The scalar functions here are the readable reference.  The batched write
+path (:func:`wp_page_copy_batch` and friends, used by ``Process.write_many``)
+must leave the same state; tests check that on random programs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PTRS_PER_PTE, VM_WRITE
+from .errors import OutOfMemory
+from .folio import PG_ANON, PG_DIRTY
+from .mm import (
+    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
+    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, pmd_index, pte_index,
+)
+from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from . import rmap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+VM_FAULT_OK = 0
+VM_FAULT_OOM = 0x0001
+VM_FAULT_FALLBACK = 0x0800
+
+
+# -- fault entry ------------------------------------------------------------------
+def handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> int:
+    """Model of handle_mm_fault(): count pgfault once, then __handle_mm_fault()."""
+    k.vmstat.count_vm_event("pgfault")
+    return __handle_mm_fault(k, mm, vma, addr, write)
+
+
+def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> int:
+    """Model of __handle_mm_fault(): choose the PMD or the PTE path."""
+    from . import huge_memory as hm
+
+    pt = mm.pt
+    s = pt.slot(pmd_index(addr))
+    kind = pt.pmd_kind[s]
+    if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, "pagefault"):
+        ret = hm.do_huge_pmd_anonymous_page(k, mm, vma, addr, s, write)
+        if ret != VM_FAULT_FALLBACK:
+            return ret
+    elif kind == PMD_LEAF:
+        if write and not pt.pmd_flags[s] & _PAGE_RW:
+            ret = hm.do_huge_pmd_wp_page(k, mm, vma, addr, s)
+            if ret != VM_FAULT_FALLBACK:
+                return ret
+        else:
+            # huge_pmd_set_accessed()
+            pt.pmd_flags[s] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+            return VM_FAULT_OK
+    return handle_pte_fault(k, mm, vma, addr, s, write)
+
+
+def pte_alloc(k: Kernel, mm: MM, s: int) -> int:
+    """Model of pte_alloc(): give an empty PMD a PTE table; returns its row."""
+    pt = mm.pt
+    if pt.pmd_kind[s] == PMD_TABLE:
+        return int(pt.pmd_row[s])
+    row = pt.alloc_row()
+    pt.pmd_kind[s] = PMD_TABLE
+    pt.pmd_row[s] = row
+    mm.nr_ptes += 1
+    return row
+
+
+def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool) -> int:
+    """Model of handle_pte_fault()."""
+    pt = mm.pt
+    row = pte_alloc(k, mm, s)
+    i = pte_index(addr)
+    if pt.pte_pfn[row, i] < 0:
+        return do_anonymous_page(k, mm, vma, addr, row, write)
+    if write and not pt.pte_flags[row, i] & _PAGE_RW:
+        return do_wp_page(k, mm, vma, addr, row)
+    pt.pte_flags[row, i] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    return VM_FAULT_OK
+
+
+# -- anonymous faults --------------------------------------------------------------
+def anon_vma_prepare(k: Kernel, vma: VMA) -> None:
+    """Model of anon_vma_prepare(): a VMA gets its anon_vma on first anon fault."""
+    if not vma.anon_vma:
+        vma.anon_vma = k.new_anon_vma_id()
+
+
+def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[int, int]:
+    """Model of alloc_anon_folio(): the largest allowed mTHP order that fits, else 4 KiB.
+
+    Candidate orders are the enabled anon orders below PMD order whose naturally
+    aligned block lies inside the VMA; the highest one whose PTEs are all none
+    is tried first, then the lower ones; each failed allocation counts
+    ``anon_fault_fallback`` for its order.  Returns (folio id, order), or
+    (-1, 0) if not even a 4 KiB page could be had.
+    """
+    from . import huge_memory as hm
+
+    orders = hm.thp_vma_allowable_orders(k, mm, vma, "pagefault", (1 << HPAGE_PMD_ORDER) - 1)
+    orders = hm.thp_vma_suitable_orders(vma, addr, orders)
+    pt = mm.pt
+    candidates = [o for o in range(HPAGE_PMD_ORDER - 1, 1, -1) if orders & (1 << o)]
+    while candidates:
+        o = candidates[0]
+        first = pte_index(addr) & ~((1 << o) - 1)
+        if (pt.pte_pfn[row, first: first + (1 << o)] < 0).all():
+            break
+        candidates.pop(0)
+    for o in candidates:
+        pfn = k.mem.alloc(o)
+        if pfn >= 0:
+            k.vmstat.count_mthp_stat(o, "anon_fault_alloc")
+            return k.new_folio(pfn, o), o
+        k.vmstat.count_mthp_stat(o, "anon_fault_fallback")
+    pfn = k.mem.alloc(0)
+    if pfn < 0:
+        return -1, 0
+    return k.new_folio(pfn, 0), 0
+
+
+def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
+    """Model of do_anonymous_page(): the zero page on read, a new folio on write."""
+    pt = mm.pt
+    i = pte_index(addr)
+    if not write:
+        pt.pte_pfn[row, i] = ZERO_PFN
+        pt.pte_flags[row, i] = PTE_ZERO
+        return VM_FAULT_OK
+    anon_vma_prepare(k, vma)
+    fid, order = alloc_anon_folio(k, mm, vma, addr, row)
+    if fid < 0:
+        raise OutOfMemory(addr)
+    nr = 1 << order
+    first = i & ~(nr - 1)
+    head = int(k.folios.head[fid])
+    k.mem.content[head: head + nr] = 0                # __GFP_ZERO
+    k.folios.refcount[fid] = nr
+    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+    pt.pte_pfn[row, first: first + nr] = np.arange(head, head + nr)
+    pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW
+    mm.rss_anon += nr
+    return VM_FAULT_OK
+
+
+# -- write-protect faults -------------------------------------------------------------
+def wp_can_reuse_anon_folio(k: Kernel, fid: int) -> bool:
+    """Model of wp_can_reuse_anon_folio() (and __wp_can_reuse_large_anon_folio()).
+
+    A small folio is reused when its only reference is this mapping.  A large
+    folio is reused when it has more than one mapping, all of them in this mm
+    (the MM_IDS_SHARED bit is clear) and every reference is a mapping; a large
+    folio with a single mapped page is copied instead so it can be freed.
+    """
+    f = k.folios
+    if f.order[fid] == 0:
+        return bool(f.refcount[fid] == 1)
+    if f.large[fid] <= 1:
+        return False
+    if f.flags[fid] & rmap.PG_MM_IDS_SHARED:
+        return False
+    return bool(f.large[fid] == f.refcount[fid])
+
+
+def do_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> int:
+    """Model of do_wp_page() for a private anonymous mapping."""
+    pt = mm.pt
+    i = pte_index(addr)
+    pfn = int(pt.pte_pfn[row, i])
+    if pt.pte_flags[row, i] & _PAGE_SPECIAL:
+        return wp_page_copy(k, mm, vma, addr, row, src_pfn=-1)
+    fid = int(k.mem.folio[pfn])
+    if k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE or wp_can_reuse_anon_folio(k, fid):
+        k.mem.pflags[pfn] |= PG_ANON_EXCLUSIVE        # folio_move_anon_rmap + SetPageAnonExclusive
+        return wp_page_reuse(k, mm, row, i)
+    return wp_page_copy(k, mm, vma, addr, row, src_pfn=pfn)
+
+
+def wp_page_reuse(k: Kernel, mm: MM, row: int, i: int) -> int:
+    """Model of wp_page_reuse(): make the PTE young, dirty and writable."""
+    mm.pt.pte_flags[row, i] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+    k.vmstat.count_vm_event("pgreuse")
+    return VM_FAULT_OK
+
+
+def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int) -> int:
+    """Model of wp_page_copy(): copy one 4 KiB page (or zero-fill one for the zero page).
+
+    The new page is mapped young, dirty, writable and AnonExclusive; the old
+    page loses this mapping and the reference it held.  RSS only grows when
+    the source was the zero page.
+    """
+    pt = mm.pt
+    i = pte_index(addr)
+    pfn = k.mem.alloc(0)
+    if pfn < 0:
+        raise OutOfMemory(addr)
+    fid = k.new_folio(pfn, 0)
+    k.mem.content[pfn] = k.mem.content[src_pfn] if src_pfn >= 0 else 0
+    k.folios.refcount[fid] = 1
+    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+    pt.pte_pfn[row, i] = pfn
+    pt.pte_flags[row, i] = PTE_NEW_ANON
+    if src_pfn < 0:
+        mm.rss_anon += 1
+        return VM_FAULT_OK
+    old = int(k.mem.folio[src_pfn])
+    rmap.folio_remove_rmap_ptes(k, old, src_pfn, 1, mm)
+    rmap.folio_put(k, old)
+    k.vmstat.count_vm_event("sim_cow_pages")
+    k.vmstat.count_vm_event("sim_cow_bytes", PAGE_SIZE)
+    return VM_FAULT_OK
+
+
+# -- zap (munmap, MADV_DONTNEED, exit) ---------------------------------------------------
+def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
+    """Model of zap_pte_range() over PTE indexes [lo, hi) of one table.
+
+    Pages of the same folio are unmapped as one batch (zap_present_ptes()).
+    """
+    pt = mm.pt
+    pfns = pt.pte_pfn[row, lo:hi]
+    flags = pt.pte_flags[row, lo:hi]
+    present = (pfns >= 0) & (flags & _PAGE_PRESENT).astype(bool)
+    normal = present & ~(flags & _PAGE_SPECIAL).astype(bool)
+    idx = np.flatnonzero(normal)
+    if len(idx):
+        p = pfns[idx]
+        dirty = (flags[idx] & _PAGE_DIRTY).astype(bool)
+        fids = k.mem.folio[p]
+        # runs of consecutive pages of one folio
+        brk = np.flatnonzero((np.diff(fids) != 0) | (np.diff(p) != 1)) + 1
+        starts = np.concatenate(([0], brk))
+        ends = np.concatenate((brk, [len(p)]))
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            fid = int(fids[a])
+            if dirty[a:b].any():
+                k.folios.flags[fid] |= PG_DIRTY
+            rmap.folio_remove_rmap_ptes(k, fid, int(p[a]), b - a, mm)
+            mm.rss_anon -= b - a
+            rmap.folio_put(k, fid, b - a)
+    pt.pte_pfn[row, lo:hi] = -1
+    pt.pte_flags[row, lo:hi] = 0
+
+
+def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+    """Model of unmap_page_range()/zap_pmd_range() for [start, end) inside one VMA.
+
+    A PMD leaf wholly inside the range is zapped whole (zap_huge_pmd()); one
+    that is only partly inside is split first (split_huge_pmd()).
+    """
+    from . import huge_memory as hm
+
+    pt = mm.pt
+    for s in pt.slots_in(start, end):
+        base = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
+        lo = max(start, base)
+        hi = min(end, base + (PAGE_SIZE << 9))
+        kind = pt.pmd_kind[s]
+        if kind == PMD_LEAF:
+            if lo == base and hi == base + (PAGE_SIZE << 9):
+                hm.zap_huge_pmd(k, mm, s)
+                continue
+            hm.split_huge_pmd(k, mm, vma, s)
+            kind = pt.pmd_kind[s]
+        if kind == PMD_TABLE:
+            zap_pte_range(k, mm, int(pt.pmd_row[s]), (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+
+
+# -- fork --------------------------------------------------------------------------------
+def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, hi: int) -> None:
+    """Model of copy_pte_range()/copy_present_ptes() for one table, PTEs [lo, hi).
+
+    Anonymous pages become shared: writable PTEs are write-protected in the
+    parent, the child's copies are read-only and old, AnonExclusive is cleared,
+    and every page takes one more reference and mapcount.  The zero page is
+    copied as it is.
+    """
+    spt, dpt = src.pt, dst.pt
+    srow = int(spt.pmd_row[s_src])
+    d = dpt.slot(int(spt.pmd_index[s_src]))
+    drow = pte_alloc(k, dst, d)
+    pfns = spt.pte_pfn[srow, lo:hi]
+    flags = spt.pte_flags[srow, lo:hi]
+    present = pfns >= 0
+    if not present.any():
+        return
+    normal = present & ~(flags & _PAGE_SPECIAL).astype(bool)
+    # Parent: write-protect COW pages.
+    spt.pte_flags[srow, lo:hi] = np.where(normal, flags & ~np.uint8(_PAGE_RW), flags)
+    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
+    dpt.pte_pfn[drow, lo:hi] = np.where(present, pfns, -1)
+    dpt.pte_flags[drow, lo:hi] = np.where(present, child_flags, 0)
+    idx = np.flatnonzero(normal)
+    if not len(idx):
+        return
+    p = pfns[idx]
+    fids = k.mem.folio[p]
+    k.mem.pflags[p] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+    k.mem.mapcount[p] += 1
+    np.add.at(k.folios.refcount, fids, 1)
+    dst.rss_anon += len(p)
+    large = k.folios.order[fids] > 0
+    if large.any():
+        lf, counts = np.unique(fids[large], return_counts=True)
+        for fid, c in zip(lf.tolist(), counts.tolist()):
+            k.folios.add_large_mapcount(fid, c, dst.mm_id)
+
+
+def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
+    """Model of copy_page_range(): copy one VMA's page tables at fork."""
+    from . import huge_memory as hm
+
+    spt = src.pt
+    for s in spt.slots_in(vma.start, vma.end):
+        base = int(spt.pmd_index[s]) << (PAGE_SHIFT + 9)
+        kind = spt.pmd_kind[s]
+        if kind == PMD_LEAF:
+            hm.copy_huge_pmd(k, dst, src, vma, s)
+        elif kind == PMD_TABLE:
+            lo = max(vma.start, base)
+            hi = min(vma.end, base + (PAGE_SIZE << 9))
+            copy_pte_range(k, dst, src, vma, s, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+
+
+# -- batched write faults (Optimization) ------------------------------------------------------
+def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) -> bool:
+    """Optimization: do_wp_page() for many read-only anon PTEs of one mm at once.
+
+    Preconditions: every (row, col) is a distinct present, non-special PTE of
+    ``mm`` that is not writable, in a writable VMA.  Each page takes the same
+    decision the scalar path would: reuse when AnonExclusive or when
+    wp_can_reuse_anon_folio() holds, otherwise a 4 KiB copy.  The decision of
+    a folio cannot change while only this mm's PTEs are copied (its other
+    mappers are untouched), so deciding up front is exact.  Returns False,
+    having changed nothing, when the copies cannot all be allocated.
+    """
+    pt = mm.pt
+    f = k.folios
+    mem = k.mem
+    pfns = pt.pte_pfn[rows, cols]
+    fids = mem.folio[pfns].astype(np.int64)
+    ae = (mem.pflags[pfns] & PG_ANON_EXCLUSIVE).astype(bool)
+    order = f.order[fids]
+    small_reuse = (order == 0) & (f.refcount[fids] == 1)
+    large_reuse = (order > 0) & (f.large[fids] > 1) & ~(f.flags[fids] & rmap.PG_MM_IDS_SHARED).astype(bool) \
+        & (f.large[fids] == f.refcount[fids])
+    reuse = ae | small_reuse | large_reuse
+    copy = ~reuse
+    n = int(np.count_nonzero(copy))
+    new = mem.alloc_bulk(n) if n else np.empty(0, dtype=np.int64)
+    if new is None:
+        return False
+    k.vmstat.count_vm_event("pgfault", len(pfns))
+    # Reuse: set AE, make writable.
+    r_idx = np.flatnonzero(reuse)
+    if len(r_idx):
+        mem.pflags[pfns[r_idx]] |= PG_ANON_EXCLUSIVE
+        pt.pte_flags[rows[r_idx], cols[r_idx]] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+        k.vmstat.count_vm_event("pgreuse", len(r_idx))
+    if not n:
+        return True
+    c_idx = np.flatnonzero(copy)
+    old_pfn = pfns[c_idx]
+    old_fid = fids[c_idx]
+    # New order-0 folios, exclusive.
+    new_fid = f.alloc_bulk(new)
+    mem.folio[new] = new_fid
+    mem.content[new] = mem.content[old_pfn]
+    mem.mapcount[new] = 1
+    mem.pflags[new] = PG_ANON_EXCLUSIVE
+    f.order[new_fid] = 0
+    f.refcount[new_fid] = 1
+    f.flags[new_fid] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
+    pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
+    pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
+    k.vmstat.mod_node_page_state("nr_anon_pages", n)
+    k.vmstat.count_vm_event("sim_cow_pages", n)
+    k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
+    # Old pages: one mapping and one reference less.
+    mem.mapcount[old_pfn] -= 1
+    gone = mem.mapcount[old_pfn] == 0
+    small = f.order[old_fid] == 0
+    k.vmstat.mod_node_page_state("nr_anon_pages", -int(np.count_nonzero(gone & small)))
+    uf, counts = np.unique(old_fid, return_counts=True)
+    f.refcount[uf] -= counts.astype(np.int32)
+    large_sel = f.order[uf] > 0
+    for fid, c in zip(uf[large_sel].tolist(), counts[large_sel].tolist()):
+        f.sub_large_mapcount(fid, c, mm.mm_id)
+    if large_sel.any():
+        lg = gone & ~small
+        if lg.any():
+            gf, gc = np.unique(old_fid[lg], return_counts=True)
+            for fid, c in zip(gf.tolist(), gc.tolist()):
+                if f.entire[fid]:
+                    continue
+                k.vmstat.mod_node_page_state("nr_anon_pages", -c)
+                if rmap._pte_mapped_pages(k, fid):
+                    rmap._queue_partially_mapped(k, fid)
+    for fid in uf[f.refcount[uf] == 0].tolist():
+        rmap.free_folio(k, fid)
+    return True

@@ -1,0 +1,94 @@
+"""Model of mm/mprotect.c: mprotect() on private anonymous mappings."""
+
+from __future__ import annotations
+
+import errno as E
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PROT_EXEC, PROT_READ, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT, VM_NORESERVE
+from .errors import KernelError, einval
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_RW, _PAGE_SPECIAL
+from .physmem import PG_ANON_EXCLUSIVE
+from .folio import PG_HUGE_ZERO
+from . import huge_memory as hm
+from .mmap import check_range, merge_vmas, split_range
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+    """Model of change_protection() for [start, end) of one VMA whose flags just changed.
+
+    Taking write away clears the write bit of every PTE and PMD.  Giving it
+    back makes an entry writable at once only where the page is
+    AnonExclusive (can_change_pte_writable()/can_change_pmd_writable()); the
+    others stay read-only and take a write fault later.  A PMD leaf only
+    partly in the range is split (change_pmd_range()).
+    """
+    pt = mm.pt
+    writable = bool(vma.flags & VM_WRITE)
+    for s in pt.slots_in(start, end):
+        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+        lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
+        if pt.pmd_kind[s] == PMD_LEAF and (lo != base or hi != base + HPAGE_PMD_SIZE):
+            hm.split_huge_pmd(k, mm, vma, s)
+        if pt.pmd_kind[s] == PMD_LEAF:
+            fid = int(pt.pmd_folio[s])
+            if not writable or k.folios.flags[fid] & PG_HUGE_ZERO:
+                pt.pmd_flags[s] &= ~np.uint8(_PAGE_RW)
+            elif k.mem.pflags[int(k.folios.head[fid])] & PG_ANON_EXCLUSIVE:
+                pt.pmd_flags[s] |= _PAGE_RW
+            continue
+        if pt.pmd_kind[s] != PMD_TABLE:
+            continue
+        row = int(pt.pmd_row[s])
+        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        pfns = pt.pte_pfn[row, a:b]
+        flags = pt.pte_flags[row, a:b]
+        if not writable:
+            flags &= ~np.uint8(_PAGE_RW)
+            continue
+        normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
+        ae = np.zeros(len(pfns), dtype=bool)
+        ae[normal] = (k.mem.pflags[pfns[normal]] & PG_ANON_EXCLUSIVE).astype(bool)
+        flags[ae] |= _PAGE_RW
+
+
+def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
+    """Model of do_mprotect_pkey().
+
+    EINVAL for an unaligned start or unknown prot bits; ENOMEM when start is
+    not mapped (nothing changes) or when a hole is met further on (the VMAs
+    before the hole keep their new protection, as in the kernel).
+    """
+    call = "mprotect"
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
+        raise einval(call, f"prot={prot:#x}: unknown bits")
+    end = check_range(call, start, length)
+    if end == start:
+        return
+    if mm.find_vma(start) is None:
+        raise KernelError(E.ENOMEM, call, f"addr={start:#x}: not mapped")
+    newbits = (VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0) | \
+        (VM_EXEC if prot & PROT_EXEC else 0)
+    hole = None
+    cursor = start
+    for v in mm.vmas_in(start, end):
+        if v.start > cursor:
+            hole = cursor
+            break
+        cursor = v.end
+    if hole is None and cursor < end:
+        hole = cursor
+    stop = hole if hole is not None else end
+    for v in split_range(k, mm, start, stop):
+        if newbits & VM_WRITE and not v.flags & (VM_ACCOUNT | VM_WRITE | VM_NORESERVE):
+            v.flags |= VM_ACCOUNT                   # mprotect_fixup() charges the new writable range
+        v.flags = (v.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newbits
+        change_protection(k, mm, v, v.start, v.end)
+    merge_vmas(mm, start, stop)
+    if hole is not None:
+        raise KernelError(E.ENOMEM, call, f"addr={hole:#x}: hole in the range")

@@ -1,0 +1,138 @@
+"""Model of mm/mremap.c for private anonymous mappings."""
+
+from __future__ import annotations
+
+import errno as E
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_SIZE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from .errors import KernelError, einval
+from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA
+from . import huge_memory as hm
+from . import memory
+from .mmap import do_munmap, get_unmapped_area, merge_vmas, page_align, split_range, free_pgtables
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: int) -> None:
+    """Model of move_page_tables(): move the entries of [old, old+length) to new.
+
+    A whole, aligned PMD leaf moves as a PMD (move_huge_pmd()); anything else
+    is moved PTE by PTE after splitting the source PMD.  Mappings keep their
+    folios, references and mapcounts: only the address changes.
+    """
+    pt = mm.pt
+    off = 0
+    while off < length:
+        src = old + off
+        dst = new + off
+        chunk = min(length - off, HPAGE_PMD_SIZE - (src & (HPAGE_PMD_SIZE - 1)),
+                    HPAGE_PMD_SIZE - (dst & (HPAGE_PMD_SIZE - 1)))
+        s = pt.slot_of.get(src >> (PAGE_SHIFT + 9))
+        if s is None or pt.pmd_kind[s] == PMD_NONE:
+            off += chunk
+            continue
+        if pt.pmd_kind[s] == PMD_LEAF:
+            if chunk == HPAGE_PMD_SIZE:
+                d = pt.slot(dst >> (PAGE_SHIFT + 9))
+                if pt.pmd_kind[d] == PMD_TABLE:              # an empty table there: free it
+                    pt.free_row(int(pt.pmd_row[d]))
+                    mm.nr_ptes -= 1
+                for name in ("pmd_kind", "pmd_folio", "pmd_flags", "pmd_row"):
+                    arr = getattr(pt, name)
+                    arr[d] = arr[s]
+                pt.pmd_kind[s], pt.pmd_folio[s], pt.pmd_flags[s], pt.pmd_row[s] = PMD_NONE, -1, 0, -1
+                off += chunk
+                continue
+            hm.split_huge_pmd(k, mm, vma, s)
+        srow = int(pt.pmd_row[s])
+        d = pt.slot(dst >> (PAGE_SHIFT + 9))
+        drow = memory.pte_alloc(k, mm, d)
+        si = (src >> PAGE_SHIFT) & 511
+        di = (dst >> PAGE_SHIFT) & 511
+        n = chunk >> PAGE_SHIFT
+        pt.pte_pfn[drow, di: di + n] = pt.pte_pfn[srow, si: si + n]
+        pt.pte_flags[drow, di: di + n] = pt.pte_flags[srow, si: si + n]
+        pt.pte_pfn[srow, si: si + n] = -1
+        pt.pte_flags[srow, si: si + n] = 0
+        off += chunk
+
+
+def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flags: int, new_addr: int = 0) -> int:
+    """Model of the mremap() system call.
+
+    EINVAL: unaligned addresses, unknown flags, MREMAP_FIXED without
+    MREMAP_MAYMOVE, a zero new length, a zero old length on a private
+    mapping, overlapping old and new ranges.  EFAULT: the old range is not
+    inside one VMA.  ENOMEM: the mapping cannot grow in place and may not
+    move, or there is no room to move it.
+    """
+    call = "mremap"
+    if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
+        raise einval(call, f"flags={flags:#x}: unknown bits")
+    if flags & MREMAP_FIXED and not flags & MREMAP_MAYMOVE:
+        raise einval(call, "MREMAP_FIXED needs MREMAP_MAYMOVE")
+    if flags & MREMAP_DONTUNMAP and not flags & MREMAP_MAYMOVE:
+        raise einval(call, "MREMAP_DONTUNMAP needs MREMAP_MAYMOVE")
+    if old_addr & (PAGE_SIZE - 1):
+        raise einval(call, f"old_address={old_addr:#x}: not page aligned")
+    old_len = page_align(old_len)
+    new_len = page_align(new_len)
+    if not new_len:
+        raise einval(call, "new_size=0")
+    if not old_len:
+        raise einval(call, "old_size=0 is only valid for shared mappings")
+    if flags & MREMAP_DONTUNMAP and old_len != new_len:
+        raise einval(call, "MREMAP_DONTUNMAP needs old_size == new_size")
+    if flags & MREMAP_FIXED:
+        if new_addr & (PAGE_SIZE - 1):
+            raise einval(call, f"new_address={new_addr:#x}: not page aligned")
+        if new_addr + new_len > TASK_SIZE:
+            raise einval(call, f"new_address={new_addr:#x}: outside the address space")
+        if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
+            raise einval(call, "old and new ranges overlap")
+    vma = mm.find_vma(old_addr)
+    if vma is None or old_addr + old_len > vma.end:
+        raise KernelError(E.EFAULT, call, f"old_address={old_addr:#x} old_size={old_len:#x}: not inside one mapping")
+    if flags & MREMAP_FIXED:
+        return _move(k, mm, old_addr, old_len, new_len, new_addr, flags)
+    if new_len <= old_len:
+        if new_len < old_len:
+            do_munmap(k, mm, old_addr + new_len, old_len - new_len)
+        return old_addr
+    # Grow in place when the VMA ends here and the space after it is free.
+    if vma.end == old_addr + old_len and not mm.vmas_in(vma.end, old_addr + new_len) and \
+            old_addr + new_len <= TASK_SIZE:
+        vma.end = old_addr + new_len
+        merge_vmas(mm, vma.start, vma.end)
+        return old_addr
+    if not flags & MREMAP_MAYMOVE:
+        raise KernelError(E.ENOMEM, call, f"old_address={old_addr:#x}: cannot grow in place without MREMAP_MAYMOVE")
+    dest = get_unmapped_area(mm, new_len)
+    if dest < 0:
+        raise KernelError(E.ENOMEM, call, f"new_size={new_len:#x}: no room to move the mapping")
+    return _move(k, mm, old_addr, old_len, new_len, dest, flags)
+
+
+def _move(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, new_addr: int, flags: int) -> int:
+    """Model of move_vma(): move [old_addr, +old_len) to new_addr, growing to new_len."""
+    if mm.vmas_in(new_addr, new_addr + new_len):
+        do_munmap(k, mm, new_addr, new_len)
+    if new_len < old_len:
+        do_munmap(k, mm, old_addr + new_len, old_len - new_len)
+        old_len = new_len
+    (src,) = split_range(k, mm, old_addr, old_addr + old_len)
+    dst = VMA(new_addr, new_addr + new_len, src.flags, src.anon_vma)
+    mm.insert_vma(dst)
+    move_page_tables(k, mm, dst, old_addr, new_addr, old_len)
+    if flags & MREMAP_DONTUNMAP:
+        src.anon_vma = src.anon_vma            # the old VMA stays, now empty
+    else:
+        mm.vmas.remove(src)
+        free_pgtables(k, mm, old_addr, old_addr + old_len)
+    merge_vmas(mm, new_addr, new_addr + new_len)
+    return new_addr

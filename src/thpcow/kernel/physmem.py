@@ -1,0 +1,162 @@
+"""Model of mm/page_alloc.c: physical memory as 4 KiB frames and the buddy allocator.
+
+Frames are NumPy arrays indexed by PFN; there is no Python object per page.
+Free blocks of each order (0..MAX_PAGE_ORDER) sit on a free list; allocating
+an order takes the smallest free block that is large enough and splits it
+(``expand()``), freeing merges a block with its buddy as long as the buddy is
+free too (``__free_one_page()``).
+
+Free lists are insertion-ordered dicts used as ordered sets: allocation takes
+the most recently freed block first (the kernel puts freed pages at the head
+of the list and allocates from the head), which keeps runs deterministic.
+
+Simplification: one node, one zone, no per-CPU lists, no migratetypes and no
+watermarks yet; page-table pages are not taken from simulated RAM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import MAX_PAGE_ORDER
+from .errors import InvariantViolation
+
+ZERO_PFN = 0                  # the shared zero page (a reserved frame)
+PG_ANON_EXCLUSIVE = np.uint8(1)
+
+
+class PhysMem:
+    """Frames, their per-page state and the buddy free lists."""
+
+    def __init__(self, nr_frames: int) -> None:
+        if nr_frames < (1 << MAX_PAGE_ORDER) * 2:
+            raise ValueError(f"nr_frames={nr_frames}: need at least {(1 << MAX_PAGE_ORDER) * 2} frames (8 MiB)")
+        n = nr_frames
+        self.nr_frames = n
+        self.content = np.zeros(n, dtype=np.int64)     # token per frame (what the page holds)
+        self.folio = np.full(n, -1, dtype=np.int32)    # owning folio id, -1 if none
+        self.mapcount = np.zeros(n, dtype=np.int32)    # per-page PTE mapcount (CONFIG_PAGE_MAPCOUNT)
+        self.pflags = np.zeros(n, dtype=np.uint8)      # PG_anon_exclusive, ...
+        self.free_order = np.full(n, -1, dtype=np.int8)  # order of the free block headed here
+        self.free_lists: list[dict[int, None]] = [{} for _ in range(MAX_PAGE_ORDER + 1)]
+        self.nr_free = 0
+        self.reserved = np.zeros(n, dtype=bool)
+        # Reserve the first max-order block: pfn 0 is the zero page, the rest
+        # stands for memory the kernel itself uses.
+        self.reserved[: 1 << MAX_PAGE_ORDER] = True
+        top = 1 << MAX_PAGE_ORDER
+        for pfn in range(top, n - (n % top), top):
+            self._add_free(pfn, MAX_PAGE_ORDER)
+        # Tail frames that do not fill a max-order block.
+        pfn = n - (n % top)
+        for order in range(MAX_PAGE_ORDER - 1, -1, -1):
+            if pfn + (1 << order) <= n:
+                self._add_free(pfn, order)
+                pfn += 1 << order
+
+    # -- free list primitives ---------------------------------------------------
+    def _add_free(self, pfn: int, order: int) -> None:
+        self.free_lists[order][pfn] = None
+        self.free_order[pfn] = order
+        self.nr_free += 1 << order
+
+    def _del_free(self, pfn: int, order: int) -> None:
+        del self.free_lists[order][pfn]
+        self.free_order[pfn] = -1
+        self.nr_free -= 1 << order
+
+    # -- allocation ---------------------------------------------------------------
+    def has_free_order(self, order: int) -> bool:
+        """True if a block of at least this order is free (no compaction)."""
+        return any(self.free_lists[o] for o in range(order, MAX_PAGE_ORDER + 1))
+
+    def alloc(self, order: int) -> int:
+        """Model of __rmqueue_smallest() + expand(): a block's first PFN, or -1."""
+        for current in range(order, MAX_PAGE_ORDER + 1):
+            fl = self.free_lists[current]
+            if not fl:
+                continue
+            pfn, _ = fl.popitem()
+            self.free_order[pfn] = -1
+            self.nr_free -= 1 << current
+            # expand(): give back the upper halves.
+            while current > order:
+                current -= 1
+                self._add_free(pfn + (1 << current), current)
+            return pfn
+        return -1
+
+    def alloc_bulk(self, count: int) -> np.ndarray | None:
+        """Model of alloc_pages_bulk(): ``count`` order-0 frames, or None if short.
+
+        Optimization: whole free blocks are handed out as ranges rather than
+        split page by page.  Nothing is taken when the request cannot be met.
+        """
+        if count > self.nr_free:
+            return None
+        out: list[np.ndarray] = []
+        need = count
+        fl0 = self.free_lists[0]
+        while need and fl0:
+            pfn, _ = fl0.popitem()
+            self.free_order[pfn] = -1
+            self.nr_free -= 1
+            out.append(np.array([pfn], dtype=np.int64))
+            need -= 1
+        while need:
+            order = next(o for o in range(MAX_PAGE_ORDER + 1) if self.free_lists[o])
+            pfn, _ = self.free_lists[order].popitem()
+            self.free_order[pfn] = -1
+            self.nr_free -= 1 << order
+            # Split the block: take whole lower halves while they fit, return the rest.
+            while need and order >= 0:
+                size = 1 << order
+                if need >= size:
+                    out.append(np.arange(pfn, pfn + size, dtype=np.int64))
+                    need -= size
+                    break
+                order -= 1
+                self._add_free(pfn + (1 << order), order)
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    # -- freeing --------------------------------------------------------------------
+    def free(self, pfn: int, order: int) -> None:
+        """Model of __free_one_page(): merge with free buddies and put on a list."""
+        while order < MAX_PAGE_ORDER:
+            buddy = pfn ^ (1 << order)
+            if buddy >= self.nr_frames or self.free_order[buddy] != order:
+                break
+            self._del_free(buddy, order)
+            pfn &= ~(1 << order)
+            order += 1
+        self._add_free(pfn, order)
+
+    def free_bulk(self, pfns: np.ndarray) -> None:
+        """Free many order-0 frames (model of free_unref_folios())."""
+        for pfn in pfns.tolist():
+            self.free(pfn, 0)
+
+    # -- checks ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Free lists agree with free_order, blocks are aligned and disjoint."""
+        covered = np.zeros(self.nr_frames, dtype=bool)
+        total = 0
+        for order, fl in enumerate(self.free_lists):
+            for pfn in fl:
+                if pfn & ((1 << order) - 1):
+                    raise InvariantViolation(f"buddy: free block pfn {pfn:#x} is not aligned to order {order}")
+                if self.free_order[pfn] != order:
+                    raise InvariantViolation(f"buddy: pfn {pfn:#x} on order-{order} list but free_order={self.free_order[pfn]}")
+                seg = covered[pfn: pfn + (1 << order)]
+                if seg.any():
+                    raise InvariantViolation(f"buddy: free block pfn {pfn:#x} order {order} overlaps another")
+                seg[:] = True
+                total += 1 << order
+        if total != self.nr_free:
+            raise InvariantViolation(f"buddy: nr_free={self.nr_free} but the free lists hold {total}")
+        heads = np.flatnonzero(self.free_order >= 0)
+        if len(heads) != sum(len(fl) for fl in self.free_lists):
+            raise InvariantViolation("buddy: free_order marks a block that is on no free list")
+        bad = np.flatnonzero(covered & ((self.folio >= 0) | self.reserved))
+        if len(bad):
+            raise InvariantViolation(f"buddy: pfn {int(bad[0]):#x} is free but belongs to a folio or is reserved")

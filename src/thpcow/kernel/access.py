@@ -86,11 +86,15 @@ def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
 # -- stores -------------------------------------------------------------------------------------------
 def _unique_in_order(vpages: np.ndarray, tokens: np.ndarray):
     """Distinct pages in order of first store, with the token of their last store."""
-    uniq, first = np.unique(vpages, return_index=True)
-    _, last_rev = np.unique(vpages[::-1], return_index=True)
-    last = len(vpages) - 1 - last_rev
-    order = np.argsort(first, kind="stable")
-    return uniq[order], tokens[last][order]
+    order = np.argsort(vpages, kind="stable")
+    srt = vpages[order]
+    brk = np.flatnonzero(srt[1:] != srt[:-1]) + 1
+    starts = np.concatenate(([0], brk))
+    ends = np.concatenate((brk, [len(srt)]))
+    first = order[starts]
+    last = order[ends - 1]
+    by_first = np.argsort(first)
+    return srt[starts][by_first], tokens[last][by_first]
 
 
 def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> None:
@@ -102,7 +106,9 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     leaf = kind == PMD_LEAF
     if leaf.any():
         pt.pmd_flags[np.unique(sc[leaf])] |= _PAGE_DIRTY | _PAGE_ACCESSED
-    k.mem.content[resolve_pfns(k, mm, pages)] = tokens
+        pfn = pfn.copy()
+        pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + (pages[leaf] & 511)
+    k.mem.content[pfn] = tokens
 
 
 def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> None:
@@ -123,31 +129,49 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> No
         sc, kind, rows, cols, pfn, flags = entry_state(mm, pending)
         leaf = kind == PMD_LEAF
         leaf_w = leaf & (pt.pmd_flags[sc] & _PAGE_RW).astype(bool)
-        present = (kind == PMD_TABLE) & (pfn >= 0)
+        table = kind == PMD_TABLE
+        present = table & (pfn >= 0)
+        special = (flags & _PAGE_SPECIAL).astype(bool)
         pte_w = present & (flags & _PAGE_RW).astype(bool)
-        done = leaf_w | pte_w
-        cow = present & ~pte_w & ~(flags & _PAGE_SPECIAL).astype(bool)
+        cow = present & ~pte_w & ~special
         leaf_ro = leaf & ~leaf_w
-        if cow.any():
-            if not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
+        pte_none = table & (pfn < 0)
+        pmd_none = ~leaf & ~table
+        later = np.zeros(len(pending), dtype=bool)
+        if cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
+            return write_pages_scalar(k, mm, vpages, tokens)
+        if pte_none.any():
+            batchable = pte_none & _order0_only(k, mm, pending)
+            if batchable.any() and not memory.do_anonymous_page_batch(k, mm, rows[batchable], cols[batchable]):
                 return write_pages_scalar(k, mm, vpages, tokens)
-        # Read-only PMD leaves: one scalar fault per 2 MiB block (split or reuse).
-        if leaf_ro.any():
-            _, first = np.unique(sc[leaf_ro], return_index=True)
-            for p in pending[leaf_ro][np.sort(first)].tolist():
+            for p in pending[pte_none & ~batchable].tolist():
                 _fault_store(k, mm, p)
-        rest = ~done & ~cow & ~leaf_ro
-        for p in pending[rest].tolist():
-            _fault_store(k, mm, p)
-        pending = pending[leaf_ro]
-        if len(pending):
-            # Pages of a split PMD come back as PTEs; pages of a reused PMD are done.
-            _, kind2, _, _, _, _ = entry_state(mm, pending)
-            pending = pending[kind2 == PMD_TABLE]
-            if len(pending):
-                sc2, kind2, rows2, cols2, pfn2, flags2 = entry_state(mm, pending)
-                pending = pending[~(flags2 & _PAGE_RW).astype(bool)]
+        # One scalar fault per 2 MiB block for read-only PMD leaves (split or reuse)
+        # and empty PMDs (THP or fallback); the block's other pages wait a round.
+        for sel in (leaf_ro, pmd_none):
+            if sel.any():
+                _, first = np.unique(pending[sel] >> 9, return_index=True)
+                firsts = np.flatnonzero(sel)[np.sort(first)]
+                for p in pending[firsts].tolist():
+                    _fault_store(k, mm, p)
+                later |= sel
+                later[firsts] = False
+        for p in pending[present & ~pte_w & special].tolist():
+            _fault_store(k, mm, p)                   # zero page: wp_page_copy() from zero
+        pending = pending[later]
     _finish_stores(k, mm, pages, toks)
+
+
+def _order0_only(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
+    """Per page: would alloc_anon_folio() pick order 0 (no mTHP order allowed in its VMA)?"""
+    from . import huge_memory as hm
+
+    out = np.zeros(len(vpages), dtype=bool)
+    for v in mm.vmas:
+        sel = (vpages >= v.start >> PAGE_SHIFT) & (vpages < v.end >> PAGE_SHIFT)
+        if sel.any() and not hm.thp_vma_allowable_orders(k, mm, v, hm.TVA_PAGEFAULT, (1 << 9) - 1):
+            out |= sel
+    return out
 
 
 def _fault_store(k: Kernel, mm: MM, vpage: int) -> None:

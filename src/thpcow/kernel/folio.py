@@ -194,3 +194,25 @@ class FolioTable:
         if c0 == new or c1 == new:
             self.flags[fid] &= ~np.uint16(PG_MM_IDS_SHARED)
         return new
+
+    def sub_large_mapcount_many(self, fids: np.ndarray, diffs: np.ndarray, mm_id: int) -> None:
+        """Optimization: sub_large_mapcount() for many distinct folios of one mm at once."""
+        diffs = diffs.astype(np.int32)
+        new = self.large[fids] - diffs
+        self.large[fids] = new
+        for id_f, cnt_f in (("mm_id0", "mm_cnt0"), ("mm_id1", "mm_cnt1")):
+            ids, cnts = getattr(self, id_f), getattr(self, cnt_f)
+            mine = ids[fids] == mm_id
+            sel = fids[mine]
+            cnts[sel] -= diffs[mine]
+            empty = sel[cnts[sel] <= 0]
+            cnts[empty] = 0
+            ids[empty] = MM_ID_DUMMY
+        # Folios whose slot of this mm still has mappings keep their SHARED bit
+        # unchanged (the kernel returns early); the others may become exclusive.
+        still = ((self.mm_id0[fids] == mm_id) & (self.mm_cnt0[fids] > 0)) | \
+                ((self.mm_id1[fids] == mm_id) & (self.mm_cnt1[fids] > 0))
+        c0 = np.where(self.mm_id0[fids] != MM_ID_DUMMY, self.mm_cnt0[fids], 0)
+        c1 = np.where(self.mm_id1[fids] != MM_ID_DUMMY, self.mm_cnt1[fids], 0)
+        clear = ~still & ((c0 == new) | (c1 == new))
+        self.flags[fids[clear]] &= np.uint16(~PG_MM_IDS_SHARED & 0xFFFF)

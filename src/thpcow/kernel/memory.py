@@ -334,6 +334,37 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
 
 
 # -- batched write faults (Optimization) ------------------------------------------------------
+def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) -> bool:
+    """Optimization: do_anonymous_page() write faults for many empty PTEs at once.
+
+    Preconditions: every (row, col) is a distinct empty PTE of ``mm`` in a
+    writable VMA where alloc_anon_folio() can only pick order 0.  Each page
+    gets a zeroed, exclusive order-0 folio, as the scalar path would give it.
+    Returns False, having changed nothing, when memory runs short.
+    """
+    n = len(rows)
+    new = k.mem.alloc_bulk(n)
+    if new is None:
+        return False
+    for v in mm.vmas:
+        if not v.anon_vma:
+            anon_vma_prepare(k, v)   # every VMA here is being faulted or already has one
+    f = k.folios
+    fids = f.alloc_bulk(new)
+    k.mem.folio[new] = fids
+    k.mem.content[new] = 0
+    k.mem.mapcount[new] = 1
+    k.mem.pflags[new] = PG_ANON_EXCLUSIVE
+    f.refcount[fids] = 1
+    f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
+    mm.pt.pte_pfn[rows, cols] = new
+    mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
+    mm.rss_anon += n
+    k.vmstat.mod_node_page_state("nr_anon_pages", n)
+    k.vmstat.count_vm_event("pgfault", n)
+    return True
+
+
 def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) -> bool:
     """Optimization: do_wp_page() for many read-only anon PTEs of one mm at once.
 
@@ -395,16 +426,16 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) ->
     uf, counts = np.unique(old_fid, return_counts=True)
     f.refcount[uf] -= counts.astype(np.int32)
     large_sel = f.order[uf] > 0
-    for fid, c in zip(uf[large_sel].tolist(), counts[large_sel].tolist()):
-        f.sub_large_mapcount(fid, c, mm.mm_id)
     if large_sel.any():
+        f.sub_large_mapcount_many(uf[large_sel], counts[large_sel], mm.mm_id)
         lg = gone & ~small
         if lg.any():
             gf, gc = np.unique(old_fid[lg], return_counts=True)
-            for fid, c in zip(gf.tolist(), gc.tolist()):
-                if f.entire[fid]:
-                    continue
-                k.vmstat.mod_node_page_state("nr_anon_pages", -c)
+            unmapped = f.entire[gf] == 0
+            k.vmstat.mod_node_page_state("nr_anon_pages", -int(gc[unmapped].sum()))
+            # Partially mapped now?  (Folios already flagged need no look.)
+            fresh = unmapped & ~(f.flags[gf] & rmap.PG_PARTIALLY_MAPPED).astype(bool) & (f.refcount[gf] > 0)
+            for fid in gf[fresh].tolist():
                 if rmap._pte_mapped_pages(k, fid):
                     rmap._queue_partially_mapped(k, fid)
     for fid in uf[f.refcount[uf] == 0].tolist():

@@ -98,6 +98,8 @@ class PageTables:
         self.nr_rows = 0
         self._sorted_keys: np.ndarray | None = None
         self._sorted_slots: np.ndarray | None = None
+        self._dense: np.ndarray | None = None
+        self._dense_lo = 0
 
     # -- slots ------------------------------------------------------------------
     def slot(self, pmd_idx: int) -> int:
@@ -129,12 +131,27 @@ class PageTables:
         self.cap_slots = cap
 
     def lookup_slots(self, pmd_idx: np.ndarray) -> np.ndarray:
-        """Vector slot lookup: slot per PMD index, -1 where there is none."""
+        """Vector slot lookup: slot per PMD index, -1 where there is none.
+
+        Optimization: while the used PMD indexes span a modest window (one
+        region, the usual case) a dense index array answers with one gather;
+        a sparse address space falls back to binary search.
+        """
         if self._sorted_keys is None:
             keys = self.pmd_index[: self.nr_slots]
+            self._dense = None
+            if len(keys) and int(keys.max()) - int(keys.min()) < (1 << 22):
+                lo = int(keys.min())
+                dense = np.full(int(keys.max()) - lo + 1, -1, dtype=np.int64)
+                dense[keys - lo] = np.arange(len(keys))
+                self._dense, self._dense_lo = dense, lo
             order = np.argsort(keys, kind="stable")
             self._sorted_keys = keys[order]
             self._sorted_slots = order
+        if self._dense is not None:
+            rel = pmd_idx - self._dense_lo
+            inside = (rel >= 0) & (rel < len(self._dense))
+            return np.where(inside, self._dense[np.where(inside, rel, 0)], -1)
         keys = self._sorted_keys
         if len(keys) == 0:
             return np.full(len(pmd_idx), -1, dtype=np.int64)

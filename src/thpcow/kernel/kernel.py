@@ -124,13 +124,14 @@ class Kernel:
 
     def khugepaged_enter_vma(self, mm: MM, vma: VMA) -> None:
         """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
-        if mm.khugepaged or not self._khugepaged_enabled():
+        if mm.khugepaged or not self.hugepage_pmd_enabled():
             return
-        if hm.thp_vma_allowable_orders(self, mm, vma, hm.TVA_KHUGEPAGED if vma.anon_vma else hm.TVA_SMAPS):
+        if hm.thp_vma_allowable_order(self, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
             self.khugepaged_enter(mm)
 
-    def _khugepaged_enabled(self) -> bool:
-        return bool(self.sysfs.anon_orders(True))
+    def hugepage_pmd_enabled(self) -> bool:
+        """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
+        return bool(self.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
 
     # -- rmap walk (slow; used by split_folio) ----------------------------------------------
     def rmap_walk_pmd(self, fid: int) -> Iterator[tuple[MM, VMA, int]]:

@@ -216,6 +216,14 @@ class Process:
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._sys("madvise", _madvise.do_madvise, addr, length, advice)
 
+    def process_madvise(self, target: "Process", addr: int, length: int, advice: int) -> None:
+        """process_madvise(2) on ``target`` (one iovec): only the advice the kernel allows remotely."""
+        from .constants import MADV_COLD, MADV_COLLAPSE, MADV_PAGEOUT, MADV_WILLNEED
+        self._alive("process_madvise")
+        if advice not in (MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED, MADV_COLLAPSE):
+            raise einval("process_madvise", f"advice={advice}: not allowed on another process")
+        target._sys("process_madvise", _madvise.do_madvise, addr, length, advice)
+
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
         """prctl(2): PR_SET_THP_DISABLE and PR_GET_THP_DISABLE."""
         self._alive("prctl")

@@ -34,7 +34,7 @@ _FLAG_ADVICE = {
     MADV_THP_COW: (VM_THP_COW, 0),        # series thp_cow v1 1/5
 }
 _NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_THP_SETUP_BASE)
-_LATER_ADVICE = (MADV_COLD, MADV_PAGEOUT, MADV_COLLAPSE)
+_LATER_ADVICE = (MADV_COLD, MADV_PAGEOUT)
 
 
 def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
@@ -42,7 +42,7 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
     if advice == MADV_THP_COW:
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
-        advice in (MADV_DONTNEED, MADV_FREE)
+        advice in (MADV_DONTNEED, MADV_FREE, MADV_COLLAPSE)
 
 
 def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
@@ -81,6 +81,11 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     elif advice == MADV_FREE:
         for v in vmas:
             madvise_free_single_vma(k, mm, v, max(v.start, start), min(v.end, end))
+    elif advice == MADV_COLLAPSE:
+        if mapped != end - start:
+            raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
+        from .khugepaged import madvise_collapse
+        madvise_collapse(k, mm, start, end)
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
 

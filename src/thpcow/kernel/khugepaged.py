@@ -1,0 +1,199 @@
+"""Model of mm/khugepaged.c: the collapse engine shared by khugepaged and MADV_COLLAPSE.
+
+``collapse_scan_pmd()`` checks one 2 MiB block's PTEs against the limits of
+the caller (:class:`CollapseControl`: khugepaged enforces ``max_ptes_none``,
+``max_ptes_shared`` and the referenced test, MADV_COLLAPSE does not), and
+``collapse_huge_page()`` allocates a THP, copies the pages (empty and
+zero-page entries become zero-filled pages), drops this mm's mappings of the
+old pages and installs the new THP at PMD level, exclusive to this mm: other
+mms that shared the old pages keep them.  ``madvise_collapse()`` is the
+synchronous MADV_COLLAPSE.
+
+Simplification: v6.18 collapses to PMD order only (mTHP collapse came later);
+swap entries are not modelled yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as E
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
+from .errors import KernelError
+from .folio import PG_ANON, PG_HUGE_ZERO, PG_SWAPBACKED
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
+from . import huge_memory as hm
+from . import rmap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+class ScanResult(enum.Enum):
+    """Model of enum scan_result (the values thpcow can produce)."""
+
+    SCAN_FAIL = enum.auto()
+    SCAN_SUCCEED = enum.auto()
+    SCAN_PMD_NULL = enum.auto()
+    SCAN_PMD_MAPPED = enum.auto()
+    SCAN_EXCEED_NONE_PTE = enum.auto()
+    SCAN_EXCEED_SWAP_PTE = enum.auto()
+    SCAN_EXCEED_SHARED_PTE = enum.auto()
+    SCAN_PAGE_LAZYFREE = enum.auto()
+    SCAN_LACK_REFERENCED_PAGE = enum.auto()
+    SCAN_PAGE_COUNT = enum.auto()
+    SCAN_VMA_CHECK = enum.auto()
+    SCAN_ALLOC_HUGE_PAGE_FAIL = enum.auto()
+
+
+# Results after which MADV_COLLAPSE goes on with the next block.
+_CONTINUE = {ScanResult.SCAN_PMD_NULL, ScanResult.SCAN_LACK_REFERENCED_PAGE, ScanResult.SCAN_PAGE_COUNT}
+
+
+def madvise_collapse_errno(r: ScanResult) -> int:
+    """Model of madvise_collapse_errno(): one errno per scan result."""
+    if r == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+        return E.ENOMEM
+    if r == ScanResult.SCAN_EXCEED_NONE_PTE:
+        return E.EBUSY
+    if r == ScanResult.SCAN_PAGE_COUNT:
+        return E.EAGAIN
+    return E.EINVAL
+
+
+@dataclass
+class CollapseControl:
+    """Model of struct collapse_control: who collapses, and with which limits."""
+
+    is_khugepaged: bool
+
+    def max_ptes_none(self, k: Kernel) -> int:
+        return k.sysfs.max_ptes_none if self.is_khugepaged else HPAGE_PMD_NR
+
+    def max_ptes_shared(self, k: Kernel) -> int:
+        return k.sysfs.max_ptes_shared if self.is_khugepaged else HPAGE_PMD_NR
+
+
+def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
+    """Model of collapse_scan_pmd() for anonymous memory (PMD order)."""
+    pt = mm.pt
+    s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+    if s is None or pt.pmd_kind[s] == 0:
+        return ScanResult.SCAN_PMD_NULL
+    if pt.pmd_kind[s] == PMD_LEAF:
+        return ScanResult.SCAN_PMD_MAPPED
+    row = int(pt.pmd_row[s])
+    pfns = pt.pte_pfn[row]
+    flags = pt.pte_flags[row]
+    none_or_zero = (pfns < 0) | (flags & _PAGE_SPECIAL).astype(bool)
+    if int(none_or_zero.sum()) > cc.max_ptes_none(k):
+        k.vmstat.count_vm_event("thp_scan_exceed_none_pte")
+        return ScanResult.SCAN_EXCEED_NONE_PTE
+    p = pfns[~none_or_zero]
+    fids = k.mem.folio[p]
+    f = k.folios
+    if cc.is_khugepaged and (~(f.flags[fids] & PG_SWAPBACKED).astype(bool)).any():
+        return ScanResult.SCAN_PAGE_LAZYFREE
+    shared = 0
+    for fid, pfn in zip(fids.tolist(), p.tolist()):
+        if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
+            shared += 1
+    if shared > cc.max_ptes_shared(k):
+        k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
+        return ScanResult.SCAN_EXCEED_SHARED_PTE
+    uf = np.unique(fids)
+    if (f.refcount[uf] != np.where(f.order[uf] > 0, f.large[uf], k.mem.mapcount[f.head[uf]])).any():
+        return ScanResult.SCAN_PAGE_COUNT
+    if cc.is_khugepaged and not (flags[~none_or_zero] & _PAGE_ACCESSED).any():
+        return ScanResult.SCAN_LACK_REFERENCED_PAGE
+    return ScanResult.SCAN_SUCCEED
+
+
+def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
+    """Model of collapse_huge_page(): allocate, copy, unmap the old pages, map a THP.
+
+    Counts thp_collapse_alloc or thp_collapse_alloc_failed; MM_ANONPAGES grows
+    by the number of entries that were empty or the zero page; the old page
+    table becomes the new PMD's deposit (nr_ptes unchanged).
+    """
+    direct = k.sysfs.khugepaged_defrag if cc.is_khugepaged else True
+    pfn = k.alloc_thp(direct=direct)
+    if pfn < 0:
+        k.vmstat.count_vm_event("thp_collapse_alloc_failed")
+        return ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL
+    k.vmstat.count_vm_event("thp_collapse_alloc")
+    new = k.new_folio(pfn, HPAGE_PMD_ORDER)
+    if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER,
+                                      hm.TVA_KHUGEPAGED if cc.is_khugepaged else hm.TVA_FORCED_COLLAPSE):
+        rmap.free_folio(k, new)
+        return ScanResult.SCAN_VMA_CHECK
+    pt = mm.pt
+    s = pt.slot_of[haddr >> (PAGE_SHIFT + 9)]
+    row = int(pt.pmd_row[s])
+    pfns = pt.pte_pfn[row].copy()
+    flags = pt.pte_flags[row].copy()
+    normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
+    content = np.zeros(HPAGE_PMD_NR, dtype=np.int64)
+    content[normal] = k.mem.content[pfns[normal]]
+    k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content
+    # Unmap the old pages from this mm (__collapse_huge_page_copy_succeeded()).
+    idx = np.flatnonzero(normal)
+    for i in idx.tolist():
+        old_pfn = int(pfns[i])
+        fid = int(k.mem.folio[old_pfn])
+        rmap.folio_remove_rmap_ptes(k, fid, old_pfn, 1, mm)
+        rmap.folio_put(k, fid)
+    pt.free_row(row)
+    pt.pmd_row[s] = -1
+    mm.rss_anon += HPAGE_PMD_NR - len(idx)
+    mm.rss_anon -= HPAGE_PMD_NR                   # map_anon_folio_pmd_nopf() adds them back
+    hm.map_anon_folio_pmd_nopf(k, new, mm, vma, s)
+    if cc.is_khugepaged:
+        k.khugepaged_counters["pages_collapsed"] += 1
+    return ScanResult.SCAN_SUCCEED
+
+
+def collapse_single_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
+    result = collapse_scan_pmd(k, mm, vma, haddr, cc)
+    if result == ScanResult.SCAN_SUCCEED:
+        result = collapse_huge_page(k, mm, vma, haddr, cc)
+    return result
+
+
+def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
+    """Model of madvise_collapse(): synchronous collapse of every aligned 2 MiB block.
+
+    Ignores the sysfs THP masks but honours VM_NOHUGEPAGE and PR_SET_THP_DISABLE
+    (EINVAL), uses direct reclaim/compaction whatever ``defrag`` says, and
+    applies no max_ptes_* limits.  Succeeds when every block ends up
+    PMD-mapped, otherwise fails with the errno of the last failure.
+    """
+    cc = CollapseControl(is_khugepaged=False)
+    for vma in mm.vmas_in(start, end):
+        if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_FORCED_COLLAPSE):
+            raise KernelError(E.EINVAL, "madvise(MADV_COLLAPSE)",
+                              f"addr={vma.start:#x}: the mapping is not eligible for THP")
+    hstart = (start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+    hend = end & ~(HPAGE_PMD_SIZE - 1)
+    thps = 0
+    last_fail = ScanResult.SCAN_FAIL
+    for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
+        vma = mm.find_vma(haddr)
+        if vma is None or vma.end < haddr + HPAGE_PMD_SIZE:
+            last_fail = ScanResult.SCAN_VMA_CHECK
+            break
+        result = collapse_single_pmd(k, mm, vma, haddr, cc)
+        if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED):
+            thps += 1
+            continue
+        last_fail = result
+        if result not in _CONTINUE:
+            break
+    if thps != (hend - hstart) // HPAGE_PMD_SIZE if hend > hstart else False:
+        err = madvise_collapse_errno(last_fail)
+        raise KernelError(err, "madvise(MADV_COLLAPSE)",
+                          f"addr={start:#x} length={end - start:#x}: {last_fail.name}")

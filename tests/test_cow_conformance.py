@@ -1,0 +1,728 @@
+"""Conformance: the anonymous-memory COW scenarios of the kernel selftest cow.c, on the simulator.
+
+The kernel's tools/testing/selftests/mm/cow.c runs a table of *test bodies*
+against a table of *backings* (the kind of memory under test), for every THP
+size.  This file does the same on :mod:`thpcow.kernel`:
+
+- ``ANON_BACKINGS`` × ``ANON_BODIES``: base page, PMD-mapped THP, PTE-mapped
+  THP, single PTE of a THP, partially mremap()'ed THP, partially shared THP,
+  each also for every mTHP size 16K..1M, against basic COW in either
+  direction, the mprotect() optimisation variant, random interleaved writes
+  and reuse after the child exits;
+- ``NON_ANON_BACKINGS`` × ``NON_ANON_BODIES``: the shared zero page and the
+  huge zero page against the basic (fork-less) COW test;
+- the worked trace of kernel-semantics.md §12.5 with its exact numbers.
+
+Every test runs with ``check=True`` (the invariant checker runs after each
+system call and access), keeps a plain reference model of what every process
+must read (a dict page -> token per process), and ends by comparing each live
+process's memory with it.
+
+What cow.c has that is not ported (yet):
+
+- swapped-out variants of every backing (MADV_PAGEOUT is not modelled);
+- vmsplice(), io_uring fixed buffers and R/O GUP(-fast) pins (no GUP pins are
+  modelled; CVE-2020-29374 itself is the vmsplice test);
+- hugetlb, memfd, tmpfile and memfd-hugetlb backings (only private anonymous
+  memory is modelled);
+- the anon-THP collapse tests ("Basic COW after fork() when collapsing before
+  fork()", "... after fork() (fully shared / lower shared / upper shared)"):
+  they need MADV_COLLAPSE, which the simulator does not implement yet; they
+  come with MADV_COLLAPSE.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+
+from thpcow.kernel import (
+    MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MREMAP_FIXED,
+    MREMAP_MAYMOVE, PROT_NONE, PROT_READ, PROT_WRITE, Kernel, Process,
+)
+from thpcow.kernel import access, task_mmu
+from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
+from thpcow.kernel.folio import PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
+from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW
+from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+
+SMALL_RAM = 256 << 20      # THP off by default (< 512 MiB), as the kernel's hugepage_init()
+THP_RAM = 512 << 20        # the smallest machine that keeps THP on
+
+FILL = 1                   # cow.c: memset(mem, 1, size)
+PARENT_TOKEN = 0xFF        # cow.c: the parent's memset(mem, 0xff, size)
+CHILD_TOKEN = 0xC1
+
+PMD_KB = order_to_kb(HPAGE_PMD_ORDER)
+MTHP_ORDERS = tuple(range(2, HPAGE_PMD_ORDER))          # 16K .. 1M
+
+
+# =============================================================================================
+# Reference model and views
+# =============================================================================================
+class Mem(NamedTuple):
+    """What a backing hands to a test body: cow.c's (mem, size), plus the process.
+
+    ``extra`` lists other ranges of the same process whose contents the backing
+    established, as (addr, size, token); they are checked too (the upper half
+    of a partially mremap()'ed THP lives on at another address).
+    """
+
+    proc: Process
+    addr: int
+    size: int
+    extra: tuple[tuple[int, int, int], ...] = ()
+
+
+class Model:
+    """Plain reference model: per live process, page number -> token it must read."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, Process] = {}
+        self.pages: dict[int, dict[int, int]] = {}
+
+    def track(self, p: Process, addr: int, size: int, token: int) -> None:
+        self.procs[p.pid] = p
+        d = self.pages.setdefault(p.pid, {})
+        for vp in range(addr >> PAGE_SHIFT, (addr + size) >> PAGE_SHIFT):
+            d[vp] = token
+
+    def write(self, p: Process, addr: int, size: int, token: int) -> None:
+        p.write(addr, size, token=token)
+        d = self.pages[p.pid]
+        for vp in range(addr >> PAGE_SHIFT, ((addr + size - 1) >> PAGE_SHIFT) + 1):
+            assert vp in d, f"test bug: write outside the tracked range at {vp << PAGE_SHIFT:#x}"
+            d[vp] = token
+
+    def fork(self, p: Process) -> Process:
+        c = p.fork()
+        self.procs[c.pid] = c
+        self.pages[c.pid] = dict(self.pages[p.pid])       # the child sees a copy
+        return c
+
+    def exit(self, p: Process) -> None:
+        p.exit()
+        del self.procs[p.pid]
+        del self.pages[p.pid]
+
+    def verify(self) -> None:
+        """Every live process reads exactly what the model says, page by page."""
+        for pid, p in self.procs.items():
+            d = self.pages[pid]
+            vps = np.array(sorted(d), dtype=np.int64)
+            # contiguous runs -> one read each
+            brk = np.flatnonzero(np.diff(vps) != 1) + 1
+            for run in np.split(vps, brk):
+                addr = int(run[0]) << PAGE_SHIFT
+                got = np.asarray(p.read(addr, len(run) << PAGE_SHIFT))
+                want = np.array([d[int(v)] for v in run], dtype=np.int64)
+                if not np.array_equal(got, want):
+                    bad = int(np.flatnonzero(got != want)[0])
+                    pytest.fail(f"pid {pid}: page {(int(run[bad]) << PAGE_SHIFT):#x} reads token "
+                                f"{int(got[bad]):#x}, the reference model says {int(want[bad]):#x} "
+                                f"({int(np.count_nonzero(got != want))} of {len(run)} pages differ)")
+
+
+def model_for(m: Mem) -> Model:
+    model = Model()
+    model.track(m.proc, m.addr, m.size, FILL)
+    for addr, size, token in m.extra:
+        model.track(m.proc, addr, size, token)
+    model.verify()
+    return model
+
+
+@dataclass
+class View:
+    """Page-table view of [addr, addr+size) of one process, one entry per 4 KiB page."""
+
+    leaf: np.ndarray        # mapped by a PMD leaf
+    pfn: np.ndarray         # frame read through the entry (-1: none)
+    writable: np.ndarray    # entry is writable
+    ae: np.ndarray          # PageAnonExclusive (of the head page for a PMD leaf)
+    fid: np.ndarray         # folio id (-1: none)
+    order: np.ndarray       # folio order
+
+
+def view(p: Process, addr: int, size: int) -> View:
+    k = p.kernel
+    vp = np.arange(addr >> PAGE_SHIFT, (addr + size) >> PAGE_SHIFT, dtype=np.int64)
+    sc, kind, _rows, _cols, _pfn, flags = access.entry_state(p.mm, vp)
+    pfn = access.resolve_pfns(k, p.mm, vp)
+    leaf = kind == PMD_LEAF
+    pmd_flags = p.mm.pt.pmd_flags[sc]
+    writable = np.where(leaf, pmd_flags & _PAGE_RW, flags & _PAGE_RW).astype(bool)
+    fid = np.where(pfn >= 0, k.mem.folio[np.maximum(pfn, 0)], -1).astype(np.int64)
+    leaf_fid = np.where(leaf, p.mm.pt.pmd_folio[sc], -1)
+    fid = np.where(leaf, leaf_fid, fid)
+    has = fid >= 0
+    head = np.where(has, k.folios.head[np.maximum(fid, 0)], 0)
+    ae_pfn = np.where(leaf, head, np.maximum(pfn, 0))
+    ae = has & (k.mem.pflags[ae_pfn] & PG_ANON_EXCLUSIVE).astype(bool)
+    order = np.where(has, k.folios.order[np.maximum(fid, 0)], -1)
+    return View(leaf, pfn, writable, ae, fid, order)
+
+
+def vmstat(k: Kernel) -> dict[str, int]:
+    return k.vmstat_snapshot()
+
+
+def delta(k: Kernel, before: dict[str, int], name: str) -> int:
+    return vmstat(k)[name] - before[name]
+
+
+def mthp_snapshot(k: Kernel, item: str) -> list[int]:
+    return [k.vmstat.mthp_stat(o, item) for o in range(HPAGE_PMD_ORDER + 1)]
+
+
+def populated(p: Process, addr: int) -> bool:
+    """cow.c's pagemap_is_populated(): present (or swapped) in /proc/self/pagemap."""
+    return bool(int(p.pagemap(addr, 1)[0]) & (task_mmu.PM_PRESENT | task_mmu.PM_SWAP))
+
+
+# =============================================================================================
+# Backings (cow.c's run_with_*): each sets up memory in a fresh kernel and returns Mem
+# =============================================================================================
+def thp_kernel(order: int) -> Kernel:
+    """cow.c's per-size settings: PMD size 'never', the size under test 'always'."""
+    k = Kernel(ram=THP_RAM, check=True)
+    k.sysfs.write(f"hugepages-{PMD_KB}kB/enabled", "never")
+    k.sysfs.write(f"hugepages-{order_to_kb(order)}kB/enabled", "always")
+    return k
+
+
+def base_page() -> Mem:
+    """mmap one page, MADV_NOHUGEPAGE, populate it: one AnonExclusive order-0 page."""
+    k = Kernel(ram=SMALL_RAM, check=True)
+    p = k.spawn()
+    mem = p.mmap(PAGE_SIZE)
+    p.madvise(mem, PAGE_SIZE, MADV_NOHUGEPAGE)
+    p.write(mem, PAGE_SIZE, token=FILL)
+    v = view(p, mem, PAGE_SIZE)
+    assert v.order.tolist() == [0] and v.ae.all() and v.writable.all()
+    assert k.folios.refcount[v.fid[0]] == 1
+    return Mem(p, mem, PAGE_SIZE)
+
+
+def _populate_thp(order: int) -> tuple[Kernel, Process, int, int, int]:
+    """cow.c do_run_with_thp() prologue: mmap 2*size, align, MADV_HUGEPAGE, touch, memset.
+
+    Returns (kernel, process, mmap start, aligned mem, size).  Asserts a THP of
+    exactly ``order`` was faulted in (cow.c SKIPs when the last subpage is not
+    populated after touching the first byte; here that is a failure).
+    """
+    k = thp_kernel(order)
+    p = k.spawn()
+    size = PAGE_SIZE << order
+    mmap_mem = p.mmap(2 * size)
+    mem = (mmap_mem + size) & ~(size - 1)
+    p.madvise(mem, size, MADV_HUGEPAGE)
+    before = vmstat(k)
+    p.write(mem, 1, token=FILL)
+    assert populated(p, mem + size - PAGE_SIZE), f"no {order_to_kb(order)} kB THP populated"
+    p.write(mem, size, token=FILL)
+    v = view(p, mem, size)
+    assert (v.order == order).all() and len(set(v.fid.tolist())) == 1
+    assert v.ae.all() and v.writable.all()
+    assert k.vmstat.mthp_stat(order, "anon_fault_alloc") == 1
+    if order == HPAGE_PMD_ORDER:
+        assert v.leaf.all()
+        assert delta(k, before, "thp_fault_alloc") == 1
+        assert k.folios.refcount[v.fid[0]] == 1
+        assert p.smaps_fields(mem)["AnonHugePages"] == PMD_KB
+    else:
+        assert not v.leaf.any()
+        assert delta(k, before, "thp_fault_alloc") == 0          # mTHP: per-size stats only
+        assert k.folios.refcount[v.fid[0]] == 1 << order
+    return k, p, mmap_mem, mem, size
+
+
+def thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+    """THP_RUN_PMD: a PMD-mapped, AnonExclusive THP (for mTHP: the PTE-mapped mTHP as faulted)."""
+    _k, p, _mm, mem, size = _populate_thp(order)
+    return Mem(p, mem, size)
+
+
+def pte_mapped_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+    """THP_RUN_PTE: mprotect(page 1, PROT_READ) then back to RW.
+
+    For a PMD THP the VMA split splits the PMD (thp_split_pmd +1); the VMA
+    merges back; all 512 PTEs stay AnonExclusive, so mprotect() maps them
+    writable again and rewriting the range takes no fault.  For an mTHP it is
+    a no-op on the page tables.
+    """
+    k, p, _mm, mem, size = _populate_thp(order)
+    nvmas = len(p.vmas())
+    before = vmstat(k)
+    p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ)
+    p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ | PROT_WRITE)
+    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
+    assert delta(k, before, "thp_split_page") == 0
+    vma = p.mm.find_vma(mem)
+    assert (vma.start, vma.end) == (mem, mem + size), "the VMA did not merge back"
+    assert len(p.vmas()) == nvmas
+    v = view(p, mem, size)
+    assert not v.leaf.any() and (v.order == order).all() and len(set(v.fid.tolist())) == 1
+    assert v.ae.all(), "PTE-mapping the THP lost AnonExclusive"
+    assert v.writable.all(), "mprotect(RW) did not map the AnonExclusive pages writable"
+    before = vmstat(k)
+    p.write(mem, size, token=FILL)
+    assert delta(k, before, "pgfault") == 0, "rewriting AnonExclusive writable PTEs faulted"
+    return Mem(p, mem, size)
+
+
+def single_pte_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+    """THP_RUN_SINGLE_PTE: MADV_DONTNEED [mem+4K, mem+size): one PTE of the THP is left.
+
+    The folio is partially mapped with no PMD mapping: it goes on the deferred
+    split queue (thp_deferred_split_page +1 for the PMD size, split_deferred +1).
+    """
+    k, p, _mm, mem, size = _populate_thp(order)
+    before = vmstat(k)
+    deferred = mthp_snapshot(k, "split_deferred")
+    p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTNEED)
+    pmd = order == HPAGE_PMD_ORDER
+    assert delta(k, before, "thp_split_pmd") == (1 if pmd else 0)
+    assert delta(k, before, "thp_deferred_split_page") == (1 if pmd else 0)
+    assert mthp_snapshot(k, "split_deferred")[order] - deferred[order] == 1
+    assert k.vmstat.mthp_stat(order, "nr_anon_partially_mapped") == 1
+    v = view(p, mem, PAGE_SIZE)
+    assert not v.leaf.any() and v.order.tolist() == [order] and v.ae.all()
+    fid = int(v.fid[0])
+    assert k.folios.flags[fid] & PG_PARTIALLY_MAPPED and fid in k.deferred
+    assert k.folios.refcount[fid] == 1 and k.folios.large[fid] == 1
+    return Mem(p, mem, PAGE_SIZE)
+
+
+def partial_mremap_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+    """THP_RUN_PARTIAL_MREMAP: mremap() the upper half to a fresh PROT_NONE-reserved area.
+
+    The PMD is split (thp_split_pmd +1) and the test uses the lower half; the
+    upper half of the same folio is mapped at the new address.
+    """
+    k, p, _mm, mem, size = _populate_thp(order)
+    half = size // 2
+    before = vmstat(k)
+    reserved = p.mmap(half, prot=PROT_NONE)
+    got = p.mremap(mem + half, half, half, MREMAP_MAYMOVE | MREMAP_FIXED, reserved)
+    assert got == reserved
+    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
+    lo, hi = view(p, mem, half), view(p, reserved, half)
+    assert not lo.leaf.any() and not hi.leaf.any()
+    assert set(lo.fid.tolist()) == set(hi.fid.tolist()) and len(set(lo.fid.tolist())) == 1
+    assert lo.ae.all() and hi.ae.all() and lo.writable.all()
+    return Mem(p, mem, half, extra=((reserved, half, FILL),))
+
+
+def partial_shared_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+    """THP_RUN_PARTIAL_SHARED: MADV_DONTFORK [4K, size), fork, the child exits, MADV_DOFORK.
+
+    Only page 0 was ever shared: it lost AnonExclusive (and stays mapped R/O);
+    the other pages are still AnonExclusive.
+    """
+    k, p, _mm, mem, size = _populate_thp(order)
+    before = vmstat(k)
+    p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTFORK)
+    child = p.fork()
+    child.exit()
+    p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DOFORK)
+    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
+    vma = p.mm.find_vma(mem)
+    assert (vma.start, vma.end) == (mem, mem + size), "MADV_DOFORK did not merge the VMA back"
+    v = view(p, mem, size)
+    assert not v.leaf.any() and len(set(v.fid.tolist())) == 1
+    assert not v.ae[0] and not v.writable[0], "page 0 was shared with a child: must have lost AnonExclusive"
+    assert v.ae[1:].all(), "pages never shared must stay AnonExclusive"
+    return Mem(p, mem, size)
+
+
+@dataclass(frozen=True)
+class Backing:
+    id: str
+    setup: Callable[[], Mem]
+    pmd_mapped: bool          # the range is mapped by a PMD leaf when the body starts
+    after_exit: str           # write after the sharer exited: "pmd-reuse", "pte-reuse" or "copy"
+    doc: str
+
+
+def _mthp_backings() -> list[Backing]:
+    out = []
+    for o in MTHP_ORDERS:
+        kb = order_to_kb(o)
+        out += [
+            Backing(f"mthp-{kb}kB", lambda o=o: pte_mapped_thp(o), False, "pte-reuse",
+                    "cow.c 'with PTE-mapped THP' for an mTHP (the mprotect() trick is a no-op): "
+                    "PTE-mapped large folio; guards large-folio COW reuse (mm: COW reuse for PTE-mapped THP)"),
+            Backing(f"single-pte-mthp-{kb}kB", lambda o=o: single_pte_thp(o), False, "copy",
+                    "cow.c 'with single PTE of THP' for an mTHP: a large folio with one mapped page "
+                    "is copied, not reused, so it can be freed"),
+            Backing(f"partial-mremap-mthp-{kb}kB", lambda o=o: partial_mremap_thp(o), False, "pte-reuse",
+                    "cow.c 'with partially mremap()'ed THP' for an mTHP: one folio mapped at two "
+                    "addresses of one mm"),
+            Backing(f"partial-shared-mthp-{kb}kB", lambda o=o: partial_shared_thp(o), False, "pte-reuse",
+                    "cow.c 'with partially shared THP' for an mTHP: mixed AnonExclusive pages in one folio"),
+        ]
+    return out
+
+
+ANON_BACKINGS: list[Backing] = [
+    # The original COW problem: a private page shared by fork() must be copied
+    # before either side writes it (and the mm must not leak writes between
+    # parent and child -- the class of bug behind CVE-2020-29374).
+    Backing("base-page", base_page, False, "pte-reuse",
+            "cow.c 'with base page': small-folio COW via do_wp_page()/wp_page_copy()"),
+    # PMD-mapped THP: since v5.8 (3917c80280c9, "thp: Change CoW semantics for
+    # anon-THP") a write to a shared PMD splits the PMD and copies 4 KiB.
+    Backing(f"pmd-thp-{PMD_KB}kB", thp, True, "pmd-reuse",
+            "cow.c 'with THP': do_huge_pmd_wp_page() split fallback and refcount==1 PMD reuse"),
+    # PTE-mapped THP: per-page AnonExclusive must survive the PMD split
+    # (__split_huge_pmd_locked() copies the head's bit to all 512 PTEs).
+    Backing(f"pte-mapped-thp-{PMD_KB}kB", pte_mapped_thp, False, "pte-reuse",
+            "cow.c 'with PTE-mapped THP': AnonExclusive kept across the PMD split, mprotect() "
+            "re-maps writable only AnonExclusive PTEs"),
+    # A THP with one PTE left: partially mapped, deferred split; a COW must
+    # copy (not reuse) the last page so the big folio can be freed.
+    Backing(f"single-pte-thp-{PMD_KB}kB", single_pte_thp, False, "copy",
+            "cow.c 'with single PTE of THP': partially mapped folio on the deferred split queue"),
+    # One THP mapped at two addresses of one mm (mremap of half): COW and reuse
+    # must account the mapping at the other address (it is in the same mm).
+    Backing(f"partial-mremap-thp-{PMD_KB}kB", partial_mremap_thp, False, "pte-reuse",
+            "cow.c 'with partially mremap()'ed THP': mapcount/refcount over two VMAs of one mm"),
+    # Partially shared THP: only page 0 was ever shared; stale exclusivity of
+    # page 0 or lost exclusivity of the others would show up here.
+    Backing(f"partial-shared-thp-{PMD_KB}kB", partial_shared_thp, False, "pte-reuse",
+            "cow.c 'with partially shared THP': MADV_DONTFORK/DOFORK, mixed AnonExclusive pages"),
+    *_mthp_backings(),
+]
+
+
+# =============================================================================================
+# Anon test bodies (cow.c's anon_test_cases that need no GUP pin)
+# =============================================================================================
+def _assert_cow_counters(k: Kernel, before: dict[str, int], backing: Backing, npages: int,
+                         deferred_before: list[int]) -> None:
+    """The writer copied every page of the shared range, 4 KiB at a time (upstream policy)."""
+    assert delta(k, before, "sim_cow_pages") == npages, "every shared page must be copied once"
+    assert delta(k, before, "pgreuse") == 0, "a page shared with a live child must not be reused"
+    assert delta(k, before, "thp_split_pmd") == (1 if backing.pmd_mapped else 0)
+    assert delta(k, before, "thp_fault_alloc") == 0, "upstream never copies a THP whole on COW"
+    assert delta(k, before, "thp_split_page") == 0, "a COW splits PMDs, never folios"
+    assert delta(k, before, "thp_deferred_split_page") == 0, \
+        "pages still mapped by the other process: no new partially mapped folio"
+    assert mthp_snapshot(k, "split_deferred") == deferred_before
+
+
+def body_child_writes(backing: Backing, m: Mem) -> None:
+    """Basic COW after fork(), child side: the child writes, the parent keeps the old data.
+
+    Guards the original fork/COW leak (a write through a shared page becoming
+    visible in the other process) in the child->parent direction, as cow.c's
+    vmsplice-in-parent tests check it without the pin.
+    """
+    p, k = m.proc, m.proc.kernel
+    model = model_for(m)
+    child = model.fork(p)
+    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    model.write(child, m.addr, m.size, CHILD_TOKEN)
+    _assert_cow_counters(k, before, backing, m.size // PAGE_SIZE, deferred)
+    model.verify()
+
+
+def body_parent_writes(backing: Backing, m: Mem) -> None:
+    """cow.c "Basic COW after fork()": the parent writes 0xff, the child must still read the old data."""
+    p, k = m.proc, m.proc.kernel
+    model = model_for(m)
+    model.fork(p)
+    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    model.write(p, m.addr, m.size, PARENT_TOKEN)
+    _assert_cow_counters(k, before, backing, m.size // PAGE_SIZE, deferred)
+    model.verify()
+
+
+def body_parent_writes_mprotect(backing: Backing, m: Mem) -> None:
+    """cow.c "Basic COW after fork() with mprotect() optimization".
+
+    The parent does mprotect(PROT_READ) then mprotect(PROT_READ|PROT_WRITE)
+    before writing.  mprotect() may map a page writable at once only when it
+    is AnonExclusive (can_change_pte_writable()); after fork() nothing is, so
+    every entry must stay read-only and the write must still COW.
+    """
+    p, k = m.proc, m.proc.kernel
+    model = model_for(m)
+    model.fork(p)
+    p.mprotect(m.addr, m.size, PROT_READ)
+    p.mprotect(m.addr, m.size, PROT_READ | PROT_WRITE)
+    v = view(p, m.addr, m.size)
+    assert not v.writable.any(), \
+        f"mprotect(RW) mapped {int(np.count_nonzero(v.writable))} shared pages writable without COW"
+    assert not v.ae.any()
+    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    model.write(p, m.addr, m.size, PARENT_TOKEN)
+    _assert_cow_counters(k, before, backing, m.size // PAGE_SIZE, deferred)
+    model.verify()
+
+
+RANDOM_STEPS = 40
+
+
+def body_random_interleaved(backing: Backing, m: Mem) -> None:
+    """Parent and child write random runs of pages in a random (seeded) order.
+
+    After every write both processes must equal the reference model.  Guards
+    the reuse decisions (AnonExclusive, refcount, large mapcount, MM_IDS_SHARED)
+    as they change page by page: a wrong reuse leaks a write into the other
+    process, a wrong copy shows up in the invariant checker.
+    """
+    p, k = m.proc, m.proc.kernel
+    rng = np.random.default_rng(zlib.crc32(backing.id.encode()))
+    model = model_for(m)
+    child = model.fork(p)
+    before = vmstat(k)
+    npages = m.size // PAGE_SIZE
+    for step in range(RANDOM_STEPS):
+        who = (p, child)[int(rng.integers(2))]
+        first = int(rng.integers(npages))
+        n = int(rng.integers(1, min(8, npages - first) + 1))
+        model.write(who, m.addr + first * PAGE_SIZE, n * PAGE_SIZE, 0x100 + step)
+        model.verify()
+    assert delta(k, before, "thp_split_page") == 0
+    assert delta(k, before, "thp_fault_alloc") == 0
+
+
+def body_reuse_after_child_exit(backing: Backing, m: Mem) -> None:
+    """Fork, the child exits at once, then the parent writes: the parent's pages are its own again.
+
+    A PMD THP is reused through do_huge_pmd_wp_page()'s refcount == 1 path
+    (fork cleared the head's AnonExclusive, so not the AE fast path; §13
+    pitfall 3): no split, no copy, no pgreuse (PMD reuse is not counted).
+    Small folios and PTE-mapped large folios are reused page by page
+    (pgreuse +1 each); a large folio with a single mapped page is copied
+    instead so that it can be freed (__wp_can_reuse_large_anon_folio()).
+    """
+    p, k = m.proc, m.proc.kernel
+    model = model_for(m)
+    child = model.fork(p)
+    model.exit(child)
+    npages = m.size // PAGE_SIZE
+    v0 = view(p, m.addr, m.size)
+    fid = int(v0.fid[0])
+    assert not v0.ae.any() and not v0.writable.any(), "fork() must have cleared AnonExclusive"
+    if backing.after_exit == "pmd-reuse":
+        assert k.folios.refcount[fid] == 1, "the child's exit must drop its THP reference"
+    elif k.folios.order[fid] == 0:
+        assert k.folios.refcount[fid] == 1, "the child's exit must drop its page reference"
+    else:
+        assert k.folios.refcount[fid] == k.folios.large[fid], "only mappings may hold references"
+    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    model.write(p, m.addr, m.size, PARENT_TOKEN)
+    v1 = view(p, m.addr, m.size)
+    assert v1.writable.all() and v1.ae.all()
+    assert delta(k, before, "thp_split_pmd") == 0
+    assert delta(k, before, "thp_fault_alloc") == 0
+    assert delta(k, before, "thp_split_page") == 0
+    assert mthp_snapshot(k, "split_deferred") == deferred
+    if backing.after_exit == "pmd-reuse":
+        assert v1.leaf.all() and (v1.fid == fid).all(), "the PMD must be reused in place, not split"
+        assert delta(k, before, "sim_cow_pages") == 0
+        assert delta(k, before, "pgreuse") == 0
+        assert delta(k, before, "pgfault") == 1, "one fault reuses the whole PMD"
+    elif backing.after_exit == "pte-reuse":
+        assert np.array_equal(v1.pfn, v0.pfn), "exclusive pages must be reused, not copied"
+        assert delta(k, before, "sim_cow_pages") == 0
+        assert delta(k, before, "pgreuse") == npages
+    else:
+        assert backing.after_exit == "copy"
+        assert not np.intersect1d(v1.pfn, v0.pfn).size, "the single mapped page must be copied"
+        assert delta(k, before, "sim_cow_pages") == npages
+        assert delta(k, before, "pgreuse") == 0
+        assert not k.folios.used[fid] or k.folios.order[fid] == 0, "the old large folio must be freed"
+    model.verify()
+
+
+@dataclass(frozen=True)
+class Body:
+    id: str
+    run: Callable[[Backing, Mem], None]
+
+
+ANON_BODIES: list[Body] = [
+    # Basic COW after fork(), both directions: without a COW break one process
+    # observes the other's writes.
+    Body("child-writes", body_child_writes),
+    Body("parent-writes", body_parent_writes),
+    # mprotect() must not map shared pages writable (can_change_pte_writable()
+    # / can_change_pmd_writable() rely on AnonExclusive).
+    Body("parent-writes-after-mprotect", body_parent_writes_mprotect),
+    # Interleaved writes against a plain reference model.
+    Body("random-interleaved-writes", body_random_interleaved),
+    # Reuse once the sharer is gone: PMD refcount==1 reuse, PTE wp_can_reuse_anon_folio().
+    Body("reuse-after-child-exit", body_reuse_after_child_exit),
+    # cow.c's anon_thp_test_cases (collapse before fork, collapse after fork
+    # fully/lower/upper shared) come with MADV_COLLAPSE, which is not
+    # implemented yet: they are deliberately not written here.
+]
+
+
+@pytest.mark.parametrize("body", ANON_BODIES, ids=lambda b: b.id)
+@pytest.mark.parametrize("backing", ANON_BACKINGS, ids=lambda b: b.id)
+def test_anon_cow(backing: Backing, body: Body) -> None:
+    m = backing.setup()
+    body.run(backing, m)
+
+
+# =============================================================================================
+# Non-anon backings and bodies (cow.c's non_anon_test_cases without GUP)
+# =============================================================================================
+@dataclass
+class NonAnon:
+    proc: Process
+    mem: int          # private writable mapping
+    smem: int         # the other (read-only) mapping of the same page
+    size: int
+    huge: bool
+
+
+def zeropage() -> NonAnon:
+    """cow.c 'with shared zeropage': RW and RO private mappings, read-populated."""
+    k = Kernel(ram=SMALL_RAM, check=True)
+    p = k.spawn()
+    mem = p.mmap(PAGE_SIZE)
+    smem = p.mmap(PAGE_SIZE, prot=PROT_READ)
+    for a in (mem, smem):
+        assert p.read(a, 1).tolist() == [0] and populated(p, a)
+        assert view(p, a, PAGE_SIZE).pfn.tolist() == [ZERO_PFN]
+    assert p.mm.rss_anon == 0
+    return NonAnon(p, mem, smem, PAGE_SIZE, huge=False)
+
+
+def huge_zeropage() -> NonAnon:
+    """cow.c 'with huge zeropage': two aligned 2 MiB areas, MADV_HUGEPAGE, read-populated."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    mmap_mem = p.mmap(2 * HPAGE_PMD_SIZE)
+    mmap_smem = p.mmap(2 * HPAGE_PMD_SIZE, prot=PROT_READ)
+    mem = (mmap_mem + HPAGE_PMD_SIZE) & ~(HPAGE_PMD_SIZE - 1)
+    smem = (mmap_smem + HPAGE_PMD_SIZE) & ~(HPAGE_PMD_SIZE - 1)
+    p.madvise(mem, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
+    p.madvise(smem, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
+    for a in (mem, smem):
+        assert p.read(a, 1).tolist() == [0]
+        assert populated(p, a + PAGE_SIZE), "did not get the huge zero page populated"
+        s = p.mm.pt.slot_of[a >> (PAGE_SHIFT + 9)]
+        assert p.mm.pt.pmd_kind[s] == PMD_LEAF and k.folios.flags[p.mm.pt.pmd_folio[s]] & PG_HUGE_ZERO
+    assert vmstat(k)["thp_zero_page_alloc"] == 1
+    assert p.mm.rss_anon == 0
+    return NonAnon(p, mem, smem, HPAGE_PMD_SIZE, huge=True)
+
+
+def body_basic_cow(na: NonAnon) -> None:
+    """cow.c non-anon "Basic COW": writing the private mapping must not change the other one.
+
+    A write to the shared zero page allocates a fresh page (wp_page_copy() from
+    the zero page, MM_ANONPAGES +1); a write to the huge zero PMD allocates a
+    fresh THP (do_huge_zero_wp_pmd(): thp_fault_alloc +1, no PMD split).
+    """
+    p, k = na.proc, na.proc.kernel
+    model = Model()
+    model.track(p, na.mem, na.size, 0)
+    model.track(p, na.smem, na.size, 0)
+    model.verify()
+    before = vmstat(k)
+    rss = p.mm.rss_anon
+    model.write(p, na.mem, na.size, PARENT_TOKEN)
+    npages = na.size // PAGE_SIZE
+    assert p.mm.rss_anon - rss == npages, "the private write must allocate new memory"
+    v = view(p, na.mem, na.size)
+    assert (v.pfn != ZERO_PFN).all() and v.writable.all() and v.ae.all()
+    sv = view(p, na.smem, na.size)
+    if na.huge:
+        assert v.leaf.all() and (v.order == HPAGE_PMD_ORDER).all()
+        assert delta(k, before, "thp_fault_alloc") == 1
+        assert delta(k, before, "thp_split_pmd") == 0
+        assert sv.leaf.all() and k.folios.flags[int(p.mm.pt.pmd_folio[p.mm.pt.slot_of[na.smem >> 21]])] & PG_HUGE_ZERO
+    else:
+        assert sv.pfn.tolist() == [ZERO_PFN]
+        assert delta(k, before, "thp_fault_alloc") == 0
+    model.verify()
+
+
+NON_ANON_BACKINGS = [pytest.param(zeropage, id="shared-zeropage"),
+                     pytest.param(huge_zeropage, id="huge-zeropage")]
+NON_ANON_BODIES = [pytest.param(body_basic_cow, id="basic-cow")]
+
+
+@pytest.mark.parametrize("body", NON_ANON_BODIES)
+@pytest.mark.parametrize("setup", NON_ANON_BACKINGS)
+def test_non_anon_cow(setup: Callable[[], NonAnon], body: Callable[[NonAnon], None]) -> None:
+    body(setup())
+
+
+# =============================================================================================
+# kernel-semantics.md §12.5: the worked trace, exact numbers
+# =============================================================================================
+def test_worked_trace_12_5() -> None:
+    """§12.5 (baseline kernel, CONFIG_PAGE_MAPCOUNT): fault a THP, fork, the child writes X+4K, exit.
+
+    Guards the v5.8 COW semantics for anon THP (split the PMD, copy 4 KiB),
+    per-page Pss/kpagecount accounting of a PMD-mapped THP, and the PMD
+    refcount==1 reuse once the child is gone.
+    """
+    k = Kernel(ram=THP_RAM, check=True)                 # enabled=madvise, PMD=inherit
+    p = k.spawn()
+    area = p.mmap(4 << 20)
+    X = (area + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+    p.madvise(X, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
+    p.write(X, HPAGE_PMD_SIZE, token=FILL)
+    s = vmstat(k)
+    assert (s["thp_fault_alloc"], k.vmstat.mthp_stat(HPAGE_PMD_ORDER, "anon_fault_alloc"), s["thp_split_pmd"]) == (1, 1, 0)
+    f = p.smaps_fields(X)
+    assert (f["Rss"], f["Pss"], f["Private_Dirty"], f["AnonHugePages"]) == (2048, 2048, 2048, 2048)
+    assert int(p.pagemap(X, 1)[0]) & task_mmu.PM_MMAP_EXCLUSIVE
+    meminfo = k.meminfo_anon_huge_kb()
+
+    model = Model()
+    model.track(p, X, HPAGE_PMD_SIZE, FILL)
+    c = model.fork(p)
+    fid = int(p.mm.pt.pmd_folio[p.mm.pt.slot_of[X >> 21]])
+    head = int(k.folios.head[fid])
+    for proc in (p, c):
+        f = proc.smaps_fields(X)
+        assert (f["Rss"], f["Pss"], f["Shared_Dirty"], f["AnonHugePages"]) == (2048, 1024, 2048, 2048)
+        assert not int(proc.pagemap(X, 1)[0]) & task_mmu.PM_MMAP_EXCLUSIVE
+    assert (task_mmu.kpagecount(k, np.arange(head, head + 512)) == 2).all()
+    assert k.meminfo_anon_huge_kb() == meminfo, "meminfo AnonHugePages counts the folio once"
+
+    before = vmstat(k)
+    model.write(c, X + PAGE_SIZE, 1, CHILD_TOKEN)
+    assert delta(k, before, "pgfault") == 1
+    assert vmstat(k)["thp_split_pmd"] == 1
+    moved = {n for n in ("thp_fault_alloc", "thp_fault_fallback", "thp_split_page", "thp_split_page_failed",
+                         "thp_deferred_split_page", "thp_zero_page_alloc") if delta(k, before, n)}
+    assert not moved, f"no other THP counter may move: {moved}"
+    f = c.smaps_fields(X)
+    assert (f["Rss"], f["AnonHugePages"], f["Pss"], f["Shared_Dirty"], f["Private_Dirty"]) == (2048, 0, 1026, 2044, 4)
+    pm = c.pagemap(X, 2).astype(np.int64)
+    assert int(pm[1]) & task_mmu.PM_MMAP_EXCLUSIVE, "the child's new page is exclusive"
+    assert not int(pm[0]) & task_mmu.PM_MMAP_EXCLUSIVE, "the THP pages are maybe-shared"
+    f = p.smaps_fields(X)
+    assert (f["Rss"], f["AnonHugePages"], f["Pss"], f["Private_Dirty"]) == (2048, 2048, 1026, 4)
+    kc = task_mmu.kpagecount(k, np.arange(head, head + 512))
+    assert int(np.count_nonzero(kc == 2)) == 511 and int(np.count_nonzero(kc == 1)) == 1 and kc[1] == 1
+    assert (k.folios.refcount[fid], k.folios.entire[fid], k.folios.large[fid]) == (512, 1, 512)
+    assert not k.folios.flags[fid] & PG_PARTIALLY_MAPPED, "no deferred split while the parent PMD-maps it"
+    model.verify()
+
+    model.exit(c)
+    assert k.folios.refcount[fid] == 1
+    before = vmstat(k)
+    model.write(p, X + 8 * PAGE_SIZE, 1, PARENT_TOKEN)
+    assert delta(k, before, "thp_split_pmd") == 0, "the parent's write after the child exit must not split"
+    assert delta(k, before, "sim_cow_pages") == 0
+    s = p.mm.pt.slot_of[X >> 21]
+    assert p.mm.pt.pmd_kind[s] == PMD_LEAF and int(p.mm.pt.pmd_folio[s]) == fid
+    assert p.mm.pt.pmd_flags[s] & _PAGE_RW and k.mem.pflags[head] & PG_ANON_EXCLUSIVE
+    model.verify()

@@ -138,7 +138,10 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> No
         pte_none = table & (pfn < 0)
         pmd_none = ~leaf & ~table
         later = np.zeros(len(pending), dtype=bool)
-        if cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
+        if cow.any() and k.cow_policy.pte_hook:
+            for p in pending[cow].tolist():      # the policy judges each PTE COW
+                _fault_store(k, mm, p)
+        elif cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
             return write_pages_scalar(k, mm, vpages, tokens)
         if pte_none.any():
             batchable = pte_none & _order0_only(k, mm, pending)

@@ -138,9 +138,17 @@ def map_anon_folio_pmd_nopf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> No
     mm.rss_anon += HPAGE_PMD_NR
 
 
-def map_anon_folio_pmd_pf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> None:
-    """Model of map_anon_folio_pmd_pf(): map_anon_folio_pmd_nopf() plus the fault counters."""
+def map_anon_folio_pmd_pf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int, cow: bool = False,
+                          unshare: bool = False) -> None:
+    """Model of map_anon_folio_pmd_pf(): map_anon_folio_pmd_nopf() plus the fault counters.
+
+    # series thp_cow v1 4/5: with ``cow`` the caller has just cleared the old
+    # PMD of a COW (or unshare) fault; an unshare fault maps the copy
+    # read-only and clean, as the series does.
+    """
     map_anon_folio_pmd_nopf(k, fid, mm, vma, s)
+    if cow and unshare:
+        mm.pt.pmd_flags[s] &= ~np.uint8(_PAGE_RW | _PAGE_DIRTY)
     k.vmstat.count_vm_event("thp_fault_alloc")
     k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_alloc")
 
@@ -218,7 +226,67 @@ def do_huge_pmd_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
     if ret is not None:
         return ret
     split_huge_pmd(k, mm, vma, s)
+    k.cow_policy.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
     return VM_FAULT_FALLBACK
+
+
+# -- the 2026 series "mm: Support selecting doing direct COW for anonymous pmd entry" ------------
+def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA, intended: bool = False) -> bool:
+    """Model of hugepage_cow_enabled() (series thp_cow v1 3/5): copy this PMD whole?
+
+    As written in v1: the global ``enabled`` knob must allow THP for the VMA
+    (always, or madvise with VM_HUGEPAGE); then ``thp_cow=always`` says yes,
+    and ``thp_cow=madvise`` says yes for VMAs with VM_THP_COW.  It ignores
+    ``hugepages-2048kB/enabled``, VM_NOHUGEPAGE (with enabled=always) and
+    PR_SET_THP_DISABLE.  The ``intended`` reading replaces the first test by
+    thp_vma_allowable_order(PMD_ORDER, page fault), which honours them all.
+    """
+    from .constants import VM_THP_COW
+
+    sysfs = k.sysfs
+    if intended:
+        if not thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, TVA_PAGEFAULT):
+            return False
+    elif not (sysfs.enabled == "always" or (sysfs.enabled == "madvise" and vma.flags & VM_HUGEPAGE)):
+        return False
+    mode = sysfs.thp_cow
+    if mode == "always":
+        return True
+    return mode == "madvise" and bool(vma.flags & VM_THP_COW)
+
+
+def wp_huge_pmd_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, unshare: bool = False) -> int:
+    """Model of wp_huge_pmd_page_copy() (series thp_cow v1 5/5): copy a shared THP whole.
+
+    Allocates a THP with the defrag semantics (thp_fault_fallback and
+    anon_fault_fallback on failure, after which the PMD is split and 4 KiB is
+    copied as upstream does), copies 2 MiB, clears the old PMD, maps the copy
+    writable and exclusive (read-only for an unshare fault) and drops the old
+    folio's PMD mapping and reference.  The deposited table stays: nr_ptes
+    is unchanged.  Counts thp_fault_alloc and anon_fault_alloc[2048kB].
+    """
+    pt = mm.pt
+    old = int(pt.pmd_folio[s])
+    anon_vma_prepare(k, vma)
+    new = vma_alloc_anon_folio_pmd(k, vma)
+    if new < 0:
+        split_huge_pmd(k, mm, vma, s)
+        k.cow_policy.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
+        return VM_FAULT_FALLBACK
+    f = k.folios
+    src, dst = int(f.head[old]), int(f.head[new])
+    k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]
+    flags = pt.pmd_flags[s]
+    # pmdp_huge_clear_flush(); the deposit stays in place.
+    if flags & _PAGE_DIRTY:
+        f.flags[old] |= PG_DIRTY
+    mm.rss_anon -= HPAGE_PMD_NR
+    map_anon_folio_pmd_pf(k, new, mm, vma, s, cow=True, unshare=unshare)
+    rmap.folio_remove_rmap_pmd(k, old, mm)
+    rmap.folio_put(k, old)
+    k.vmstat.count_vm_event("sim_huge_cow")
+    k.vmstat.count_vm_event("sim_cow_bytes", HPAGE_PMD_SIZE)
+    return VM_FAULT_OK
 
 
 def _huge_pmd_reuse(k: Kernel, mm: MM, vma: VMA, s: int) -> int:

@@ -36,7 +36,8 @@ class Kernel:
     """A simulated Linux 6.18 memory-management subsystem."""
 
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
-                 cow_policy: "_policy.CowPolicy | str | None" = None, series_thp_cow: bool = True) -> None:
+                 cow_policy: "_policy.CowPolicy | str | None" = None, series_thp_cow: bool = True,
+                 fragmentation: float = 0.0) -> None:
         if ram % PAGE_SIZE:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
         self.ram = ram
@@ -54,7 +55,9 @@ class Kernel:
             # hugepage_init(): THP off by default on machines under 512 MiB.
             for knob, val in (("enabled", "never"), ("defrag", "never"), ("use_zero_page", "0")):
                 self.sysfs.write(knob, val)
-        self.cow_policy = _policy.get_policy(cow_policy)
+        if not 0.0 <= fragmentation <= 1.0:
+            raise einval("Kernel", f"fragmentation={fragmentation}: must be within [0, 1]")
+        self.unmovable_pages = self.mem.fragment(fragmentation, self.rng) if fragmentation else 0
         self.deferred: dict[int, None] = {}          # the deferred split queue
         self.huge_zero_fid = -1
         self.procs: dict[int, Process] = {}
@@ -64,6 +67,8 @@ class Kernel:
         self._next_mm_id = 1
         self._next_anon_vma = 1
         self.vmstat.node["nr_free_pages"] = self.mem.nr_free
+        self.cow_policy = _policy.get_policy(cow_policy)
+        self.cow_policy.attach(self)
 
     # -- processes ---------------------------------------------------------------------
     def spawn(self) -> "Process":
@@ -94,7 +99,10 @@ class Kernel:
         Simplification: no compaction is modelled yet, so a THP can be had
         exactly when the buddy allocator has a free block of order >= 9.
         """
-        return self.mem.alloc(HPAGE_PMD_ORDER)
+        pfn = self.mem.alloc(HPAGE_PMD_ORDER)
+        if pfn < 0:
+            pfn = self.cow_policy.alloc_thp_fallback(self)
+        return pfn
 
     def get_huge_zero_folio(self, mm: MM) -> int:
         """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""

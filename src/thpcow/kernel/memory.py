@@ -183,6 +183,9 @@ def do_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> int:
     if k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE or wp_can_reuse_anon_folio(k, fid):
         k.mem.pflags[pfn] |= PG_ANON_EXCLUSIVE        # folio_move_anon_rmap + SetPageAnonExclusive
         return wp_page_reuse(k, mm, row, i)
+    ret = k.cow_policy.pte_wp_copy(k, mm, vma, addr, row, fid)
+    if ret is not None:
+        return ret
     return wp_page_copy(k, mm, vma, addr, row, src_pfn=pfn)
 
 

@@ -119,6 +119,48 @@ class PhysMem:
                 self._add_free(pfn + (1 << order), order)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
+    def take_pfn(self, pfn: int) -> bool:
+        """Take one specific free frame out of the buddy allocator (splitting its block).
+
+        Used to scatter unmovable allocations through memory (fragmentation).
+        Returns False if the frame is not free.
+        """
+        for order in range(MAX_PAGE_ORDER + 1):
+            head = pfn & ~((1 << order) - 1)
+            if self.free_order[head] == order:
+                break
+        else:
+            return False
+        self._del_free(head, order)
+        while order > 0:
+            order -= 1
+            half = 1 << order
+            if pfn >= head + half:
+                self._add_free(head, order)
+                head += half
+            else:
+                self._add_free(head + half, order)
+        self.reserved[pfn] = True
+        return True
+
+    def fragment(self, share: float, rng) -> int:
+        """Scatter unmovable pages: one in ``share`` of the free 2 MiB blocks.
+
+        Models a long-running machine whose kernel allocations (slab, page
+        tables, pinned buffers) sit in otherwise free pageblocks, so fewer
+        order-9 blocks can be formed.  Returns the number of pages taken.
+        """
+        from .constants import HPAGE_PMD_NR
+        blocks = [pfn for order in range(9, MAX_PAGE_ORDER + 1) for head in self.free_lists[order]
+                  for pfn in range(head, head + (1 << order), HPAGE_PMD_NR)]
+        blocks.sort()
+        n = int(round(share * len(blocks)))
+        chosen = rng.choice(len(blocks), size=n, replace=False) if n else []
+        taken = 0
+        for i in sorted(int(c) for c in chosen):
+            taken += self.take_pfn(blocks[i] + int(rng.integers(0, HPAGE_PMD_NR)))
+        return taken
+
     # -- freeing --------------------------------------------------------------------
     def free(self, pfn: int, order: int) -> None:
         """Model of __free_one_page(): merge with free buddies and put on a list."""

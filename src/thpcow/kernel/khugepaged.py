@@ -126,6 +126,7 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
         k.vmstat.count_vm_event("thp_collapse_alloc_failed")
         return ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL
     k.vmstat.count_vm_event("thp_collapse_alloc")
+    k.vmstat.count_vm_event("sim_collapse_bytes", HPAGE_PMD_SIZE)
     new = k.new_folio(pfn, HPAGE_PMD_ORDER)
     if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER,
                                       hm.TVA_KHUGEPAGED if cc.is_khugepaged else hm.TVA_FORCED_COLLAPSE):

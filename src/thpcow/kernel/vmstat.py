@@ -35,7 +35,7 @@ VM_EVENT_ITEMS = (
     "thp_swpout", "thp_swpout_fallback",
     "pgreuse", "cow_ksm",
     # Simulator-only counters.
-    "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow",
+    "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes",
 )
 
 # Per-size stats: /sys/kernel/mm/transparent_hugepage/hugepages-<N>kB/stats/<name>

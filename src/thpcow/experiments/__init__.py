@@ -1,0 +1,1 @@
+"""Experiments: scenarios run on the simulated kernel under each COW policy, and their reports."""

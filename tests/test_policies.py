@@ -1,0 +1,368 @@
+"""The 2026 THP COW series and the alternatives from its review, as COW policies.
+
+Each test names the piece of the series (thp_cow v1 n/5) or the alternative it checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+
+import numpy as np
+import pytest
+
+from thpcow.kernel import (
+    HPAGE_PMD_SIZE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_THP_COW, MADV_THP_SETUP_BASE, PAGE_SIZE,
+    PR_SET_THP_DISABLE, InvariantViolation, Kernel, KernelError,
+)
+from thpcow.kernel import huge_memory as hm
+from thpcow.kernel.constants import VM_HUGEPAGE, VM_NOHUGEPAGE as VMF_NOHUGEPAGE, VM_THP_COW
+from thpcow.kernel.policy import REGISTRY, parse_policy
+from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE
+
+RAM = 512 << 20
+
+
+def thp_region(k: Kernel, size: int = 4 << 20, token: int = 1):
+    p = k.spawn()
+    a = p.mmap(size)
+    p.madvise(a, size, MADV_HUGEPAGE)
+    p.write(a, size, token)
+    return p, a
+
+
+def exhaust_thp_blocks(k: Kernel) -> None:
+    """Break every free 2 MiB block with an unmovable page: no order-9 block is left."""
+    k.mem.fragment(1.0, np.random.default_rng(0))
+    assert not k.mem.has_free_order(9) and k.mem.nr_free > 1000
+
+
+# -- series thp_cow v1 1/5: MADV_THP_COW --------------------------------------------------------
+def test_madv_thp_cow_sets_flag_splits_vma_and_is_inherited():
+    k = Kernel(ram=RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(8 << 20)
+    p.madvise(a + (2 << 20), 2 << 20, MADV_THP_COW)
+    vmas = p.vmas()
+    assert [(v.start - a, v.end - a, bool(v.flags & VM_THP_COW)) for v in vmas] == [
+        (0, 2 << 20, False), (2 << 20, 4 << 20, True), (4 << 20, 8 << 20, False)]
+    assert "tc" in p.smaps().split("VmFlags:")[2]
+    c = p.fork()
+    assert [bool(v.flags & VM_THP_COW) for v in c.vmas()] == [False, True, False]
+    # MADV_THP_SETUP_BASE is accepted and does nothing; there is no way to clear the flag.
+    p.madvise(a, 8 << 20, MADV_THP_SETUP_BASE)
+    assert len(p.vmas()) == 3
+
+
+def test_madv_thp_cow_is_einval_without_the_series():
+    k = Kernel(ram=RAM, check=True, series_thp_cow=False)
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    with pytest.raises(KernelError) as ei:
+        p.madvise(a, 2 << 20, MADV_THP_COW)
+    assert ei.value.errno == errno.EINVAL
+    assert not p.vmas()[0].flags & VM_THP_COW
+
+
+# -- series thp_cow v1 2/5: the sysfs knob --------------------------------------------------------
+def test_thp_cow_knob_syntax():
+    k = Kernel(ram=RAM)
+    assert k.sysfs.read("thp_cow") == "always madvise [never]\n"
+    k.sysfs.write("thp_cow", "madvise\n")
+    assert k.sysfs.read("thp_cow") == "always [madvise] never\n"
+    for bad in ("Always", "always ", "inherit", "1", "never\n\n"):
+        with pytest.raises(KernelError) as ei:
+            k.sysfs.write("thp_cow", bad)
+        assert ei.value.errno == errno.EINVAL
+        assert k.sysfs.thp_cow == "madvise"
+    k.sysfs.write("thp_cow", "")              # a zero-byte write changes nothing
+    assert k.sysfs.thp_cow == "madvise"
+
+
+# -- series thp_cow v1 3/5: hugepage_cow_enabled() ------------------------------------------------
+@pytest.mark.parametrize("enabled,pmd,thp_cow,hg,nh,tc,prctl", [c for c in itertools.product(
+    ("always", "madvise", "never"), ("inherit", "never", "always"), ("always", "madvise", "never"),
+    (False, True), (False, True), (False, True), (False, True)) if not (c[3] and c[4])])
+def test_hugepage_cow_enabled_truth_table(enabled, pmd, thp_cow, hg, nh, tc, prctl):
+    k = Kernel(ram=RAM)
+    k.sysfs.write("enabled", enabled)
+    k.sysfs.write("hugepages-2048kB/enabled", pmd)
+    k.sysfs.write("thp_cow", thp_cow)
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    if prctl:
+        p.prctl(PR_SET_THP_DISABLE, 1)
+    vma = p.vmas()[0]
+    vma.flags |= (VM_HUGEPAGE if hg else 0) | (VMF_NOHUGEPAGE if nh else 0) | (VM_THP_COW if tc else 0)
+    # As written (v1): only the global knob and thp_cow.
+    global_ok = enabled == "always" or (enabled == "madvise" and hg)
+    knob_ok = thp_cow == "always" or (thp_cow == "madvise" and tc)
+    assert hm.hugepage_cow_enabled(k, p.mm, vma) == (global_ok and knob_ok)
+    # Intended: the PMD order must be allowed for a fault in this VMA.
+    pmd_ok = pmd == "always" or (pmd == "inherit" and global_ok)
+    intended = pmd_ok and not nh and not prctl and knob_ok
+    assert hm.hugepage_cow_enabled(k, p.mm, vma, intended=True) == intended
+
+
+def test_documented_gaps_between_written_and_intended():
+    """v1 COWs 2 MiB with hugepages-2048kB=never, with VM_NOHUGEPAGE, under PR_SET_THP_DISABLE."""
+    for setup in ("pmd-never", "nohugepage", "prctl"):
+        got = {}
+        for pol in ("thp-cow-v1", "thp-cow-intended"):
+            k = Kernel(ram=RAM, check=True, cow_policy=pol)
+            k.sysfs.write("enabled", "always")
+            p, a = thp_region(k, 2 << 20)
+            if setup == "pmd-never":
+                k.sysfs.write("hugepages-2048kB/enabled", "never")
+            elif setup == "nohugepage":
+                p.madvise(a, 2 << 20, MADV_NOHUGEPAGE)
+            else:
+                p.prctl(PR_SET_THP_DISABLE, 1)
+            c = p.fork()
+            c.write(a, 8, 2)
+            got[pol] = (k.vmstat_snapshot()["thp_split_pmd"], c.smaps_fields(a)["AnonHugePages"])
+        assert got["thp-cow-v1"] == (0, 2048), setup
+        assert got["thp-cow-intended"] == (1, 0), setup
+
+
+# -- series thp_cow v1 4/5 and 5/5: mapping the copy, the COW path ------------------------------------
+def test_series_copy_path_counters_contents_and_reuse():
+    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    p, a = thp_region(k, 2 << 20, token=7)
+    p.write(a + 5 * PAGE_SIZE, 8, 8)
+    c = p.fork()
+    before = k.vmstat_snapshot()
+    mthp_before = k.vmstat.mthp_stat(9, "anon_fault_alloc")
+    c.write(a + PAGE_SIZE, 8, 99)
+    after = k.vmstat_snapshot()
+    assert after["thp_fault_alloc"] - before["thp_fault_alloc"] == 1
+    assert k.vmstat.mthp_stat(9, "anon_fault_alloc") - mthp_before == 1
+    assert after["thp_split_pmd"] == before["thp_split_pmd"]
+    assert after["pgfault"] - before["pgfault"] == 1
+    assert after["nr_anon_transparent_hugepages"] - before["nr_anon_transparent_hugepages"] == 1
+    assert c.smaps_fields(a)["AnonHugePages"] == 2048 and c.smaps_fields(a)["Private_Dirty"] == 2048
+    # contents: the copy carries every page, the parent is untouched
+    expect = np.full(512, 7)
+    expect[5] = 8
+    assert (p.read(a, 2 << 20) == expect).all()
+    expect[1] = 99
+    assert (c.read(a, 2 << 20) == expect).all()
+    # the new folio: refcount 1, AnonExclusive head, PMD writable; nr_ptes unchanged
+    s = c.mm.pt.slot_of[a >> 21]
+    fid = int(c.mm.pt.pmd_folio[s])
+    assert k.folios.refcount[fid] == 1 and k.folios.entire[fid] == 1
+    assert k.mem.pflags[int(k.folios.head[fid])] & PG_ANON_EXCLUSIVE
+    assert c.mm.nr_ptes == 1
+    # the parent's next write reuses the old THP: no copy, no split
+    before = k.vmstat_snapshot()
+    p.write(a + 9 * PAGE_SIZE, 8, 3)
+    after = k.vmstat_snapshot()
+    assert after["thp_fault_alloc"] == before["thp_fault_alloc"]
+    assert after["thp_split_pmd"] == before["thp_split_pmd"]
+    assert after["sim_cow_bytes"] == before["sim_cow_bytes"]
+
+
+def test_series_allocation_failure_falls_back_to_split():
+    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    exhaust_thp_blocks(k)
+    before = k.vmstat_snapshot()
+    fb = k.vmstat.mthp_stat(9, "anon_fault_fallback")
+    c.write(a, 8, 2)
+    after = k.vmstat_snapshot()
+    assert after["thp_fault_fallback"] - before["thp_fault_fallback"] == 1
+    assert k.vmstat.mthp_stat(9, "anon_fault_fallback") - fb == 1
+    assert after["thp_split_pmd"] - before["thp_split_pmd"] == 1
+    assert after["thp_fault_alloc"] == before["thp_fault_alloc"]
+    assert after["sim_cow_bytes"] - before["sim_cow_bytes"] == PAGE_SIZE
+    assert c.read(a)[0] == 2 and p.read(a)[0] == 1
+
+
+def test_series_unshare_maps_the_copy_read_only():
+    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    s = c.mm.pt.slot_of[a >> 21]
+    ret = hm.wp_huge_pmd_page_copy(k, c.mm, c.vmas()[0], a, s, unshare=True)
+    assert ret == 0
+    k.check()
+    from thpcow.kernel.mm import _PAGE_DIRTY, _PAGE_RW
+    assert not c.mm.pt.pmd_flags[s] & (_PAGE_RW | _PAGE_DIRTY)
+    fid = int(c.mm.pt.pmd_folio[s])
+    assert k.mem.pflags[int(k.folios.head[fid])] & PG_ANON_EXCLUSIVE
+    # the next write is a reuse of the exclusive copy: no second copy
+    before = k.vmstat_snapshot()
+    c.write(a, 8, 5)
+    assert k.vmstat_snapshot()["thp_fault_alloc"] == before["thp_fault_alloc"]
+
+
+def test_injected_missing_accounting_is_caught_by_the_checker(monkeypatch):
+    """The class of bug the series' fuzzing CI hit: a PMD set without the accounting
+    page_table_check expects.  Here map_anon_folio_pmd_nopf() 'forgets' the rmap."""
+    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    monkeypatch.setattr(hm.rmap, "folio_add_new_anon_rmap", lambda *args, **kw: None)
+    with pytest.raises(InvariantViolation) as ei:
+        c.write(a, 8, 2)
+    msg = str(ei.value)
+    assert "folio" in msg and ("mapcount" in msg or "AnonExclusive" in msg or "refcount" in msg)
+
+
+# -- the alternatives -----------------------------------------------------------------------------------
+def test_pre58_copies_512_small_pages_when_no_thp():
+    k = Kernel(ram=RAM, check=True, cow_policy="pre-5.8")
+    p, a = thp_region(k, 2 << 20, token=4)
+    c = p.fork()
+    exhaust_thp_blocks(k)
+    before = k.vmstat_snapshot()
+    c.write(a + PAGE_SIZE, 8, 6)
+    after = k.vmstat_snapshot()
+    assert after["thp_fault_fallback"] - before["thp_fault_fallback"] == 1
+    assert after["thp_split_pmd"] == before["thp_split_pmd"]
+    assert after["sim_cow_pages"] - before["sim_cow_pages"] == 512
+    assert c.smaps_fields(a)["AnonHugePages"] == 0 and c.smaps_fields(a)["Private_Dirty"] == 2048
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048
+    assert c.read(a + PAGE_SIZE)[0] == 6 and c.read(a)[0] == 4 and p.read(a + PAGE_SIZE)[0] == 4
+
+
+def test_pre58_copies_a_thp_when_it_can():
+    k = Kernel(ram=RAM, check=True, cow_policy="pre-5.8")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    c.write(a, 8, 2)
+    v = k.vmstat_snapshot()
+    assert v["thp_fault_alloc"] == 2 and v["thp_split_pmd"] == 0
+    assert c.smaps_fields(a)["AnonHugePages"] == 2048
+
+
+@pytest.mark.parametrize("order", [2, 4, 6, 8])
+def test_mthp_cow_copies_the_aligned_block(order):
+    k = Kernel(ram=RAM, check=True, cow_policy=f"mthp-cow:order={order}")
+    p, a = thp_region(k, 2 << 20, token=3)
+    c = p.fork()
+    nr_before = k.vmstat.mthp_stat(order, "nr_anon")
+    addr = a + 37 * PAGE_SIZE
+    c.write(addr, 8, 9)
+    v = k.vmstat_snapshot()
+    assert v["thp_split_pmd"] == 1
+    assert v["sim_cow_bytes"] == PAGE_SIZE << order
+    assert k.vmstat.mthp_stat(order, "nr_anon") - nr_before == 1
+    # the rest of the block is writable without a fault
+    first = 37 & ~((1 << order) - 1)
+    pf = k.vmstat_snapshot()["pgfault"]
+    c.write_many(a + (first + np.arange(1 << order)) * PAGE_SIZE, 5)
+    assert k.vmstat_snapshot()["pgfault"] == pf
+    assert (p.read(a, 2 << 20) == 3).all()
+
+
+def test_mthp_cow_order9_is_a_whole_thp_copy():
+    k = Kernel(ram=RAM, check=True, cow_policy="mthp-cow:order=9")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    c.write(a, 8, 2)
+    assert k.vmstat_snapshot()["thp_fault_alloc"] == 2
+    assert c.smaps_fields(a)["AnonHugePages"] == 2048
+
+
+def test_collapse_after_fork_gives_the_parent_its_thps_back():
+    k = Kernel(ram=RAM, check=True, cow_policy="collapse-after-fork:who=parent")
+    p, a = thp_region(k, 4 << 20)
+    c = p.fork()
+    p.write_many(a + np.arange(0, 4 << 20, 1 << 20), 5)       # splits both PMDs of the parent
+    assert p.smaps_fields(a)["AnonHugePages"] == 0
+    k.cow_policy.phase_end(k, p, [c])
+    assert p.smaps_fields(a)["AnonHugePages"] == 4096
+    assert c.smaps_fields(a)["AnonHugePages"] == 4096           # the child kept the old THPs
+    assert k.vmstat_snapshot()["thp_collapse_alloc"] == 2
+    assert (c.read(a, 4 << 20) == 1).all()
+
+
+def test_dontfork_leaves_unneeded_memory_out_of_the_child():
+    k = Kernel(ram=RAM, check=True, cow_policy="dontfork")
+    p, a = thp_region(k, 8 << 20)
+    k.cow_policy.before_fork(k, p, [(a, 2 << 20)])
+    c = p.fork()
+    assert [(v.start - a, v.end - a) for v in c.vmas()] == [(0, 2 << 20)]
+    assert c.status()["RssAnon"] == 2048
+
+
+def test_directed_khugepaged_collapses_once_the_child_is_gone():
+    k = Kernel(ram=RAM, check=True, cow_policy="directed-khugepaged")
+    p, a = thp_region(k, 2 << 20)
+    c = p.fork()
+    p.write(a, 8, 2)                                   # COW split queues the PMD
+    assert k.cow_policy.queue
+    k.cow_policy.phase_end(k, p, [c])                  # 511 shared PTEs > max_ptes_shared: refused
+    v = k.vmstat_snapshot()
+    assert v["thp_scan_exceed_share_pte"] == 1 and v["thp_collapse_alloc"] == 0
+    c.exit()
+    k.cow_policy.phase_end(k, p, [])
+    assert k.vmstat_snapshot()["thp_collapse_alloc"] == 1
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048 and not k.cow_policy.queue
+    assert p.read(a)[0] == 2 and p.read(a + PAGE_SIZE)[0] == 1
+
+
+def test_reservation_serves_thp_when_the_buddy_cannot():
+    k = Kernel(ram=RAM, check=True, cow_policy="reservation:pool_mib=4")
+    assert k.cow_policy.cost_bytes(k) == 4 << 20
+    exhaust_thp_blocks(k)
+    p, a = thp_region(k, 2 << 20)
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048
+    assert len(k.cow_policy.pool) == 1
+    k2 = Kernel(ram=RAM, check=True)               # the same without a pool: no THP
+    exhaust_thp_blocks(k2)
+    p2, a2 = thp_region(k2, 2 << 20)
+    assert p2.smaps_fields(a2)["AnonHugePages"] == 0
+    assert k2.vmstat_snapshot()["thp_fault_fallback"] == 1
+
+
+def test_cow_density_copies_the_block_after_threshold_cows():
+    k = Kernel(ram=RAM, check=True, cow_policy="cow-density:threshold=4")
+    p, a = thp_region(k, 2 << 20, token=1)
+    c = p.fork()
+    for i in range(3):
+        c.write(a + i * PAGE_SIZE, 8, 10 + i)
+    assert c.smaps_fields(a)["AnonHugePages"] == 0
+    c.write(a + 3 * PAGE_SIZE, 8, 13)                  # the 4th COW: collapse into a THP
+    assert c.smaps_fields(a)["AnonHugePages"] == 2048
+    assert k.vmstat_snapshot()["thp_collapse_alloc"] == 1
+    assert list(c.read(a, 5 * PAGE_SIZE)) == [10, 11, 12, 13, 1]
+    assert (p.read(a, 2 << 20) == 1).all()
+    # sparse writes in another block never reach the threshold
+    k2 = Kernel(ram=RAM, check=True, cow_policy="cow-density:threshold=4")
+    p2, a2 = thp_region(k2, 4 << 20)
+    c2 = p2.fork()
+    for blk in range(2):
+        for i in range(3):
+            c2.write(a2 + blk * HPAGE_PMD_SIZE + i * 64 * PAGE_SIZE, 8, 2)
+    assert k2.vmstat_snapshot()["thp_collapse_alloc"] == 0
+
+
+# -- the registry ---------------------------------------------------------------------------------------------
+def test_registry_parses_names_and_parameters():
+    assert set(REGISTRY) >= {"upstream", "thp-cow-v1", "thp-cow-intended", "pre-5.8", "mthp-cow",
+                             "collapse-after-fork", "dontfork", "directed-khugepaged", "reservation",
+                             "cow-density"}
+    assert repr(parse_policy("mthp-cow:order=6")) == "mthp-cow:order=6"
+    with pytest.raises(ValueError, match="unknown COW policy"):
+        parse_policy("nope")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        parse_policy("mthp-cow:size=4")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_policy("mthp-cow:4")
+    with pytest.raises(ValueError, match="order"):
+        Kernel(ram=RAM, cow_policy="mthp-cow:order=1")
+
+
+def test_policy_table_matches_the_counters():
+    from thpcow.experiments.policy_table import run_scenario
+    row = run_scenario("dense", "upstream", size_mib=8, check=True)
+    assert row["thp_split_pmd"] == 2 and row["cow_mib"] == 4.0 and row["pgfault"] == 1024
+    assert row["thp_parent"] == 1.0 and row["thp_child"] == 0.5
+    row = run_scenario("dense", "thp-cow-v1", size_mib=8, check=True)
+    assert row["thp_fault_alloc"] == 2 and row["thp_split_pmd"] == 0 and row["cow_mib"] == 4.0
+    assert row["thp_child"] == 1.0
+    row = run_scenario("sparse", "thp-cow-v1", size_mib=8, check=True)
+    assert row["cow_mib"] == 8.0 and row["peak_extra_mib"] == 8.0

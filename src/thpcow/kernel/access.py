@@ -45,8 +45,10 @@ def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
     return int(bad[0]) if len(bad) else -1
 
 
-def _segv(mm: MM, vpage: int, write: bool) -> SegmentationFault:
-    addr = vpage << PAGE_SHIFT
+def _segv(mm: MM, vpage: int, write: bool, addr: int | None = None) -> SegmentationFault:
+    """The SIGSEGV of an access to ``vpage``; ``addr`` is the exact byte when known."""
+    if addr is None:
+        addr = vpage << PAGE_SHIFT
     vma = mm.find_vma(addr)
     if vma is None:
         return SegmentationFault(addr, "not mapped (SEGV_MAPERR)")
@@ -111,15 +113,19 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     k.mem.content[pfn] = tokens
 
 
-def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> None:
-    """Store ``tokens[i]`` into page ``vpages[i]``, in order (batched; see module doc)."""
+def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
+                addrs: np.ndarray | None = None) -> None:
+    """Store ``tokens[i]`` into page ``vpages[i]``, in order (batched; see module doc).
+
+    ``addrs`` (optional) are the exact byte addresses, for the SIGSEGV report.
+    """
     vpages = np.asarray(vpages, dtype=np.int64)
     tokens = np.asarray(tokens, dtype=np.int64)
     bad = first_bad_page(mm, vpages, VM_WRITE)
     if bad >= 0:
         if bad:
             write_pages(k, mm, vpages[:bad], tokens[:bad])
-        raise _segv(mm, int(vpages[bad]), True)
+        raise _segv(mm, int(vpages[bad]), True, None if addrs is None else int(addrs[bad]))
     if not len(vpages):
         return
     pages, toks = _unique_in_order(vpages, tokens)
@@ -193,25 +199,26 @@ def _fault_store(k: Kernel, mm: MM, vpage: int) -> None:
     memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=True)
 
 
-def write_pages_scalar(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray) -> None:
+def write_pages_scalar(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
+                       addrs: np.ndarray | None = None) -> None:
     """The reference store path: one page at a time, in program order."""
     vpages = np.asarray(vpages, dtype=np.int64)
     for i, (p, t) in enumerate(zip(vpages.tolist(), np.asarray(tokens).tolist())):
         if first_bad_page(mm, np.array([p]), VM_WRITE) == 0:
-            raise _segv(mm, p, True)
+            raise _segv(mm, p, True, None if addrs is None else int(addrs[i]))
         _fault_store(k, mm, p)
         _finish_stores(k, mm, np.array([p], dtype=np.int64), np.array([t], dtype=np.int64))
 
 
 # -- loads ---------------------------------------------------------------------------------------------
-def read_pages(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
+def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None = None) -> np.ndarray:
     """Load every page: read faults where nothing is mapped; returns the tokens."""
     vpages = np.asarray(vpages, dtype=np.int64)
     bad = first_bad_page(mm, vpages, VM_READ)
     if bad >= 0:
         if bad:
             read_pages(k, mm, vpages[:bad])
-        raise _segv(mm, int(vpages[bad]), False)
+        raise _segv(mm, int(vpages[bad]), False, None if addrs is None else int(addrs[bad]))
     if not len(vpages):
         return np.empty(0, dtype=np.int64)
     pfn = resolve_pfns(k, mm, vpages)

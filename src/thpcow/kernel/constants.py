@@ -29,6 +29,7 @@ PROT_NONE = 0x0
 PROT_READ = 0x1
 PROT_WRITE = 0x2
 PROT_EXEC = 0x4
+PROT_SEM = 0x8                # accepted on x86 (arch_validate_prot)
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
 MAP_FIXED = 0x10
@@ -66,10 +67,14 @@ MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 MADV_DONTNEED_LOCKED = 24
 MADV_COLLAPSE = 25
+MADV_GUARD_INSTALL = 102
+MADV_GUARD_REMOVE = 103
 # The 2026 series "mm: Support selecting doing direct COW for anonymous pmd entry".
 MADV_THP_SETUP_BASE = 256
 MADV_THP_COW = MADV_THP_SETUP_BASE + (1 << 0)
 MADV_THP_SETUP_END = 258
+
+U64 = (1 << 64) - 1
 
 MADV_NAMES = {
     v: k for k, v in dict(globals()).items()
@@ -99,6 +104,7 @@ VM_NORESERVE = 0x00200000
 VM_HUGEPAGE = 0x20000000
 VM_NOHUGEPAGE = 0x40000000
 VM_WIPEONFORK = 0x02000000
+VM_MERGEABLE = 0x80000000
 VM_DONTDUMP = 0x04000000
 VM_THP_COW = 1 << 43          # the 2026 series, VMA bit 43
 
@@ -109,7 +115,7 @@ VM_FLAG_MNEMONICS = (
     (VM_GROWSDOWN, "gd"), (VM_LOCKED, "lo"), (VM_DONTCOPY, "dc"),
     (VM_DONTEXPAND, "de"), (VM_ACCOUNT, "ac"), (VM_NORESERVE, "nr"),
     (VM_WIPEONFORK, "wf"), (VM_DONTDUMP, "dd"), (VM_HUGEPAGE, "hg"),
-    (VM_NOHUGEPAGE, "nh"), (VM_THP_COW, "tc"),
+    (VM_NOHUGEPAGE, "nh"), (VM_MERGEABLE, "mg"), (VM_THP_COW, "tc"),
 )
 
 

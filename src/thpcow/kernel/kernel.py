@@ -67,6 +67,12 @@ class Kernel:
         self._next_mm_id = 1
         self._next_anon_vma = 1
         self.vmstat.node["nr_free_pages"] = self.mem.nr_free
+        from .clock import Clock
+        from .khugepaged import Khugepaged
+        self.clock = Clock()
+        self.khugepaged = Khugepaged(self)
+        self.sysfs.add_listener(self._sysfs_changed)
+        self.khugepaged.start_stop()
         self.cow_policy = _policy.get_policy(cow_policy)
         self.cow_policy.attach(self)
 
@@ -119,6 +125,34 @@ class Kernel:
             self.vmstat.count_vm_event("thp_zero_page_alloc")
         mm.huge_zero = True
         return self.huge_zero_fid
+
+    def _sysfs_changed(self, path: str, old: str, new: str) -> None:
+        """enabled_store()/anon_enabled_store() (re)start or stop khugepaged."""
+        if path == "enabled" or path.endswith("/enabled"):
+            self.khugepaged.start_stop()
+        elif path in ("khugepaged/scan_sleep_millisecs", "khugepaged/alloc_sleep_millisecs"):
+            self.khugepaged.kick()          # the stores wake khugepaged; the new sleep applies
+
+    # -- simulated time ----------------------------------------------------------------------------
+    @property
+    def now(self) -> int:
+        """Simulated time in nanoseconds."""
+        return self.clock.now
+
+    def advance(self, ns: int) -> int:
+        """Let ``ns`` nanoseconds pass: kernel threads run at their own times."""
+        if ns < 0:
+            raise einval("advance", f"ns={ns}: time cannot go backwards")
+        n = self.clock.run_until(self.clock.now + int(ns))
+        self._after()
+        return n
+
+    def run_until(self, t: int) -> int:
+        if t < self.clock.now:
+            raise einval("run_until", f"t={t}: before now ({self.clock.now})")
+        n = self.clock.run_until(int(t))
+        self._after()
+        return n
 
     def sysfs_orders(self, vm_hugepage: bool) -> int:
         return self.sysfs.anon_orders(vm_hugepage)
@@ -245,9 +279,7 @@ class Process:
             raise einval(call, f"option={option}: not modelled")
         if arg4 or arg5:
             raise einval(call, "PR_SET_THP_DISABLE: arg4 and arg5 must be 0")
-        if arg2 not in (0, 1):
-            raise einval(call, f"arg2={arg2}: must be 0 or 1")
-        if arg2 == 0:
+        if not arg2:                                  # arg2 is a boolean (!!arg2)
             if arg3:
                 raise einval(call, f"arg3={arg3:#x}: flags are only valid when disabling")
             mm.thp_disable = 0
@@ -282,28 +314,36 @@ class Process:
     def write(self, addr: int, length: int = 1, token: int = 1) -> None:
         """Store ``length`` bytes at ``addr``: every page touched now holds ``token``."""
         pages = self._pages("write", addr, length)
-        self._sys("write", access.write_pages, pages, np.full(len(pages), token, dtype=np.int64))
+        self._sys("write", access.write_pages, pages, np.full(len(pages), token, dtype=np.int64),
+                  self._byte_addrs(addr, pages))
 
     def write_many(self, addrs, tokens) -> None:
         """Many small stores (each within one page), in order: the batched path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages, addrs >> PAGE_SHIFT, tokens)
+        self._sys("write", access.write_pages, addrs >> PAGE_SHIFT, tokens, addrs)
 
     def write_many_scalar(self, addrs, tokens) -> None:
         """The same stores through the one-page-at-a-time reference path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages_scalar, addrs >> PAGE_SHIFT, tokens)
+        self._sys("write", access.write_pages_scalar, addrs >> PAGE_SHIFT, tokens, addrs)
 
     def read(self, addr: int, length: int = 1) -> np.ndarray:
         """Load ``length`` bytes at ``addr``: the token of every page touched."""
         pages = self._pages("read", addr, length)
-        return self._sys("read", access.read_pages, pages)
+        return self._sys("read", access.read_pages, pages, self._byte_addrs(addr, pages))
 
     def read_many(self, addrs) -> np.ndarray:
         addrs = np.asarray(addrs, dtype=np.int64)
-        return self._sys("read", access.read_pages, addrs >> PAGE_SHIFT)
+        return self._sys("read", access.read_pages, addrs >> PAGE_SHIFT, addrs)
+
+    @staticmethod
+    def _byte_addrs(addr: int, pages: np.ndarray) -> np.ndarray:
+        """The first byte each page of an access touches: addr itself, then page starts."""
+        out = pages << PAGE_SHIFT
+        out[0] = addr
+        return out
 
     def _pages(self, call: str, addr: int, length: int) -> np.ndarray:
         if length <= 0:

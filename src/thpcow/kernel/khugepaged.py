@@ -24,7 +24,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import KernelError
-from .folio import PG_ANON, PG_HUGE_ZERO, PG_SWAPBACKED
+from .folio import PG_ANON, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_SWAPBACKED
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import rmap
@@ -98,10 +98,10 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     f = k.folios
     if cc.is_khugepaged and (~(f.flags[fids] & PG_SWAPBACKED).astype(bool)).any():
         return ScanResult.SCAN_PAGE_LAZYFREE
-    shared = 0
-    for fid, pfn in zip(fids.tolist(), p.tolist()):
-        if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
-            shared += 1
+    small = f.order[fids] == 0
+    shared_small = small & (k.mem.mapcount[p] > 1)
+    shared_large = ~small & (f.large[fids] > 1) & (f.flags[fids] & PG_MM_IDS_SHARED).astype(bool)
+    shared = int(np.count_nonzero(shared_small | shared_large))       # folio_maybe_mapped_shared()
     if shared > cc.max_ptes_shared(k):
         k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
         return ScanResult.SCAN_EXCEED_SHARED_PTE
@@ -143,15 +143,11 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content
     # Unmap the old pages from this mm (__collapse_huge_page_copy_succeeded()).
     idx = np.flatnonzero(normal)
-    for i in idx.tolist():
-        old_pfn = int(pfns[i])
-        fid = int(k.mem.folio[old_pfn])
-        rmap.folio_remove_rmap_ptes(k, fid, old_pfn, 1, mm)
-        rmap.folio_put(k, fid)
-    pt.free_row(row)
+    from .memory import unmap_pages
+    unmap_pages(k, mm, pfns[idx])                 # MM_ANONPAGES -= len(idx)
+    pt.free_row(row)                              # the old table becomes the deposit
     pt.pmd_row[s] = -1
-    mm.rss_anon += HPAGE_PMD_NR - len(idx)
-    mm.rss_anon -= HPAGE_PMD_NR                   # map_anon_folio_pmd_nopf() adds them back
+    # map_anon_folio_pmd_nopf() adds 512: MM_ANONPAGES grows by the empty/zero entries.
     hm.map_anon_folio_pmd_nopf(k, new, mm, vma, s)
     if cc.is_khugepaged:
         k.khugepaged_counters["pages_collapsed"] += 1
@@ -198,3 +194,130 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         err = madvise_collapse_errno(last_fail)
         raise KernelError(err, "madvise(MADV_COLLAPSE)",
                           f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
+
+
+# -- the khugepaged daemon ------------------------------------------------------------------------------
+class Khugepaged:
+    """Model of the khugepaged kthread: a scan cursor over the registered mms.
+
+    Each wakeup is one ``khugepaged_do_scan()`` pass with a budget of
+    ``pages_to_scan`` progress units: +1 per mm visited, +1 per ineligible VMA,
+    +1 per PMD that is empty or already huge, +512 per PTE table examined.
+    The cursor (mm, address) persists between passes; wrapping past the last
+    mm counts ``full_scans``.  A failed THP allocation sleeps
+    ``alloc_sleep_millisecs`` and retries; a second failure ends the pass.
+    Between passes it sleeps ``scan_sleep_millisecs``.  It runs only while PMD
+    THP is enabled somewhere (``hugepage_pmd_enabled()``).
+
+    Simplification: a pass takes no simulated time.
+    """
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.cursor_pid: int | None = None
+        self.cursor_addr = 0
+        self.running = False
+        self.generation = 0
+        self.hint: dict[tuple[int, int], None] = {}     # directed scanning (a policy's hints)
+        self.passes = 0
+
+    # -- start / stop (start_stop_khugepaged) -------------------------------------------
+    def start_stop(self) -> None:
+        from .clock import NSEC_PER_MSEC
+        if self.k.hugepage_pmd_enabled():
+            if not self.running:
+                self.running = True
+                self.generation += 1
+                gen = self.generation
+                self.k.clock.schedule(self.k.clock.now + self.k.sysfs.scan_sleep_millisecs * NSEC_PER_MSEC,
+                                      lambda: self.wakeup(gen))
+        else:
+            self.running = False
+
+    def kick(self) -> None:
+        """wake_up_interruptible(&khugepaged_wait): scan now, then sleep the new interval."""
+        if self.running:
+            self.generation += 1
+            gen = self.generation
+            self.k.clock.schedule(self.k.clock.now, lambda: self.wakeup(gen))
+
+    def wakeup(self, gen: int | None = None) -> None:
+        from .clock import NSEC_PER_MSEC
+        if not self.running or (gen is not None and gen != self.generation):
+            return                                   # a stale timer: a kick replaced it
+        sleep_ms = self.do_scan()
+        gen = self.generation
+        self.k.clock.schedule(self.k.clock.now + sleep_ms * NSEC_PER_MSEC, lambda: self.wakeup(gen))
+
+    # -- one pass --------------------------------------------------------------------------------
+    def do_scan(self) -> int:
+        """Model of khugepaged_do_scan(): one pass; returns the milliseconds to sleep after it."""
+        k = self.k
+        self.passes += 1
+        budget = k.sysfs.pages_to_scan
+        progress = 0
+        alloc_failures = 0
+        cc = CollapseControl(is_khugepaged=True)
+        while progress < budget:
+            mms = [pid for pid in k.khugepaged_mms if pid in k.procs]
+            for pid in list(k.khugepaged_mms):
+                if pid not in k.procs:
+                    del k.khugepaged_mms[pid]
+            if not mms:
+                break
+            if self.cursor_pid not in k.khugepaged_mms:
+                self.cursor_pid, self.cursor_addr = mms[0], 0
+            mm = k.procs[self.cursor_pid].mm
+            progress += 1
+            result, progress = self._scan_mm(mm, cc, progress, budget)
+            if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                alloc_failures += 1
+                if alloc_failures >= 2:
+                    break
+                return k.sysfs.alloc_sleep_millisecs
+            if result is None:                       # this mm is done: next mm
+                i = mms.index(self.cursor_pid)
+                if i + 1 < len(mms):
+                    self.cursor_pid, self.cursor_addr = mms[i + 1], 0
+                else:
+                    self.cursor_pid, self.cursor_addr = mms[0], 0
+                    k.khugepaged_counters["full_scans"] += 1
+                    break                            # at most one wrap per pass
+        return k.sysfs.scan_sleep_millisecs
+
+    def _scan_mm(self, mm: MM, cc: CollapseControl, progress: int, budget: int):
+        """Model of khugepaged_scan_mm_slot(): scan from the cursor until the budget is spent.
+
+        Returns (last result or None when the mm was scanned to its end, progress).
+        """
+        k = self.k
+        for vma in list(mm.vmas):
+            if vma.end <= self.cursor_addr:
+                continue
+            if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
+                progress += 1
+                self.cursor_addr = vma.end
+                if progress >= budget:
+                    return ScanResult.SCAN_VMA_CHECK, progress
+                continue
+            hstart = max((vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1),
+                         self.cursor_addr & ~(HPAGE_PMD_SIZE - 1))
+            hend = vma.end & ~(HPAGE_PMD_SIZE - 1)
+            for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
+                if progress >= budget:
+                    return ScanResult.SCAN_SUCCEED, progress
+                self.cursor_addr = haddr + HPAGE_PMD_SIZE
+                pt = mm.pt
+                s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+                if s is None or pt.pmd_kind[s] != PMD_TABLE:
+                    progress += 1
+                    continue
+                progress += HPAGE_PMD_NR
+                result = collapse_scan_pmd(k, mm, vma, haddr, cc)
+                if result == ScanResult.SCAN_SUCCEED:
+                    result = collapse_huge_page(k, mm, vma, haddr, cc)
+                    if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                        self.cursor_addr = haddr           # retry this block after the sleep
+                        return result, progress
+            self.cursor_addr = vma.end
+        return None, progress

@@ -11,10 +11,13 @@ from .constants import (
     HPAGE_PMD_SIZE, MADV_COLD, MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_NORMAL, MADV_PAGEOUT, MADV_RANDOM,
     MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_WILLNEED, MADV_WIPEONFORK, PAGE_SHIFT,
-    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK,
+    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, PAGE_SIZE, U64,
+    MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
+    VM_MERGEABLE, VM_WRITE,
 )
 from .errors import KernelError, einval
-from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED
+from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import memory
@@ -32,9 +35,15 @@ _FLAG_ADVICE = {
     MADV_WIPEONFORK: (VM_WIPEONFORK, 0),
     MADV_KEEPONFORK: (0, VM_WIPEONFORK),
     MADV_THP_COW: (VM_THP_COW, 0),        # series thp_cow v1 1/5
+    MADV_DONTDUMP: (VM_DONTDUMP, 0),
+    MADV_DODUMP: (0, VM_DONTDUMP),
+    # Simplification: KSM never merges in thpcow; the advice only sets the flag.
+    MADV_MERGEABLE: (VM_MERGEABLE, 0),
+    MADV_UNMERGEABLE: (0, VM_MERGEABLE),
 }
 _NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_THP_SETUP_BASE)
-_LATER_ADVICE = (MADV_COLD, MADV_PAGEOUT)
+_LATER_ADVICE = (MADV_COLD, MADV_PAGEOUT, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
+_ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
 def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
@@ -42,7 +51,8 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
     if advice == MADV_THP_COW:
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
-        advice in (MADV_DONTNEED, MADV_FREE, MADV_COLLAPSE)
+        advice in _ZAP_ADVICE or advice in (MADV_FREE, MADV_COLLAPSE, MADV_REMOVE, MADV_POPULATE_READ,
+                                            MADV_POPULATE_WRITE)
 
 
 def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
@@ -55,7 +65,16 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     call = "madvise"
     if not madvise_behavior_valid(k, advice):
         raise einval(call, f"advice={advice}: unknown advice")
-    end = check_range(call, start, length)
+    if start & (PAGE_SIZE - 1):
+        raise einval(call, f"addr={start:#x}: not page aligned")
+    if length < 0:
+        raise einval(call, f"length={length}: negative")
+    aligned = ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) & U64
+    if length and not aligned:
+        raise einval(call, f"length={length:#x}: rounds up to zero")
+    end = start + aligned
+    if end > U64:
+        raise einval(call, f"addr={start:#x} length={length:#x}: the range wraps")
     if end == start:
         return
     if advice in _LATER_ADVICE:
@@ -72,12 +91,24 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         if advice == MADV_HUGEPAGE:
             for v in mm.vmas_in(start, end):
                 k.khugepaged_enter_vma(mm, v)
-    elif advice == MADV_DONTNEED:
+    elif advice in _ZAP_ADVICE:
         for v in vmas:
-            if v.flags & VM_LOCKED:
+            if v.flags & VM_LOCKED and advice == MADV_DONTNEED:
                 raise einval(call, f"addr={v.start:#x}: MADV_DONTNEED on a VM_LOCKED mapping")
         for v in vmas:
-            memory.zap_range(k, mm, v, max(v.start, start), min(v.end, end))
+            lo, hi = max(v.start, start), min(v.end, end)
+            memory.zap_range(k, mm, v, lo, hi)
+            reclaim_empty_pte_tables(k, mm, lo, hi)
+    elif advice == MADV_REMOVE:
+        raise einval(call, "MADV_REMOVE needs a shared file mapping")
+    elif advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
+        if mapped != end - start:
+            raise KernelError(E.ENOMEM, call, f"addr={start:#x}: part of the range is not mapped")
+        write = advice == MADV_POPULATE_WRITE
+        for v in vmas:
+            if write and not v.flags & VM_WRITE:
+                raise KernelError(E.EFAULT, call, f"addr={v.start:#x}: MADV_POPULATE_WRITE on a read-only mapping")
+        k.populate(mm, start, end - start, write=write)
     elif advice == MADV_FREE:
         for v in vmas:
             madvise_free_single_vma(k, mm, v, max(v.start, start), min(v.end, end))
@@ -88,6 +119,24 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         madvise_collapse(k, mm, start, end)
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
+
+
+def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:
+    """Model of CONFIG_PT_RECLAIM (try_to_free_pte()): MADV_DONTNEED frees PTE tables it emptied.
+
+    Only tables whose whole 2 MiB lies inside the zapped range are candidates.
+    """
+    pt = mm.pt
+    for s in pt.slots_in(start, end):
+        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+        if base < start or base + HPAGE_PMD_SIZE > end or pt.pmd_kind[s] != PMD_TABLE:
+            continue
+        row = int(pt.pmd_row[s])
+        if (pt.pte_pfn[row] < 0).all():
+            pt.free_row(row)
+            pt.pmd_kind[s] = 0
+            pt.pmd_row[s] = -1
+            mm.nr_ptes -= 1
 
 
 def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, clear_bits: int) -> None:
@@ -103,12 +152,15 @@ def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, c
 
 
 def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
-    """Model of madvise_free_single_vma(): mark exclusive pages lazily freeable.
+    """Model of madvise_free_single_vma()/madvise_free_pte_range(): mark pages lazily freeable.
 
-    A PMD-mapped THP wholly in the range is marked clean and lazyfree when
-    this mm is its only mapper; one only partly in the range is split
-    (split_folio()) and handled at PTE level.  Shared pages are skipped.
-    Large PTE-mapped folios partly in the range are split when exclusive.
+    PMD level (madvise_free_huge_pmd()): a THP that may be mapped shared is
+    skipped; one only partly in the range is split (split_folio()) and handled
+    at PTE level; a whole one is marked clean and lazyfree, its PMD clean and old.
+    PTE level: a large folio only partly in the range is split when it is not
+    shared (skipped otherwise); a dirty (or swap-cache) folio that may be
+    mapped shared is skipped, an exclusive one is cleaned; then the folio is
+    marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
     """
     pt = mm.pt
     f = k.folios
@@ -117,8 +169,8 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
         if pt.pmd_kind[s] == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
-            if f.flags[fid] & PG_HUGE_ZERO or f.large[fid] != 1:
-                continue                              # huge zero, or mapped shared: skip
+            if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
+                continue
             if lo == base and hi == base + HPAGE_PMD_SIZE:
                 f.flags[fid] &= np.uint16(~(PG_DIRTY | PG_SWAPBACKED) & 0xFFFF)
                 pt.pmd_flags[s] &= ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED)
@@ -132,19 +184,18 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
                 continue
             fid = int(k.mem.folio[pfn])
+            shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
             nr = 1 << int(f.order[fid])
             if nr > 1:
                 head = int(f.head[fid])
-                fully = base + ((i - (pfn - head)) << PAGE_SHIFT) >= start and \
-                    base + ((i - (pfn - head) + nr) << PAGE_SHIFT) <= end
-                shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
-                if shared:
-                    continue
-                if not fully:
-                    if hm.split_folio(k, fid) != 0:
+                first_addr = base + ((i - (pfn - head)) << PAGE_SHIFT)
+                if first_addr < start or first_addr + (nr << PAGE_SHIFT) > end:
+                    if shared or hm.split_folio(k, fid) != 0:
                         continue
                     fid = int(k.mem.folio[pfn])
-            elif k.mem.mapcount[pfn] != 1:
-                continue
-            f.flags[fid] &= np.uint16(~(PG_DIRTY | PG_SWAPBACKED) & 0xFFFF)
+            if f.flags[fid] & (PG_DIRTY | PG_SWAPCACHE):
+                if shared:
+                    continue
+                f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
+            f.flags[fid] &= np.uint16(~PG_SWAPBACKED & 0xFFFF)         # folio_mark_lazyfree()
             pt.pte_flags[row, i] &= ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED)

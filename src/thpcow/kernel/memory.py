@@ -226,6 +226,27 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
 
 
 # -- zap (munmap, MADV_DONTNEED, exit) ---------------------------------------------------
+def folio_runs(k: Kernel, pfns: np.ndarray):
+    """Split mapped pages into runs of consecutive pages of one folio (folio_pte_batch())."""
+    fids = k.mem.folio[pfns]
+    brk = np.flatnonzero((np.diff(fids) != 0) | (np.diff(pfns) != 1)) + 1
+    starts = np.concatenate(([0], brk)).tolist()
+    ends = np.concatenate((brk, [len(pfns)])).tolist()
+    return [(int(fids[a]), a, b) for a, b in zip(starts, ends)]
+
+
+def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray, dirty: np.ndarray | None = None) -> None:
+    """Drop this mm's PTE mappings of ``pfns`` (rmap, reference, rss), a folio run at a time."""
+    if not len(pfns):
+        return
+    for fid, a, b in folio_runs(k, pfns):
+        if dirty is not None and dirty[a:b].any():
+            k.folios.flags[fid] |= PG_DIRTY
+        rmap.folio_remove_rmap_ptes(k, fid, int(pfns[a]), b - a, mm)
+        mm.rss_anon -= b - a
+        rmap.folio_put(k, fid, b - a)
+
+
 def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     """Model of zap_pte_range() over PTE indexes [lo, hi) of one table.
 
@@ -234,24 +255,9 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     pt = mm.pt
     pfns = pt.pte_pfn[row, lo:hi]
     flags = pt.pte_flags[row, lo:hi]
-    present = (pfns >= 0) & (flags & _PAGE_PRESENT).astype(bool)
-    normal = present & ~(flags & _PAGE_SPECIAL).astype(bool)
+    normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
-    if len(idx):
-        p = pfns[idx]
-        dirty = (flags[idx] & _PAGE_DIRTY).astype(bool)
-        fids = k.mem.folio[p]
-        # runs of consecutive pages of one folio
-        brk = np.flatnonzero((np.diff(fids) != 0) | (np.diff(p) != 1)) + 1
-        starts = np.concatenate(([0], brk))
-        ends = np.concatenate((brk, [len(p)]))
-        for a, b in zip(starts.tolist(), ends.tolist()):
-            fid = int(fids[a])
-            if dirty[a:b].any():
-                k.folios.flags[fid] |= PG_DIRTY
-            rmap.folio_remove_rmap_ptes(k, fid, int(p[a]), b - a, mm)
-            mm.rss_anon -= b - a
-            rmap.folio_put(k, fid, b - a)
+    unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
     pt.pte_pfn[row, lo:hi] = -1
     pt.pte_flags[row, lo:hi] = 0
 

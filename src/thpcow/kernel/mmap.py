@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .constants import (
     HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
     MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE,
-    VM_ACCOUNT, VM_LOCKED, VM_WRITE,
+    VM_ACCOUNT, VM_LOCKED, VM_WRITE, U64,
 )
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
@@ -213,13 +213,17 @@ def unmap_all(k: Kernel, mm: MM) -> None:
 
 
 def check_range(call: str, start: int, length: int) -> int:
-    """Common argument checks of mprotect/madvise: returns the page-aligned end."""
+    """mprotect()'s argument checks after the zero-length test: the page-aligned end.
+
+    Lengths are unsigned 64-bit as in the kernel: a range whose end wraps is ENOMEM.
+    """
     if start & (PAGE_SIZE - 1):
         raise einval(call, f"addr={start:#x}: not page aligned")
     if length < 0:
         raise einval(call, f"length={length}: negative")
-    end = start + page_align(length)
-    if end < start or end > TASK_SIZE + PAGE_SIZE:
+    aligned = page_align(length) & U64
+    end = (start + aligned) & U64
+    if end <= start or end > TASK_SIZE + PAGE_SIZE:
         raise enomem(call, f"addr={start:#x} length={length:#x}: range overflows the address space")
     return end
 

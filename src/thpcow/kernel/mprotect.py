@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PROT_EXEC, PROT_READ, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT, VM_NORESERVE
+from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PROT_EXEC, PROT_READ, PROT_SEM, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT, VM_NORESERVE
 from .errors import KernelError, einval
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_RW, _PAGE_SPECIAL
 from .physmem import PG_ANON_EXCLUSIVE
@@ -65,11 +65,13 @@ def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
     before the hole keep their new protection, as in the kernel).
     """
     call = "mprotect"
-    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
-        raise einval(call, f"prot={prot:#x}: unknown bits")
+    if start & 0xFFF:
+        raise einval(call, f"addr={start:#x}: not page aligned")
+    if length == 0:
+        return                                      # before the prot check, as the kernel does
     end = check_range(call, start, length)
-    if end == start:
-        return
+    if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC | PROT_SEM):
+        raise einval(call, f"prot={prot:#x}: unknown bits (arch_validate_prot)")
     if mm.find_vma(start) is None:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x}: not mapped")
     newbits = (VM_READ if prot & PROT_READ else 0) | (VM_WRITE if prot & PROT_WRITE else 0) | \

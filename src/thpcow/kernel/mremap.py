@@ -95,15 +95,22 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
             raise einval(call, f"new_address={new_addr:#x}: outside the address space")
         if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
             raise einval(call, "old and new ranges overlap")
+    if not flags & MREMAP_FIXED and new_len == old_len:
+        return old_addr                          # nothing to do, before any range check
     vma = mm.find_vma(old_addr)
+    if not flags & MREMAP_FIXED and new_len < old_len:
+        # A shrink only needs what stays to be one mapping; the tail may span several.
+        if vma is None or old_addr + new_len > vma.end:
+            raise KernelError(E.EFAULT, call, f"old_address={old_addr:#x} new_size={new_len:#x}: not inside one mapping")
+        do_munmap(k, mm, old_addr + new_len, old_len - new_len)
+        return old_addr
     if vma is None or old_addr + old_len > vma.end:
+        if flags & MREMAP_FIXED and old_len == new_len and not flags & MREMAP_DONTUNMAP and \
+                mm.vmas_in(old_addr, old_addr + old_len):
+            return _move_multi(k, mm, old_addr, old_len, new_addr)
         raise KernelError(E.EFAULT, call, f"old_address={old_addr:#x} old_size={old_len:#x}: not inside one mapping")
     if flags & MREMAP_FIXED:
         return _move(k, mm, old_addr, old_len, new_len, new_addr, flags)
-    if new_len <= old_len:
-        if new_len < old_len:
-            do_munmap(k, mm, old_addr + new_len, old_len - new_len)
-        return old_addr
     # Grow in place when the VMA ends here and the space after it is free.
     if vma.end == old_addr + old_len and not mm.vmas_in(vma.end, old_addr + new_len) and \
             old_addr + new_len <= TASK_SIZE:
@@ -116,6 +123,17 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
     if dest < 0:
         raise KernelError(E.ENOMEM, call, f"new_size={new_len:#x}: no room to move the mapping")
     return _move(k, mm, old_addr, old_len, new_len, dest, flags)
+
+
+def _move_multi(k: Kernel, mm: MM, old_addr: int, length: int, new_addr: int) -> int:
+    """Since v6.17: a same-size MREMAP_FIXED move of a range holding several VMAs
+    moves each of them, keeping the gaps between them."""
+    if mm.vmas_in(new_addr, new_addr + length):
+        do_munmap(k, mm, new_addr, length)
+    for v in split_range(k, mm, old_addr, old_addr + length):
+        start, end = v.start, v.end
+        _move(k, mm, start, end - start, end - start, new_addr + (start - old_addr), MREMAP_MAYMOVE)
+    return new_addr
 
 
 def _move(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, new_addr: int, flags: int) -> int:

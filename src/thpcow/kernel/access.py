@@ -23,7 +23,7 @@ import numpy as np
 from .constants import PAGE_SHIFT, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
-from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
 from . import memory
 
 if TYPE_CHECKING:
@@ -100,17 +100,29 @@ def _unique_in_order(vpages: np.ndarray, tokens: np.ndarray):
 
 
 def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> None:
-    """Every page is writable now: set dirty/young and store the tokens."""
+    """Every page was made writable: set dirty/young and store the tokens.
+
+    Reclaim during the batch may have swapped some of them out again; those
+    take their write fault once more, one at a time, and are stored at once.
+    """
     pt = mm.pt
     sc, kind, rows, cols, pfn, flags = entry_state(mm, pages)
-    tab = kind == PMD_TABLE
+    tab = (kind == PMD_TABLE) & (pfn >= 0)
     pt.pte_flags[rows[tab], cols[tab]] |= _PAGE_DIRTY | _PAGE_ACCESSED
     leaf = kind == PMD_LEAF
     if leaf.any():
         pt.pmd_flags[np.unique(sc[leaf])] |= _PAGE_DIRTY | _PAGE_ACCESSED
         pfn = pfn.copy()
         pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + (pages[leaf] & 511)
-    k.mem.content[pfn] = tokens
+    ok = pfn >= 0
+    k.mem.content[pfn[ok]] = tokens[ok]
+    for p, t in zip(pages[~ok].tolist(), tokens[~ok].tolist()):
+        _fault_store(k, mm, p)
+        one = np.array([p], dtype=np.int64)
+        _finish_stores(k, mm, one, np.array([t], dtype=np.int64))
+
+
+_PRESSURE_CHUNK = 16384
 
 
 def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
@@ -128,10 +140,19 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
         raise _segv(mm, int(vpages[bad]), True, None if addrs is None else int(addrs[bad]))
     if not len(vpages):
         return
+    if k.swap is not None and len(vpages) > _PRESSURE_CHUNK and len(vpages) > k.mem.nr_free // 2:
+        # Under memory pressure, fault and store in chunks so that a chunk's
+        # pages are stored before reclaim needs them back (as page-by-page
+        # execution would); equivalent in program order.
+        for i in range(0, len(vpages), _PRESSURE_CHUNK):
+            sl = slice(i, i + _PRESSURE_CHUNK)
+            write_pages(k, mm, vpages[sl], tokens[sl], None if addrs is None else addrs[sl])
+        return
     pages, toks = _unique_in_order(vpages, tokens)
     pt = mm.pt
     pending = pages
     while len(pending):
+        k.balance(need=len(pending))           # reclaim before this round reads the page tables
         sc, kind, rows, cols, pfn, flags = entry_state(mm, pending)
         leaf = kind == PMD_LEAF
         leaf_w = leaf & (pt.pmd_flags[sc] & _PAGE_RW).astype(bool)
@@ -141,17 +162,18 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
         pte_w = present & (flags & _PAGE_RW).astype(bool)
         cow = present & ~pte_w & ~special
         leaf_ro = leaf & ~leaf_w
-        pte_none = table & (pfn < 0)
+        pte_none = table & (pfn == -1) & ~(flags & _PAGE_HWPOISON).astype(bool)
         pmd_none = ~leaf & ~table
         later = np.zeros(len(pending), dtype=bool)
         if cow.any() and k.cow_policy.pte_hook:
             for p in pending[cow].tolist():      # the policy judges each PTE COW
                 _fault_store(k, mm, p)
-        elif cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow]):
+        elif cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow], pending[cow]):
             return write_pages_scalar(k, mm, vpages, tokens)
         if pte_none.any():
             batchable = pte_none & _order0_only(k, mm, pending)
-            if batchable.any() and not memory.do_anonymous_page_batch(k, mm, rows[batchable], cols[batchable]):
+            if batchable.any() and not memory.do_anonymous_page_batch(k, mm, rows[batchable], cols[batchable],
+                                                                          pending[batchable]):
                 return write_pages_scalar(k, mm, vpages, tokens)
             for p in pending[pte_none & ~batchable].tolist():
                 _fault_store(k, mm, p)
@@ -222,11 +244,16 @@ def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None =
     if not len(vpages):
         return np.empty(0, dtype=np.int64)
     pfn = resolve_pfns(k, mm, vpages)
-    missing = np.flatnonzero(pfn < 0)
-    if len(missing):
-        for p in vpages[missing].tolist():
-            if resolve_pfns(k, mm, np.array([p]))[0] < 0:
-                addr = p << PAGE_SHIFT
-                memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=False)
-        pfn = resolve_pfns(k, mm, vpages)
-    return k.mem.content[pfn]
+    out = np.zeros(len(vpages), dtype=np.int64)
+    ok = pfn >= 0
+    out[ok] = k.mem.content[pfn[ok]]
+    for i in np.flatnonzero(~ok).tolist():
+        p = int(vpages[i])
+        one = np.array([p])
+        q = resolve_pfns(k, mm, one)[0]
+        if q < 0:
+            addr = p << PAGE_SHIFT
+            memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=False)
+            q = resolve_pfns(k, mm, one)[0]
+        out[i] = k.mem.content[q]
+    return out

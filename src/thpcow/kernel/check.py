@@ -48,12 +48,14 @@ def check_kernel(k: Kernel) -> None:
     entire = np.zeros(f.capacity, dtype=np.int64)   # PMD mappings per folio
     pmd_writable = np.zeros(f.capacity, dtype=np.int64)
     mm_of_page: dict[int, set] = {}                 # only for AE pages
+    swap_refs = np.zeros(k.swap.nr_slots if k.swap else 0, dtype=np.int64)
     per_mm_folio_maps: dict[int, dict[int, int]] = {}
     for pid, proc in k.procs.items():
         mm = proc.mm
         pt = mm.pt
         rss = 0
         tables = 0
+        swap_ptes = 0
         fmaps: dict[int, int] = {}
         for s in range(pt.nr_slots):
             kind = pt.pmd_kind[s]
@@ -89,6 +91,12 @@ def check_kernel(k: Kernel) -> None:
             row = int(pt.pmd_row[s])
             pfns = pt.pte_pfn[row]
             flags = pt.pte_flags[row]
+            swp = pfns <= -2
+            if swp.any():
+                if k.swap is None:
+                    _fail(f"mm {pid}: swap entries at {base:#x} but there is no swap device")
+                swap_ptes += int(np.count_nonzero(swp))
+                np.add.at(swap_refs, -2 - pfns[swp], 1)
             present = np.flatnonzero(pfns >= 0)
             if not len(present):
                 continue
@@ -125,6 +133,8 @@ def check_kernel(k: Kernel) -> None:
                 fmaps[fid] = fmaps.get(fid, 0) + c
         if rss != mm.rss_anon:
             _fail(f"mm {pid}: MM_ANONPAGES={mm.rss_anon} but the page tables map {rss} anon pages")
+        if swap_ptes != mm.rss_swap:
+            _fail(f"mm {pid}: MM_SWAPENTS={mm.rss_swap} but the page tables hold {swap_ptes} swap entries")
         if tables != mm.nr_ptes:
             _fail(f"mm {pid}: nr_ptes={mm.nr_ptes} but there are {tables} page tables (incl. deposits)")
         per_mm_folio_maps[pid] = fmaps
@@ -197,4 +207,21 @@ def check_kernel(k: Kernel) -> None:
     deferred = set(np.flatnonzero(f.used & (f.flags & PG_DEFERRED).astype(bool)).tolist())
     if deferred != set(k.deferred):
         _fail(f"deferred split queue holds {sorted(k.deferred)[:5]}... but PG_DEFERRED is set on {sorted(deferred)[:5]}...")
+    if k.swap is not None:
+        sw = k.swap
+        if (sw.swap_map != swap_refs).any():
+            slot = int(np.flatnonzero(sw.swap_map != swap_refs)[0])
+            _fail(f"swap slot {slot}: swap_map={sw.swap_map[slot]} but {swap_refs[slot]} swap entries point at it")
+        held = (swap_refs > 0) | sw.in_cache
+        if (sw.used != held).any():
+            slot = int(np.flatnonzero(sw.used != held)[0])
+            _fail(f"swap slot {slot}: used={bool(sw.used[slot])} but referenced={bool(held[slot])}")
+        if sw.nr_free != sw.nr_slots - int(sw.used.sum()):
+            _fail(f"swap: nr_free={sw.nr_free} but {sw.nr_slots - int(sw.used.sum())} slots are free")
+    lru = set(k.lru)
+    anon_live = set(live[(f.flags[live] & PG_ANON).astype(bool)].tolist())
+    if lru != anon_live:
+        extra = sorted(lru - anon_live)[:3]
+        missing = sorted(anon_live - lru)[:3]
+        _fail(f"LRU: folios {extra} are on it but not live anon; live anon folios {missing} are missing")
     mem.check()

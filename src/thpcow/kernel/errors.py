@@ -51,3 +51,11 @@ def einval(call: str, detail: str) -> KernelError:
 
 def enomem(call: str, detail: str) -> KernelError:
     return KernelError(_errno.ENOMEM, call, detail)
+
+
+class HardwarePoison(KernelError):
+    """SIGBUS (BUS_MCEERR_AR): an access to a page lost to memory failure."""
+
+    def __init__(self, addr: int) -> None:
+        self.addr = addr
+        super().__init__(133, "SIGBUS", f"address {addr:#x}: the page was lost to a memory failure (EHWPOISON)")

@@ -44,6 +44,7 @@ class FolioTable:
         ("entire", np.int32, 0), ("large", np.int32, 0), ("flags", np.uint16, 0),
         ("mm_id0", np.int32, 0), ("mm_id1", np.int32, 0),
         ("mm_cnt0", np.int32, 0), ("mm_cnt1", np.int32, 0),
+        ("swap", np.int64, -1),          # first swap slot while in the swap cache
     )
 
     def __init__(self, capacity: int = 1024) -> None:

@@ -25,7 +25,7 @@ def dup_mmap(k: Kernel, child: MM, parent: MM) -> None:
     for v in parent.vmas:
         if v.flags & VM_DONTCOPY:
             continue
-        cv = VMA(v.start, v.end, v.flags & ~VM_LOCKED, 0)
+        cv = VMA(v.start, v.end, v.flags & ~VM_LOCKED, 0, v.pgoff)
         child.vmas.append(cv)
         if v.flags & VM_WIPEONFORK or not v.anon_vma:
             continue

@@ -134,6 +134,8 @@ def map_anon_folio_pmd_nopf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> No
     pt.pmd_kind[s] = PMD_LEAF
     pt.pmd_folio[s] = fid
     pt.pmd_flags[s] = _PAGE_PRESENT | _PAGE_DIRTY | _PAGE_ACCESSED | (_PAGE_RW if vma.flags & VM_WRITE else 0)
+    head = int(k.folios.head[fid])
+    k.mem.vpn[head: head + HPAGE_PMD_NR] = int(pt.pmd_index[s]) * HPAGE_PMD_NR + np.arange(HPAGE_PMD_NR)
     rmap.deferred_split_folio(k, fid, partially_mapped=False)
     mm.rss_anon += HPAGE_PMD_NR
 
@@ -420,8 +422,10 @@ def split_folio(k: Kernel, fid: int) -> int:
     pflags = f.flags[fid]
     mapcounts = k.mem.mapcount[head: head + nr].copy()
     mm_slots = [(int(f.mm_id0[fid]), int(f.mm_cnt0[fid])), (int(f.mm_id1[fid]), int(f.mm_cnt1[fid]))]
+    k.lru.pop(fid, None)
     f.release(fid)
     new_ids = f.alloc_bulk(np.arange(head, head + nr))
+    k.lru.update(dict.fromkeys(new_ids.tolist()))
     k.mem.folio[head: head + nr] = new_ids
     f.order[new_ids] = 0
     f.refcount[new_ids] = mapcounts

@@ -37,7 +37,7 @@ class Kernel:
 
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
                  cow_policy: "_policy.CowPolicy | str | None" = None, series_thp_cow: bool = True,
-                 fragmentation: float = 0.0) -> None:
+                 fragmentation: float = 0.0, swap: int = 0) -> None:
         if ram % PAGE_SIZE:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
         self.ram = ram
@@ -59,6 +59,12 @@ class Kernel:
             raise einval("Kernel", f"fragmentation={fragmentation}: must be within [0, 1]")
         self.unmovable_pages = self.mem.fragment(fragmentation, self.rng) if fragmentation else 0
         self.deferred: dict[int, None] = {}          # the deferred split queue
+        self.lru: dict[int, None] = {}               # anon LRU, oldest first
+        from .swap import SwapDevice
+        if swap < 0:
+            raise einval("Kernel", f"swap={swap}: must be >= 0")
+        self.swap = SwapDevice(swap) if swap else None
+        self._set_watermarks()
         self.huge_zero_fid = -1
         self.procs: dict[int, Process] = {}
         self.khugepaged_mms: dict[int, None] = {}    # khugepaged_scan.mm_head
@@ -93,6 +99,55 @@ class Kernel:
         self._next_anon_vma += 1
         return self._next_anon_vma
 
+    # -- watermarks and reclaim -------------------------------------------------------------------
+    def _set_watermarks(self) -> None:
+        """Model of __setup_per_zone_wmarks(): min from min_free_kbytes, low/high above it.
+
+        min_free_kbytes = sqrt(16 x RAM in kB), clamped to [128 kB, 256 MiB]
+        (init_per_zone_wmark_min()); the low and high gaps are
+        max(min/4, RAM x watermark_scale_factor/10000) with the default factor 10.
+        """
+        ram_kb = self.ram >> 10
+        min_kb = min(max(int((ram_kb * 16) ** 0.5), 128), 256 << 10)
+        self.wmark_min = min_kb // 4
+        gap = max(self.wmark_min // 4, (self.ram // 4096) * 10 // 10000)
+        self.wmark_low = self.wmark_min + gap
+        self.wmark_high = self.wmark_min + 2 * gap
+
+    def reclaimable(self) -> bool:
+        return self.swap is not None and self.swap.nr_free > 0
+
+    def balance(self, need: int = 0) -> None:
+        """kswapd: when free memory would fall under the low watermark, reclaim up to the high one.
+
+        ``need``: pages the caller is about to allocate.  Called at the start
+        of a fault (before any page-table state is read) and of a batch, never
+        in the middle of one, so reclaim never pulls a page out from under a
+        fault in progress.
+
+        Simplification: kswapd runs synchronously and takes no simulated time;
+        direct reclaim is folded into it (a fault that finds memory short
+        reclaims first).
+        """
+        if self.mem.nr_free - need >= self.wmark_low:
+            return
+        from . import vmscan
+        vmscan.shrink_deferred(self)
+        target = self.wmark_high + need - self.mem.nr_free
+        if target > 0:
+            vmscan.shrink_lru(self, target)
+
+    def alloc_page(self) -> int:
+        """An order-0 frame (memory was balanced at the start of the fault); -1 means OOM."""
+        return self.mem.alloc(0)
+
+    def alloc_pages_bulk(self, n: int):
+        """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
+        return self.mem.alloc_bulk(n)
+
+    def lru_add(self, fid: int) -> None:
+        self.lru[fid] = None
+
     # -- allocation helpers ---------------------------------------------------------------
     def new_folio(self, pfn: int, order: int) -> int:
         fid = self.folios.alloc(pfn, order)
@@ -100,12 +155,17 @@ class Kernel:
         return fid
 
     def alloc_thp(self, direct: bool) -> int:
-        """An order-9 block, or -1.  ``direct``: the caller may stall for compaction.
+        """An order-9 block, or -1.
 
-        Simplification: no compaction is modelled yet, so a THP can be had
-        exactly when the buddy allocator has a free block of order >= 9.
+        ``direct`` (the defrag mode allows stalling): when no free order-9
+        block exists, direct compaction tries to build one by migrating the
+        movable pages out of a pageblock (compact_stall/success/fail).
+        Otherwise the allocation fails at once and the caller falls back.
         """
         pfn = self.mem.alloc(HPAGE_PMD_ORDER)
+        if pfn < 0 and direct:
+            from .compaction import compact_for_thp
+            pfn = compact_for_thp(self)
         if pfn < 0:
             pfn = self.cow_policy.alloc_thp_fallback(self)
         return pfn
@@ -178,14 +238,39 @@ class Kernel:
     # -- rmap walk (slow; used by split_folio) ----------------------------------------------
     def rmap_walk_pmd(self, fid: int) -> Iterator[tuple[MM, VMA, int]]:
         """Every (mm, vma, slot) whose PMD leaf maps folio ``fid``."""
+        from .vmscan import folio_mappings
         out = []
-        for p in self.procs.values():
-            pt = p.mm.pt
-            n = pt.nr_slots
-            for s in np.flatnonzero((pt.pmd_kind[:n] == PMD_LEAF) & (pt.pmd_folio[:n] == fid)).tolist():
-                addr = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
-                out.append((p.mm, p.mm.find_vma(addr), s))
+        for m in folio_mappings(self, fid):
+            if m[0] == "pmd":
+                addr = int(m[1].pt.pmd_index[m[2]]) << (PAGE_SHIFT + 9)
+                out.append((m[1], m[1].find_vma(addr), m[2]))
         return iter(out)
+
+    def memory_failure(self, pfn: int) -> None:
+        """Poison one frame (as a hardware memory error would); see vmscan.memory_failure()."""
+        from . import vmscan
+        if not 0 < pfn < self.mem.nr_frames:
+            raise einval("memory_failure", f"pfn={pfn:#x}: outside memory")
+        vmscan.memory_failure(self, pfn)
+        self._after()
+
+    def migrate(self, pfn: int) -> int:
+        """Migrate the folio holding ``pfn`` (as NUMA balancing or offlining would)."""
+        from .compaction import migrate_folio
+        fid = int(self.mem.folio[pfn]) if 0 <= pfn < self.mem.nr_frames else -1
+        if fid < 0:
+            raise einval("migrate", f"pfn={pfn:#x}: not a page of a folio")
+        ret = migrate_folio(self, fid)
+        self._after()
+        return ret
+
+    def reclaim(self, nr_pages: int) -> int:
+        """Run reclaim now (as kswapd would): returns the pages freed."""
+        from . import vmscan
+        freed = vmscan.shrink_deferred(self)
+        freed += vmscan.shrink_lru(self, max(0, nr_pages - freed))
+        self._after()
+        return freed
 
     def populate(self, mm: MM, start: int, length: int, write: bool) -> None:
         """Model of populate_vma_page_range() (MAP_POPULATE)."""

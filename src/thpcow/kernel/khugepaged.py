@@ -74,6 +74,9 @@ class CollapseControl:
     def max_ptes_none(self, k: Kernel) -> int:
         return k.sysfs.max_ptes_none if self.is_khugepaged else HPAGE_PMD_NR
 
+    def max_ptes_swap(self, k: Kernel) -> int:
+        return k.sysfs.max_ptes_swap if self.is_khugepaged else HPAGE_PMD_NR
+
     def max_ptes_shared(self, k: Kernel) -> int:
         return k.sysfs.max_ptes_shared if self.is_khugepaged else HPAGE_PMD_NR
 
@@ -89,11 +92,17 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     row = int(pt.pmd_row[s])
     pfns = pt.pte_pfn[row]
     flags = pt.pte_flags[row]
-    none_or_zero = (pfns < 0) | (flags & _PAGE_SPECIAL).astype(bool)
+    none_or_zero = (pfns == -1) | (flags & _PAGE_SPECIAL).astype(bool)
     if int(none_or_zero.sum()) > cc.max_ptes_none(k):
         k.vmstat.count_vm_event("thp_scan_exceed_none_pte")
         return ScanResult.SCAN_EXCEED_NONE_PTE
-    p = pfns[~none_or_zero]
+    swp = pfns <= -2
+    nr_swap = int(np.count_nonzero(swp))
+    if nr_swap > cc.max_ptes_swap(k):
+        k.vmstat.count_vm_event("thp_scan_exceed_swap_pte")
+        return ScanResult.SCAN_EXCEED_SWAP_PTE
+    present = ~none_or_zero & ~swp
+    p = pfns[present]
     fids = k.mem.folio[p]
     f = k.folios
     if cc.is_khugepaged and (~(f.flags[fids] & PG_SWAPBACKED).astype(bool)).any():
@@ -108,7 +117,8 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     uf = np.unique(fids)
     if (f.refcount[uf] != np.where(f.order[uf] > 0, f.large[uf], k.mem.mapcount[f.head[uf]])).any():
         return ScanResult.SCAN_PAGE_COUNT
-    if cc.is_khugepaged and not (flags[~none_or_zero] & _PAGE_ACCESSED).any():
+    referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
+    if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):
         return ScanResult.SCAN_LACK_REFERENCED_PAGE
     return ScanResult.SCAN_SUCCEED
 
@@ -135,6 +145,10 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     pt = mm.pt
     s = pt.slot_of[haddr >> (PAGE_SHIFT + 9)]
     row = int(pt.pmd_row[s])
+    # __collapse_huge_page_swapin(): fault the swapped pages back in first.
+    from .vmscan import do_swap_page
+    for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
+        do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)
     pfns = pt.pte_pfn[row].copy()
     flags = pt.pte_flags[row].copy()
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)

@@ -18,7 +18,7 @@ from .constants import (
 )
 from .errors import KernelError, einval
 from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory
 from .mmap import check_range, merge_vmas, split_range
@@ -42,7 +42,7 @@ _FLAG_ADVICE = {
     MADV_UNMERGEABLE: (0, VM_MERGEABLE),
 }
 _NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_THP_SETUP_BASE)
-_LATER_ADVICE = (MADV_COLD, MADV_PAGEOUT, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
+_LATER_ADVICE = (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
 _ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
@@ -51,7 +51,7 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
     if advice == MADV_THP_COW:
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
-        advice in _ZAP_ADVICE or advice in (MADV_FREE, MADV_COLLAPSE, MADV_REMOVE, MADV_POPULATE_READ,
+        advice in _ZAP_ADVICE or advice in (MADV_FREE, MADV_COLLAPSE, MADV_COLD, MADV_PAGEOUT, MADV_REMOVE, MADV_POPULATE_READ,
                                             MADV_POPULATE_WRITE)
 
 
@@ -99,6 +99,11 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
             lo, hi = max(v.start, start), min(v.end, end)
             memory.zap_range(k, mm, v, lo, hi)
             reclaim_empty_pte_tables(k, mm, lo, hi)
+    elif advice in (MADV_COLD, MADV_PAGEOUT):
+        for v in vmas:
+            if v.flags & VM_LOCKED:
+                continue
+            madvise_cold_or_pageout(k, mm, v, max(v.start, start), min(v.end, end), advice == MADV_PAGEOUT)
     elif advice == MADV_REMOVE:
         raise einval(call, "MADV_REMOVE needs a shared file mapping")
     elif advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
@@ -132,7 +137,7 @@ def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:
         if base < start or base + HPAGE_PMD_SIZE > end or pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        if (pt.pte_pfn[row] < 0).all():
+        if (pt.pte_pfn[row] == -1).all():
             pt.free_row(row)
             pt.pmd_kind[s] = 0
             pt.pmd_row[s] = -1
@@ -181,6 +186,12 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         row = int(pt.pmd_row[s])
         for i in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
             pfn = int(pt.pte_pfn[row, i])
+            if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
+                k.swap.put(swp_offset(pfn))
+                pt.pte_pfn[row, i] = -1
+                pt.pte_flags[row, i] = 0
+                mm.rss_swap -= 1
+                continue
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
                 continue
             fid = int(k.mem.folio[pfn])
@@ -199,3 +210,60 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
             f.flags[fid] &= np.uint16(~PG_SWAPBACKED & 0xFFFF)         # folio_mark_lazyfree()
             pt.pte_flags[row, i] &= ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED)
+
+
+def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, pageout: bool) -> None:
+    """Model of madvise_cold_or_pageout_pte_range().
+
+    Folios that may be mapped by other processes are left alone.  A PMD THP
+    wholly in the range is taken whole; one only partly in it is split (its
+    PMD, then the folio) and handled page by page; likewise a PTE-mapped large
+    folio partly in the range.  MADV_COLD clears the young bits and moves the
+    folios to the head of the LRU (they are reclaimed first); MADV_PAGEOUT
+    reclaims them now (reclaim_pages()).
+    """
+    from . import vmscan
+    pt = mm.pt
+    f = k.folios
+    picked: list[int] = []
+    for s in pt.slots_in(start, end):
+        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+        lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
+        if pt.pmd_kind[s] == PMD_LEAF:
+            fid = int(pt.pmd_folio[s])
+            if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
+                continue
+            if lo == base and hi == base + HPAGE_PMD_SIZE:
+                pt.pmd_flags[s] &= ~np.uint8(_PAGE_ACCESSED)
+                picked.append(fid)
+                continue
+            hm.split_huge_pmd(k, mm, vma, s)
+            hm.split_folio(k, fid)
+        if pt.pmd_kind[s] != PMD_TABLE:
+            continue
+        row = int(pt.pmd_row[s])
+        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        for i in range(a, b):
+            pfn = int(pt.pte_pfn[row, i])
+            if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
+                continue
+            fid = int(k.mem.folio[pfn])
+            if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
+                continue
+            nr = 1 << int(f.order[fid])
+            if nr > 1:
+                head = int(f.head[fid])
+                first_addr = base + ((i - (pfn - head)) << PAGE_SHIFT)
+                if first_addr < start or first_addr + (nr << PAGE_SHIFT) > end:
+                    if hm.split_folio(k, fid) != 0:
+                        continue
+                    fid = int(k.mem.folio[pfn])
+            pt.pte_flags[row, i] &= ~np.uint8(_PAGE_ACCESSED)
+            picked.append(fid)
+    picked = list(dict.fromkeys(picked))
+    if pageout:
+        vmscan.reclaim_pages(k, picked)
+        return
+    for fid in reversed(picked):                  # deactivate: to the head of the LRU
+        k.lru.pop(fid, None)
+    k.lru = {**dict.fromkeys(picked), **k.lru}

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PTRS_PER_PTE, VM_WRITE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PTRS_PER_PTE, VM_WRITE
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
-    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
-    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, pmd_index, pte_index,
+    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
+    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 from . import rmap
@@ -38,6 +38,7 @@ VM_FAULT_FALLBACK = 0x0800
 def handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> int:
     """Model of handle_mm_fault(): count pgfault once, then __handle_mm_fault()."""
     k.vmstat.count_vm_event("pgfault")
+    k.balance(need=HPAGE_PMD_NR)          # reclaim before any state is read (see Kernel.balance)
     return __handle_mm_fault(k, mm, vma, addr, write)
 
 
@@ -81,8 +82,15 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
     pt = mm.pt
     row = pte_alloc(k, mm, s)
     i = pte_index(addr)
-    if pt.pte_pfn[row, i] < 0:
+    val = pt.pte_pfn[row, i]
+    if val == PTE_NONE:
+        if pt.pte_flags[row, i] & _PAGE_HWPOISON:
+            from .errors import HardwarePoison
+            raise HardwarePoison(addr)
         return do_anonymous_page(k, mm, vma, addr, row, write)
+    if val < 0:
+        from .vmscan import do_swap_page
+        return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
         return do_wp_page(k, mm, vma, addr, row)
     pt.pte_flags[row, i] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
@@ -114,7 +122,7 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
     while candidates:
         o = candidates[0]
         first = pte_index(addr) & ~((1 << o) - 1)
-        if (pt.pte_pfn[row, first: first + (1 << o)] < 0).all():
+        if (pt.pte_pfn[row, first: first + (1 << o)] == PTE_NONE).all():
             break
         candidates.pop(0)
     for o in candidates:
@@ -123,7 +131,7 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
             k.vmstat.count_mthp_stat(o, "anon_fault_alloc")
             return k.new_folio(pfn, o), o
         k.vmstat.count_mthp_stat(o, "anon_fault_fallback")
-    pfn = k.mem.alloc(0)
+    pfn = k.alloc_page()
     if pfn < 0:
         return -1, 0
     return k.new_folio(pfn, 0), 0
@@ -148,6 +156,7 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
     pt.pte_pfn[row, first: first + nr] = np.arange(head, head + nr)
+    k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
     pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW
     mm.rss_anon += nr
     return VM_FAULT_OK
@@ -205,7 +214,8 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
     """
     pt = mm.pt
     i = pte_index(addr)
-    pfn = k.mem.alloc(0)
+    anon_vma_prepare(k, vma)                       # vmf_anon_prepare(): the zero page had none
+    pfn = k.alloc_page()
     if pfn < 0:
         raise OutOfMemory(addr)
     fid = k.new_folio(pfn, 0)
@@ -214,6 +224,7 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
     pt.pte_pfn[row, i] = pfn
     pt.pte_flags[row, i] = PTE_NEW_ANON
+    k.mem.vpn[pfn] = addr >> PAGE_SHIFT
     if src_pfn < 0:
         mm.rss_anon += 1
         return VM_FAULT_OK
@@ -258,6 +269,11 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
+    swp = pfns <= -2
+    if swp.any():                                  # zap_nonpresent_ptes(): free_swap_and_cache()
+        for slot in swp_offset(pfns[swp]).tolist():
+            k.swap.put(int(slot))
+        mm.rss_swap -= int(np.count_nonzero(swp))
     pt.pte_pfn[row, lo:hi] = -1
     pt.pte_flags[row, lo:hi] = 0
 
@@ -301,6 +317,13 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     drow = pte_alloc(k, dst, d)
     pfns = spt.pte_pfn[srow, lo:hi]
     flags = spt.pte_flags[srow, lo:hi]
+    swp = pfns <= -2
+    if swp.any():                                  # copy_nonpresent_pte(): swap_duplicate()
+        spt.pte_flags[srow, lo:hi][swp] &= ~np.uint8(_PAGE_SWP_EXCLUSIVE)
+        dpt.pte_pfn[drow, lo:hi][swp] = pfns[swp]
+        dpt.pte_flags[drow, lo:hi][swp] = spt.pte_flags[srow, lo:hi][swp]
+        np.add.at(k.swap.swap_map, swp_offset(pfns[swp]), 1)
+        dst.rss_swap += int(np.count_nonzero(swp))
     present = pfns >= 0
     if not present.any():
         return
@@ -308,8 +331,8 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     # Parent: write-protect COW pages.
     spt.pte_flags[srow, lo:hi] = np.where(normal, flags & ~np.uint8(_PAGE_RW), flags)
     child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
-    dpt.pte_pfn[drow, lo:hi] = np.where(present, pfns, -1)
-    dpt.pte_flags[drow, lo:hi] = np.where(present, child_flags, 0)
+    dpt.pte_pfn[drow, lo:hi] = np.where(present, pfns, dpt.pte_pfn[drow, lo:hi])
+    dpt.pte_flags[drow, lo:hi] = np.where(present, child_flags, dpt.pte_flags[drow, lo:hi])
     idx = np.flatnonzero(normal)
     if not len(idx):
         return
@@ -343,7 +366,7 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
 
 
 # -- batched write faults (Optimization) ------------------------------------------------------
-def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) -> bool:
+def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray) -> bool:
     """Optimization: do_anonymous_page() write faults for many empty PTEs at once.
 
     Preconditions: every (row, col) is a distinct empty PTE of ``mm`` in a
@@ -352,12 +375,13 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     Returns False, having changed nothing, when memory runs short.
     """
     n = len(rows)
-    new = k.mem.alloc_bulk(n)
+    new = k.alloc_pages_bulk(n)
     if new is None:
         return False
-    for v in mm.vmas:
-        if not v.anon_vma:
-            anon_vma_prepare(k, v)   # every VMA here is being faulted or already has one
+    lo, hi = int(vpns.min()) << PAGE_SHIFT, (int(vpns.max()) + 1) << PAGE_SHIFT
+    for v in mm.vmas_in(lo, hi):
+        if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
+            anon_vma_prepare(k, v)
     f = k.folios
     fids = f.alloc_bulk(new)
     k.mem.folio[new] = fids
@@ -366,7 +390,9 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
+    k.lru.update(dict.fromkeys(fids.tolist()))
     mm.pt.pte_pfn[rows, cols] = new
+    k.mem.vpn[new] = vpns
     mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += n
     k.vmstat.mod_node_page_state("nr_anon_pages", n)
@@ -374,7 +400,7 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     return True
 
 
-def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) -> bool:
+def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray) -> bool:
     """Optimization: do_wp_page() for many read-only anon PTEs of one mm at once.
 
     Preconditions: every (row, col) is a distinct present, non-special PTE of
@@ -398,7 +424,7 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) ->
     reuse = ae | small_reuse | large_reuse
     copy = ~reuse
     n = int(np.count_nonzero(copy))
-    new = mem.alloc_bulk(n) if n else np.empty(0, dtype=np.int64)
+    new = k.alloc_pages_bulk(n) if n else np.empty(0, dtype=np.int64)
     if new is None:
         return False
     k.vmstat.count_vm_event("pgfault", len(pfns))
@@ -422,11 +448,24 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) ->
     f.order[new_fid] = 0
     f.refcount[new_fid] = 1
     f.flags[new_fid] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
+    k.lru.update(dict.fromkeys(new_fid.tolist()))
     pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
+    mem.vpn[new] = vpns[c_idx]
     pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
     k.vmstat.mod_node_page_state("nr_anon_pages", n)
     k.vmstat.count_vm_event("sim_cow_pages", n)
     k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
+    # A large folio the scalar path would leave partially mapped after its
+    # first lost page is queued now, before anything else changes (it may be
+    # freed below, which unqueues it again, as in the kernel).
+    large_old = f.order[old_fid] > 0
+    first_gone = large_old & (mem.mapcount[old_pfn] == 1)
+    if first_gone.any():
+        for fid in np.unique(old_fid[first_gone]).tolist():
+            if f.entire[fid] or f.flags[fid] & rmap.PG_PARTIALLY_MAPPED:
+                continue
+            if rmap._pte_mapped_pages(k, fid) >= 2:
+                rmap._queue_partially_mapped(k, fid)
     # Old pages: one mapping and one reference less.
     mem.mapcount[old_pfn] -= 1
     gone = mem.mapcount[old_pfn] == 0
@@ -442,11 +481,6 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray) ->
             gf, gc = np.unique(old_fid[lg], return_counts=True)
             unmapped = f.entire[gf] == 0
             k.vmstat.mod_node_page_state("nr_anon_pages", -int(gc[unmapped].sum()))
-            # Partially mapped now?  (Folios already flagged need no look.)
-            fresh = unmapped & ~(f.flags[gf] & rmap.PG_PARTIALLY_MAPPED).astype(bool) & (f.refcount[gf] > 0)
-            for fid in gf[fresh].tolist():
-                if rmap._pte_mapped_pages(k, fid):
-                    rmap._queue_partially_mapped(k, fid)
     for fid in uf[f.refcount[uf] == 0].tolist():
         rmap.free_folio(k, fid)
     return True

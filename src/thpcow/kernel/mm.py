@@ -36,7 +36,20 @@ _PAGE_DIRTY = 1 << 2
 _PAGE_ACCESSED = 1 << 3
 _PAGE_SPECIAL = 1 << 4        # zero page / huge zero page: no struct page refcounting
 _PAGE_SOFT_DIRTY = 1 << 5
-_PAGE_SWP_EXCLUSIVE = 1 << 6  # (swap entries, later)
+_PAGE_SWP_EXCLUSIVE = 1 << 6  # a swap entry whose page was AnonExclusive
+_PAGE_HWPOISON = 1 << 7       # an empty entry left by memory_failure(): access is SIGBUS
+
+# Entry encoding in pte_pfn: >= 0 a present page's PFN, -1 none, <= -2 a swap entry
+# for slot (-2 - value).
+PTE_NONE = -1
+
+
+def swp_entry(slot):
+    return -2 - slot
+
+
+def swp_offset(val):
+    return -2 - val
 
 PTE_NEW_ANON = _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
 PTE_ZERO = _PAGE_PRESENT | _PAGE_SPECIAL
@@ -50,6 +63,11 @@ class VMA:
     end: int
     flags: int
     anon_vma: int = 0            # 0: no anon_vma yet; else an id (anon_vma_prepare)
+    pgoff: int = -1              # vm_pgoff: for anon memory, the page index at mmap time
+
+    def __post_init__(self) -> None:
+        if self.pgoff < 0:
+            self.pgoff = self.start >> 12
 
     @property
     def length(self) -> int:

@@ -80,7 +80,7 @@ def split_vma(k: Kernel, mm: MM, vma: VMA, addr: int) -> VMA:
     (vma_adjust_trans_huge()).
     """
     hm.vma_adjust_trans_huge(k, mm, vma, addr)
-    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma)
+    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma, vma.pgoff + ((addr - vma.start) >> 12))
     vma.end = addr
     mm.insert_vma(upper)
     return upper
@@ -100,7 +100,7 @@ def split_range(k: Kernel, mm: MM, start: int, end: int) -> list[VMA]:
 
 def can_merge(a: VMA, b: VMA) -> bool:
     """Model of the anon part of is_mergeable_vma()/is_mergeable_anon_vma()."""
-    return a.end == b.start and a.flags == b.flags and \
+    return a.end == b.start and a.flags == b.flags and a.pgoff + ((a.end - a.start) >> 12) == b.pgoff and \
         (a.anon_vma == b.anon_vma or not a.anon_vma or not b.anon_vma)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_SIZE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from .errors import KernelError, einval
-from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA
+from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import memory
 from .mmap import do_munmap, get_unmapped_area, merge_vmas, page_align, split_range, free_pgtables
@@ -45,6 +45,8 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
                 for name in ("pmd_kind", "pmd_folio", "pmd_flags", "pmd_row"):
                     arr = getattr(pt, name)
                     arr[d] = arr[s]
+                head = int(k.folios.head[int(pt.pmd_folio[d])])
+                k.mem.vpn[head: head + 512] = (dst >> PAGE_SHIFT) + np.arange(512)
                 pt.pmd_kind[s], pt.pmd_folio[s], pt.pmd_flags[s], pt.pmd_row[s] = PMD_NONE, -1, 0, -1
                 off += chunk
                 continue
@@ -55,6 +57,9 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
         si = (src >> PAGE_SHIFT) & 511
         di = (dst >> PAGE_SHIFT) & 511
         n = chunk >> PAGE_SHIFT
+        moved = pt.pte_pfn[srow, si: si + n]
+        normal = (moved >= 0) & ~(pt.pte_flags[srow, si: si + n] & _PAGE_SPECIAL).astype(bool)
+        k.mem.vpn[moved[normal]] = (dst >> PAGE_SHIFT) + np.flatnonzero(normal)
         pt.pte_pfn[drow, di: di + n] = pt.pte_pfn[srow, si: si + n]
         pt.pte_flags[drow, di: di + n] = pt.pte_flags[srow, si: si + n]
         pt.pte_pfn[srow, si: si + n] = -1
@@ -95,7 +100,7 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
             raise einval(call, f"new_address={new_addr:#x}: outside the address space")
         if new_addr < old_addr + old_len and old_addr < new_addr + new_len:
             raise einval(call, "old and new ranges overlap")
-    if not flags & MREMAP_FIXED and new_len == old_len:
+    if not flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and new_len == old_len:
         return old_addr                          # nothing to do, before any range check
     vma = mm.find_vma(old_addr)
     if not flags & MREMAP_FIXED and new_len < old_len:
@@ -111,6 +116,11 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
         raise KernelError(E.EFAULT, call, f"old_address={old_addr:#x} old_size={old_len:#x}: not inside one mapping")
     if flags & MREMAP_FIXED:
         return _move(k, mm, old_addr, old_len, new_len, new_addr, flags)
+    if flags & MREMAP_DONTUNMAP:                 # always moves; new_address is only a hint
+        dest = get_unmapped_area(mm, new_len, new_addr)
+        if dest < 0:
+            raise KernelError(E.ENOMEM, call, f"new_size={new_len:#x}: no room to move the mapping")
+        return _move(k, mm, old_addr, old_len, new_len, dest, flags)
     # Grow in place when the VMA ends here and the space after it is free.
     if vma.end == old_addr + old_len and not mm.vmas_in(vma.end, old_addr + new_len) and \
             old_addr + new_len <= TASK_SIZE:
@@ -144,11 +154,13 @@ def _move(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, new_addr
         do_munmap(k, mm, old_addr + new_len, old_len - new_len)
         old_len = new_len
     (src,) = split_range(k, mm, old_addr, old_addr + old_len)
-    dst = VMA(new_addr, new_addr + new_len, src.flags, src.anon_vma)
+    # copy_vma(): the pgoff follows the pages; a never-faulted VMA takes the new address's.
+    dst = VMA(new_addr, new_addr + new_len, src.flags, src.anon_vma,
+              src.pgoff if src.anon_vma else new_addr >> 12)
     mm.insert_vma(dst)
     move_page_tables(k, mm, dst, old_addr, new_addr, old_len)
     if flags & MREMAP_DONTUNMAP:
-        src.anon_vma = src.anon_vma            # the old VMA stays, now empty
+        src.anon_vma = 0                       # the old VMA stays, empty: unlink_anon_vmas()
     else:
         mm.vmas.remove(src)
         free_pgtables(k, mm, old_addr, old_addr + old_len)

@@ -37,6 +37,9 @@ class PhysMem:
         self.folio = np.full(n, -1, dtype=np.int32)    # owning folio id, -1 if none
         self.mapcount = np.zeros(n, dtype=np.int32)    # per-page PTE mapcount (CONFIG_PAGE_MAPCOUNT)
         self.pflags = np.zeros(n, dtype=np.uint8)      # PG_anon_exclusive, ...
+        # Virtual page number a page was mapped at (page->index for anon): the
+        # rmap walk looks there first in every mm and verifies what it finds.
+        self.vpn = np.full(n, -1, dtype=np.int64)
         self.free_order = np.full(n, -1, dtype=np.int8)  # order of the free block headed here
         self.free_lists: list[dict[int, None]] = [{} for _ in range(MAX_PAGE_ORDER + 1)]
         self.nr_free = 0

@@ -146,7 +146,7 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     from .mm import PMD_TABLE, PTE_NEW_ANON
     from .physmem import PG_ANON_EXCLUSIVE
     from .folio import PG_ANON, PG_LRU, PG_SWAPBACKED
-    new = k.mem.alloc_bulk(HPAGE_PMD_NR)
+    new = k.alloc_pages_bulk(HPAGE_PMD_NR)
     if new is None:
         return None
     pt = mm.pt
@@ -160,10 +160,12 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | PG_SWAPBACKED | PG_LRU
+    k.lru.update(dict.fromkeys(fids.tolist()))
     k.vmstat.mod_node_page_state("nr_anon_pages", HPAGE_PMD_NR)
     row = pt.alloc_row()
     pt.pte_pfn[row] = new
     pt.pte_flags[row] = PTE_NEW_ANON
+    k.mem.vpn[new] = int(pt.pmd_index[s]) * HPAGE_PMD_NR + np.arange(HPAGE_PMD_NR)
     pt.pmd_kind[s] = PMD_TABLE
     pt.pmd_row[s] = row
     pt.pmd_folio[s] = -1
@@ -233,6 +235,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
         rmap.folio_put(k, old)
     rmap.folio_add_new_anon_rmap(k, new, mm, pmd=False)
     pt.pte_pfn[row, first: first + nr] = np.arange(pfn, pfn + nr)
+    k.mem.vpn[pfn: pfn + nr] = (base >> PAGE_SHIFT) + np.arange(nr)
     pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON
     k.vmstat.count_vm_event("sim_cow_pages", nr)
     k.vmstat.count_vm_event("sim_cow_bytes", nr * PAGE_SIZE)

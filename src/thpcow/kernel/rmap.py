@@ -42,6 +42,7 @@ def folio_add_new_anon_rmap(k: Kernel, fid: int, mm: MM, pmd: bool) -> None:
     nr = 1 << order
     pages = _pages(k, fid)
     f.flags[fid] |= PG_ANON | PG_SWAPBACKED | PG_LRU
+    k.lru[fid] = None                                 # folio_add_lru_vma()
     if pmd:
         f.entire[fid] = 1
         f.set_large_mapcount(fid, 1, mm.mm_id)
@@ -193,6 +194,7 @@ def free_folio(k: Kernel, fid: int) -> None:
     """Model of __folio_put() -> free_frozen_pages(): give the frames back."""
     f = k.folios
     folio_unqueue_deferred_split(k, fid)
+    k.lru.pop(fid, None)
     order = int(f.order[fid])
     pages = _pages(k, fid)
     if order and f.flags[fid] & PG_ANON:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 from . import huge_memory as hm
 
@@ -114,6 +114,11 @@ def smap_gather_stats(k: Kernel, mm: MM, vma: VMA) -> MemSize:
         pfns = pt.pte_pfn[row, a:b]
         flags = pt.pte_flags[row, a:b]
         normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
+        swp = pfns <= -2
+        if swp.any():                                   # smaps_pte_entry(): swap entries
+            counts = k.swap.swap_map[-2 - pfns[swp]]
+            mss.v["Swap"] += int(np.count_nonzero(swp)) * PAGE_SIZE
+            mss.v["SwapPss"] += int(((PAGE_SIZE << PSS_SHIFT) // np.maximum(counts, 1)).sum())
         p = pfns[normal]
         fl = flags[normal]
         fids = k.mem.folio[p]
@@ -207,6 +212,12 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
         elif kind == PMD_TABLE:
             row = int(pt.pmd_row[s])
             pfn = int(pt.pte_pfn[row, vp & 511])
+            if pfn <= -2:                                 # swap: type 0, offset << 5
+                val = PM_SWAP | ((-2 - pfn) << 5)
+                if pt.pte_flags[row, vp & 511] & _PAGE_SWP_EXCLUSIVE:
+                    val |= PM_MMAP_EXCLUSIVE
+                out[i] = val
+                continue
             if pfn < 0:
                 continue
             val = PM_PRESENT | pfn

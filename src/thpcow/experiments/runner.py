@@ -1,0 +1,408 @@
+"""The runner: apply a workload's op stream to a simulated kernel under one COW policy, and measure.
+
+For each op of the stream (see :mod:`thpcow.workloads.ops`) the runner lets
+the kernel's clock run to the op's time (khugepaged and other kernel threads
+run then), takes a THP-coverage/memory sample at every ``sample_ms`` boundary
+on the way, applies the op (a batch of stores is one ``write_many``), and
+records the op's vmstat deltas, its modelled cost and the memory in use.
+
+Figures of a run (one summary row per policy):
+
+- counters (``pgfault``, ``thp_fault_alloc``, ``thp_split_pmd``, ...) and
+  ``cow_mib`` = (sim_cow_bytes + sim_collapse_bytes) / MiB are vmstat deltas
+  from just before the first fork to the end (khugepaged included); with no
+  fork in the stream, from the start;
+- ``peak_mib``: max of (nr_frames - nr_free) x 4 KiB after every op;
+  ``peak_extra_mib``/``end_extra_mib``: above the level just before the fork;
+- ``lat_p50_us``/``lat_p99_us``/``lat_max_us``: the modelled latency of each
+  write batch (one op) of the workload's measured phase (redis-bgsave:
+  ``snapshot``);
+- ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
+  parent (workload pid 0) over the samples;
+- ``model_ms``: the sum of the modelled cost of every op;
+- ``tlb_misses``: page walks (last-level dTLB misses) of the workload's
+  loads and stores from the first fork on, replayed through the machine
+  model's TLB simulator (:mod:`thpcow.machine`, preset ``machine``) with the
+  page size each address has after the op; ``tlb_ms`` the translation time
+  it estimates.  Flushes: the parent's on fork, the child's on exit; COW
+  remaps and PMD splits are not flushed (the kernel events do not say which
+  pages), so misses are an undercount.  NaN when thpcow.machine cannot be
+  imported.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..kernel import Kernel, OutOfMemory
+from ..kernel.constants import HPAGE_PMD_NR, PAGE_SIZE
+from ..kernel.policy import parse_policy
+from ..workloads import ops as O
+from ..workloads.ops import check_order
+from .costs import latency_model
+from .scenario import Scenario, resolve_scenario
+
+MIB = 1 << 20
+
+# vmstat counters recorded per op and summarised per run.
+COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_fault_fallback", "thp_split_pmd", "thp_collapse_alloc",
+            "thp_deferred_split_page", "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes")
+
+# Summary columns and their dtypes (fixed, so that per-point Parquet files form one dataset).
+SUMMARY_SCHEMA: dict[str, str] = {
+    "scenario": "string", "workload": "string", "policy": "string", "seed": "int64", "machine": "string",
+    "latency_model": "string",
+    "cow_mib": "float64", "peak_mib": "float64", "peak_extra_mib": "float64", "end_extra_mib": "float64",
+    "policy_cost_mib": "float64",
+    **{c: "int64" for c in COUNTERS},
+    "lat_p50_us": "float64", "lat_p99_us": "float64", "lat_max_us": "float64", "write_batches": "int64",
+    "thp_mean": "float64", "thp_min": "float64", "thp_end": "float64", "tlb_misses": "float64", "tlb_ms": "float64",
+    "model_ms": "float64", "sim_ms": "float64", "ops": "int64", "oom": "bool",
+}
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class PointResult:
+    """One policy on one scenario: the summary row, per-op records and samples (columns of lists)."""
+
+    summary: dict[str, Any]
+    ops: dict[str, list] = field(default_factory=dict)
+    samples: dict[str, list] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def _mapped(proc) -> tuple[int, int]:
+    """(PTE-mapped pages, PMD mappings) of a process: what fork() and exit() walk."""
+    try:
+        from ..kernel.mm import PMD_LEAF
+        pt = proc.mm.pt
+        pmds = int(np.count_nonzero(pt.pmd_kind[:pt.nr_slots] == PMD_LEAF))
+        return max(int(proc.mm.rss_anon) - pmds * HPAGE_PMD_NR, 0), pmds
+    except (AttributeError, ImportError):          # the public (slower) view
+        f = proc.smaps_fields()
+        return (f["Rss"] - f["AnonHugePages"]) // 4, f["AnonHugePages"] // 2048
+
+
+def thp_kb(proc) -> tuple[int, int]:
+    """(Anonymous, AnonHugePages) of a process in kB: the smaps rollup figures, read fast.
+
+    Optimization: smaps_fields() walks every PTE (~10 ms for 256 MiB split);
+    this counts PMD leaves and reads the rss counter instead.  The tests check
+    that both agree.
+    """
+    try:
+        from ..kernel.mm import PMD_LEAF
+        pt = proc.mm.pt
+        n = pt.nr_slots
+        leaf = (pt.pmd_kind[:n] == PMD_LEAF) & (pt.pmd_folio[:n] != proc.kernel.huge_zero_fid)
+        return int(proc.mm.rss_anon) * (PAGE_SIZE >> 10), int(np.count_nonzero(leaf)) * (HPAGE_PMD_NR * PAGE_SIZE >> 10)
+    except (AttributeError, ImportError):          # the public (slower) view
+        f = proc.smaps_fields()
+        return f["Anonymous"], f["AnonHugePages"]
+
+
+class _TlbMeter:
+    """The machine model's TLB simulator fed with the workload's accesses (None if unavailable)."""
+
+    def __init__(self, machine: str) -> None:
+        from ..machine import SimMetric, TlbSimulator, get_preset, page_shifts_of
+        from ..machine.tlb import ASID_LIMIT
+
+        self.sim = TlbSimulator(get_preset(machine))
+        self.shifts = page_shifts_of
+        self.walk_metrics = (SimMetric.WALKS_PMD, SimMetric.WALKS_PTE_PWC_HIT, SimMetric.WALKS_PTE_PWC_MISS)
+        self.asids = ASID_LIMIT
+
+    @classmethod
+    def make(cls, machine: str) -> "_TlbMeter | None":
+        try:
+            return cls(machine)
+        except (ImportError, KeyError, ValueError):
+            return None
+
+    def asid(self, proc) -> int:
+        return proc.pid % self.asids
+
+    def access(self, proc, addrs: np.ndarray, write: bool) -> None:
+        self.sim.simulate(addrs.astype(np.uint64), write, self.shifts(proc, addrs), self.asid(proc))
+
+    def flush(self, proc) -> None:
+        self.sim.flush_asid(self.asid(proc))
+
+    def walks(self) -> int:
+        return sum(self.sim.get_metric(m) for m in self.walk_metrics)
+
+
+class _Run:
+    """The state of one run: kernel, processes, regions, meters."""
+
+    def __init__(self, scenario: Scenario, policy: str) -> None:
+        self.sc = scenario
+        self.workload = scenario.make_workload()
+        self.pol = parse_policy(policy)
+        self.k = Kernel(ram=scenario.ram_mib * MIB, seed=scenario.seed, check=scenario.check,
+                        cow_policy=self.pol, fragmentation=scenario.fragmentation)
+        for path, value in scenario.sysfs.items():
+            self.k.sysfs.write(path, value)
+        self.model = latency_model(scenario.machine)
+        self.tlb = _TlbMeter.make(scenario.machine)
+        self.procs: dict[int, Any] = {}
+        self.children: dict[int, list[int]] = {}
+        self.base: dict[int, int] = {}
+        self.duration = max(int(self.workload.duration_ns()), 1)
+        step = scenario.sample_ms * 1e6 if scenario.sample_ms else self.duration / 200
+        self.interval = max(int(step), 1000)
+        self.next_sample = 0
+        self.ops: dict[str, list] = {c: [] for c in ("seq", "t_ns", "kind", "pid", "phase", "n", "nbytes",
+                                                     "cost_ns", "mem_bytes", "tlb_walks", *COUNTERS)}
+        self.samples: dict[str, list] = {c: [] for c in ("t_ns", "anon_kb", "anon_huge_kb", "thp_coverage",
+                                                         "mem_bytes", "nr_procs")}
+        self.before_fork: dict[str, int] | None = None
+        self.mem_at_fork = 0
+        self.peak = 0
+        self.oom = False
+
+    # -- meters -------------------------------------------------------------------------------
+    def used(self) -> int:
+        return (self.k.mem.nr_frames - self.k.mem.nr_free) * PAGE_SIZE
+
+    def sample(self) -> None:
+        parent = self.procs.get(0)
+        if parent is None:
+            return                                   # nothing to sample before the first process
+        anon = huge = 0
+        cov = math.nan
+        if parent.mm.alive:
+            anon, huge = thp_kb(parent)
+            cov = huge / anon if anon else 0.0
+        s = self.samples
+        s["t_ns"].append(self.k.now)
+        s["anon_kb"].append(anon)
+        s["anon_huge_kb"].append(huge)
+        s["thp_coverage"].append(cov)
+        s["mem_bytes"].append(self.used())
+        s["nr_procs"].append(len(self.k.procs))
+
+    def advance_to(self, t: int) -> None:
+        """Run the clock to ``t``, sampling at every interval boundary on the way."""
+        while self.next_sample <= t:
+            if self.next_sample > self.k.now:
+                self.k.run_until(self.next_sample)
+            self.sample()
+            self.next_sample += self.interval
+        if t > self.k.now:
+            self.k.run_until(t)
+
+    # -- ops ------------------------------------------------------------------------------------
+    def apply(self, op: O.Op) -> tuple[int, int]:
+        """Do one op; returns (ptes, pmds) walked by a fork or exit (else zeros)."""
+        k, kind = self.k, op.kind
+        if kind == O.SPAWN:
+            self.procs[op.pid] = k.spawn()
+            return 0, 0
+        proc = self.procs.get(op.pid)
+        if proc is None and kind != O.END:
+            raise ValueError(f"op at t={op.t}: {kind} by pid {op.pid}, which was never spawned or forked")
+        if kind == O.MMAP:
+            self.base[op.region] = proc.mmap(op.length)
+        elif kind == O.MUNMAP:
+            proc.munmap(self.base[op.region] + op.offset, op.length)
+        elif kind == O.MADVISE:
+            proc.madvise(self.base[op.region] + op.offset, op.length, op.arg)
+        elif kind in (O.WRITE, O.READ):
+            addrs = self.base[op.region] + op.offsets
+            if kind == O.WRITE:
+                proc.write_many(addrs, op.token)
+            else:
+                proc.read_many(addrs)
+            if self.tlb is not None:
+                self.tlb.access(proc, addrs, kind == O.WRITE)
+        elif kind == O.FORK:
+            needs = [(self.base[r] + off, length) for r, off, length in op.needs]
+            self.pol.before_fork(k, proc, needs)
+            walked = _mapped(proc)
+            self.procs[op.arg] = proc.fork()
+            self.children.setdefault(op.pid, []).append(op.arg)
+            if self.tlb is not None:
+                self.tlb.flush(proc)
+            return walked
+        elif kind == O.EXIT:
+            walked = _mapped(proc)
+            proc.exit()
+            if self.tlb is not None:
+                self.tlb.flush(proc)
+            return walked
+        elif kind == O.PHASE_END:
+            kids = [self.procs[c] for c in self.children.get(op.pid, []) if self.procs[c].mm.alive]
+            self.pol.phase_end(k, proc, kids)
+        return 0, 0
+
+    def step(self, seq: int, op: O.Op) -> None:
+        self.advance_to(op.t)
+        if op.kind == O.FORK and self.before_fork is None:
+            self.before_fork = self.k.vmstat_snapshot()
+            self.mem_at_fork = self.used()
+            if self.tlb is not None:
+                self.tlb.sim.reset_stats()
+        before = self.k.vmstat_snapshot()
+        walks = self.tlb.walks() if self.tlb is not None else 0
+        try:
+            ptes, pmds = self.apply(op)
+        except OutOfMemory:
+            self.oom = True
+            raise
+        after = self.k.vmstat_snapshot()
+        d = {c: after[c] - before[c] for c in COUNTERS}
+        cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, ptes=ptes, pmds=pmds)
+        mem = self.used()
+        self.peak = max(self.peak, mem)
+        r = self.ops
+        r["seq"].append(seq)
+        r["t_ns"].append(op.t)
+        r["kind"].append(op.kind)
+        r["pid"].append(op.pid)
+        r["phase"].append(op.phase)
+        r["n"].append(op.n)
+        r["nbytes"].append(op.nbytes)
+        r["cost_ns"].append(cost)
+        r["mem_bytes"].append(mem)
+        r["tlb_walks"].append(self.tlb.walks() - walks if self.tlb is not None else 0)
+        for c in COUNTERS:
+            r[c].append(d[c])
+
+    # -- the summary ------------------------------------------------------------------------------
+    def summary(self, policy: str) -> dict[str, Any]:
+        final = self.k.vmstat_snapshot()
+        base = self.before_fork or self._start
+        d = {c: int(final[c] - base[c]) for c in COUNTERS}
+        r = self.ops
+        kinds = np.asarray(r["kind"], dtype=object)
+        phases = np.asarray(r["phase"], dtype=object)
+        cost = np.asarray(r["cost_ns"], dtype=np.float64)
+        sel = (kinds == O.WRITE) & (phases == self.workload.measure_phase)
+        lat = cost[sel] / 1000.0
+        cov = np.asarray(self.samples["thp_coverage"], dtype=np.float64)
+        cov = cov[~np.isnan(cov)]
+        ref = self.mem_at_fork if self.before_fork is not None else self._start_mem
+        out: dict[str, Any] = {
+            "scenario": self.sc.name, "workload": self.workload.name, "policy": policy, "seed": self.sc.seed,
+            "machine": self.sc.machine, "latency_model": self.model.name,
+            "cow_mib": (d["sim_cow_bytes"] + d["sim_collapse_bytes"]) / MIB,
+            "peak_mib": self.peak / MIB,
+            "peak_extra_mib": max(self.peak - ref, 0) / MIB,
+            "end_extra_mib": (self.used() - ref) / MIB,
+            "policy_cost_mib": self.pol.cost_bytes(self.k) / MIB,
+            **d,
+            "lat_p50_us": float(np.percentile(lat, 50)) if len(lat) else math.nan,
+            "lat_p99_us": float(np.percentile(lat, 99)) if len(lat) else math.nan,
+            "lat_max_us": float(lat.max()) if len(lat) else math.nan,
+            "write_batches": int(len(lat)),
+            "thp_mean": float(cov.mean()) if len(cov) else math.nan,
+            "thp_min": float(cov.min()) if len(cov) else math.nan,
+            "thp_end": float(cov[-1]) if len(cov) else math.nan,
+            "tlb_misses": float(self.tlb.walks()) if self.tlb is not None else math.nan,
+            "tlb_ms": self.tlb.sim.translation_ns() / 1e6 if self.tlb is not None else math.nan,
+            "model_ms": float(cost.sum()) / 1e6,
+            "sim_ms": self.k.now / 1e6,
+            "ops": len(r["seq"]),
+            "oom": self.oom,
+        }
+        return out
+
+    def run(self, policy: str, progress: ProgressFn | None = None) -> PointResult:
+        t0 = time.perf_counter()
+        self._start = self.k.vmstat_snapshot()
+        self._start_mem = self.used()
+        self.peak = self._start_mem
+        for seq, op in enumerate(check_order(self.workload.ops(self.sc.seed))):
+            try:
+                self.step(seq, op)
+            except OutOfMemory:
+                break
+            if progress is not None:
+                progress(min(op.t, self.duration), self.duration)
+        if not self.oom:
+            self.advance_to(self.k.now)
+            if not self.samples["t_ns"] or self.samples["t_ns"][-1] != self.k.now:
+                self.sample()
+        summary = self.summary(policy)
+        return PointResult(summary, self.ops, self.samples, time.perf_counter() - t0)
+
+
+def run_point(scenario: "Scenario | str | dict | None", policy: str, progress: ProgressFn | None = None) -> PointResult:
+    """Run one policy on one scenario: a fresh kernel, the scenario's sysfs values, the workload's ops."""
+    sc = resolve_scenario(scenario)
+    return _Run(sc, policy).run(policy, progress)
+
+
+@dataclass
+class CompareResult:
+    """Every policy of one scenario: summary (one row per policy), per-op records and samples."""
+
+    scenario: Scenario
+    summary: Any                 # pandas.DataFrame
+    ops: Any                     # pandas.DataFrame
+    samples: Any                 # pandas.DataFrame
+    wall_s: dict[str, float]
+
+
+def summary_frame(rows: list[dict[str, Any]]):
+    """Summary rows as a DataFrame with the fixed :data:`SUMMARY_SCHEMA` dtypes."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    for col, dtype in SUMMARY_SCHEMA.items():
+        if col in df.columns:
+            df[col] = df[col].astype(dtype)
+    return df
+
+
+def run_compare(scenario: "Scenario | str | dict | None" = None, policies: list[str] | None = None,
+                progress: Callable[[int, str, int, int], None] | None = None) -> CompareResult:
+    """Run each policy on the same scenario; ``progress(policy index, policy, t, duration)``."""
+    import pandas as pd
+
+    sc = resolve_scenario(scenario)
+    if policies:
+        sc = sc.with_policies(list(policies))
+    rows, ops, samples, wall = [], [], [], {}
+    for i, pol in enumerate(sc.policies):
+        cb = (lambda t, total, i=i, pol=pol: progress(i, pol, t, total)) if progress else None
+        res = run_point(sc, pol, cb)
+        rows.append(res.summary)
+        ops.append(pd.DataFrame(res.ops).assign(policy=pol))
+        samples.append(pd.DataFrame(res.samples).assign(policy=pol))
+        wall[pol] = res.wall_s
+    return CompareResult(sc, summary_frame(rows), pd.concat(ops, ignore_index=True),
+                         pd.concat(samples, ignore_index=True), wall)
+
+
+def compare(scenario_or_path: "Scenario | str | dict | None" = None, policies: list[str] | None = None, *,
+            out: str | None = None, seed: int | None = None, progress=None):
+    """Run each policy on one scenario and return the summary DataFrame (one row per policy).
+
+    ``scenario_or_path``: a :class:`Scenario`, a YAML path, a dict in the
+    scenario schema, or None for the built-in one; ``policies`` replaces the
+    scenario's list; ``seed`` its seed; ``out``: also write the Parquet files
+    and the HTML report there.  :func:`run_compare` gives the per-op records
+    and samples too.
+    """
+    from dataclasses import replace
+
+    sc = resolve_scenario(scenario_or_path)
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r}: expected an integer >= 0")
+        sc = replace(sc, seed=seed)
+    res = run_compare(sc, policies, progress)
+    if out is not None:
+        from .report import write_results
+        write_results(res, out)
+    return res.summary

@@ -1,0 +1,340 @@
+"""Scenario files: one machine, one workload, the COW policies to compare, in YAML.
+
+Schema (every field but ``workload`` is optional)::
+
+    name: redis-256m            # default: the file name without .yaml
+    description: free text
+    machine: amd-zen4-genoa     # machine preset (TLB model); see machine_presets()
+    ram_mib: 1024               # simulated RAM (MiB), >= 16
+    fragmentation: 0.0          # share of free memory broken by unmovable pages, 0..1
+    seed: 0                     # one seed for the kernel and the workload
+    check: false                # run the invariant checker after every call (slow)
+    sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
+    sysfs:                      # written in order under /sys/kernel/mm/transparent_hugepage/
+      enabled: madvise          #   (the value exactly as `echo VALUE > file` would write it)
+      khugepaged/scan_sleep_millisecs: 100
+    workload:
+      name: redis-bgsave        # one of thpcow.workloads.REGISTRY
+      dataset_mib: 256          # the workload's parameters (`thpcow workloads` lists them)
+    policies:                   # COW policies, "name" or "name:key=value,..."; default [upstream]
+      - upstream
+      - thp-cow-v1
+
+Errors are :class:`ScenarioError` (a ValueError) and read
+``FILE:LINE: FIELD: what is wrong``, with the line of the offending value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "default.yaml")
+
+FIELDS = ("name", "description", "machine", "ram_mib", "fragmentation", "seed", "check", "sample_ms",
+          "sysfs", "workload", "policies")
+
+DEFAULT_MACHINE = "amd-zen4-genoa"
+# Used when thpcow.machine cannot be imported: the core of the calibration VM.
+FALLBACK_PRESETS = {DEFAULT_MACHINE: "AMD Zen 4 (EPYC 9004), the core of the calibration VM"}
+
+
+def machine_presets() -> dict[str, str]:
+    """Machine preset names (thpcow.machine's PRESETS when importable) and where each comes from."""
+    try:
+        from ..machine import PRESETS
+    except ImportError:
+        return dict(FALLBACK_PRESETS)
+    return {name: str(getattr(knobs, "source", "") or name) for name, knobs in PRESETS.items()}
+
+
+class ScenarioError(ValueError):
+    """A scenario (or sweep grid) that does not follow the schema: names the file, line and field."""
+
+    def __init__(self, source: str, line: int | None, fld: str, msg: str) -> None:
+        self.source, self.line, self.field, self.msg = source, line, fld, msg
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {fld}: {msg}" if fld else f"{where}: {msg}")
+
+
+@dataclass
+class Scenario:
+    """A validated scenario (see the module docstring for the fields)."""
+
+    workload: str
+    params: dict[str, Any]
+    name: str = "scenario"
+    description: str = ""
+    machine: str = DEFAULT_MACHINE
+    ram_mib: int = 1024
+    fragmentation: float = 0.0
+    seed: int = 0
+    check: bool = False
+    sample_ms: float | None = None
+    sysfs: dict[str, str] = field(default_factory=dict)
+    policies: list[str] = field(default_factory=lambda: ["upstream"])
+    source: str = "<scenario>"
+
+    def make_workload(self):
+        """The workload object, built from the (already validated) parameters."""
+        from ..workloads import get_workload
+        return get_workload(self.workload, **self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scenario as plain data (what a YAML file holds); ``source`` is left out."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out.update(machine=self.machine, ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed,
+                   check=self.check)
+        if self.sample_ms is not None:
+            out["sample_ms"] = self.sample_ms
+        out["sysfs"] = dict(self.sysfs)
+        out["workload"] = {"name": self.workload, **self.params}
+        out["policies"] = list(self.policies)
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_policies(self, policies: list[str]) -> "Scenario":
+        """The same scenario with another policy list (validated)."""
+        checked = [_check_policy("policies argument", None, f"policies[{i}]", p) for i, p in enumerate(policies)]
+        if not checked:
+            raise ScenarioError("policies argument", None, "policies", "at least one policy is needed")
+        return replace(self, policies=checked)
+
+
+# -- YAML with line numbers ------------------------------------------------------------------
+def compose(text: str, source: str):
+    """The YAML node tree of ``text`` (marks carry ``source``); ScenarioError on a syntax error."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    loader.name = source
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(source, line, "", f"not valid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if node is None:
+        raise ScenarioError(source, 1, "", "the file is empty")
+    return node
+
+
+def line_of(node) -> int:
+    return node.start_mark.line + 1
+
+
+def err(node, fld: str, msg: str) -> ScenarioError:
+    """An error at ``node``: its own file (a sweep grid's value comes from the grid file) and line."""
+    return ScenarioError(node.start_mark.name, line_of(node), fld, msg)
+
+
+def value_of(node) -> Any:
+    """The Python value of a YAML node (safe constructors)."""
+    import yaml
+
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def mapping(node, source: str, fld: str) -> dict[str, tuple[Any, Any]]:
+    """{key: (key node, value node)} of a mapping node; duplicate or non-string keys are errors."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        raise err(node, fld or "document", "expected a mapping (key: value lines)")
+    out: dict[str, tuple[Any, Any]] = {}
+    for knode, vnode in node.value:
+        key = value_of(knode)
+        if not isinstance(key, str):
+            raise err(knode, fld or "document", f"key {key!r} is not a string")
+        if key in out:
+            raise err(knode, _join(fld, key),
+                                f"given twice (first on line {line_of(out[key][0])})")
+        out[key] = (knode, vnode)
+    return out
+
+
+def _join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _scalar(source: str, fld: str, vnode, kind: type, lo=None, hi=None) -> Any:
+    import yaml
+
+    if not isinstance(vnode, yaml.ScalarNode):
+        raise err(vnode, fld, f"expected a {kind.__name__}, got a "
+                            f"{'list' if isinstance(vnode, yaml.SequenceNode) else 'mapping'}")
+    val = value_of(vnode)
+    names = {int: "an integer", float: "a number", bool: "a boolean (true/false)", str: "a string"}
+    ok = (isinstance(val, bool) if kind is bool else
+          isinstance(val, int) and not isinstance(val, bool) if kind is int else
+          isinstance(val, (int, float)) and not isinstance(val, bool) if kind is float else
+          isinstance(val, str))
+    if not ok:
+        raise err(vnode, fld, f"expected {names[kind]}, got {vnode.value!r}")
+    if kind is float:
+        val = float(val)
+    if lo is not None and val < lo:
+        raise err(vnode, fld, f"{val!r} must be >= {lo}")
+    if hi is not None and val > hi:
+        raise err(vnode, fld, f"{val!r} must be <= {hi}")
+    return val
+
+
+def _check_policy(source: str, node, fld: str, spec: Any) -> str:
+    """The policy spec, checked by building it and attaching it to a tiny kernel."""
+    from ..kernel import Kernel
+    from ..kernel.policy import parse_policy
+
+    def fail(msg: str) -> ScenarioError:
+        return err(node, fld, msg) if node is not None else ScenarioError(source, None, fld, msg)
+
+    if not isinstance(spec, str):
+        raise fail(f"expected a policy name string, got {spec!r}")
+    try:
+        pol = parse_policy(spec)
+        Kernel(ram=16 << 20, cow_policy=pol)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    return spec.strip()
+
+
+# -- the schema ------------------------------------------------------------------------------
+def scenario_from_node(node, source: str, base_dir: str | None = None, default_name: str = "scenario") -> Scenario:
+    """Validate a composed YAML tree against the schema; ScenarioError names the line and field."""
+    import yaml
+
+    fields = mapping(node, source, "")
+    for key, (knode, _v) in fields.items():
+        if key not in FIELDS:
+            raise err(knode, key, f"unknown field; known: {', '.join(FIELDS)}")
+    if "workload" not in fields:
+        raise err(node, "workload", "missing (e.g. workload: {name: redis-bgsave})")
+    kw: dict[str, Any] = {"source": source, "name": default_name}
+    simple = {"name": (str, None, None), "description": (str, None, None), "machine": (str, None, None),
+              "ram_mib": (int, 16, None), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
+              "check": (bool, None, None), "sample_ms": (float, 1e-6, None)}
+    for key, (kind, lo, hi) in simple.items():
+        if key in fields:
+            kw[key] = _scalar(source, key, fields[key][1], kind, lo, hi)
+    if "machine" in kw and kw["machine"] not in machine_presets():
+        raise err(fields["machine"][1], "machine",
+                            f"unknown preset {kw['machine']!r}; known: {', '.join(machine_presets())}")
+    if "sysfs" in fields:
+        kw["sysfs"] = _sysfs(source, fields["sysfs"][1])
+    kw["workload"], kw["params"] = _workload(source, fields["workload"][1], base_dir)
+    if "policies" in fields:
+        pnode = fields["policies"][1]
+        if not isinstance(pnode, yaml.SequenceNode) or not pnode.value:
+            raise err(pnode, "policies", "expected a non-empty list of policy names")
+        pols = [_check_policy(source, item, f"policies[{i}]", value_of(item))
+                for i, item in enumerate(pnode.value)]
+        for i, p in enumerate(pols):
+            if p in pols[:i]:
+                raise err(pnode.value[i], f"policies[{i}]", f"{p!r} is listed twice")
+        kw["policies"] = pols
+    return Scenario(**kw)
+
+
+def _sysfs(source: str, node) -> dict[str, str]:
+    import yaml
+
+    from ..kernel.errors import KernelError
+    from ..kernel.sysfs import Sysfs
+
+    scratch = Sysfs()
+    out: dict[str, str] = {}
+    for key, (_k, vnode) in mapping(node, source, "sysfs").items():
+        fld = f"sysfs.{key}"
+        if not isinstance(vnode, yaml.ScalarNode):
+            raise err(vnode, fld, "expected a value (what `echo VALUE > file` writes)")
+        text = vnode.value
+        try:
+            scratch.write(key, text)
+        except KernelError as exc:
+            raise err(vnode, fld, str(exc)) from None
+        out[key] = text
+    return out
+
+
+def _workload(source: str, node, base_dir: str | None) -> tuple[str, dict[str, Any]]:
+    from ..workloads import REGISTRY
+
+    fields = mapping(node, source, "workload")
+    if "name" not in fields:
+        raise err(node, "workload.name",
+                            f"missing; one of {', '.join(REGISTRY)}")
+    name = _scalar(source, "workload.name", fields["name"][1], str)
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise err(fields["name"][1], "workload.name",
+                            f"unknown workload {name!r}; known: {', '.join(REGISTRY)}")
+    params: dict[str, Any] = {}
+    for key, (knode, vnode) in fields.items():
+        if key == "name":
+            continue
+        fld = f"workload.{key}"
+        if key not in cls.params:
+            raise err(knode, fld,
+                                f"not a parameter of {name}; known: {', '.join(cls.params)}")
+        try:
+            val = cls.coerce_param(key, value_of(vnode))
+        except ValueError as exc:
+            raise err(vnode, fld, str(exc)) from None
+        if name == "trace" and key == "path" and base_dir and not os.path.isabs(val):
+            val = os.path.normpath(os.path.join(base_dir, val))
+        params[key] = val
+    try:
+        cls(**params)
+    except ValueError as exc:
+        raise err(node, "workload", str(exc)) from None
+    return name, params
+
+
+# -- loading ---------------------------------------------------------------------------------
+def parse_scenario(text: str, source: str = "<string>", base_dir: str | None = None,
+                   default_name: str = "scenario") -> Scenario:
+    """A scenario from YAML text."""
+    return scenario_from_node(compose(text, source), source, base_dir, default_name)
+
+
+def load_scenario(path: str) -> Scenario:
+    """A scenario from a YAML file (its name defaults to the file name)."""
+    if not os.path.isfile(path):
+        raise ScenarioError(path, None, "", "no such scenario file")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return parse_scenario(text, path, os.path.dirname(os.path.abspath(path)), stem)
+
+
+def default_scenario() -> Scenario:
+    """The built-in scenario (``default.yaml`` beside this module)."""
+    return load_scenario(DEFAULT_PATH)
+
+
+def resolve_scenario(spec: "Scenario | str | dict | None") -> Scenario:
+    """A Scenario from a Scenario, a path, ``None``/"default" (the built-in one) or a dict."""
+    if spec is None or (isinstance(spec, str) and spec == "default"):
+        return default_scenario()
+    if isinstance(spec, Scenario):
+        return spec
+    if isinstance(spec, dict):
+        import yaml
+        return parse_scenario(yaml.safe_dump(spec, sort_keys=False), "<dict>",
+                              default_name=str(spec.get("name", "scenario")))
+    if isinstance(spec, (str, os.PathLike)):
+        return load_scenario(os.fspath(spec))
+    raise TypeError(f"scenario={spec!r}: expected a Scenario, a path, a dict or None")

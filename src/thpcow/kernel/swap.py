@@ -1,0 +1,109 @@
+"""Model of mm/swapfile.c and mm/swap_state.c: one swap device and the swap cache.
+
+Slots are grouped in clusters of 512 (``SWAPFILE_CLUSTER``); a PMD-order
+folio needs one whole free cluster to be swapped out without a split.
+``swap_map[slot]`` counts the swap PTEs that reference a slot; a slot also
+held by the swap cache is freed once both are gone.  The device stores one
+content token per slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import HPAGE_PMD_NR
+
+CLUSTER = HPAGE_PMD_NR
+
+
+class SwapDevice:
+    """A swap area of ``size`` bytes (rounded down to whole clusters)."""
+
+    def __init__(self, size: int) -> None:
+        n = (size // 4096) // CLUSTER * CLUSTER
+        self.nr_slots = n
+        self.swap_map = np.zeros(n, dtype=np.int32)     # swap PTE references per slot
+        self.in_cache = np.zeros(n, dtype=bool)         # SWAP_HAS_CACHE
+        self.used = np.zeros(n, dtype=bool)
+        self.content = np.zeros(n, dtype=np.int64)
+        self.cluster_used = np.zeros(n // CLUSTER, dtype=np.int32)
+        self.free_clusters: dict[int, None] = dict.fromkeys(range(n // CLUSTER))
+        self.partial: dict[int, None] = {}              # clusters with some free slots
+        self.nr_free = n
+
+    def alloc_cluster(self) -> int:
+        """A whole free cluster for a PMD-order folio: its first slot, or -1."""
+        if not self.free_clusters:
+            return -1
+        c = next(iter(self.free_clusters))
+        del self.free_clusters[c]
+        base = c * CLUSTER
+        self.used[base: base + CLUSTER] = True
+        self.cluster_used[c] = CLUSTER
+        self.nr_free -= CLUSTER
+        return base
+
+    def alloc_slots(self, nr: int) -> int:
+        """``nr`` (a power of two) naturally aligned contiguous free slots: the first, or -1.
+
+        A PMD-order folio takes a whole free cluster; smaller ones take an
+        aligned run inside a partly used cluster, else a fresh cluster.
+        """
+        if nr == 1:
+            return self.alloc_slot()
+        if nr >= CLUSTER:
+            return self.alloc_cluster()
+        for c in list(self.partial) + list(self.free_clusters)[:1]:
+            base = c * CLUSTER
+            free = ~self.used[base: base + CLUSTER].reshape(-1, nr)
+            runs = np.flatnonzero(free.all(axis=1))
+            if not len(runs):
+                continue
+            first = base + int(runs[0]) * nr
+            self.free_clusters.pop(c, None)
+            self.used[first: first + nr] = True
+            self.cluster_used[c] += nr
+            self.nr_free -= nr
+            if self.cluster_used[c] == CLUSTER:
+                self.partial.pop(c, None)
+            else:
+                self.partial[c] = None
+            return first
+        return -1
+
+    def alloc_slot(self) -> int:
+        """One free slot (partial clusters first, as the per-CPU cluster allocator does), or -1."""
+        if not self.partial:
+            if not self.free_clusters:
+                return -1
+            c = next(iter(self.free_clusters))
+            del self.free_clusters[c]
+            self.partial[c] = None
+        c = next(iter(self.partial))
+        base = c * CLUSTER
+        slot = base + int(np.flatnonzero(~self.used[base: base + CLUSTER])[0])
+        self.used[slot] = True
+        self.cluster_used[c] += 1
+        self.nr_free -= 1
+        if self.cluster_used[c] == CLUSTER:
+            del self.partial[c]
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        c = slot // CLUSTER
+        self.used[slot] = False
+        self.swap_map[slot] = 0
+        self.in_cache[slot] = False
+        self.nr_free += 1
+        self.cluster_used[c] -= 1
+        if self.cluster_used[c] == 0:
+            self.partial.pop(c, None)
+            self.free_clusters[c] = None
+        else:
+            self.partial[c] = None
+
+    def put(self, slot: int, refs: int = 1) -> None:
+        """swap_free(): drop swap PTE references; free the slot when nothing holds it."""
+        self.swap_map[slot] -= refs
+        if self.swap_map[slot] <= 0 and not self.in_cache[slot]:
+            self.free_slot(slot)

@@ -1,0 +1,416 @@
+"""Model of mm/vmscan.c (reclaim of anonymous memory), mm/page_io.c and do_swap_page().
+
+Reclaim keeps one LRU of anonymous folios (``Kernel.lru``, oldest first) with
+second-chance ageing, like the kernel's inactive list: a folio whose mappings
+were accessed since the last look (young PTE/PMD) has the bits cleared and
+goes to the tail; an old one is reclaimed.  (This is the classic two-list
+LRU reduced to one list with a referenced test, not MGLRU.)
+
+Reclaiming a folio (``shrink_folio``):
+- a clean lazyfree folio (MADV_FREE, no dirty mapping) is discarded;
+- a partially mapped large folio is split first;
+- otherwise it is added to the swap cache (``add_to_swap``): a PMD-order folio
+  needs a whole swap cluster, else it is split (thp_swpout_fallback);
+- every mapping is replaced by a swap entry (``try_to_unmap``; PMD mappings
+  are split first, thp_split_pmd each), the folio is written (pswpout,
+  thp_swpout / swpout) and freed.
+
+Simplification: writeback is synchronous and the swap cache is dropped as
+soon as the write is done, so swap-in always reads the device (4 KiB,
+pgmajfault); there is no readahead and no mTHP swap-in (the device is not
+SWP_SYNCHRONOUS_IO).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_WRITE
+from .errors import OutOfMemory
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE
+from .mm import (
+    MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL,
+    _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset, pte_index,
+)
+from .physmem import PG_ANON_EXCLUSIVE
+from . import huge_memory as hm
+from . import rmap
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+
+
+# -- rmap walk ---------------------------------------------------------------------------------------------
+def folio_mappings(k: Kernel, fid: int):
+    """Every mapping of a folio: ('pmd', mm, slot) and ('pte', mm, row, col, pfn) tuples.
+
+    Model of rmap_walk_anon(): each page is looked up at the virtual page it
+    was mapped at (``PhysMem.vpn``, the anon page index) in every mm; the hits
+    are verified, and if they do not account for every mapping (an mremap()
+    in one of the mms moved it) the page tables are searched instead.
+    """
+    f = k.folios
+    mem = k.mem
+    head = int(f.head[fid])
+    nr = 1 << int(f.order[fid])
+    expected = int(mem.mapcount[head: head + nr].sum()) + int(f.entire[fid])
+    vpns = mem.vpn[head: head + nr]
+    out = []
+    if (vpns >= 0).all():
+        pfns = np.arange(head, head + nr)
+        for p in k.procs.values():
+            pt = p.mm.pt
+            if not pt.nr_slots:
+                continue
+            slots = pt.lookup_slots(vpns >> 9)
+            has = slots >= 0
+            sc = np.where(has, slots, 0)
+            kind = np.where(has, pt.pmd_kind[sc], 0)
+            if f.entire[fid]:
+                for s in np.unique(sc[(kind == PMD_LEAF) & (pt.pmd_folio[sc] == fid)]).tolist():
+                    out.append(("pmd", p.mm, int(s)))
+            tab = kind == PMD_TABLE
+            if tab.any():
+                rows = pt.pmd_row[sc[tab]]
+                cols = vpns[tab] & 511
+                hit = pt.pte_pfn[rows, cols] == pfns[tab]
+                hit &= ~(pt.pte_flags[rows, cols] & _PAGE_SPECIAL).astype(bool)
+                for r, c, q in zip(rows[hit].tolist(), cols[hit].tolist(), pfns[tab][hit].tolist()):
+                    out.append(("pte", p.mm, r, c, q))
+        if len(out) == expected:
+            return out
+    return _folio_mappings_slow(k, fid)
+
+
+def _folio_mappings_slow(k: Kernel, fid: int):
+    """The brute-force walk of every page table (fallback of folio_mappings())."""
+    f = k.folios
+    head = int(f.head[fid])
+    nr = 1 << int(f.order[fid])
+    out = []
+    for p in k.procs.values():
+        pt = p.mm.pt
+        n = pt.nr_slots
+        if f.entire[fid]:
+            for s in np.flatnonzero((pt.pmd_kind[:n] == PMD_LEAF) & (pt.pmd_folio[:n] == fid)).tolist():
+                out.append(("pmd", p.mm, s))
+        if pt.nr_rows:
+            rows = pt.pte_pfn[: pt.nr_rows]
+            hit = np.argwhere((rows >= head) & (rows < head + nr))
+            for r, c in hit.tolist():
+                if not pt.pte_flags[r, c] & _PAGE_SPECIAL:
+                    out.append(("pte", p.mm, r, c, int(rows[r, c])))
+    return out
+
+
+def folio_referenced(k: Kernel, fid: int) -> bool:
+    """Model of folio_referenced(): were any mappings young?  Clears the young bits."""
+    young = False
+    for m in folio_mappings(k, fid):
+        pt = m[1].pt
+        if m[0] == "pmd":
+            if pt.pmd_flags[m[2]] & _PAGE_ACCESSED:
+                young = True
+                pt.pmd_flags[m[2]] &= ~np.uint8(_PAGE_ACCESSED)
+        elif pt.pte_flags[m[2], m[3]] & _PAGE_ACCESSED:
+            young = True
+            pt.pte_flags[m[2], m[3]] &= ~np.uint8(_PAGE_ACCESSED)
+    return young
+
+
+# -- pageout ------------------------------------------------------------------------------------------------
+def try_to_unmap_to_swap(k: Kernel, fid: int, slot: int) -> None:
+    """Model of try_to_unmap(TTU_SPLIT_HUGE_PMD) for a folio in the swap cache.
+
+    PMD mappings are split first; then each PTE becomes a swap entry for its
+    page's slot, exclusive when the page was AnonExclusive.
+    """
+    f = k.folios
+    head = int(f.head[fid])
+    for m in folio_mappings(k, fid):
+        if m[0] == "pmd":
+            mm = m[1]
+            addr = int(mm.pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
+            hm.split_huge_pmd(k, mm, mm.find_vma(addr), m[2])
+    for m in folio_mappings(k, fid):
+        _, mm, r, c, pfn = m
+        pt = mm.pt
+        i = pfn - head
+        flags = pt.pte_flags[r, c]
+        if flags & _PAGE_DIRTY:
+            f.flags[fid] |= PG_DIRTY
+        exclusive = bool(k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE)
+        pt.pte_pfn[r, c] = swp_entry(slot + i)
+        pt.pte_flags[r, c] = _PAGE_SWP_EXCLUSIVE if exclusive else 0
+        k.swap.swap_map[slot + i] += 1
+        rmap.folio_remove_rmap_ptes(k, fid, pfn, 1, mm)
+        rmap.folio_put(k, fid)
+        mm.rss_anon -= 1
+        mm.rss_swap += 1
+        k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+
+
+def discard_lazyfree(k: Kernel, fid: int) -> bool:
+    """A clean MADV_FREE folio is dropped instead of swapped; a redirtied one is kept."""
+    maps = folio_mappings(k, fid)
+    for m in maps:
+        pt = m[1].pt
+        dirty = pt.pmd_flags[m[2]] & _PAGE_DIRTY if m[0] == "pmd" else pt.pte_flags[m[2], m[3]] & _PAGE_DIRTY
+        if dirty:
+            k.folios.flags[fid] |= PG_SWAPBACKED          # folio_set_swapbacked(): keep it
+            return False
+    for m in maps:
+        mm = m[1]
+        if m[0] == "pmd":
+            hm.zap_huge_pmd(k, mm, m[2])
+        else:
+            from .memory import zap_pte_range
+            zap_pte_range(k, mm, m[2], m[3], m[3] + 1)
+    k.vmstat.count_vm_event("pglazyfreed", 1 << int(k.folios.order[fid]))
+    return True
+
+
+def shrink_folio(k: Kernel, fid: int) -> int:
+    """Model of shrink_folio_list() for one anon folio: returns pages freed (0 if kept)."""
+    f = k.folios
+    if not f.used[fid] or f.flags[fid] & PG_HUGE_ZERO or not f.flags[fid] & PG_ANON:
+        return 0
+    order = int(f.order[fid])
+    nr = 1 << order
+    if not f.flags[fid] & PG_SWAPBACKED:
+        return nr if discard_lazyfree(k, fid) else 0
+    if k.swap is None:
+        return 0
+    if order and f.flags[fid] & PG_PARTIALLY_MAPPED:
+        head = int(f.head[fid])
+        if hm.split_folio(k, fid) != 0:
+            return 0
+        return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
+    slot = k.swap.alloc_slots(nr)
+    if order and slot < 0:
+        head = int(f.head[fid])
+        if hm.split_folio(k, fid) != 0:
+            return 0
+        if order >= HPAGE_PMD_ORDER:
+            k.vmstat.count_vm_event("thp_swpout_fallback")
+        k.vmstat.count_mthp_stat(order, "swpout_fallback")
+        return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
+    if slot < 0:
+        return 0                                          # swap full: keep it
+    # add_to_swap(): into the swap cache, which holds nr references
+    head = int(f.head[fid])
+    f.flags[fid] |= PG_SWAPCACHE
+    f.swap[fid] = slot
+    f.refcount[fid] += nr
+    k.swap.in_cache[slot: slot + nr] = True
+    k.swap.used[slot: slot + nr] = True
+    try_to_unmap_to_swap(k, fid, slot)
+    # pageout(): write the folio
+    k.swap.content[slot: slot + nr] = k.mem.content[head: head + nr]
+    k.vmstat.count_vm_event("pswpout", nr)
+    if order >= HPAGE_PMD_ORDER:
+        k.vmstat.count_vm_event("thp_swpout")
+    k.vmstat.count_mthp_stat(order, "swpout")
+    # __remove_mapping(): leave the swap cache and free the folio
+    delete_from_swap_cache(k, fid)
+    return nr
+
+
+def delete_from_swap_cache(k: Kernel, fid: int) -> None:
+    """Model of delete_from_swap_cache(): drop the cache's references and slot hold."""
+    f = k.folios
+    slot = int(f.swap[fid])
+    nr = 1 << int(f.order[fid])
+    f.flags[fid] &= np.uint16(~PG_SWAPCACHE & 0xFFFF)
+    f.swap[fid] = -1
+    for s in range(slot, slot + nr):
+        k.swap.in_cache[s] = False
+        if k.swap.swap_map[s] <= 0:
+            k.swap.free_slot(s)
+    rmap.folio_put(k, fid, nr)
+
+
+def reclaim_pages(k: Kernel, fids) -> int:
+    """Model of reclaim_pages() (MADV_PAGEOUT): reclaim these folios now; returns pages freed."""
+    freed = 0
+    for fid in dict.fromkeys(int(x) for x in fids):
+        if k.folios.used[fid]:
+            freed += shrink_folio(k, fid)
+    return freed
+
+
+def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
+    """Model of shrink_lruvec() for anon: second chance from the oldest folio on."""
+    freed = 0
+    scanned = 0
+    if k.swap is None or k.swap.nr_free == 0:
+        # Without swap space only clean lazyfree folios can go (get_scan_count()).
+        fids = np.fromiter(k.lru, dtype=np.int64, count=len(k.lru))
+        lazy = fids[~(k.folios.flags[fids] & PG_SWAPBACKED).astype(bool)] if len(fids) else fids
+        for fid in lazy.tolist():
+            if freed >= nr_to_reclaim:
+                break
+            freed += shrink_folio(k, fid)
+        k.vmstat.count_vm_event("pgsteal_anon", freed)
+        return freed
+    limit = 2 * len(k.lru) + 1
+    while freed < nr_to_reclaim and k.lru and scanned < limit:
+        fid = next(iter(k.lru))
+        scanned += 1
+        del k.lru[fid]
+        if not k.folios.used[fid]:
+            continue
+        if folio_referenced(k, fid):
+            k.lru[fid] = None                              # second chance: to the tail
+            continue
+        got = shrink_folio(k, fid)
+        if not got and k.folios.used[fid]:
+            k.lru[fid] = None
+        freed += got
+    k.vmstat.count_vm_event("pgscan_anon", scanned)
+    k.vmstat.count_vm_event("pgsteal_anon", freed)
+    return freed
+
+
+# -- swap-in ------------------------------------------------------------------------------------------------
+def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
+    """Model of do_swap_page() for a 4 KiB swap-in from the device.
+
+    Reads the slot into a new order-0 folio (pgmajfault, pswpin), maps it,
+    and drops the swap reference.  The page is mapped exclusive (and writable
+    on a write fault) when the swap entry was exclusive or nobody else holds
+    the slot; otherwise it is mapped read-only and a write goes on to
+    do_wp_page(), which copies.
+    """
+    from .memory import VM_FAULT_OK, do_wp_page
+    pt = mm.pt
+    i = pte_index(addr)
+    slot = swp_offset(int(pt.pte_pfn[row, i]))
+    exclusive_entry = bool(pt.pte_flags[row, i] & _PAGE_SWP_EXCLUSIVE)
+    pfn = k.alloc_page()
+    if pfn < 0:
+        raise OutOfMemory(addr)
+    fid = k.new_folio(pfn, 0)
+    k.mem.content[pfn] = k.swap.content[slot]
+    k.vmstat.count_vm_event("pgmajfault")
+    k.vmstat.count_vm_event("pswpin")
+    others = int(k.swap.swap_map[slot]) - 1            # other swap PTEs still pointing here
+    exclusive = exclusive_entry or others == 0
+    k.folios.refcount[fid] = 1
+    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+    if not exclusive:
+        k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+    k.swap.put(slot)
+    mm.rss_swap -= 1
+    mm.rss_anon += 1
+    k.lru_add(fid)
+    flags = _PAGE_PRESENT | _PAGE_ACCESSED
+    if exclusive and write and vma.flags & VM_WRITE:
+        flags |= _PAGE_RW | _PAGE_DIRTY
+    pt.pte_pfn[row, i] = pfn
+    pt.pte_flags[row, i] = flags
+    k.mem.vpn[pfn] = addr >> PAGE_SHIFT
+    if write and not flags & _PAGE_RW:
+        return do_wp_page(k, mm, vma, addr, row)
+    return VM_FAULT_OK
+
+
+# -- the deferred split shrinker ----------------------------------------------------------------------------
+def thp_underused(k: Kernel, fid: int) -> bool:
+    """Model of thp_underused(): more than max_ptes_none zero-filled pages (never at 511)."""
+    limit = k.sysfs.max_ptes_none
+    if limit == HPAGE_PMD_NR - 1:
+        return False
+    head = int(k.folios.head[fid])
+    zeros = int(np.count_nonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0))
+    return zeros > limit
+
+
+def shrink_deferred(k: Kernel, nr_to_scan: int | None = None) -> int:
+    """Model of deferred_split_scan(): split partially mapped and underused THPs.
+
+    A partially mapped folio is split (its unmapped pages are freed); one that
+    is not partially mapped is split when thp_underused() says so, counting
+    thp_underused_split_page, and its zero-filled pages are remapped to the
+    shared zero page instead of being kept.  Others leave the queue.
+    Returns the pages freed.
+    """
+    f = k.folios
+    freed = 0
+    queue = list(k.deferred)[: nr_to_scan] if nr_to_scan else list(k.deferred)
+    for fid in queue:
+        if fid not in k.deferred or not f.used[fid]:
+            continue
+        before = k.mem.nr_free
+        if f.flags[fid] & PG_PARTIALLY_MAPPED:
+            if hm.split_folio(k, fid) != 0:
+                continue                              # requeued: stays on the list
+        elif f.order[fid] >= HPAGE_PMD_ORDER and thp_underused(k, fid):
+            head = int(f.head[fid])
+            zero_pages = np.flatnonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0) + head
+            if hm.split_folio(k, fid) != 0:
+                continue
+            k.vmstat.count_vm_event("thp_underused_split_page")
+            remap_zero_pages(k, zero_pages)
+        else:
+            rmap.folio_unqueue_deferred_split(k, fid)
+        freed += k.mem.nr_free - before
+    return freed
+
+
+def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
+    """After an underused split, map the zero page where the split pages held zeros."""
+    from .physmem import ZERO_PFN
+    for pfn in pfns.tolist():
+        fid = int(k.mem.folio[pfn])
+        if fid < 0:
+            continue
+        for m in folio_mappings(k, fid):
+            if m[0] != "pte":
+                continue
+            _, mm, r, c, p = m
+            mm.pt.pte_pfn[r, c] = ZERO_PFN
+            mm.pt.pte_flags[r, c] = _PAGE_PRESENT | _PAGE_SPECIAL
+            rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
+            mm.rss_anon -= 1
+            rmap.folio_put(k, fid)
+
+
+# -- memory failure ------------------------------------------------------------------------------------------
+def memory_failure(k: Kernel, pfn: int) -> None:
+    """Model of memory_failure() for an anon page: lose that 4 KiB page only.
+
+    A large folio is split first (so the rest of a THP survives as 4 KiB
+    pages); the poisoned page is unmapped everywhere and its entries become
+    hwpoison markers: touching them raises SIGBUS.  If the split fails the
+    whole folio is unmapped (the processes would be killed).
+    """
+    from .mm import _PAGE_HWPOISON
+    fid = int(k.mem.folio[pfn])
+    k.vmstat.count_vm_event("sim_memory_failure")
+    if fid < 0:
+        k.mem.reserved[pfn] = k.mem.take_pfn(pfn) or k.mem.reserved[pfn]
+        return
+    if k.folios.order[fid]:
+        if hm.split_folio(k, fid) != 0:
+            k.vmstat.count_vm_event("memory_failure_late_kill")
+        fid = int(k.mem.folio[pfn])
+        if fid < 0:
+            k.mem.take_pfn(pfn)
+            return
+    for m in folio_mappings(k, fid):
+        if m[0] == "pte":
+            _, mm, r, c, p = m
+            rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
+            mm.rss_anon -= 1
+            mm.pt.pte_pfn[r, c] = -1
+            mm.pt.pte_flags[r, c] = _PAGE_HWPOISON
+            rmap.folio_put(k, fid)
+        else:
+            mm = m[1]
+            hm.zap_huge_pmd(k, mm, m[2])
+    k.mem.reserved[pfn] = True        # a poisoned frame never returns to the allocator
+    if k.mem.free_order[pfn] >= 0 or k.mem.folio[pfn] < 0:
+        k.mem.take_pfn(pfn)

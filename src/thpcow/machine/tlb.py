@@ -1,0 +1,936 @@
+"""Model of a core's data-TLB hierarchy, built the way DynamoRIO drcachesim builds its TLB simulator.
+
+Layout (drcachesim ``clients/drcachesim/simulator/``): one knobs dataclass
+(:class:`TlbKnobs`, after ``tlb_simulator_knobs_t``), one device class reused
+per level (:class:`Tlb`, after ``tlb_t``) linked by ``parent``, per-level
+stats with ``get_metric()`` (after ``caching_device_stats_t``), and the
+skip / warmup / sim-refs counts of ``tlb_simulator_t::process_memref()``.
+
+The hierarchy of one core::
+
+    L1 dTLB 4 KiB  --.                       (or one L1 for both sizes:
+                      >-- L2 (STLB) --> page walk    Zen 4, Neoverse V2)
+    L1 dTLB 2 MiB  --'                   |
+                                         +-- PDE cache (PMD-level walk cache)
+
+An access carries its virtual address, whether it is a store, the size of the
+page that maps it *at that moment* (``page_shift`` 12 or 21, which the
+simulated kernel knows: see :func:`page_shifts_of`) and its address-space id.
+Entries are tagged by (ASID, virtual page number, page size); a lookup uses the
+page size of the access, so an entry of the other size for the same address
+is never hit (and wastes space until it is invalidated, as a stale entry
+would until its flush).
+
+Replacement: every level is set-associative with true LRU inside a set.  The
+set of a page is ``vpn & (sets - 1)`` with ``vpn`` the page number at the
+page's own size (sets must be a power of two).  An invalid way is always
+filled before a valid one is evicted.  Levels are non-inclusive and
+non-exclusive, as drcachesim's default: a miss fills every level it missed in;
+an L1 eviction does not touch the L2; an L2 eviction does not touch the L1.
+
+Page walks (x86-64 4-level paging; the upper levels are assumed to hit the
+upper paging-structure caches):
+
+* a 2 MiB page ends at the PMD: ``pmd_walk_refs`` memory references;
+* a 4 KiB page whose PMD entry is in the PDE cache reads only the PTE:
+  ``pte_walk_refs_pwc_hit`` references (1);
+* otherwise it reads the PMD then the PTE: ``pte_walk_refs_pwc_miss`` (2),
+  and the PMD entry is filled into the PDE cache.
+
+Invalidation models what Linux flushes after a page-table change (the caller,
+who knows the kernel event, calls one of them; each call counts one
+shootdown): :meth:`TlbSimulator.invalidate_page` (COW remap of a 4 KiB page,
+or a PMD split: the old 2 MiB entry goes), :meth:`~TlbSimulator.invalidate_range`
+(munmap, collapse, MADV_DONTNEED; also drops the PDE-cache entries of the
+2 MiB regions it touches, as freeing or replacing a PTE table does) and
+:meth:`~TlbSimulator.flush_asid` (fork's ``flush_tlb_mm()`` of the parent, exit).
+
+Simplification: one core, no instruction side, no 1 GiB pages, no PCID
+limits, no coalescing of adjacent 4 KiB entries (Zen 4 can merge them into
+16 KiB entries), no skewed-associative L2 (Zen's L2 is skewed by page size),
+and the hot loop sees no permission bits: a store to a read-only entry is the
+kernel's business (it arrives as a fault and an invalidation).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Iterable, TextIO
+
+import numpy as np
+from numba import njit
+
+if TYPE_CHECKING:
+    from ..kernel import Process
+
+PAGE_SHIFT_4K = 12
+PAGE_SHIFT_2M = 21
+SIZE_4K = 1 << PAGE_SHIFT_4K
+SIZE_2M = 1 << PAGE_SHIFT_2M
+PAGE_SIZES = (SIZE_4K, SIZE_2M)
+USER_VA_LIMIT = 1 << 47            # x86-64 4-level user space (TASK_SIZE rounded up)
+
+# Entry key: (asid << 48) | (vpn << 1) | is_2m.  vpn < 2**35 for 4 KiB pages.
+ASID_SHIFT = 48
+ASID_LIMIT = 1 << 15
+EMPTY = -1
+_VPN_MASK = (1 << 47) - 1
+
+# Devices with at most this many ways are searched by scanning the set; wider
+# ones (fully associative L1s, 24-way L2s) through a per-device hash table.
+SCAN_MAX_ASSOC = 8
+
+
+class Metric(enum.IntEnum):
+    """Per-level counters (after drcachesim's ``metric_name_t``)."""
+
+    HITS = 0
+    MISSES = 1
+    EVICTIONS = 2
+    INVALIDATIONS = 3
+
+
+class SimMetric(enum.IntEnum):
+    """Simulator-wide counters: accesses, page walks by kind, shootdowns."""
+
+    ACCESSES = 0
+    READS = 1
+    WRITES = 2
+    WALKS_PMD = 3              # 2 MiB page: walk ends at the PMD
+    WALKS_PTE_PWC_HIT = 4      # 4 KiB page, PMD entry found in the PDE cache
+    WALKS_PTE_PWC_MISS = 5     # 4 KiB page, PMD entry read from memory
+    WALK_MEM_REFS = 6          # page-table entries read by all walks
+    SHOOTDOWNS = 7             # invalidate_page / invalidate_range / flush_asid calls
+    INVALIDATED_ENTRIES = 8    # entries those calls removed (all levels)
+
+
+def _metric_name(m: enum.IntEnum) -> str:
+    return m.name.lower()
+
+
+class _Accesses:
+    """A checked batch of accesses; ``page_shift`` and ``asid`` may be one value for all (stride 0)."""
+
+    __slots__ = ("vaddr", "is_write", "page_shift", "asid", "n")
+
+    def __init__(self, vaddr, is_write, page_shift, asid) -> None:
+        self.vaddr, self.is_write, self.page_shift, self.asid = vaddr, is_write, page_shift, asid
+        self.n = len(vaddr)
+
+    @staticmethod
+    def _column(name: str, val, dtype, n: int) -> np.ndarray:
+        arr = np.asarray(val, dtype=dtype)
+        if arr.ndim == 0:
+            return arr.reshape(1)
+        if arr.shape != (n,):
+            raise ValueError(f"{name}: expected one value or shape ({n},), got shape {arr.shape}")
+        return np.ascontiguousarray(arr)
+
+    @classmethod
+    def check(cls, vaddr, is_write, page_shift, asid) -> "_Accesses":
+        vaddr = np.asarray(vaddr)
+        if vaddr.ndim != 1:
+            raise ValueError(f"vaddr: expected a 1-D array, got shape {vaddr.shape}")
+        if vaddr.dtype.kind == "i" and len(vaddr) and int(vaddr.min()) < 0:
+            raise ValueError(f"vaddr: negative address {int(vaddr.min())}")
+        vaddr = np.ascontiguousarray(vaddr, dtype=np.uint64)
+        n = len(vaddr)
+        is_write = None if is_write is None else cls._column("is_write", is_write, bool, n)
+        page_shift = cls._column("page_shift", PAGE_SHIFT_4K if page_shift is None else page_shift,
+                                 np.uint8, n)
+        asid = cls._column("asid", asid, np.int64, n)
+        bad, what = _check_kernel(vaddr, page_shift, asid)
+        if bad >= 0:
+            if what == 0:
+                raise ValueError(f"vaddr: {int(vaddr[bad]):#x} at index {bad} is outside the 47-bit "
+                                 "user address space")
+            if what == 1:
+                ps = page_shift[0 if len(page_shift) == 1 else bad]
+                raise ValueError(f"page_shift: {int(ps)} at index {bad}; must be 12 (4 KiB) or 21 (2 MiB)")
+            a = asid[0 if len(asid) == 1 else bad]
+            raise ValueError(f"asid: {int(a)} at index {bad}; must be within [0, {ASID_LIMIT})")
+        return cls(vaddr, is_write, page_shift, asid)
+
+    def slice(self, a: int, b: int) -> "_Accesses":
+        if a == 0 and b == self.n:
+            return self
+        def cut(x):
+            return x if x is None or (len(x) == 1 and self.n != 1) else x[a:b]
+        return _Accesses(self.vaddr[a:b], cut(self.is_write), cut(self.page_shift), cut(self.asid))
+
+    def writes(self) -> int:
+        if self.is_write is None:
+            return 0
+        if len(self.is_write) == 1 and self.n != 1:
+            return self.n if bool(self.is_write[0]) else 0
+        return int(np.count_nonzero(self.is_write))
+
+    def full(self, name: str) -> np.ndarray:
+        """One column as a full-length array (for the reference engine)."""
+        x = getattr(self, name)
+        return np.broadcast_to(x, (self.n,)) if len(x) == 1 else x
+
+
+# -- knobs --------------------------------------------------------------------------------------
+@dataclass
+class TlbKnobs:
+    """Model of drcachesim's ``tlb_simulator_knobs_t``: the geometry and costs of one core's dTLBs.
+
+    Every default lives here.  The defaults are a generic Skylake-class x86 core;
+    use a preset (:mod:`thpcow.machine.presets`) for a real machine.
+    """
+
+    name: str = "default"
+    source: str = ""                 # where the geometry comes from (a citation)
+    # L1 dTLB.  l1_unified: one L1 of l1_4k_entries/l1_4k_assoc holds both page sizes.
+    l1_unified: bool = False
+    l1_4k_entries: int = 64
+    l1_4k_assoc: int = 4
+    l1_2m_entries: int = 32
+    l1_2m_assoc: int = 4
+    # L2 (STLB).  l2_entries == 0: no L2.
+    l2_entries: int = 1536
+    l2_assoc: int = 12
+    l2_holds_2m: bool = True
+    # PDE cache (PMD-level paging-structure / walk cache).  pwc_entries == 0: none.
+    pwc_entries: int = 32
+    pwc_assoc: int = 4
+    # Memory references per page walk.
+    pmd_walk_refs: int = 1
+    pte_walk_refs_pwc_hit: int = 1
+    pte_walk_refs_pwc_miss: int = 2
+    # Costs: cycles are turned into ns with cpu_ghz.
+    cpu_ghz: float = 3.0
+    l2_hit_cycles: float = 7.0       # extra cycles of an L1 miss that hits the L2
+    walk_ref_cycles: float = 40.0    # one page-table read (assumption: mostly L2/L3 cache hits)
+    shootdown_ns: float = 2000.0     # one flush with one remote CPU (IPI round trip, not measured here)
+    # drcachesim's reference counts: skip, then warm up (stats reset after), then simulate.
+    skip_refs: int = 0
+    warmup_refs: int = 0
+    sim_refs: int = 0                # 0: no limit
+
+    def validate(self) -> "TlbKnobs":
+        """Check every field; raise ValueError naming the first bad one."""
+        for f in fields(self):
+            val = getattr(self, f.name)
+            want = {"str": str, "bool": bool, "int": int, "float": (int, float)}[f.type]
+            if not isinstance(val, want) or (want is not bool and isinstance(val, bool)):
+                raise ValueError(f"field '{f.name}': expected {f.type}, got {val!r}")
+        _check_geometry("l1_4k", self.l1_4k_entries, self.l1_4k_assoc, required=True)
+        if not self.l1_unified:
+            _check_geometry("l1_2m", self.l1_2m_entries, self.l1_2m_assoc, required=True)
+        _check_geometry("l2", self.l2_entries, self.l2_assoc, required=False)
+        _check_geometry("pwc", self.pwc_entries, self.pwc_assoc, required=False)
+        for name in ("pmd_walk_refs", "pte_walk_refs_pwc_hit", "pte_walk_refs_pwc_miss",
+                     "skip_refs", "warmup_refs", "sim_refs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"field '{name}': must be >= 0, got {getattr(self, name)}")
+        for name in ("l2_hit_cycles", "walk_ref_cycles", "shootdown_ns"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"field '{name}': must be >= 0, got {getattr(self, name)}")
+        if self.cpu_ghz <= 0:
+            raise ValueError(f"field 'cpu_ghz': must be > 0, got {self.cpu_ghz}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_geometry(prefix: str, entries: int, assoc: int, required: bool) -> None:
+    if entries == 0 and not required:
+        return
+    if entries <= 0:
+        raise ValueError(f"field '{prefix}_entries': must be > 0, got {entries}")
+    if assoc <= 0 or entries % assoc:
+        raise ValueError(f"field '{prefix}_assoc': must divide {prefix}_entries={entries}, got {assoc}")
+    sets = entries // assoc
+    if sets & (sets - 1):
+        raise ValueError(f"field '{prefix}_assoc': {prefix}_entries/{prefix}_assoc = {sets} sets, "
+                         "not a power of two")
+
+
+# -- devices ------------------------------------------------------------------------------------
+class Tlb:
+    """Model of one TLB level (drcachesim ``tlb_t``): set-associative, true LRU, tagged by (ASID, page, size).
+
+    Its contents live in the simulator that owns it; the device keeps the
+    geometry, its ``parent`` (the next level) and a view of its counters.
+    """
+
+    kind = "tlb"
+
+    def __init__(self, name: str, entries: int, assoc: int, page_sizes: Iterable[int] = (SIZE_4K,),
+                 parent: "Tlb | None" = None) -> None:
+        page_sizes = tuple(sorted(set(page_sizes)))
+        for size in page_sizes:
+            if size not in PAGE_SIZES:
+                raise ValueError(f"Tlb {name!r}: page size {size} not supported (4096 or 2097152)")
+        if self.kind == "tlb" and not page_sizes:
+            raise ValueError(f"Tlb {name!r}: page_sizes is empty")
+        _check_geometry(name, entries, assoc, required=True)
+        self.name = name
+        self.entries = entries
+        self.assoc = assoc
+        self.nsets = entries // assoc
+        self.page_sizes = page_sizes
+        self.parent = parent
+        self.stats = np.zeros(len(Metric), dtype=np.int64)
+
+    def holds(self, size: int) -> bool:
+        return size in self.page_sizes
+
+    def get_metric(self, metric: "Metric | str") -> int:
+        """One counter of this level (after ``caching_device_stats_t::get_metric()``)."""
+        m = Metric[metric.upper()] if isinstance(metric, str) else Metric(metric)
+        return int(self.stats[m])
+
+    def describe(self) -> str:
+        shape = "fully associative" if self.nsets == 1 else f"{self.assoc}-way"
+        sizes = "+".join("4K" if s == SIZE_4K else "2M" for s in self.page_sizes)
+        return f"{self.entries}-entry {shape}" + (f", {sizes}" if sizes else "")
+
+    def print_stats(self, prefix: str = "  ", file: TextIO | None = None) -> None:
+        """Print the counters as drcachesim's ``print_counts()``/``print_rates()`` do."""
+        out = file or sys.stdout
+        parent = f" -> {self.parent.name}" if self.parent else ""
+        print(f"{prefix}{self.name} ({self.describe()}){parent} stats:", file=out)
+        for m in Metric:
+            print(f"{prefix}    {m.name.capitalize() + ':':<22}{int(self.stats[m]):>16,}", file=out)
+        lookups = int(self.stats[Metric.HITS] + self.stats[Metric.MISSES])
+        rate = 100.0 * int(self.stats[Metric.MISSES]) / lookups if lookups else 0.0
+        print(f"{prefix}    {'Miss rate:':<22}{rate:>15.2f}%", file=out)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.describe()})"
+
+
+class WalkCache(Tlb):
+    """Model of the PDE cache: x86 paging-structure cache of PMD entries (Arm: the walk cache).
+
+    It holds the PMD entries that point to PTE tables, one per 2 MiB region,
+    so that a 4 KiB walk whose PMD entry is cached reads only the PTE.
+    """
+
+    kind = "pwc"
+
+    def __init__(self, name: str, entries: int, assoc: int) -> None:
+        super().__init__(name, entries, assoc, page_sizes=())
+
+    def describe(self) -> str:
+        shape = "fully associative" if self.nsets == 1 else f"{self.assoc}-way"
+        return f"{self.entries}-entry {shape} PDE cache"
+
+
+# -- the model ----------------------------------------------------------------------------------
+class _TlbModel:
+    """Model of drcachesim's ``tlb_simulator_t`` for one core: the parts both engines share."""
+
+    engine = "abstract"
+
+    def __init__(self, knobs: TlbKnobs | None = None, *, l1: Iterable[Tlb] | None = None,
+                 pwc: WalkCache | None = None) -> None:
+        self.knobs = (knobs or TlbKnobs()).validate()
+        if l1 is None:
+            l1, pwc = self._build_from_knobs(self.knobs)
+        self._wire(list(l1), pwc)
+        self.sim_stats = np.zeros(len(SimMetric), dtype=np.int64)
+        self.dev_stats = np.zeros((len(self.devices), len(Metric)), dtype=np.int64)
+        for i, dev in enumerate(self.devices):
+            dev.stats = self.dev_stats[i]        # the device reads its row of the simulator's table
+        self.stats_at_reset: dict | None = None
+        self.refs_skipped = 0
+        self.refs_warmup = 0
+        self.refs_simulated = 0
+        self.refs_ignored = 0
+
+    # -- hierarchy ------------------------------------------------------------------------------
+    @staticmethod
+    def _build_from_knobs(k: TlbKnobs) -> tuple[list[Tlb], WalkCache | None]:
+        """Model of ``tlb_simulator_t::init()``: create the devices the knobs describe."""
+        l2 = None
+        if k.l2_entries:
+            l2 = Tlb("l2", k.l2_entries, k.l2_assoc,
+                     page_sizes=PAGE_SIZES if k.l2_holds_2m else (SIZE_4K,))
+        if k.l1_unified:
+            l1 = [Tlb("l1d", k.l1_4k_entries, k.l1_4k_assoc, page_sizes=PAGE_SIZES, parent=l2)]
+        else:
+            l1 = [Tlb("l1d_4k", k.l1_4k_entries, k.l1_4k_assoc, page_sizes=(SIZE_4K,), parent=l2),
+                  Tlb("l1d_2m", k.l1_2m_entries, k.l1_2m_assoc, page_sizes=(SIZE_2M,),
+                      parent=l2 if k.l2_holds_2m else None)]
+        pwc = WalkCache("pwc", k.pwc_entries, k.pwc_assoc) if k.pwc_entries else None
+        return l1, pwc
+
+    def _wire(self, l1: list[Tlb], pwc: WalkCache | None) -> None:
+        """Check the hierarchy and number its devices: L1s, then their parent, then the PDE cache."""
+        self.l1_for: list[Tlb] = []
+        for size in PAGE_SIZES:
+            owners = [d for d in l1 if d.holds(size)]
+            if len(owners) != 1:
+                raise ValueError(f"{len(owners)} L1 devices hold {size}-byte pages; exactly one must")
+            self.l1_for.append(owners[0])
+        parents = {id(d.parent): d.parent for d in l1 if d.parent is not None}
+        if len(parents) > 1:
+            raise ValueError("the L1 devices have different parents; one shared L2 is supported")
+        l2 = next(iter(parents.values()), None)
+        if l2 is not None and l2.parent is not None:
+            raise ValueError(f"{l2.name}: a third TLB level is not supported")
+        self.l2 = l2
+        # The L2 is consulted for a size only if the L1 of that size points to it and it holds the size.
+        self.l2_for = [l2 if (l2 is not None and self.l1_for[i].parent is l2 and l2.holds(size)) else None
+                       for i, size in enumerate(PAGE_SIZES)]
+        self.pwc = pwc
+        devices: list[Tlb] = []
+        for d in l1 + ([l2] if l2 else []) + ([pwc] if pwc else []):
+            if all(d is not e for e in devices):
+                devices.append(d)
+        self.devices = devices
+        self.levels = {d.name: d for d in devices}
+        if len(self.levels) != len(devices):
+            raise ValueError("TLB device names must be unique")
+
+    def _index(self, dev: Tlb | None) -> int:
+        return -1 if dev is None else next(i for i, d in enumerate(self.devices) if d is dev)
+
+    # -- accesses -------------------------------------------------------------------------------
+    def simulate(self, vaddr, is_write=None, page_shift=None, asid=0) -> None:
+        """Model of ``tlb_simulator_t::process_memref()`` over an array of data accesses.
+
+        ``vaddr`` (uint64), ``is_write`` (bool, default all loads), ``page_shift``
+        (uint8: 12 or 21, default 12) and ``asid`` (int) are parallel arrays; the
+        last three may also be one value for every access.  The first
+        ``skip_refs`` accesses of the whole stream are dropped, the next
+        ``warmup_refs`` only warm the TLBs (the stats are reset after them, the
+        old ones kept in ``stats_at_reset``), then at most ``sim_refs`` are
+        simulated and the rest ignored.  A bad access raises ValueError before
+        anything is simulated.
+        """
+        acc = _Accesses.check(vaddr, is_write, page_shift, asid)
+        n = acc.n
+        k = self.knobs
+        pos = 0
+        if self.refs_skipped < k.skip_refs:
+            take = min(n, k.skip_refs - self.refs_skipped)
+            self.refs_skipped += take
+            pos += take
+        if pos < n and self.refs_warmup < k.warmup_refs:
+            take = min(n - pos, k.warmup_refs - self.refs_warmup)
+            self._run(acc.slice(pos, pos + take))
+            self.refs_warmup += take
+            pos += take
+            if self.refs_warmup == k.warmup_refs:
+                self.stats_at_reset = self.stats_dict()
+                self.reset_stats()
+        if pos < n:
+            room = n - pos if not k.sim_refs else max(0, k.sim_refs - self.refs_simulated)
+            take = min(n - pos, room)
+            if take:
+                self._run(acc.slice(pos, pos + take))
+            self.refs_simulated += take
+            pos += take
+        self.refs_ignored += n - pos
+
+    def _run(self, acc: "_Accesses") -> None:
+        nw = acc.writes()
+        self.sim_stats[SimMetric.WRITES] += nw
+        self.sim_stats[SimMetric.READS] += acc.n - nw
+        self.sim_stats[SimMetric.ACCESSES] += acc.n
+        self._simulate_chunk(acc)
+
+    def _simulate_chunk(self, acc: "_Accesses") -> None:
+        raise NotImplementedError
+
+    # -- invalidation ---------------------------------------------------------------------------
+    def invalidate_page(self, asid: int, vpn: int, size: int) -> int:
+        """Model of flush_tlb_page() / a PMD flush: drop every entry of ``asid`` overlapping one page.
+
+        ``vpn`` is the page number at ``size`` (4096: ``vaddr >> 12``, 2 MiB:
+        ``vaddr >> 21``).  For a 2 MiB page (a PMD split, a PMD COW remap) the
+        PDE-cache entry of that region goes too; a 4 KiB flush is a last-level
+        flush and leaves the PDE cache alone.  Returns the entries removed.
+        """
+        if size not in PAGE_SIZES:
+            raise ValueError(f"size: {size} not supported (4096 or 2097152)")
+        self._check_asid(asid)
+        start = int(vpn) * size
+        if not 0 <= start < USER_VA_LIMIT:
+            raise ValueError(f"vpn: {vpn:#x} is outside the user address space for size {size}")
+        return self._shootdown(asid, start, start + size, with_pwc=size == SIZE_2M)
+
+    def invalidate_range(self, asid: int, start: int, end: int) -> int:
+        """Model of flush_tlb_range(): drop the entries of ``asid`` overlapping [start, end), PDE cache too."""
+        self._check_asid(asid)
+        if not 0 <= start < end:
+            raise ValueError(f"range: need 0 <= start < end, got [{start:#x}, {end:#x})")
+        return self._shootdown(asid, int(start), int(end), with_pwc=True)
+
+    def flush_asid(self, asid: int) -> int:
+        """Model of flush_tlb_mm(): drop every entry of one address space (fork's parent flush, exit)."""
+        self._check_asid(asid)
+        return self._shootdown(asid, 0, 1 << 62, with_pwc=True)
+
+    def flush_all(self) -> int:
+        """Model of flush_tlb_all(): drop every entry of every address space."""
+        return self._shootdown(-1, 0, 1 << 62, with_pwc=True)
+
+    def _shootdown(self, asid: int, start: int, end: int, with_pwc: bool) -> int:
+        removed = self._invalidate(asid, start, end, with_pwc)
+        self.sim_stats[SimMetric.SHOOTDOWNS] += 1
+        self.sim_stats[SimMetric.INVALIDATED_ENTRIES] += removed
+        return removed
+
+    def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_asid(asid: int) -> None:
+        if not 0 <= int(asid) < ASID_LIMIT:
+            raise ValueError(f"asid: must be within [0, {ASID_LIMIT}), got {asid}")
+
+    # -- stats ----------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Model of ``caching_device_stats_t::reset()``: zero the counters, keep the TLB contents."""
+        self.dev_stats[:] = 0
+        self.sim_stats[:] = 0
+
+    def get_metric(self, metric: "Metric | SimMetric | str", level: str | None = None) -> int:
+        """One counter: a level's (``level`` given, or a :class:`Metric`) or the simulator's."""
+        if level is not None or isinstance(metric, Metric):
+            name = level if level is not None else self.l1_for[0].name
+            if name not in self.levels:
+                raise KeyError(f"level {name!r}: not one of {sorted(self.levels)}")
+            return self.levels[name].get_metric(metric)
+        m = SimMetric[metric.upper()] if isinstance(metric, str) else SimMetric(metric)
+        return int(self.sim_stats[m])
+
+    def translation_ns(self) -> float:
+        """Estimated time spent translating: L2 hits plus page-walk references, in ns."""
+        k = self.knobs
+        l2_hits = self.l2.get_metric(Metric.HITS) if self.l2 else 0
+        cycles = l2_hits * k.l2_hit_cycles + int(self.sim_stats[SimMetric.WALK_MEM_REFS]) * k.walk_ref_cycles
+        return cycles / k.cpu_ghz
+
+    def shootdown_ns(self) -> float:
+        """Estimated cost of the flushes issued: shootdowns × ``shootdown_ns``."""
+        return int(self.sim_stats[SimMetric.SHOOTDOWNS]) * self.knobs.shootdown_ns
+
+    def stats_dict(self) -> dict:
+        """Every counter as plain ints (JSON-ready), keyed by level name and metric name."""
+        return {
+            "preset": self.knobs.name,
+            **{_metric_name(m): int(self.sim_stats[m]) for m in SimMetric},
+            "levels": {d.name: {_metric_name(m): int(d.stats[m]) for m in Metric} for d in self.devices},
+            "refs": {"skipped": self.refs_skipped, "warmup": self.refs_warmup,
+                     "simulated": self.refs_simulated, "ignored": self.refs_ignored},
+            "translation_ns": round(self.translation_ns(), 3),
+            "shootdown_ns": round(self.shootdown_ns(), 3),
+        }
+
+    def print_results(self, file: TextIO | None = None) -> None:
+        """Model of ``tlb_simulator_t::print_results()``: every level, the walks, the flushes."""
+        out = file or sys.stdout
+        s = self.sim_stats
+        print(f"TLB simulation results ({self.knobs.name}, {self.engine} engine):", file=out)
+        print(f"  {'Accesses:':<26}{int(s[SimMetric.ACCESSES]):>16,}  "
+              f"({int(s[SimMetric.READS]):,} loads, {int(s[SimMetric.WRITES]):,} stores)", file=out)
+        if self.refs_skipped or self.refs_warmup or self.refs_ignored:
+            print(f"  {'Skipped / warmup / ignored:':<26}{self.refs_skipped:,} / {self.refs_warmup:,} / "
+                  f"{self.refs_ignored:,}", file=out)
+        for dev in self.devices:
+            dev.print_stats("  ", out)
+        print("  Page walks:", file=out)
+        for m, label in ((SimMetric.WALKS_PMD, "PMD (2 MiB page)"),
+                         (SimMetric.WALKS_PTE_PWC_HIT, "PTE, PDE-cache hit"),
+                         (SimMetric.WALKS_PTE_PWC_MISS, "PTE, PDE-cache miss"),
+                         (SimMetric.WALK_MEM_REFS, "Memory references")):
+            print(f"      {label + ':':<22}{int(s[m]):>16,}", file=out)
+        print(f"  {'Shootdowns:':<26}{int(s[SimMetric.SHOOTDOWNS]):>16,}  "
+              f"({int(s[SimMetric.INVALIDATED_ENTRIES]):,} entries invalidated, "
+              f"{self.shootdown_ns() / 1000:,.1f} us)", file=out)
+        acc = int(s[SimMetric.ACCESSES])
+        per = self.translation_ns() / acc if acc else 0.0
+        print(f"  {'Translation overhead:':<26}{self.translation_ns() / 1000:>16,.1f} us  "
+              f"({per:.2f} ns/access)", file=out)
+
+    def results_text(self) -> str:
+        import io
+        buf = io.StringIO()
+        self.print_results(buf)
+        return buf.getvalue()
+
+
+# -- the numba engine ---------------------------------------------------------------------------
+# Device table columns.
+_D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC, _D_HASH_BASE, _D_HASH_BITS = range(6)
+_GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
+_HIT, _MISS, _MISS_EVICT = 1, 0, 2
+
+
+class TlbSimulator(_TlbModel):
+    """Model of drcachesim's ``tlb_simulator_t`` for one core, with a numba-compiled hot loop.
+
+    Storage: every device's ways are slots of flat arrays.  A set keeps its
+    slots on a doubly linked LRU list (head = most recent; invalid slots at the
+    tail), so a hit is a move to the head and a fill takes the tail.  Devices
+    with more than ``SCAN_MAX_ASSOC`` ways find a key through an open-addressing
+    hash table (linear probing, backward-shift deletion) instead of a scan.
+    """
+
+    engine = "numba"
+
+    def __init__(self, knobs: TlbKnobs | None = None, *, l1: Iterable[Tlb] | None = None,
+                 pwc: WalkCache | None = None) -> None:
+        super().__init__(knobs, l1=l1, pwc=pwc)
+        ndev = len(self.devices)
+        dev = np.zeros((ndev, 6), dtype=np.int64)
+        slot = setb = hb = 0
+        for i, d in enumerate(self.devices):
+            bits = 0
+            if d.assoc > SCAN_MAX_ASSOC:
+                bits = max(4, int(np.ceil(np.log2(d.entries * 16))))    # load factor <= 1/16
+            dev[i] = (slot, setb, d.nsets, d.assoc, hb, bits)
+            slot += d.entries
+            setb += d.nsets
+            hb += (1 << bits) if bits else 0
+        self._dev = dev
+        self._slot_key = np.full(slot, EMPTY, dtype=np.int64)
+        self._prv = np.empty(slot, dtype=np.int32)
+        self._nxt = np.empty(slot, dtype=np.int32)
+        self._head = np.empty(setb, dtype=np.int32)
+        self._tail = np.empty(setb, dtype=np.int32)
+        # Hash tables of all devices: (key, slot) pairs, interleaved so a probe reads one line.
+        self._htab = np.full(2 * max(hb, 1), EMPTY, dtype=np.int64)
+        _init_lists(dev, self._prv, self._nxt, self._head, self._tail)
+        self._last_key = np.full(ndev, EMPTY, dtype=np.int64)
+        self._l1_for = np.array([self._index(d) for d in self.l1_for], dtype=np.int64)
+        self._l2_for = np.array([self._index(d) for d in self.l2_for], dtype=np.int64)
+        k = self.knobs
+        self._walk_refs = np.array([k.pmd_walk_refs, k.pte_walk_refs_pwc_hit, k.pte_walk_refs_pwc_miss],
+                                   dtype=np.int64)
+
+    def _simulate_chunk(self, acc: _Accesses) -> None:
+        ps_step = 0 if len(acc.page_shift) == 1 and acc.n != 1 else 1
+        asid_step = 0 if len(acc.asid) == 1 and acc.n != 1 else 1
+        _simulate_kernel(acc.vaddr, acc.page_shift, ps_step, acc.asid, asid_step, self._dev, self._slot_key, self._prv, self._nxt,
+                         self._head, self._tail, self._htab, self._l1_for, self._l2_for,
+                         self._index(self.pwc), self._walk_refs, self.dev_stats, self.sim_stats,
+                         self._last_key)
+
+    def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool) -> int:
+        skip = self._index(self.pwc) if not with_pwc else -1
+        removed = _invalidate_kernel(self._dev, self._slot_key, self._prv, self._nxt, self._head,
+                                     self._tail, self._htab, self.dev_stats,
+                                     asid, start, end, skip)
+        self._last_key[:] = EMPTY            # the fast path must look again
+        return removed
+
+    def contents(self, level: str) -> list[tuple[int, int, int]]:
+        """The valid entries of one level as (asid, vaddr, size), most recently used first per set."""
+        d = self._index(self.levels[level])
+        base, setb, nsets = (int(x) for x in self._dev[d, :3])
+        out = []
+        for s in range(setb, setb + nsets):
+            x = int(self._head[s])
+            while x >= 0:
+                key = int(self._slot_key[x])
+                if key != EMPTY:
+                    out.append(_decode(key))
+                x = int(self._nxt[x])
+        return out
+
+
+def _decode(key: int) -> tuple[int, int, int]:
+    big = key & 1
+    vpn = (key >> 1) & _VPN_MASK
+    shift = PAGE_SHIFT_2M if big else PAGE_SHIFT_4K
+    return key >> ASID_SHIFT, vpn << shift, 1 << shift
+
+
+@njit(cache=True, _nrt=False)
+def _init_lists(dev, prv, nxt, head, tail):
+    """Chain every set's slots, all invalid, lowest slot at the head."""
+    for d in range(dev.shape[0]):
+        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
+        for s in range(nsets):
+            first = base + s * assoc
+            for w in range(assoc):
+                x = first + w
+                prv[x] = x - 1 if w > 0 else -1
+                nxt[x] = x + 1 if w < assoc - 1 else -1
+            head[setb + s] = first
+            tail[setb + s] = first + assoc - 1
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _home(key, bits):
+    return ((key * _GOLD) >> (64 - bits)) & ((1 << bits) - 1)
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _hash_insert(htab, hb, bits, key, x):
+    m = (1 << bits) - 1
+    h = _home(key, bits)
+    while htab[2 * (hb + h)] != EMPTY:
+        h = (h + 1) & m
+    htab[2 * (hb + h)] = key
+    htab[2 * (hb + h) + 1] = x
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _hash_delete(htab, hb, bits, key):
+    """Linear-probing deletion by backward shift (no tombstones)."""
+    m = (1 << bits) - 1
+    i = _home(key, bits)
+    while htab[2 * (hb + i)] != key:
+        i = (i + 1) & m
+    j = i
+    while True:
+        j = (j + 1) & m
+        k = htab[2 * (hb + j)]
+        if k == EMPTY:
+            break
+        h = _home(k, bits)
+        # The entry at j may move back to i unless its home lies cyclically in (i, j].
+        if (i < j and (h <= i or h > j)) or (j < i and h <= i and h > j):
+            htab[2 * (hb + i)] = k
+            htab[2 * (hb + i) + 1] = htab[2 * (hb + j) + 1]
+            i = j
+    htab[2 * (hb + i)] = EMPTY
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _unlink(prv, nxt, head, tail, s, x):
+    p = prv[x]
+    q = nxt[x]
+    if p >= 0:
+        nxt[p] = q
+    else:
+        head[s] = q
+    if q >= 0:
+        prv[q] = p
+    else:
+        tail[s] = p
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _to_head(prv, nxt, head, tail, s, x):
+    if head[s] == x:
+        return
+    _unlink(prv, nxt, head, tail, s, x)
+    prv[x] = -1
+    nxt[x] = head[s]
+    prv[head[s]] = x
+    head[s] = x
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _to_tail(prv, nxt, head, tail, s, x):
+    if tail[s] == x:
+        return
+    _unlink(prv, nxt, head, tail, s, x)
+    nxt[x] = -1
+    prv[x] = tail[s]
+    nxt[tail[s]] = x
+    tail[s] = x
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _access(dev, slot_key, prv, nxt, head, tail, htab, d, key, idx):
+    """Model of ``tlb_t::request()`` at one level: look up, and on a miss fill the LRU way."""
+    assoc = dev[d, 3]
+    s_local = idx & (dev[d, 2] - 1)
+    s = dev[d, 1] + s_local
+    bits = dev[d, 5]
+    hb = dev[d, 4]
+    x = -1
+    if bits == 0:
+        first = dev[d, 0] + s_local * assoc
+        # Branch-free scan (keys in a set are distinct): vectorizes, no mispredicted exit.
+        pos = 0
+        for w in range(assoc):
+            pos += (slot_key[first + w] == key) * (w + 1)
+        if pos:
+            x = first + pos - 1
+    else:
+        m = (1 << bits) - 1
+        h = _home(key, bits)
+        while True:
+            k = htab[2 * (hb + h)]
+            if k == key:
+                x = htab[2 * (hb + h) + 1]
+                break
+            if k == EMPTY:
+                break
+            h = (h + 1) & m
+    if x >= 0:
+        _to_head(prv, nxt, head, tail, s, x)
+        return _HIT
+    x = tail[s]
+    old = slot_key[x]
+    ret = _MISS
+    if old != EMPTY:
+        ret = _MISS_EVICT
+        if bits:
+            _hash_delete(htab, hb, bits, old)
+    if bits:
+        _hash_insert(htab, hb, bits, key, x)
+    slot_key[x] = key
+    _to_head(prv, nxt, head, tail, s, x)
+    return ret
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, slot_key, prv, nxt, head, tail, htab,
+                     l1_for, l2_for, pwc, walk_refs, dev_stats, sim_stats, last_key):
+    """The hot loop: every access through L1, L2 and the page walk (see the module docstring).
+
+    NOTE: the counters are kept in locals and added to the stats arrays at the
+    end, for performance (a counter in memory is a store-to-load chain).
+    """
+    l1_hit0 = l1_hit1 = l1_miss0 = l1_miss1 = l1_evict0 = l1_evict1 = 0
+    l2_hit = l2_miss = l2_evict = pwc_hit = pwc_miss = pwc_evict = 0
+    walks_pmd = walks_pte_hit = walks_pte_miss = 0
+    last4k = last_key[l1_for[0]]
+    last2m = last_key[l1_for[1]]
+    shared_l1 = l1_for[0] == l1_for[1]
+    for i in range(vaddr.shape[0]):
+        v = np.int64(vaddr[i])
+        big = 1 if page_shift[i * ps_step] == 21 else 0
+        vpn = v >> (21 if big else 12)
+        a = asid[i * asid_step]
+        key = (a << 48) | (vpn << 1) | big
+        # Optimization: the last key of an L1 is its most recent entry (drcachesim's
+        # "check last tag and pid"); a repeat needs no lookup and no LRU update.
+        if big:
+            if key == last2m:
+                l1_hit1 += 1
+                continue
+            last2m = key
+            if shared_l1:
+                last4k = key
+        else:
+            if key == last4k:
+                l1_hit0 += 1
+                continue
+            last4k = key
+            if shared_l1:
+                last2m = key
+        r = _access(dev, slot_key, prv, nxt, head, tail, htab, l1_for[big], key, vpn)
+        if r == _HIT:
+            if big:
+                l1_hit1 += 1
+            else:
+                l1_hit0 += 1
+            continue
+        if big:
+            l1_miss1 += 1
+            l1_evict1 += r == _MISS_EVICT
+        else:
+            l1_miss0 += 1
+            l1_evict0 += r == _MISS_EVICT
+        d2 = l2_for[big]
+        if d2 >= 0:
+            r = _access(dev, slot_key, prv, nxt, head, tail, htab, d2, key, vpn)
+            if r == _HIT:
+                l2_hit += 1
+                continue
+            l2_miss += 1
+            l2_evict += r == _MISS_EVICT
+        if big:
+            walks_pmd += 1
+        elif pwc >= 0:
+            region = v >> 21
+            r = _access(dev, slot_key, prv, nxt, head, tail, htab, pwc,
+                        (a << 48) | (region << 1) | 1, region)
+            if r == _HIT:
+                pwc_hit += 1
+                walks_pte_hit += 1
+            else:
+                pwc_miss += 1
+                pwc_evict += r == _MISS_EVICT
+                walks_pte_miss += 1
+        else:
+            walks_pte_miss += 1
+    last_key[l1_for[0]] = last4k          # with one shared L1, last4k == last2m
+    last_key[l1_for[1]] = last2m
+    d0 = l1_for[0]
+    d1 = l1_for[1]
+    dev_stats[d0, 0] += l1_hit0
+    dev_stats[d0, 1] += l1_miss0
+    dev_stats[d0, 2] += l1_evict0
+    dev_stats[d1, 0] += l1_hit1
+    dev_stats[d1, 1] += l1_miss1
+    dev_stats[d1, 2] += l1_evict1
+    d2 = l2_for[0] if l2_for[0] >= 0 else l2_for[1]
+    if d2 >= 0:
+        dev_stats[d2, 0] += l2_hit
+        dev_stats[d2, 1] += l2_miss
+        dev_stats[d2, 2] += l2_evict
+    if pwc >= 0:
+        dev_stats[pwc, 0] += pwc_hit
+        dev_stats[pwc, 1] += pwc_miss
+        dev_stats[pwc, 2] += pwc_evict
+    sim_stats[3] += walks_pmd
+    sim_stats[4] += walks_pte_hit
+    sim_stats[5] += walks_pte_miss
+    sim_stats[6] += walks_pmd * walk_refs[0] + walks_pte_hit * walk_refs[1] + walks_pte_miss * walk_refs[2]
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _check_kernel(vaddr, page_shift, asid):
+    """First bad access: (index, 0 address / 1 page size / 2 asid), or (-1, -1)."""
+    for i in range(vaddr.shape[0]):
+        if vaddr[i] >= np.uint64(1 << 47):
+            return i, 0
+    for i in range(page_shift.shape[0]):
+        if page_shift[i] != 12 and page_shift[i] != 21:
+            return i, 1
+    for i in range(asid.shape[0]):
+        if asid[i] < 0 or asid[i] >= (1 << 15):
+            return i, 2
+    return -1, -1
+
+
+@njit(cache=True, _nrt=False)
+def _invalidate_kernel(dev, slot_key, prv, nxt, head, tail, htab, dev_stats, asid, start, end,
+                       skip_dev):
+    """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end)."""
+    total = 0
+    for d in range(dev.shape[0]):
+        if d == skip_dev:
+            continue
+        base, setb, nsets, assoc, hb, bits = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3], dev[d, 4], dev[d, 5]
+        n = 0
+        for s in range(nsets):
+            first = base + s * assoc
+            for x in range(first, first + assoc):
+                key = slot_key[x]
+                if key == EMPTY:
+                    continue
+                if asid >= 0 and (key >> 48) != asid:
+                    continue
+                shift = 21 if key & 1 else 12
+                lo = ((key >> 1) & 0x7FFFFFFFFFFF) << shift
+                if lo >= end or lo + (1 << shift) <= start:
+                    continue
+                if bits:
+                    _hash_delete(htab, hb, bits, key)
+                slot_key[x] = EMPTY
+                _to_tail(prv, nxt, head, tail, setb + s, x)
+                n += 1
+        dev_stats[d, 3] += n
+        total += n
+    return total
+
+
+# -- reading page sizes from the simulated kernel -----------------------------------------------
+def page_shifts_of(proc: "Process", vaddr) -> np.ndarray:
+    """The page size mapping each address now in a simulated process: 21 under a PMD leaf, else 12."""
+    from ..kernel.mm import PMD_LEAF
+
+    vaddr = np.asarray(vaddr, dtype=np.int64)
+    pt = proc.mm.pt
+    slots = pt.lookup_slots(vaddr >> PAGE_SHIFT_2M)
+    kind = np.where(slots >= 0, pt.pmd_kind[np.maximum(slots, 0)], 0)
+    return np.where(kind == PMD_LEAF, PAGE_SHIFT_2M, PAGE_SHIFT_4K).astype(np.uint8)

@@ -1,0 +1,241 @@
+"""Fork-then-write workloads: copy-after-fork, prefork-server, python-refcount, forkserver."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from ..kernel.constants import PAGE_SIZE
+from .base import MIB, NSEC_PER_SEC, Param, Workload, keys, ms, page_offsets, per_tick, populate_ops
+from .ops import END, EXIT, FORK, PHASE_END, WRITE, Op
+
+
+def _sorted(ops: list[Op]) -> list[Op]:
+    """Ops in time order; ops at the same time keep the order they were made in."""
+    return sorted(ops, key=lambda op: op.t)
+
+
+class CopyAfterFork(Workload):
+    """The series' end-to-end copying test: after fork one side rewrites large contiguous ranges.
+
+    The parent (pid 0) maps and writes ``size_mib``; at ``fork_after_ms`` it
+    forks pid 1.  The ``writer`` (child or parent) then rewrites ``copy_mib``
+    in ranges of ``range_kib`` (every page of a range, one op per range),
+    in sequential or random range order, at ``copy_mib_s``.  The phase ends
+    (``phase_end``) with the child alive; ``hold_ms`` later the child exits.
+    Phases: ``load``, ``copy``, ``after``.
+    """
+
+    name = "copy-after-fork"
+    help = "after fork the child (or parent) rewrites large contiguous ranges: the series' copying test"
+    measure_phase = "copy"
+    params = {
+        "size_mib": Param(64, "region size (MiB), written once at t=0", lo=1),
+        "thp": Param(True, "madvise(MADV_HUGEPAGE) on the region"),
+        "copy_mib": Param(32.0, "how much the writer rewrites after the fork (MiB)", lo=0),
+        "range_kib": Param(8192, "size of each contiguous range rewritten (KiB, multiple of 4)", lo=4),
+        "order": Param("random", "order of the ranges", choices=("sequential", "random")),
+        "writer": Param("child", "which side rewrites", choices=("child", "parent")),
+        "copy_mib_s": Param(4096.0, "rewrite bandwidth (MiB/s): one range every range/bandwidth", lo=1e-3),
+        "fork_after_ms": Param(10.0, "time from the load to the fork (ms)", lo=0),
+        "hold_ms": Param(10.0, "time the child lives after the copy (ms)", lo=0),
+    }
+
+    def check(self) -> None:
+        if self.range_kib % 4:
+            raise ValueError(f"workload {self.name}: parameter range_kib={self.range_kib}: must be a multiple of 4")
+        if self.copy_mib > self.size_mib:
+            raise ValueError(f"workload {self.name}: parameter copy_mib={self.copy_mib} exceeds "
+                             f"size_mib={self.size_mib}")
+        if self.range_kib > self.size_mib * 1024:
+            raise ValueError(f"workload {self.name}: parameter range_kib={self.range_kib} exceeds "
+                             f"size_mib={self.size_mib}")
+
+    def _plan(self) -> tuple[int, int, int, int]:
+        """(range bytes, number of ranges, ns per range, fork time)."""
+        rbytes = self.range_kib * 1024
+        nranges = int(round(self.copy_mib * MIB / rbytes))
+        per = max(1, int(round(rbytes / (self.copy_mib_s * MIB) * NSEC_PER_SEC)))
+        return rbytes, nranges, per, ms(self.fork_after_ms)
+
+    def duration_ns(self) -> int:
+        _r, nranges, per, t_fork = self._plan()
+        return t_fork + nranges * per + ms(self.hold_ms)
+
+    def ops(self, seed: int = 0) -> Iterator[Op]:
+        rng = np.random.default_rng(seed)
+        size = self.size_mib * MIB
+        rbytes, nranges, per, t_fork = self._plan()
+        slots = size // rbytes
+        yield from populate_ops(0, 0, size, self.thp)
+        order = np.arange(slots) if self.order == "sequential" else rng.permutation(slots)
+        chosen = order[:nranges]
+        writer = 1 if self.writer == "child" else 0
+        needs = tuple((0, int(s) * rbytes, rbytes) for s in np.sort(chosen)) if writer == 1 else ()
+        yield Op(t_fork, FORK, 0, "copy", arg=1, needs=needs)
+        for i, slot in enumerate(chosen.tolist()):
+            yield Op(t_fork + i * per, WRITE, writer, "copy", region=0,
+                     offsets=page_offsets(slot * rbytes, rbytes), token=2 + i, nbytes=rbytes)
+        t_done = t_fork + nranges * per
+        yield Op(t_done, PHASE_END, 0, "copy")
+        yield Op(t_done + ms(self.hold_ms), EXIT, 1, "after")
+        yield Op(t_done + ms(self.hold_ms), END, 0, "after")
+
+
+class PreforkServer(Workload):
+    """A pre-forking server: the parent loads data, forks K workers, each writes a small share.
+
+    The parent (pid 0) maps and writes ``data_mib``, then forks ``workers``
+    children (pids 1..K) ``fork_gap_ms`` apart, starting at ``fork_after_ms``.
+    Each worker writes 8 bytes into each page of its own random share
+    (``share`` of the pages), spread evenly over ``serve_ms`` in ``batch_ms``
+    ticks.  Then the parent ends the phase and the workers exit.  Phases:
+    ``load``, ``serve``, ``after``.
+    """
+
+    name = "prefork-server"
+    help = "the parent loads data and forks K workers that each write a small share of it"
+    measure_phase = "serve"
+    params = {
+        "data_mib": Param(256, "data loaded by the parent (MiB)", lo=1),
+        "thp": Param(True, "madvise(MADV_HUGEPAGE) on the data"),
+        "workers": Param(8, "worker processes forked", lo=1, hi=4096),
+        "share": Param(0.02, "fraction of the data pages each worker writes", lo=0, hi=1),
+        "serve_ms": Param(1000.0, "how long each worker serves (ms)", lo=0),
+        "batch_ms": Param(10.0, "one write batch per worker per tick of this length (ms)", lo=1e-3),
+        "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
+        "fork_gap_ms": Param(1.0, "time between two forks (ms)", lo=0),
+    }
+    touch_all_writes = False
+
+    def _plan(self) -> tuple[int, int, int]:
+        tick = max(ms(self.batch_ms), 1)
+        nticks = max(1, int(round(ms(self.serve_ms) / tick)))
+        return tick, nticks, ms(self.fork_after_ms)
+
+    def duration_ns(self) -> int:
+        tick, nticks, t0 = self._plan()
+        return t0 + (self.workers - 1) * ms(self.fork_gap_ms) + nticks * tick
+
+    def _worker_writes(self, rng: np.random.Generator, w: int, npages: int, nticks: int) -> list[np.ndarray]:
+        """The offsets worker ``w`` writes, one array per tick."""
+        pages = rng.choice(npages, size=int(round(self.share * npages)), replace=False)
+        offs = pages.astype(np.int64) * PAGE_SIZE + rng.integers(0, PAGE_SIZE // 8, size=len(pages)) * 8
+        return np.array_split(offs, nticks)
+
+    def ops(self, seed: int = 0) -> Iterator[Op]:
+        rng = np.random.default_rng(seed)
+        size = self.data_mib * MIB
+        npages = size // PAGE_SIZE
+        tick, nticks, t0 = self._plan()
+        yield from populate_ops(0, 0, size, self.thp)
+        out: list[Op] = []
+        gap = ms(self.fork_gap_ms)
+        for w in range(1, self.workers + 1):
+            t_fork = t0 + (w - 1) * gap
+            out.append(Op(t_fork, FORK, 0, "serve", arg=w, needs=((0, 0, size),)))
+            for j, offs in enumerate(self._worker_writes(rng, w, npages, nticks)):
+                if len(offs):
+                    out.append(Op(t_fork + (j + 1) * tick, WRITE, w, "serve", region=0, offsets=offs,
+                                  token=1000 * w + j, nbytes=8 * len(offs)))
+        t_end = self.duration_ns()
+        out.append(Op(t_end, PHASE_END, 0, "serve"))
+        out += [Op(t_end, EXIT, w, "after") for w in range(1, self.workers + 1)]
+        out.append(Op(t_end, END, 0, "after"))
+        yield from _sorted(out)
+
+
+class PythonRefcount(PreforkServer):
+    """Like prefork-server, but every object a worker reads is written (CPython refcounts).
+
+    Each worker makes ``touches_per_s`` object accesses over ``serve_ms``;
+    every access increments the object's refcount, an 8-byte store at the
+    object's header (objects are ``object_size`` bytes, keys uniform or
+    Zipfian).  So every page a worker merely reads is COWed.
+    """
+
+    name = "python-refcount"
+    help = "prefork workers whose reads also write (refcount updates): every touched page is COWed"
+    params = {
+        "data_mib": Param(256, "heap of Python objects loaded by the parent (MiB)", lo=1),
+        "thp": Param(True, "madvise(MADV_HUGEPAGE) on the heap"),
+        "workers": Param(8, "worker processes forked", lo=1, hi=4096),
+        "object_size": Param(64, "bytes per object (the refcount is its first 8 bytes)", lo=8, hi=1 << 20),
+        "touches_per_s": Param(100_000.0, "object accesses per second per worker", lo=0),
+        "key_dist": Param("uniform", "object popularity", choices=("uniform", "zipf")),
+        "zipf_s": Param(0.99, "Zipf exponent (key_dist=zipf)", lo=0.01, hi=10.0),
+        "serve_ms": Param(1000.0, "how long each worker serves (ms)", lo=0),
+        "batch_ms": Param(10.0, "one batch of accesses per worker per tick of this length (ms)", lo=1e-3),
+        "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
+        "fork_gap_ms": Param(1.0, "time between two forks (ms)", lo=0),
+    }
+
+    def check(self) -> None:
+        if self.object_size % 8:
+            raise ValueError(f"workload {self.name}: parameter object_size={self.object_size}: "
+                             "must be a multiple of 8")
+        if self.object_size > self.data_mib * MIB:
+            raise ValueError(f"workload {self.name}: parameter object_size={self.object_size} exceeds "
+                             f"data_mib={self.data_mib}")
+
+    def _worker_writes(self, rng, w, npages, nticks):
+        nobj = npages * PAGE_SIZE // self.object_size
+        tick, _n, _t0 = self._plan()
+        counts = per_tick(self.touches_per_s, tick, nticks)
+        return [keys(rng, nobj, self.key_dist, self.zipf_s, int(c), salt=w) * self.object_size for c in counts]
+
+
+class Forkserver(Workload):
+    """A fork server: thousands of short-lived children, each writing a few pages.
+
+    The parent (pid 0) maps and writes ``data_mib``.  From ``fork_after_ms``
+    on it forks ``children`` children at ``fork_rate_per_s``; child i writes
+    ``pages_per_child`` random pages of the first ``hot_mib`` at its fork time,
+    lives ``lifetime_ms``, and exits right after the parent's ``phase_end``.
+    Phases: ``load``, ``serve``.
+    """
+
+    name = "forkserver"
+    help = "forks thousands of short-lived children that each write a few pages"
+    measure_phase = "serve"
+    params = {
+        "data_mib": Param(64, "memory of the fork server (MiB)", lo=1),
+        "thp": Param(True, "madvise(MADV_HUGEPAGE) on it"),
+        "children": Param(1000, "children forked", lo=1, hi=1_000_000),
+        "pages_per_child": Param(8, "pages each child writes", lo=0),
+        "hot_mib": Param(4.0, "the children write within the first hot_mib (MiB)", lo=0.004),
+        "fork_rate_per_s": Param(1000.0, "forks per second", lo=1e-3),
+        "lifetime_ms": Param(0.5, "how long a child lives (ms)", lo=0),
+        "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
+    }
+
+    def check(self) -> None:
+        if self.hot_mib > self.data_mib:
+            raise ValueError(f"workload {self.name}: parameter hot_mib={self.hot_mib} exceeds "
+                             f"data_mib={self.data_mib}")
+
+    def _times(self, i: int) -> int:
+        return ms(self.fork_after_ms) + int(round(i * NSEC_PER_SEC / self.fork_rate_per_s))
+
+    def duration_ns(self) -> int:
+        return self._times(self.children - 1) + ms(self.lifetime_ms)
+
+    def ops(self, seed: int = 0) -> Iterator[Op]:
+        rng = np.random.default_rng(seed)
+        size = self.data_mib * MIB
+        hot = max(1, int(self.hot_mib * MIB) // PAGE_SIZE)
+        yield from populate_ops(0, 0, size, self.thp)
+        out: list[Op] = []
+        life = ms(self.lifetime_ms)
+        for i in range(self.children):
+            pid, t = i + 1, self._times(i)
+            pages = rng.integers(0, hot, size=self.pages_per_child, dtype=np.int64)
+            out.append(Op(t, FORK, 0, "serve", arg=pid, needs=((0, 0, hot * PAGE_SIZE),)))
+            if len(pages):
+                out.append(Op(t, WRITE, pid, "serve", region=0, offsets=pages * PAGE_SIZE, token=100 + i,
+                              nbytes=8 * len(pages)))
+            out.append(Op(t + life, PHASE_END, 0, "serve"))
+            out.append(Op(t + life, EXIT, pid, "serve"))
+        out.append(Op(self.duration_ns(), END, 0, "serve"))
+        yield from _sorted(out)

@@ -171,8 +171,8 @@ def sweep_cmd(grid: str = typer.Argument(..., help="grid YAML file (scenario x p
                                       "(default: results/<grid name>/)"),
               scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler address, or 'local' for a "
                                             "Dask LocalCluster (default: local processes)"),
-              workers: int = typer.Option(None, "--workers", help="local processes / LocalCluster workers "
-                                          "(default: CPU count / 2)")) -> None:
+              workers: int = typer.Option(None, "--workers", help="local processes (1: in this process; "
+                                          "default: CPU count / 2) or LocalCluster workers (default 2)")) -> None:
     """Run a grid of scenario parameters x policies; every finished point is stored at once (resumable).
 
     Results: OUT/points/ (one Parquet dataset, one file per point),

@@ -299,6 +299,10 @@ def _workload(source: str, node, base_dir: str | None) -> tuple[str, dict[str, A
     try:
         cls(**params)
     except ValueError as exc:
+        import re
+        named = re.search(r"parameter (\w+)", str(exc))     # point at the parameter the message names
+        if named and named.group(1) in fields:
+            raise err(fields[named.group(1)][1], f"workload.{named.group(1)}", str(exc)) from None
         raise err(node, "workload", str(exc)) from None
     return name, params
 

@@ -15,7 +15,8 @@ scenario it runs (everything but name/description) and the policy.  A
 finished point is stored at once as ``OUT/points/<id>.parquet`` (written to a
 hidden temporary name, then renamed), so a sweep killed at any moment loses
 only the points that were running; run it again with the same OUT and it
-skips the stored ones.  ``OUT/points/`` is one Parquet dataset
+skips the stored ones (two sweeps must not share one OUT at the same
+time).  ``OUT/points/`` is one Parquet dataset
 (``pandas.read_parquet(OUT + "/points")``); ``OUT/summary.png`` plots it.
 ``OUT/runlog/<id>.log`` gets a line when a point is started (``run``), stored
 (``stored``) or fails (``failed``), with the sweep session's id.
@@ -197,6 +198,8 @@ def _point_frame(grid: Grid, p: Point, row: dict[str, Any]):
     df = summary_frame([row])
     df.insert(0, "point", p.id)
     for i, axis in enumerate(grid.axes):
+        if axis in df.columns:                  # seed, machine: the summary has them already
+            continue
         dtype = _axis_dtype([q.values[axis] for q in grid.points])
         val = p.values[axis] if dtype != "string" else str(p.values[axis])
         df.insert(1 + i, axis, [val])
@@ -230,12 +233,35 @@ def stored_ids(out: str) -> set[str]:
     return {f[:-len(".parquet")] for f in os.listdir(d) if f.endswith(".parquet") and not f.startswith(".")}
 
 
+class _Serial:
+    """Points one at a time in this process (``workers=1``): no pool to start."""
+
+    slots = 1
+
+    def submit(self, fn, *args):
+        fut: cf.Future = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:  # reported by the caller like a worker's failure
+            fut.set_exception(exc)
+        return fut
+
+    def wait(self, futures):
+        return set(futures)
+
+    def close(self) -> None:
+        pass
+
+
 class _Local:
     """Points on local processes (concurrent.futures)."""
 
     def __init__(self, workers: int) -> None:
         self.slots = workers
-        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+        ctx = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that has imported the simulator (and the TLB model) once.
+        ctx.set_forkserver_preload(["thpcow.experiments.runner", "thpcow.machine"])
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
 
     def submit(self, fn, *args):
         return self.pool.submit(fn, *args)
@@ -280,8 +306,10 @@ def run_sweep(grid: "Grid | str", out: str, *, scheduler: str | None = None, wor
               progress: Callable[[int, int, Point | None], None] | None = None, plot: bool = True):
     """Run every point not yet stored under ``out``; returns the grid's results as a DataFrame.
 
-    ``scheduler``: None for local processes, ``"local"`` for a Dask
-    LocalCluster, or a Dask scheduler address.  ``progress(done, total,
+    ``scheduler``: None for local processes (``workers`` of them, default
+    half the CPUs; ``workers=1`` runs the points in this process), ``"local"``
+    for a Dask LocalCluster of ``workers`` (default 2), or a Dask scheduler
+    address.  ``progress(done, total,
     point)`` after each stored point (and once at the start with point None).
     Points that raise are logged and left unstored (a rerun retries them);
     a RuntimeError listing them is raised at the end.
@@ -291,6 +319,9 @@ def run_sweep(grid: "Grid | str", out: str, *, scheduler: str | None = None, wor
         raise ValueError(f"workers={workers}: must be >= 1")
     os.makedirs(os.path.join(out, "points"), exist_ok=True)
     os.makedirs(os.path.join(out, "runlog"), exist_ok=True)
+    for f in os.listdir(os.path.join(out, "points")):      # half-written files of a killed run
+        if f.startswith(".") and f.endswith(".tmp"):
+            os.remove(os.path.join(out, "points", f))
     session = uuid.uuid4().hex[:8]
     stored = stored_ids(out)
     todo = deque(p for p in g.points if p.id not in stored)
@@ -299,7 +330,8 @@ def run_sweep(grid: "Grid | str", out: str, *, scheduler: str | None = None, wor
         progress(done, len(g.points), None)
     failures: list[tuple[Point, str]] = []
     if todo:
-        ex = _Dask(scheduler, workers) if scheduler else _Local(workers or min(os.cpu_count() or 1, len(todo)))
+        nproc = workers or max(1, min((os.cpu_count() or 2) // 2, len(todo)))
+        ex = _Dask(scheduler, workers) if scheduler else _Serial() if nproc == 1 else _Local(nproc)
         active: dict[Any, Point] = {}
         try:
             def submit_next() -> None:
@@ -358,7 +390,9 @@ def plot_sweep(df, grid: Grid, path: str) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    labels = df[grid.axes].astype(str).agg(", ".join, axis=1) if grid.axes else df["scenario"].astype(str)
+    short = {a: a.rsplit(".", 1)[-1].rsplit("/", 1)[-1] for a in grid.axes}
+    labels = (df[grid.axes].astype(str).apply(lambda r: ", ".join(f"{short[a]}={r[a]}" for a in grid.axes), axis=1)
+              if grid.axes else df["scenario"].astype(str))
     df = df.assign(_label=labels)
     cats = list(dict.fromkeys(df["_label"]))
     fig, axs = plt.subplots(2, 2, figsize=(11, 7), dpi=100)

@@ -45,6 +45,7 @@ class FolioTable:
         ("mm_id0", np.int32, 0), ("mm_id1", np.int32, 0),
         ("mm_cnt0", np.int32, 0), ("mm_cnt1", np.int32, 0),
         ("swap", np.int64, -1),          # first swap slot while in the swap cache
+        ("lru", np.int64, -1),           # LRU position stamp (smaller = older); -1: not on the LRU
     )
 
     def __init__(self, capacity: int = 1024) -> None:
@@ -57,9 +58,11 @@ class FolioTable:
         self.nr_live = 0
 
     def _grow(self, need: int) -> None:
+        if need <= self.capacity:
+            return
         cap = self.capacity
         while cap < need:
-            cap *= 2
+            cap *= 4
         if cap == self.capacity:
             return
         for name, dtype, fill in self._FIELDS:
@@ -115,6 +118,13 @@ class FolioTable:
         self.used[fid] = False
         self._free_ids.append(fid)
         self.nr_live -= 1
+
+    def release_bulk(self, ids: np.ndarray) -> None:
+        """Optimization: release many folio ids at once."""
+        self._reset(ids)
+        self.used[ids] = False
+        self._free_ids.extend(ids.tolist())
+        self.nr_live -= len(ids)
 
     def nr_pages(self, fid: int) -> int:
         return 1 << int(self.order[fid])

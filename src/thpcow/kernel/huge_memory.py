@@ -422,10 +422,9 @@ def split_folio(k: Kernel, fid: int) -> int:
     pflags = f.flags[fid]
     mapcounts = k.mem.mapcount[head: head + nr].copy()
     mm_slots = [(int(f.mm_id0[fid]), int(f.mm_cnt0[fid])), (int(f.mm_id1[fid]), int(f.mm_cnt1[fid]))]
-    k.lru.pop(fid, None)
     f.release(fid)
     new_ids = f.alloc_bulk(np.arange(head, head + nr))
-    k.lru.update(dict.fromkeys(new_ids.tolist()))
+    k.lru_add(new_ids)
     k.mem.folio[head: head + nr] = new_ids
     f.order[new_ids] = 0
     f.refcount[new_ids] = mapcounts
@@ -436,6 +435,7 @@ def split_folio(k: Kernel, fid: int) -> int:
         k.vmstat.count_vm_event("thp_split_page")
     k.vmstat.count_mthp_stat(order, "split")
     # Unmapped pages are freed (the kernel frees them after remapping).
-    for i in np.flatnonzero(mapcounts == 0).tolist():
-        rmap.free_folio(k, int(new_ids[i]))
+    dead = new_ids[mapcounts == 0]
+    f.refcount[dead] = 0
+    rmap.free_small_folios(k, dead)
     return 0

@@ -59,7 +59,11 @@ class Kernel:
             raise einval("Kernel", f"fragmentation={fragmentation}: must be within [0, 1]")
         self.unmovable_pages = self.mem.fragment(fragmentation, self.rng) if fragmentation else 0
         self.deferred: dict[int, None] = {}          # the deferred split queue
-        self.lru: dict[int, None] = {}               # anon LRU, oldest first
+        # The anon LRU is a stamp per folio (FolioTable.lru): oldest = smallest.
+        self._lru_tail = 1 << 40
+        self._lru_head = (1 << 40) - 1
+        self._lru_buf = None
+        self._lru_pos = 0
         from .swap import SwapDevice
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
@@ -135,7 +139,8 @@ class Kernel:
         vmscan.shrink_deferred(self)
         target = self.wmark_high + need - self.mem.nr_free
         if target > 0:
-            vmscan.shrink_lru(self, target)
+            # kswapd reclaims in SWAP_CLUSTER_MAX-sized steps; take at least a few of them.
+            vmscan.shrink_lru(self, max(target, 4 * 32))
 
     def alloc_page(self) -> int:
         """An order-0 frame (memory was balanced at the start of the fault); -1 means OOM."""
@@ -145,8 +150,57 @@ class Kernel:
         """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
         return self.mem.alloc_bulk(n)
 
-    def lru_add(self, fid: int) -> None:
-        self.lru[fid] = None
+    def lru_add(self, fid) -> None:
+        """folio_add_lru(): to the tail (youngest end); ``fid`` may be an array of ids."""
+        if isinstance(fid, np.ndarray):
+            n = len(fid)
+            self.folios.lru[fid] = np.arange(self._lru_tail, self._lru_tail + n)
+            self._lru_tail += n
+        else:
+            self.folios.lru[fid] = self._lru_tail
+            self._lru_tail += 1
+
+    def lru_deactivate(self, fid: int) -> None:
+        """deactivate_file_folio()/lru_deactivate: to the head (reclaimed first)."""
+        self.folios.lru[fid] = self._lru_head
+        self._lru_head -= 1
+        self._lru_buf = None
+
+    def lru_oldest(self, n: int) -> np.ndarray:
+        """The ``n`` oldest folios on the LRU, oldest first (taken off it).
+
+        Optimization: the oldest few thousand are sorted once and handed out
+        from that buffer while their stamps still hold (folios added later
+        are younger than all of them).
+        """
+        f = self.folios
+        out = []
+        need = n
+        while need:
+            buf = self._lru_buf
+            if buf is None or self._lru_pos >= len(buf[0]):
+                stamps = f.lru[: f._next]
+                on = np.flatnonzero(stamps >= 0)
+                if not len(on):
+                    break
+                m = min(len(on), max(4 * n, 16384))
+                if len(on) > m:
+                    on = on[np.argpartition(stamps[on], m - 1)[:m]]
+                on = on[np.argsort(stamps[on], kind="stable")]
+                self._lru_buf = buf = (on, stamps[on].copy())
+                self._lru_pos = 0
+            ids, st = buf
+            take = ids[self._lru_pos: self._lru_pos + need]
+            valid = f.lru[take] == st[self._lru_pos: self._lru_pos + need]
+            self._lru_pos += len(take)
+            take = take[valid]
+            f.lru[take] = -1
+            out.append(take)
+            need -= len(take)
+        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+    def lru_len(self) -> int:
+        return int(np.count_nonzero(self.folios.lru[: self.folios._next] >= 0))
 
     # -- allocation helpers ---------------------------------------------------------------
     def new_folio(self, pfn: int, order: int) -> int:

@@ -265,5 +265,4 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
         vmscan.reclaim_pages(k, picked)
         return
     for fid in reversed(picked):                  # deactivate: to the head of the LRU
-        k.lru.pop(fid, None)
-    k.lru = {**dict.fromkeys(picked), **k.lru}
+        k.lru_deactivate(fid)

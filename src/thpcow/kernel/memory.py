@@ -390,7 +390,7 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru.update(dict.fromkeys(fids.tolist()))
+    k.lru_add(fids)
     mm.pt.pte_pfn[rows, cols] = new
     k.mem.vpn[new] = vpns
     mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
@@ -448,7 +448,7 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
     f.order[new_fid] = 0
     f.refcount[new_fid] = 1
     f.flags[new_fid] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru.update(dict.fromkeys(new_fid.tolist()))
+    k.lru_add(new_fid)
     pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
     mem.vpn[new] = vpns[c_idx]
     pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
@@ -481,6 +481,9 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
             gf, gc = np.unique(old_fid[lg], return_counts=True)
             unmapped = f.entire[gf] == 0
             k.vmstat.mod_node_page_state("nr_anon_pages", -int(gc[unmapped].sum()))
-    for fid in uf[f.refcount[uf] == 0].tolist():
+    dead = uf[f.refcount[uf] == 0]
+    small_dead = dead[f.order[dead] == 0]
+    rmap.free_small_folios(k, small_dead)
+    for fid in dead[f.order[dead] > 0].tolist():
         rmap.free_folio(k, fid)
     return True

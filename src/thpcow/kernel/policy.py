@@ -160,7 +160,7 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | PG_SWAPBACKED | PG_LRU
-    k.lru.update(dict.fromkeys(fids.tolist()))
+    k.lru_add(fids)
     k.vmstat.mod_node_page_state("nr_anon_pages", HPAGE_PMD_NR)
     row = pt.alloc_row()
     pt.pte_pfn[row] = new

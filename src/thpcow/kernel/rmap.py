@@ -42,7 +42,7 @@ def folio_add_new_anon_rmap(k: Kernel, fid: int, mm: MM, pmd: bool) -> None:
     nr = 1 << order
     pages = _pages(k, fid)
     f.flags[fid] |= PG_ANON | PG_SWAPBACKED | PG_LRU
-    k.lru[fid] = None                                 # folio_add_lru_vma()
+    k.lru_add(fid)                                    # folio_add_lru_vma()
     if pmd:
         f.entire[fid] = 1
         f.set_large_mapcount(fid, 1, mm.mm_id)
@@ -190,11 +190,25 @@ def folio_put(k: Kernel, fid: int, refs: int = 1) -> None:
         free_folio(k, fid)
 
 
+def free_small_folios(k: Kernel, fids: np.ndarray) -> None:
+    """Optimization: free_folio() for many order-0 folios whose refcount dropped to 0."""
+    if not len(fids):
+        return
+    f = k.folios
+    pfns = f.head[fids].copy()
+    k.mem.folio[pfns] = -1
+    k.mem.pflags[pfns] = 0
+    k.mem.mapcount[pfns] = 0
+    f.release_bulk(fids)
+    free = k.mem.free
+    for pfn in pfns.tolist():
+        free(pfn, 0)
+
+
 def free_folio(k: Kernel, fid: int) -> None:
     """Model of __folio_put() -> free_frozen_pages(): give the frames back."""
     f = k.folios
     folio_unqueue_deferred_split(k, fid)
-    k.lru.pop(fid, None)
     order = int(f.order[fid])
     pages = _pages(k, fid)
     if order and f.flags[fid] & PG_ANON:

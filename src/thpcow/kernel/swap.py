@@ -71,6 +71,30 @@ class SwapDevice:
             return first
         return -1
 
+    def alloc_many(self, n: int) -> np.ndarray:
+        """Up to ``n`` single slots at once (Optimization: batched reclaim)."""
+        out = []
+        need = n
+        for c in list(self.partial) + list(self.free_clusters):
+            if not need:
+                break
+            base = c * CLUSTER
+            free = np.flatnonzero(~self.used[base: base + CLUSTER])[:need] + base
+            if not len(free):
+                continue
+            self.free_clusters.pop(c, None)
+            self.used[free] = True
+            self.cluster_used[c] += len(free)
+            if self.cluster_used[c] == CLUSTER:
+                self.partial.pop(c, None)
+            else:
+                self.partial[c] = None
+            out.append(free)
+            need -= len(free)
+        got = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+        self.nr_free -= len(got)
+        return got
+
     def alloc_slot(self) -> int:
         """One free slot (partial clusters first, as the per-CPU cluster allocator does), or -1."""
         if not self.partial:

@@ -1,6 +1,6 @@
 """Model of mm/vmscan.c (reclaim of anonymous memory), mm/page_io.c and do_swap_page().
 
-Reclaim keeps one LRU of anonymous folios (``Kernel.lru``, oldest first) with
+Reclaim keeps one LRU of anonymous folios (a stamp per folio, oldest first) with
 second-chance ageing, like the kernel's inactive list: a folio whose mappings
 were accessed since the last look (young PTE/PMD) has the bits cleared and
 goes to the tail; an old one is reclaimed.  (This is the classic two-list
@@ -241,34 +241,141 @@ def reclaim_pages(k: Kernel, fids) -> int:
     return freed
 
 
+def small_mappings(k: Kernel, pfns: np.ndarray):
+    """Optimization: the PTE mappings of many order-0 pages, found at their page index.
+
+    Returns a list of (mm, page positions, rows, cols) per mm, and whether every
+    mapping was found (their count equals the pages' mapcounts).
+    """
+    mem = k.mem
+    vpns = mem.vpn[pfns]
+    out = []
+    found = np.zeros(len(pfns), dtype=np.int64)
+    for p in k.procs.values():
+        pt = p.mm.pt
+        if not pt.nr_slots:
+            continue
+        slots = pt.lookup_slots(vpns >> 9)
+        has = slots >= 0
+        sc = np.where(has, slots, 0)
+        tab = has & (pt.pmd_kind[sc] == PMD_TABLE)
+        rows = np.where(tab, pt.pmd_row[sc], 0)
+        cols = vpns & 511
+        hit = tab & (pt.pte_pfn[rows, cols] == pfns)
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            out.append((p.mm, idx, rows[idx], cols[idx]))
+            found[idx] += 1
+    return out, bool((found == mem.mapcount[pfns]).all())
+
+
+def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
+    """Optimization: second chance and swap-out for many order-0 anon folios at once.
+
+    Same decisions as folio_referenced() + shrink_folio() one by one: young
+    folios get their bits cleared and are returned to be kept; the others are
+    written to swap, their PTEs become swap entries, and they are freed.
+    Returns the folios kept (young, or no swap slot left).
+    """
+    f = k.folios
+    mem = k.mem
+    pfns = f.head[fids]
+    maps, complete = small_mappings(k, pfns)
+    if not complete:
+        keep = []
+        for fid in fids.tolist():
+            if folio_referenced(k, fid) or not shrink_folio(k, fid):
+                if f.used[fid]:
+                    keep.append(fid)
+        return np.array(keep, dtype=np.int64)
+    young = np.zeros(len(fids), dtype=bool)
+    for mm, idx, rows, cols in maps:
+        y = (mm.pt.pte_flags[rows, cols] & _PAGE_ACCESSED).astype(bool)
+        young[idx[y]] = True
+        mm.pt.pte_flags[rows[y], cols[y]] &= ~np.uint8(_PAGE_ACCESSED)
+    old = np.flatnonzero(~young)
+    slots = k.swap.alloc_many(len(old))
+    old = old[: len(slots)]
+    if not len(old):
+        return fids
+    slot_of = np.full(len(fids), -1, dtype=np.int64)
+    slot_of[old] = slots
+    go = np.zeros(len(fids), dtype=bool)
+    go[old] = True
+    for mm, idx, rows, cols in maps:
+        sel = go[idx]
+        if not sel.any():
+            continue
+        i, r, c = idx[sel], rows[sel], cols[sel]
+        pt = mm.pt
+        dirty = (pt.pte_flags[r, c] & _PAGE_DIRTY).astype(bool)
+        f.flags[fids[i[dirty]]] |= PG_DIRTY
+        excl = (mem.pflags[pfns[i]] & PG_ANON_EXCLUSIVE).astype(bool)
+        pt.pte_pfn[r, c] = swp_entry(slot_of[i])
+        pt.pte_flags[r, c] = np.where(excl, _PAGE_SWP_EXCLUSIVE, 0).astype(np.uint8)
+        np.add.at(k.swap.swap_map, slot_of[i], 1)
+        mm.rss_anon -= len(i)
+        mm.rss_swap += len(i)
+    gone = fids[old]
+    gp = pfns[old]
+    k.swap.content[slots] = mem.content[gp]
+    mem.mapcount[gp] = 0
+    f.refcount[gone] = 0
+    k.vmstat.mod_node_page_state("nr_anon_pages", -len(gone))
+    k.vmstat.count_vm_event("pswpout", len(gone))
+    rmap.free_small_folios(k, gone)
+    return fids[~go]
+
+
 def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
-    """Model of shrink_lruvec() for anon: second chance from the oldest folio on."""
+    """Model of shrink_lruvec() for anon: second chance from the oldest folio on.
+
+    Optimization: order-0 folios are taken in chunks (shrink_small_batch());
+    large folios one at a time.
+    """
     freed = 0
     scanned = 0
+    f = k.folios
     if k.swap is None or k.swap.nr_free == 0:
         # Without swap space only clean lazyfree folios can go (get_scan_count()).
-        fids = np.fromiter(k.lru, dtype=np.int64, count=len(k.lru))
-        lazy = fids[~(k.folios.flags[fids] & PG_SWAPBACKED).astype(bool)] if len(fids) else fids
+        fids = np.flatnonzero(f.lru[: f._next] >= 0)
+        lazy = fids[~(f.flags[fids] & PG_SWAPBACKED).astype(bool)]
+        lazy = lazy[np.argsort(f.lru[lazy], kind="stable")]
         for fid in lazy.tolist():
             if freed >= nr_to_reclaim:
                 break
             freed += shrink_folio(k, fid)
         k.vmstat.count_vm_event("pgsteal_anon", freed)
         return freed
-    limit = 2 * len(k.lru) + 1
-    while freed < nr_to_reclaim and k.lru and scanned < limit:
-        fid = next(iter(k.lru))
-        scanned += 1
-        del k.lru[fid]
-        if not k.folios.used[fid]:
-            continue
-        if folio_referenced(k, fid):
-            k.lru[fid] = None                              # second chance: to the tail
-            continue
-        got = shrink_folio(k, fid)
-        if not got and k.folios.used[fid]:
-            k.lru[fid] = None
-        freed += got
+    limit = 2 * k.lru_len() + 1
+    while freed < nr_to_reclaim and scanned < limit:
+        chunk = k.lru_oldest(max(32, 2 * (nr_to_reclaim - freed)))
+        if not len(chunk):
+            break
+        scanned += len(chunk)
+        chunk = chunk[f.used[chunk]]
+        small = (f.order[chunk] == 0) & (f.flags[chunk] & PG_SWAPBACKED).astype(bool) & \
+            ~(f.flags[chunk] & PG_SWAPCACHE).astype(bool) & (f.refcount[chunk] == k.mem.mapcount[f.head[chunk]])
+        keep = []
+        if small.any():
+            before = k.mem.nr_free
+            kept = shrink_small_batch(k, chunk[small])
+            freed += k.mem.nr_free - before
+            keep.extend(kept.tolist())
+        for fid in chunk[~small].tolist():
+            if not f.used[fid]:
+                continue
+            if folio_referenced(k, fid):
+                keep.append(fid)                          # second chance: to the tail
+                continue
+            got = shrink_folio(k, fid)
+            if not got and f.used[fid]:
+                keep.append(fid)
+            freed += got
+        keep = np.array(keep, dtype=np.int64)
+        keep = keep[f.used[keep] & (f.lru[keep] < 0)] if len(keep) else keep
+        if len(keep):
+            k.lru_add(keep)
     k.vmstat.count_vm_event("pgscan_anon", scanned)
     k.vmstat.count_vm_event("pgsteal_anon", freed)
     return freed

@@ -78,9 +78,6 @@ ASID_LIMIT = 1 << 15
 EMPTY = -1
 _VPN_MASK = (1 << 47) - 1
 
-# Devices with at most this many ways are searched by scanning the set; wider
-# ones (fully associative L1s, 24-way L2s) through a per-device hash table.
-SCAN_MAX_ASSOC = 8
 
 
 class Metric(enum.IntEnum):
@@ -562,19 +559,24 @@ class _TlbModel:
 
 # -- the numba engine ---------------------------------------------------------------------------
 # Device table columns.
-_D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC, _D_HASH_BASE, _D_HASH_BITS = range(6)
+_D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC = range(4)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
+_PWC_TAG = np.int64(1 << 47)                 # marks PDE-cache keys in the shared table (vpn < 2**35)
 _HIT, _MISS, _MISS_EVICT = 1, 0, 2
+HASH_SPREAD = 16                             # hash buckets per possible entry (load factor <= 1/16)
 
 
 class TlbSimulator(_TlbModel):
     """Model of drcachesim's ``tlb_simulator_t`` for one core, with a numba-compiled hot loop.
 
     Storage: every device's ways are slots of flat arrays.  A set keeps its
-    slots on a doubly linked LRU list (head = most recent; invalid slots at the
-    tail), so a hit is a move to the head and a fill takes the tail.  Devices
-    with more than ``SCAN_MAX_ASSOC`` ways find a key through an open-addressing
-    hash table (linear probing, backward-shift deletion) instead of a scan.
+    slots on a doubly linked LRU list (head = most recent; invalid slots at
+    the tail), so a hit is a move to the head and a fill takes the tail.  One
+    *entry* per key present in any level records its slot in every level, and
+    one open-addressing hash table (linear probing, backward-shift deletion,
+    load factor at most 1/16) maps keys to entries: an access costs one hash
+    probe whatever the levels' associativity.  An entry is freed when its key
+    has left every level.
     """
 
     engine = "numba"
@@ -583,24 +585,25 @@ class TlbSimulator(_TlbModel):
                  pwc: WalkCache | None = None) -> None:
         super().__init__(knobs, l1=l1, pwc=pwc)
         ndev = len(self.devices)
-        dev = np.zeros((ndev, 6), dtype=np.int64)
-        slot = setb = hb = 0
+        dev = np.zeros((ndev, 4), dtype=np.int64)
+        slot = setb = 0
         for i, d in enumerate(self.devices):
-            bits = 0
-            if d.assoc > SCAN_MAX_ASSOC:
-                bits = max(4, int(np.ceil(np.log2(d.entries * 16))))    # load factor <= 1/16
-            dev[i] = (slot, setb, d.nsets, d.assoc, hb, bits)
+            dev[i] = (slot, setb, d.nsets, d.assoc)
             slot += d.entries
             setb += d.nsets
-            hb += (1 << bits) if bits else 0
         self._dev = dev
-        self._slot_key = np.full(slot, EMPTY, dtype=np.int64)
+        nent = slot + 2                      # a new entry exists before its fill frees a victim's
+        self._bits = max(4, int(np.ceil(np.log2(nent * HASH_SPREAD))))
+        self._htab = np.full(2 << self._bits, EMPTY, dtype=np.int64)   # (key, entry) pairs
+        self._ent_key = np.full(nent, EMPTY, dtype=np.int64)
+        self._ent_slot = np.full((nent, ndev), -1, dtype=np.int32)
+        self._free = np.arange(nent - 1, -1, -1, dtype=np.int32)         # a stack of free entries
+        self._nfree = np.array([nent], dtype=np.int64)
+        self._slot_ent = np.full(slot, -1, dtype=np.int32)
         self._prv = np.empty(slot, dtype=np.int32)
         self._nxt = np.empty(slot, dtype=np.int32)
         self._head = np.empty(setb, dtype=np.int32)
         self._tail = np.empty(setb, dtype=np.int32)
-        # Hash tables of all devices: (key, slot) pairs, interleaved so a probe reads one line.
-        self._htab = np.full(2 * max(hb, 1), EMPTY, dtype=np.int64)
         _init_lists(dev, self._prv, self._nxt, self._head, self._tail)
         self._last_key = np.full(ndev, EMPTY, dtype=np.int64)
         self._l1_for = np.array([self._index(d) for d in self.l1_for], dtype=np.int64)
@@ -609,33 +612,34 @@ class TlbSimulator(_TlbModel):
         self._walk_refs = np.array([k.pmd_walk_refs, k.pte_walk_refs_pwc_hit, k.pte_walk_refs_pwc_miss],
                                    dtype=np.int64)
 
+    def _state(self):
+        return (self._dev, self._htab, self._bits, self._ent_key, self._ent_slot, self._free, self._nfree,
+                self._slot_ent, self._prv, self._nxt, self._head, self._tail)
+
     def _simulate_chunk(self, acc: _Accesses) -> None:
         ps_step = 0 if len(acc.page_shift) == 1 and acc.n != 1 else 1
         asid_step = 0 if len(acc.asid) == 1 and acc.n != 1 else 1
-        _simulate_kernel(acc.vaddr, acc.page_shift, ps_step, acc.asid, asid_step, self._dev, self._slot_key, self._prv, self._nxt,
-                         self._head, self._tail, self._htab, self._l1_for, self._l2_for,
-                         self._index(self.pwc), self._walk_refs, self.dev_stats, self.sim_stats,
-                         self._last_key)
+        _simulate_kernel(acc.vaddr, acc.page_shift, ps_step, acc.asid, asid_step, *self._state(),
+                         self._l1_for, self._l2_for, self._index(self.pwc), self._walk_refs,
+                         self.dev_stats, self.sim_stats, self._last_key)
 
     def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool) -> int:
         skip = self._index(self.pwc) if not with_pwc else -1
-        removed = _invalidate_kernel(self._dev, self._slot_key, self._prv, self._nxt, self._head,
-                                     self._tail, self._htab, self.dev_stats,
-                                     asid, start, end, skip)
+        removed = _invalidate_kernel(*self._state(), self.dev_stats, asid, start, end, skip)
         self._last_key[:] = EMPTY            # the fast path must look again
         return removed
 
     def contents(self, level: str) -> list[tuple[int, int, int]]:
         """The valid entries of one level as (asid, vaddr, size), most recently used first per set."""
         d = self._index(self.levels[level])
-        base, setb, nsets = (int(x) for x in self._dev[d, :3])
+        setb, nsets = int(self._dev[d, _D_SET_BASE]), int(self._dev[d, _D_NSETS])
         out = []
         for s in range(setb, setb + nsets):
             x = int(self._head[s])
             while x >= 0:
-                key = int(self._slot_key[x])
-                if key != EMPTY:
-                    out.append(_decode(key))
+                e = int(self._slot_ent[x])
+                if e >= 0:
+                    out.append(_decode(int(self._ent_key[e]) & ~int(_PWC_TAG)))
                 x = int(self._nxt[x])
         return out
 
@@ -668,35 +672,57 @@ def _home(key, bits):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _hash_insert(htab, hb, bits, key, x):
-    m = (1 << bits) - 1
-    h = _home(key, bits)
-    while htab[2 * (hb + h)] != EMPTY:
-        h = (h + 1) & m
-    htab[2 * (hb + h)] = key
-    htab[2 * (hb + h) + 1] = x
-
-
-@njit(cache=True, inline="always", _nrt=False)
-def _hash_delete(htab, hb, bits, key):
+def _hash_delete(htab, bits, key):
     """Linear-probing deletion by backward shift (no tombstones)."""
     m = (1 << bits) - 1
     i = _home(key, bits)
-    while htab[2 * (hb + i)] != key:
+    while htab[2 * i] != key:
         i = (i + 1) & m
     j = i
     while True:
         j = (j + 1) & m
-        k = htab[2 * (hb + j)]
+        k = htab[2 * j]
         if k == EMPTY:
             break
         h = _home(k, bits)
         # The entry at j may move back to i unless its home lies cyclically in (i, j].
         if (i < j and (h <= i or h > j)) or (j < i and h <= i and h > j):
-            htab[2 * (hb + i)] = k
-            htab[2 * (hb + i) + 1] = htab[2 * (hb + j) + 1]
+            htab[2 * i] = k
+            htab[2 * i + 1] = htab[2 * j + 1]
             i = j
-    htab[2 * (hb + i)] = EMPTY
+    htab[2 * i] = EMPTY
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _entry_of(htab, bits, ent_key, free, nfree, key):
+    """The entry of ``key``, created (in no level yet) if the key is in no level."""
+    m = (1 << bits) - 1
+    h = _home(key, bits)
+    while True:
+        k = htab[2 * h]
+        if k == key:
+            return htab[2 * h + 1]
+        if k == EMPTY:
+            break
+        h = (h + 1) & m
+    nfree[0] -= 1
+    e = free[nfree[0]]
+    ent_key[e] = key
+    htab[2 * h] = key
+    htab[2 * h + 1] = e
+    return e
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _release(htab, bits, ent_key, ent_slot, free, nfree, e):
+    """Free entry ``e`` if its key has left every level."""
+    for d in range(ent_slot.shape[1]):
+        if ent_slot[e, d] >= 0:
+            return
+    _hash_delete(htab, bits, ent_key[e])
+    ent_key[e] = EMPTY
+    free[nfree[0]] = e
+    nfree[0] += 1
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -736,53 +762,30 @@ def _to_tail(prv, nxt, head, tail, s, x):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _access(dev, slot_key, prv, nxt, head, tail, htab, d, key, idx):
-    """Model of ``tlb_t::request()`` at one level: look up, and on a miss fill the LRU way."""
-    assoc = dev[d, 3]
-    s_local = idx & (dev[d, 2] - 1)
-    s = dev[d, 1] + s_local
-    bits = dev[d, 5]
-    hb = dev[d, 4]
-    x = -1
-    if bits == 0:
-        first = dev[d, 0] + s_local * assoc
-        # Branch-free scan (keys in a set are distinct): vectorizes, no mispredicted exit.
-        pos = 0
-        for w in range(assoc):
-            pos += (slot_key[first + w] == key) * (w + 1)
-        if pos:
-            x = first + pos - 1
-    else:
-        m = (1 << bits) - 1
-        h = _home(key, bits)
-        while True:
-            k = htab[2 * (hb + h)]
-            if k == key:
-                x = htab[2 * (hb + h) + 1]
-                break
-            if k == EMPTY:
-                break
-            h = (h + 1) & m
+def _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, e, idx):
+    """Model of ``tlb_t::request()`` at one level: a hit moves to the head, a miss fills the LRU way."""
+    s = dev[d, 1] + (idx & (dev[d, 2] - 1))
+    x = ent_slot[e, d]
     if x >= 0:
         _to_head(prv, nxt, head, tail, s, x)
         return _HIT
     x = tail[s]
-    old = slot_key[x]
+    old = slot_ent[x]
     ret = _MISS
-    if old != EMPTY:
+    slot_ent[x] = e
+    ent_slot[e, d] = x
+    if old >= 0:
         ret = _MISS_EVICT
-        if bits:
-            _hash_delete(htab, hb, bits, old)
-    if bits:
-        _hash_insert(htab, hb, bits, key, x)
-    slot_key[x] = key
+        ent_slot[old, d] = -1
+        _release(htab, bits, ent_key, ent_slot, free, nfree, old)
     _to_head(prv, nxt, head, tail, s, x)
     return ret
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, slot_key, prv, nxt, head, tail, htab,
-                     l1_for, l2_for, pwc, walk_refs, dev_stats, sim_stats, last_key):
+def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, htab, bits, ent_key, ent_slot, free,
+                     nfree, slot_ent, prv, nxt, head, tail, l1_for, l2_for, pwc, walk_refs, dev_stats,
+                     sim_stats, last_key):
     """The hot loop: every access through L1, L2 and the page walk (see the module docstring).
 
     NOTE: the counters are kept in locals and added to the stats arrays at the
@@ -816,7 +819,9 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, slot_key,
             last4k = key
             if shared_l1:
                 last2m = key
-        r = _access(dev, slot_key, prv, nxt, head, tail, htab, l1_for[big], key, vpn)
+        e = _entry_of(htab, bits, ent_key, free, nfree, key)
+        r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
+                     l1_for[big], e, vpn)
         if r == _HIT:
             if big:
                 l1_hit1 += 1
@@ -831,7 +836,8 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, slot_key,
             l1_evict0 += r == _MISS_EVICT
         d2 = l2_for[big]
         if d2 >= 0:
-            r = _access(dev, slot_key, prv, nxt, head, tail, htab, d2, key, vpn)
+            r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
+                         d2, e, vpn)
             if r == _HIT:
                 l2_hit += 1
                 continue
@@ -841,8 +847,9 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, slot_key,
             walks_pmd += 1
         elif pwc >= 0:
             region = v >> 21
-            r = _access(dev, slot_key, prv, nxt, head, tail, htab, pwc,
-                        (a << 48) | (region << 1) | 1, region)
+            pe = _entry_of(htab, bits, ent_key, free, nfree, (a << 48) | _PWC_TAG | (region << 1) | 1)
+            r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
+                         pwc, pe, region)
             if r == _HIT:
                 pwc_hit += 1
                 walks_pte_hit += 1
@@ -893,30 +900,31 @@ def _check_kernel(vaddr, page_shift, asid):
 
 
 @njit(cache=True, _nrt=False)
-def _invalidate_kernel(dev, slot_key, prv, nxt, head, tail, htab, dev_stats, asid, start, end,
-                       skip_dev):
+def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
+                       dev_stats, asid, start, end, skip_dev):
     """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end)."""
     total = 0
     for d in range(dev.shape[0]):
         if d == skip_dev:
             continue
-        base, setb, nsets, assoc, hb, bits = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3], dev[d, 4], dev[d, 5]
+        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
         n = 0
         for s in range(nsets):
             first = base + s * assoc
             for x in range(first, first + assoc):
-                key = slot_key[x]
-                if key == EMPTY:
+                e = slot_ent[x]
+                if e < 0:
                     continue
+                key = ent_key[e]
                 if asid >= 0 and (key >> 48) != asid:
                     continue
                 shift = 21 if key & 1 else 12
-                lo = ((key >> 1) & 0x7FFFFFFFFFFF) << shift
+                lo = ((key >> 1) & 0x7FFFFFFFF) << shift     # 35-bit vpn (drops the PDE-cache tag)
                 if lo >= end or lo + (1 << shift) <= start:
                     continue
-                if bits:
-                    _hash_delete(htab, hb, bits, key)
-                slot_key[x] = EMPTY
+                slot_ent[x] = -1
+                ent_slot[e, d] = -1
+                _release(htab, bits, ent_key, ent_slot, free, nfree, e)
                 _to_tail(prv, nxt, head, tail, setb + s, x)
                 n += 1
         dev_stats[d, 3] += n

@@ -40,11 +40,6 @@ class RedisBgsave(Workload):
         "batch_ms": Param(1.0, "one write batch per tick of this length (ms)", lo=1e-3, hi=10_000),
     }
 
-    def check(self) -> None:
-        if self.value_size > self.dataset_mib * MIB:
-            raise ValueError(f"workload {self.name}: value_size={self.value_size} is larger than "
-                             f"dataset_mib={self.dataset_mib}")
-
     # -- schedule -------------------------------------------------------------------------
     def _ticks(self) -> tuple[int, int, int, int, int]:
         """(tick_ns, fork tick, exit tick, last tick, pages scanned per tick)."""

@@ -54,17 +54,18 @@ PRESETS: dict[str, TlbKnobs] = {
     ),
     # Intel Xeon 4th gen "Sapphire Rapids" (Golden Cove P-core).
     # Source: Intel 64 and IA-32 Architectures Optimization Reference Manual (248966),
-    # Golden Cove TLB table: DTLB for loads 4 KiB 96 entries 6-way, 2 MiB/4 MiB 32 entries
-    # 4-way; STLB 2048 entries 16-way shared by 4 KiB and 2 MiB/4 MiB pages.  The 96-entry
-    # DTLB and 2048-entry STLB are also measured by Chips and Cheese ("Golden Cove's Lopsided
-    # Vector Register File" / Sapphire Rapids coverage), STLB hit +7 cycles.  The store DTLB
+    # Golden Cove TLB parameters: DTLB for loads 4 KiB 96 entries 6-way, 2 MiB/4 MiB 32
+    # entries 4-way; STLB 2048 entries 16-way shared by 4 KiB and 2 MiB/4 MiB pages.  The
+    # 96-entry DTLB, the 2048-entry STLB and its +7-cycle hit are also Chips and Cheese's
+    # Golden Cove / Sapphire Rapids measurements (SPR "inherits the same TLB architecture").
+    # The ways are the manual's; only the entry counts were cross-checked.  The store DTLB
     # (16 entries, all sizes) is not modelled: loads and stores share the load DTLB here.
     # PDE cache: Intel does not publish the paging-structure cache sizes (assumption: 32
     # entries, 4-way).  cpu_ghz: assumption, a typical all-core turbo.
     "intel-spr-goldencove": TlbKnobs(
         name="intel-spr-goldencove",
         source="Intel Optimization Reference Manual 248966, Golden Cove TLB parameters; "
-               "Chips and Cheese (Golden Cove / Sapphire Rapids TLB measurements)",
+               "Chips and Cheese Golden Cove / Sapphire Rapids TLB measurements",
         l1_unified=False, l1_4k_entries=96, l1_4k_assoc=6, l1_2m_entries=32, l1_2m_assoc=4,
         l2_entries=2048, l2_assoc=16, l2_holds_2m=True,
         pwc_entries=32, pwc_assoc=4,                       # assumption (not published)
@@ -73,9 +74,9 @@ PRESETS: dict[str, TlbKnobs] = {
     # Arm Neoverse V2 (NVIDIA Grace, AWS Graviton4).
     # Source: Arm Neoverse V2 Core Technical Reference Manual (102375), MMU chapter:
     # L1 data TLB 48 entries, fully associative, all translation granule / block sizes;
-    # unified L2 TLB 2048 entries, 8-way.  L2 TLB hit: +5 cycles, and Grace's 2.6 GHz clock
-    # (Chips and Cheese, "Hot Chips 2023: Arm's Neoverse V2", 2023).  Walk cache geometry is
-    # not given in the public summary (assumption: 64 entries, 4-way).
+    # unified L2 TLB 2048 entries, 8-way; an L2 TLB hit costs 5 extra cycles.  Grace's 2.6 GHz
+    # clock: Chips and Cheese, "Hot Chips 2023: Arm's Neoverse V2" (2023).  Walk cache geometry
+    # is not given in the public summary (assumption: 64 entries, 4-way).
     "arm-neoverse-v2": TlbKnobs(
         name="arm-neoverse-v2",
         source="Arm Neoverse V2 Core TRM 102375, MMU/TLB organisation; "

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import enum
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Iterable, TextIO
 
 import numpy as np
@@ -563,7 +563,7 @@ _D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC = range(4)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
 _PWC_TAG = np.int64(1 << 47)                 # marks PDE-cache keys in the shared table (vpn < 2**35)
 _HIT, _MISS, _MISS_EVICT = 1, 0, 2
-HASH_SPREAD = 16                             # hash buckets per possible entry (load factor <= 1/16)
+HASH_SPREAD = 8                              # hash buckets per possible entry (load factor <= 1/8)
 
 
 class TlbSimulator(_TlbModel):
@@ -574,7 +574,7 @@ class TlbSimulator(_TlbModel):
     the tail), so a hit is a move to the head and a fill takes the tail.  One
     *entry* per key present in any level records its slot in every level, and
     one open-addressing hash table (linear probing, backward-shift deletion,
-    load factor at most 1/16) maps keys to entries: an access costs one hash
+    load factor at most 1/8) maps keys to entries: an access costs one hash
     probe whatever the levels' associativity.  An entry is freed when its key
     has left every level.
     """

@@ -18,7 +18,7 @@ $(STAMP_DEV): $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/thpcow demo
+	$(VENV)/bin/thpcow compare
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest -n 2 -q

@@ -118,7 +118,8 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
     from just before the first fork, peak memory in use, modelled write-batch
     latency p50/p99/max in the workload's measured phase, the parent's THP
     coverage (AnonHugePages / Anonymous; mean and at the end), TLB misses
-    (n/a until the machine model provides them) and the modelled run time.
+    (page walks in the machine model's TLB simulator; n/a without
+    thpcow.machine) and translation time, and the modelled run time.
     """
     import time as _time
     from dataclasses import replace

@@ -1,7 +1,14 @@
-"""PLACEHOLDER latency model: per-event costs from /work/shared/calibration.md ("Key numbers").
+"""Latency models that price one workload op: the machine model's, or a PLACEHOLDER.
 
-This is a stand-in until :mod:`thpcow.machine.latency` exists; the runner
-uses the machine's model when it can be imported (see :func:`latency_model`).
+:func:`latency_model` returns :class:`MachineLatencyModel`, an adapter over
+:func:`thpcow.machine.latency.cost_vmstat_delta` (the op's vmstat deltas,
+with fork/exit page-table hints), when :mod:`thpcow.machine` can be
+imported, and otherwise :class:`PlaceholderLatencyModel`, a stand-in with the
+same per-event costs written out here.  Both add the op's own work: 15 ns per
+access and 0.035 ns per byte moved.  Address translation is not in either:
+the runner reports it separately (``tlb_ms``, from the TLB simulator).
+
+The placeholder's costs (from /work/shared/calibration.md, "Key numbers"):
 It prices one workload op from the vmstat deltas the op caused, the number of
 accesses it made and the bytes it moved, with the warm, guest-only medians
 measured on the lab VM (2 vCPU Zen 4 KVM guest, Linux 6.18):
@@ -17,8 +24,8 @@ extra 4 KiB copied         0.30 us     memcpy 4 KiB cold (pages of an mTHP-size 
 whole-2 MiB COW            387 us      THP alloc + clear (221 us) + 2 MiB copy (166 us)
 reuse fault (4 KiB)        0.70 us     write-after-fork once the child has exited
 collapse of 2 MiB          169 us      MADV_COLLAPSE of a PTE-mapped 2 MiB, exclusive
-fork                       160 us + 67 ns/PTE + 0.9 us/PMD     fork() rows
-exit                       53 ns/PTE + 0.68 us/PMD             child exit rows
+fork                       160 us + 34.3 us/PTE table + 0.92 us/PMD   fork() rows
+exit                       27.3 us/PTE table + 0.68 us/PMD            child exit rows
 access                     15 ns       random 8 B access, 256 MiB buffer
 bytes moved                0.035 ns/B  memset / sequential read, ~28.6 GB/s
 =========================  ==========  ==============================================
@@ -39,6 +46,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 US = 1000.0
+ACCESS_NS = 15.0        # one load or store: random 8 B access, 256 MiB buffer (calibration.md section 6)
+BYTE_NS = 0.035         # per byte moved: memset / sequential read at ~28.6 GB/s (sections 4 and 6)
 
 
 @dataclass(frozen=True)
@@ -55,12 +64,12 @@ class PlaceholderLatencyModel:
     reuse_4k: float = 0.70 * US
     collapse_2m: float = 169 * US
     fork_base: float = 160 * US
-    fork_pte: float = 67.0
-    fork_pmd: float = 0.9 * US
-    exit_pte: float = 53.0
-    exit_pmd: float = 0.68 * US
-    access: float = 15.0
-    per_byte: float = 0.035
+    fork_pte_table: float = 67.0 * 512
+    fork_pmd: float = 0.47e6 / 512
+    exit_pte_table: float = 14e6 / 512
+    exit_pmd: float = 0.35e6 / 512
+    access: float = ACCESS_NS
+    per_byte: float = BYTE_NS
 
     def fault_cost_ns(self, d: Mapping[str, int]) -> float:
         """Cost of the faults, splits, copies and collapses recorded in the vmstat delta ``d``."""
@@ -77,20 +86,40 @@ class PlaceholderLatencyModel:
                 + g("pgreuse", 0) * self.reuse_4k + g("thp_collapse_alloc", 0) * self.collapse_2m)
 
     def op_cost_ns(self, kind: str, d: Mapping[str, int], accesses: int = 0, nbytes: int = 0,
-                   ptes: int = 0, pmds: int = 0) -> float:
-        """Modelled time of one op: its accesses, its bytes, its faults; fork/exit by mapping size."""
+                   pte_tables: int = 0, pmds: int = 0) -> float:
+        """Modelled time of one op: its accesses, its bytes, its faults; fork/exit by page tables walked."""
         cost = accesses * self.access + nbytes * self.per_byte + self.fault_cost_ns(d)
         if kind == "fork":
-            cost += self.fork_base + ptes * self.fork_pte + pmds * self.fork_pmd
+            cost += self.fork_base + pte_tables * self.fork_pte_table + pmds * self.fork_pmd
         elif kind == "exit":
-            cost += ptes * self.exit_pte + pmds * self.exit_pmd
+            cost += pte_tables * self.exit_pte_table + pmds * self.exit_pmd
         return cost
 
 
+class MachineLatencyModel:
+    """Adapter: :func:`thpcow.machine.latency.cost_vmstat_delta` on each op's deltas, plus its accesses and bytes."""
+
+    def __init__(self, profile=None) -> None:
+        from ..machine import latency
+
+        self.profile = profile or latency.DEFAULT_PROFILE
+        self._cost = latency.cost_vmstat_delta
+        self.name = f"thpcow.machine.latency ({self.profile.name})"
+
+    def op_cost_ns(self, kind: str, d: Mapping[str, int], accesses: int = 0, nbytes: int = 0,
+                   pte_tables: int = 0, pmds: int = 0) -> float:
+        """Modelled time of one op; fork and exit get the page-table hints vmstat does not count."""
+        hints: dict[str, int] = {}
+        if kind == "fork":
+            hints = {"forks": 1, "fork_pmds": pmds, "fork_pte_tables": pte_tables}
+        elif kind == "exit":
+            hints = {"exit_pmds": pmds, "exit_pte_tables": pte_tables}
+        return accesses * ACCESS_NS + nbytes * BYTE_NS + self._cost(d, self.profile, hints).total_ns
+
+
 def latency_model(machine: str | None = None):
-    """The latency model for a machine preset: the machine model's if importable, else the placeholder."""
+    """The machine model's latency model when thpcow.machine imports, else the placeholder."""
     try:
-        from ..machine import latency as _latency  # noqa: F401  (written by the machine-model work)
+        return MachineLatencyModel()
     except ImportError:
         return PlaceholderLatencyModel()
-    return PlaceholderLatencyModel()

@@ -35,6 +35,7 @@ TABLE = (
     ("thp_mean", "THP mean", "{:.2f}"),
     ("thp_end", "THP end", "{:.2f}"),
     ("tlb_misses", "TLB misses", "{:.0f}"),
+    ("tlb_ms", "TLB ms", "{:.2f}"),
     ("model_ms", "model ms", "{:.1f}"),
 )
 
@@ -213,8 +214,11 @@ pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <p>Counters and COW MiB (sim_cow_bytes + sim_collapse_bytes) are vmstat deltas from just before the
 first fork to the end. Peak: max of (nr_frames - nr_free) x 4 KiB after every op. Latency: modelled
 cost of each write batch of the <i>{html.escape(phase)}</i> phase ({html.escape(model)}). THP: the
-parent's AnonHugePages / Anonymous over time. TLB misses: n/a until the machine model's TLB simulator
-is wired in. Model ms: sum of the modelled cost of every op.</p>
+parent's AnonHugePages / Anonymous over time. TLB misses: page walks of the workload's loads and stores
+from the first fork on, replayed through the TLB simulator of thpcow.machine (preset
+<i>{html.escape(sc.machine)}</i>; flushed on fork and exit only, so an undercount; n/a without
+thpcow.machine); TLB ms: the translation time it estimates (not in the latencies). Model ms: sum of
+the modelled cost of every op.</p>
 {figs}
 <h2>Scenario</h2><pre>{html.escape(sc.to_yaml())}</pre>
 <p>Simulated on the host in {html.escape(wall)}.</p>

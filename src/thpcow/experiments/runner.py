@@ -16,10 +16,11 @@ Figures of a run (one summary row per policy):
   ``peak_extra_mib``/``end_extra_mib``: above the level just before the fork;
 - ``lat_p50_us``/``lat_p99_us``/``lat_max_us``: the modelled latency of each
   write batch (one op) of the workload's measured phase (redis-bgsave:
-  ``snapshot``);
+  ``snapshot``), priced by :func:`~thpcow.experiments.costs.latency_model`
+  (thpcow.machine.latency on the op's vmstat deltas, or the placeholder);
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
-- ``model_ms``: the sum of the modelled cost of every op;
+- ``model_ms``: the sum of the modelled cost of every op (translation excluded);
 - ``tlb_misses``: page walks (last-level dTLB misses) of the workload's
   loads and stores from the first fork on, replayed through the machine
   model's TLB simulator (:mod:`thpcow.machine`, preset ``machine``) with the
@@ -79,15 +80,14 @@ class PointResult:
 
 
 def _mapped(proc) -> tuple[int, int]:
-    """(PTE-mapped pages, PMD mappings) of a process: what fork() and exit() walk."""
+    """(PTE tables, PMD leaves) of a process: what fork() copies and exit() tears down."""
     try:
-        from ..kernel.mm import PMD_LEAF
-        pt = proc.mm.pt
-        pmds = int(np.count_nonzero(pt.pmd_kind[:pt.nr_slots] == PMD_LEAF))
-        return max(int(proc.mm.rss_anon) - pmds * HPAGE_PMD_NR, 0), pmds
-    except (AttributeError, ImportError):          # the public (slower) view
+        from ..kernel.mm import PMD_LEAF, PMD_TABLE
+        kind = proc.mm.pt.pmd_kind[:proc.mm.pt.nr_slots]
+        return int(np.count_nonzero(kind == PMD_TABLE)), int(np.count_nonzero(kind == PMD_LEAF))
+    except (AttributeError, ImportError):          # the public (slower) view: 2 MiB blocks with 4 KiB pages
         f = proc.smaps_fields()
-        return (f["Rss"] - f["AnonHugePages"]) // 4, f["AnonHugePages"] // 2048
+        return -(-(f["Rss"] - f["AnonHugePages"]) // 2048), f["AnonHugePages"] // 2048
 
 
 def thp_kb(proc) -> tuple[int, int]:
@@ -202,7 +202,7 @@ class _Run:
 
     # -- ops ------------------------------------------------------------------------------------
     def apply(self, op: O.Op) -> tuple[int, int]:
-        """Do one op; returns (ptes, pmds) walked by a fork or exit (else zeros)."""
+        """Do one op; returns (PTE tables, PMD leaves) walked by a fork or exit (else zeros)."""
         k, kind = self.k, op.kind
         if kind == O.SPAWN:
             self.procs[op.pid] = k.spawn()
@@ -254,13 +254,13 @@ class _Run:
         before = self.k.vmstat_snapshot()
         walks = self.tlb.walks() if self.tlb is not None else 0
         try:
-            ptes, pmds = self.apply(op)
+            tables, pmds = self.apply(op)
         except OutOfMemory:
             self.oom = True
             raise
         after = self.k.vmstat_snapshot()
         d = {c: after[c] - before[c] for c in COUNTERS}
-        cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, ptes=ptes, pmds=pmds)
+        cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
         mem = self.used()
         self.peak = max(self.peak, mem)
         r = self.ops

@@ -5,13 +5,15 @@ Schema (every field but ``workload`` is optional)::
     name: redis-256m            # default: the file name without .yaml
     description: free text
     machine: amd-zen4-genoa     # machine preset (TLB model); see machine_presets()
-    ram_mib: 1024               # simulated RAM (MiB), >= 16
+    ram_mib: 1024               # simulated RAM (MiB), >= 16; under 512 the kernel boots with THP off
+                                #   (hugepage_init), so set sysfs.enabled to turn it on
     fragmentation: 0.0          # share of free memory broken by unmovable pages, 0..1
     seed: 0                     # one seed for the kernel and the workload
     check: false                # run the invariant checker after every call (slow)
     sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
-    sysfs:                      # written in order under /sys/kernel/mm/transparent_hugepage/
-      enabled: madvise          #   (the value exactly as `echo VALUE > file` would write it)
+    sysfs:                      # written in order under /sys/kernel/mm/transparent_hugepage/, after
+      enabled: madvise          #   the policy attached (so they win over e.g. thp-cow-v1's thp_cow),
+                                #   the value exactly as `echo VALUE > file` would write it
       khugepaged/scan_sleep_millisecs: 100
     workload:
       name: redis-bgsave        # one of thpcow.workloads.REGISTRY

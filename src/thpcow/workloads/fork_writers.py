@@ -107,7 +107,6 @@ class PreforkServer(Workload):
         "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
         "fork_gap_ms": Param(1.0, "time between two forks (ms)", lo=0),
     }
-    touch_all_writes = False
 
     def _plan(self) -> tuple[int, int, int]:
         tick = max(ms(self.batch_ms), 1)

@@ -92,7 +92,7 @@ class Trace(Workload):
     """
 
     name = "trace"
-    help = "replay a CSV or Parquet trace of time, pid, op, address, length[, arg]"
+    help = "replay a CSV or Parquet trace: time_ns, pid, op, address, length[, arg] (format: thpcow.workloads.trace)"
     measure_phase = "run"
     params = {
         "path": Param(None, "the trace file (.csv or .parquet); relative paths are relative to the scenario file",

@@ -1,0 +1,320 @@
+"""Scenarios, the compare runner, its report files and the `thpcow compare` command."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import thpcow
+from thpcow.experiments import report
+from thpcow.experiments.costs import PlaceholderLatencyModel, latency_model
+from thpcow.experiments.runner import COUNTERS, SUMMARY_SCHEMA, run_compare, run_point, thp_kb
+from thpcow.experiments.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
+from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
+from thpcow.kernel.policy import parse_policy
+
+MIB = 1 << 20
+
+TINY = """\
+name: tiny
+ram_mib: 256
+seed: 5
+sysfs:
+  enabled: madvise
+workload:
+  name: copy-after-fork
+  size_mib: 16
+  copy_mib: 8
+  range_kib: 1024
+  order: sequential
+  fork_after_ms: 2
+  hold_ms: 1
+policies: [upstream, thp-cow-v1]
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return str(path)
+
+
+# -- scenario schema errors --------------------------------------------------------------------
+def bad(text: str) -> str:
+    with pytest.raises(ScenarioError) as exc:
+        parse_scenario(textwrap.dedent(text), "s.yaml")
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("ram: 1024\nworkload: {name: forkserver}\n", "s.yaml:1: ram: unknown field; known: name,"),
+    ("name: x\nram_mib: lots\nworkload: {name: forkserver}\n", "s.yaml:2: ram_mib: expected an integer, got 'lots'"),
+    ("ram_mib: 8\nworkload: {name: forkserver}\n", "s.yaml:1: ram_mib: 8 must be >= 16"),
+    ("fragmentation: 1.5\nworkload: {name: forkserver}\n", "s.yaml:1: fragmentation: 1.5 must be <= 1.0"),
+    ("check: maybe\nworkload: {name: forkserver}\n", "s.yaml:1: check: expected a boolean (true/false), got 'maybe'"),
+    ("seed: [1]\nworkload: {name: forkserver}\n", "s.yaml:1: seed: expected a int, got a list"),
+    ("name: x\n", "s.yaml:1: workload: missing"),
+    ("workload:\n  name: memcached\n", "s.yaml:2: workload.name: unknown workload 'memcached'; known: redis-bgsave"),
+    ("workload:\n  size_mib: 4\n", "s.yaml:2: workload.name: missing; one of redis-bgsave"),
+    ("workload:\n  name: forkserver\n  children: many\n",
+     "s.yaml:3: workload.children: workload forkserver: parameter children='many': expected an integer"),
+    ("workload:\n  name: forkserver\n  kids: 3\n", "s.yaml:3: workload.kids: not a parameter of forkserver; known:"),
+    ("workload:\n  name: forkserver\n  data_mib: 4\n  hot_mib: 8\n",
+     "s.yaml:4: workload.hot_mib: workload forkserver: parameter hot_mib=8.0 exceeds data_mib=4"),
+    ("workload: {name: forkserver}\npolicies:\n  - upstream\n  - thp-cow-v9\n",
+     "s.yaml:4: policies[1]: unknown COW policy 'thp-cow-v9'; known:"),
+    ("workload: {name: forkserver}\npolicies:\n  - mthp-cow:order=12\n",
+     "s.yaml:3: policies[0]: policy mthp-cow: order=12 must be within 2..9"),
+    ("workload: {name: forkserver}\npolicies:\n  - cow-density:limit=3\n",
+     "s.yaml:3: policies[0]: policy cow-density: unknown parameter(s) limit"),
+    ("workload: {name: forkserver}\npolicies: []\n", "s.yaml:2: policies: expected a non-empty list"),
+    ("workload: {name: forkserver}\npolicies: [upstream, upstream]\n", "policies[1]: 'upstream' is listed twice"),
+    ("workload: {name: forkserver}\nsysfs:\n  enabled: sometimes\n", "s.yaml:3: sysfs.enabled: write enabled: EINVAL"),
+    ("workload: {name: forkserver}\nsysfs:\n  khugepaged/max_ptes_none: 600\n",
+     "s.yaml:3: sysfs.khugepaged/max_ptes_none: write khugepaged/max_ptes_none: EINVAL"),
+    ("workload: {name: forkserver}\nsysfs:\n  hpage_pmd_size: 4096\n", "s.yaml:3: sysfs.hpage_pmd_size: "),
+    ("workload: {name: forkserver}\nmachine: vax-780\n", "s.yaml:2: machine: unknown preset 'vax-780'; known:"),
+    ("seed: 1\nseed: 2\nworkload: {name: forkserver}\n", "s.yaml:2: seed: given twice (first on line 1)"),
+    ("workload: {name: forkserver\n", "s.yaml:2: not valid YAML"),
+    ("", "s.yaml:1: the file is empty"),
+    ("- a\n- b\n", "s.yaml:1: document: expected a mapping"),
+])
+def test_scenario_errors_name_line_and_field(text, expected):
+    assert expected in bad(text)
+
+
+def test_trace_path_is_relative_to_the_scenario(tmp_path):
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "t.csv").write_text("time_ns,pid,op,address,length\n0,1,mmap,4096,8192\n")
+    (tmp_path / "s.yaml").write_text("workload:\n  name: trace\n  path: traces/t.csv\n")
+    sc = load_scenario(str(tmp_path / "s.yaml"))
+    assert sc.params["path"] == str(tmp_path / "traces" / "t.csv") and sc.name == "s"
+    (tmp_path / "b.yaml").write_text("workload:\n  name: trace\n  path: traces/none.csv\n")
+    with pytest.raises(ScenarioError, match=r"b.yaml:3: workload.path: .*no such file"):
+        load_scenario(str(tmp_path / "b.yaml"))
+
+
+def test_default_scenario_is_valid_and_round_trips():
+    sc = default_scenario()
+    assert sc.workload == "redis-bgsave" and len(sc.policies) >= 3 and "upstream" in sc.policies
+    again = parse_scenario(sc.to_yaml(), "again.yaml")
+    assert again.to_dict() == sc.to_dict()
+
+
+# -- the runner against the kernel's own counters -----------------------------------------------
+def replay_tiny(policy: str) -> dict:
+    """The tiny scenario done by hand on a kernel: the figures compare() must report."""
+    pol = parse_policy(policy)
+    k = Kernel(ram=256 * MIB, seed=5, cow_policy=pol)
+    k.sysfs.write("enabled", "madvise")
+    used = lambda: (k.mem.nr_frames - k.mem.nr_free) * PAGE_SIZE  # noqa: E731
+    p = k.spawn()
+    a = p.mmap(16 * MIB)
+    p.madvise(a, 16 * MIB, MADV_HUGEPAGE)
+    p.write(a, 16 * MIB, 1)
+    peak = used()
+    k.run_until(2_000_000)
+    before, base_mem = k.vmstat_snapshot(), used()
+    pol.before_fork(k, p, [(a + i * MIB, MIB) for i in range(8)])
+    c = p.fork()
+    lat = []
+    model = latency_model()
+    per = int(round(MIB / (4096 * MIB) * 1e9))      # range / copy_mib_s
+    for i in range(8):
+        k.run_until(2_000_000 + i * per)
+        b = k.vmstat_snapshot()
+        c.write_many(a + i * MIB + np.arange(256) * PAGE_SIZE, 2 + i)
+        d = {name: k.vmstat_snapshot()[name] - b[name] for name in COUNTERS}
+        lat.append(model.op_cost_ns("write", d, accesses=256, nbytes=MIB) / 1000)
+        peak = max(peak, used())
+    k.run_until(2_000_000 + 8 * per)
+    pol.phase_end(k, p, [c])
+    huge_end = p.smaps_fields()
+    k.run_until(2_000_000 + 8 * per + 1_000_000)
+    c.exit()
+    after = k.vmstat_snapshot()
+    f = p.smaps_fields()
+    return {"d": {n: after[n] - before[n] for n in COUNTERS}, "peak_mib": peak / MIB,
+            "peak_extra_mib": (peak - base_mem) / MIB, "lat": lat, "thp_end": f["AnonHugePages"] / f["Anonymous"],
+            "sim_ms": k.now / 1e6, "huge_before_exit": huge_end}
+
+
+@pytest.mark.parametrize("policy", ["upstream", "thp-cow-v1"])
+def test_compare_numbers_are_the_kernels_counters(tiny, policy):
+    row = run_point(tiny, policy).summary
+    want = replay_tiny(policy)
+    for name in COUNTERS:
+        assert row[name] == want["d"][name], name
+    assert row["cow_mib"] == (want["d"]["sim_cow_bytes"] + want["d"]["sim_collapse_bytes"]) / MIB == 8.0
+    assert row["peak_mib"] == want["peak_mib"] and row["peak_extra_mib"] == want["peak_extra_mib"]
+    assert row["lat_p50_us"] == pytest.approx(np.percentile(want["lat"], 50))
+    assert row["lat_p99_us"] == pytest.approx(np.percentile(want["lat"], 99))
+    assert row["lat_max_us"] == pytest.approx(max(want["lat"])) and row["write_batches"] == 8
+    assert row["thp_end"] == pytest.approx(want["thp_end"]) and row["sim_ms"] == want["sim_ms"]
+    assert not row["oom"] and row["policy"] == policy and row["scenario"] == "tiny"
+    if policy == "upstream":
+        assert row["thp_split_pmd"] == 4 and row["pgfault"] == 2048 and row["thp_fault_alloc"] == 0
+    else:
+        assert row["thp_split_pmd"] == 0 and row["thp_fault_alloc"] == 4 and row["sim_huge_cow"] == 4
+
+
+@pytest.mark.parametrize("kind, d, kw", [
+    ("write", {"pgfault": 512, "sim_cow_pages": 512, "sim_cow_bytes": 2 * MIB, "thp_split_pmd": 1}, {"accesses": 512}),
+    ("write", {"pgfault": 1, "thp_fault_alloc": 1, "sim_huge_cow": 1, "sim_cow_bytes": 2 * MIB}, {"accesses": 1}),
+    ("write", {"pgfault": 40, "pgreuse": 40}, {"accesses": 100, "nbytes": 800}),
+    ("write", {"pgfault": 32, "sim_cow_pages": 512, "sim_cow_bytes": 2 * MIB, "thp_split_pmd": 1}, {}),
+    ("phase_end", {"thp_collapse_alloc": 3, "sim_collapse_bytes": 6 * MIB}, {}),
+    ("fork", {}, {"pte_tables": 10, "pmds": 100}),
+    ("exit", {}, {"pte_tables": 10, "pmds": 100}),
+])
+def test_the_placeholder_agrees_with_the_machine_model(kind, d, kw):
+    machine = latency_model()
+    if isinstance(machine, PlaceholderLatencyModel):
+        pytest.skip("thpcow.machine is not importable")
+    assert machine.op_cost_ns(kind, d, **kw) == pytest.approx(PlaceholderLatencyModel().op_cost_ns(kind, d, **kw),
+                                                              rel=0.02)
+
+
+def test_per_op_records_add_up_to_the_summary(tiny):
+    res = run_compare(tiny)
+    for pol, row in res.summary.set_index("policy").iterrows():
+        ops = res.ops[res.ops["policy"] == pol]
+        after_fork = ops[ops["seq"] >= ops.loc[ops["kind"] == "fork", "seq"].iloc[0]]
+        for name in COUNTERS:                      # no khugepaged work in 20 ms: every event is in some op
+            assert after_fork[name].sum() == row[name], (pol, name)
+        assert ops["cost_ns"].sum() / 1e6 == pytest.approx(row["model_ms"])
+        assert ops["mem_bytes"].max() / MIB == row["peak_mib"]
+
+
+def test_fast_thp_coverage_matches_smaps():
+    k = Kernel(ram=512 * MIB, seed=0, cow_policy="collapse-after-fork:who=both")
+    p = k.spawn()
+    a = p.mmap(8 * MIB)
+    p.madvise(a, 8 * MIB, MADV_HUGEPAGE)
+    p.read(a, 2 * MIB)                              # huge zero page: not AnonHugePages
+    p.write(a + 2 * MIB, 6 * MIB, 1)
+    c = p.fork()
+    c.write_many(a + 2 * MIB + np.arange(300) * PAGE_SIZE, 2)
+    p.write(a + 6 * MIB, 1, 3)
+    seen = set()
+    for _ in range(2):
+        for proc in (p, c):
+            f = proc.smaps_fields()
+            assert thp_kb(proc) == (f["Anonymous"], f["AnonHugePages"])
+            seen.add(f["AnonHugePages"] / f["Anonymous"])
+        k.cow_policy.phase_end(k, p, [c])              # MADV_COLLAPSE of both
+    assert {round(x, 3) for x in seen} == {0.667, 1.0}     # one of three THPs split in each, then collapsed
+
+
+def test_tlb_misses_come_from_the_machine_model(tiny):
+    pytest.importorskip("thpcow.machine")
+    df = thpcow.compare(tiny).set_index("policy")
+    # the child's 2048 stores hit 4 KiB pages under upstream, four 2 MiB pages under the series
+    assert df.loc["upstream", "tlb_misses"] >= 2048 > 100 * df.loc["thp-cow-v1", "tlb_misses"]
+    assert df.loc["upstream", "tlb_ms"] > df.loc["thp-cow-v1", "tlb_ms"] > 0
+
+
+def test_compare_is_deterministic(tiny):
+    a, b = thpcow.compare(tiny), thpcow.compare(tiny)
+    pd.testing.assert_frame_equal(a, b)
+    assert list(a.columns) == list(SUMMARY_SCHEMA) and list(a["policy"]) == ["upstream", "thp-cow-v1"]
+
+
+def test_compare_writes_parquet_and_report(tiny, tmp_path):
+    out = str(tmp_path / "out")
+    df = thpcow.compare(tiny, policies=["upstream", "cow-density:threshold=16"], out=out)
+    for name in ("summary.parquet", "ops.parquet", "samples.parquet", "report.html", "scenario.yaml"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, "summary.parquet")), df)
+    html = open(os.path.join(out, "report.html")).read()
+    assert html.count("data:image/png;base64,") == 3 and "verdict:" in html and "cow-density:threshold=16" in html
+    samples = pd.read_parquet(os.path.join(out, "samples.parquet"))
+    assert samples["thp_coverage"].between(0, 1).all()
+    assert all(s["t_ns"].is_monotonic_increasing for _p, s in samples.groupby("policy"))
+    assert load_scenario(os.path.join(out, "scenario.yaml")).policies == ["upstream", "cow-density:threshold=16"]
+    assert not [f for f in os.listdir(out) if f.startswith(".")]
+
+
+def test_compare_api_options(tiny):
+    df = thpcow.compare(tiny, policies=["pre-5.8"], seed=9)
+    assert list(df["policy"]) == ["pre-5.8"] and df["seed"].iloc[0] == 9
+    with pytest.raises(ScenarioError, match="unknown COW policy 'nope'"):
+        thpcow.compare(tiny, policies=["nope"])
+    with pytest.raises(ValueError, match="seed=-1"):
+        thpcow.compare(tiny, seed=-1)
+    d = {"ram_mib": 256, "sysfs": {"enabled": "madvise"},
+         "workload": {"name": "forkserver", "data_mib": 8, "children": 20, "hot_mib": 1}}
+    assert thpcow.compare(d)["workload"].iloc[0] == "forkserver"
+
+
+def test_out_of_memory_is_a_result(tmp_path):
+    sc = {"name": "oom", "ram_mib": 64, "sysfs": {"enabled": "madvise"},
+          "workload": {"name": "copy-after-fork", "size_mib": 40, "copy_mib": 40, "range_kib": 2048},
+          "policies": ["upstream"]}
+    df = thpcow.compare(sc)
+    assert bool(df["oom"].iloc[0]) and df["peak_mib"].iloc[0] > 60
+    assert "out of memory: upstream" in report.verdict(df)
+
+
+def test_verdict_names_the_leaders():
+    df = pd.DataFrame([
+        dict(policy="upstream", lat_p99_us=10.0, cow_mib=4.0, peak_mib=100.0, thp_mean=0.2, model_ms=5.0, oom=False),
+        dict(policy="thp-cow-v1", lat_p99_us=300.0, cow_mib=64.0, peak_mib=160.0, thp_mean=1.0, model_ms=9.0, oom=False),
+    ])
+    v = report.verdict(df)
+    assert v.startswith("verdict: lowest p99 write latency: upstream (10.0 µs)")
+    assert "best THP coverage: thp-cow-v1 (1.00)" in v and "\n" not in v
+    assert report.verdict(df.iloc[:1]).startswith("verdict: lowest p99")
+    better = df.assign(thp_mean=[1.0, 0.2])
+    assert report.verdict(better).startswith("verdict: upstream is best on every count")
+
+
+def test_default_scenario_runs_in_seconds():
+    df = thpcow.compare(None, policies=["upstream"])
+    row = df.iloc[0]
+    assert row["thp_split_pmd"] == 128 and row["cow_mib"] > 0 and row["lat_p99_us"] > row["lat_p50_us"] > 0
+    assert 0 <= row["thp_min"] < row["thp_end"] == 1.0     # split by COW, collapsed again by khugepaged
+
+
+# -- the command line ---------------------------------------------------------------------------
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from thpcow.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.output + (getattr(res, "stderr", "") if res.stderr_bytes is not None else "")
+
+
+def test_cli_compare(tiny, tmp_path):
+    out = str(tmp_path / "cli")
+    code, text = run_cli("compare", tiny, "--out", out, "--policy", "upstream", "--policy", "mthp-cow:order=4")
+    assert code == 0, text
+    assert "mthp-cow:order=4" in text and "verdict:" in text and os.path.exists(os.path.join(out, "report.html"))
+    assert text.strip().splitlines()[-1].startswith("verdict:")
+    row = next(line for line in text.splitlines() if line.startswith("│ upstream"))
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    df = pd.read_parquet(os.path.join(out, "summary.parquet")).set_index("policy")
+    assert cells == report.table_rows(df.reset_index())[0]
+    assert cells[1:4] == ["8.0", f"{df.loc['upstream', 'peak_mib']:.1f}", "2048"]
+
+
+def test_cli_compare_errors(tmp_path, tiny):
+    badfile = tmp_path / "bad.yaml"
+    badfile.write_text("workload:\n  name: forkserver\n  children: -3\n")
+    code, text = run_cli("compare", str(badfile))
+    assert code == 1 and "bad.yaml:3: workload.children:" in text and "must be >= 1" in text
+    code, text = run_cli("compare", tiny, "--policy", "thp-cow-v2")
+    assert code == 1 and "unknown COW policy 'thp-cow-v2'" in text
+    code, text = run_cli("compare", str(tmp_path / "missing.yaml"))
+    assert code == 1 and "no such scenario file" in text
+
+
+def test_cli_lists_workloads():
+    code, text = run_cli("workloads")
+    assert code == 0 and "redis-bgsave:" in text and "  dataset_mib:" in text and "trace:" in text

@@ -1,0 +1,313 @@
+"""Workloads: deterministic op streams, validated parameters, and what each stream does to a kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
+from thpcow.workloads import REGISTRY, get_workload, stream_digest, workload_class, write_trace
+from thpcow.workloads import ops as O
+from thpcow.workloads.base import keys, page_offsets, per_tick, span_offsets, zipf_ranks
+from thpcow.workloads.ops import check_order
+
+MIB = 1 << 20
+
+# Small parameters for every workload (the trace one gets its file from the fixture).
+SMALL = {
+    "redis-bgsave": dict(dataset_mib=8, writes_per_s=20000, scan_mib_s=256, tail_ms=5),
+    "copy-after-fork": dict(size_mib=8, copy_mib=4, range_kib=1024),
+    "prefork-server": dict(data_mib=8, workers=3, serve_ms=20, share=0.05),
+    "python-refcount": dict(data_mib=8, workers=3, serve_ms=20, touches_per_s=20000),
+    "forkserver": dict(data_mib=8, children=40, hot_mib=1, pages_per_child=4),
+}
+
+
+@pytest.fixture
+def trace_csv(tmp_path):
+    """A small trace: populate 4 MiB of THP, fork, the child writes a few ranges, exits."""
+    base = 0x7F0000000000
+    rows = [(0, 10, "mmap", base, 4 * MIB), (0, 10, "madvise", base, 4 * MIB, "hugepage"),
+            (0, 10, "write", base, 4 * MIB, 1), (1_000_000, 10, "fork", 0, 0, 11)]
+    for i in range(8):
+        rows.append((2_000_000 + i * 100_000, 11, "write", base + i * 300_000, 5000, 7))
+    rows.append((2_000_000 + 8 * 100_000, 10, "read", base, 8192))
+    rows.append((9_000_000, 11, "exit", 0, 0))
+    path = tmp_path / "t.csv"
+    write_trace(str(path), rows)
+    return str(path)
+
+
+def make(name: str, trace: str | None = None, **extra):
+    params = dict(SMALL.get(name, {}), **extra)
+    if name == "trace":
+        params.setdefault("path", trace)
+    return get_workload(name, **params)
+
+
+def run_stream(ops, ram=256 * MIB, check=True) -> tuple[dict, int]:
+    """Apply a stream to a fresh kernel (a minimal runner, independent of experiments/): vmstat, used pages."""
+    k = Kernel(ram=ram, seed=0, check=check)
+    k.sysfs.write("enabled", "madvise")
+    procs, base = {}, {}
+    for op in check_order(ops):
+        k.run_until(max(op.t, k.now))
+        p = procs.get(op.pid)
+        if op.kind == O.SPAWN:
+            procs[op.pid] = k.spawn()
+        elif op.kind == O.MMAP:
+            base[op.region] = p.mmap(op.length)
+        elif op.kind == O.MADVISE:
+            p.madvise(base[op.region] + op.offset, op.length, op.arg)
+        elif op.kind == O.WRITE:
+            p.write_many(base[op.region] + op.offsets, op.token)
+        elif op.kind == O.READ:
+            p.read_many(base[op.region] + op.offsets)
+        elif op.kind == O.FORK:
+            procs[op.arg] = p.fork()
+        elif op.kind == O.EXIT:
+            p.exit()
+    return k.vmstat_snapshot(), k.mem.nr_frames - k.mem.nr_free
+
+
+# -- determinism ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_same_seed_same_stream_and_same_results(name, trace_csv):
+    a = list(make(name, trace_csv).ops(seed=3))
+    b = list(make(name, trace_csv).ops(seed=3))
+    assert len(a) == len(b) and all(x.same(y) for x, y in zip(a, b))
+    assert stream_digest(a) == stream_digest(b)
+    assert run_stream(a) == run_stream(b)
+
+
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"trace"}))
+def test_another_seed_another_stream(name):
+    assert stream_digest(make(name).ops(seed=0)) != stream_digest(make(name).ops(seed=1))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_streams_are_time_ordered_and_end_at_duration(name, trace_csv):
+    w = make(name, trace_csv)
+    ops = list(check_order(w.ops(0)))
+    assert ops[0].kind == O.SPAWN and ops[-1].kind == O.END
+    assert ops[-1].t == w.duration_ns()
+    assert all(op.offsets is None or op.offsets.dtype == np.int64 for op in ops)
+    assert w.measure_phase in {op.phase for op in ops}
+
+
+# -- parameters ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"trace"}))
+def test_defaults_are_valid_and_documented(name):
+    cls = workload_class(name)
+    w = cls()
+    assert w.values() == {k: p.default for k, p in cls.params.items()}
+    for key in cls.params:
+        assert key in cls.describe()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(dataset_mib=0), ["dataset_mib=0", ">= 1"]),
+    (dict(dataset_mib="big"), ["dataset_mib='big'", "integer"]),
+    (dict(dataset_mib=2.5), ["dataset_mib=2.5", "integer"]),
+    (dict(key_dist="pareto"), ["key_dist='pareto'", "uniform, zipf"]),
+    (dict(thp="maybe"), ["thp='maybe'", "boolean"]),
+    (dict(writes_per_s=-1), ["writes_per_s=-1", ">= 0"]),
+    (dict(zipf_s=True), ["zipf_s=True", "number"]),
+    (dict(value_size=4 * MIB), ["value_size=4194304", "<= 1048576"]),
+    (dict(batch_ms=0), ["batch_ms=0", ">= 0.001"]),
+    (dict(dataset=8), ["unknown parameter(s) dataset", "dataset_mib"]),
+])
+def test_bad_parameters_name_the_parameter(kwargs, words):
+    with pytest.raises(ValueError) as exc:
+        get_workload("redis-bgsave", **kwargs)
+    for w in words:
+        assert w in str(exc.value)
+
+
+@pytest.mark.parametrize("name, kwargs, word", [
+    ("copy-after-fork", dict(copy_mib=65), "copy_mib=65"),
+    ("copy-after-fork", dict(range_kib=6), "range_kib=6"),
+    ("copy-after-fork", dict(writer="both"), "writer='both'"),
+    ("prefork-server", dict(share=1.5), "share=1.5"),
+    ("prefork-server", dict(workers=0), "workers=0"),
+    ("python-refcount", dict(object_size=12), "object_size=12"),
+    ("forkserver", dict(hot_mib=128), "hot_mib=128"),
+    ("forkserver", dict(children=0), "children=0"),
+    ("trace", dict(path="/nonexistent.csv"), "path='/nonexistent.csv'"),
+    ("trace", dict(), "path is required"),
+])
+def test_bad_parameters_of_each_workload(name, kwargs, word):
+    with pytest.raises(ValueError, match="parameter") as exc:
+        get_workload(name, **kwargs)
+    assert word in str(exc.value) and name in str(exc.value)
+
+
+def test_unknown_workload_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown workload 'memcached'; known: redis-bgsave"):
+        get_workload("memcached")
+
+
+def test_string_values_are_coerced_like_yaml_or_a_command_line():
+    w = get_workload("redis-bgsave", dataset_mib="16", thp="false", zipf_s="1.2")
+    assert (w.dataset_mib, w.thp, w.zipf_s) == (16, False, 1.2)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def test_span_offsets_one_store_per_page_touched():
+    assert span_offsets(np.array([0, 8, 4000]), 200).tolist() == [0, 8, 4000, 4096]
+    assert span_offsets(np.array([4090]), 9000).tolist() == [4090, 4096, 8192, 12288]
+    assert page_offsets(100, 8192).tolist() == [100, 4096, 8192]
+
+
+def test_per_tick_spreads_a_rate_exactly():
+    c = per_tick(1500.0, 1_000_000, 1000)          # 1.5 per ms for 1 s
+    assert c.sum() == 1500 and set(c.tolist()) == {1, 2}
+
+
+def test_zipf_keys_are_skewed_and_in_range():
+    rng = np.random.default_rng(0)
+    r = zipf_ranks(rng, 100_000, 0.99, 200_000)
+    assert r.min() >= 0 and r.max() < 100_000
+    assert (r < 1000).mean() > 0.5                # the top 1 % of keys take most accesses
+    k = keys(np.random.default_rng(0), 100_000, "zipf", 0.99, 200_000)
+    assert k.min() >= 0 and k.max() < 100_000 and (k < 1000).mean() < 0.1   # scrambled over the key space
+    u = keys(np.random.default_rng(0), 100_000, "uniform", 0.99, 200_000)
+    assert abs((u < 50_000).mean() - 0.5) < 0.01
+
+
+# -- what each stream does ------------------------------------------------------------------------
+def test_redis_bgsave_timeline():
+    w = make("redis-bgsave", batch_ms=1.0)
+    ops = list(w.ops(0))
+    fork = next(op for op in ops if op.kind == O.FORK)
+    exit_ = next(op for op in ops if op.kind == O.EXIT)
+    reads = [op for op in ops if op.kind == O.READ]
+    writes = [op for op in ops if op.kind == O.WRITE and op.pid == 0 and op.phase != "load"]
+    pages = np.concatenate([op.offsets for op in reads]) // PAGE_SIZE
+    assert np.array_equal(pages, np.arange(8 * MIB // PAGE_SIZE))         # the child reads every page once, in order
+    assert all(fork.t <= op.t <= exit_.t and op.pid == 1 for op in reads)
+    assert exit_.t - fork.t == pytest.approx(8 / 256 * 1e9, rel=0.05)      # scan_mib_s
+    assert sum(op.nbytes for op in writes) == 1024 * round(20000 * w.duration_ns() / 1e9)
+    assert {op.phase for op in writes} == {"before", "snapshot", "after"}
+    assert ops[ops.index(exit_) + 1].kind == O.PHASE_END
+
+
+def test_copy_after_fork_rewrites_whole_disjoint_ranges():
+    w = make("copy-after-fork", order="random")
+    writes = [op for op in w.ops(0) if op.kind == O.WRITE and op.phase == "copy"]
+    assert len(writes) == 4 and all(op.pid == 1 and op.nbytes == MIB for op in writes)
+    starts = sorted(int(op.offsets[0]) for op in writes)
+    assert all(s % MIB == 0 for s in starts) and len(set(starts)) == 4
+    assert all(np.array_equal(op.offsets, op.offsets[0] + np.arange(256) * PAGE_SIZE) for op in writes)
+    vm, _ = run_stream(w.ops(0))
+    assert vm["sim_cow_bytes"] == 4 * MIB and vm["thp_split_pmd"] == len({s // (2 * MIB) for s in starts})
+
+
+def test_copy_after_fork_sequential_order():
+    w = make("copy-after-fork", order="sequential", range_kib=2048)
+    ops = list(w.ops(0))
+    assert [int(op.offsets[0]) for op in ops if op.kind == O.WRITE and op.phase == "copy"] == [0, 2 * MIB]
+
+
+def test_prefork_workers_each_write_their_share():
+    w = make("prefork-server")
+    ops = list(w.ops(0))
+    assert [op.arg for op in ops if op.kind == O.FORK] == [1, 2, 3]
+    per = {pid: np.concatenate([op.offsets for op in ops if op.kind == O.WRITE and op.pid == pid])
+           for pid in (1, 2, 3)}
+    for offs in per.values():
+        pages = offs // PAGE_SIZE
+        assert len(pages) == len(np.unique(pages)) == round(0.05 * 2048)
+    assert sorted(op.pid for op in ops if op.kind == O.EXIT) == [1, 2, 3]
+
+
+def test_python_refcount_reads_are_writes_at_object_headers():
+    w = make("python-refcount", object_size=64)
+    writes = [op for op in w.ops(0) if op.kind == O.WRITE and op.pid > 0]
+    offs = np.concatenate([op.offsets for op in writes])
+    assert len(offs) == 3 * 20000 * 20 // 1000 and (offs % 64 == 0).all()
+    vm, _ = run_stream(w.ops(0))
+    assert vm["sim_cow_pages"] >= len(np.unique(offs // PAGE_SIZE)) // 3   # every page touched is COWed
+
+
+def test_forkserver_children_are_short_lived():
+    w = make("forkserver", lifetime_ms=0.5)
+    ops = list(w.ops(0))
+    forks = {op.arg: op.t for op in ops if op.kind == O.FORK}
+    exits = {op.pid: op.t for op in ops if op.kind == O.EXIT}
+    assert len(forks) == 40 and forks.keys() == exits.keys()
+    assert all(exits[p] - forks[p] == 500_000 for p in forks)
+    writes = [op for op in ops if op.kind == O.WRITE and op.pid > 0]
+    assert all(op.n == 4 and (op.offsets < MIB).all() for op in writes)
+    vm, used = run_stream(ops)
+    assert vm["thp_split_pmd"] == 40 and used == run_stream(list(ops)[:5])[1]   # children leave nothing behind
+
+
+# -- traces -----------------------------------------------------------------------------------
+def test_trace_replays_like_the_program_it_records(trace_csv):
+    vm_trace, used_trace = run_stream(make("trace", trace_csv).ops(0))
+    k = Kernel(ram=256 * MIB, seed=0, check=True)
+    k.sysfs.write("enabled", "madvise")
+    p = k.spawn()
+    a = p.mmap(4 * MIB)
+    p.madvise(a, 4 * MIB, MADV_HUGEPAGE)
+    p.write(a, 4 * MIB, 1)
+    k.run_until(1_000_000)
+    c = p.fork()
+    for i in range(8):
+        k.run_until(2_000_000 + i * 100_000)
+        c.write(a + i * 300_000, 5000, 7)
+    k.run_until(2_800_000)
+    p.read(a, 8192)
+    k.run_until(9_000_000)
+    c.exit()
+    assert vm_trace == k.vmstat_snapshot() and used_trace == k.mem.nr_frames - k.mem.nr_free
+    assert vm_trace["thp_split_pmd"] == 2
+
+
+def test_trace_batches_writes_within_the_window(trace_csv):
+    ops = list(make("trace", trace_csv, batch_ms=1.0).ops(0))
+    child = [op for op in ops if op.kind == O.WRITE and op.pid == 1]
+    assert len(child) == 1 and child[0].n == 8 * 2 + 1     # 5000 B at 300 KB strides: 2 pages each but one
+    assert len([op for op in make("trace", trace_csv, batch_ms=0.05).ops(0) if op.kind == O.WRITE]) == 9
+
+
+def test_trace_csv_and_parquet_give_the_same_stream(trace_csv, tmp_path):
+    import pandas as pd
+
+    pq = str(tmp_path / "t.parquet")
+    pd.read_csv(trace_csv, dtype=str, keep_default_na=False).to_parquet(pq)
+    assert stream_digest(make("trace", trace_csv).ops(0)) == stream_digest(make("trace", pq).ops(0))
+
+
+@pytest.mark.parametrize("bad_row, words", [
+    ((5, 10, "mprotect", 0, 4096), ["row 2", "op='mprotect'"]),
+    ((-5, 10, "mmap", 0, 4096), ["row 2", "time_ns=-5 is before"]),
+    ((5, 10, "write", 0x1000, 4096), ["row 2", "not inside one mapping of pid 10"]),
+    ((5, 10, "fork", 0, 0), ["row 2", "fork needs arg"]),
+    ((5, 10, "madvise", 0x7F0000000000, 4096, "sideways"), ["row 2", "arg='sideways'"]),
+    ((5, 12, "exit", 0, 0), ["row 2", "pid 12 exits before it ran"]),
+    ((5, 10, "munmap", 0x7F0000000000, 4096), ["row 2", "munmap must cover exactly one mapping"]),
+    ((5, 10, "write", "0xzz", 4096), ["row 2", "address='0xzz' is not an integer"]),
+])
+def test_bad_trace_rows_are_named(tmp_path, bad_row, words):
+    path = str(tmp_path / "bad.csv")
+    write_trace(path, [(0, 10, "mmap", 0x7F0000000000, 2 * MIB), bad_row])
+    with pytest.raises(ValueError) as exc:
+        list(make("trace", path).ops(0))
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_trace_missing_columns(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("time,pid,op\n0,1,mmap\n")
+    with pytest.raises(ValueError, match="missing column"):
+        list(make("trace", str(path)).ops(0))
+
+
+def test_every_workload_runs_on_a_checked_kernel(trace_csv):
+    for name in sorted(REGISTRY):
+        vm, _ = run_stream(make(name, trace_csv).ops(0), check=True)
+        assert vm["pgfault"] > 0, name
+

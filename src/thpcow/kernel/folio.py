@@ -48,8 +48,10 @@ class FolioTable:
         ("lru", np.int64, -1),           # LRU position stamp (smaller = older); -1: not on the LRU
     )
 
-    def __init__(self, capacity: int = 1024) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 1024, max_capacity: int = 1 << 40) -> None:
+        self.capacity = min(capacity, max_capacity)
+        self.max_capacity = max_capacity          # a folio has at least one frame: <= nr_frames
+        capacity = self.capacity
         for name, dtype, fill in self._FIELDS:
             setattr(self, name, np.full(capacity, fill, dtype=dtype))
         self.used = np.zeros(capacity, dtype=bool)
@@ -62,7 +64,8 @@ class FolioTable:
             return
         cap = self.capacity
         while cap < need:
-            cap *= 4
+            cap *= 2
+        cap = min(cap, max(self.max_capacity, need))
         if cap == self.capacity:
             return
         for name, dtype, fill in self._FIELDS:

@@ -213,11 +213,12 @@ def check_kernel(k: Kernel) -> None:
             slot = int(np.flatnonzero(sw.swap_map != swap_refs)[0])
             _fail(f"swap slot {slot}: swap_map={sw.swap_map[slot]} but {swap_refs[slot]} swap entries point at it")
         held = (swap_refs > 0) | sw.in_cache
-        if (sw.used != held).any():
-            slot = int(np.flatnonzero(sw.used != held)[0])
+        held[0] = True                              # the swap header
+        if (sw.used[: sw.nr_slots] != held).any():
+            slot = int(np.flatnonzero(sw.used[: sw.nr_slots] != held)[0])
             _fail(f"swap slot {slot}: used={bool(sw.used[slot])} but referenced={bool(held[slot])}")
-        if sw.nr_free != sw.nr_slots - int(sw.used.sum()):
-            _fail(f"swap: nr_free={sw.nr_free} but {sw.nr_slots - int(sw.used.sum())} slots are free")
+        if sw.nr_free != sw.nr_slots - int(sw.used[: sw.nr_slots].sum()):
+            _fail(f"swap: nr_free={sw.nr_free} but {sw.nr_slots - int(sw.used[: sw.nr_slots].sum())} slots are free")
     lru = set(np.flatnonzero(f.lru[: f.capacity] >= 0).tolist())
     anon_live = set(live[(f.flags[live] & PG_ANON).astype(bool)].tolist())
     if lru != anon_live:

@@ -76,10 +76,13 @@ def compact_for_thp(k: Kernel) -> int:
         if mem.folio[pfn] < 0 and mem.take_pfn(pfn):
             fence.append(pfn)
     moved_ok = True
+    vacated: list[tuple[int, int]] = []        # compaction_alloc() takes targets from other blocks
     for fid in np.unique(mem.folio[best: best + HPAGE_PMD_NR][mem.folio[best: best + HPAGE_PMD_NR] >= 0]).tolist():
-        if migrate_folio(k, int(fid), allow_split=False) < 0:
+        if migrate_folio(k, int(fid), allow_split=False, vacated=vacated) < 0:
             moved_ok = False
             break
+    for pfn, order in vacated:
+        mem.free(pfn, order)
     for pfn in fence:
         mem.reserved[pfn] = False
         mem.free(pfn, 0)
@@ -113,12 +116,16 @@ def _take_block(mem, base: int) -> int:
     return -1
 
 
-def migrate_folio(k: Kernel, fid: int, allow_split: bool = True) -> int:
+def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
+                  vacated: list[tuple[int, int]] | None = None) -> int:
     """Model of migrate_pages() for one anon folio: move it, keep its mappings.
 
     Returns the new folio id, or -1 (thp_migration_fail / pgmigrate_fail).
     A THP for which no new THP can be had is split when ``allow_split``
-    (thp_migration_split) and its pages migrated one by one.
+    (thp_migration_split, and it counts as a failed THP migration as
+    migrate_pages_batch() does) and its pages migrated as one batch: every
+    target is allocated before any source frame is freed.  ``vacated``
+    collects the source frames instead of freeing them (for compaction).
     """
     from .vmscan import folio_mappings
     f = k.folios
@@ -139,9 +146,16 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True) -> int:
                 k.vmstat.count_vm_event("thp_migration_fail")
                 return -1
             k.vmstat.count_vm_event("thp_migration_split")
+            k.vmstat.count_vm_event("thp_migration_fail")
+            batch: list[tuple[int, int]] = []
             for p in range(head, head + nr):
                 if mem.folio[p] >= 0:
-                    migrate_folio(k, int(mem.folio[p]), allow_split=False)
+                    migrate_folio(k, int(mem.folio[p]), allow_split=False, vacated=batch)
+            for pfn, o in batch:
+                if vacated is None:
+                    mem.free(pfn, o)
+                else:
+                    vacated.append((pfn, o))
             return -1
         k.vmstat.count_vm_event("pgmigrate_fail", nr)
         if order >= HPAGE_PMD_ORDER:
@@ -165,7 +179,11 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True) -> int:
     mem.folio[sl_old] = -1
     mem.mapcount[sl_old] = 0
     mem.pflags[sl_old] = 0
-    mem.free(old_head, order)
+    if vacated is None:
+        mem.free(old_head, order)
+    else:
+        # Keep the frame out of the allocator until the batch is done.
+        vacated.append((old_head, order))
     k.vmstat.count_vm_event("pgmigrate_success", nr)
     if order >= HPAGE_PMD_ORDER:
         k.vmstat.count_vm_event("thp_migration_success")

@@ -20,16 +20,28 @@ class SwapDevice:
     """A swap area of ``size`` bytes (rounded down to whole clusters)."""
 
     def __init__(self, size: int) -> None:
-        n = (size // 4096) // CLUSTER * CLUSTER
+        """Slot 0 holds the swap header; a partial last cluster serves 4 KiB entries only
+        (setup_swap_clusters_info())."""
+        n = size // 4096
+        if n < 2:
+            raise ValueError(f"swap size {size}: too small for a header and one slot")
         self.nr_slots = n
+        nclusters = (n + CLUSTER - 1) // CLUSTER
         self.swap_map = np.zeros(n, dtype=np.int32)     # swap PTE references per slot
         self.in_cache = np.zeros(n, dtype=bool)         # SWAP_HAS_CACHE
-        self.used = np.zeros(n, dtype=bool)
+        self.used = np.zeros(nclusters * CLUSTER, dtype=bool)
+        self.used[n:] = True                            # beyond the device: never free
+        self.used[0] = True                             # the swap header
         self.content = np.zeros(n, dtype=np.int64)
-        self.cluster_used = np.zeros(n // CLUSTER, dtype=np.int32)
-        self.free_clusters: dict[int, None] = dict.fromkeys(range(n // CLUSTER))
-        self.partial: dict[int, None] = {}              # clusters with some free slots
-        self.nr_free = n
+        self.cluster_used = np.zeros(nclusters, dtype=np.int32)
+        self.cluster_used[0] = 1
+        if n % CLUSTER:
+            self.cluster_used[-1] += CLUSTER - n % CLUSTER
+        self.free_clusters: dict[int, None] = dict.fromkeys(
+            c for c in range(nclusters) if self.cluster_used[c] == 0)
+        self.partial: dict[int, None] = dict.fromkeys(
+            c for c in range(nclusters) if 0 < self.cluster_used[c] < CLUSTER)
+        self.nr_free = n - 1
 
     def alloc_cluster(self) -> int:
         """A whole free cluster for a PMD-order folio: its first slot, or -1."""

@@ -12,7 +12,12 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL
+
+# Swap type of hwpoison entries in pagemap's low 5 bits.  Simplification: the
+# kernel's SWP_HWPOISON number depends on the config (MAX_SWAPFILES + ...); the
+# simulator uses the top value and keeps no offset.
+SWP_HWPOISON_TYPE = 0x1F
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 from . import huge_memory as hm
 
@@ -213,12 +218,11 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
             row = int(pt.pmd_row[s])
             pfn = int(pt.pte_pfn[row, vp & 511])
             if pfn <= -2:                                 # swap: type 0, offset << 5
-                val = PM_SWAP | ((-2 - pfn) << 5)
-                if pt.pte_flags[row, vp & 511] & _PAGE_SWP_EXCLUSIVE:
-                    val |= PM_MMAP_EXCLUSIVE
-                out[i] = val
+                out[i] = PM_SWAP | ((-2 - pfn) << 5)
                 continue
             if pfn < 0:
+                if pt.pte_flags[row, vp & 511] & _PAGE_HWPOISON:
+                    out[i] = PM_SWAP | SWP_HWPOISON_TYPE      # a hwpoison swap-type entry
                 continue
             val = PM_PRESENT | pfn
             if not pt.pte_flags[row, vp & 511] & _PAGE_SPECIAL:

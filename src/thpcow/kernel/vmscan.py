@@ -169,6 +169,7 @@ def discard_lazyfree(k: Kernel, fid: int) -> bool:
             from .memory import zap_pte_range
             zap_pte_range(k, mm, m[2], m[3], m[3] + 1)
     k.vmstat.count_vm_event("pglazyfreed", 1 << int(k.folios.order[fid]))
+    k.vmstat.count_vm_event("pgsteal_file", 1 << int(k.folios.order[fid]))   # lazyfree folios sit on the file LRU
     return True
 
 
@@ -345,7 +346,6 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
             if freed >= nr_to_reclaim:
                 break
             freed += shrink_folio(k, fid)
-        k.vmstat.count_vm_event("pgsteal_anon", freed)
         return freed
     limit = 2 * k.lru_len() + 1
     while freed < nr_to_reclaim and scanned < limit:

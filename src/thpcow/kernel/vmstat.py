@@ -33,11 +33,12 @@ VM_EVENT_ITEMS = (
     "thp_scan_exceed_none_pte", "thp_scan_exceed_swap_pte", "thp_scan_exceed_share_pte",
     "thp_zero_page_alloc", "thp_zero_page_alloc_failed",
     "thp_swpout", "thp_swpout_fallback",
-    "pgreuse", "cow_ksm", "pgscan_anon", "pgsteal_anon", "pglazyfreed",
+    "pgreuse", "cow_ksm", "pgscan_anon", "pgsteal_anon", "pgsteal_file", "pglazyfreed",
     "compact_stall", "compact_success", "compact_fail", "compact_migrate_scanned",
     "pgmigrate_success", "pgmigrate_fail", "memory_failure_late_kill",
     # Simulator-only counters.
     "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes", "sim_compact_pages",
+    "sim_memory_failure",
 )
 
 # Per-size stats: /sys/kernel/mm/transparent_hugepage/hugepages-<N>kB/stats/<name>

@@ -152,16 +152,27 @@ def test_madv_collapse_errors():
         r.madvise(c, 2 << 20, MADV_COLLAPSE)
     # a range with no whole aligned 2 MiB block succeeds and does nothing
     p.madvise(a + PAGE_SIZE, PAGE_SIZE, MADV_COLLAPSE)
-    # no THP can be allocated: ENOMEM, thp_collapse_alloc_failed
-    k2 = Kernel(ram=RAM, check=True)
+    # no THP can be allocated, not even by compaction (an unmovable page in
+    # every pageblock): ENOMEM, thp_collapse_alloc_failed
+    k2 = Kernel(ram=RAM, check=True, fragmentation=1.0)
     s = k2.spawn()
     d = s.mmap(2 << 20)
     s.write(d, 2 << 20, 1)
-    k2.mem.fragment(1.0, np.random.default_rng(1))
     with pytest.raises(KernelError) as ei:
         s.madvise(d, 2 << 20, MADV_COLLAPSE)
     assert ei.value.errno == errno.ENOMEM
     assert k2.vmstat_snapshot()["thp_collapse_alloc_failed"] == 1
+    assert k2.vmstat_snapshot()["compact_fail"] >= 1
+    # ... while with the pages movable, direct compaction makes room and it succeeds
+    k3 = Kernel(ram=RAM, check=True)
+    s3 = k3.spawn()
+    d3 = s3.mmap(2 << 20)
+    s3.write(d3, 2 << 20, 1)
+    k3.mem.fragment(1.0, np.random.default_rng(1))
+    s3.madvise(d3, 2 << 20, MADV_COLLAPSE)
+    v = k3.vmstat_snapshot()
+    assert v["compact_success"] == 1 and v["thp_collapse_alloc"] == 1
+    assert (s3.read(d3, 2 << 20) == 1).all()
 
 
 def test_process_madvise_collapse_on_another_process():

@@ -724,3 +724,36 @@ def test_khugepaged_respects_max_ptes_swap(nr_swapped, collapses):
         assert ev(d, "pswpin") == 0
         assert p.smaps_fields(a)["AnonHugePages"] == 0 and p.status()["VmSwap"] == 4 * nr_swapped
     assert_reads(p, a, toks)
+
+
+def test_defrag_defer_wakes_kcompactd_instead_of_stalling():
+    """defrag=defer: the fault falls back at once (no compact_stall) and wakes kcompactd,
+    which builds a block in the background; a later fault gets its THP."""
+    k = Kernel(ram=512 << 20, check=True)
+    k.sysfs.write("defrag", "defer")
+    filler = k.spawn()
+    b = filler.mmap(2 << 20)
+    filler.write(b, 2 << 20, 1)                    # movable 4 KiB pages in one pageblock
+    k.mem.fragment(1.0, np.random.default_rng(1))  # every free pageblock broken
+    p = k.spawn()
+    a = p.mmap(4 << 20)
+    p.madvise(a, 4 << 20, MADV_HUGEPAGE)
+    p.write(a, 8, 1)
+    v = k.vmstat_snapshot()
+    assert v["thp_fault_fallback"] == 1 and v["compact_stall"] == 0
+    k.advance(2_000_000)
+    v = k.vmstat_snapshot()
+    assert v["compact_daemon_wake"] == 1 and v["compact_success"] == 1
+    p.write(a + (2 << 20), 8, 2)
+    assert k.vmstat_snapshot()["thp_fault_alloc"] == 1
+    assert (filler.read(b, 2 << 20) == 1).all()
+    # defrag=madvise outside MADV_HUGEPAGE: no compaction at all, now or later
+    k2 = Kernel(ram=512 << 20, check=True)
+    k2.sysfs.write("enabled", "always")
+    k2.mem.fragment(1.0, np.random.default_rng(1))
+    q = k2.spawn()
+    c = q.mmap(2 << 20)
+    q.write(c, 8, 1)
+    k2.advance(2_000_000)
+    v = k2.vmstat_snapshot()
+    assert v["thp_fault_fallback"] == 1 and v["compact_stall"] == 0 and v["compact_daemon_wake"] == 0

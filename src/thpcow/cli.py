@@ -206,6 +206,159 @@ def sweep_cmd(grid: str = typer.Argument(..., help="grid YAML file (scenario x p
                   f"(summary plot: {out_dir}/summary.png)")
 
 
+def _human_ns(ns: float | None) -> str:
+    """A duration in ns as text with a unit (ns, us, ms, s)."""
+    if ns is None or ns != ns:
+        return "-"
+    a = abs(ns)
+    if a < 1e3:
+        return f"{ns:.1f} ns"
+    if a < 1e6:
+        return f"{ns / 1e3:,.2f} us"
+    if a < 1e9:
+        return f"{ns / 1e6:,.2f} ms"
+    return f"{ns / 1e9:,.2f} s"
+
+
+def _lab_progress(prog, task):
+    """A progress callback for thpcow.lab: the step's label and the bar, refreshed by hand.
+
+    NOTE: the Progress runs with auto_refresh=False so that no refresh thread
+    competes with the measurements for the CPU (or the GIL).
+    """
+    def cb(label: str, done: int, total: int) -> None:
+        prog.update(task, description=label, completed=done, total=total)
+        prog.refresh()
+    return cb
+
+
+@app.command("calibrate")
+def calibrate_cmd(out: str = typer.Option(None, "--out", help="profile file to write (TOML; default "
+                                          "results/calibration-<kernel>-<timestamp>.toml)"),
+                  quick: bool = typer.Option(False, "--quick", help="smaller regions, fewer repeats: under a minute"),
+                  cold: bool = typer.Option(False, "--cold", help="sleep 3.5 s before every allocating step instead "
+                                            "of pre-touching scratch memory (calibration.md 'cold'; slow)"),
+                  as_json: bool = typer.Option(False, "--json", help="print the profile, figures and metadata as JSON")) -> None:
+    """Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML).
+
+    Measures mmap/munmap/madvise, fork() and exit per GiB (THP- and 4 KiB-backed),
+    4 KiB write faults, zero-page and huge-zero-page read faults, THP write faults,
+    COW (1st write into a shared THP = PMD split + 4 KiB copy; later 4 KiB COWs),
+    reuse faults after the child exits (4 KiB and PMD), MADV_COLLAPSE of a PTE-mapped
+    2 MiB, memcpy of 4 KiB / 2 MiB, memset, and random 8 B reads over THP- and 4 KiB-backed
+    buffers.  Batches of faults are timed and divided; each figure is the median of
+    repeats.  Every run's /proc/vmstat deltas and smaps are checked: a figure whose
+    counters show another kernel path is refused (exit status 1, no profile).
+    Never writes sysfs.  The profile loads with CalibrationProfile.load(); a commented
+    [lab] section keeps the metadata (kernel, THP knobs, CPU, governor, date, warm).
+    """
+    import time as _time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .lab import calibrate as cal
+    from .lab.procfs import LabError
+
+    cfg = cal.CalibrationConfig.quick_config(warm=not cold) if quick else cal.CalibrationConfig(warm=not cold)
+    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("calibrating", total=1)
+        try:
+            res = cal.calibrate(cfg, progress=_lab_progress(prog, task))
+        except (LabError, OSError, ValueError) as exc:
+            _fail(str(exc))
+    kernel = res.lab["metadata"].get("kernel", "unknown")
+    path = out or os.path.join("results", f"calibration-{kernel}-{_time.strftime('%Y%m%d-%H%M%S')}.toml")
+    try:
+        cal.write_profile(res.profile, path, res.lab)
+    except (OSError, ValueError) as exc:
+        _fail(f"{path}: cannot write the profile: {exc}")
+    rows = list(cal.profile_rows(res))
+    if as_json:
+        print(json.dumps({"profile": res.profile.to_dict(), "path": str(path), "rows": rows, "lab": res.lab,
+                          "elapsed_s": round(res.elapsed_s, 1)}, indent=2, default=str))
+        return
+    meta = res.lab["metadata"]
+    table = Table(title=f"calibration on Linux {kernel}, {meta.get('cpu_model')} x{meta.get('nr_cpus')}, "
+                        f"{'warm' if cfg.warm else 'cold'}{', quick' if quick else ''} (median of {cfg.repeats} runs)")
+    for col, just in (("figure", "left"), ("profile field", "left"), ("per", "left"), ("measured", "right"),
+                      ("min - max", "right"), ("reference", "right"), ("meas/ref", "right")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        ref = r["reference_ns"]
+        table.add_row(r["figure"], r["field"] or "(lab extra)", r["per"], _human_ns(r["median_ns"]),
+                      f"{_human_ns(r['min_ns'])} - {_human_ns(r['max_ns'])}", _human_ns(ref),
+                      f"{r['median_ns'] / ref:.2f}" if ref else "-")
+    console.print(table)
+    rr = res.lab["random_reads"]
+    t2 = Table(title=f"random 8 B reads (numpy take, {rr['accesses']:,} per run), ns per access")
+    for col in ("buffer", "4 KiB", "THP", "model: memory", "model: per walk ref"):
+        t2.add_column(col, justify="right")
+    model = rr.get("model", {})
+    for size in sorted({p["size_mib"] for p in rr["points"].values()}):
+        p4, ph = rr["points"].get(f"4k-{size}", {}), rr["points"].get(f"thp-{size}", {})
+        t2.add_row(f"{size} MiB", f"{p4.get('ns', float('nan')):.1f}", f"{ph.get('ns', float('nan')):.1f}",
+                   f"{float(model.get('base_ns', {}).get(str(size), float('nan'))):.1f}",
+                   f"{float(model.get('walk_ref_ns', {}).get(str(size), float('nan'))):.2f}")
+    console.print(t2)
+    console.print(f"profile written to {path} ({res.elapsed_s:.1f} s; not measured, kept at the reference: "
+                  f"{', '.join(res.lab['not_measured'])})", soft_wrap=True)
+
+
+@app.command("validate")
+def validate_cmd(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate` "
+                                             "(default: the built-in reference profile, calibration.md)"),
+                 quick: bool = typer.Option(False, "--quick", help="smaller regions, fewer repeats"),
+                 scenario: list[str] = typer.Option(None, "--scenario", help="run only this scenario (repeatable): "
+                                                    "first_touch_4k, first_touch_thp, fork_thp, fork_4k, cow_storm, "
+                                                    "rewrite_thp, rewrite_4k, random_thp, random_split"),
+                 as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
+    """Compare the latency model's predicted times with times measured on the running kernel.
+
+    Each micro-scenario runs on the running kernel (median of repeats) and on the
+    simulated kernel with the same calls; the simulator's vmstat deltas are priced
+    with the profile (cost_vmstat_delta; random reads: the TLB simulator over the
+    simulated page sizes plus a per-access memory cost).  A ratio predicted/measured
+    within 0.75-1.33 is in band.  A real run whose counters show another path than the
+    simulator's is refused (exit status 1).  Never writes sysfs.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .lab import calibrate as cal
+    from .lab import validate as val
+    from .lab.procfs import LabError
+
+    try:
+        prof, lab = cal.load_profile(profile)
+    except ValueError as exc:
+        _fail(str(exc))
+    cfg = val.ValidationConfig.quick_config() if quick else val.ValidationConfig()
+    with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("validating", total=1)
+        try:
+            res = val.validate(cfg, prof, lab, progress=_lab_progress(prog, task),
+                               only=tuple(scenario) if scenario else None)
+        except (LabError, OSError, ValueError) as exc:
+            _fail(str(exc))
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2, default=str))
+        return
+    lo, hi = val.BAND
+    table = Table(title=f"model vs Linux {res.metadata.get('kernel')}: profile {prof.name} "
+                        f"(band {lo}-{hi}, median of {cfg.repeats} runs)")
+    for col, just in (("scenario", "left"), ("measured", "right"), ("predicted", "right"),
+                      ("pred/meas", "right"), ("in band", "center")):
+        table.add_column(col, justify=just)
+    for r in res.rows:
+        table.add_row(r.label, _human_ns(r.measured_ns), _human_ns(r.predicted_ns), f"{r.ratio:.2f}",
+                      "yes" if r.in_band else "[bold red]no[/]")
+    console.print(table)
+    n_in = sum(r.in_band for r in res.rows)
+    console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
+                  "for the misses", soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()

@@ -48,9 +48,13 @@ def _block_cost(k: Kernel, base: int) -> int:
     return int(owned.sum())
 
 
-def compact_for_thp(k: Kernel) -> int:
-    """Direct compaction (try_to_compact_pages()) for one order-9 block: its PFN or -1."""
-    k.vmstat.count_vm_event("compact_stall")
+def compact_for_thp(k: Kernel, background: bool = False) -> int:
+    """Direct compaction (try_to_compact_pages()) for one order-9 block: its PFN or -1.
+
+    ``background``: kcompactd's work, which counts no compact_stall (the
+    kernel counts kcompactd's runs as compact_daemon_wake).
+    """
+    k.vmstat.count_vm_event("compact_daemon_wake" if background else "compact_stall")
     mem = k.mem
     if mem.nr_free < 2 * HPAGE_PMD_NR:
         k.vmstat.count_vm_event("compact_fail")

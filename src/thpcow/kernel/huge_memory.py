@@ -98,20 +98,36 @@ def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: str) -
     return bool(thp_vma_allowable_orders(k, mm, vma, tva, 1 << order))
 
 
-def vma_thp_gfp_allows_direct(k: Kernel, vma: VMA) -> bool:
-    """Model of vma_thp_gfp_mask(): does this fault stall for reclaim/compaction?"""
+# How a THP allocation may try (the __GFP_* reclaim bits vma_thp_gfp_mask() picks).
+GFP_DIRECT = "direct"          # __GFP_DIRECT_RECLAIM: stall for compaction
+GFP_KSWAPD = "kswapd"          # __GFP_KSWAPD_RECLAIM: fail fast, wake kswapd/kcompactd
+GFP_LIGHT = "light"            # neither: fail fast
+
+
+def vma_thp_gfp_mask(k: Kernel, vma: VMA) -> str:
+    """Model of vma_thp_gfp_mask(): stall, defer to kcompactd, or just fall back.
+
+    always: direct for everyone (NORETRY outside MADV_HUGEPAGE regions);
+    defer: wake kswapd/kcompactd, never stall; defer+madvise: direct in
+    MADV_HUGEPAGE regions, wake kswapd/kcompactd elsewhere; madvise: direct in
+    MADV_HUGEPAGE regions, nothing elsewhere; never: nothing.
+    """
     mode = k.sysfs.defrag
     advised = bool(vma.flags & VM_HUGEPAGE)
     if mode == "always":
-        return True
-    if mode in ("defer+madvise", "madvise"):
-        return advised
-    return False
+        return GFP_DIRECT
+    if mode == "defer":
+        return GFP_KSWAPD
+    if mode == "defer+madvise":
+        return GFP_DIRECT if advised else GFP_KSWAPD
+    if mode == "madvise":
+        return GFP_DIRECT if advised else GFP_LIGHT
+    return GFP_LIGHT
 
 
 def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
     """Model of vma_alloc_anon_folio_pmd(): an order-9 folio, or -1 with fallback counted."""
-    pfn = k.alloc_thp(direct=vma_thp_gfp_allows_direct(k, vma))
+    pfn = k.alloc_thp(vma_thp_gfp_mask(k, vma))
     if pfn < 0:
         k.vmstat.count_vm_event("thp_fault_fallback")
         k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_fallback")

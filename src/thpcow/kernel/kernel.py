@@ -64,6 +64,7 @@ class Kernel:
         self._lru_head = (1 << 40) - 1
         self._lru_buf = None
         self._lru_pos = 0
+        self._kcompactd_pending = False
         from .swap import SwapDevice
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
@@ -208,21 +209,45 @@ class Kernel:
         self.mem.folio[pfn: pfn + (1 << order)] = fid
         return fid
 
-    def alloc_thp(self, direct: bool) -> int:
+    def alloc_thp(self, gfp: "str | bool") -> int:
         """An order-9 block, or -1.
 
-        ``direct`` (the defrag mode allows stalling): when no free order-9
-        block exists, direct compaction tries to build one by migrating the
-        movable pages out of a pageblock (compact_stall/success/fail).
-        Otherwise the allocation fails at once and the caller falls back.
+        ``gfp`` (huge_memory.vma_thp_gfp_mask()): "direct" stalls in direct
+        compaction, which tries to build a block by migrating the movable pages
+        out of a pageblock (compact_stall/success/fail); "kswapd" fails at once
+        but wakes kcompactd, which compacts one block in the background a
+        little later on the simulated clock; "light" just fails.  The caller
+        falls back.  (``True``/``False`` mean "direct"/"light".)
         """
+        if gfp is True:
+            gfp = "direct"
+        elif gfp is False:
+            gfp = "light"
         pfn = self.mem.alloc(HPAGE_PMD_ORDER)
-        if pfn < 0 and direct:
+        if pfn < 0 and gfp == "direct":
             from .compaction import compact_for_thp
             pfn = compact_for_thp(self)
+        if pfn < 0 and gfp == "kswapd":
+            self.wakeup_kcompactd()
         if pfn < 0:
             pfn = self.cow_policy.alloc_thp_fallback(self)
         return pfn
+
+    KCOMPACTD_DELAY_NS = 1_000_000      # 1 ms: the kthread runs soon after its wakeup
+
+    def wakeup_kcompactd(self) -> None:
+        """Model of wakeup_kcompactd(): background compaction of one block, soon."""
+        if self._kcompactd_pending:
+            return
+        self._kcompactd_pending = True
+
+        def run() -> None:
+            from .compaction import compact_for_thp
+            self._kcompactd_pending = False
+            pfn = compact_for_thp(self, background=True)
+            if pfn >= 0:
+                self.mem.free(pfn, HPAGE_PMD_ORDER)     # the block goes back to the free lists
+        self.clock.schedule(self.clock.now + self.KCOMPACTD_DELAY_NS, run)
 
     def get_huge_zero_folio(self, mm: MM) -> int:
         """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""

@@ -131,7 +131,7 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     table becomes the new PMD's deposit (nr_ptes unchanged).
     """
     direct = k.sysfs.khugepaged_defrag if cc.is_khugepaged else True
-    pfn = k.alloc_thp(direct=direct)
+    pfn = k.alloc_thp("direct" if direct else "light")
     if pfn < 0:
         k.vmstat.count_vm_event("thp_collapse_alloc_failed")
         return ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL

@@ -34,7 +34,7 @@ VM_EVENT_ITEMS = (
     "thp_zero_page_alloc", "thp_zero_page_alloc_failed",
     "thp_swpout", "thp_swpout_fallback",
     "pgreuse", "cow_ksm", "pgscan_anon", "pgsteal_anon", "pgsteal_file", "pglazyfreed",
-    "compact_stall", "compact_success", "compact_fail", "compact_migrate_scanned",
+    "compact_stall", "compact_success", "compact_fail", "compact_migrate_scanned", "compact_daemon_wake",
     "pgmigrate_success", "pgmigrate_fail", "memory_failure_late_kill",
     # Simulator-only counters.
     "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes", "sim_compact_pages",

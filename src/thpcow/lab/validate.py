@@ -1,0 +1,490 @@
+"""Compare the latency model's predictions with times measured on the running kernel (``thpcow validate``).
+
+Every scenario runs twice:
+
+* **measured**: on the running kernel, with the method of
+  :mod:`thpcow.lab.calibrate` (anonymous mmap through ctypes, numpy strided
+  stores, ``os.fork``, the "warm" pre-touch, median of repeats), recording
+  the /proc/vmstat deltas and the region's smaps line;
+* **predicted**: the same system calls and stores on the simulated kernel
+  (:class:`thpcow.kernel.Kernel`, its THP knobs set like the running
+  kernel's), priced with :func:`thpcow.machine.latency.cost_vmstat_delta` and
+  the profile (plus fork hints, the memset of a whole-region rewrite, and for
+  random reads the TLB simulator over the simulated page sizes plus a
+  per-access memory cost).
+
+The real run must take the simulator's path: each THP counter
+(``thp_fault_alloc``, ``thp_split_pmd``, ``thp_collapse_alloc``) of the
+real delta must be at least the simulator's and exceed it by less than half
+the region's PMDs (other processes only add), ``pgfault`` at least the
+simulator's, and AnonHugePages of the measured process equal the
+simulator's.  Otherwise the scenario raises
+:class:`~thpcow.lab.calibrate.WrongPathError` rather than compare two
+different things.
+
+A ratio predicted / measured inside :data:`BAND` passes.  docs/validation.md
+has the figures of the lab VM and the reasons for the misses.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field, fields
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile, cost_vmstat_delta, fork_hints
+from . import calibrate as cal
+from . import procfs
+from .calibrate import GiB, MiB, PAGE, PMD, Child, Counters, Expect, Region, check_path, populate
+
+BAND = (0.75, 1.33)
+SIM_COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_split_pmd", "thp_collapse_alloc")
+THP_PATH_COUNTERS = ("thp_fault_alloc", "thp_split_pmd", "thp_collapse_alloc")
+MIRRORED_KNOBS = ("enabled", "defrag", "use_zero_page", "hugepages-2048kB/enabled")
+
+
+@dataclass
+class ValidationConfig:
+    """Sizes and repeats; :meth:`quick_config` halves the work."""
+
+    size: int = 256 * MiB                 # first touch, COW storm, rewrite
+    fork_size: int = 1 * GiB
+    random_size: int = 1 * GiB
+    random_accesses: int = 8_000_000
+    repeats: int = 5
+    fork_repeats: int = 7
+    warm: bool = True
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **kw) -> "ValidationConfig":
+        base = dict(size=64 * MiB, random_accesses=4_000_000, repeats=3, fork_repeats=5, quick=True)
+        base.update(kw)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Prediction:
+    """The simulated side of a scenario: total ns, its parts, the simulator's counters and smaps."""
+
+    ns: float
+    parts_ns: dict[str, float] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    sim_delta: dict[str, int] = field(default_factory=dict)
+    sim_anon_huge_kb: int = 0
+    nr_pmds: int = 0
+
+
+@dataclass
+class Measurement:
+    """The real side of a scenario: median total ns, every run, and one run's counters."""
+
+    ns: float
+    runs: list[float]
+    observed: dict[str, int]
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    measured_ns: float
+    predicted_ns: float
+    measured_runs: list[float]
+    prediction: Prediction
+    observed: dict[str, int]
+    checked: list[str]
+    per_op: str = ""
+    ops: int = 1
+
+    @property
+    def ratio(self) -> float:
+        return self.predicted_ns / self.measured_ns if self.measured_ns > 0 else float("nan")
+
+    @property
+    def in_band(self) -> bool:
+        return BAND[0] <= self.ratio <= BAND[1]
+
+    def to_dict(self) -> dict:
+        p = self.prediction
+        return {"scenario": self.key, "label": self.label, "measured_ns": round(self.measured_ns, 1),
+                "predicted_ns": round(self.predicted_ns, 1), "ratio": round(self.ratio, 4),
+                "in_band": self.in_band, "ops": self.ops, "per_op": self.per_op,
+                "measured_runs_ns": [round(x, 1) for x in self.measured_runs],
+                "predicted_parts_ns": {k: round(v, 1) for k, v in p.parts_ns.items() if v},
+                "predicted_events": {k: v for k, v in p.events.items() if v},
+                "sim_delta": p.sim_delta, "real_observed": self.observed, "checked": self.checked}
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated side
+# ---------------------------------------------------------------------------------------------
+
+class SimRun:
+    """One simulated kernel with one process and a 2 MiB-aligned region advised like the real one."""
+
+    def __init__(self, size: int, backing: str, knobs: Mapping[str, str] | None = None) -> None:
+        from ..kernel import MADV_HUGEPAGE, Kernel
+        from ..kernel.constants import MADV_NOHUGEPAGE
+
+        self.k = Kernel(ram=max(1 * GiB, 2 * size + 512 * MiB), seed=0)
+        for name in MIRRORED_KNOBS:
+            if knobs and name in knobs:
+                self.k.sysfs.write(name, str(knobs[name]))
+        self.p = self.k.spawn()
+        raw = self.p.mmap(size + PMD)
+        self.addr = (raw + PMD - 1) & ~(PMD - 1)
+        self.size = size
+        self.p.madvise(self.addr, size, MADV_HUGEPAGE if backing == "thp" else MADV_NOHUGEPAGE)
+
+    def pages(self, start: int = 0, step: int = PAGE) -> np.ndarray:
+        return np.arange(self.addr + start, self.addr + self.size, step, dtype=np.int64)
+
+    def populate(self) -> None:
+        self.p.write_many(self.pages(), 1)
+
+    def delta(self, fn: Callable[[], object]) -> dict[str, int]:
+        before = self.k.vmstat_snapshot()
+        fn()
+        after = self.k.vmstat_snapshot()
+        return {k: int(v) - int(before.get(k, 0)) for k, v in after.items() if int(v) != int(before.get(k, 0))}
+
+    def anon_huge_kb(self, proc=None) -> int:
+        return int((proc or self.p).smaps_fields(self.addr).get("AnonHugePages", 0))
+
+    def priced(self, delta: Mapping[str, int], profile: CalibrationProfile, hints: Mapping[str, int] | None = None,
+               proc=None, extra: Mapping[str, float] | None = None) -> Prediction:
+        cost = cost_vmstat_delta(delta, profile, hints)
+        parts = dict(cost.parts_ns)
+        parts.update(extra or {})
+        return Prediction(ns=float(sum(parts.values())), parts_ns=parts, events=dict(cost.events),
+                          sim_delta={k: int(delta.get(k, 0)) for k in SIM_COUNTERS},
+                          sim_anon_huge_kb=self.anon_huge_kb(proc), nr_pmds=self.size // PMD)
+
+
+def predict_first_touch(size: int, backing: str, profile: CalibrationProfile,
+                        knobs: Mapping[str, str] | None = None) -> Prediction:
+    """Write one byte in every 4 KiB page of a fresh region."""
+    s = SimRun(size, backing, knobs)
+    d = s.delta(s.populate)
+    return s.priced(d, profile)
+
+
+def predict_fork(size: int, backing: str, profile: CalibrationProfile,
+                 knobs: Mapping[str, str] | None = None) -> Prediction:
+    """fork() of a process whose only memory is the populated region (fork_base: the rest)."""
+    s = SimRun(size, backing, knobs)
+    s.populate()
+    hints = fork_hints(s.p)
+    d = s.delta(s.p.fork)
+    return s.priced(d, profile, hints)
+
+
+def predict_cow_storm(size: int, profile: CalibrationProfile, knobs: Mapping[str, str] | None = None) -> Prediction:
+    """THP region populated, fork; the child writes one byte in every 4 KiB page."""
+    s = SimRun(size, "thp", knobs)
+    s.populate()
+    child = s.p.fork()
+    d = s.delta(lambda: child.write_many(s.pages(), 2))
+    return s.priced(d, profile, proc=child)
+
+
+def predict_rewrite(size: int, backing: str, profile: CalibrationProfile, extras: Mapping[str, float],
+                    knobs: Mapping[str, str] | None = None) -> Prediction:
+    """Region populated, fork; the parent rewrites the whole region (memset) while the child lives."""
+    s = SimRun(size, backing, knobs)
+    s.populate()
+    s.p.fork()
+    d = s.delta(lambda: s.p.write_many(s.pages(), 3))
+    return s.priced(d, profile, extra={"memset": extras["memset_2m_ns"] * size / PMD})
+
+
+def predict_random_reads(size: int, mode: str, accesses: int, model: cal.RandomReadModel,
+                         knobs: Mapping[str, str] | None = None, seed: int = 0,
+                         sim_accesses: int = 400_000) -> Prediction:
+    """``accesses`` random 8-byte reads over a THP region, as populated ("thp") or COW-split ("split").
+
+    Split: fork, the parent writes one byte per 2 MiB (its PMDs split), the
+    child exits.  The TLB simulator sees the page size of every access from
+    page_shifts_of() on the simulated parent; ``sim_accesses`` of the same
+    random stream are simulated and the rates scaled to ``accesses``.
+    """
+    from ..machine.tlb import page_shifts_of
+
+    s = SimRun(size, "thp", knobs)
+    s.populate()
+    d: dict[str, int] = {}
+    if mode == "split":
+        child = s.p.fork()
+        d = s.delta(lambda: s.p.write_many(s.pages(PAGE, PMD), 2))
+        child.exit()
+    l2, refs = cal.tlb_rates(size, lambda v: page_shifts_of(s.p, v), model.knobs(size), sim_accesses, seed,
+                             base=s.addr)
+    mem = model.mem_ns(size) * accesses
+    tr = model.translation_ns(l2, refs, size) * accesses
+    pred = Prediction(ns=mem + tr, parts_ns={"memory": mem, "translation": tr},
+                      events={"l2_tlb_hits": int(round(l2 * accesses)), "walk_refs": int(round(refs * accesses))},
+                      sim_delta={k: int(d.get(k, 0)) for k in SIM_COUNTERS},
+                      sim_anon_huge_kb=s.anon_huge_kb(), nr_pmds=size // PMD)
+    return pred
+
+
+# ---------------------------------------------------------------------------------------------
+# The real side
+# ---------------------------------------------------------------------------------------------
+
+def path_rules(pred: Prediction) -> list[Expect]:
+    """The real run must take the simulator's path; see the module docstring."""
+    slack = max(1, pred.nr_pmds // 2)
+    rules = [Expect(c, min=pred.sim_delta.get(c, 0), max=pred.sim_delta.get(c, 0) + slack,
+                    why=f"the simulator counts {pred.sim_delta.get(c, 0)}") for c in THP_PATH_COUNTERS]
+    rules.append(Expect("pgfault", min=pred.sim_delta.get("pgfault", 0),
+                        why=f"the simulator counts {pred.sim_delta.get('pgfault', 0)} faults"))
+    rules.append(Expect("smaps:AnonHugePages", min=pred.sim_anon_huge_kb, max=pred.sim_anon_huge_kb,
+                        why="the simulated process has this much PMD-mapped"))
+    return rules
+
+
+class _Real:
+    """The measured side of every scenario (the caller holds lab_lock())."""
+
+    def __init__(self, cfg: ValidationConfig, root: str = "/") -> None:
+        self.cfg = cfg
+        self.root = root
+
+    def warm(self, size: int, backing: str) -> None:
+        cal.prewarm(size, backing, self.cfg.warm)
+
+    def first_touch(self, size: int, backing: str) -> list[tuple[float, dict]]:
+        out = []
+        for _ in range(self.cfg.repeats):
+            self.warm(size, backing)
+            with Region(size, backing) as r:
+                with Counters(self.root) as c:
+                    t = cal.timed_ns(lambda: cal._store(r.buf, np.s_[::PAGE], 1))
+                out.append((t, {**c.delta, **r.smaps()}))
+        return out
+
+    def fork(self, size: int, backing: str) -> list[tuple[float, dict]]:
+        self.warm(size, backing)
+        out = []
+        with Region(size, backing) as r:
+            populate(r)
+            for _ in range(self.cfg.fork_repeats):
+                with Counters(self.root) as c:
+                    child, t = Child.fork()
+                child.exit()
+                out.append((t, {**c.delta, **r.smaps()}))
+        return out
+
+    def cow_storm(self, size: int) -> list[tuple[float, dict]]:
+        out = []
+        for _ in range(self.cfg.repeats):
+            self.warm(size, "thp")
+            with Region(size, "thp") as r:
+                populate(r)
+
+                def task() -> dict:
+                    t = cal.timed_ns(lambda: cal._store(r.buf, np.s_[::PAGE], 2))
+                    return {"ns": t, **r.smaps()}
+
+                child, _ = Child.fork(task)
+                try:
+                    self.warm(size, "4k")
+                    with Counters(self.root) as c:
+                        rep = child.run()
+                finally:
+                    child.exit()
+                out.append((float(rep.pop("ns")), {**c.delta, **{k: int(v) for k, v in rep.items()}}))
+        return out
+
+    def rewrite(self, size: int, backing: str) -> list[tuple[float, dict]]:
+        out = []
+        for _ in range(self.cfg.repeats):
+            self.warm(size, backing)
+            with Region(size, backing) as r:
+                populate(r)
+                child, _ = Child.fork()
+                try:
+                    self.warm(size, "4k")
+                    with Counters(self.root) as c:
+                        t = cal.timed_ns(lambda: ctypes.memset(r.addr, 3, size))
+                    obs = {**c.delta, **r.smaps()}
+                finally:
+                    child.exit()
+                out.append((t, obs))
+        return out
+
+    def random_reads(self, size: int, mode: str) -> list[tuple[float, dict]]:
+        m = self.cfg.random_accesses
+        idx = cal.random_indices(size, m, self.cfg.seed)
+        res = np.empty(m, dtype=np.uint64)
+        self.warm(size, "thp")
+        out = []
+        with Region(size, "thp") as r:
+            populate(r)
+            obs: dict[str, int] = {}
+            if mode == "split":
+                child, _ = Child.fork()
+                try:
+                    with Counters(self.root) as c:
+                        cal._store(r.buf, np.s_[PAGE::PMD], 2)
+                    obs = dict(c.delta)
+                finally:
+                    child.exit()
+            obs.update(r.smaps())
+            u64 = r.buf.view(np.uint64)
+            np.take(u64, idx, out=res, mode="clip")      # warm-up pass
+            for _ in range(self.cfg.repeats):
+                with Counters(self.root) as c:
+                    t = cal.timed_ns(lambda: np.take(u64, idx, out=res, mode="clip"))
+                check_path(f"random reads ({mode})", c.delta,
+                           cal.RULES["no_faults"](0, 0))
+                out.append((t, obs))
+            del u64
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_size(n: int) -> str:
+    return f"{n // GiB} GiB" if n >= GiB and n % GiB == 0 else f"{n // MiB} MiB"
+
+
+@dataclass
+class Scenario:
+    key: str
+    label: str
+    ops: Callable[[ValidationConfig], tuple[int, str]]
+    measure: Callable[[_Real], list[tuple[float, dict]]]
+    predict: Callable[[ValidationConfig, CalibrationProfile, Mapping, "cal.RandomReadModel", Mapping | None],
+                      Prediction]
+
+
+def scenarios(cfg: ValidationConfig) -> list[Scenario]:
+    """The micro-scenarios, in table order."""
+    S, F, R = cfg.size, cfg.fork_size, cfg.random_size
+    out = []
+    for b, name in (("4k", "4 KiB"), ("thp", "THP")):
+        out.append(Scenario(
+            f"first_touch_{b}", f"first touch, {name}-backed {_fmt_size(S)} (1 B per 4 KiB)",
+            lambda c: (c.size // PAGE, "store"),
+            lambda real, b=b: real.first_touch(real.cfg.size, b),
+            lambda c, p, x, m, k, b=b: predict_first_touch(c.size, b, p, k)))
+    for b, name in (("thp", "THP"), ("4k", "4 KiB")):
+        out.append(Scenario(
+            f"fork_{b}", f"fork() of {_fmt_size(F)} {name}-backed (parent side)",
+            lambda c: (1, "fork"),
+            lambda real, b=b: real.fork(real.cfg.fork_size, b),
+            lambda c, p, x, m, k, b=b: predict_fork(c.fork_size, b, p, k)))
+    out.append(Scenario(
+        "cow_storm", f"COW-split storm: child writes 1 B per 4 KiB of shared THP {_fmt_size(S)}",
+        lambda c: (c.size // PAGE, "fault"),
+        lambda real: real.cow_storm(real.cfg.size),
+        lambda c, p, x, m, k: predict_cow_storm(c.size, p, k)))
+    for b, name in (("thp", "THP"), ("4k", "4 KiB")):
+        out.append(Scenario(
+            f"rewrite_{b}", f"rewrite after fork: parent memsets {name}-backed {_fmt_size(S)}, child alive",
+            lambda c: (c.size // PMD, "2 MiB"),
+            lambda real, b=b: real.rewrite(real.cfg.size, b),
+            lambda c, p, x, m, k, b=b: predict_rewrite(c.size, b, p, x, k)))
+    for mode, name in (("thp", "THP-backed"), ("split", "COW-split THP")):
+        out.append(Scenario(
+            f"random_{mode}", f"random 8 B reads (numpy take) over {name} {_fmt_size(R)}",
+            lambda c: (c.random_accesses, "read"),
+            lambda real, mode=mode: real.random_reads(real.cfg.random_size, mode),
+            lambda c, p, x, m, k, mode=mode: predict_random_reads(c.random_size, mode, c.random_accesses, m, k,
+                                                                  c.seed)))
+    return out
+
+
+SCENARIO_KEYS = tuple(s.key for s in scenarios(ValidationConfig()))
+
+
+@dataclass
+class ValidationResult:
+    rows: list[Row]
+    profile: CalibrationProfile
+    metadata: dict
+    knobs: dict
+    config: ValidationConfig
+    random_model: dict
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"band": list(BAND), "profile": self.profile.name, "profile_source": self.profile.source,
+                "all_in_band": all(r.in_band for r in self.rows), "rows": [r.to_dict() for r in self.rows],
+                "config": self.config.to_dict(), "random_model": self.random_model, "metadata": self.metadata,
+                "knobs": self.knobs, "elapsed_s": round(self.elapsed_s, 1)}
+
+
+def predict_all(cfg: ValidationConfig, profile: CalibrationProfile = DEFAULT_PROFILE, lab: Mapping | None = None,
+                knobs: Mapping[str, str] | None = None, only: tuple[str, ...] | None = None) -> dict[str, Prediction]:
+    """The simulated side of every scenario (no real kernel needed; deterministic)."""
+    extras = cal.lab_extras(lab or {})
+    model = cal.random_model(lab or {})
+    return {s.key: s.predict(cfg, profile, extras, model, knobs) for s in scenarios(cfg)
+            if only is None or s.key in only}
+
+
+def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = DEFAULT_PROFILE,
+             lab: Mapping | None = None, progress: Callable[[str, int, int], None] | None = None,
+             only: tuple[str, ...] | None = None, root: str = "/") -> ValidationResult:
+    """Measure and predict every scenario; see the module docstring.
+
+    Holds lab_lock() while measuring, with the garbage collector off.
+    Raises procfs.LabError when THP is unavailable and WrongPathError when a
+    real run took another path than the simulator.
+    """
+    from .scenario import lab_lock
+
+    cfg = cfg or ValidationConfig()
+    ok, reason = procfs.thp_available(root)
+    if not ok:
+        raise procfs.LabError(f"cannot validate the THP scenarios: {reason}")
+    if only:
+        unknown = set(only) - set(SCENARIO_KEYS)
+        if unknown:
+            raise ValueError(f"unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIO_KEYS)}")
+    t0 = time.perf_counter()
+    knobs = procfs.read_thp_knobs(root)
+    meta = cal.collect_metadata(root)
+    extras = cal.lab_extras(lab or {})
+    model = cal.random_model(lab or {})
+    real = _Real(cfg, root)
+    todo = [s for s in scenarios(cfg) if only is None or s.key in only]
+    rows = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        with lab_lock():
+            for i, sc in enumerate(todo):
+                if progress:
+                    progress(sc.label, i, len(todo))
+                pred = sc.predict(cfg, profile, extras, model, knobs)
+                runs = sc.measure(real)
+                checked: list[str] = []
+                for _, obs in runs:
+                    checked = check_path(sc.key, obs, path_rules(pred))
+                ops, per = sc.ops(cfg)
+                rows.append(Row(key=sc.key, label=sc.label, measured_ns=float(statistics.median(t for t, _ in runs)),
+                                predicted_ns=pred.ns, measured_runs=[t for t, _ in runs], prediction=pred,
+                                observed=runs[len(runs) // 2][1], checked=checked, per_op=per, ops=ops))
+    finally:
+        if gc_was:
+            gc.enable()
+    if progress:
+        progress("done", len(todo), len(todo))
+    return ValidationResult(rows=rows, profile=profile, metadata=meta, knobs=knobs, config=cfg,
+                            random_model=model.to_dict(), elapsed_s=time.perf_counter() - t0)

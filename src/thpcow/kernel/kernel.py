@@ -184,7 +184,7 @@ class Kernel:
                 on = np.flatnonzero(stamps >= 0)
                 if not len(on):
                     break
-                m = min(len(on), max(4 * n, 16384))
+                m = min(len(on), max(4 * n, 65536))
                 if len(on) > m:
                     on = on[np.argpartition(stamps[on], m - 1)[:m]]
                 on = on[np.argsort(stamps[on], kind="stable")]

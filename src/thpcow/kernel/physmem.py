@@ -177,9 +177,34 @@ class PhysMem:
         self._add_free(pfn, order)
 
     def free_bulk(self, pfns: np.ndarray) -> None:
-        """Free many order-0 frames (model of free_unref_folios())."""
-        for pfn in pfns.tolist():
-            self.free(pfn, 0)
+        """Free many order-0 frames (model of free_unref_folios()).
+
+        Optimization: buddies are merged order by order with array operations;
+        the result equals freeing the frames one by one (the buddy system's
+        final state does not depend on the order of frees), up to the order
+        of blocks within a free list.
+        """
+        blocks = np.unique(np.asarray(pfns, dtype=np.int64))
+        for order in range(MAX_PAGE_ORDER + 1):
+            if not len(blocks):
+                return
+            if order == MAX_PAGE_ORDER:
+                for pfn in blocks.tolist():
+                    self._add_free(pfn, order)
+                return
+            size = 1 << order
+            buddy = blocks ^ size
+            # pairs inside the batch
+            in_batch = np.isin(buddy, blocks)
+            # buddies already free at this order
+            in_lists = ~in_batch & (buddy < self.nr_frames)
+            in_lists[in_lists] = self.free_order[buddy[in_lists]] == order
+            for b in buddy[in_lists].tolist():
+                self._del_free(b, order)
+            merged = np.unique((blocks[in_batch | in_lists]) & ~size)
+            for pfn in blocks[~(in_batch | in_lists)].tolist():
+                self._add_free(pfn, order)
+            blocks = merged
 
     # -- checks ---------------------------------------------------------------------
     def check(self) -> None:

@@ -200,9 +200,7 @@ def free_small_folios(k: Kernel, fids: np.ndarray) -> None:
     k.mem.pflags[pfns] = 0
     k.mem.mapcount[pfns] = 0
     f.release_bulk(fids)
-    free = k.mem.free
-    for pfn in pfns.tolist():
-        free(pfn, 0)
+    k.mem.free_bulk(pfns)
 
 
 def free_folio(k: Kernel, fid: int) -> None:

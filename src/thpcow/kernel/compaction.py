@@ -93,31 +93,13 @@ def compact_for_thp(k: Kernel, background: bool = False) -> int:
     if not moved_ok or (mem.folio[best: best + HPAGE_PMD_NR] >= 0).any():
         k.vmstat.count_vm_event("compact_fail")
         return -1
-    got = _take_block(mem, best)
+    got = best if mem.take_block(best, HPAGE_PMD_ORDER) else -1
     if got < 0:
         k.vmstat.count_vm_event("compact_fail")
         return -1
     k.vmstat.count_vm_event("compact_success")
     k.vmstat.count_vm_event("sim_compact_pages", best_cost)
     return got
-
-
-def _take_block(mem, base: int) -> int:
-    """Take the (now wholly free) order-9 block at ``base`` out of the buddy lists."""
-    for order in range(HPAGE_PMD_ORDER, 11):
-        head = base & ~((1 << order) - 1)
-        if mem.free_order[head] == order:
-            mem._del_free(head, order)
-            while order > HPAGE_PMD_ORDER:
-                order -= 1
-                half = 1 << order
-                if base >= head + half:
-                    mem._add_free(head, order)
-                    head += half
-                else:
-                    mem._add_free(head + half, order)
-            return base
-    return -1
 
 
 def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,

@@ -122,27 +122,31 @@ class PhysMem:
                 self._add_free(pfn + (1 << order), order)
         return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
 
-    def take_pfn(self, pfn: int) -> bool:
-        """Take one specific free frame out of the buddy allocator (splitting its block).
-
-        Used to scatter unmovable allocations through memory (fragmentation).
-        Returns False if the frame is not free.
-        """
-        for order in range(MAX_PAGE_ORDER + 1):
-            head = pfn & ~((1 << order) - 1)
-            if self.free_order[head] == order:
+    def take_block(self, pfn: int, order: int = 0) -> bool:
+        """Take the free block of ``order`` at ``pfn`` out of the free lists, splitting the
+        larger free block that contains it.  Returns False if it is not wholly free."""
+        for cur in range(order, MAX_PAGE_ORDER + 1):
+            head = pfn & ~((1 << cur) - 1)
+            if self.free_order[head] == cur:
                 break
         else:
             return False
-        self._del_free(head, order)
-        while order > 0:
-            order -= 1
-            half = 1 << order
+        self._del_free(head, cur)
+        while cur > order:
+            cur -= 1
+            half = 1 << cur
             if pfn >= head + half:
-                self._add_free(head, order)
+                self._add_free(head, cur)
                 head += half
             else:
-                self._add_free(head + half, order)
+                self._add_free(head + half, cur)
+        return True
+
+    def take_pfn(self, pfn: int) -> bool:
+        """Take one specific free frame out of the allocator for good (an unmovable or
+        poisoned page).  Returns False if the frame is not free."""
+        if not self.take_block(pfn, 0):
+            return False
         self.reserved[pfn] = True
         return True
 

@@ -155,7 +155,10 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
     table = Table(title=f"{sc.name}: {sc.workload}, {sc.ram_mib} MiB RAM, seed {sc.seed} "
                         f"(latency: {phase} phase)")
     for _col, head, _spec in report.TABLE:
-        table.add_column(head, justify="left" if _col == "policy" else "right")
+        if _col == "policy":
+            table.add_column(head, justify="left", no_wrap=True, min_width=12)
+        else:
+            table.add_column(head, justify="right")
     for row in report.table_rows(res.summary):
         table.add_row(*row)
     wide = console if console.is_terminal else Console(width=max(console.width, 200))
@@ -232,6 +235,16 @@ def _lab_progress(prog, task):
     return cb
 
 
+def _busy_warning(meta: dict) -> None:
+    """Warn when other tasks kept the CPUs busy during a lab run (the figures are then inflated)."""
+    from .lab.calibrate import BUSY_WARNING
+
+    busy = meta.get("other_cpu_busy")
+    if isinstance(busy, float) and busy > BUSY_WARNING:
+        console.print(f"[yellow]warning:[/] other tasks kept {busy:.0%} of the CPUs busy during the run; "
+                      "the timings are inflated (rerun on a quiet machine)", soft_wrap=True)
+
+
 @app.command("calibrate")
 def calibrate_cmd(out: str = typer.Option(None, "--out", help="profile file to write (TOML; default "
                                           "results/calibration-<kernel>-<timestamp>.toml)"),
@@ -289,7 +302,8 @@ def calibrate_cmd(out: str = typer.Option(None, "--out", help="profile file to w
         table.add_row(r["figure"], r["field"] or "(lab extra)", r["per"], _human_ns(r["median_ns"]),
                       f"{_human_ns(r['min_ns'])} - {_human_ns(r['max_ns'])}", _human_ns(ref),
                       f"{r['median_ns'] / ref:.2f}" if ref else "-")
-    console.print(table)
+    out_console = console if console.is_terminal else Console(width=max(console.width, 160))
+    out_console.print(table)
     rr = res.lab["random_reads"]
     t2 = Table(title=f"random 8 B reads (numpy take, {rr['accesses']:,} per run), ns per access")
     for col in ("buffer", "4 KiB", "THP", "model: memory", "model: per walk ref"):
@@ -300,9 +314,10 @@ def calibrate_cmd(out: str = typer.Option(None, "--out", help="profile file to w
         t2.add_row(f"{size} MiB", f"{p4.get('ns', float('nan')):.1f}", f"{ph.get('ns', float('nan')):.1f}",
                    f"{float(model.get('base_ns', {}).get(str(size), float('nan'))):.1f}",
                    f"{float(model.get('walk_ref_ns', {}).get(str(size), float('nan'))):.2f}")
-    console.print(t2)
+    out_console.print(t2)
     console.print(f"profile written to {path} ({res.elapsed_s:.1f} s; not measured, kept at the reference: "
                   f"{', '.join(res.lab['not_measured'])})", soft_wrap=True)
+    _busy_warning(meta)
 
 
 @app.command("validate")
@@ -353,10 +368,11 @@ def validate_cmd(profile: str = typer.Option(None, "--profile", help="profile fi
     for r in res.rows:
         table.add_row(r.label, _human_ns(r.measured_ns), _human_ns(r.predicted_ns), f"{r.ratio:.2f}",
                       "yes" if r.in_band else "[bold red]no[/]")
-    console.print(table)
+    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
     n_in = sum(r.in_band for r in res.rows)
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
+    _busy_warning(res.metadata)
 
 
 def main() -> None:

@@ -52,7 +52,10 @@ MIB = 1 << 20
 
 # vmstat counters recorded per op and summarised per run.
 COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_fault_fallback", "thp_split_pmd", "thp_collapse_alloc",
-            "thp_deferred_split_page", "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes")
+            "thp_deferred_split_page", "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes",
+            # reclaim, swap and compaction work, which the latency model prices too
+            "pgmajfault", "pswpin", "pswpout", "pgmigrate_success", "compact_stall", "thp_swpout",
+            "thp_split_page")
 
 # Summary columns and their dtypes (fixed, so that per-point Parquet files form one dataset).
 SUMMARY_SCHEMA: dict[str, str] = {

@@ -88,6 +88,8 @@ def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
 # -- stores -------------------------------------------------------------------------------------------
 def _unique_in_order(vpages: np.ndarray, tokens: np.ndarray):
     """Distinct pages in order of first store, with the token of their last store."""
+    if len(vpages) < 2 or (vpages[1:] > vpages[:-1]).all():
+        return vpages, tokens                          # already distinct and in order (a range)
     order = np.argsort(vpages, kind="stable")
     srt = vpages[order]
     brk = np.flatnonzero(srt[1:] != srt[:-1]) + 1

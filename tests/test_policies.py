@@ -290,18 +290,20 @@ def test_dontfork_leaves_unneeded_memory_out_of_the_child():
 
 def test_directed_khugepaged_collapses_once_the_child_is_gone():
     k = Kernel(ram=RAM, check=True, cow_policy="directed-khugepaged")
-    p, a = thp_region(k, 2 << 20)
+    k.sysfs.write("khugepaged/pages_to_scan", "512")      # room for one PTE table a pass
+    p, a = thp_region(k, 4 << 20)
     c = p.fork()
-    p.write(a, 8, 2)                                   # COW split queues the PMD
-    assert k.cow_policy.queue
-    k.cow_policy.phase_end(k, p, [c])                  # 511 shared PTEs > max_ptes_shared: refused
+    p.write(a + (2 << 20), 8, 2)                        # COW split of the second PMD: a hint
+    assert list(k.khugepaged.hint) == [(p.pid, a + (2 << 20))]
+    k.advance(10 * 10**9)                               # one pass: 511 shared PTEs > max_ptes_shared
     v = k.vmstat_snapshot()
     assert v["thp_scan_exceed_share_pte"] == 1 and v["thp_collapse_alloc"] == 0
+    assert k.khugepaged.hint                            # kept for the next pass
     c.exit()
-    k.cow_policy.phase_end(k, p, [])
+    k.advance(10 * 10**9)                               # the hint goes first, ahead of the cursor
     assert k.vmstat_snapshot()["thp_collapse_alloc"] == 1
-    assert p.smaps_fields(a)["AnonHugePages"] == 2048 and not k.cow_policy.queue
-    assert p.read(a)[0] == 2 and p.read(a + PAGE_SIZE)[0] == 1
+    assert p.smaps_fields(a)["AnonHugePages"] == 4096 and not k.khugepaged.hint
+    assert p.read(a + (2 << 20))[0] == 2 and p.read(a + (2 << 20) + PAGE_SIZE)[0] == 1
 
 
 def test_reservation_serves_thp_when_the_buddy_cannot():

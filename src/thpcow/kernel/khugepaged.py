@@ -272,6 +272,9 @@ class Khugepaged:
         progress = 0
         alloc_failures = 0
         cc = CollapseControl(is_khugepaged=True)
+        progress, failed = self._scan_hints(cc, budget)
+        if failed:
+            return k.sysfs.alloc_sleep_millisecs
         while progress < budget:
             mms = [pid for pid in k.khugepaged_mms if pid in k.procs]
             for pid in list(k.khugepaged_mms):
@@ -298,6 +301,34 @@ class Khugepaged:
                     k.khugepaged_counters["full_scans"] += 1
                     break                            # at most one wrap per pass
         return k.sysfs.scan_sleep_millisecs
+
+    def _scan_hints(self, cc: CollapseControl, budget: int) -> tuple[int, bool]:
+        """Directed scanning (not in 6.18): PMDs a COW split just left behind come first.
+
+        Each hint costs a PTE table's worth of progress; it is dropped once the
+        block is huge again or cannot be scanned, kept while the limits refuse
+        it (e.g. pages still shared with a child).  Returns (progress, whether a
+        THP allocation failed).
+        """
+        k = self.k
+        progress = 0
+        for key in list(self.hint):
+            if progress >= budget:
+                break
+            pid, haddr = key
+            proc = k.procs.get(pid)
+            vma = proc.mm.find_vma(haddr) if proc else None
+            if vma is None or vma.end < haddr + HPAGE_PMD_SIZE or \
+                    not hm.thp_vma_allowable_order(k, proc.mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
+                del self.hint[key]
+                continue
+            progress += HPAGE_PMD_NR
+            result = collapse_single_pmd(k, proc.mm, vma, haddr, cc)
+            if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                return progress, True
+            if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED, ScanResult.SCAN_PMD_NULL):
+                del self.hint[key]
+        return progress, False
 
     def _scan_mm(self, mm: MM, cc: CollapseControl, progress: int, budget: int):
         """Model of khugepaged_scan_mm_slot(): scan from the cursor until the budget is spent.

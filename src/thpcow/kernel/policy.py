@@ -288,32 +288,19 @@ class DontFork(CowPolicy):
 
 
 class DirectedKhugepaged(CowPolicy):
-    """khugepaged told where a COW just split a THP: those PMDs are scanned first."""
+    """khugepaged told where a COW just split a THP: those PMDs are scanned first.
+
+    Each COW split adds a hint to the khugepaged daemon
+    (``Khugepaged.hint``); its passes (on the simulated clock, with the
+    sysfs limits: max_ptes_shared refuses blocks still shared with a child)
+    try the hinted PMDs before resuming the normal scan.
+    """
 
     name = "directed-khugepaged"
-    help = "upstream COW; each COW split queues its PMD for khugepaged, which collapses it with its limits"
-
-    def attach(self, k: Kernel) -> None:
-        self.queue: dict[tuple[int, int], None] = {}
+    help = "upstream COW; each COW split queues its PMD for khugepaged to scan first (with its limits)"
 
     def cow_split(self, k, mm, vma, haddr):
-        self.queue[(mm.pid, haddr)] = None
-
-    def phase_end(self, k, parent, children):
-        from .khugepaged import CollapseControl, ScanResult, collapse_single_pmd
-        cc = CollapseControl(is_khugepaged=True)
-        for pid, haddr in list(self.queue):
-            proc = k.procs.get(pid)
-            if proc is None:
-                del self.queue[(pid, haddr)]
-                continue
-            vma = proc.mm.find_vma(haddr)
-            if vma is None or vma.end < haddr + HPAGE_PMD_SIZE:
-                del self.queue[(pid, haddr)]
-                continue
-            res = collapse_single_pmd(k, proc.mm, vma, haddr, cc)
-            if res in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED):
-                del self.queue[(pid, haddr)]
+        k.khugepaged.hint[(mm.pid, haddr)] = None
 
 
 class Reservation(CowPolicy):

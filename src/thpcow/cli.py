@@ -242,7 +242,7 @@ def _busy_warning(meta: dict) -> None:
     busy = meta.get("other_cpu_busy")
     if isinstance(busy, float) and busy > BUSY_WARNING:
         console.print(f"[yellow]warning:[/] other tasks kept {busy:.0%} of the CPUs busy during the run; "
-                      "the timings are inflated (rerun on a quiet machine)", soft_wrap=True)
+                      "the timings may be inflated (rerun on a quieter machine)", soft_wrap=True)
 
 
 @app.command("calibrate")

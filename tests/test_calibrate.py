@@ -1,0 +1,352 @@
+"""thpcow calibrate / validate (thpcow.lab.calibrate, thpcow.lab.validate).
+
+Most tests need no real kernel: the profile file written by calibrate's writer,
+the counter cross-check that refuses wrong-path figures (fed with deltas of the
+simulated kernel, which takes the right path or, with a knob changed, the wrong
+one), the random-read model fit, and the prediction side of validate on the
+simulator with a fixed profile.  The ``realkernel`` tests run small single
+measurements on the running kernel and skip with thp_available()'s reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from thpcow.kernel import MADV_HUGEPAGE, Kernel
+from thpcow.kernel.constants import MADV_NOHUGEPAGE
+from thpcow.lab import calibrate as cal
+from thpcow.lab import procfs
+from thpcow.lab import validate as val
+from thpcow.machine.latency import DEFAULT_PROFILE, CalibrationProfile
+
+MiB = 1 << 20
+PMD = 2 << 20
+PAGE = 4096
+
+# A profile with round numbers, so predictions can be written down exactly.
+ROUND = CalibrationProfile(name="round", source="test", fault_4k_zero_ns=1000.0, fault_thp_zero_ns=100_000.0,
+                           cow_4k_ns=2000.0, split_pmd_ns=10_000.0, fork_base_ns=500_000.0, fork_pmd_ns=1000.0,
+                           fork_pte_table_ns=50_000.0, reuse_4k_ns=700.0, reuse_thp_ns=1500.0)
+
+
+# -- the profile file ----------------------------------------------------------------------------
+LAB = {
+    "format": 1, "date": "2026-11-25T00:00:00+00:00", "warm": True, "quick": False,
+    "metadata": {"kernel": "6.18.44-fc-v669", "cmdline": 'a="b c" \\ d', "cpu_model": "AMD EPYC"},
+    "knobs": {"enabled": "madvise", "khugepaged/max_ptes_none": "511", "hugepages-2048kB/enabled": "inherit"},
+    "not_measured": ["compact_page_ns", "swap_in_page_ns"],
+    "extras": {"memset_2m_ns": 50_000.5, "mmap_ns": 2000.0},
+    "random_reads": {"accesses": 1000, "points": {"4k-256": {"size_mib": 256, "ns": 9.5, "runs_ns": [9.4, 9.5]}},
+                     "model": {"preset": "amd-zen4-genoa", "source": "t", "base_ns": {"256": 8.0, "1024": 9.0},
+                               "walk_ref_ns": {"256": 1.0, "1024": 2.0}}},
+    "figures": {"cow_first": {"n": 32, "observed_median": {"smaps:AnonHugePages": 0, "thp_split_pmd": 32}}},
+}
+
+
+def test_profile_round_trip_through_calibrates_writer(tmp_path):
+    prof = CalibrationProfile(name="calibrated-x", source='thpcow calibrate, "quoted"', fault_4k_zero_ns=1312.5,
+                              collapse_ns=500_012.125)
+    path = cal.write_profile(prof, tmp_path / "sub" / "p.toml", LAB)
+    assert CalibrationProfile.load(path) == prof              # the lab section is invisible to the plain loader
+    again, lab = cal.load_profile(path)
+    assert again == prof
+    assert lab == LAB
+    assert cal.lab_extras(lab)["memset_2m_ns"] == 50_000.5
+    model = cal.random_model(lab)
+    assert model.mem_ns(512 * MiB) == pytest.approx(8.5)      # halfway in log2(size)
+    assert model.walk_ns(64 * MiB) == 1.0 and model.walk_ns(8192 * MiB) == 2.0   # clamped
+
+
+def test_profile_without_lab_section_and_defaults(tmp_path):
+    path = DEFAULT_PROFILE.save(tmp_path / "plain.toml")
+    prof, lab = cal.load_profile(path)
+    assert prof == DEFAULT_PROFILE and lab == {}
+    assert cal.lab_extras(lab) == cal.REFERENCE_EXTRAS
+    assert cal.load_profile(None) == (DEFAULT_PROFILE, {})
+    with pytest.raises(ValueError, match="no such profile"):
+        cal.load_profile(tmp_path / "missing.toml")
+    with pytest.raises(ValueError, match="needs a .toml"):
+        cal.write_profile(DEFAULT_PROFILE, tmp_path / "p.json", LAB)
+
+
+def test_shipped_default_profile_is_the_default():
+    path = Path(cal.__file__).resolve().parents[1] / "machine" / "profiles" / "default.toml"
+    assert CalibrationProfile.load(path) == DEFAULT_PROFILE
+
+
+# -- the counter cross-check ---------------------------------------------------------------------
+def test_check_path_accepts_and_refuses():
+    rules = cal.RULES["fault_thp_zero"](32, 65536)
+    ok = {"thp_fault_alloc": 33, "thp_fault_fallback": 0, "pgfault": 900, "smaps:AnonHugePages": 65536}
+    assert "thp_fault_alloc >= 32" in cal.check_path("fault_thp_zero", ok, rules)
+    bad = {"thp_fault_alloc": 0, "thp_fault_fallback": 32, "pgfault": 16384, "smaps:AnonHugePages": 0}
+    with pytest.raises(cal.WrongPathError) as e:
+        cal.check_path("fault_thp_zero", bad, rules)
+    msg = str(e.value)
+    assert msg.startswith("fault_thp_zero: refusing to report")
+    assert "thp_fault_alloc = 0, expected >= 32" in msg and "thp_fault_fallback = 32, expected <= 16" in msg
+    assert "smaps:AnonHugePages 0 kB" in msg
+    # A counter this kernel lacks is skipped, not failed.
+    assert cal.check_path("fault_thp_zero", {"smaps:AnonHugePages": 65536}, rules) == \
+        ["smaps:AnonHugePages == 65536"]
+
+
+def test_calibrator_record_refuses_without_recording():
+    c = cal.Calibrator(cal.CalibrationConfig.quick_config())
+    c.record("reuse_4k", 7e6, 10_000, {"pgfault": 10_001, "pgreuse": 10_000, "pgalloc": 3})
+    assert c.figures["reuse_4k"].runs == [700.0]
+    with pytest.raises(cal.WrongPathError, match="pgreuse = 0, expected >= 10000"):
+        c.record("reuse_4k", 2e7, 10_000, {"pgfault": 10_001, "pgreuse": 0, "pgalloc": 10_000})
+    assert c.figures["reuse_4k"].runs == [700.0]
+    c.record("numpy_store", 1e5, 10_000, {"self:minflt": 0, "pgfault": 99_999}, rules="no_faults")
+    with pytest.raises(cal.WrongPathError, match="self:minflt = 10000"):
+        c.record("copy_2m", 1e8, 100, {"self:minflt": 10_000}, rules="no_faults")
+
+
+def test_run_step_retries_a_refused_step_and_drops_its_runs():
+    c = cal.Calibrator(cal.CalibrationConfig.quick_config())
+    good = {"pgfault": 100, "pgreuse": 100}
+    noisy = iter([{"pgfault": 100, "pgreuse": 0}, good])
+
+    def step() -> None:
+        c.record("reuse_4k", 70_000, 100, good)                  # passes, then ...
+        c.record("reuse_4k", 70_000, 100, next(noisy))           # ... refused the first time only
+
+    cal.run_step(c, step)
+    assert c.figures["reuse_4k"].runs == [700.0, 700.0]          # the refused attempt left nothing
+    with pytest.raises(cal.WrongPathError, match="refused in all 3 attempts"):
+        cal.run_step(c, lambda: c.record("reuse_4k", 1, 100, {"pgfault": 100, "pgreuse": 0}))
+    assert c.figures["reuse_4k"].runs == [700.0, 700.0]
+
+
+def _sim(size: int, backing: str, cow_policy: str | None = None, **knobs: str):
+    k = Kernel(ram=1 << 30, seed=0, cow_policy=cow_policy)
+    for name, value in knobs.items():
+        k.sysfs.write(name, value)
+    p = k.spawn()
+    raw = p.mmap(size + PMD)
+    a = (raw + PMD - 1) & ~(PMD - 1)
+    p.madvise(a, size, MADV_HUGEPAGE if backing == "thp" else MADV_NOHUGEPAGE)
+    return k, p, a
+
+
+def _observed(k, proc, a, fn) -> dict[str, int]:
+    """The simulator's counters around fn(), plus the region's smaps line, as calibrate observes them."""
+    before = k.vmstat_snapshot()
+    fn()
+    after = k.vmstat_snapshot()
+    obs = {c: after.get(c, 0) - before.get(c, 0) for c in cal.COUNTERS if c in after}
+    f = proc.smaps_fields(a)
+    return {**obs, "smaps:AnonHugePages": f["AnonHugePages"], "smaps:Rss": f["Rss"]}
+
+
+def test_rules_accept_the_simulated_kernels_paths_and_refuse_wrong_ones():
+    size, n = 16 * MiB, 8
+    kb = size // 1024
+    # THP fault: right path; then THP off (enabled=never): 4 KiB faults instead -> refused.
+    k, p, a = _sim(size, "thp")
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a, a + size, PMD), 1))
+    cal.check_path("fault_thp_zero", obs, cal.RULES["fault_thp_zero"](n, kb))
+    # Reuse of exclusive PMDs after the child exits.
+    c = p.fork()
+    c.exit()
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a, a + size, PMD), 2))
+    cal.check_path("reuse_thp", obs, cal.RULES["reuse_thp"](n, kb))
+    # The first COW write splits the PMD; later 4 KiB COWs.
+    c = p.fork()
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a + PAGE, a + size, PMD), 3))
+    cal.check_path("cow_first", obs, cal.RULES["cow_first"](n, kb))
+    rest = np.setdiff1d(np.arange(a, a + size, PAGE), np.arange(a + PAGE, a + size, PMD))
+    obs = _observed(k, p, a, lambda: p.write_many(rest, 3))
+    cal.check_path("cow_4k", obs, cal.RULES["cow_4k"](len(rest), kb))
+
+    k, p, a = _sim(size, "thp", enabled="never")
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a, a + size, PMD), 1))
+    with pytest.raises(cal.WrongPathError, match="thp_fault_alloc = 0, expected >= 8"):
+        cal.check_path("fault_thp_zero", obs, cal.RULES["fault_thp_zero"](n, kb))
+    # The thp_cow series copies the whole THP on the first COW write: not the figure's path.
+    k, p, a = _sim(size, "thp", cow_policy="thp-cow-v1")
+    p.write_many(np.arange(a, a + size, PMD), 1)
+    p.fork()
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a + PAGE, a + size, PMD), 3))
+    with pytest.raises(cal.WrongPathError, match="thp_split_pmd = 0, expected >= 8"):
+        cal.check_path("cow_first", obs, cal.RULES["cow_first"](n, kb))
+
+
+def test_rules_for_4k_faults_and_zero_pages_on_the_simulator():
+    size = 8 * MiB
+    n, kb = size // PAGE, size // 1024
+    k, p, a = _sim(size, "4k")
+    obs = _observed(k, p, a, lambda: p.read_many(np.arange(a, a + size, PAGE)))
+    cal.check_path("zero_page_read", obs, cal.RULES["zero_page_read"](n, kb))
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a, a + size, PAGE), 1))
+    cal.check_path("fault_4k_zero", obs, cal.RULES["fault_4k_zero"](n, kb))
+    # The same stores into a THP region are not 4 KiB faults.
+    k, p, a = _sim(size, "thp")
+    obs = _observed(k, p, a, lambda: p.write_many(np.arange(a, a + size, PAGE), 1))
+    with pytest.raises(cal.WrongPathError, match="pgfault = 4, expected >= 2048"):
+        cal.check_path("fault_4k_zero", obs, cal.RULES["fault_4k_zero"](n, kb))
+
+
+def test_validate_path_rules_compare_real_counters_with_the_simulators():
+    pred = val.predict_cow_storm(8 * MiB, ROUND)
+    rules = val.path_rules(pred)
+    good = {"thp_split_pmd": 4, "thp_fault_alloc": 1, "thp_collapse_alloc": 0, "pgfault": 2100,
+            "smaps:AnonHugePages": 0}
+    cal.check_path("cow_storm", good, rules)
+    whole_copy = {**good, "thp_split_pmd": 0, "thp_fault_alloc": 4, "smaps:AnonHugePages": 8192}
+    with pytest.raises(cal.WrongPathError, match="thp_split_pmd = 0, expected in \\[4, 6\\]"):
+        cal.check_path("cow_storm", whole_copy, rules)
+
+
+# -- the prediction side of validate -----------------------------------------------------------------
+def test_predictions_on_the_simulator_are_exact_with_a_round_profile():
+    S = 8 * MiB                                    # 4 PMDs, 2048 pages
+    assert val.predict_first_touch(S, "4k", ROUND).ns == 2048 * 1000.0
+    assert val.predict_first_touch(S, "thp", ROUND).ns == 4 * 100_000.0
+    assert val.predict_fork(S, "thp", ROUND).ns == 4 * 1000.0      # the region's share: no fork_base
+    assert val.predict_fork(S, "4k", ROUND).ns == 4 * 50_000.0
+    storm = val.predict_cow_storm(S, ROUND)
+    assert storm.ns == 4 * 10_000.0 + 2048 * 2000.0
+    assert storm.sim_delta["thp_split_pmd"] == 4 and storm.sim_anon_huge_kb == 0
+    extras = {"memset_2m_ns": 50_000.0}
+    assert val.predict_rewrite(S, "thp", ROUND, extras).ns == 4 * 10_000.0 + 2048 * 2000.0 + 4 * 50_000.0
+    assert val.predict_rewrite(S, "4k", ROUND, extras).ns == 2048 * 2000.0 + 4 * 50_000.0
+
+
+def test_random_read_predictions_are_deterministic_and_see_the_split():
+    model = cal.RandomReadModel(preset="amd-zen4-genoa", base_ns={256: 10.0}, walk_ref_ns={256: 5.0})
+    size, m = 256 * MiB, 1_000_000
+    thp = val.predict_random_reads(size, "thp", m, model, sim_accesses=40_000)
+    again = val.predict_random_reads(size, "thp", m, model, sim_accesses=40_000)
+    split = val.predict_random_reads(size, "split", m, model, sim_accesses=40_000)
+    assert thp.ns == again.ns
+    assert thp.parts_ns["memory"] == split.parts_ns["memory"] == 10.0 * m
+    assert thp.events["walk_refs"] == 0                       # 128 PMDs fit the L2 TLB
+    assert split.events["walk_refs"] > 0.9 * m                # every access walks the 4 KiB tables
+    assert split.ns > thp.ns
+    assert split.sim_delta["thp_split_pmd"] == 128 and split.sim_anon_huge_kb == 0
+
+
+def test_random_read_fit_recovers_a_known_model():
+    from thpcow.machine.presets import get_preset
+
+    knobs = get_preset("amd-zen4-genoa")
+    l2_ns = knobs.l2_hit_cycles / knobs.cpu_ghz
+    truth = {64: (9.0, 0.5), 1024: (12.0, 3.0)}              # size MiB: (base, ns per walk reference)
+    pts = {}
+    for s, (base, w) in truth.items():
+        t = []
+        for shift in (12, 21):
+            h, r = cal.tlb_rates(s * MiB, shift, knobs, 40_000)
+            t.append(base + h * l2_ns + r * w)
+        pts[s] = (t[0], t[1])
+    model = cal.fit_random_reads(pts, accesses=40_000)
+    for s, (base, w) in truth.items():
+        assert model.base_ns[s] == pytest.approx(base, rel=1e-6)
+        assert model.walk_ref_ns[s] == pytest.approx(w, rel=1e-6)
+
+
+def test_scenario_table_unknown_scenarios_and_no_thp(tmp_path):
+    keys = val.SCENARIO_KEYS
+    assert keys == ("first_touch_4k", "first_touch_thp", "fork_thp", "fork_4k", "cow_storm", "rewrite_thp",
+                    "rewrite_4k", "random_thp", "random_split")
+    thp = tmp_path / "sys" / "kernel" / "mm" / "transparent_hugepage"
+    thp.mkdir(parents=True)
+    (thp / "enabled").write_text("always [madvise] never\n")
+    with pytest.raises(ValueError, match="unknown scenario"):
+        val.validate(val.ValidationConfig.quick_config(), only=("nope",), root=str(tmp_path))
+    (thp / "enabled").write_text("always madvise [never]\n")
+    with pytest.raises(procfs.LabError, match="cannot validate the THP scenarios: .*\\[never\\]"):
+        val.validate(val.ValidationConfig.quick_config(), root=str(tmp_path))
+    with pytest.raises(procfs.LabError, match="cannot calibrate THP costs"):
+        cal.calibrate(cal.CalibrationConfig.quick_config(), root=str(tmp_path))
+
+
+def test_validation_rows_print_as_json():
+    pred = val.predict_first_touch(4 * MiB, "thp", ROUND)
+    row = val.Row(key="first_touch_thp", label="x", measured_ns=210_000.0, predicted_ns=pred.ns,
+                  measured_runs=[200_000.0, 210_000.0], prediction=pred, observed={"thp_fault_alloc": 2},
+                  checked=["thp_fault_alloc in [2, 3]"])
+    res = val.ValidationResult(rows=[row], profile=ROUND, metadata={}, knobs={}, config=val.ValidationConfig(),
+                               random_model=cal.reference_random_model().to_dict())
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["rows"][0]["ratio"] == pytest.approx(200_000 / 210_000, abs=1e-4)
+    assert d["rows"][0]["in_band"] is True and d["all_in_band"] is True
+    assert d["rows"][0]["predicted_parts_ns"] == {"fault_thp_zero": 200_000.0}
+
+
+def test_counters_sum_pgalloc_and_read_a_fake_root(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "vmstat").write_text("pgfault 10\npgalloc_dma32 3\npgalloc_normal 4\nthp_fault_alloc 1\n")
+    assert cal.vmstat_counters(procfs.read_vmstat(str(tmp_path))) == \
+        {"pgfault": 10, "thp_fault_alloc": 1, "pgalloc": 7}
+    with cal.Counters(str(tmp_path)) as c:
+        (tmp_path / "proc" / "vmstat").write_text("pgfault 15\npgalloc_normal 9\nthp_fault_alloc 1\n")
+    assert c.delta["pgfault"] == 5 and c.delta["pgalloc"] == 2 and c.delta["thp_fault_alloc"] == 0
+    assert "self:minflt" in c.delta
+
+
+# -- the running kernel --------------------------------------------------------------------------
+def _real_skip_reason() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return f"not Linux ({sys.platform})"
+    ok, reason = procfs.thp_available()
+    return None if ok else reason
+
+
+@pytest.fixture
+def real_kernel():
+    reason = _real_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from thpcow.lab.scenario import lab_lock
+
+    with lab_lock():
+        yield
+
+
+@pytest.mark.realkernel
+def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):
+    """calibrate --quick-like single measurements; each one cross-checks its counters itself."""
+    cfg = cal.CalibrationConfig.quick_config(size=8 * MiB, zero_read_size=64 * MiB, copy_size=8 * MiB,
+                                             random_accesses=200_000)
+    c = cal.Calibrator(cfg)
+    for step in (c.measure_thp_chain, c.measure_4k_chain, c.measure_zero_reads, c.measure_copies):
+        cal.run_step(c, step)                      # retried if another process's burst was refused
+    res = c.measure_random_reads(32 * MiB, repeats=2)
+    f = {k: v.median for k, v in c.figures.items()}
+    assert 10e3 < f["fault_thp_zero"] < 20e6, f               # a 2 MiB clear: tens of us .. ms (cold VM)
+    assert 200 < f["fault_4k_zero"] < 50e3, f
+    assert f["cow_first"] > f["cow_4k"] > 0, f
+    assert 10e3 < f["collapse"] < 50e6, f
+    assert f["fault_thp_zero"] > 10 * f["reuse_thp"], f
+    assert 0.5 < res["4k"] < 1000 and 0.5 < res["thp"] < 1000, res
+    prof = c.profile("t", "test")
+    assert prof.fault_thp_zero_ns == pytest.approx(f["fault_thp_zero"], rel=1e-6)
+    assert prof.split_pmd_ns == pytest.approx(max(0.0, f["cow_first"] - f["cow_4k"]), rel=1e-6)
+    assert prof.compact_page_ns == DEFAULT_PROFILE.compact_page_ns     # not measured
+
+
+@pytest.mark.realkernel
+def test_child_runs_a_task_and_reports(real_kernel):
+    with cal.Region(4 * MiB, "thp") as r:
+        cal.populate(r)
+
+        def task() -> dict:
+            r.buf[::PAGE] = 2
+            return {"smaps": r.smaps()["smaps:AnonHugePages"]}
+
+        child, fork_ns = cal.Child.fork(task)
+        try:
+            report = child.run()
+        finally:
+            exit_ns = child.exit()
+        assert report == {"smaps": 0}                          # the child's own PMDs were split
+        assert r.smaps()["smaps:AnonHugePages"] == 4096        # the parent's were not
+        assert fork_ns > 0 and exit_ns > 0

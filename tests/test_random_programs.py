@@ -9,6 +9,8 @@ Two kinds of random test live here (style guide, point 15):
    Linux says.  Invariants compare the model with the kernel after every step.  A failure is
    printed by Hypothesis as a runnable ``state = SyscallMachine(); state.rule(...)`` program;
    the concrete Kernel-API calls the rules made are printed after it (``note``).
+   :class:`SwapSyscallMachine` runs the same rules with a swap device plus MADV_PAGEOUT,
+   MADV_COLD and reclaim (contents must survive swap; only MADV_FREE'd pages may read 0).
 
 2. The batch-vs-scalar oracle: the same program runs on two kernels; one applies every store
    batch with ``Process.write_many`` (``access.write_pages``, the batched path), the other
@@ -18,7 +20,9 @@ Two kinds of random test live here (style guide, point 15):
    numpy RNGs.  On a divergence the message shows the first differing field and a runnable
    script of the program.
 
-Both run in well under a minute (``python3 -m pytest tests/test_random_programs.py -q``).
+3. Minimal reproducers of the simulator bugs these found (regression tests now).
+
+The file runs in about 20 s (``python3 -m pytest tests/test_random_programs.py -q``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from thpcow.kernel import (
     MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_KEEPONFORK,
-    MADV_COLLAPSE, MADV_NOHUGEPAGE, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_POPULATE, MAP_PRIVATE,
+    MADV_COLD, MADV_COLLAPSE, MADV_NOHUGEPAGE, MADV_PAGEOUT, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_POPULATE, MAP_PRIVATE,
     MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE,
     VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WIPEONFORK, VM_WRITE, Kernel, KernelError,
     SegmentationFault,
@@ -101,6 +105,19 @@ def vma_pages(p, writable_only: bool = False) -> np.ndarray:
     parts = [np.arange(v.start >> PAGE_SHIFT, v.end >> PAGE_SHIFT, dtype=np.int64) for v in p.vmas()
              if not writable_only or v.flags & VM_WRITE]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def peek_tokens(k: Kernel, mm, pages: np.ndarray) -> np.ndarray:
+    """The token of every page without faulting: 0 where nothing is mapped, the swap slot's
+    content for a swap entry (PTE value <= -2, swp_offset())."""
+    pfn = resolve_pfns(k, mm, pages)
+    out = np.zeros(len(pages), dtype=np.int64)
+    present = pfn >= 0
+    out[present] = k.mem.content[pfn[present]]
+    swapped = pfn <= -2
+    if swapped.any():
+        out[swapped] = k.swap.content[-2 - pfn[swapped]]
+    return out
 
 
 def err_name(exc: KernelError) -> str:
@@ -173,21 +190,44 @@ class Ranges:
 
 
 class PModel:
-    """The model of one process: its mapped pages and the tokens they must read (absent: 0)."""
+    """The model of one process: its mapped pages and the tokens they must read (absent: 0).
 
-    def __init__(self, proc, ranges: Ranges | None = None, mem: dict[int, int] | None = None) -> None:
+    ``lazy`` holds the pages that were MADV_FREE'd and not stored to since: reclaim may
+    discard them, so they read either their token or 0 (once 0, always 0).
+    """
+
+    def __init__(self, proc, ranges: Ranges | None = None, mem: dict[int, int] | None = None,
+                 lazy: set[int] | None = None) -> None:
         self.proc = proc
         self.ranges = ranges or Ranges()
         self.mem = mem or {}
+        self.lazy = lazy or set()
 
     def drop(self, lo: int, hi: int) -> None:
         """Contents of [lo, hi) are gone (munmap, MADV_DONTNEED, a fresh mapping): they read 0."""
         if hi - lo < len(self.mem):
             for pg in range(lo, hi):
                 self.mem.pop(pg, None)
+                self.lazy.discard(pg)
         else:
             for pg in [pg for pg in self.mem if lo <= pg < hi]:
                 del self.mem[pg]
+                self.lazy.discard(pg)
+
+    def settle(self, pages: np.ndarray, got: np.ndarray) -> None:
+        """Lazyfree pages seen reading 0 were discarded by reclaim: they stay 0 from now on."""
+        for pg in pages[got == 0].tolist():
+            if pg in self.lazy:
+                self.lazy.discard(pg)
+                self.mem.pop(pg, None)
+
+    def want(self, pages: np.ndarray, got: np.ndarray) -> np.ndarray:
+        """The tokens the model expects for ``pages``, given what was read (for lazy pages)."""
+        want = np.array([self.mem.get(pg, 0) for pg in pages.tolist()], dtype=np.int64)
+        if self.lazy:
+            lazy = np.fromiter((pg in self.lazy for pg in pages.tolist()), dtype=bool, count=len(pages))
+            want[lazy & (got == 0)] = 0
+        return want
 
 
 class SyscallMachine(RuleBasedStateMachine):
@@ -198,15 +238,17 @@ class SyscallMachine(RuleBasedStateMachine):
     exactly.  Every kernel call is also logged as Kernel-API code (noted on failure).
     """
 
+    SWAP = 0                         # bytes of swap device (0: none, as in the brief)
+
     def __init__(self) -> None:
         super().__init__()
-        self.k = Kernel(ram=RAM, check=True)
+        self.k = Kernel(ram=RAM, check=True, swap=self.SWAP)
         p = self.k.spawn()
         self.models: dict[int, PModel] = {p.pid: PModel(p)}
         self.next_token = 0
-        self.step = 0
         self.script = ["import numpy as np", "from thpcow.kernel import *",
-                       f"k = Kernel(ram={RAM >> 20} << 20, check=True)", f"p{p.pid} = k.spawn()"]
+                       f"k = Kernel(ram={RAM >> 20} << 20, check=True, swap={self.SWAP >> 20} << 20)",
+                       f"p{p.pid} = k.spawn()"]
 
     # -- helpers ---------------------------------------------------------------------
     def _pm(self, who: int) -> PModel:
@@ -245,6 +287,7 @@ class SyscallMachine(RuleBasedStateMachine):
                 pm.mem[pg] = tok
             else:
                 pm.mem.pop(pg, None)
+            pm.lazy.discard(pg)
         return -1
 
     @initialize(npages=st.sampled_from([512, 1024, 1100, 2048]), advice=st.sampled_from([MADV_HUGEPAGE] * 3 + [0]),
@@ -356,7 +399,9 @@ class SyscallMachine(RuleBasedStateMachine):
         elif advice == MADV_DONTNEED:
             for r in pieces:
                 pm.drop(r[0], r[1])
-        # MADV_FREE: lazily freeable, but no reclaim is modelled, so the contents stay.
+        elif advice == MADV_FREE:
+            # Lazily freeable: the contents stay until reclaim discards a clean page (then 0).
+            pm.lazy.update(pg for pg in pm.mem if any(r[0] <= pg < r[1] for r in pieces))
 
     @rule(who=st.integers(0, 7), where=st.integers(0, 1 << 20), shift=st.integers(-600, 600),
           npages=st.integers(1, 2048), whole=st.booleans())
@@ -457,11 +502,13 @@ class SyscallMachine(RuleBasedStateMachine):
             pm.ranges.remove(old_lo + new_n, old_end)
             pm.drop(old_lo + new_n, old_end)
         carried = {pg - old_lo + new_lo: tok for pg, tok in pm.mem.items() if old_lo <= pg < old_lo + moved}
+        carried_lazy = {pg - old_lo + new_lo for pg in pm.lazy if old_lo <= pg < old_lo + moved}
         pm.drop(old_lo, old_lo + moved)
         if not flags & MREMAP_DONTUNMAP:
             pm.ranges.remove(old_lo, old_lo + moved)     # DONTUNMAP: the old range stays, empty
         pm.ranges.add(new_lo, new_lo + new_n, attrs)
         pm.mem.update(carried)
+        pm.lazy |= carried_lazy
 
     # -- processes -----------------------------------------------------------------------
     @precondition(lambda self: len(self.models) < MAX_PROCS)
@@ -478,7 +525,7 @@ class SyscallMachine(RuleBasedStateMachine):
             a = pm.ranges.attrs_at(pg)
             if not a & (A_DC | A_WF):
                 mem[pg] = tok
-        self.models[child.pid] = PModel(child, ranges, mem)
+        self.models[child.pid] = PModel(child, ranges, mem, {pg for pg in pm.lazy if pg in mem})
 
     @precondition(lambda self: len(self.models) > 1)
     @rule(who=st.integers(0, 7))
@@ -535,8 +582,8 @@ class SyscallMachine(RuleBasedStateMachine):
         p = pm.proc
         got, exc = self._call(f"p{p.pid}.read_many({_arr(pages << PAGE_SHIFT)})", p.read_many, pages << PAGE_SHIFT)
         assert exc is None, f"read_many: {exc}"
-        want = np.array([pm.mem.get(pg, 0) for pg in pages.tolist()], dtype=np.int64)
-        _assert_tokens(p.pid, pages, got, want, "read_many")
+        _assert_tokens(p.pid, pages, got, pm.want(pages, got), "read_many")
+        pm.settle(pages, got)
 
     @rule(knob=st.sampled_from(SYSFS_CHOICES))
     def sysfs(self, knob):
@@ -548,7 +595,6 @@ class SyscallMachine(RuleBasedStateMachine):
     @invariant()
     def memory_matches_model(self):
         """Every process's VMAs and every mapped page's token equal the model (no faulting)."""
-        self.step += 1
         assert sorted(self.models) == sorted(self.k.procs), "live processes differ from the model"
         for pid, pm in self.models.items():
             got_runs = kernel_runs(pm.proc)
@@ -557,14 +603,18 @@ class SyscallMachine(RuleBasedStateMachine):
             pages = vma_pages(pm.proc)
             if not len(pages):
                 continue
-            pfn = resolve_pfns(self.k, pm.proc.mm, pages)
-            got = np.where(pfn >= 0, self.k.mem.content[np.maximum(pfn, 0)], 0)
+            got = peek_tokens(self.k, pm.proc.mm, pages)
             want = np.zeros(len(pages), dtype=np.int64)
             if pm.mem:
                 keys = np.fromiter(pm.mem.keys(), dtype=np.int64)
                 vals = np.fromiter(pm.mem.values(), dtype=np.int64)
                 want[np.searchsorted(pages, keys)] = vals
+            if pm.lazy:
+                lazy = np.fromiter(pm.lazy, dtype=np.int64)
+                idx = np.searchsorted(pages, lazy)
+                want[idx[got[idx] == 0]] = 0
             _assert_tokens(pid, pages, got, want, "memory")
+            pm.settle(pages, got)
 
     def teardown(self):
         note("Kernel API calls of this run:\n" + "\n".join(self.script))
@@ -628,6 +678,42 @@ TestSyscallFuzzer.settings = settings(max_examples=40, stateful_step_count=30, d
                                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+class SwapSyscallMachine(SyscallMachine):
+    """The same machine with a 64 MiB swap device, plus reclaim: MADV_PAGEOUT, MADV_COLD and
+    kswapd-style reclaim runs.  Contents must survive swap-out, swap-in, fork of swap entries
+    and COW of swapped-in pages; only MADV_FREE'd clean pages may be dropped (they read 0)."""
+
+    SWAP = 64 << 20
+
+    @rule(who=st.integers(0, 7), where=st.integers(0, 1 << 20), shift=st.integers(-64, 64),
+          npages=st.integers(1, 2048), pageout=st.booleans())
+    def cold_or_pageout(self, who, where, shift, npages, pageout):
+        """madvise_cold_or_pageout(): the contents stay (in memory or in swap); holes are ENOMEM."""
+        pm = self._pm(who)
+        pg = self._page_at(pm, where)
+        if pg is None:
+            return
+        lo, hi = pg + shift, pg + shift + npages
+        advice = MADV_PAGEOUT if pageout else MADV_COLD
+        p = pm.proc
+        _, exc = self._call(f"p{p.pid}.madvise({lo << PAGE_SHIFT:#x}, {npages << PAGE_SHIFT:#x}, "
+                            f"{MADV_NAMES[advice]})", p.madvise, lo << PAGE_SHIFT, npages << PAGE_SHIFT, advice)
+        covered = sum(min(r[1], hi) - max(r[0], lo) for r in pm.ranges.runs if r[0] < hi and r[1] > lo)
+        got = None if exc is None else err_name(exc)
+        assert got == (None if covered == npages else "ENOMEM"), f"madvise {MADV_NAMES[advice]}: got {got}"
+
+    @rule(pages=st.sampled_from([32, 512, 4096, 1 << 16]))
+    def reclaim(self, pages):
+        """kswapd: the deferred split shrinker, then LRU reclaim of up to ``pages``."""
+        self._log(f"k.reclaim({pages})")
+        self.k.reclaim(pages)
+
+
+TestSwapSyscallFuzzer = SwapSyscallMachine.TestCase
+TestSwapSyscallFuzzer.settings = settings(max_examples=30, stateful_step_count=30, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
 # =====================================================================================
 # 2. Batched stores versus the scalar reference
 # =====================================================================================
@@ -641,7 +727,7 @@ PAGE_FIELDS = ("kind", "token", "writable", "dirty", "young", "special", "folio"
 def canonical_state(k: Kernel) -> dict:
     """Everything observable about the kernel except which physical frames were used.
 
-    Per process and mapped virtual page: entry kind (0 none, 1 PMD leaf, 2 PTE), the token read
+    Per process and mapped virtual page: entry kind (0 none, 1 PMD leaf, 2 PTE, 3 swap), the token read
     without faulting, the entry's write/dirty/young/special bits, the folio (labelled by first
     appearance walking processes by pid and pages by address), the page's index in it, the
     order, AnonExclusive, kpagecount, the folio's refcount/mapcounts/flags/MM_ID slots.  Plus
@@ -671,8 +757,8 @@ def canonical_state(k: Kernel) -> dict:
         isf = fid >= 0
         d = {
             "vpage": vp,
-            "kind": np.where(present, np.where(leaf, 1, 2), 0),
-            "token": np.where(has, mem.content[pc], -1),
+            "kind": np.where(present, np.where(leaf, 1, 2), np.where(pfn <= -2, 3, 0)),
+            "token": np.where(has | (pfn <= -2), peek_tokens(k, mm, vp), -1),
             "writable": (eflags & _PAGE_RW) != 0,
             "dirty": (eflags & _PAGE_DIRTY) != 0,
             "young": (eflags & _PAGE_ACCESSED) != 0,
@@ -706,6 +792,7 @@ def canonical_state(k: Kernel) -> dict:
         "procs": procs,
         "vmstat": k.vmstat_snapshot(),
         "mthp": k.vmstat.mthp_snapshot(),
+        "mthp_raw": k.vmstat.mthp.tolist(),          # every order, in case an order-0/1 row moves
         "deferred": len(k.deferred),
         "live_folios": int(f.nr_live),
     }
@@ -744,7 +831,7 @@ def state_diff(a: dict, b: dict, limit: int = 6) -> list[str]:
         for name, val in stats.items():
             if val != b["mthp"][size][name]:
                 out.append(f"{size}/stats/{name}: batched {val} vs scalar {b['mthp'][size][name]}")
-    for key in ("deferred", "live_folios"):
+    for key in ("deferred", "live_folios", "mthp_raw"):
         if a[key] != b[key]:
             out.append(f"{key}: batched {a[key]} vs scalar {b[key]}")
     return out[:limit] + ([f"... and {len(out) - limit} more"] if len(out) > limit else [])
@@ -1028,7 +1115,8 @@ def test_batch_equals_scalar_numpy(seed):
 # 3. Minimal reproducers of the simulator bugs the random programs found
 # =====================================================================================
 # Each test below is the shrunk form of a failure of the fuzzer or of the batch-vs-scalar
-# oracle.  They fail until the named function in src/thpcow/kernel/ is fixed.
+# oracle.  All four failed on d32f72b; 9780473 fixed the named functions, so they are
+# regression tests now.
 
 def run_twins(program):
     """Run ``program(k, store)`` with store=write_many and store=write_many_scalar; return both states."""
@@ -1041,7 +1129,7 @@ def run_twins(program):
 
 
 def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it():
-    """memory.py:wp_page_copy() from the zero page skips anon_vma_prepare().
+    """memory.py:wp_page_copy() from the zero page skipped anon_vma_prepare() (fixed in 9780473).
 
     Linux's wp_page_copy() starts with vmf_anon_prepare(): a VMA whose only faults so far
     were reads (zero page) gets its anon_vma at the first write.  Without it the VMA still
@@ -1059,12 +1147,12 @@ def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it():
 
 
 def test_mremap_dontunmap_without_fixed_moves():
-    """mremap.py:do_mremap() treats MREMAP_DONTUNMAP without MREMAP_FIXED as a no-op.
+    """mremap.py:do_mremap() treated MREMAP_DONTUNMAP without MREMAP_FIXED as a no-op (fixed in 9780473).
 
     Since v5.7 (and in the v6.17+ rewrite: vrm_implies_new_addr() is FIXED | DONTUNMAP)
     MREMAP_DONTUNMAP always moves: new_address is only a hint, the pages go to a new
-    range, and the old range stays mapped but empty (reads 0).  The simulator returns
-    old_address and moves nothing (the same-size early return, before the flag is looked at).
+    range, and the old range stays mapped but empty (reads 0).  The simulator returned
+    old_address and moved nothing (the same-size early return, before the flag was looked at).
     Found by SyscallMachine: mmap(1 page); mremap(a, 4096, 4096, MAYMOVE | DONTUNMAP).
     """
     k = Kernel(ram=RAM, check=True)
@@ -1078,12 +1166,12 @@ def test_mremap_dontunmap_without_fixed_moves():
 
 
 def test_batched_anonymous_faults_prepare_only_the_faulted_vma():
-    """memory.py:do_anonymous_page_batch() gives an anon_vma to every VMA of the mm.
+    """memory.py:do_anonymous_page_batch() gave an anon_vma to every VMA of the mm (fixed in 9780473).
 
     The scalar path (do_anonymous_page() -> anon_vma_prepare()) prepares only the VMA that
-    faults.  The batch prepares all of them, so a VMA that was never touched can no longer
+    faults.  The batch prepared all of them, so a VMA that was never touched could no longer
     merge with a neighbour that has a different anon_vma (is_mergeable_anon_vma()): after
-    mprotect() makes the flags equal, the scalar run has one VMA and the batched run two
+    mprotect() made the flags equal, the scalar run had one VMA and the batched run two
     (and they differ for khugepaged, which needs an anon_vma).
     Found by the batch-vs-scalar oracle (numpy seeds 10 and 11).
     """
@@ -1099,7 +1187,8 @@ def test_batched_anonymous_faults_prepare_only_the_faulted_vma():
 
 
 def test_batched_cow_counts_deferred_split_like_scalar():
-    """memory.py:wp_page_copy_batch() skips the deferred split queueing of a folio it unmaps whole.
+    """memory.py:wp_page_copy_batch() skipped the deferred split queueing of a folio it unmapped
+    whole (fixed in 9780473).
 
     Three mms map a 16 KiB mTHP; the two holding the MM_ID slots exit, so the last one
     maps the folio alone but FOLIO_MM_IDS_SHARED stays set (folio_maybe_mapped_shared()
@@ -1107,8 +1196,8 @@ def test_batched_cow_counts_deferred_split_like_scalar():
     the kernel) leaves the folio partially mapped after the first copy:
     __folio_remove_rmap() queues it (deferred_split_folio(partially_mapped=true):
     split_deferred += 1, thp_deferred_split_page for PMD order) before the last copy frees
-    it.  The batch decrements every mapcount first and only queues folios that still have
-    mapped pages, so a folio unmapped whole in one batch is never counted.
+    it.  The batch decremented every mapcount first and only queued folios that still had
+    mapped pages, so a folio unmapped whole in one batch was never counted.
     Expected (scalar): hugepages-16kB/stats/split_deferred 1; batched: 0.
     The 2 MiB form (PTE-mapped THP, thp_deferred_split_page) is scenario "stale_mm_ids_shared".
     """

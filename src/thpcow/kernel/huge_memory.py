@@ -423,7 +423,7 @@ def split_folio(k: Kernel, fid: int) -> int:
     order = int(f.order[fid])
     if f.flags[fid] & PG_HUGE_ZERO or order < 2 or not f.flags[fid] & PG_ANON:
         return -_e.EINVAL
-    if f.refcount[fid] != f.large[fid] + (0):
+    if f.refcount[fid] != f.large[fid]:
         if order >= HPAGE_PMD_ORDER:
             k.vmstat.count_vm_event("thp_split_page_failed")
         k.vmstat.count_mthp_stat(order, "split_failed")
@@ -437,21 +437,23 @@ def split_folio(k: Kernel, fid: int) -> int:
     rmap.folio_unqueue_deferred_split(k, fid)
     pflags = f.flags[fid]
     mapcounts = k.mem.mapcount[head: head + nr].copy()
-    mm_slots = [(int(f.mm_id0[fid]), int(f.mm_cnt0[fid])), (int(f.mm_id1[fid]), int(f.mm_cnt1[fid]))]
     f.release(fid)
-    new_ids = f.alloc_bulk(np.arange(head, head + nr))
-    k.lru_add(new_ids)
-    k.mem.folio[head: head + nr] = new_ids
-    f.order[new_ids] = 0
-    f.refcount[new_ids] = mapcounts
-    f.flags[new_ids] = pflags & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
-    del mm_slots
     k.vmstat.mod_mthp_stat(order, "nr_anon", -1)
     if order >= HPAGE_PMD_ORDER:
         k.vmstat.count_vm_event("thp_split_page")
     k.vmstat.count_mthp_stat(order, "split")
-    # Unmapped pages are freed (the kernel frees them after remapping).
-    dead = new_ids[mapcounts == 0]
-    f.refcount[dead] = 0
-    rmap.free_small_folios(k, dead)
+    # Mapped pages become order-0 folios; unmapped ones are freed (the kernel
+    # frees them after remapping the others).
+    pfns = np.arange(head, head + nr)
+    live = mapcounts > 0
+    new_ids = f.alloc_bulk(pfns[live])
+    k.lru_add(new_ids)
+    k.mem.folio[pfns[live]] = new_ids
+    f.order[new_ids] = 0
+    f.refcount[new_ids] = mapcounts[live]
+    f.flags[new_ids] = pflags & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
+    dead = pfns[~live]
+    k.mem.folio[dead] = -1
+    k.mem.pflags[dead] = 0
+    k.mem.free_bulk(dead)
     return 0

@@ -44,7 +44,7 @@ class Kernel:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.mem = PhysMem(ram // PAGE_SIZE)
-        self.folios = FolioTable(capacity=max(1024, self.mem.nr_frames // 4), max_capacity=self.mem.nr_frames)
+        self.folios = FolioTable(capacity=max(1024, self.mem.nr_frames // 2), max_capacity=self.mem.nr_frames)
         self.vmstat = VmStat()
         self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
         self.sysfs = Sysfs(stats_reader=self.vmstat.mthp_stat,
@@ -184,7 +184,7 @@ class Kernel:
                 on = np.flatnonzero(stamps >= 0)
                 if not len(on):
                     break
-                m = min(len(on), max(4 * n, 65536))
+                m = min(len(on), max(4 * n, 262144))
                 if len(on) > m:
                     on = on[np.argpartition(stamps[on], m - 1)[:m]]
                 on = on[np.argsort(stamps[on], kind="stable")]

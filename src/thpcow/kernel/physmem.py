@@ -189,6 +189,10 @@ class PhysMem:
         of blocks within a free list.
         """
         blocks = np.unique(np.asarray(pfns, dtype=np.int64))
+        if len(blocks) <= 64:                      # small batches: the scalar path is cheaper
+            for pfn in blocks.tolist():
+                self.free(pfn, 0)
+            return
         for order in range(MAX_PAGE_ORDER + 1):
             if not len(blocks):
                 return

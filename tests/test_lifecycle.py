@@ -757,3 +757,47 @@ def test_defrag_defer_wakes_kcompactd_instead_of_stalling():
     k2.advance(2_000_000)
     v = k2.vmstat_snapshot()
     assert v["thp_fault_fallback"] == 1 and v["compact_stall"] == 0 and v["compact_daemon_wake"] == 0
+
+
+def test_batched_deferred_split_equals_splitting_one_by_one():
+    """The shrinker splits the queue's partially mapped folios together; the result must
+    equal split_folio() on each in turn (counters, mapcounts, contents, free memory)."""
+    from thpcow.kernel import huge_memory as hm
+
+    def build():
+        k = Kernel(ram=512 << 20, check=True)
+        k.sysfs.write("hugepages-64kB/enabled", "always")
+        p = k.spawn()
+        a = p.mmap(8 << 20)
+        p.madvise(a, 8 << 20, MADV_HUGEPAGE)
+        p.write(a, 8 << 20, 1)
+        b = p.mmap(1 << 20)
+        p.write(b, 1 << 20, 2)                              # 16 mTHPs of 64 KiB
+        c = p.fork()
+        for i in range(4):
+            p.munmap(a + i * (2 << 20) + (1 << 20), 1 << 20)   # half of each THP
+        p.munmap(b, 1 << 19)                                # half the mTHPs, whole
+        p.munmap(b + (1 << 19) + 8192, 4096)                # one page of one mTHP
+        c.exit()
+        return k, p, a, b
+
+    k1, p1, a1, b1 = build()
+    queued = list(k1.deferred)
+    assert len(queued) >= 5
+    from thpcow.kernel import vmscan
+    vmscan.shrink_deferred(k1)
+    k2, p2, a2, b2 = build()
+    for fid in list(k2.deferred):
+        if k2.folios.flags[fid] & 0x40:                     # PG_PARTIALLY_MAPPED
+            assert hm.split_folio(k2, fid) == 0
+        else:
+            from thpcow.kernel import rmap
+            rmap.folio_unqueue_deferred_split(k2, fid)
+    k1.check()
+    k2.check()
+    assert k1.vmstat_snapshot() == k2.vmstat_snapshot()
+    assert (k1.vmstat.mthp == k2.vmstat.mthp).all()
+    assert k1.mem.nr_free == k2.mem.nr_free
+    assert p1.smaps_rollup() == p2.smaps_rollup()
+    for (p, a, b) in ((p1, a1, b1), (p2, a2, b2)):
+        assert (p.read(a, 1 << 20) == 1).all() and (p.read(b + (1 << 19), 4096) == 2).all()

@@ -219,7 +219,7 @@ def check_kernel(k: Kernel) -> None:
             _fail(f"swap slot {slot}: used={bool(sw.used[slot])} but referenced={bool(held[slot])}")
         if sw.nr_free != sw.nr_slots - int(sw.used[: sw.nr_slots].sum()):
             _fail(f"swap: nr_free={sw.nr_free} but {sw.nr_slots - int(sw.used[: sw.nr_slots].sum())} slots are free")
-    lru = set(np.flatnonzero(f.lru[: f.capacity] >= 0).tolist())
+    lru = set(np.flatnonzero(f.lru[: f._next] >= 0).tolist())
     anon_live = set(live[(f.flags[live] & PG_ANON).astype(bool)].tolist())
     if lru != anon_live:
         extra = sorted(lru - anon_live)[:3]

@@ -52,8 +52,11 @@ class FolioTable:
         self.capacity = min(capacity, max_capacity)
         self.max_capacity = max_capacity          # a folio has at least one frame: <= nr_frames
         capacity = self.capacity
-        for name, dtype, fill in self._FIELDS:
-            setattr(self, name, np.full(capacity, fill, dtype=dtype))
+        # NOTE: zero-filled (calloc: untouched pages cost no memory) for performance;
+        # every id is _reset() to its field defaults when it is handed out, and
+        # nothing reads an entry at or beyond _next.
+        for name, dtype, _fill in self._FIELDS:
+            setattr(self, name, np.zeros(capacity, dtype=dtype))
         self.used = np.zeros(capacity, dtype=bool)
         self._next = 0                     # ids below this were handed out once
         self._free_ids: list[int] = []     # recycled ids (LIFO)
@@ -68,9 +71,9 @@ class FolioTable:
         cap = min(cap, max(self.max_capacity, need))
         if cap == self.capacity:
             return
-        for name, dtype, fill in self._FIELDS:
+        for name, dtype, _fill in self._FIELDS:
             old = getattr(self, name)
-            new = np.full(cap, fill, dtype=dtype)
+            new = np.zeros(cap, dtype=dtype)
             new[: self.capacity] = old
             setattr(self, name, new)
         used = np.zeros(cap, dtype=bool)

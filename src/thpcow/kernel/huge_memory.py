@@ -457,3 +457,41 @@ def split_folio(k: Kernel, fid: int) -> int:
     k.mem.pflags[dead] = 0
     k.mem.free_bulk(dead)
     return 0
+
+
+def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
+    """Optimization: split_folio() for many anon large folios at once.
+
+    Preconditions: each folio is anon, of order >= 2, has no PMD mapping
+    (entire mapcount 0) and no references besides its mappings.  Same result
+    and counters as splitting them one by one.
+    """
+    f = k.folios
+    mem = k.mem
+    orders = f.order[fids].astype(np.int64)
+    heads = f.head[fids].copy()
+    sizes = 1 << orders
+    pflags = f.flags[fids].copy()
+    for fid in fids.tolist():
+        rmap.folio_unqueue_deferred_split(k, fid)
+    for order, count in zip(*np.unique(orders, return_counts=True)):
+        k.vmstat.mod_mthp_stat(int(order), "nr_anon", -int(count))
+        if order >= HPAGE_PMD_ORDER:
+            k.vmstat.count_vm_event("thp_split_page", int(count))
+        k.vmstat.count_mthp_stat(int(order), "split", int(count))
+    f.release_bulk(fids)
+    # every page of every folio: head + offset within its folio
+    pfns = np.repeat(heads - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+    owner_flags = np.repeat(pflags, sizes)
+    mapcounts = mem.mapcount[pfns]
+    live = mapcounts > 0
+    new_ids = f.alloc_bulk(pfns[live])
+    k.lru_add(new_ids)
+    mem.folio[pfns[live]] = new_ids
+    f.order[new_ids] = 0
+    f.refcount[new_ids] = mapcounts[live]
+    f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
+    dead = pfns[~live]
+    mem.folio[dead] = -1
+    mem.pflags[dead] = 0
+    mem.free_bulk(dead)

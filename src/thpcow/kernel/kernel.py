@@ -44,7 +44,8 @@ class Kernel:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.mem = PhysMem(ram // PAGE_SIZE)
-        self.folios = FolioTable(capacity=max(1024, self.mem.nr_frames // 2), max_capacity=self.mem.nr_frames)
+        # Sized for the worst case (one folio per frame): untouched entries cost nothing.
+        self.folios = FolioTable(capacity=self.mem.nr_frames, max_capacity=self.mem.nr_frames)
         self.vmstat = VmStat()
         self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
         self.sysfs = Sysfs(stats_reader=self.vmstat.mthp_stat,

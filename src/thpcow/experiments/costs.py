@@ -8,7 +8,7 @@ same per-event costs written out here.  Both add the op's own work: 15 ns per
 access and 0.035 ns per byte moved.  Address translation is not in either:
 the runner reports it separately (``tlb_ms``, from the TLB simulator).
 
-The placeholder's costs (from /work/shared/calibration.md, "Key numbers"):
+The placeholder's costs (from calibration.md (the reference measurements of the lab VM), "Key numbers"):
 It prices one workload op from the vmstat deltas the op caused, the number of
 accesses it made and the bytes it moved, with the warm, guest-only medians
 measured on the lab VM (2 vCPU Zen 4 KVM guest, Linux 6.18):

@@ -3,7 +3,7 @@
 Every cost of :class:`~thpcow.machine.latency.CalibrationProfile` that the lab
 can provoke is measured here with Python (anonymous ``mmap`` through ctypes,
 numpy strided stores, ``os.fork``), following the method of
-/work/shared/calibration.md:
+calibration.md (the reference measurements of the lab VM):
 
 * **Batches, not single faults.**  One numpy call touches N pages (a strided
   store or load), and the figure is (batch time - the same batch run again,

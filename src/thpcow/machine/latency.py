@@ -1,7 +1,7 @@
 """Model of what kernel memory-management events cost in time, priced from the /proc/vmstat deltas they cause.
 
 A :class:`CalibrationProfile` holds one cost (ns) per kernel event.  The
-default is the lab VM of /work/shared/calibration.md (2 vCPU AMD EPYC Zen 4
+default is the lab VM of the reference calibration (2 vCPU AMD EPYC Zen 4
 KVM guest, Linux 6.18), warm numbers: guest-kernel cost without the host's
 page faults.  :func:`cost_vmstat_delta` prices one kernel operation (a fault,
 a batch of stores, an madvise, a fork) from the counters it moved, and
@@ -89,7 +89,7 @@ class CalibrationProfile:
     """
 
     name: str = "lab-vm-zen4-warm"
-    source: str = "/work/shared/calibration.md (2026-11-25), warm numbers"
+    source: str = "reference calibration of the lab VM (2026-11-25), warm numbers"
     # 1. First-touch faults (256 MiB region), rows "4K write (MADV_NOHUGEPAGE) | warm" and
     #    "THP write fault (MADV_HUGEPAGE, 2M aligned) | warm": per-fault p50 1.53 us and 221 us.
     fault_4k_zero_ns: float = 1.53 * US

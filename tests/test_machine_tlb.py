@@ -349,3 +349,23 @@ def test_page_shifts_follow_the_kernel_through_a_cow_split():
     sim.simulate(addrs, None, shifts, p.pid)
     assert counts(sim, "l1d_4k") == (0, 8, 6)
     assert page_shifts_of(p, np.array([a + (2 << 20)], dtype=np.uint64)).tolist() == [21]
+
+
+def test_invalidate_pages_equals_one_flush_per_page():
+    """The batched flush of many 4 KiB pages removes what single-page flushes remove."""
+    import numpy as np
+    from thpcow.machine import TlbSimulator, get_preset
+
+    rng = np.random.default_rng(3)
+    vaddr = (rng.integers(0, 1 << 18, size=20000, dtype=np.int64) << 12).astype(np.uint64)
+    shifts = np.where(rng.random(20000) < 0.3, 21, 12).astype(np.uint8)
+    a, b = TlbSimulator(get_preset("amd-zen4-genoa")), TlbSimulator(get_preset("amd-zen4-genoa"))
+    a.simulate(vaddr, False, shifts, 1)
+    b.simulate(vaddr, False, shifts, 1)
+    vpns = np.unique(rng.integers(0, 1 << 18, size=500, dtype=np.int64))
+    removed_batch = a.invalidate_pages(1, vpns)
+    removed_single = sum(b.invalidate_page(1, int(v), 4096) for v in vpns)
+    assert removed_batch == removed_single > 0
+    assert a.get_metric("shootdowns") == b.get_metric("shootdowns") == len(vpns)
+    for level in a.levels:
+        assert sorted(a.contents(level)) == sorted(b.contents(level))

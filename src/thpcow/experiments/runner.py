@@ -139,6 +139,19 @@ class _TlbMeter:
     def flush(self, proc) -> None:
         self.sim.flush_asid(self.asid(proc))
 
+    def replay(self, k) -> None:
+        """Apply the TLB flushes the kernel recorded (COW remaps, splits, collapses, unmaps, fork)."""
+        log = k.tlb_flush_log
+        if not log:
+            return
+        for ev in log:
+            asid = ev[0] % self.asids
+            if len(ev) == 3:
+                self.sim.invalidate_range(asid, ev[1], min(ev[2], 1 << 47))
+            else:
+                self.sim.invalidate_pages(asid, ev[1])
+        log.clear()
+
     def walks(self) -> int:
         return sum(self.sim.get_metric(m) for m in self.walk_metrics)
 
@@ -156,6 +169,8 @@ class _Run:
             self.k.sysfs.write(path, value)
         self.model = latency_model(scenario.machine)
         self.tlb = _TlbMeter.make(scenario.machine)
+        if self.tlb is not None:
+            self.k.tlb_flush_log = []
         self.procs: dict[int, Any] = {}
         self.children: dict[int, list[int]] = {}
         self.base: dict[int, int] = {}
@@ -226,6 +241,7 @@ class _Run:
             else:
                 proc.read_many(addrs)
             if self.tlb is not None:
+                self.tlb.replay(k)
                 self.tlb.access(proc, addrs, kind == O.WRITE)
         elif kind == O.FORK:
             needs = [(self.base[r] + off, length) for r, off, length in op.needs]
@@ -234,12 +250,15 @@ class _Run:
             self.procs[op.arg] = proc.fork()
             self.children.setdefault(op.pid, []).append(op.arg)
             if self.tlb is not None:
-                self.tlb.flush(proc)
+                self.tlb.replay(k)                     # includes the parent's flush_tlb_mm()
             return walked
         elif kind == O.EXIT:
             walked = _mapped(proc)
             proc.exit()
             if self.tlb is not None:
+                # The whole address space goes: its own unmaps need no replay.
+                k.tlb_flush_log[:] = [e for e in k.tlb_flush_log if e[0] != proc.pid]
+                self.tlb.replay(k)
                 self.tlb.flush(proc)
             return walked
         elif kind == O.PHASE_END:

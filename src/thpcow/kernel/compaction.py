@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
 from .folio import PG_ANON, PG_HUGE_ZERO
 
 if TYPE_CHECKING:
@@ -162,6 +162,10 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
         if m[0] == "pte":
             _, mm, r, c, pfn = m
             mm.pt.pte_pfn[r, c] = new_pfn + (pfn - old_head)
+            k.flush_tlb_pages(mm, [mem.vpn[pfn]])
+        else:
+            base = int(m[1].pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
+            k.flush_tlb_range(m[1], base, base + HPAGE_PMD_SIZE)
     mem.folio[sl_old] = -1
     mem.mapcount[sl_old] = 0
     mem.pflags[sl_old] = 0

@@ -33,3 +33,4 @@ def dup_mmap(k: Kernel, child: MM, parent: MM) -> None:
         memory.copy_page_range(k, child, parent, v)
     if parent.khugepaged:
         k.khugepaged_enter(child)
+    k.flush_tlb_range(parent, 0, 1 << 47)            # flush_tlb_mm(oldmm): the parent was write-protected

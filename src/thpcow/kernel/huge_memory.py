@@ -296,6 +296,8 @@ def wp_huge_pmd_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, unshar
     k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]
     flags = pt.pmd_flags[s]
     # pmdp_huge_clear_flush(); the deposit stays in place.
+    base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+    k.flush_tlb_range(mm, base, base + HPAGE_PMD_SIZE)
     if flags & _PAGE_DIRTY:
         f.flags[old] |= PG_DIRTY
     mm.rss_anon -= HPAGE_PMD_NR
@@ -372,6 +374,8 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     flags = pt.pmd_flags[s]
     row = pt.alloc_row()                  # pgtable_trans_huge_withdraw(): nr_ptes unchanged
     k.vmstat.count_vm_event("thp_split_pmd")
+    base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+    k.flush_tlb_range(mm, base, base + HPAGE_PMD_SIZE)        # pmdp_invalidate()
     pt.pmd_kind[s] = PMD_TABLE
     pt.pmd_row[s] = row
     pt.pmd_folio[s] = -1

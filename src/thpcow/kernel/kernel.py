@@ -66,6 +66,9 @@ class Kernel:
         self._lru_buf = None
         self._lru_pos = 0
         self._kcompactd_pending = False
+        # TLB flushes the kernel would issue, for a machine model to replay:
+        # (pid, start, end) ranges or (pid, vpn array) single pages.  None: off.
+        self.tlb_flush_log: list | None = None
         from .swap import SwapDevice
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
@@ -151,6 +154,16 @@ class Kernel:
     def alloc_pages_bulk(self, n: int):
         """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
         return self.mem.alloc_bulk(n)
+
+    def flush_tlb_range(self, mm: MM, start: int, end: int) -> None:
+        """Model of flush_tlb_range()/flush_tlb_mm(): recorded when a machine model listens."""
+        if self.tlb_flush_log is not None:
+            self.tlb_flush_log.append((mm.pid, int(start), int(end)))
+
+    def flush_tlb_pages(self, mm: MM, vpns) -> None:
+        """Model of flush_tlb_page() for many pages (COW remaps, swap-out)."""
+        if self.tlb_flush_log is not None and len(vpns):
+            self.tlb_flush_log.append((mm.pid, np.asarray(vpns, dtype=np.int64)))
 
     def lru_add(self, fid) -> None:
         """folio_add_lru(): to the tail (youngest end); ``fid`` may be an array of ids."""

@@ -159,6 +159,7 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     idx = np.flatnonzero(normal)
     from .memory import unmap_pages
     unmap_pages(k, mm, pfns[idx])                 # MM_ANONPAGES -= len(idx)
+    k.flush_tlb_range(mm, haddr, haddr + HPAGE_PMD_SIZE)        # pmdp_collapse_flush()
     pt.free_row(row)                              # the old table becomes the deposit
     pt.pmd_row[s] = -1
     # map_anon_folio_pmd_nopf() adds 512: MM_ANONPAGES grows by the empty/zero entries.

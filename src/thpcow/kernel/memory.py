@@ -229,6 +229,7 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
         mm.rss_anon += 1
         return VM_FAULT_OK
     old = int(k.mem.folio[src_pfn])
+    k.flush_tlb_range(mm, addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + PAGE_SIZE)   # ptep_clear_flush()
     rmap.folio_remove_rmap_ptes(k, old, src_pfn, 1, mm)
     rmap.folio_put(k, old)
     k.vmstat.count_vm_event("sim_cow_pages")
@@ -300,6 +301,7 @@ def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
             kind = pt.pmd_kind[s]
         if kind == PMD_TABLE:
             zap_pte_range(k, mm, int(pt.pmd_row[s]), (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+    k.flush_tlb_range(mm, start, end)                 # tlb_finish_mmu()
 
 
 # -- fork --------------------------------------------------------------------------------
@@ -451,6 +453,7 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
     k.lru_add(new_fid)
     pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
     mem.vpn[new] = vpns[c_idx]
+    k.flush_tlb_pages(mm, vpns[c_idx])
     pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
     k.vmstat.mod_node_page_state("nr_anon_pages", n)
     k.vmstat.count_vm_event("sim_cow_pages", n)

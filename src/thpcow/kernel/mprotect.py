@@ -30,6 +30,7 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
     """
     pt = mm.pt
     writable = bool(vma.flags & VM_WRITE)
+    k.flush_tlb_range(mm, start, end)
     for s in pt.slots_in(start, end):
         base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
         lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)

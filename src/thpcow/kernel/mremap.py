@@ -26,6 +26,7 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
     folios, references and mapcounts: only the address changes.
     """
     pt = mm.pt
+    k.flush_tlb_range(mm, old, old + length)
     off = 0
     while off < length:
         src = old + off

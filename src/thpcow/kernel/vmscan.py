@@ -142,6 +142,7 @@ def try_to_unmap_to_swap(k: Kernel, fid: int, slot: int) -> None:
         if flags & _PAGE_DIRTY:
             f.flags[fid] |= PG_DIRTY
         exclusive = bool(k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE)
+        k.flush_tlb_pages(mm, [k.mem.vpn[pfn]])
         pt.pte_pfn[r, c] = swp_entry(slot + i)
         pt.pte_flags[r, c] = _PAGE_SWP_EXCLUSIVE if exclusive else 0
         k.swap.swap_map[slot + i] += 1
@@ -312,6 +313,7 @@ def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
         dirty = (pt.pte_flags[r, c] & _PAGE_DIRTY).astype(bool)
         f.flags[fids[i[dirty]]] |= PG_DIRTY
         excl = (mem.pflags[pfns[i]] & PG_ANON_EXCLUSIVE).astype(bool)
+        k.flush_tlb_pages(mm, mem.vpn[pfns[i]])
         pt.pte_pfn[r, c] = swp_entry(slot_of[i])
         pt.pte_flags[r, c] = np.where(excl, _PAGE_SWP_EXCLUSIVE, 0).astype(np.uint8)
         np.add.at(k.swap.swap_map, slot_of[i], 1)

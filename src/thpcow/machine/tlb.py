@@ -462,6 +462,26 @@ class _TlbModel:
             raise ValueError(f"range: need 0 <= start < end, got [{start:#x}, {end:#x})")
         return self._shootdown(asid, int(start), int(end), with_pwc=True)
 
+    def invalidate_pages(self, asid: int, vpns) -> int:
+        """Many flush_tlb_page() calls of 4 KiB pages (COW remaps, swap-out), one shootdown each.
+
+        Drops every entry of ``asid`` whose page holds one of the 4 KiB pages
+        ``vpns`` (a 2 MiB entry goes if any of them lies inside it); the PDE
+        cache is left alone, as for single 4 KiB flushes.  Returns entries removed.
+        """
+        self._check_asid(asid)
+        vpns = np.unique(np.asarray(vpns, dtype=np.int64))
+        if not len(vpns):
+            return 0
+        removed = self._invalidate_pages(asid, vpns)
+        self.sim_stats[SimMetric.SHOOTDOWNS] += len(vpns)
+        self.sim_stats[SimMetric.INVALIDATED_ENTRIES] += removed
+        return removed
+
+    def _invalidate_pages(self, asid: int, vpns: np.ndarray) -> int:
+        return sum(self._invalidate(asid, int(v) << PAGE_SHIFT_4K, (int(v) + 1) << PAGE_SHIFT_4K, False)
+                   for v in vpns.tolist())
+
     def flush_asid(self, asid: int) -> int:
         """Model of flush_tlb_mm(): drop every entry of one address space (fork's parent flush, exit)."""
         self._check_asid(asid)
@@ -627,6 +647,13 @@ class TlbSimulator(_TlbModel):
         skip = self._index(self.pwc) if not with_pwc else -1
         removed = _invalidate_kernel(*self._state(), self.dev_stats, asid, start, end, skip)
         self._last_key[:] = EMPTY            # the fast path must look again
+        return removed
+
+    def _invalidate_pages(self, asid: int, vpns: np.ndarray) -> int:
+        # Optimization: one pass over the TLBs for a sorted set of pages.
+        removed = _invalidate_pages_kernel(*self._state(), self.dev_stats, asid, vpns << PAGE_SHIFT_4K,
+                                           self._index(self.pwc))
+        self._last_key[:] = EMPTY
         return removed
 
     def contents(self, level: str) -> list[tuple[int, int, int]]:
@@ -921,6 +948,40 @@ def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent
                 shift = 21 if key & 1 else 12
                 lo = ((key >> 1) & 0x7FFFFFFFF) << shift     # 35-bit vpn (drops the PDE-cache tag)
                 if lo >= end or lo + (1 << shift) <= start:
+                    continue
+                slot_ent[x] = -1
+                ent_slot[e, d] = -1
+                _release(htab, bits, ent_key, ent_slot, free, nfree, e)
+                _to_tail(prv, nxt, head, tail, setb + s, x)
+                n += 1
+        dev_stats[d, 3] += n
+        total += n
+    return total
+
+
+@njit(cache=True, _nrt=False)
+def _invalidate_pages_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
+                             dev_stats, asid, starts, skip_dev):
+    """Drop every entry of ``asid`` whose page holds one of the sorted 4 KiB page addresses ``starts``."""
+    total = 0
+    for d in range(dev.shape[0]):
+        if d == skip_dev:
+            continue
+        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
+        n = 0
+        for s in range(nsets):
+            first = base + s * assoc
+            for x in range(first, first + assoc):
+                e = slot_ent[x]
+                if e < 0:
+                    continue
+                key = ent_key[e]
+                if (key >> 48) != asid:
+                    continue
+                shift = 21 if key & 1 else 12
+                lo = ((key >> 1) & 0x7FFFFFFFF) << shift
+                i = np.searchsorted(starts, lo)
+                if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
                     continue
                 slot_ent[x] = -1
                 ent_slot[e, d] = -1

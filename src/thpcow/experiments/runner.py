@@ -25,10 +25,11 @@ Figures of a run (one summary row per policy):
   loads and stores from the first fork on, replayed through the machine
   model's TLB simulator (:mod:`thpcow.machine`, preset ``machine``) with the
   page size each address has after the op; ``tlb_ms`` the translation time
-  it estimates.  Flushes: the parent's on fork, the child's on exit; COW
-  remaps and PMD splits are not flushed (the kernel events do not say which
-  pages), so misses are an undercount.  NaN when thpcow.machine cannot be
-  imported.
+  it estimates.  Flushes: every flush the kernel records
+  (``Kernel.tlb_flush_log``: COW remaps, PMD splits, collapses, unmaps,
+  mprotect/mremap, swap-out, migration, the parent's flush_tlb_mm() at fork)
+  is replayed before the op's accesses, and an exiting process's address
+  space is dropped.  NaN when thpcow.machine cannot be imported.
 """
 
 from __future__ import annotations

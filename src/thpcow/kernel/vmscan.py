@@ -359,12 +359,32 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
         small = (f.order[chunk] == 0) & (f.flags[chunk] & PG_SWAPBACKED).astype(bool) & \
             ~(f.flags[chunk] & PG_SWAPCACHE).astype(bool) & (f.refcount[chunk] == k.mem.mapcount[f.head[chunk]])
         keep = []
-        if small.any():
+        # Partially mapped large folios: an old one is split and its pieces go
+        # the way of small folios (shrink_folio() does the same one at a time).
+        pm = ~small & (f.order[chunk] >= 2) & (f.flags[chunk] & PG_PARTIALLY_MAPPED).astype(bool) & \
+            (f.entire[chunk] == 0) & (f.refcount[chunk] == f.large[chunk]) & \
+            (f.flags[chunk] & PG_SWAPBACKED).astype(bool) & ~(f.flags[chunk] & PG_SWAPCACHE).astype(bool)
+        pieces = np.empty(0, dtype=np.int64)
+        if pm.any():
+            old = []
+            for fid in chunk[pm].tolist():
+                (keep if folio_referenced(k, fid) else old).append(fid)
+            if old:
+                old = np.array(old, dtype=np.int64)
+                sizes = 1 << f.order[old].astype(np.int64)
+                heads = f.head[old].copy()
+                hm.split_folios_unmapped_pmd(k, old)
+                pfns = np.repeat(heads - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+                pieces = k.mem.folio[pfns]
+                pieces = pieces[pieces >= 0].astype(np.int64)
+                f.lru[pieces] = -1                      # taken off the LRU: handled now
+        batch = np.concatenate((chunk[small], pieces))
+        if len(batch):
             before = k.mem.nr_free
-            kept = shrink_small_batch(k, chunk[small])
+            kept = shrink_small_batch(k, batch)
             freed += k.mem.nr_free - before
             keep.extend(kept.tolist())
-        for fid in chunk[~small].tolist():
+        for fid in chunk[~small & ~pm].tolist():
             if not f.used[fid]:
                 continue
             if folio_referenced(k, fid):

@@ -368,3 +368,15 @@ def test_policy_table_matches_the_counters():
     assert row["thp_child"] == 1.0
     row = run_scenario("sparse", "thp-cow-v1", size_mib=8, check=True)
     assert row["cow_mib"] == 8.0 and row["peak_extra_mib"] == 8.0
+
+
+def test_thp_cow_file_exists_only_with_the_series():
+    k = Kernel(ram=RAM, series_thp_cow=False)
+    assert "thp_cow" not in k.sysfs.listdir() and "thp_cow" not in k.sysfs.paths()
+    for call in (lambda: k.sysfs.read("thp_cow"), lambda: k.sysfs.write("thp_cow", "always")):
+        with pytest.raises(KernelError) as ei:
+            call()
+        assert ei.value.errno == errno.ENOENT
+    with pytest.raises(KernelError):
+        Kernel(ram=RAM, series_thp_cow=False, cow_policy="thp-cow-v1")   # the policy needs the knob
+    assert "thp_cow" in Kernel(ram=RAM).sysfs.listdir()

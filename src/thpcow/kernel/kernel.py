@@ -49,7 +49,8 @@ class Kernel:
         self.vmstat = VmStat()
         self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
         self.sysfs = Sysfs(stats_reader=self.vmstat.mthp_stat,
-                           counter_reader=lambda name: self.khugepaged_counters[name])
+                           counter_reader=lambda name: self.khugepaged_counters[name],
+                           series_thp_cow=series_thp_cow)
         self.series_thp_cow = series_thp_cow
         self.thp_supported = True
         if ram < 512 << 20:

@@ -317,7 +317,9 @@ class Sysfs:
     """The THP knobs of one simulated kernel, read and written as sysfs files."""
 
     def __init__(self, stats_reader: StatsReader | None = None,
-                 counter_reader: CounterReader | None = None) -> None:
+                 counter_reader: CounterReader | None = None, series_thp_cow: bool = True) -> None:
+        # Without the 2026 series applied, its thp_cow file does not exist.
+        self._hidden = frozenset() if series_thp_cow else frozenset({"thp_cow"})
         self._stats_reader: StatsReader = stats_reader or _zero_stat
         self._counter_reader: CounterReader = counter_reader or _zero_counter
         self._values: dict[str, Value] = {k.path: k.default for k in KNOBS if k.writable}
@@ -369,14 +371,14 @@ class Sysfs:
         """Model of readdir() on the tree (sorted, as `ls` prints it)."""
         rel = self._relative(path).rstrip("/")
         if rel in _DIRS:
-            return list(_DIRS[rel])
+            return [n for n in _DIRS[rel] if (f"{rel}/{n}" if rel else n) not in self._hidden]
         if rel in KNOB_BY_PATH:
             raise KernelError(errno.ENOTDIR, f"listdir {path}", "not a directory")
         raise KernelError(errno.ENOENT, f"listdir {path}", f"no such directory under {SYSFS_ROOT}")
 
     def paths(self) -> list[str]:
         """Every file of the tree, in kernel attribute order."""
-        return [knob.path for knob in KNOBS]
+        return [knob.path for knob in KNOBS if knob.path not in self._hidden]
 
     # ---- state ------------------------------------------------------------
 
@@ -516,7 +518,7 @@ class Sysfs:
     def _lookup(self, call: str, path: str) -> Knob:
         rel = self._relative(path)
         knob = KNOB_BY_PATH.get(rel)
-        if knob is not None:
+        if knob is not None and rel not in self._hidden:
             return knob
         if rel in _DIRS:
             raise KernelError(errno.EISDIR, call, "is a directory")

@@ -108,12 +108,18 @@ class FolioTable:
         if take:
             ids[:take] = self._free_ids[len(self._free_ids) - take:][::-1]
             del self._free_ids[len(self._free_ids) - take:]
+            self._reset(ids[:take])
         if n > take:
             start = self._next
             self._next += n - take
             self._grow(self._next)
-            ids[take:] = np.arange(start, self._next)
-        self._reset(ids)
+            fresh = np.arange(start, self._next)
+            ids[take:] = fresh
+            # Optimization: never-used entries are still zero (calloc); only the
+            # fields whose default is not zero need writing.
+            for name, _dtype, fill in self._FIELDS:
+                if fill:
+                    getattr(self, name)[fresh] = fill
         self.head[ids] = heads
         self.used[ids] = True
         self.nr_live += n

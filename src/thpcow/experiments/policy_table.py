@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernel import HPAGE_PMD_SIZE, MADV_HUGEPAGE, PAGE_SIZE, Kernel
+from ..kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
 from ..kernel.policy import REGISTRY, parse_policy
 
 SCENARIOS = ("dense", "sparse", "forkserver")

@@ -23,7 +23,7 @@ import numpy as np
 from .constants import PAGE_SHIFT, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
-from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
 from . import memory
 
 if TYPE_CHECKING:

@@ -20,11 +20,10 @@ import numpy as np
 from .constants import (
     HPAGE_PMD_NR, HPAGE_PMD_ORDER, MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
-    VM_HUGEPAGE,
 )
 from .errors import KernelError, einval
 from .folio import PG_HUGE_ZERO, FolioTable
-from .mm import MM, PMD_LEAF, VMA
+from .mm import MM, VMA
 from .physmem import PhysMem
 from .sysfs import Sysfs
 from .vmstat import VmStat

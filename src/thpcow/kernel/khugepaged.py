@@ -24,7 +24,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import KernelError
-from .folio import PG_ANON, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_SWAPBACKED
+from .folio import PG_MM_IDS_SHARED, PG_SWAPBACKED
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import rmap

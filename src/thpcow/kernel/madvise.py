@@ -21,7 +21,7 @@ from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory
-from .mmap import check_range, merge_vmas, split_range
+from .mmap import merge_vmas, split_range
 
 if TYPE_CHECKING:
     from .kernel import Kernel

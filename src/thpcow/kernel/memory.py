@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, PTRS_PER_PTE, VM_WRITE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, VM_WRITE
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
-    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
+    _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 from . import rmap

@@ -18,7 +18,7 @@ from .constants import (
     VM_ACCOUNT, VM_LOCKED, VM_WRITE, U64,
 )
 from .errors import KernelError, einval, enomem
-from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
+from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
 from . import huge_memory as hm
 from . import memory
 

@@ -20,7 +20,6 @@ Policies are built by name from :data:`REGISTRY`, with parameters as
 
 from __future__ import annotations
 
-import errno as E
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL
 
 # Swap type of hwpoison entries in pagemap's low 5 bits.  Simplification: the
 # kernel's SWP_HWPOISON number depends on the config (MAX_SWAPFILES + ...); the
 # simulator uses the top value and keeps no offset.
 SWP_HWPOISON_TYPE = 0x1F
-from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .physmem import ZERO_PFN
 from . import huge_memory as hm
 
 if TYPE_CHECKING:

@@ -369,3 +369,26 @@ def test_invalidate_pages_equals_one_flush_per_page():
     assert a.get_metric("shootdowns") == b.get_metric("shootdowns") == len(vpns)
     for level in a.levels:
         assert sorted(a.contents(level)) == sorted(b.contents(level))
+
+
+def test_sampled_windows_estimate_within_their_error():
+    """A sampled estimate of a stationary stream lands within its reported 99.7 % band of
+    the exact count, and says that it is sampled."""
+    import numpy as np
+    import pytest
+    from thpcow.machine import TlbSimulator, get_preset
+    from thpcow.machine.sampling import sample_windows
+
+    rng = np.random.default_rng(7)
+    n = 2_000_000
+    vaddr = (rng.integers(0, 1 << 17, size=n, dtype=np.int64) << 12).astype(np.uint64)
+    shifts = np.where((vaddr >> 21) % 2 == 0, 21, 12).astype(np.uint8)
+    exact = sample_windows(TlbSimulator(get_preset("amd-zen4-genoa")), vaddr, None, shifts, 1, every=1)
+    assert exact.exact and exact.simulated == n
+    est = sample_windows(TlbSimulator(get_preset("amd-zen4-genoa")), vaddr, None, shifts, 1,
+                         window=50_000, every=8, warmup=20_000)
+    assert not est.exact and est.windows == 5 and est.simulated == 250_000
+    assert abs(est.walks - exact.walks) <= 3 * est.walks_stderr + 1e-3 * exact.walks
+    assert "sampled 250,000 of 2,000,000" in est.describe()
+    with pytest.raises(ValueError, match="window"):
+        sample_windows(TlbSimulator(get_preset("amd-zen4-genoa")), vaddr, window=0)

@@ -5,8 +5,10 @@ from .tlb import (
 )
 from .tlb_reference import ReferenceTlbSimulator
 from .presets import PRESETS, PresetError, get_preset, load_preset, save_preset
+from .sampling import SampledWalks, sample_windows
 
 __all__ = [
     "Metric", "SimMetric", "Tlb", "TlbKnobs", "TlbSimulator", "WalkCache", "ReferenceTlbSimulator",
     "page_shifts_of", "PRESETS", "PresetError", "get_preset", "load_preset", "save_preset",
+    "SampledWalks", "sample_windows",
 ]

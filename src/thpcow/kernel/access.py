@@ -23,6 +23,7 @@ import numpy as np
 from .constants import PAGE_SHIFT, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
+from .physmem import PG_ANON_EXCLUSIVE
 from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
 from . import memory
 
@@ -179,8 +180,12 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
                 return write_pages_scalar(k, mm, vpages, tokens)
             for p in pending[pte_none & ~batchable].tolist():
                 _fault_store(k, mm, p)
-        # One scalar fault per 2 MiB block for read-only PMD leaves (split or reuse)
-        # and empty PMDs (THP or fallback); the block's other pages wait a round.
+        if leaf_ro.any():
+            leaf_ro = leaf_ro & ~_split_shared_pmds(k, mm, pending, sc, leaf_ro)
+            later |= (kind == PMD_LEAF) & ~leaf_w        # split ones come back as PTEs
+        # One scalar fault per 2 MiB block for the other read-only PMD leaves
+        # (reuse, the huge zero page, a policy's copy) and empty PMDs (THP or
+        # fallback); the block's other pages wait a round.
         for sel in (leaf_ro, pmd_none):
             if sel.any():
                 _, first = np.unique(pending[sel] >> 9, return_index=True)
@@ -193,6 +198,37 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
             _fault_store(k, mm, p)                   # zero page: wp_page_copy() from zero
         pending = pending[later]
     _finish_stores(k, mm, pages, toks)
+
+
+def _split_shared_pmds(k: Kernel, mm: MM, pending: np.ndarray, sc: np.ndarray, leaf_ro: np.ndarray) -> np.ndarray:
+    """Optimization: the PMD splits of do_huge_pmd_wp_page() for read-only THP leaves that
+    upstream would split (not AnonExclusive, other references, no policy judging it).
+
+    Their pages come back in the next round as read-only PTEs and take the
+    batched COW, which counts the fault: the same as faulting them one by one.
+    Returns, per pending page, whether its PMD was split here.
+    """
+    from . import huge_memory as hm
+    from .policy import CowPolicy
+
+    done = np.zeros(len(pending), dtype=bool)
+    if type(k.cow_policy).huge_pmd_wp_copy is not CowPolicy.huge_pmd_wp_copy:
+        return done
+    pt = mm.pt
+    f = k.folios
+    slots, first = np.unique(sc[leaf_ro], return_index=True)
+    slots = slots[np.argsort(first, kind="stable")]
+    fids = pt.pmd_folio[slots]
+    heads = f.head[fids]
+    simple = ~(f.flags[fids] & PG_HUGE_ZERO).astype(bool) & \
+        ~(k.mem.pflags[heads] & PG_ANON_EXCLUSIVE).astype(bool) & (f.refcount[fids] != 1)
+    for s in slots[simple].tolist():
+        base = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
+        vma = mm.find_vma(base)
+        hm.split_huge_pmd(k, mm, vma, s)
+        k.cow_policy.cow_split(k, mm, vma, base)
+    done[leaf_ro] = np.isin(sc[leaf_ro], slots[simple])
+    return done
 
 
 def _order0_only(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:

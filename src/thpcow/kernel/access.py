@@ -36,6 +36,13 @@ def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
     """Index of the first page not in a VMA with ``need`` (VM_READ/VM_WRITE), or -1."""
     if not mm.vmas:
         return 0 if len(vpages) else -1
+    if not len(vpages):
+        return -1
+    # Optimization: a batch inside one VMA needs only its lowest and highest page.
+    lo, hi = int(vpages.min()), int(vpages.max())
+    vma = mm.find_vma(lo << PAGE_SHIFT)
+    if vma is not None and hi < vma.end >> PAGE_SHIFT and vma.flags & need:
+        return -1
     starts = np.array([v.start >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
     ends = np.array([v.end >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
     ok_flags = np.array([bool(v.flags & need) for v in mm.vmas])

@@ -59,7 +59,9 @@ class FolioTable:
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         self.used = np.zeros(capacity, dtype=bool)
         self._next = 0                     # ids below this were handed out once
-        self._free_ids: list[int] = []     # recycled ids (LIFO)
+        # Recycled ids, a LIFO stack in an array (Optimization: bulk push/pop).
+        self._free_stack = np.empty(1024, dtype=np.int64)
+        self._nfree = 0
         self.nr_live = 0
 
     def _grow(self, need: int) -> None:
@@ -87,8 +89,9 @@ class FolioTable:
 
     def alloc(self, head: int, order: int) -> int:
         """A new folio id for the block at ``head`` (refcount set by the caller)."""
-        if self._free_ids:
-            fid = self._free_ids.pop()
+        if self._nfree:
+            self._nfree -= 1
+            fid = int(self._free_stack[self._nfree])
         else:
             fid = self._next
             self._next += 1
@@ -103,11 +106,11 @@ class FolioTable:
     def alloc_bulk(self, heads: np.ndarray) -> np.ndarray:
         """Order-0 folio ids for many frames at once (Optimization: batched faults)."""
         n = len(heads)
-        take = min(n, len(self._free_ids))
+        take = min(n, self._nfree)
         ids = np.empty(n, dtype=np.int64)
         if take:
-            ids[:take] = self._free_ids[len(self._free_ids) - take:][::-1]
-            del self._free_ids[len(self._free_ids) - take:]
+            ids[:take] = self._free_stack[self._nfree - take: self._nfree][::-1]
+            self._nfree -= take
             self._reset(ids[:take])
         if n > take:
             start = self._next
@@ -128,15 +131,28 @@ class FolioTable:
     def release(self, fid: int) -> None:
         self._reset(fid)
         self.used[fid] = False
-        self._free_ids.append(fid)
+        if self._nfree < len(self._free_stack):
+            self._free_stack[self._nfree] = fid
+            self._nfree += 1
+        else:
+            self._push_free(np.array([fid], dtype=np.int64))
         self.nr_live -= 1
 
     def release_bulk(self, ids: np.ndarray) -> None:
         """Optimization: release many folio ids at once."""
         self._reset(ids)
         self.used[ids] = False
-        self._free_ids.extend(ids.tolist())
+        self._push_free(np.asarray(ids, dtype=np.int64))
         self.nr_live -= len(ids)
+
+    def _push_free(self, ids: np.ndarray) -> None:
+        need = self._nfree + len(ids)
+        if need > len(self._free_stack):
+            stack = np.empty(max(need, 2 * len(self._free_stack)), dtype=np.int64)
+            stack[: self._nfree] = self._free_stack[: self._nfree]
+            self._free_stack = stack
+        self._free_stack[self._nfree: need] = ids
+        self._nfree = need
 
     def nr_pages(self, fid: int) -> int:
         return 1 << int(self.order[fid])

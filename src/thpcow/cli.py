@@ -47,7 +47,7 @@ def demo(size_mib: int = typer.Option(8, help="size of the THP-backed region (Mi
         console.rule(f"smaps of the {label}")
         console.print(text, markup=False, highlight=False)
     ah = result["anon_huge_kb"]
-    console.print(f"AnonHugePages (kB): " + ", ".join(f"{k}={v}" for k, v in ah.items()))
+    console.print("AnonHugePages (kB): " + ", ".join(f"{k}={v}" for k, v in ah.items()))
 
 
 @app.command()

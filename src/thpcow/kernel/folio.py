@@ -157,15 +157,6 @@ class FolioTable:
     def nr_pages(self, fid: int) -> int:
         return 1 << int(self.order[fid])
 
-    def test(self, fid: int, flag: int) -> bool:
-        return bool(self.flags[fid] & flag)
-
-    def set_flag(self, fid: int, flag: int) -> None:
-        self.flags[fid] |= flag
-
-    def clear_flag(self, fid: int, flag: int) -> None:
-        self.flags[fid] &= ~np.uint16(flag)
-
     def maybe_mapped_shared(self, fid: int, page_mapcount: int) -> bool:
         """Model of folio_maybe_mapped_shared() (CONFIG_MM_ID).
 

@@ -27,7 +27,6 @@ from . import rmap
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-PMD_ORDER_BIT = 1 << HPAGE_PMD_ORDER
 ALL_ANON_ORDERS = sum(1 << o for o in range(2, HPAGE_PMD_ORDER + 1))
 
 # tva types (enum tva_type)

@@ -123,9 +123,6 @@ class Kernel:
         self.wmark_low = self.wmark_min + gap
         self.wmark_high = self.wmark_min + 2 * gap
 
-    def reclaimable(self) -> bool:
-        return self.swap is not None and self.swap.nr_free > 0
-
     def balance(self, need: int = 0) -> None:
         """kswapd: when free memory would fall under the low watermark, reclaim up to the high one.
 

@@ -254,11 +254,6 @@ class MM:
     def insert_vma(self, vma: VMA) -> None:
         bisect.insort(self.vmas, vma, key=lambda v: v.start)
 
-    def vma_at_index(self, addr: int) -> int:
-        for i, v in enumerate(self.vmas):
-            if v.contains(addr):
-                return i
-        return -1
 
 
 def pmd_index(addr: int) -> int:

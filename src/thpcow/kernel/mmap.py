@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .constants import (
     HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
     MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE,
-    VM_ACCOUNT, VM_LOCKED, VM_WRITE, U64,
+    VM_ACCOUNT, VM_WRITE, U64,
 )
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
@@ -226,7 +226,3 @@ def check_range(call: str, start: int, length: int) -> int:
     if end <= start or end > TASK_SIZE + PAGE_SIZE:
         raise enomem(call, f"addr={start:#x} length={length:#x}: range overflows the address space")
     return end
-
-
-def locked(vma: VMA) -> bool:
-    return bool(vma.flags & VM_LOCKED)

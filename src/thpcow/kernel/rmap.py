@@ -76,19 +76,6 @@ def folio_add_anon_rmap_ptes(k: Kernel, fid: int, pfn: int, nr: int, mm: MM, exc
         k.vmstat.mod_node_page_state("nr_anon_pages", newly)
 
 
-def folio_add_anon_rmap_pmd(k: Kernel, fid: int, mm: MM, exclusive: bool) -> None:
-    """Model of folio_add_anon_rmap_pmd(): one more PMD mapping of a THP."""
-    f = k.folios
-    f.entire[fid] += 1
-    f.add_large_mapcount(fid, 1, mm.mm_id)
-    if f.entire[fid] == 1:
-        nr = HPAGE_PMD_NR - _pte_mapped_pages(k, fid)
-        k.vmstat.mod_node_page_state("nr_anon_pages", nr)
-        k.vmstat.mod_node_page_state("nr_anon_transparent_hugepages", HPAGE_PMD_NR)
-    if exclusive:
-        k.mem.pflags[int(f.head[fid])] |= PG_ANON_EXCLUSIVE
-
-
 def folio_remove_rmap_ptes(k: Kernel, fid: int, pfn: int, nr: int, mm: MM) -> None:
     """Model of folio_remove_rmap_ptes() / __folio_remove_rmap(PGTABLE_LEVEL_PTE)."""
     f = k.folios
@@ -127,18 +114,6 @@ def _queue_partially_mapped(k: Kernel, fid: int) -> None:
     f = k.folios
     if f.flags[fid] & PG_ANON and not f.flags[fid] & PG_PARTIALLY_MAPPED:
         deferred_split_folio(k, fid, partially_mapped=True)
-
-
-def folio_try_dup_anon_rmap_ptes(k: Kernel, fid: int, pfn: int, nr: int, dst: MM) -> None:
-    """Model of folio_try_dup_anon_rmap_ptes() for an unpinned folio (fork).
-
-    Simplification: no GUP pins are modelled, so the -EBUSY path (copy the
-    pinned page for the child) is never taken.
-    """
-    k.mem.pflags[pfn: pfn + nr] &= _NOT_AE
-    k.mem.mapcount[pfn: pfn + nr] += 1
-    if k.folios.order[fid]:
-        k.folios.add_large_mapcount(fid, nr, dst.mm_id)
 
 
 def folio_try_dup_anon_rmap_pmd(k: Kernel, fid: int, dst: MM) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 import thpcow
 from thpcow.experiments import report
-from thpcow.experiments.costs import PlaceholderLatencyModel, latency_model
+from thpcow.experiments.costs import latency_model
 from thpcow.experiments.runner import COUNTERS, SUMMARY_SCHEMA, run_compare, run_point, thp_kb
 from thpcow.experiments.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
 from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
@@ -161,23 +161,6 @@ def test_compare_numbers_are_the_kernels_counters(tiny, policy):
         assert row["thp_split_pmd"] == 4 and row["pgfault"] == 2048 and row["thp_fault_alloc"] == 0
     else:
         assert row["thp_split_pmd"] == 0 and row["thp_fault_alloc"] == 4 and row["sim_huge_cow"] == 4
-
-
-@pytest.mark.parametrize("kind, d, kw", [
-    ("write", {"pgfault": 512, "sim_cow_pages": 512, "sim_cow_bytes": 2 * MIB, "thp_split_pmd": 1}, {"accesses": 512}),
-    ("write", {"pgfault": 1, "thp_fault_alloc": 1, "sim_huge_cow": 1, "sim_cow_bytes": 2 * MIB}, {"accesses": 1}),
-    ("write", {"pgfault": 40, "pgreuse": 40}, {"accesses": 100, "nbytes": 800}),
-    ("write", {"pgfault": 32, "sim_cow_pages": 512, "sim_cow_bytes": 2 * MIB, "thp_split_pmd": 1}, {}),
-    ("phase_end", {"thp_collapse_alloc": 3, "sim_collapse_bytes": 6 * MIB}, {}),
-    ("fork", {}, {"pte_tables": 10, "pmds": 100}),
-    ("exit", {}, {"pte_tables": 10, "pmds": 100}),
-])
-def test_the_placeholder_agrees_with_the_machine_model(kind, d, kw):
-    machine = latency_model()
-    if isinstance(machine, PlaceholderLatencyModel):
-        pytest.skip("thpcow.machine is not importable")
-    assert machine.op_cost_ns(kind, d, **kw) == pytest.approx(PlaceholderLatencyModel().op_cost_ns(kind, d, **kw),
-                                                              rel=0.02)
 
 
 def test_per_op_records_add_up_to_the_summary(tiny):

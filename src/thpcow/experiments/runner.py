@@ -17,7 +17,7 @@ Figures of a run (one summary row per policy):
 - ``lat_p50_us``/``lat_p99_us``/``lat_max_us``: the modelled latency of each
   write batch (one op) of the workload's measured phase (redis-bgsave:
   ``snapshot``), priced by :func:`~thpcow.experiments.costs.latency_model`
-  (thpcow.machine.latency on the op's vmstat deltas, or the placeholder);
+  (thpcow.machine.latency on the op's vmstat deltas);
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
 - ``model_ms``: the sum of the modelled cost of every op (translation excluded);

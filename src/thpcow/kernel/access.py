@@ -68,10 +68,7 @@ def _segv(mm: MM, vpage: int, write: bool, addr: int | None = None) -> Segmentat
 def entry_state(mm: MM, vpages: np.ndarray):
     """Vector page-table walk: (slot, kind, row, col, pte pfn, pte flags) per page."""
     pt = mm.pt
-    slots = pt.lookup_slots(vpages >> 9)
-    has = slots >= 0
-    sc = np.where(has, slots, 0)
-    kind = np.where(has, pt.pmd_kind[sc], 0)
+    sc, kind = pt.pmd_entries(vpages)
     rows = np.where(kind == PMD_TABLE, pt.pmd_row[sc], 0)
     cols = vpages & 511
     pfn = np.where(kind == PMD_TABLE, pt.pte_pfn[rows, cols], -1)

@@ -434,39 +434,18 @@ def split_folio(k: Kernel, fid: int) -> int:
     if f.entire[fid]:
         for mm, vma, s in k.rmap_walk_pmd(fid):
             split_huge_pmd(k, mm, vma, s)
-    head = int(f.head[fid])
-    nr = 1 << order
-    rmap.folio_unqueue_deferred_split(k, fid)
-    pflags = f.flags[fid]
-    mapcounts = k.mem.mapcount[head: head + nr].copy()
-    f.release(fid)
-    k.vmstat.mod_mthp_stat(order, "nr_anon", -1)
-    if order >= HPAGE_PMD_ORDER:
-        k.vmstat.count_vm_event("thp_split_page")
-    k.vmstat.count_mthp_stat(order, "split")
-    # Mapped pages become order-0 folios; unmapped ones are freed (the kernel
-    # frees them after remapping the others).
-    pfns = np.arange(head, head + nr)
-    live = mapcounts > 0
-    new_ids = f.alloc_bulk(pfns[live])
-    k.lru_add(new_ids)
-    k.mem.folio[pfns[live]] = new_ids
-    f.order[new_ids] = 0
-    f.refcount[new_ids] = mapcounts[live]
-    f.flags[new_ids] = pflags & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
-    dead = pfns[~live]
-    k.mem.folio[dead] = -1
-    k.mem.pflags[dead] = 0
-    k.mem.free_bulk(dead)
+    split_folios_unmapped_pmd(k, np.array([fid], dtype=np.int64))
     return 0
 
 
 def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
-    """Optimization: split_folio() for many anon large folios at once.
+    """The second half of split_folio(), for many anon large folios at once.
 
     Preconditions: each folio is anon, of order >= 2, has no PMD mapping
-    (entire mapcount 0) and no references besides its mappings.  Same result
-    and counters as splitting them one by one.
+    (entire mapcount 0) and no references besides its mappings.  Mapped
+    pages become order-0 folios keeping their mappings; unmapped ones are
+    freed (the kernel frees them after remapping the others).  Counts
+    thp_split_page / split[order] and moves nr_anon as split_folio() does.
     """
     f = k.folios
     mem = k.mem

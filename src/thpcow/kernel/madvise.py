@@ -156,6 +156,15 @@ def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, c
     merge_vmas(mm, start, end)
 
 
+def _partly_in_range(k: Kernel, fid: int, pfn: int, addr: int, start: int, end: int) -> bool:
+    """Is the large folio whose page ``pfn`` is mapped at ``addr`` only partly inside [start, end)?"""
+    nr = 1 << int(k.folios.order[fid])
+    if nr == 1:
+        return False
+    first = addr - ((pfn - int(k.folios.head[fid])) << PAGE_SHIFT)
+    return first < start or first + (nr << PAGE_SHIFT) > end
+
+
 def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
     """Model of madvise_free_single_vma()/madvise_free_pte_range(): mark pages lazily freeable.
 
@@ -196,14 +205,10 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 continue
             fid = int(k.mem.folio[pfn])
             shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
-            nr = 1 << int(f.order[fid])
-            if nr > 1:
-                head = int(f.head[fid])
-                first_addr = base + ((i - (pfn - head)) << PAGE_SHIFT)
-                if first_addr < start or first_addr + (nr << PAGE_SHIFT) > end:
-                    if shared or hm.split_folio(k, fid) != 0:
-                        continue
-                    fid = int(k.mem.folio[pfn])
+            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+                if shared or hm.split_folio(k, fid) != 0:
+                    continue
+                fid = int(k.mem.folio[pfn])
             if f.flags[fid] & (PG_DIRTY | PG_SWAPCACHE):
                 if shared:
                     continue
@@ -250,14 +255,10 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
             fid = int(k.mem.folio[pfn])
             if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
                 continue
-            nr = 1 << int(f.order[fid])
-            if nr > 1:
-                head = int(f.head[fid])
-                first_addr = base + ((i - (pfn - head)) << PAGE_SHIFT)
-                if first_addr < start or first_addr + (nr << PAGE_SHIFT) > end:
-                    if hm.split_folio(k, fid) != 0:
-                        continue
-                    fid = int(k.mem.folio[pfn])
+            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+                if hm.split_folio(k, fid) != 0:
+                    continue
+                fid = int(k.mem.folio[pfn])
             pt.pte_flags[row, i] &= ~np.uint8(_PAGE_ACCESSED)
             picked.append(fid)
     picked = list(dict.fromkeys(picked))

@@ -178,6 +178,13 @@ class PageTables:
         found = keys[pos_c] == pmd_idx
         return np.where(found, self._sorted_slots[pos_c], -1)
 
+    def pmd_entries(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vector PMD-level walk for virtual page numbers: (slot, or 0; entry kind, PMD_NONE if no slot)."""
+        slots = self.lookup_slots(vpns >> 9)
+        has = slots >= 0
+        sc = np.where(has, slots, 0)
+        return sc, np.where(has, self.pmd_kind[sc], PMD_NONE)
+
     def slots_in(self, start: int, end: int) -> list[int]:
         """Slots whose 2 MiB block overlaps [start, end), in address order."""
         lo = start >> HPAGE_PMD_SHIFT

@@ -64,10 +64,7 @@ def folio_mappings(k: Kernel, fid: int):
             pt = p.mm.pt
             if not pt.nr_slots:
                 continue
-            slots = pt.lookup_slots(vpns >> 9)
-            has = slots >= 0
-            sc = np.where(has, slots, 0)
-            kind = np.where(has, pt.pmd_kind[sc], 0)
+            sc, kind = pt.pmd_entries(vpns)
             if f.entire[fid]:
                 for s in np.unique(sc[(kind == PMD_LEAF) & (pt.pmd_folio[sc] == fid)]).tolist():
                     out.append(("pmd", p.mm, int(s)))
@@ -257,10 +254,8 @@ def small_mappings(k: Kernel, pfns: np.ndarray):
         pt = p.mm.pt
         if not pt.nr_slots:
             continue
-        slots = pt.lookup_slots(vpns >> 9)
-        has = slots >= 0
-        sc = np.where(has, slots, 0)
-        tab = has & (pt.pmd_kind[sc] == PMD_TABLE)
+        sc, kind = pt.pmd_entries(vpns)
+        tab = kind == PMD_TABLE
         rows = np.where(tab, pt.pmd_row[sc], 0)
         cols = vpns & 511
         hit = tab & (pt.pte_pfn[rows, cols] == pfns)

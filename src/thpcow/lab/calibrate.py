@@ -67,6 +67,7 @@ import numpy as np
 
 from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile
 from . import procfs
+from .scenario import _write_all
 
 PAGE = 4096
 PMD = 2 << 20
@@ -380,19 +381,6 @@ def prewarm(size: int, backing: str | None, warm: bool = True) -> None:
     scratch += -scratch % PMD
     with Region(scratch, backing) as r:
         r.buf[::PAGE] = 1
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Child:

@@ -926,6 +926,15 @@ def _check_kernel(vaddr, page_shift, asid):
     return -1, -1
 
 
+@njit(cache=True, inline="always", _nrt=False)
+def _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, s, x, e):
+    """Invalidate way ``x`` of set ``s`` at level ``d`` (entry ``e``): free it and make it the LRU way."""
+    slot_ent[x] = -1
+    ent_slot[e, d] = -1
+    _release(htab, bits, ent_key, ent_slot, free, nfree, e)
+    _to_tail(prv, nxt, head, tail, s, x)
+
+
 @njit(cache=True, _nrt=False)
 def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
                        dev_stats, asid, start, end, skip_dev):
@@ -949,10 +958,7 @@ def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent
                 lo = ((key >> 1) & 0x7FFFFFFFF) << shift     # 35-bit vpn (drops the PDE-cache tag)
                 if lo >= end or lo + (1 << shift) <= start:
                     continue
-                slot_ent[x] = -1
-                ent_slot[e, d] = -1
-                _release(htab, bits, ent_key, ent_slot, free, nfree, e)
-                _to_tail(prv, nxt, head, tail, setb + s, x)
+                _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, setb + s, x, e)
                 n += 1
         dev_stats[d, 3] += n
         total += n
@@ -983,10 +989,7 @@ def _invalidate_pages_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, sl
                 i = np.searchsorted(starts, lo)
                 if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
                     continue
-                slot_ent[x] = -1
-                ent_slot[e, d] = -1
-                _release(htab, bits, ent_key, ent_slot, free, nfree, e)
-                _to_tail(prv, nxt, head, tail, setb + s, x)
+                _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, setb + s, x, e)
                 n += 1
         dev_stats[d, 3] += n
         total += n

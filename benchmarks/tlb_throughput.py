@@ -7,7 +7,10 @@ is close to the worst case: most accesses miss the L1 and most 4 KiB ones
 miss the L2 too.  A second stream of the same shape over 16 MiB (every
 translation fits the L2) is reported beside it.  The numba engine is warmed up first (its JIT compile or
 cache load is reported separately, not counted); the stream is generated in
-chunks outside the timed region; the reference engine runs a shorter stream.
+chunks outside the timed region; the baselines run a shorter prefix of the
+same stream: the plain-Python reference engine, and the numba engine's own
+code run as plain Python on NumPy arrays (a subprocess with
+NUMBA_DISABLE_JIT=1); both must give the numba engine's counts.
 Rates are accesses per CPU second of this (single-threaded) process, so that
 other load on a shared machine does not count; wall seconds are reported too.
 Target (issue 5): >= 50,000,000 accesses/s on one core.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -54,6 +59,16 @@ def measure(engine, preset: str, n: int, chunk: int, footprint: int, huge_fracti
     return cpu, wall, sim
 
 
+def numpy_baseline(args, n: int, footprint: int) -> tuple[float, dict]:
+    """Run the numba engine's code as plain Python/NumPy (JIT disabled) in a subprocess: (rate, counts)."""
+    cmd = [sys.executable, __file__, "--numpy-baseline-child", str(n), "--footprint-gib", str(args.footprint_gib),
+           "--huge-fraction", str(args.huge_fraction), "--preset", args.preset, "--seed", str(args.seed)]
+    out = subprocess.run(cmd, env={**os.environ, "NUMBA_DISABLE_JIT": "1"}, capture_output=True, text=True,
+                         check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["rate"], res["stats"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10,000,000 accesses (under a minute)")
@@ -64,10 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--huge-fraction", type=float, default=0.5)
     ap.add_argument("--preset", default="amd-zen4-genoa")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--numpy-baseline-accesses", type=int, default=20_000)
+    ap.add_argument("--numpy-baseline-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.accesses, args.baseline_accesses = 10_000_000, 200_000
     footprint = int(args.footprint_gib * (1 << 30))
+    if args.numpy_baseline_child:
+        n = args.numpy_baseline_child
+        cpu, _, sim = measure(TlbSimulator, args.preset, n, n, footprint, args.huge_fraction, args.seed)
+        print(json.dumps({"rate": n / cpu, "stats": sim.stats_dict()}))
+        return 0
+    if args.quick:
+        args.accesses, args.baseline_accesses, args.numpy_baseline_accesses = 10_000_000, 200_000, 10_000
 
     # Warm-up: the first call compiles the kernels (or loads them from numba's cache).
     t0 = time.perf_counter()
@@ -84,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     _, _, check = measure(TlbSimulator, args.preset, args.baseline_accesses, args.baseline_accesses,
                              footprint, args.huge_fraction, args.seed)
     identical = check.stats_dict() == ref.stats_dict()
+    np_rate, np_stats = numpy_baseline(args, args.numpy_baseline_accesses, footprint)
+    _, _, check_np = measure(TlbSimulator, args.preset, args.numpy_baseline_accesses,
+                             args.numpy_baseline_accesses, footprint, args.huge_fraction, args.seed)
+    identical = identical and check_np.stats_dict() == np_stats
 
     resident_s, _, _ = measure(TlbSimulator, args.preset, args.accesses, args.chunk, 16 << 20,
                                args.huge_fraction, args.seed + 1)
@@ -103,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_accesses": args.baseline_accesses,
         "baseline_accesses_per_s": round(base_rate),
         "ratio": round(numba_rate / base_rate, 1),
+        "numpy_baseline_accesses": args.numpy_baseline_accesses,
+        "numpy_baseline_accesses_per_s": round(np_rate),
+        "ratio_vs_numpy": round(numba_rate / np_rate, 1),
         "reference_counts_identical": identical,
         "l1_miss_rate": round(sim.get_metric("misses", l1) / max(1, sim.get_metric("hits", l1)
                                                                  + sim.get_metric("misses", l1)), 4),
@@ -115,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"numba, 16 MiB footprint (L2-resident): {args.accesses / resident_s / 1e6:.1f} M/s", file=sys.stderr)
     print(f"reference: {args.baseline_accesses:>12,} accesses in {base_s:7.2f} s = {base_rate / 1e6:7.2f} M/s",
           file=sys.stderr)
-    print(f"ratio {res['ratio']}x; reference counts identical to numba: {identical}", file=sys.stderr)
+    print(f"plain NumPy (the numba engine's code, JIT disabled): {args.numpy_baseline_accesses:,} accesses "
+          f"= {np_rate / 1e6:.3f} M/s", file=sys.stderr)
+    print(f"numba is {res['ratio']}x the reference, {res['ratio_vs_numpy']}x plain NumPy; "
+          f"baseline counts identical to numba: {identical}", file=sys.stderr)
     print(json.dumps(res))
     return 0 if identical else 1
 

@@ -583,6 +583,7 @@ _D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC = range(4)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
 _PWC_TAG = np.int64(1 << 47)                 # marks PDE-cache keys in the shared table (vpn < 2**35)
 _HIT, _MISS, _MISS_EVICT = 1, 0, 2
+_NO_PAGES = np.zeros(0, dtype=np.int64)      # _invalidate_kernel: no page filter
 HASH_SPREAD = 8                              # hash buckets per possible entry (load factor <= 1/8)
 
 
@@ -643,18 +644,16 @@ class TlbSimulator(_TlbModel):
                          self._l1_for, self._l2_for, self._index(self.pwc), self._walk_refs,
                          self.dev_stats, self.sim_stats, self._last_key)
 
-    def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool) -> int:
+    def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool,
+                    starts: np.ndarray = _NO_PAGES) -> int:
         skip = self._index(self.pwc) if not with_pwc else -1
-        removed = _invalidate_kernel(*self._state(), self.dev_stats, asid, start, end, skip)
+        removed = _invalidate_kernel(*self._state(), self.dev_stats, asid, start, end, starts, skip)
         self._last_key[:] = EMPTY            # the fast path must look again
         return removed
 
     def _invalidate_pages(self, asid: int, vpns: np.ndarray) -> int:
         # Optimization: one pass over the TLBs for a sorted set of pages.
-        removed = _invalidate_pages_kernel(*self._state(), self.dev_stats, asid, vpns << PAGE_SHIFT_4K,
-                                           self._index(self.pwc))
-        self._last_key[:] = EMPTY
-        return removed
+        return self._invalidate(asid, 0, USER_VA_LIMIT, False, vpns << PAGE_SHIFT_4K)
 
     def contents(self, level: str) -> list[tuple[int, int, int]]:
         """The valid entries of one level as (asid, vaddr, size), most recently used first per set."""
@@ -937,8 +936,9 @@ def _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, 
 
 @njit(cache=True, _nrt=False)
 def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                       dev_stats, asid, start, end, skip_dev):
-    """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end)."""
+                       dev_stats, asid, start, end, starts, skip_dev):
+    """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end) and, unless
+    ``starts`` is empty, holds one of the sorted 4 KiB page addresses ``starts``."""
     total = 0
     for d in range(dev.shape[0]):
         if d == skip_dev:
@@ -958,37 +958,10 @@ def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent
                 lo = ((key >> 1) & 0x7FFFFFFFF) << shift     # 35-bit vpn (drops the PDE-cache tag)
                 if lo >= end or lo + (1 << shift) <= start:
                     continue
-                _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, setb + s, x, e)
-                n += 1
-        dev_stats[d, 3] += n
-        total += n
-    return total
-
-
-@njit(cache=True, _nrt=False)
-def _invalidate_pages_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                             dev_stats, asid, starts, skip_dev):
-    """Drop every entry of ``asid`` whose page holds one of the sorted 4 KiB page addresses ``starts``."""
-    total = 0
-    for d in range(dev.shape[0]):
-        if d == skip_dev:
-            continue
-        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
-        n = 0
-        for s in range(nsets):
-            first = base + s * assoc
-            for x in range(first, first + assoc):
-                e = slot_ent[x]
-                if e < 0:
-                    continue
-                key = ent_key[e]
-                if (key >> 48) != asid:
-                    continue
-                shift = 21 if key & 1 else 12
-                lo = ((key >> 1) & 0x7FFFFFFFF) << shift
-                i = np.searchsorted(starts, lo)
-                if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
-                    continue
+                if starts.shape[0]:
+                    i = np.searchsorted(starts, lo)
+                    if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
+                        continue
                 _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, setb + s, x, e)
                 n += 1
         dev_stats[d, 3] += n

@@ -178,9 +178,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
     """
     pt = mm.pt
     f = k.folios
-    for s in pt.slots_in(start, end):
-        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
-        lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
+    for s, base, lo, hi in pt.spans_in(start, end):
         if pt.pmd_kind[s] == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
             if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
@@ -231,9 +229,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
     pt = mm.pt
     f = k.folios
     picked: list[int] = []
-    for s in pt.slots_in(start, end):
-        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
-        lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
+    for s, base, lo, hi in pt.spans_in(start, end):
         if pt.pmd_kind[s] == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
             if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constants import (
-    HPAGE_PMD_SHIFT, PAGE_SHIFT, PTRS_PER_PTE, VM_FLAG_MNEMONICS, VM_READ, VM_WRITE,
+    HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PAGE_SHIFT, PTRS_PER_PTE, VM_FLAG_MNEMONICS, VM_READ, VM_WRITE,
     VM_EXEC, VM_MAYREAD, VM_MAYWRITE, VM_MAYEXEC,
 )
 
@@ -195,6 +195,12 @@ class PageTables:
             out = sorted((i, s) for i, s in self.slot_of.items() if lo <= i <= hi)
             out = [s for _, s in out]
         return out
+
+    def spans_in(self, start: int, end: int):
+        """For each slot of slots_in(): (slot, block start, the part [lo, hi) of [start, end) in its block)."""
+        for s in self.slots_in(start, end):
+            base = int(self.pmd_index[s]) * HPAGE_PMD_SIZE
+            yield s, base, max(start, base), min(end, base + HPAGE_PMD_SIZE)
 
     # -- PTE tables -----------------------------------------------------------------
     def alloc_row(self) -> int:

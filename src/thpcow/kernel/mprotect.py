@@ -31,9 +31,7 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
     pt = mm.pt
     writable = bool(vma.flags & VM_WRITE)
     k.flush_tlb_range(mm, start, end)
-    for s in pt.slots_in(start, end):
-        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
-        lo, hi = max(start, base), min(end, base + HPAGE_PMD_SIZE)
+    for s, base, lo, hi in pt.spans_in(start, end):
         if pt.pmd_kind[s] == PMD_LEAF and (lo != base or hi != base + HPAGE_PMD_SIZE):
             hm.split_huge_pmd(k, mm, vma, s)
         if pt.pmd_kind[s] == PMD_LEAF:

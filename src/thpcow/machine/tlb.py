@@ -578,26 +578,45 @@ class _TlbModel:
 
 
 # -- the numba engine ---------------------------------------------------------------------------
-# Device table columns.
-_D_SLOT_BASE, _D_SET_BASE, _D_NSETS, _D_ASSOC = range(4)
+# Device table columns and kinds.
+_D_KIND, _D_BASE, _D_NSETS, _D_ASSOC, _D_WBITS, _D_HBASE, _D_HBITS, _D_QBASE, _D_QSIZE = range(9)
+_SET_ASSOC, _FULLY_ASSOC = 0, 1
+# Per-device state columns: the stamp clock, the queue's head and tail, hash buckets in use, the
+# next stamp given to an invalidated way of a fully associative device (counts down from -entries).
+_S_CLOCK, _S_QHEAD, _S_QTAIL, _S_HUSED, _S_LOW = range(5)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
-_PWC_TAG = np.int64(1 << 47)                 # marks PDE-cache keys in the shared table (vpn < 2**35)
-_HIT, _MISS, _MISS_EVICT = 1, 0, 2
 _NO_PAGES = np.zeros(0, dtype=np.int64)      # _invalidate_kernel: no page filter
-HASH_SPREAD = 8                              # hash buckets per possible entry (load factor <= 1/8)
+CHUNK = 256                                  # accesses per pipeline step of the hot loop
+_KEY_ASID = ~np.int64((1 << ASID_SHIFT) - 1)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
 
 
 class TlbSimulator(_TlbModel):
     """Model of drcachesim's ``tlb_simulator_t`` for one core, with a numba-compiled hot loop.
 
-    Storage: every device's ways are slots of flat arrays.  A set keeps its
-    slots on a doubly linked LRU list (head = most recent; invalid slots at
-    the tail), so a hit is a move to the head and a fill takes the tail.  One
-    *entry* per key present in any level records its slot in every level, and
-    one open-addressing hash table (linear probing, backward-shift deletion,
-    load factor at most 1/8) maps keys to entries: an access costs one hash
-    probe whatever the levels' associativity.  An entry is freed when its key
-    has left every level.
+    Storage: every device's ways are slots of two flat arrays, the key held
+    (or EMPTY) and an LRU stamp.  A set-associative device (more than one
+    set) finds a key by comparing the whole set at once (a vector compare)
+    and its LRU way as the smallest stamp; a stamp is the device's access
+    clock shifted left, with the way number in the low bits, so an invalid
+    way (clock 0) is always taken before a valid one.  A fully associative
+    device (one set: an L1 of 48-96 entries, a PDE cache) would make that
+    scan a chain of stores and wide loads over the same lines, so it keeps
+    an open-addressing hash from key to slot (stale buckets, whose slot now
+    holds another key, are dropped by a rebuild every few hundred misses)
+    and its LRU order as a queue of (stamp, slot) records in touch order: a
+    record is live while its slot still carries that stamp, and the LRU way
+    is the slot of the first live record.
+
+    The hot loop is a pipeline over blocks of :data:`CHUNK` accesses: the
+    block's keys through the L1(s), the L1 misses in order through the L2,
+    the L2 misses through the page walk and the PDE cache.  The levels are
+    independent LRU structures and each sees its own accesses in stream
+    order, so the counts are those of the access-at-a-time reference
+    engine; a block pass has few unpredictable branches.
     """
 
     engine = "numba"
@@ -606,26 +625,30 @@ class TlbSimulator(_TlbModel):
                  pwc: WalkCache | None = None) -> None:
         super().__init__(knobs, l1=l1, pwc=pwc)
         ndev = len(self.devices)
-        dev = np.zeros((ndev, 4), dtype=np.int64)
-        slot = setb = 0
+        dev = np.zeros((ndev, 9), dtype=np.int64)
+        slot = hbase = qbase = 0
         for i, d in enumerate(self.devices):
-            dev[i] = (slot, setb, d.nsets, d.assoc)
+            if d.nsets > 1:
+                dev[i] = (_SET_ASSOC, slot, d.nsets, d.assoc, max(1, (d.assoc - 1).bit_length()), 0, 0, 0, 0)
+            else:
+                # Hash: load factor <= 1/4 before a rebuild, and at least entries + CHUNK inserts between
+                # rebuilds.  Queue: room for every live record plus two blocks of touches.
+                hsize = _pow2_at_least(8 * (d.entries + CHUNK))
+                qsize = _pow2_at_least(2 * (d.entries + CHUNK))
+                dev[i] = (_FULLY_ASSOC, slot, 1, d.entries, max(1, (d.entries - 1).bit_length()),
+                          hbase, hsize.bit_length() - 1, qbase, qsize)
+                hbase += hsize
+                qbase += qsize
             slot += d.entries
-            setb += d.nsets
         self._dev = dev
-        nent = slot + 2                      # a new entry exists before its fill frees a victim's
-        self._bits = max(4, int(np.ceil(np.log2(nent * HASH_SPREAD))))
-        self._htab = np.full(2 << self._bits, EMPTY, dtype=np.int64)   # (key, entry) pairs
-        self._ent_key = np.full(nent, EMPTY, dtype=np.int64)
-        self._ent_slot = np.full((nent, ndev), -1, dtype=np.int32)
-        self._free = np.arange(nent - 1, -1, -1, dtype=np.int32)         # a stack of free entries
-        self._nfree = np.array([nent], dtype=np.int64)
-        self._slot_ent = np.full(slot, -1, dtype=np.int32)
-        self._prv = np.empty(slot, dtype=np.int32)
-        self._nxt = np.empty(slot, dtype=np.int32)
-        self._head = np.empty(setb, dtype=np.int32)
-        self._tail = np.empty(setb, dtype=np.int32)
-        _init_lists(dev, self._prv, self._nxt, self._head, self._tail)
+        self._tag = np.full(slot, EMPTY, dtype=np.int64)
+        self._stamp = np.zeros(slot, dtype=np.int64)
+        self._hk = np.full(max(1, hbase), EMPTY, dtype=np.int64)
+        self._hv = np.zeros(max(1, hbase), dtype=np.int32)
+        self._q = np.zeros(max(1, qbase), dtype=np.int64)
+        self._dst = np.zeros((ndev, 5), dtype=np.int64)
+        _init_devices(dev, self._stamp, self._q, self._dst)
+        self._buf = np.zeros((7, CHUNK + 1), dtype=np.int64)
         self._last_key = np.full(ndev, EMPTY, dtype=np.int64)
         self._l1_for = np.array([self._index(d) for d in self.l1_for], dtype=np.int64)
         self._l2_for = np.array([self._index(d) for d in self.l2_for], dtype=np.int64)
@@ -634,15 +657,14 @@ class TlbSimulator(_TlbModel):
                                    dtype=np.int64)
 
     def _state(self):
-        return (self._dev, self._htab, self._bits, self._ent_key, self._ent_slot, self._free, self._nfree,
-                self._slot_ent, self._prv, self._nxt, self._head, self._tail)
+        return self._dev, self._dst, self._tag, self._stamp, self._hk, self._hv, self._q
 
     def _simulate_chunk(self, acc: _Accesses) -> None:
         ps_step = 0 if len(acc.page_shift) == 1 and acc.n != 1 else 1
         asid_step = 0 if len(acc.asid) == 1 and acc.n != 1 else 1
         _simulate_kernel(acc.vaddr, acc.page_shift, ps_step, acc.asid, asid_step, *self._state(),
                          self._l1_for, self._l2_for, self._index(self.pwc), self._walk_refs,
-                         self.dev_stats, self.sim_stats, self._last_key)
+                         self.dev_stats, self.sim_stats, self._last_key, self._buf)
 
     def _invalidate(self, asid: int, start: int, end: int, with_pwc: bool,
                     starts: np.ndarray = _NO_PAGES) -> int:
@@ -658,15 +680,14 @@ class TlbSimulator(_TlbModel):
     def contents(self, level: str) -> list[tuple[int, int, int]]:
         """The valid entries of one level as (asid, vaddr, size), most recently used first per set."""
         d = self._index(self.levels[level])
-        setb, nsets = int(self._dev[d, _D_SET_BASE]), int(self._dev[d, _D_NSETS])
+        base, nsets, assoc = (int(x) for x in self._dev[d, [_D_BASE, _D_NSETS, _D_ASSOC]])
         out = []
-        for s in range(setb, setb + nsets):
-            x = int(self._head[s])
-            while x >= 0:
-                e = int(self._slot_ent[x])
-                if e >= 0:
-                    out.append(_decode(int(self._ent_key[e]) & ~int(_PWC_TAG)))
-                x = int(self._nxt[x])
+        for s in range(nsets):
+            tags = self._tag[base + s * assoc: base + (s + 1) * assoc]
+            stamps = self._stamp[base + s * assoc: base + (s + 1) * assoc]
+            for w in np.argsort(-stamps, kind="stable"):
+                if tags[w] != EMPTY:
+                    out.append(_decode(int(tags[w])))
         return out
 
 
@@ -678,232 +699,328 @@ def _decode(key: int) -> tuple[int, int, int]:
 
 
 @njit(cache=True, _nrt=False)
-def _init_lists(dev, prv, nxt, head, tail):
-    """Chain every set's slots, all invalid, lowest slot at the head."""
+def _init_devices(dev, stamp, q, dst):
+    """Every way invalid.  Set-associative: stamp = way number (clock 0).  Fully associative:
+    slot x gets stamp x - entries and its queue record, oldest first."""
     for d in range(dev.shape[0]):
-        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
-        for s in range(nsets):
-            first = base + s * assoc
-            for w in range(assoc):
-                x = first + w
-                prv[x] = x - 1 if w > 0 else -1
-                nxt[x] = x + 1 if w < assoc - 1 else -1
-            head[setb + s] = first
-            tail[setb + s] = first + assoc - 1
+        base, assoc, wbits = dev[d, _D_BASE], dev[d, _D_ASSOC], dev[d, _D_WBITS]
+        n = dev[d, _D_NSETS] * assoc
+        if dev[d, _D_KIND] == _SET_ASSOC:
+            for x in range(n):
+                stamp[base + x] = x % assoc
+        else:
+            for x in range(n):
+                stamp[base + x] = x - n
+                q[dev[d, _D_QBASE] + x] = ((x - n) << wbits) | x
+            dst[d, _S_QHEAD] = 0
+            dst[d, _S_QTAIL] = n
+            dst[d, _S_LOW] = -n - 1
 
 
 @njit(cache=True, inline="always", _nrt=False)
 def _home(key, bits):
-    return ((key * _GOLD) >> (64 - bits)) & ((1 << bits) - 1)
+    return np.uint64(((key * _GOLD) >> (64 - bits)) & ((1 << bits) - 1))
+
+
+@njit(cache=True, _nrt=False)
+def _fa_rebuild(tag, hk, hv, bits):
+    """Rebuild a fully associative device's hash from its slots (drops the stale buckets)."""
+    m = np.uint64((1 << bits) - 1)
+    for p in range(hk.shape[0]):
+        hk[p] = EMPTY
+    n = 0
+    for x in range(tag.shape[0]):
+        k = tag[x]
+        if k != EMPTY:
+            p = _home(k, bits)
+            while hk[p] != EMPTY:
+                p = (p + np.uint64(1)) & m
+            hk[p] = k
+            hv[p] = x
+            n += 1
+    return n
+
+
+@njit(cache=True, _nrt=False)
+def _fa_compact(stamp, q, dst, d, wbits):
+    """Drop the dead records of a fully associative device's LRU queue (the live ones keep their order)."""
+    qm = np.uint64(q.shape[0] - 1)
+    wm = (1 << wbits) - 1
+    w = dst[d, _S_QHEAD]
+    for r in range(dst[d, _S_QHEAD], dst[d, _S_QTAIL]):
+        rec = q[np.uint64(r) & qm]
+        if stamp[rec & wm] == rec >> wbits:
+            q[np.uint64(w) & qm] = rec
+            w += 1
+    dst[d, _S_QTAIL] = w
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _hash_delete(htab, bits, key):
-    """Linear-probing deletion by backward shift (no tombstones)."""
-    m = (1 << bits) - 1
-    i = _home(key, bits)
-    while htab[2 * i] != key:
-        i = (i + 1) & m
-    j = i
-    while True:
-        j = (j + 1) & m
-        k = htab[2 * j]
-        if k == EMPTY:
-            break
-        h = _home(k, bits)
-        # The entry at j may move back to i unless its home lies cyclically in (i, j].
-        if (i < j and (h <= i or h > j)) or (j < i and h <= i and h > j):
-            htab[2 * i] = k
-            htab[2 * i + 1] = htab[2 * j + 1]
-            i = j
-    htab[2 * i] = EMPTY
+def _fa_open(dev, dst, tag, stamp, hk, hv, q, d, n):
+    """A fully associative device's arrays, with room made for n more queue records and buckets."""
+    base, nent, wbits = dev[d, _D_BASE], dev[d, _D_ASSOC], dev[d, _D_WBITS]
+    hb, bits, qb, qsize = dev[d, _D_HBASE], dev[d, _D_HBITS], dev[d, _D_QBASE], dev[d, _D_QSIZE]
+    tg = tag[base:base + nent]
+    sp = stamp[base:base + nent]
+    h_k = hk[hb:hb + (1 << bits)]
+    h_v = hv[hb:hb + (1 << bits)]
+    qq = q[qb:qb + qsize]
+    if dst[d, _S_QTAIL] - dst[d, _S_QHEAD] + n > qsize:
+        _fa_compact(sp, qq, dst, d, wbits)
+    if dst[d, _S_HUSED] + n > (1 << bits) // 4:
+        dst[d, _S_HUSED] = _fa_rebuild(tg, h_k, h_v, bits)
+    return tg, sp, h_k, h_v, qq, bits, wbits
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _entry_of(htab, bits, ent_key, free, nfree, key):
-    """The entry of ``key``, created (in no level yet) if the key is in no level."""
-    m = (1 << bits) - 1
-    h = _home(key, bits)
-    while True:
-        k = htab[2 * h]
-        if k == key:
-            return htab[2 * h + 1]
-        if k == EMPTY:
-            break
-        h = (h + 1) & m
-    nfree[0] -= 1
-    e = free[nfree[0]]
-    ent_key[e] = key
-    htab[2 * h] = key
-    htab[2 * h + 1] = e
-    return e
+def _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
+    """Model of ``tlb_t::request()`` at a fully associative device, stamp ``t``, queue [qh, qt).
+
+    Returns (miss, a valid entry was evicted, a new hash bucket was taken, new qh);
+    the caller advances ``t`` and ``qt`` by one.
+    """
+    m = np.uint64((1 << bits) - 1)
+    p = _home(key, bits)
+    k = h_k[p]
+    while k != key and k != EMPTY:
+        p = (p + np.uint64(1)) & m
+        k = h_k[p]
+    xh = np.uint64(h_v[p])
+    hit = np.int64((k == key) & (tg[xh] == key))
+    # The LRU way: the slot of the first live record (every slot has exactly one).
+    qm = np.uint64(qq.shape[0] - 1)
+    wm = (1 << wbits) - 1
+    rec = qq[np.uint64(qh) & qm]
+    xv = np.uint64(rec & wm)
+    while sp[xv] != rec >> wbits:
+        qh += 1
+        rec = qq[np.uint64(qh) & qm]
+        xv = np.uint64(rec & wm)
+    x = xh if hit else xv
+    miss = 1 - hit
+    evict = miss & np.int64(tg[xv] != EMPTY)
+    h_k[p] = key                   # a hit rewrites what is there; a miss takes an empty bucket
+    h_v[p] = np.int32(x)           # or the key's own stale one
+    tg[x] = key
+    sp[x] = t
+    qq[np.uint64(qt) & qm] = (t << wbits) | np.int64(x)
+    return miss, evict, np.int64(k == EMPTY), qh + miss
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _release(htab, bits, ent_key, ent_slot, free, nfree, e):
-    """Free entry ``e`` if its key has left every level."""
-    for d in range(ent_slot.shape[1]):
-        if ent_slot[e, d] >= 0:
-            return
-    _hash_delete(htab, bits, ent_key[e])
-    ent_key[e] = EMPTY
-    free[nfree[0]] = e
-    nfree[0] += 1
+@njit(cache=True, _nrt=False)
+def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats):
+    """Model of ``tlb_t::request()`` for a block of keys at a fully associative device.
+
+    Writes the missing keys in order to ``out`` and 1 (miss) / 0 (hit) to
+    ``flags``; returns the number of misses.
+    """
+    tg, sp, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, q, d, n)
+    t, qh, qt, hused = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED]
+    nm = ev = 0
+    for i in range(n):
+        key = keys[i]
+        t += 1
+        miss, evict, newb, qh = _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
+        qt += 1
+        ev += evict
+        hused += newb
+        flags[i] = miss
+        out[np.uint64(nm)] = key
+        nm += miss
+    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED] = t, qh, qt, hused
+    dev_stats[d, 0] += n - nm
+    dev_stats[d, 1] += nm
+    dev_stats[d, 2] += ev
+    return nm
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _unlink(prv, nxt, head, tail, s, x):
-    p = prv[x]
-    q = nxt[x]
-    if p >= 0:
-        nxt[p] = q
-    else:
-        head[s] = q
-    if q >= 0:
-        prv[q] = p
-    else:
-        tail[s] = p
+@njit(cache=True, _nrt=False)
+def _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last, dev, dst, tag, stamp, hk, hv,
+                    q, d, out, dev_stats):
+    """Decode accesses [lo, hi) and run them through a unified, fully associative L1 (as _fa_pass).
+
+    Returns (misses, the last key, repeats of the last key).  A repeat is an
+    L1 hit with no LRU change (drcachesim's "check last tag and pid").
+    """
+    tg, sp, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, q, d, hi - lo)
+    t, qh, qt, hused = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED]
+    nm = ev = fast = 0
+    for i in range(lo, hi):
+        big = np.int64(page_shift[i * ps_step] == 21)
+        vpn = np.int64(vaddr[i]) >> (12 + 9 * big)
+        key = (asid[i * asid_step] << ASID_SHIFT) | (vpn << 1) | big
+        if key == last:
+            fast += 1
+            continue
+        last = key
+        t += 1
+        miss, evict, newb, qh = _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
+        qt += 1
+        ev += evict
+        hused += newb
+        out[np.uint64(nm)] = key
+        nm += miss
+    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED] = t, qh, qt, hused
+    dev_stats[d, 0] += hi - lo - nm
+    dev_stats[d, 1] += nm
+    dev_stats[d, 2] += ev
+    return nm, last
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _to_head(prv, nxt, head, tail, s, x):
-    if head[s] == x:
-        return
-    _unlink(prv, nxt, head, tail, s, x)
-    prv[x] = -1
-    nxt[x] = head[s]
-    prv[head[s]] = x
-    head[s] = x
+@njit(cache=True, _nrt=False)
+def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats):
+    """Model of ``tlb_t::request()`` for a block of keys at a set-associative device (see _fa_pass)."""
+    base, nsets, assoc, wbits = dev[d, _D_BASE], dev[d, _D_NSETS], dev[d, _D_ASSOC], dev[d, _D_WBITS]
+    t = dst[d, _S_CLOCK]
+    sm = nsets - 1
+    wm = (1 << wbits) - 1
+    nm = 0
+    ev = 0
+    for i in range(n):
+        key = keys[i]
+        b = np.uint64(base + (((key >> 1) & _VPN_MASK) & sm) * assoc)
+        tg = tag[b:b + np.uint64(assoc)]
+        sv = stamp[b:b + np.uint64(assoc)]
+        r = -1
+        lru = sv[0]
+        for w in range(tg.shape[0]):
+            r = max(r, w if tg[w] == key else -1)
+            lru = min(lru, sv[w])
+        hit = r >= 0
+        w = np.uint64(r) if hit else np.uint64(lru & wm)
+        miss = 1 - np.int64(hit)
+        ev += miss & np.int64(tg[w] != EMPTY)
+        t += 1
+        tg[w] = key
+        sv[w] = (t << wbits) | np.int64(w)
+        flags[i] = miss
+        out[np.uint64(nm)] = key
+        nm += miss
+    dst[d, _S_CLOCK] = t
+    dev_stats[d, 0] += n - nm
+    dev_stats[d, 1] += nm
+    dev_stats[d, 2] += ev
+    return nm
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _to_tail(prv, nxt, head, tail, s, x):
-    if tail[s] == x:
-        return
-    _unlink(prv, nxt, head, tail, s, x)
-    nxt[x] = -1
-    prv[x] = tail[s]
-    nxt[tail[s]] = x
-    tail[s] = x
+@njit(cache=True, _nrt=False)
+def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats):
+    if dev[d, _D_KIND] == _FULLY_ASSOC:
+        return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats)
+    return _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats)
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, e, idx):
-    """Model of ``tlb_t::request()`` at one level: a hit moves to the head, a miss fills the LRU way."""
-    s = dev[d, 1] + (idx & (dev[d, 2] - 1))
-    x = ent_slot[e, d]
-    if x >= 0:
-        _to_head(prv, nxt, head, tail, s, x)
-        return _HIT
-    x = tail[s]
-    old = slot_ent[x]
-    ret = _MISS
-    slot_ent[x] = e
-    ent_slot[e, d] = x
-    if old >= 0:
-        ret = _MISS_EVICT
-        ent_slot[old, d] = -1
-        _release(htab, bits, ent_key, ent_slot, free, nfree, old)
-    _to_head(prv, nxt, head, tail, s, x)
-    return ret
+@njit(cache=True, _nrt=False)
+def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last2m, split, dev, dst, tag,
+               stamp, hk, hv, q, d4, d2m, buf, dev_stats):
+    """Decode accesses [lo, hi) and run them through the L1(s); the misses go to ``buf[3]`` in order.
+
+    Returns (misses, last 4 KiB key, last 2 MiB key).  A repeat of an L1's last
+    key is a hit with no LRU change (drcachesim's "check last tag and pid").
+    With split L1s each device sees only its own keys, and the misses of the
+    two are merged back in stream order.
+    """
+    k4, k2, order, m1, m2, f4, f2 = buf[0], buf[1], buf[2], buf[3], buf[4], buf[5], buf[6]
+    n = n4 = n2 = fast4 = fast2 = 0
+    for i in range(lo, hi):
+        big = np.int64(page_shift[i * ps_step] == 21)
+        vpn = np.int64(vaddr[i]) >> (12 + 9 * big)
+        key = (asid[i * asid_step] << ASID_SHIFT) | (vpn << 1) | big
+        if key == (last2m if big else last4k):
+            fast2 += big
+            fast4 += 1 - big
+            continue
+        if split:
+            last2m = key if big else last2m
+            last4k = last4k if big else key
+        else:
+            last4k = last2m = key
+        k4[np.uint64(n4)] = key
+        k2[np.uint64(n2)] = key
+        order[np.uint64(n)] = big
+        n4 += 1 - big if split else 1
+        n2 += big if split else 0
+        n += 1
+    dev_stats[d4, 0] += fast4
+    dev_stats[d2m, 0] += fast2
+    if not split:
+        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m1, f4, dev_stats), last4k, last2m
+    _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m2, f4, dev_stats)
+    _level_pass(k2, n2, dev, dst, tag, stamp, hk, hv, q, d2m, m2, f2, dev_stats)
+    i4 = i2 = nm = 0
+    for j in range(n):
+        big = order[j]
+        m1[np.uint64(nm)] = k2[i2] if big else k4[i4]
+        nm += f2[i2] if big else f4[i4]
+        i2 += big
+        i4 += 1 - big
+    return nm, last4k, last2m
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, htab, bits, ent_key, ent_slot, free,
-                     nfree, slot_ent, prv, nxt, head, tail, l1_for, l2_for, pwc, walk_refs, dev_stats,
-                     sim_stats, last_key):
-    """The hot loop: every access through L1, L2 and the page walk (see the module docstring).
+def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag, stamp, hk, hv, q,
+                     l1_for, l2_for, pwc, walk_refs, dev_stats, sim_stats, last_key, buf):
+    """The hot loop: blocks of accesses through L1, L2 and the page walk (see TlbSimulator).
 
-    NOTE: the counters are kept in locals and added to the stats arrays at the
-    end, for performance (a counter in memory is a store-to-load chain).
+    ``buf`` rows: 0 the block's keys (its 4 KiB keys when the L1s are split),
+    1 the 2 MiB keys of split L1s, 2 the page size of each key in order (split
+    L1s), 3 and 4 the misses of one level and of the next, 5 and 6 miss flags.
     """
-    l1_hit0 = l1_hit1 = l1_miss0 = l1_miss1 = l1_evict0 = l1_evict1 = 0
-    l2_hit = l2_miss = l2_evict = pwc_hit = pwc_miss = pwc_evict = 0
+    k4, m1, m2, f4 = buf[0], buf[3], buf[4], buf[5]
+    d4, d2m = l1_for[0], l1_for[1]
+    split = d4 != d2m
+    last4k, last2m = last_key[d4], last_key[d2m]
     walks_pmd = walks_pte_hit = walks_pte_miss = 0
-    last4k = last_key[l1_for[0]]
-    last2m = last_key[l1_for[1]]
-    shared_l1 = l1_for[0] == l1_for[1]
-    for i in range(vaddr.shape[0]):
-        v = np.int64(vaddr[i])
-        big = 1 if page_shift[i * ps_step] == 21 else 0
-        vpn = v >> (21 if big else 12)
-        a = asid[i * asid_step]
-        key = (a << 48) | (vpn << 1) | big
-        # Optimization: the last key of an L1 is its most recent entry (drcachesim's
-        # "check last tag and pid"); a repeat needs no lookup and no LRU update.
-        if big:
-            if key == last2m:
-                l1_hit1 += 1
-                continue
-            last2m = key
-            if shared_l1:
-                last4k = key
+    l2 = l2_for[0] if l2_for[0] >= 0 else l2_for[1]
+    l2_both = l2_for[0] >= 0 and l2_for[1] >= 0
+    total = vaddr.shape[0]
+    fused = not split and dev[d4, _D_KIND] == _FULLY_ASSOC
+    for lo in range(0, total, CHUNK):
+        hi = min(total, lo + CHUNK)
+        if fused:
+            nm, last4k = _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, dev, dst,
+                                         tag, stamp, hk, hv, q, d4, m1, dev_stats)
+            last2m = last4k
         else:
-            if key == last4k:
-                l1_hit0 += 1
-                continue
-            last4k = key
-            if shared_l1:
-                last2m = key
-        e = _entry_of(htab, bits, ent_key, free, nfree, key)
-        r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                     l1_for[big], e, vpn)
-        if r == _HIT:
-            if big:
-                l1_hit1 += 1
-            else:
-                l1_hit0 += 1
+            nm, last4k, last2m = _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k,
+                                            last2m, split, dev, dst, tag, stamp, hk, hv, q, d4, d2m, buf,
+                                            dev_stats)
+        if nm == 0:
             continue
-        if big:
-            l1_miss1 += 1
-            l1_evict1 += r == _MISS_EVICT
+        # L2: the L1 misses of the sizes it serves, in order; the others go to the walk.
+        if l2 >= 0 and l2_both:
+            nw = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, q, l2, m2, f4, dev_stats)
+        elif l2 >= 0:
+            served = 0 if l2_for[0] >= 0 else 1
+            nk = nw = 0
+            for j in range(nm):
+                key = m1[j]
+                mine = np.int64((key & 1) == served)
+                k4[np.uint64(nk)] = key
+                nk += mine
+                m2[np.uint64(nw)] = key
+                nw += 1 - mine
+            nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, q, l2, m2[nw:], f4, dev_stats)
         else:
-            l1_miss0 += 1
-            l1_evict0 += r == _MISS_EVICT
-        d2 = l2_for[big]
-        if d2 >= 0:
-            r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                         d2, e, vpn)
-            if r == _HIT:
-                l2_hit += 1
-                continue
-            l2_miss += 1
-            l2_evict += r == _MISS_EVICT
-        if big:
-            walks_pmd += 1
-        elif pwc >= 0:
-            region = v >> 21
-            pe = _entry_of(htab, bits, ent_key, free, nfree, (a << 48) | _PWC_TAG | (region << 1) | 1)
-            r = _request(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                         pwc, pe, region)
-            if r == _HIT:
-                pwc_hit += 1
-                walks_pte_hit += 1
-            else:
-                pwc_miss += 1
-                pwc_evict += r == _MISS_EVICT
-                walks_pte_miss += 1
+            nw = nm
+            for j in range(nm):
+                m2[j] = m1[j]
+        # Page walks: a 2 MiB miss ends at the PMD; a 4 KiB one looks up its region in the PDE cache.
+        np_ = 0
+        for j in range(nw):
+            key = m2[j]
+            big = key & 1
+            walks_pmd += big
+            m1[np.uint64(np_)] = (key & _KEY_ASID) | ((((key >> 1) & _VPN_MASK) >> 9) << 1) | 1
+            np_ += 1 - big
+        if pwc >= 0 and np_:
+            misses = _level_pass(m1, np_, dev, dst, tag, stamp, hk, hv, q, pwc, m2, f4, dev_stats)
+            walks_pte_hit += np_ - misses
+            walks_pte_miss += misses
         else:
-            walks_pte_miss += 1
-    last_key[l1_for[0]] = last4k          # with one shared L1, last4k == last2m
-    last_key[l1_for[1]] = last2m
-    d0 = l1_for[0]
-    d1 = l1_for[1]
-    dev_stats[d0, 0] += l1_hit0
-    dev_stats[d0, 1] += l1_miss0
-    dev_stats[d0, 2] += l1_evict0
-    dev_stats[d1, 0] += l1_hit1
-    dev_stats[d1, 1] += l1_miss1
-    dev_stats[d1, 2] += l1_evict1
-    d2 = l2_for[0] if l2_for[0] >= 0 else l2_for[1]
-    if d2 >= 0:
-        dev_stats[d2, 0] += l2_hit
-        dev_stats[d2, 1] += l2_miss
-        dev_stats[d2, 2] += l2_evict
-    if pwc >= 0:
-        dev_stats[pwc, 0] += pwc_hit
-        dev_stats[pwc, 1] += pwc_miss
-        dev_stats[pwc, 2] += pwc_evict
+            walks_pte_miss += np_
+    last_key[d4] = last4k
+    last_key[d2m] = last2m
     sim_stats[3] += walks_pmd
     sim_stats[4] += walks_pte_hit
     sim_stats[5] += walks_pte_miss
@@ -913,57 +1030,75 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, htab, bit
 @njit(cache=True, nogil=True, _nrt=False)
 def _check_kernel(vaddr, page_shift, asid):
     """First bad access: (index, 0 address / 1 page size / 2 asid), or (-1, -1)."""
+    # Optimization: branch-free reductions first (they vectorize); the index only when one is bad.
+    top = np.uint64(0)
     for i in range(vaddr.shape[0]):
-        if vaddr[i] >= np.uint64(1 << 47):
-            return i, 0
+        top = max(top, vaddr[i])
+    if top >= np.uint64(1 << 47):
+        for i in range(vaddr.shape[0]):
+            if vaddr[i] >= np.uint64(1 << 47):
+                return i, 0
+    bad = 0
     for i in range(page_shift.shape[0]):
-        if page_shift[i] != 12 and page_shift[i] != 21:
-            return i, 1
+        bad |= (page_shift[i] != 12) & (page_shift[i] != 21)
+    if bad:
+        for i in range(page_shift.shape[0]):
+            if page_shift[i] != 12 and page_shift[i] != 21:
+                return i, 1
+    lo = hi = asid[0] if asid.shape[0] else 0
     for i in range(asid.shape[0]):
-        if asid[i] < 0 or asid[i] >= (1 << 15):
-            return i, 2
+        lo = min(lo, asid[i])
+        hi = max(hi, asid[i])
+    if lo < 0 or hi >= (1 << 15):
+        for i in range(asid.shape[0]):
+            if asid[i] < 0 or asid[i] >= (1 << 15):
+                return i, 2
     return -1, -1
 
 
-@njit(cache=True, inline="always", _nrt=False)
-def _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, s, x, e):
-    """Invalidate way ``x`` of set ``s`` at level ``d`` (entry ``e``): free it and make it the LRU way."""
-    slot_ent[x] = -1
-    ent_slot[e, d] = -1
-    _release(htab, bits, ent_key, ent_slot, free, nfree, e)
-    _to_tail(prv, nxt, head, tail, s, x)
+@njit(cache=True, _nrt=False)
+def _fa_drop(dev, dst, stamp, q, d, x):
+    """Make slot ``x`` of a fully associative device (now invalid) its LRU way: a record at the queue's front."""
+    base, nent, wbits, qb, qsize = dev[d, _D_BASE], dev[d, _D_ASSOC], dev[d, _D_WBITS], dev[d, _D_QBASE], dev[d, _D_QSIZE]
+    qq = q[qb:qb + qsize]
+    if dst[d, _S_QTAIL] - dst[d, _S_QHEAD] >= qsize:
+        _fa_compact(stamp[base:base + nent], qq, dst, d, wbits)
+    low = dst[d, _S_LOW]
+    dst[d, _S_LOW] = low - 1
+    stamp[base + x] = low
+    qh = dst[d, _S_QHEAD] - 1
+    dst[d, _S_QHEAD] = qh
+    qq[np.uint64(qh) & np.uint64(qsize - 1)] = (low << wbits) | x
 
 
 @njit(cache=True, _nrt=False)
-def _invalidate_kernel(dev, htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail,
-                       dev_stats, asid, start, end, starts, skip_dev):
+def _invalidate_kernel(dev, dst, tag, stamp, hk, hv, q, dev_stats, asid, start, end, starts, skip_dev):
     """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end) and, unless
     ``starts`` is empty, holds one of the sorted 4 KiB page addresses ``starts``."""
     total = 0
     for d in range(dev.shape[0]):
         if d == skip_dev:
             continue
-        base, setb, nsets, assoc = dev[d, 0], dev[d, 1], dev[d, 2], dev[d, 3]
+        base, assoc = dev[d, _D_BASE], dev[d, _D_ASSOC]
         n = 0
-        for s in range(nsets):
-            first = base + s * assoc
-            for x in range(first, first + assoc):
-                e = slot_ent[x]
-                if e < 0:
+        for x in range(dev[d, _D_NSETS] * assoc):
+            key = tag[base + x]
+            if key == EMPTY or (asid >= 0 and (key >> ASID_SHIFT) != asid):
+                continue
+            shift = 21 if key & 1 else 12
+            lo = ((key >> 1) & _VPN_MASK) << shift
+            if lo >= end or lo + (1 << shift) <= start:
+                continue
+            if starts.shape[0]:
+                i = np.searchsorted(starts, lo)
+                if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
                     continue
-                key = ent_key[e]
-                if asid >= 0 and (key >> 48) != asid:
-                    continue
-                shift = 21 if key & 1 else 12
-                lo = ((key >> 1) & 0x7FFFFFFFF) << shift     # 35-bit vpn (drops the PDE-cache tag)
-                if lo >= end or lo + (1 << shift) <= start:
-                    continue
-                if starts.shape[0]:
-                    i = np.searchsorted(starts, lo)
-                    if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
-                        continue
-                _drop(htab, bits, ent_key, ent_slot, free, nfree, slot_ent, prv, nxt, head, tail, d, setb + s, x, e)
-                n += 1
+            tag[base + x] = EMPTY
+            if dev[d, _D_KIND] == _SET_ASSOC:
+                stamp[base + x] = x % assoc          # clock 0: the set's next victim
+            else:
+                _fa_drop(dev, dst, stamp, q, d, x)
+            n += 1
         dev_stats[d, 3] += n
         total += n
     return total

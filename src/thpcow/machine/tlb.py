@@ -633,7 +633,7 @@ class TlbSimulator(_TlbModel):
             else:
                 # Hash: load factor <= 1/4 before a rebuild, and at least entries + CHUNK inserts between
                 # rebuilds.  Queue: room for every live record plus two blocks of touches.
-                hsize = _pow2_at_least(8 * (d.entries + CHUNK))
+                hsize = _pow2_at_least(4 * (d.entries + CHUNK))
                 qsize = _pow2_at_least(2 * (d.entries + CHUNK))
                 dev[i] = (_FULLY_ASSOC, slot, 1, d.entries, max(1, (d.entries - 1).bit_length()),
                           hbase, hsize.bit_length() - 1, qbase, qsize)
@@ -807,16 +807,30 @@ def _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
     return miss, evict, np.int64(k == EMPTY), qh + miss
 
 
+@njit(cache=True, inline="always", _nrt=False)
+def _pde_key(key):
+    """The PDE-cache key of a 4 KiB key: its 2 MiB region, tagged as a 2 MiB page."""
+    return (key & _KEY_ASID) | ((((key >> 1) & _VPN_MASK) >> 9) << 1) | 1
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _emit(out, nout, key, miss, walk):
+    """Append a missing key to ``out``.  In walk mode only a 4 KiB key goes on, as its PDE-cache key."""
+    out[np.uint64(nout)] = _pde_key(key) if walk else key
+    return nout + ((miss & (1 - (key & 1))) if walk else miss)
+
+
 @njit(cache=True, _nrt=False)
-def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats):
+def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk):
     """Model of ``tlb_t::request()`` for a block of keys at a fully associative device.
 
-    Writes the missing keys in order to ``out`` and 1 (miss) / 0 (hit) to
-    ``flags``; returns the number of misses.
+    Writes 1 (miss) / 0 (hit) to ``flags`` and the missing keys in order to
+    ``out`` (in walk mode: the PDE-cache keys of the 4 KiB ones, see _emit);
+    returns (misses, keys written).
     """
     tg, sp, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, q, d, n)
     t, qh, qt, hused = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED]
-    nm = ev = 0
+    nm = nout = ev = 0
     for i in range(n):
         key = keys[i]
         t += 1
@@ -825,13 +839,13 @@ def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats)
         ev += evict
         hused += newb
         flags[i] = miss
-        out[np.uint64(nm)] = key
         nm += miss
+        nout = _emit(out, nout, key, miss, walk)
     dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED] = t, qh, qt, hused
     dev_stats[d, 0] += n - nm
     dev_stats[d, 1] += nm
     dev_stats[d, 2] += ev
-    return nm
+    return nm, nout
 
 
 @njit(cache=True, _nrt=False)
@@ -868,14 +882,13 @@ def _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last, d
 
 
 @njit(cache=True, _nrt=False)
-def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats):
+def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk):
     """Model of ``tlb_t::request()`` for a block of keys at a set-associative device (see _fa_pass)."""
     base, nsets, assoc, wbits = dev[d, _D_BASE], dev[d, _D_NSETS], dev[d, _D_ASSOC], dev[d, _D_WBITS]
     t = dst[d, _S_CLOCK]
     sm = nsets - 1
     wm = (1 << wbits) - 1
-    nm = 0
-    ev = 0
+    nm = nout = ev = 0
     for i in range(n):
         key = keys[i]
         b = np.uint64(base + (((key >> 1) & _VPN_MASK) & sm) * assoc)
@@ -894,20 +907,21 @@ def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats):
         tg[w] = key
         sv[w] = (t << wbits) | np.int64(w)
         flags[i] = miss
-        out[np.uint64(nm)] = key
         nm += miss
+        nout = _emit(out, nout, key, miss, walk)
     dst[d, _S_CLOCK] = t
     dev_stats[d, 0] += n - nm
     dev_stats[d, 1] += nm
     dev_stats[d, 2] += ev
-    return nm
+    return nm, nout
 
 
-@njit(cache=True, _nrt=False)
-def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats):
+@njit(cache=True, inline="always", _nrt=False)
+def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk=False):
+    """One device over a block of keys: (misses, keys written to ``out``); see _fa_pass."""
     if dev[d, _D_KIND] == _FULLY_ASSOC:
-        return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats)
-    return _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats)
+        return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk)
+    return _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk)
 
 
 @njit(cache=True, _nrt=False)
@@ -944,7 +958,7 @@ def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last
     dev_stats[d4, 0] += fast4
     dev_stats[d2m, 0] += fast2
     if not split:
-        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m1, f4, dev_stats), last4k, last2m
+        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m1, f4, dev_stats)[0], last4k, last2m
     _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m2, f4, dev_stats)
     _level_pass(k2, n2, dev, dst, tag, stamp, hk, hv, q, d2m, m2, f2, dev_stats)
     i4 = i2 = nm = 0
@@ -987,34 +1001,35 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
                                             dev_stats)
         if nm == 0:
             continue
-        # L2: the L1 misses of the sizes it serves, in order; the others go to the walk.
+        # L2, then the page walks: a 2 MiB miss ends at the PMD; a 4 KiB one looks up its region
+        # in the PDE cache.  An L2 that serves both sizes writes the PDE-cache keys itself.
         if l2 >= 0 and l2_both:
-            nw = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, q, l2, m2, f4, dev_stats)
-        elif l2 >= 0:
-            served = 0 if l2_for[0] >= 0 else 1
-            nk = nw = 0
-            for j in range(nm):
-                key = m1[j]
-                mine = np.int64((key & 1) == served)
-                k4[np.uint64(nk)] = key
-                nk += mine
-                m2[np.uint64(nw)] = key
-                nw += 1 - mine
-            nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, q, l2, m2[nw:], f4, dev_stats)
+            nw, np_ = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, q, l2, m2, f4, dev_stats, True)
+            walks_pmd += nw - np_
         else:
-            nw = nm
-            for j in range(nm):
-                m2[j] = m1[j]
-        # Page walks: a 2 MiB miss ends at the PMD; a 4 KiB one looks up its region in the PDE cache.
-        np_ = 0
-        for j in range(nw):
-            key = m2[j]
-            big = key & 1
-            walks_pmd += big
-            m1[np.uint64(np_)] = (key & _KEY_ASID) | ((((key >> 1) & _VPN_MASK) >> 9) << 1) | 1
-            np_ += 1 - big
+            if l2 >= 0:
+                # The L1 misses of the size the L2 serves go through it in order; the others go to the walk.
+                served = 0 if l2_for[0] >= 0 else 1
+                nk = nw = 0
+                for j in range(nm):
+                    key = m1[j]
+                    mine = np.int64((key & 1) == served)
+                    k4[np.uint64(nk)] = key
+                    nk += mine
+                    m2[np.uint64(nw)] = key
+                    nw += 1 - mine
+                nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, q, l2, m2[nw:], f4, dev_stats)[1]
+                src = m2
+            else:
+                nw = nm
+                src = m1
+            np_ = 0
+            for j in range(nw):
+                key = src[j]
+                walks_pmd += key & 1
+                np_ = _emit(m2, np_, key, 1, True)
         if pwc >= 0 and np_:
-            misses = _level_pass(m1, np_, dev, dst, tag, stamp, hk, hv, q, pwc, m2, f4, dev_stats)
+            misses = _level_pass(m2, np_, dev, dst, tag, stamp, hk, hv, q, pwc, m1, f4, dev_stats)[0]
             walks_pte_hit += np_ - misses
             walks_pte_miss += misses
         else:

@@ -581,9 +581,9 @@ class _TlbModel:
 # Device table columns and kinds.
 _D_KIND, _D_BASE, _D_NSETS, _D_ASSOC, _D_WBITS, _D_HBASE, _D_HBITS, _D_QBASE, _D_QSIZE = range(9)
 _SET_ASSOC, _FULLY_ASSOC = 0, 1
-# Per-device state columns: the stamp clock, the queue's head and tail, hash buckets in use, the
+# Per-device state columns: the stamp clock, the queue's head and tail, the
 # next stamp given to an invalidated way of a fully associative device (counts down from -entries).
-_S_CLOCK, _S_QHEAD, _S_QTAIL, _S_HUSED, _S_LOW = range(5)
+_S_CLOCK, _S_QHEAD, _S_QTAIL, _S_LOW = range(4)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
 _NO_PAGES = np.zeros(0, dtype=np.int64)      # _invalidate_kernel: no page filter
 CHUNK = 256                                  # accesses per pipeline step of the hot loop
@@ -631,9 +631,8 @@ class TlbSimulator(_TlbModel):
             if d.nsets > 1:
                 dev[i] = (_SET_ASSOC, slot, d.nsets, d.assoc, max(1, (d.assoc - 1).bit_length()), 0, 0, 0, 0)
             else:
-                # Hash: load factor <= 1/4 before a rebuild, and at least entries + CHUNK inserts between
-                # rebuilds.  Queue: room for every live record plus two blocks of touches.
-                hsize = _pow2_at_least(4 * (d.entries + CHUNK))
+                # Hash: load factor <= 1/32 (short probes; the probe loop's exit is then well predicted).  Queue: room for every live record plus two blocks of touches.
+                hsize = _pow2_at_least(32 * d.entries)
                 qsize = _pow2_at_least(2 * (d.entries + CHUNK))
                 dev[i] = (_FULLY_ASSOC, slot, 1, d.entries, max(1, (d.entries - 1).bit_length()),
                           hbase, hsize.bit_length() - 1, qbase, qsize)
@@ -645,8 +644,9 @@ class TlbSimulator(_TlbModel):
         self._stamp = np.zeros(slot, dtype=np.int64)
         self._hk = np.full(max(1, hbase), EMPTY, dtype=np.int64)
         self._hv = np.zeros(max(1, hbase), dtype=np.int32)
+        self._sb = np.zeros(slot, dtype=np.int32)
         self._q = np.zeros(max(1, qbase), dtype=np.int64)
-        self._dst = np.zeros((ndev, 5), dtype=np.int64)
+        self._dst = np.zeros((ndev, 4), dtype=np.int64)
         _init_devices(dev, self._stamp, self._q, self._dst)
         self._buf = np.zeros((7, CHUNK + 1), dtype=np.int64)
         self._last_key = np.full(ndev, EMPTY, dtype=np.int64)
@@ -657,7 +657,7 @@ class TlbSimulator(_TlbModel):
                                    dtype=np.int64)
 
     def _state(self):
-        return self._dev, self._dst, self._tag, self._stamp, self._hk, self._hv, self._q
+        return self._dev, self._dst, self._tag, self._stamp, self._hk, self._hv, self._sb, self._q
 
     def _simulate_chunk(self, acc: _Accesses) -> None:
         ps_step = 0 if len(acc.page_shift) == 1 and acc.n != 1 else 1
@@ -723,25 +723,6 @@ def _home(key, bits):
 
 
 @njit(cache=True, _nrt=False)
-def _fa_rebuild(tag, hk, hv, bits):
-    """Rebuild a fully associative device's hash from its slots (drops the stale buckets)."""
-    m = np.uint64((1 << bits) - 1)
-    for p in range(hk.shape[0]):
-        hk[p] = EMPTY
-    n = 0
-    for x in range(tag.shape[0]):
-        k = tag[x]
-        if k != EMPTY:
-            p = _home(k, bits)
-            while hk[p] != EMPTY:
-                p = (p + np.uint64(1)) & m
-            hk[p] = k
-            hv[p] = x
-            n += 1
-    return n
-
-
-@njit(cache=True, _nrt=False)
 def _fa_compact(stamp, q, dst, d, wbits):
     """Drop the dead records of a fully associative device's LRU queue (the live ones keep their order)."""
     qm = np.uint64(q.shape[0] - 1)
@@ -756,28 +737,48 @@ def _fa_compact(stamp, q, dst, d, wbits):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _fa_open(dev, dst, tag, stamp, hk, hv, q, d, n):
-    """A fully associative device's arrays, with room made for n more queue records and buckets."""
+def _fa_open(dev, dst, tag, stamp, hk, hv, sb, q, d, n):
+    """A fully associative device's arrays, with room made in its queue for n more records."""
     base, nent, wbits = dev[d, _D_BASE], dev[d, _D_ASSOC], dev[d, _D_WBITS]
     hb, bits, qb, qsize = dev[d, _D_HBASE], dev[d, _D_HBITS], dev[d, _D_QBASE], dev[d, _D_QSIZE]
     tg = tag[base:base + nent]
     sp = stamp[base:base + nent]
+    bk = sb[base:base + nent]
     h_k = hk[hb:hb + (1 << bits)]
     h_v = hv[hb:hb + (1 << bits)]
     qq = q[qb:qb + qsize]
     if dst[d, _S_QTAIL] - dst[d, _S_QHEAD] + n > qsize:
         _fa_compact(sp, qq, dst, d, wbits)
-    if dst[d, _S_HUSED] + n > (1 << bits) // 4:
-        dst[d, _S_HUSED] = _fa_rebuild(tg, h_k, h_v, bits)
-    return tg, sp, h_k, h_v, qq, bits, wbits
+    return tg, sp, bk, h_k, h_v, qq, bits, wbits
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
+def _hash_delete(h_k, h_v, bk, bits, i):
+    """Empty bucket ``i`` of a linear-probing hash by backward shift; ``bk`` follows the moved slots."""
+    m = np.uint64((1 << bits) - 1)
+    i = np.uint64(i)
+    j = i
+    while True:
+        j = (j + np.uint64(1)) & m
+        k = h_k[j]
+        if k == EMPTY:
+            break
+        # The entry at j may move back to i unless its home lies cyclically in (i, j].
+        h = _home(k, bits)
+        if (j - h) & m >= (j - i) & m:
+            h_k[i] = k
+            h_v[i] = h_v[j]
+            bk[h_v[j]] = np.int32(i)
+            i = j
+    h_k[i] = EMPTY
+
+
+@njit(cache=True, inline="always", _nrt=False)
+def _fa_access(tg, sp, bk, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
     """Model of ``tlb_t::request()`` at a fully associative device, stamp ``t``, queue [qh, qt).
 
-    Returns (miss, a valid entry was evicted, a new hash bucket was taken, new qh);
-    the caller advances ``t`` and ``qt`` by one.
+    Returns (miss, a valid entry was evicted, new qh); the caller advances
+    ``t`` and ``qt`` by one.
     """
     m = np.uint64((1 << bits) - 1)
     p = _home(key, bits)
@@ -785,8 +786,7 @@ def _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
     while k != key and k != EMPTY:
         p = (p + np.uint64(1)) & m
         k = h_k[p]
-    xh = np.uint64(h_v[p])
-    hit = np.int64((k == key) & (tg[xh] == key))
+    hit = np.int64(k == key)
     # The LRU way: the slot of the first live record (every slot has exactly one).
     qm = np.uint64(qq.shape[0] - 1)
     wm = (1 << wbits) - 1
@@ -796,15 +796,22 @@ def _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt):
         qh += 1
         rec = qq[np.uint64(qh) & qm]
         xv = np.uint64(rec & wm)
-    x = xh if hit else xv
+    x = np.uint64(h_v[p]) if hit else xv
     miss = 1 - hit
-    evict = miss & np.int64(tg[xv] != EMPTY)
-    h_k[p] = key                   # a hit rewrites what is there; a miss takes an empty bucket
-    h_v[p] = np.int32(x)           # or the key's own stale one
-    tg[x] = key
+    evict = 0
+    if miss:
+        old = tg[x]
+        evict = np.int64(old != EMPTY)
+        gone = bk[x]
+        h_k[p] = key
+        h_v[p] = np.int32(x)
+        bk[x] = np.int32(p)
+        tg[x] = key
+        if evict:
+            _hash_delete(h_k, h_v, bk, bits, gone)
     sp[x] = t
     qq[np.uint64(qt) & qm] = (t << wbits) | np.int64(x)
-    return miss, evict, np.int64(k == EMPTY), qh + miss
+    return miss, evict, qh + miss
 
 
 @njit(cache=True, inline="always", _nrt=False)
@@ -821,27 +828,26 @@ def _emit(out, nout, key, miss, walk):
 
 
 @njit(cache=True, _nrt=False)
-def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk):
+def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk):
     """Model of ``tlb_t::request()`` for a block of keys at a fully associative device.
 
     Writes 1 (miss) / 0 (hit) to ``flags`` and the missing keys in order to
     ``out`` (in walk mode: the PDE-cache keys of the 4 KiB ones, see _emit);
     returns (misses, keys written).
     """
-    tg, sp, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, q, d, n)
-    t, qh, qt, hused = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED]
+    tg, sp, bk, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, sb, q, d, n)
+    t, qh, qt = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL]
     nm = nout = ev = 0
     for i in range(n):
         key = keys[i]
         t += 1
-        miss, evict, newb, qh = _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
+        miss, evict, qh = _fa_access(tg, sp, bk, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
         qt += 1
         ev += evict
-        hused += newb
         flags[i] = miss
         nm += miss
         nout = _emit(out, nout, key, miss, walk)
-    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED] = t, qh, qt, hused
+    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL] = t, qh, qt
     dev_stats[d, 0] += n - nm
     dev_stats[d, 1] += nm
     dev_stats[d, 2] += ev
@@ -850,14 +856,14 @@ def _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats,
 
 @njit(cache=True, _nrt=False)
 def _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last, dev, dst, tag, stamp, hk, hv,
-                    q, d, out, dev_stats):
+                    sb, q, d, out, dev_stats):
     """Decode accesses [lo, hi) and run them through a unified, fully associative L1 (as _fa_pass).
 
     Returns (misses, the last key, repeats of the last key).  A repeat is an
     L1 hit with no LRU change (drcachesim's "check last tag and pid").
     """
-    tg, sp, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, q, d, hi - lo)
-    t, qh, qt, hused = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED]
+    tg, sp, bk, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, sb, q, d, hi - lo)
+    t, qh, qt = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL]
     nm = ev = fast = 0
     for i in range(lo, hi):
         big = np.int64(page_shift[i * ps_step] == 21)
@@ -868,13 +874,12 @@ def _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last, d
             continue
         last = key
         t += 1
-        miss, evict, newb, qh = _fa_access(tg, sp, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
+        miss, evict, qh = _fa_access(tg, sp, bk, h_k, h_v, qq, bits, wbits, key, t, qh, qt)
         qt += 1
         ev += evict
-        hused += newb
         out[np.uint64(nm)] = key
         nm += miss
-    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL], dst[d, _S_HUSED] = t, qh, qt, hused
+    dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL] = t, qh, qt
     dev_stats[d, 0] += hi - lo - nm
     dev_stats[d, 1] += nm
     dev_stats[d, 2] += ev
@@ -917,16 +922,16 @@ def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk):
 
 
 @njit(cache=True, inline="always", _nrt=False)
-def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk=False):
+def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk=False):
     """One device over a block of keys: (misses, keys written to ``out``); see _fa_pass."""
     if dev[d, _D_KIND] == _FULLY_ASSOC:
-        return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, q, d, out, flags, dev_stats, walk)
+        return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk)
     return _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk)
 
 
 @njit(cache=True, _nrt=False)
 def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last2m, split, dev, dst, tag,
-               stamp, hk, hv, q, d4, d2m, buf, dev_stats):
+               stamp, hk, hv, sb, q, d4, d2m, buf, dev_stats):
     """Decode accesses [lo, hi) and run them through the L1(s); the misses go to ``buf[3]`` in order.
 
     Returns (misses, last 4 KiB key, last 2 MiB key).  A repeat of an L1's last
@@ -958,9 +963,9 @@ def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last
     dev_stats[d4, 0] += fast4
     dev_stats[d2m, 0] += fast2
     if not split:
-        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m1, f4, dev_stats)[0], last4k, last2m
-    _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, q, d4, m2, f4, dev_stats)
-    _level_pass(k2, n2, dev, dst, tag, stamp, hk, hv, q, d2m, m2, f2, dev_stats)
+        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, sb, q, d4, m1, f4, dev_stats)[0], last4k, last2m
+    _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, sb, q, d4, m2, f4, dev_stats)
+    _level_pass(k2, n2, dev, dst, tag, stamp, hk, hv, sb, q, d2m, m2, f2, dev_stats)
     i4 = i2 = nm = 0
     for j in range(n):
         big = order[j]
@@ -972,7 +977,7 @@ def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag, stamp, hk, hv, q,
+def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag, stamp, hk, hv, sb, q,
                      l1_for, l2_for, pwc, walk_refs, dev_stats, sim_stats, last_key, buf):
     """The hot loop: blocks of accesses through L1, L2 and the page walk (see TlbSimulator).
 
@@ -993,18 +998,18 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
         hi = min(total, lo + CHUNK)
         if fused:
             nm, last4k = _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, dev, dst,
-                                         tag, stamp, hk, hv, q, d4, m1, dev_stats)
+                                         tag, stamp, hk, hv, sb, q, d4, m1, dev_stats)
             last2m = last4k
         else:
             nm, last4k, last2m = _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k,
-                                            last2m, split, dev, dst, tag, stamp, hk, hv, q, d4, d2m, buf,
+                                            last2m, split, dev, dst, tag, stamp, hk, hv, sb, q, d4, d2m, buf,
                                             dev_stats)
         if nm == 0:
             continue
         # L2, then the page walks: a 2 MiB miss ends at the PMD; a 4 KiB one looks up its region
         # in the PDE cache.  An L2 that serves both sizes writes the PDE-cache keys itself.
         if l2 >= 0 and l2_both:
-            nw, np_ = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, q, l2, m2, f4, dev_stats, True)
+            nw, np_ = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, sb, q, l2, m2, f4, dev_stats, True)
             walks_pmd += nw - np_
         else:
             if l2 >= 0:
@@ -1018,7 +1023,7 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
                     nk += mine
                     m2[np.uint64(nw)] = key
                     nw += 1 - mine
-                nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, q, l2, m2[nw:], f4, dev_stats)[1]
+                nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, sb, q, l2, m2[nw:], f4, dev_stats)[1]
                 src = m2
             else:
                 nw = nm
@@ -1029,7 +1034,7 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
                 walks_pmd += key & 1
                 np_ = _emit(m2, np_, key, 1, True)
         if pwc >= 0 and np_:
-            misses = _level_pass(m2, np_, dev, dst, tag, stamp, hk, hv, q, pwc, m1, f4, dev_stats)[0]
+            misses = _level_pass(m2, np_, dev, dst, tag, stamp, hk, hv, sb, q, pwc, m1, f4, dev_stats)[0]
             walks_pte_hit += np_ - misses
             walks_pte_miss += misses
         else:
@@ -1072,22 +1077,22 @@ def _check_kernel(vaddr, page_shift, asid):
 
 
 @njit(cache=True, _nrt=False)
-def _fa_drop(dev, dst, stamp, q, d, x):
-    """Make slot ``x`` of a fully associative device (now invalid) its LRU way: a record at the queue's front."""
-    base, nent, wbits, qb, qsize = dev[d, _D_BASE], dev[d, _D_ASSOC], dev[d, _D_WBITS], dev[d, _D_QBASE], dev[d, _D_QSIZE]
-    qq = q[qb:qb + qsize]
-    if dst[d, _S_QTAIL] - dst[d, _S_QHEAD] >= qsize:
-        _fa_compact(stamp[base:base + nent], qq, dst, d, wbits)
+def _fa_drop(dev, dst, tag, stamp, hk, hv, sb, q, d, x):
+    """Invalidate slot ``x`` of a fully associative device: out of the hash, and made the LRU way
+    (a record at the queue's front, with a stamp below every other)."""
+    tg, sp, bk, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, sb, q, d, 1)
+    _hash_delete(h_k, h_v, bk, bits, bk[x])
+    tg[x] = EMPTY
     low = dst[d, _S_LOW]
     dst[d, _S_LOW] = low - 1
-    stamp[base + x] = low
+    sp[x] = low
     qh = dst[d, _S_QHEAD] - 1
     dst[d, _S_QHEAD] = qh
-    qq[np.uint64(qh) & np.uint64(qsize - 1)] = (low << wbits) | x
+    qq[np.uint64(qh) & np.uint64(qq.shape[0] - 1)] = (low << wbits) | x
 
 
 @njit(cache=True, _nrt=False)
-def _invalidate_kernel(dev, dst, tag, stamp, hk, hv, q, dev_stats, asid, start, end, starts, skip_dev):
+def _invalidate_kernel(dev, dst, tag, stamp, hk, hv, sb, q, dev_stats, asid, start, end, starts, skip_dev):
     """Drop every entry (of ``asid``, or all if < 0) whose page overlaps [start, end) and, unless
     ``starts`` is empty, holds one of the sorted 4 KiB page addresses ``starts``."""
     total = 0
@@ -1108,11 +1113,11 @@ def _invalidate_kernel(dev, dst, tag, stamp, hk, hv, q, dev_stats, asid, start, 
                 i = np.searchsorted(starts, lo)
                 if i >= starts.shape[0] or starts[i] >= lo + (1 << shift):
                     continue
-            tag[base + x] = EMPTY
             if dev[d, _D_KIND] == _SET_ASSOC:
+                tag[base + x] = EMPTY
                 stamp[base + x] = x % assoc          # clock 0: the set's next victim
             else:
-                _fa_drop(dev, dst, stamp, q, d, x)
+                _fa_drop(dev, dst, tag, stamp, hk, hv, sb, q, d, x)
             n += 1
         dev_stats[d, 3] += n
         total += n

@@ -631,8 +631,10 @@ class TlbSimulator(_TlbModel):
             if d.nsets > 1:
                 dev[i] = (_SET_ASSOC, slot, d.nsets, d.assoc, max(1, (d.assoc - 1).bit_length()), 0, 0, 0, 0)
             else:
-                # Hash: load factor <= 1/32 (short probes; the probe loop's exit is then well predicted).  Queue: room for every live record plus two blocks of touches.
-                hsize = _pow2_at_least(32 * d.entries)
+                # Hash: load factor <= 1/32 (1/8 for a device of more than 1024 entries), so that a probe
+                # rarely goes past its home bucket and the probe loop's exit is predicted.  Queue: every
+                # live record plus two blocks of touches.
+                hsize = _pow2_at_least(max(8 * d.entries, min(32 * d.entries, 1 << 15)))
                 qsize = _pow2_at_least(2 * (d.entries + CHUNK))
                 dev[i] = (_FULLY_ASSOC, slot, 1, d.entries, max(1, (d.entries - 1).bit_length()),
                           hbase, hsize.bit_length() - 1, qbase, qsize)

@@ -258,6 +258,7 @@ def test_numba_matches_reference_on_tiny_tlbs(seed):
     dict(l1_unified=True, l1_4k_entries=8, l1_4k_assoc=8, l2_entries=16, l2_assoc=16, pwc_entries=4,
          pwc_assoc=4),                                          # every level fully associative
     dict(l1_4k_entries=8, l1_4k_assoc=8, l1_2m_entries=4, l1_2m_assoc=2, l2_entries=32, l2_assoc=4),
+    dict(l2_entries=2048, l2_assoc=2048),                       # a large fully associative L2
     dict(l2_holds_2m=False),                                    # 2 MiB L1 misses go straight to the walk
     dict(l2_entries=0),                                         # no L2
     dict(pwc_entries=0, l1_unified=True, l1_4k_entries=4, l1_4k_assoc=4),   # no PDE cache

@@ -605,11 +605,11 @@ class TlbSimulator(_TlbModel):
     way (clock 0) is always taken before a valid one.  A fully associative
     device (one set: an L1 of 48-96 entries, a PDE cache) would make that
     scan a chain of stores and wide loads over the same lines, so it keeps
-    an open-addressing hash from key to slot (stale buckets, whose slot now
-    holds another key, are dropped by a rebuild every few hundred misses)
-    and its LRU order as a queue of (stamp, slot) records in touch order: a
-    record is live while its slot still carries that stamp, and the LRU way
-    is the slot of the first live record.
+    a linear-probing hash from key to slot (an evicted key's bucket is found
+    through a slot-to-bucket index and deleted by backward shift) and its
+    LRU order as a queue of (stamp, slot) records in touch order: a record
+    is live while its slot still carries that stamp, and the LRU way is the
+    slot of the first live record.
 
     The hot loop is a pipeline over blocks of :data:`CHUNK` accesses: the
     block's keys through the L1(s), the L1 misses in order through the L2,

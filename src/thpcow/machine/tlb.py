@@ -923,7 +923,7 @@ def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk):
     return nm, nout
 
 
-@njit(cache=True, inline="always", _nrt=False)
+@njit(cache=True, _nrt=False)
 def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk=False):
     """One device over a block of keys: (misses, keys written to ``out``); see _fa_pass."""
     if dev[d, _D_KIND] == _FULLY_ASSOC:

@@ -586,6 +586,9 @@ _SET_ASSOC, _FULLY_ASSOC = 0, 1
 _S_CLOCK, _S_QHEAD, _S_QTAIL, _S_LOW = range(4)
 _GOLD = np.int64(-7046029254386353131)       # 0x9E3779B97F4A7C15: Fibonacci hashing
 _NO_PAGES = np.zeros(0, dtype=np.int64)      # _invalidate_kernel: no page filter
+# _level_pass's walk mode.  Its calls pass NumPy ints (and np.int64() counts), not literals: a literal
+# argument makes numba compile another version of the pass.
+_OFF, _ON = np.int64(0), np.int64(1)
 CHUNK = 256                                  # accesses per pipeline step of the hot loop
 _KEY_ASID = ~np.int64((1 << ASID_SHIFT) - 1)
 
@@ -924,7 +927,7 @@ def _sa_pass(keys, n, dev, dst, tag, stamp, d, out, flags, dev_stats, walk):
 
 
 @njit(cache=True, _nrt=False)
-def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk=False):
+def _level_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk):
     """One device over a block of keys: (misses, keys written to ``out``); see _fa_pass."""
     if dev[d, _D_KIND] == _FULLY_ASSOC:
         return _fa_pass(keys, n, dev, dst, tag, stamp, hk, hv, sb, q, d, out, flags, dev_stats, walk)
@@ -965,9 +968,10 @@ def _decode_l1(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last4k, last
     dev_stats[d4, 0] += fast4
     dev_stats[d2m, 0] += fast2
     if not split:
-        return _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, sb, q, d4, m1, f4, dev_stats)[0], last4k, last2m
-    _level_pass(k4, n4, dev, dst, tag, stamp, hk, hv, sb, q, d4, m2, f4, dev_stats)
-    _level_pass(k2, n2, dev, dst, tag, stamp, hk, hv, sb, q, d2m, m2, f2, dev_stats)
+        nm = _level_pass(k4, np.int64(n4), dev, dst, tag, stamp, hk, hv, sb, q, d4, m1, f4, dev_stats, _OFF)[0]
+        return nm, last4k, last2m
+    _level_pass(k4, np.int64(n4), dev, dst, tag, stamp, hk, hv, sb, q, d4, m2, f4, dev_stats, _OFF)
+    _level_pass(k2, np.int64(n2), dev, dst, tag, stamp, hk, hv, sb, q, d2m, m2, f2, dev_stats, _OFF)
     i4 = i2 = nm = 0
     for j in range(n):
         big = order[j]
@@ -987,7 +991,7 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
     1 the 2 MiB keys of split L1s, 2 the page size of each key in order (split
     L1s), 3 and 4 the misses of one level and of the next, 5 and 6 miss flags.
     """
-    k4, m1, m2, f4 = buf[0], buf[3], buf[4], buf[5]
+    k4, k2, m1, m2, f4 = buf[0], buf[1], buf[3], buf[4], buf[5]
     d4, d2m = l1_for[0], l1_for[1]
     split = d4 != d2m
     last4k, last2m = last_key[d4], last_key[d2m]
@@ -1011,7 +1015,7 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
         # L2, then the page walks: a 2 MiB miss ends at the PMD; a 4 KiB one looks up its region
         # in the PDE cache.  An L2 that serves both sizes writes the PDE-cache keys itself.
         if l2 >= 0 and l2_both:
-            nw, np_ = _level_pass(m1, nm, dev, dst, tag, stamp, hk, hv, sb, q, l2, m2, f4, dev_stats, True)
+            nw, np_ = _level_pass(m1, np.int64(nm), dev, dst, tag, stamp, hk, hv, sb, q, l2, m2, f4, dev_stats, _ON)
             walks_pmd += nw - np_
         else:
             if l2 >= 0:
@@ -1025,7 +1029,10 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
                     nk += mine
                     m2[np.uint64(nw)] = key
                     nw += 1 - mine
-                nw += _level_pass(k4, nk, dev, dst, tag, stamp, hk, hv, sb, q, l2, m2[nw:], f4, dev_stats)[1]
+                n2 = _level_pass(k4, np.int64(nk), dev, dst, tag, stamp, hk, hv, sb, q, l2, k2, f4, dev_stats, _OFF)[1]
+                for j in range(n2):
+                    m2[np.uint64(nw + j)] = k2[j]
+                nw += n2
                 src = m2
             else:
                 nw = nm
@@ -1036,7 +1043,8 @@ def _simulate_kernel(vaddr, page_shift, ps_step, asid, asid_step, dev, dst, tag,
                 walks_pmd += key & 1
                 np_ = _emit(m2, np_, key, 1, True)
         if pwc >= 0 and np_:
-            misses = _level_pass(m2, np_, dev, dst, tag, stamp, hk, hv, sb, q, pwc, m1, f4, dev_stats)[0]
+            misses = _level_pass(m2, np.int64(np_), dev, dst, tag, stamp, hk, hv, sb, q, pwc, m1, f4, dev_stats,
+                                 _OFF)[0]
             walks_pte_hit += np_ - misses
             walks_pte_miss += misses
         else:

@@ -724,6 +724,7 @@ def _init_devices(dev, stamp, q, dst):
 
 @njit(cache=True, inline="always", _nrt=False)
 def _home(key, bits):
+    """The home bucket of ``key`` in a table of 2**bits buckets (Fibonacci hashing)."""
     return np.uint64(((key * _GOLD) >> (64 - bits)) & ((1 << bits) - 1))
 
 
@@ -864,8 +865,8 @@ def _fa_decode_pass(vaddr, page_shift, ps_step, asid, asid_step, lo, hi, last, d
                     sb, q, d, out, dev_stats):
     """Decode accesses [lo, hi) and run them through a unified, fully associative L1 (as _fa_pass).
 
-    Returns (misses, the last key, repeats of the last key).  A repeat is an
-    L1 hit with no LRU change (drcachesim's "check last tag and pid").
+    Returns (misses, the last key).  A repeat of the last key is an L1 hit
+    with no LRU change (drcachesim's "check last tag and pid").
     """
     tg, sp, bk, h_k, h_v, qq, bits, wbits = _fa_open(dev, dst, tag, stamp, hk, hv, sb, q, d, hi - lo)
     t, qh, qt = dst[d, _S_CLOCK], dst[d, _S_QHEAD], dst[d, _S_QTAIL]

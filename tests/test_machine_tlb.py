@@ -279,12 +279,16 @@ def test_numba_matches_reference_on_geometries(geometry):
         assert a.contents(level) == b.contents(level), level
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2047), st.booleans(), st.integers(0, 1)),
-                    min_size=1, max_size=60),
-       l1_assoc=st.sampled_from([1, 2]), l2_assoc=st.sampled_from([1, 2, 4]))
-def test_numba_matches_reference_hypothesis(ops, l1_assoc, l2_assoc):
-    knobs = tiny(l1_4k_assoc=l1_assoc, l1_2m_assoc=l1_assoc, l2_assoc=l2_assoc, pwc_assoc=1)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.integers(0, 10), st.integers(0, 2047), st.booleans(), st.integers(0, 1)),
+                    min_size=1, max_size=80),
+       l1_assoc=st.sampled_from([1, 2]), l2_assoc=st.sampled_from([1, 2, 4]), pwc_assoc=st.sampled_from([1, 2]),
+       unified=st.booleans())
+def test_numba_matches_reference_hypothesis(ops, l1_assoc, l2_assoc, pwc_assoc, unified):
+    """Single accesses and flushes of every kind, on tiny TLBs whose levels are fully associative
+    (one set) or set-associative: same counts and the same LRU order as the reference."""
+    knobs = tiny(l1_4k_assoc=l1_assoc, l1_2m_assoc=l1_assoc, l2_assoc=l2_assoc, pwc_assoc=pwc_assoc,
+                 l1_unified=unified)
     a, b = TlbSimulator(knobs), ReferenceTlbSimulator(knobs)
     for kind, page, huge, asid in ops:
         for sim in (a, b):
@@ -294,9 +298,13 @@ def test_numba_matches_reference_hypothesis(ops, l1_assoc, l2_assoc):
                 sim.invalidate_page(asid, (BASE >> 21) + (page >> 9), M2)
             elif kind == 8:
                 sim.invalidate_page(asid, (BASE >> 12) + page, K4)
+            elif kind == 9:
+                sim.invalidate_range(asid, BASE + page * K4, BASE + (page + 600) * K4)
             else:
                 sim.flush_asid(asid)
     assert a.stats_dict() == b.stats_dict()
+    for level in a.levels:
+        assert a.contents(level) == b.contents(level), level
 
 
 # -- presets ------------------------------------------------------------------------------------

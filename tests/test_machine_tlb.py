@@ -241,7 +241,7 @@ def _same(knobs: TlbKnobs, seed: int, n: int, footprint_pages: int, nasids: int 
                 sim.flush_asid(x % nasids)
         assert a.stats_dict() == b.stats_dict()
     for level in a.levels:
-        assert sorted(a.contents(level)) == sorted(b.contents(level))
+        assert a.contents(level) == b.contents(level), level
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -277,6 +277,45 @@ def test_numba_matches_reference_on_geometries(geometry):
         sim.simulate(v[:700], w[:700], ps[:700], asid[:700])
     for level in a.levels:
         assert a.contents(level) == b.contents(level), level
+
+
+def test_numba_matches_reference_on_batched_flushes_resets_and_warmup():
+    """invalidate_pages, flush_all, reset_stats and the skip/warmup/sim_refs counts give the
+    reference's counters and LRU order."""
+    knobs = tiny(l1_unified=True, l1_4k_entries=8, l1_4k_assoc=8, l2_entries=16, l2_assoc=4,
+                 skip_refs=100, warmup_refs=900, sim_refs=3_000)
+    v, w, ps, asid, rng = _random_program(11, 6_000, 1_024, 2)
+    a, b = TlbSimulator(knobs), ReferenceTlbSimulator(knobs)
+    for lo in range(0, 6_000, 1_000):
+        pages = rng.integers(BASE >> 12, (BASE >> 12) + 1_024, 300)
+        for sim in (a, b):
+            sim.simulate(v[lo:lo + 1_000], w[lo:lo + 1_000], ps[lo:lo + 1_000], asid[lo:lo + 1_000])
+            sim.invalidate_pages(lo // 1_000 % 2, pages)
+        assert a.stats_dict() == b.stats_dict()
+        for level in a.levels:
+            assert a.contents(level) == b.contents(level), level
+    assert a.stats_at_reset == b.stats_at_reset and a.stats_at_reset is not None
+    for sim in (a, b):
+        sim.reset_stats()
+        sim.flush_all()
+        sim.invalidate_range(0, BASE, 1 << 64)          # an end past 64 bits is clamped, not an error
+    assert a.stats_dict() == b.stats_dict()
+    assert a.get_metric("shootdowns") == 2 and all(not a.contents(level) for level in a.levels)
+
+
+@pytest.mark.parametrize("engine", [TlbSimulator, ReferenceTlbSimulator])
+@pytest.mark.parametrize("vpns, match", [
+    ([5, 1 << 51], "vpns: page 0x8000000000000 is outside"),
+    ([-1, 5], "vpns: page -0x1 is outside"),
+    ([1.5], "vpns: expected integer page numbers"),
+])
+def test_invalidate_pages_rejects_pages_outside_user_space(engine, vpns, match):
+    sim = engine(tiny())
+    pages(sim, [5])
+    before = sim.stats_dict()
+    with pytest.raises(ValueError, match=match):
+        sim.invalidate_pages(0, vpns)
+    assert sim.stats_dict() == before and sim.contents("l1d_4k") == [(0, BASE + 5 * K4, K4)]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

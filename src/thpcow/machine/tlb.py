@@ -458,9 +458,11 @@ class _TlbModel:
     def invalidate_range(self, asid: int, start: int, end: int) -> int:
         """Model of flush_tlb_range(): drop the entries of ``asid`` overlapping [start, end), PDE cache too."""
         self._check_asid(asid)
+        start, end = int(start), int(end)
         if not 0 <= start < end:
             raise ValueError(f"range: need 0 <= start < end, got [{start:#x}, {end:#x})")
-        return self._shootdown(asid, int(start), int(end), with_pwc=True)
+        # No entry lies above the user address space (and the kernels take 64-bit ints).
+        return self._shootdown(asid, min(start, USER_VA_LIMIT), min(end, USER_VA_LIMIT), with_pwc=True)
 
     def invalidate_pages(self, asid: int, vpns) -> int:
         """Many flush_tlb_page() calls of 4 KiB pages (COW remaps, swap-out), one shootdown each.
@@ -470,9 +472,15 @@ class _TlbModel:
         cache is left alone, as for single 4 KiB flushes.  Returns entries removed.
         """
         self._check_asid(asid)
-        vpns = np.unique(np.asarray(vpns, dtype=np.int64))
-        if not len(vpns):
+        arr = np.asarray(vpns).ravel()
+        if not arr.size:
             return 0
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"vpns: expected integer page numbers, got {arr.dtype}")
+        for bad in (arr.min(), arr.max()):
+            if not 0 <= int(bad) < USER_VA_LIMIT >> PAGE_SHIFT_4K:
+                raise ValueError(f"vpns: page {int(bad):#x} is outside the user address space")
+        vpns = np.unique(arr.astype(np.int64))
         removed = self._invalidate_pages(asid, vpns)
         self.sim_stats[SimMetric.SHOOTDOWNS] += len(vpns)
         self.sim_stats[SimMetric.INVALIDATED_ENTRIES] += removed

@@ -268,6 +268,82 @@ def test_fork_of_swapped_memory_shares_the_slots_and_cow_keeps_processes_apart()
     assert k.swap.nr_free == free0
 
 
+def test_a_slot_shared_after_fork_is_read_once_and_shared_through_the_swap_cache():
+    """do_swap_page(): the first process to fault reads the slot into a folio that stays in
+    the swap cache while the other process's swap entry points at the slot; the second one
+    maps that same folio (a minor fault: no pswpin, no pgmajfault, no new frame), read-only,
+    and the folio leaves the swap cache with the slot's last entry, which frees the slot.
+    A write then copies (COW) and the processes stay apart."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    free0 = k.swap.nr_free
+    p = k.spawn()
+    a, toks = thp_region(k, p, 1, 100)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    offs = swap_offsets(p, a, NR)
+    c = p.fork()
+    v0, frames0 = k.vmstat_snapshot(), k.mem.nr_free
+    assert_reads(c, a, toks)
+    d = delta(k, v0)
+    assert ev(d, "pswpin") == NR and ev(d, "pgmajfault") == NR
+    assert frames0 - k.mem.nr_free == NR
+    assert k.swap.in_cache[offs].all() and (k.swap.swap_map[offs] == 1).all()
+    v1, frames1 = k.vmstat_snapshot(), k.mem.nr_free
+    assert_reads(p, a, toks)
+    d = delta(k, v1)
+    assert ev(d, "pswpin") == 0 and ev(d, "pgmajfault") == 0 and ev(d, "pgfault") == NR
+    assert k.mem.nr_free == frames1                     # the child's frames, now mapped by both
+    np.testing.assert_array_equal(pfns_of(p, a, NR), pfns_of(c, a, NR))
+    assert not k.swap.in_cache[offs].any() and k.swap.nr_free == free0
+    assert p.smaps_fields(a)["Rss"] == 2048 and p.smaps_fields(a)["Pss"] == 1024
+    c.write(a, 1, 111)
+    ctoks = toks.copy()
+    ctoks[0] = 111
+    assert_reads(p, a, toks)
+    assert_reads(c, a, ctoks)
+    c.exit()
+    p.exit()
+    assert k.swap.nr_free == free0
+
+
+def test_the_swap_cache_keeps_a_folio_its_last_mapper_dropped_and_reclaim_reuses_the_slot():
+    """A folio swapped in by a process that then exits stays in the swap cache (the other
+    process's entry still points at the slot): reclaim frees it without writing it again
+    (the slot holds its contents), and the other process's write fault takes it over."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    free0 = k.swap.nr_free
+    p = k.spawn()
+    a, toks = thp_region(k, p, 1, 100)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    offs = swap_offsets(p, a, NR)
+    c = p.fork()
+    assert_reads(c, a, toks)
+    # Reclaim of cached folios that the child maps: back to the same slots, nothing written.
+    v0, slots0 = k.vmstat_snapshot(), k.swap.nr_free
+    c.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    d = delta(k, v0)
+    assert ev(d, "pswpout") == 0 and k.swap.nr_free == slots0
+    np.testing.assert_array_equal(swap_offsets(c, a, NR), offs)
+    assert (k.swap.swap_map[offs] == 2).all() and not k.swap.in_cache[offs].any()
+    # The child reads half back, then exits: those folios stay cached, mapped by nobody.
+    half = NR // 2
+    assert_reads(c, a, toks[:half])
+    frames = k.mem.nr_free
+    c.exit()
+    assert k.mem.nr_free == frames                      # the swap cache still holds them
+    assert k.swap.in_cache[offs[:half]].all() and (k.swap.swap_map[offs] == 1).all()
+    # The parent writes every page: the cached half is taken over without a read or a copy,
+    # the other half is read from the slots.
+    v1, frames1 = k.vmstat_snapshot(), k.mem.nr_free
+    ptoks = toks + 1000
+    p.write_many(page_addrs(a, NR), ptoks)
+    d = delta(k, v1)
+    assert ev(d, "pswpin") == NR - half
+    assert frames1 - k.mem.nr_free == NR - half
+    assert not k.swap.in_cache.any() and k.swap.nr_free == free0
+    assert_reads(p, a, ptoks)
+    p.exit()
+
+
 def test_dontneed_munmap_and_exit_free_swap_slots():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot

@@ -10,7 +10,8 @@ kernel-semantics §11.6:
    (page_table_check's anon_map_count rule); the zero pages are never writable;
 2. writable anon PTE => page AnonExclusive; writable anon PMD => head AnonExclusive;
 3. an AnonExclusive page is mapped by at most one mm;
-4. refcount == PTE mappings + PMD mappings (no pins or swap cache modelled);
+4. refcount == PTE mappings + PMD mappings + one per page held by the swap cache (no pins);
+   a folio in the swap cache is the one the swap cache names for its slots;
 5. per-page mapcounts, entire and large mapcounts, NR_ANON_MAPPED, NR_ANON_THPS;
 6. per mm: MM_ANONPAGES equals a page-table walk, nr_ptes equals the tables;
 7. a PMD leaf maps a PMD-order folio, 2 MiB aligned, inside one VMA;
@@ -28,7 +29,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import InvariantViolation
-from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
+from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
 from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 
@@ -173,11 +174,18 @@ def check_kernel(k: Kernel) -> None:
         if (mem.folio[head: head + nr] != fid).any():
             _fail(f"folio {fid}: not every frame of pfn {head:#x}+{nr} points back to it")
         maps = int(pte_by_folio[fid] + entire[fid])
-        if f.refcount[fid] != maps:
-            _fail(f"folio {fid} (pfn {head:#x}, order {order}): refcount {f.refcount[fid]} but {maps} mappings")
+        cached = nr if f.flags[fid] & PG_SWAPCACHE else 0
+        if f.refcount[fid] != maps + cached:
+            _fail(f"folio {fid} (pfn {head:#x}, order {order}): refcount {f.refcount[fid]} but {maps} mappings"
+                  f" and {cached} swap cache references")
+        if cached:
+            slot = int(f.swap[fid])
+            if k.swap is None or slot < 0 or (k.swap.cache[slot: slot + nr] != fid).any() \
+                    or not k.swap.in_cache[slot: slot + nr].all():
+                _fail(f"folio {fid}: in the swap cache at slot {slot} but the swap cache does not hold it there")
         if f.entire[fid] != entire[fid]:
             _fail(f"folio {fid}: entire_mapcount {f.entire[fid]} but {entire[fid]} PMD mappings")
-        if maps == 0:
+        if maps + cached == 0:
             _fail(f"folio {fid} (pfn {head:#x}): unmapped but not freed")
         if order:
             if f.large[fid] != maps:
@@ -212,6 +220,10 @@ def check_kernel(k: Kernel) -> None:
         if (sw.swap_map != swap_refs).any():
             slot = int(np.flatnonzero(sw.swap_map != swap_refs)[0])
             _fail(f"swap slot {slot}: swap_map={sw.swap_map[slot]} but {swap_refs[slot]} swap entries point at it")
+        for slot in np.flatnonzero(sw.cache >= 0).tolist():
+            fid = int(sw.cache[slot])
+            if not f.used[fid] or not f.flags[fid] & PG_SWAPCACHE or not sw.in_cache[slot]:
+                _fail(f"swap slot {slot}: the swap cache names folio {fid}, which is not in the swap cache")
         held = (swap_refs > 0) | sw.in_cache
         held[0] = True                              # the swap header
         if (sw.used[: sw.nr_slots] != held).any():

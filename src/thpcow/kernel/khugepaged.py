@@ -24,7 +24,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import KernelError
-from .folio import PG_MM_IDS_SHARED, PG_SWAPBACKED
+from .folio import PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import rmap
@@ -115,7 +115,9 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
         k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
         return ScanResult.SCAN_EXCEED_SHARED_PTE
     uf = np.unique(fids)
-    if (f.refcount[uf] != np.where(f.order[uf] > 0, f.large[uf], k.mem.mapcount[f.head[uf]])).any():
+    # is_refcount_suitable(): the mappings, plus one reference per page held by the swap cache.
+    cached = np.where(f.flags[uf] & PG_SWAPCACHE, 1 << f.order[uf].astype(np.int64), 0)
+    if (f.refcount[uf] != np.where(f.order[uf] > 0, f.large[uf], k.mem.mapcount[f.head[uf]]) + cached).any():
         return ScanResult.SCAN_PAGE_COUNT
     referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
     if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):

@@ -172,10 +172,12 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
     skipped; one only partly in the range is split (split_folio()) and handled
     at PTE level; a whole one is marked clean and lazyfree, its PMD clean and old.
     PTE level: a large folio only partly in the range is split when it is not
-    shared (skipped otherwise); a dirty (or swap-cache) folio that may be
-    mapped shared is skipped, an exclusive one is cleaned; then the folio is
-    marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
+    shared (skipped otherwise); a folio in the swap cache is skipped (other
+    swap entries still use its slot, so folio_free_swap() fails); a dirty one
+    that may be mapped shared is skipped, an exclusive one is cleaned; then the
+    folio is marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
     """
+    from .vmscan import free_swap_and_cache
     pt = mm.pt
     f = k.folios
     for s, base, lo, hi in pt.spans_in(start, end):
@@ -194,7 +196,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         for i in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
             pfn = int(pt.pte_pfn[row, i])
             if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
-                k.swap.put(swp_offset(pfn))
+                free_swap_and_cache(k, swp_offset(pfn))
                 pt.pte_pfn[row, i] = -1
                 pt.pte_flags[row, i] = 0
                 mm.rss_swap -= 1
@@ -207,7 +209,9 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 if shared or hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
-            if f.flags[fid] & (PG_DIRTY | PG_SWAPCACHE):
+            if f.flags[fid] & PG_SWAPCACHE:
+                continue                          # folio_free_swap() fails: other entries use the slot
+            if f.flags[fid] & PG_DIRTY:
                 if shared:
                     continue
                 f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)

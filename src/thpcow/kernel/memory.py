@@ -272,8 +272,9 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
     swp = pfns <= -2
     if swp.any():                                  # zap_nonpresent_ptes(): free_swap_and_cache()
+        from .vmscan import free_swap_and_cache
         for slot in swp_offset(pfns[swp]).tolist():
-            k.swap.put(int(slot))
+            free_swap_and_cache(k, int(slot))
         mm.rss_swap -= int(np.count_nonzero(swp))
     pt.pte_pfn[row, lo:hi] = -1
     pt.pte_flags[row, lo:hi] = 0

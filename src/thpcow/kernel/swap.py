@@ -3,8 +3,8 @@
 Slots are grouped in clusters of 512 (``SWAPFILE_CLUSTER``); a PMD-order
 folio needs one whole free cluster to be swapped out without a split.
 ``swap_map[slot]`` counts the swap PTEs that reference a slot; a slot also
-held by the swap cache is freed once both are gone.  The device stores one
-content token per slot.
+held by the swap cache (``in_cache``, the folio in ``cache``) is freed once
+both are gone.  The device stores one content token per slot.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class SwapDevice:
         nclusters = (n + CLUSTER - 1) // CLUSTER
         self.swap_map = np.zeros(n, dtype=np.int32)     # swap PTE references per slot
         self.in_cache = np.zeros(n, dtype=bool)         # SWAP_HAS_CACHE
+        self.cache = np.full(n, -1, dtype=np.int64)     # the swap cache: the folio holding the slot, or -1
         self.used = np.zeros(nclusters * CLUSTER, dtype=bool)
         self.used[n:] = True                            # beyond the device: never free
         self.used[0] = True                             # the swap header
@@ -130,6 +131,7 @@ class SwapDevice:
         self.used[slot] = False
         self.swap_map[slot] = 0
         self.in_cache[slot] = False
+        self.cache[slot] = -1
         self.nr_free += 1
         self.cluster_used[c] -= 1
         if self.cluster_used[c] == 0:

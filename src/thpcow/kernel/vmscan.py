@@ -13,12 +13,15 @@ Reclaiming a folio (``shrink_folio``):
   needs a whole swap cluster, else it is split (thp_swpout_fallback);
 - every mapping is replaced by a swap entry (``try_to_unmap``; PMD mappings
   are split first, thp_split_pmd each), the folio is written (pswpout,
-  thp_swpout / swpout) and freed.
+  thp_swpout / swpout) and freed;
+- a folio still in the swap cache from a swap-in is unmapped to its slot and
+  freed without a write.
 
-Simplification: writeback is synchronous and the swap cache is dropped as
-soon as the write is done, so swap-in always reads the device (4 KiB,
-pgmajfault); there is no readahead and no mTHP swap-in (the device is not
-SWP_SYNCHRONOUS_IO).
+Swap-in (``do_swap_page``) reads the device at 4 KiB (pgmajfault, pswpin);
+a folio read from a slot that other swap entries share stays in the swap
+cache, where their faults find it.  Simplification: writeback is synchronous
+and a reclaimed folio leaves the swap cache as soon as the write is done;
+there is no readahead and no mTHP swap-in.
 """
 
 from __future__ import annotations
@@ -182,6 +185,18 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         return nr if discard_lazyfree(k, fid) else 0
     if k.swap is None:
         return 0
+    if f.flags[fid] & PG_SWAPCACHE:
+        # Swapped in and still in the swap cache: its slot holds its contents (it is never
+        # written while cached: it is mapped read-only), so it is unmapped and freed without
+        # a write (pageout() skips a clean folio).
+        slot = int(f.swap[fid])
+        try_to_unmap_to_swap(k, fid, slot)
+        if f.flags[fid] & PG_DIRTY:
+            head = int(f.head[fid])
+            k.swap.content[slot: slot + nr] = k.mem.content[head: head + nr]
+            k.vmstat.count_vm_event("pswpout", nr)
+        delete_from_swap_cache(k, fid)
+        return nr
     if order and f.flags[fid] & PG_PARTIALLY_MAPPED:
         head = int(f.head[fid])
         if hm.split_folio(k, fid) != 0:
@@ -200,11 +215,7 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         return 0                                          # swap full: keep it
     # add_to_swap(): into the swap cache, which holds nr references
     head = int(f.head[fid])
-    f.flags[fid] |= PG_SWAPCACHE
-    f.swap[fid] = slot
-    f.refcount[fid] += nr
-    k.swap.in_cache[slot: slot + nr] = True
-    k.swap.used[slot: slot + nr] = True
+    add_to_swap_cache(k, fid, slot)
     try_to_unmap_to_swap(k, fid, slot)
     # pageout(): write the folio
     k.swap.content[slot: slot + nr] = k.mem.content[head: head + nr]
@@ -217,6 +228,18 @@ def shrink_folio(k: Kernel, fid: int) -> int:
     return nr
 
 
+def add_to_swap_cache(k: Kernel, fid: int, slot: int) -> None:
+    """Model of add_to_swap_cache(): the folio holds slots [slot, slot + nr), one reference each."""
+    f = k.folios
+    nr = 1 << int(f.order[fid])
+    f.flags[fid] |= PG_SWAPCACHE
+    f.swap[fid] = slot
+    f.refcount[fid] += nr
+    k.swap.in_cache[slot: slot + nr] = True
+    k.swap.used[slot: slot + nr] = True
+    k.swap.cache[slot: slot + nr] = fid
+
+
 def delete_from_swap_cache(k: Kernel, fid: int) -> None:
     """Model of delete_from_swap_cache(): drop the cache's references and slot hold."""
     f = k.folios
@@ -226,9 +249,30 @@ def delete_from_swap_cache(k: Kernel, fid: int) -> None:
     f.swap[fid] = -1
     for s in range(slot, slot + nr):
         k.swap.in_cache[s] = False
+        k.swap.cache[s] = -1
         if k.swap.swap_map[s] <= 0:
             k.swap.free_slot(s)
     rmap.folio_put(k, fid, nr)
+
+
+def free_swap_and_cache(k: Kernel, slot: int) -> None:
+    """Model of swap_free() / free_swap_and_cache(): one swap entry of ``slot`` is gone.
+
+    When it was the last one, a folio still in the swap cache for that slot
+    leaves it (and is freed if nothing maps it).  Simplification: the kernel
+    keeps a mapped folio cached until reclaim or a write frees the swap
+    (should_try_to_free_swap()); here it leaves at once, with the same
+    result for reuse on a later write.
+    """
+    sw = k.swap
+    sw.swap_map[slot] -= 1
+    if sw.swap_map[slot] > 0:
+        return
+    fid = int(sw.cache[slot])
+    if fid >= 0:
+        delete_from_swap_cache(k, fid)
+    elif not sw.in_cache[slot]:
+        sw.free_slot(slot)
 
 
 def reclaim_pages(k: Kernel, fids) -> int:
@@ -400,36 +444,52 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
 
 # -- swap-in ------------------------------------------------------------------------------------------------
 def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
-    """Model of do_swap_page() for a 4 KiB swap-in from the device.
+    """Model of do_swap_page() for a 4 KiB swap-in.
 
-    Reads the slot into a new order-0 folio (pgmajfault, pswpin), maps it,
-    and drops the swap reference.  The page is mapped exclusive (and writable
-    on a write fault) when the swap entry was exclusive or nobody else holds
-    the slot; otherwise it is mapped read-only and a write goes on to
-    do_wp_page(), which copies.
+    If another process sharing the slot swapped it in already, its folio is
+    still in the swap cache and is mapped again: a minor fault, no read.
+    Otherwise the slot is read into a new order-0 folio (pgmajfault, pswpin),
+    which enters the swap cache when other swap entries still point at the
+    slot, so that they map the same folio.  Then the swap reference is
+    dropped (free_swap_and_cache()).  The page is mapped exclusive (and
+    writable on a write fault) when the entry was exclusive or the folio has
+    no other user left; otherwise it is mapped read-only and a write goes on
+    to do_wp_page(), which copies.  Simplification: the device is not
+    SWP_SYNCHRONOUS_IO, but a slot nobody else references does not keep its
+    folio in the swap cache (the kernel keeps it until reclaim or a write).
     """
     from .memory import VM_FAULT_OK, do_wp_page
     pt = mm.pt
+    f = k.folios
     i = pte_index(addr)
     slot = swp_offset(int(pt.pte_pfn[row, i]))
     exclusive_entry = bool(pt.pte_flags[row, i] & _PAGE_SWP_EXCLUSIVE)
-    pfn = k.alloc_page()
-    if pfn < 0:
-        raise OutOfMemory(addr)
-    fid = k.new_folio(pfn, 0)
-    k.mem.content[pfn] = k.swap.content[slot]
-    k.vmstat.count_vm_event("pgmajfault")
-    k.vmstat.count_vm_event("pswpin")
-    others = int(k.swap.swap_map[slot]) - 1            # other swap PTEs still pointing here
-    exclusive = exclusive_entry or others == 0
-    k.folios.refcount[fid] = 1
-    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
-    if not exclusive:
-        k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
-    k.swap.put(slot)
+    last = int(k.swap.swap_map[slot]) == 1              # this is the slot's last swap entry
+    fid = int(k.swap.cache[slot])
+    if fid >= 0:                                        # swap cache hit
+        pfn = int(f.head[fid])
+        exclusive = exclusive_entry or (last and int(k.mem.mapcount[pfn]) == 0)
+        f.refcount[fid] += 1
+        rmap.folio_add_anon_rmap_ptes(k, fid, pfn, 1, mm, exclusive)
+    else:
+        pfn = k.alloc_page()
+        if pfn < 0:
+            raise OutOfMemory(addr)
+        fid = k.new_folio(pfn, 0)
+        k.mem.content[pfn] = k.swap.content[slot]
+        k.vmstat.count_vm_event("pgmajfault")
+        k.vmstat.count_vm_event("pswpin")
+        exclusive = exclusive_entry or last
+        f.refcount[fid] = 1
+        rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+        if not exclusive:
+            k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+        k.lru_add(fid)
+        if not last:
+            add_to_swap_cache(k, fid, slot)
+    free_swap_and_cache(k, slot)
     mm.rss_swap -= 1
     mm.rss_anon += 1
-    k.lru_add(fid)
     flags = _PAGE_PRESENT | _PAGE_ACCESSED
     if exclusive and write and vma.flags & VM_WRITE:
         flags |= _PAGE_RW | _PAGE_DIRTY
@@ -545,6 +605,8 @@ def memory_failure(k: Kernel, pfn: int) -> None:
         else:
             mm = m[1]
             hm.zap_huge_pmd(k, mm, m[2])
+    if k.folios.used[fid] and k.folios.flags[fid] & PG_SWAPCACHE:
+        delete_from_swap_cache(k, fid)  # me_swapcache_clean(): the slot keeps the contents
     k.mem.reserved[pfn] = True        # a poisoned frame never returns to the allocator
     if k.mem.free_order[pfn] >= 0 or k.mem.folio[pfn] < 0:
         k.mem.take_pfn(pfn)

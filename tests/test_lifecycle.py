@@ -344,6 +344,28 @@ def test_the_swap_cache_keeps_a_folio_its_last_mapper_dropped_and_reclaim_reuses
     p.exit()
 
 
+def test_a_folio_in_the_swap_cache_migrates_and_stays_in_the_cache():
+    """migrate_pages(): the swap cache's reference is expected, so a cached folio moves (mapped
+    or not) and the other process's fault still finds it there."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    a, toks = thp_region(k, p, 1, 100)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    c = p.fork()
+    assert_reads(c, a, toks[:2])                        # two pages swapped in, both cached
+    old = pfns_of(c, a, 2)
+    c.madvise(a + PAGE_SIZE, PAGE_SIZE, MADV_DONTNEED)  # the second one is now mapped by nobody
+    v0 = k.vmstat_snapshot()
+    k.migrate(int(old[0]))
+    k.migrate(int(old[1]))
+    assert ev(delta(k, v0), "pgmigrate_success") == 2
+    assert pfns_of(c, a, 1)[0] != old[0]
+    v1 = k.vmstat_snapshot()
+    assert_reads(p, a, toks[:2])                        # both found in the swap cache
+    assert ev(delta(k, v1), "pswpin") == 0
+    assert pfns_of(p, a, 1)[0] == pfns_of(c, a, 1)[0]   # the page the child maps, moved
+
+
 def test_dontneed_munmap_and_exit_free_swap_slots():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
-from .folio import PG_ANON, PG_HUGE_ZERO
+from .folio import PG_ANON, PG_HUGE_ZERO, PG_SWAPCACHE
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -118,7 +118,10 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
     mem = k.mem
     order = int(f.order[fid])
     nr = 1 << order
-    if f.refcount[fid] != f.large[fid] if order else f.refcount[fid] != mem.mapcount[int(f.head[fid])]:
+    # folio_expected_ref_count(): the mappings, plus one per page held by the swap cache.
+    expected = (int(f.large[fid]) if order else int(mem.mapcount[int(f.head[fid])])) + \
+        (nr if f.flags[fid] & PG_SWAPCACHE else 0)
+    if f.refcount[fid] != expected:
         k.vmstat.count_vm_event("pgmigrate_fail", nr)
         if order >= HPAGE_PMD_ORDER:
             k.vmstat.count_vm_event("thp_migration_fail")

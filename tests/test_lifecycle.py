@@ -27,7 +27,7 @@ from thpcow.kernel import (
     MADV_PAGEOUT, PAGE_SIZE, Kernel,
 )
 from thpcow.kernel.clock import NSEC_PER_SEC
-from thpcow.kernel.errors import HardwarePoison
+from thpcow.kernel.errors import HardwarePoison, KernelError
 from thpcow.kernel.task_mmu import PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 
 MiB = 1 << 20
@@ -364,6 +364,68 @@ def test_a_folio_in_the_swap_cache_migrates_and_stays_in_the_cache():
     assert_reads(p, a, toks[:2])                        # both found in the swap cache
     assert ev(delta(k, v1), "pswpin") == 0
     assert pfns_of(p, a, 1)[0] == pfns_of(c, a, 1)[0]   # the page the child maps, moved
+
+
+@pytest.mark.parametrize("order", ["swap in, then fork", "fork, then both swap in"])
+def test_madv_free_in_one_process_keeps_a_swapped_in_page_the_other_still_maps(order):
+    """folio_free_swap() marks the folio dirty when its swap copy goes: then MADV_FREE skips a
+    page that another process maps too, and reclaim cannot drop the other process's data."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    a = p.mmap(PAGE_SIZE)
+    p.write(a, 1, 7)
+    p.madvise(a, PAGE_SIZE, MADV_PAGEOUT)
+    if order == "swap in, then fork":
+        assert_reads(p, a, np.array([7]))
+        c = p.fork()
+    else:
+        c = p.fork()
+        assert_reads(p, a, np.array([7]))
+        assert_reads(c, a, np.array([7]))
+    p.madvise(a, PAGE_SIZE, MADV_FREE)
+    for _ in range(3):
+        k.reclaim(1 << 16)
+    assert_reads(c, a, np.array([7]))
+    assert_reads(p, a, np.array([7]))
+
+
+def test_memory_failure_of_a_folio_in_the_swap_cache_leaves_swap_entries():
+    """hwpoison_user_mappings() keeps a clean swap cache page's data: its mappings become swap
+    entries again (no SIGBUS) and the next fault reads the slot."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    a = p.mmap(PAGE_SIZE)
+    p.write(a, 1, 7)
+    p.madvise(a, PAGE_SIZE, MADV_PAGEOUT)
+    c = p.fork()
+    assert_reads(p, a, np.array([7]))                   # cached: the child's entry uses the slot
+    k.memory_failure(int(pfns_of(p, a, 1)[0]))
+    assert swapped(p, a, 1).all() and p.status()["VmSwap"] == 4
+    v0 = k.vmstat_snapshot()
+    assert_reads(p, a, np.array([7]))
+    assert_reads(c, a, np.array([7]))
+    assert ev(delta(k, v0), "pswpin") == 1
+
+
+def test_an_exclusive_swap_entry_is_mapped_writable_on_a_read_fault():
+    """do_swap_page(): an exclusive entry in a VM_WRITE mapping is mapped writable (not dirty)
+    even on a read, so the write after it takes no second fault.  A read of an entry another
+    process still uses maps it read-only."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    a, toks = small_region(p, 8, 100)
+    p.madvise(a, 8 * PAGE_SIZE, MADV_PAGEOUT)
+    assert_reads(p, a, toks)
+    v0 = k.vmstat_snapshot()
+    p.write_many(page_addrs(a, 8), toks + 1)
+    assert ev(delta(k, v0), "pgfault") == 0
+    p.madvise(a, 8 * PAGE_SIZE, MADV_PAGEOUT)
+    c = p.fork()                                        # the entries are no longer exclusive
+    assert_reads(p, a, toks + 1)
+    v1 = k.vmstat_snapshot()
+    p.write_many(page_addrs(a, 8), toks + 2)
+    assert ev(delta(k, v1), "pgfault") == 8
+    assert_reads(c, a, toks + 1)
 
 
 def test_dontneed_munmap_and_exit_free_swap_slots():
@@ -822,6 +884,42 @@ def test_khugepaged_respects_max_ptes_swap(nr_swapped, collapses):
         assert ev(d, "pswpin") == 0
         assert p.smaps_fields(a)["AnonHugePages"] == 0 and p.status()["VmSwap"] == 4 * nr_swapped
     assert_reads(p, a, toks)
+
+
+def test_khugepaged_counts_shared_ptes_again_after_its_swap_in():
+    """__collapse_huge_page_isolate() re-checks max_ptes_shared after the swap-in: pages just
+    swapped in from the swap cache are mapped by another process too."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    k.sysfs.write("enabled", "always")
+    k.sysfs.write("khugepaged/max_ptes_swap", "511")
+    p = k.spawn()
+    a, toks = thp_region(k, p, 1, 100)
+    p.madvise(a, 200 * PAGE_SIZE, MADV_PAGEOUT)           # split; 200 pages go to swap
+    c = p.fork()
+    assert_reads(c, a, toks[:200])                      # cached, mapped by the child
+    p.write(a + 200 * PAGE_SIZE, 212 * PAGE_SIZE, 5)    # 212 copies of the parent's own
+    assert_reads(p, a + 412 * PAGE_SIZE, toks[412:])    # 100 stay shared, all young
+    v0 = k.vmstat_snapshot()
+    k.advance(25 * NSEC_PER_SEC)
+    d = delta(k, v0)
+    assert ev(d, "thp_scan_exceed_share_pte") >= 1 and ev(d, "pswpin") == 0
+    assert p.smaps_fields(a)["AnonHugePages"] == 0
+
+
+def test_madv_collapse_whose_swap_in_runs_out_of_memory_fails_and_leaks_nothing():
+    """A failed swap-in ends the collapse (SCAN_FAIL, EINVAL) and the new THP is freed."""
+    k = Kernel(ram=16 << 20, swap=SWAP, check=True)
+    p = k.spawn()
+    big = p.mmap(14 << 20)
+    p.write(big, 14 << 20, 1)
+    a = p.mmap(HPAGE_PMD_SIZE)
+    p.write(a, HPAGE_PMD_SIZE, 2)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p.write(big, 14 << 20, 3)
+    with pytest.raises(KernelError, match="SCAN_FAIL"):
+        p.madvise(a, HPAGE_PMD_SIZE, MADV_COLLAPSE)
+    assert p.smaps_fields(a)["AnonHugePages"] == 0
+    assert_reads(p, a, np.full(NR, 2))
 
 
 def test_defrag_defer_wakes_kcompactd_instead_of_stalling():

@@ -224,6 +224,14 @@ def check_kernel(k: Kernel) -> None:
             fid = int(sw.cache[slot])
             if not f.used[fid] or not f.flags[fid] & PG_SWAPCACHE or not sw.in_cache[slot]:
                 _fail(f"swap slot {slot}: the swap cache names folio {fid}, which is not in the swap cache")
+            pfn = int(f.head[fid]) + slot - int(f.swap[fid])
+            # Kept only while other swap entries use the slot, and never written while cached.
+            if sw.swap_map[slot] < 1:
+                _fail(f"swap slot {slot}: folio {fid} is in the swap cache but no swap entry uses the slot")
+            if mem.content[pfn] != sw.content[slot]:
+                _fail(f"swap slot {slot}: folio {fid} in the swap cache differs from the slot's contents")
+            if mem.pflags[pfn] & PG_ANON_EXCLUSIVE or writable_maps[pfn]:
+                _fail(f"swap slot {slot}: folio {fid} in the swap cache is exclusive or mapped writable")
         held = (swap_refs > 0) | sw.in_cache
         held[0] = True                              # the swap header
         if (sw.used[: sw.nr_slots] != held).any():

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
-from .errors import KernelError
+from .errors import KernelError, OutOfMemory
 from .folio import PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
@@ -81,6 +81,16 @@ class CollapseControl:
         return k.sysfs.max_ptes_shared if self.is_khugepaged else HPAGE_PMD_NR
 
 
+def _nr_maybe_shared(k: Kernel, pfns: np.ndarray) -> int:
+    """How many of these mapped pages folio_maybe_mapped_shared() calls shared."""
+    f = k.folios
+    fids = k.mem.folio[pfns]
+    small = f.order[fids] == 0
+    shared_small = small & (k.mem.mapcount[pfns] > 1)
+    shared_large = ~small & (f.large[fids] > 1) & (f.flags[fids] & PG_MM_IDS_SHARED).astype(bool)
+    return int(np.count_nonzero(shared_small | shared_large))
+
+
 def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
     """Model of collapse_scan_pmd() for anonymous memory (PMD order)."""
     pt = mm.pt
@@ -107,11 +117,7 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     f = k.folios
     if cc.is_khugepaged and (~(f.flags[fids] & PG_SWAPBACKED).astype(bool)).any():
         return ScanResult.SCAN_PAGE_LAZYFREE
-    small = f.order[fids] == 0
-    shared_small = small & (k.mem.mapcount[p] > 1)
-    shared_large = ~small & (f.large[fids] > 1) & (f.flags[fids] & PG_MM_IDS_SHARED).astype(bool)
-    shared = int(np.count_nonzero(shared_small | shared_large))       # folio_maybe_mapped_shared()
-    if shared > cc.max_ptes_shared(k):
+    if _nr_maybe_shared(k, p) > cc.max_ptes_shared(k):
         k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
         return ScanResult.SCAN_EXCEED_SHARED_PTE
     uf = np.unique(fids)
@@ -147,13 +153,24 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     pt = mm.pt
     s = pt.slot_of[haddr >> (PAGE_SHIFT + 9)]
     row = int(pt.pmd_row[s])
-    # __collapse_huge_page_swapin(): fault the swapped pages back in first.
+    # __collapse_huge_page_swapin(): fault the swapped pages back in first.  A fault that
+    # fails ends the collapse (SCAN_FAIL); the pages already swapped in stay.
     from .vmscan import do_swap_page
     for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
-        do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)
+        try:
+            do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)
+        except OutOfMemory:
+            rmap.free_folio(k, new)
+            return ScanResult.SCAN_FAIL
     pfns = pt.pte_pfn[row].copy()
     flags = pt.pte_flags[row].copy()
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
+    # __collapse_huge_page_isolate() counts maybe-shared pages again: a page swapped in just now
+    # may be mapped by another process too (a swap cache hit).
+    if cc.is_khugepaged and _nr_maybe_shared(k, pfns[normal]) > cc.max_ptes_shared(k):
+        k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
+        rmap.free_folio(k, new)
+        return ScanResult.SCAN_EXCEED_SHARED_PTE
     content = np.zeros(HPAGE_PMD_NR, dtype=np.int64)
     content[normal] = k.mem.content[pfns[normal]]
     k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content

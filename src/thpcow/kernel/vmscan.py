@@ -259,7 +259,9 @@ def free_swap_and_cache(k: Kernel, slot: int) -> None:
     """Model of swap_free() / free_swap_and_cache(): one swap entry of ``slot`` is gone.
 
     When it was the last one, a folio still in the swap cache for that slot
-    leaves it (and is freed if nothing maps it).  Simplification: the kernel
+    leaves it (and is freed if nothing maps it).  A mapped one is then the only
+    copy of its data, so it is marked dirty, as folio_free_swap() does (a clean
+    one could be dropped: MADV_FREE then reclaim).  Simplification: the kernel
     keeps a mapped folio cached until reclaim or a write frees the swap
     (should_try_to_free_swap()); here it leaves at once, with the same
     result for reuse on a later write.
@@ -270,6 +272,8 @@ def free_swap_and_cache(k: Kernel, slot: int) -> None:
         return
     fid = int(sw.cache[slot])
     if fid >= 0:
+        if k.mem.mapcount[int(k.folios.head[fid])] > 0:
+            k.folios.flags[fid] |= PG_DIRTY
         delete_from_swap_cache(k, fid)
     elif not sw.in_cache[slot]:
         sw.free_slot(slot)
@@ -451,12 +455,14 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     Otherwise the slot is read into a new order-0 folio (pgmajfault, pswpin),
     which enters the swap cache when other swap entries still point at the
     slot, so that they map the same folio.  Then the swap reference is
-    dropped (free_swap_and_cache()).  The page is mapped exclusive (and
-    writable on a write fault) when the entry was exclusive or the folio has
-    no other user left; otherwise it is mapped read-only and a write goes on
-    to do_wp_page(), which copies.  Simplification: the device is not
-    SWP_SYNCHRONOUS_IO, but a slot nobody else references does not keep its
-    folio in the swap cache (the kernel keeps it until reclaim or a write).
+    dropped (free_swap_and_cache()).  The page is mapped exclusive, and
+    writable in a VM_WRITE mapping even on a read fault, when the swap entry
+    was exclusive, or on a write fault when nobody else holds the folio or
+    its slot (should_try_to_free_swap() frees the swap first); otherwise it
+    is mapped read-only and a write goes on to do_wp_page().
+    Simplification: the device is not SWP_SYNCHRONOUS_IO, but a slot nobody
+    else references does not keep its folio in the swap cache (the kernel
+    keeps it until reclaim or a write).
     """
     from .memory import VM_FAULT_OK, do_wp_page
     pt = mm.pt
@@ -468,7 +474,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     fid = int(k.swap.cache[slot])
     if fid >= 0:                                        # swap cache hit
         pfn = int(f.head[fid])
-        exclusive = exclusive_entry or (last and int(k.mem.mapcount[pfn]) == 0)
+        exclusive = exclusive_entry or (write and last and int(k.mem.mapcount[pfn]) == 0)
         f.refcount[fid] += 1
         rmap.folio_add_anon_rmap_ptes(k, fid, pfn, 1, mm, exclusive)
     else:
@@ -479,7 +485,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
         k.mem.content[pfn] = k.swap.content[slot]
         k.vmstat.count_vm_event("pgmajfault")
         k.vmstat.count_vm_event("pswpin")
-        exclusive = exclusive_entry or last
+        exclusive = exclusive_entry or (write and last)
         f.refcount[fid] = 1
         rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
         if not exclusive:
@@ -488,11 +494,13 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
         if not last:
             add_to_swap_cache(k, fid, slot)
     free_swap_and_cache(k, slot)
+    if not f.flags[fid] & PG_SWAPCACHE:
+        f.flags[fid] |= PG_DIRTY          # the slot is gone: the folio is the only copy (folio_free_swap())
     mm.rss_swap -= 1
     mm.rss_anon += 1
     flags = _PAGE_PRESENT | _PAGE_ACCESSED
-    if exclusive and write and vma.flags & VM_WRITE:
-        flags |= _PAGE_RW | _PAGE_DIRTY
+    if exclusive and vma.flags & VM_WRITE:
+        flags |= _PAGE_RW | (_PAGE_DIRTY if write else 0)
     pt.pte_pfn[row, i] = pfn
     pt.pte_flags[row, i] = flags
     k.mem.vpn[pfn] = addr >> PAGE_SHIFT
@@ -578,7 +586,8 @@ def memory_failure(k: Kernel, pfn: int) -> None:
 
     A large folio is split first (so the rest of a THP survives as 4 KiB
     pages); the poisoned page is unmapped everywhere and its entries become
-    hwpoison markers: touching them raises SIGBUS.  If the split fails the
+    hwpoison markers: touching them raises SIGBUS.  A folio in the swap cache
+    is clean (its slot holds the data): its entries become swap entries again.  If the split fails the
     whole folio is unmapped (the processes would be killed).
     """
     from .mm import _PAGE_HWPOISON
@@ -594,6 +603,11 @@ def memory_failure(k: Kernel, pfn: int) -> None:
         if fid < 0:
             k.mem.take_pfn(pfn)
             return
+    if k.folios.flags[fid] & PG_SWAPCACHE:
+        # A clean folio in the swap cache: its slot holds the data, so the mappings become swap
+        # entries again and a later fault reads the slot (hwpoison_user_mappings() drops
+        # TTU_HWPOISON for swap cache folios; me_swapcache_clean() deletes it from the cache).
+        try_to_unmap_to_swap(k, fid, int(k.folios.swap[fid]))
     for m in folio_mappings(k, fid):
         if m[0] == "pte":
             _, mm, r, c, p = m
@@ -606,7 +620,7 @@ def memory_failure(k: Kernel, pfn: int) -> None:
             mm = m[1]
             hm.zap_huge_pmd(k, mm, m[2])
     if k.folios.used[fid] and k.folios.flags[fid] & PG_SWAPCACHE:
-        delete_from_swap_cache(k, fid)  # me_swapcache_clean(): the slot keeps the contents
+        delete_from_swap_cache(k, fid)
     k.mem.reserved[pfn] = True        # a poisoned frame never returns to the allocator
     if k.mem.free_order[pfn] >= 0 or k.mem.folio[pfn] < 0:
         k.mem.take_pfn(pfn)

@@ -22,9 +22,8 @@ snapshot, the tail), simulated writes per wall second, and the simulator's
 peak memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``).
 Target: the full run (64 GiB, 10M writes) in under 60 s on one core.
 ``--quick``: 8 GiB and 1,000,000 writes.  ``--profile`` runs it under
-cProfile and prints where the time goes.  ``--tlb off`` replaces the runner's
-TLB meter by nothing (the runner has no switch for it, so the benchmark
-patches ``runner._TlbMeter.make``); the output says which was used.
+cProfile and prints where the time goes.  ``--tlb off`` runs the scenario
+with ``tlb_model: false`` (no TLB model); the output says which was used.
 The wall time is also broken down by op kind and phase (the benchmark wraps
 ``runner._Run.step`` and ``__init__`` for that; the figures are unchanged).
 The last printed line is one JSON object of the figures.
@@ -40,6 +39,7 @@ import pstats
 import resource
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def build(args) -> Scenario:
 
 def run(sc: Scenario, tlb: bool) -> tuple[runner.PointResult, float, dict[str, float]]:
     """run_point() on the scenario; also the wall seconds spent per (op kind, phase), kernel setup included."""
-    saved_make, saved_step, saved_init = runner._TlbMeter.make, runner._Run.step, runner._Run.__init__
+    saved_step, saved_init = runner._Run.step, runner._Run.__init__
     wall: dict[str, float] = {}
 
     def step(self, seq, op):
@@ -103,15 +103,14 @@ def run(sc: Scenario, tlb: bool) -> tuple[runner.PointResult, float, dict[str, f
         saved_init(self, *a, **kw)
         wall["setup (kernel, TLB)"] = time.perf_counter() - t
 
-    if not tlb:
-        runner._TlbMeter.make = classmethod(lambda cls, machine: None)
+    sc = replace(sc, tlb_model=tlb)
     runner._Run.step, runner._Run.__init__ = step, init
     try:
         t0 = time.perf_counter()
         res = runner.run_point(sc, "upstream")
         return res, time.perf_counter() - t0, wall
     finally:
-        runner._TlbMeter.make, runner._Run.step, runner._Run.__init__ = saved_make, saved_step, saved_init
+        runner._Run.step, runner._Run.__init__ = saved_step, saved_init
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     w = sc.make_workload()
     tick, fork_i, exit_i, last, _per = w._ticks()
     print(f"scenario: {sc.name}, {sc.ram_mib} MiB RAM, seed {sc.seed}, policy upstream, "
-          f"TLB model {'on' if args.tlb == 'on' else 'off (runner._TlbMeter.make patched)'}", file=sys.stderr)
+          f"TLB model {args.tlb} (scenario tlb_model)", file=sys.stderr)
     print(f"workload: {w!r}", file=sys.stderr)
     print(f"  {last} ticks of {tick / 1e6:g} ms: fork at tick {fork_i}, child exits at tick {exit_i}, "
           f"{w.duration_ns() / 1e9:g} s simulated", file=sys.stderr)

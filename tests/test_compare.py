@@ -57,6 +57,8 @@ def bad(text: str) -> str:
     ("ram_mib: 8\nworkload: {name: forkserver}\n", "s.yaml:1: ram_mib: 8 must be >= 16"),
     ("fragmentation: 1.5\nworkload: {name: forkserver}\n", "s.yaml:1: fragmentation: 1.5 must be <= 1.0"),
     ("check: maybe\nworkload: {name: forkserver}\n", "s.yaml:1: check: expected a boolean (true/false), got 'maybe'"),
+    ("tlb_model: off-ish\nworkload: {name: forkserver}\n",
+     "s.yaml:1: tlb_model: expected a boolean (true/false), got 'off-ish'"),
     ("seed: [1]\nworkload: {name: forkserver}\n", "s.yaml:1: seed: expected a int, got a list"),
     ("name: x\n", "s.yaml:1: workload: missing"),
     ("workload:\n  name: memcached\n", "s.yaml:2: workload.name: unknown workload 'memcached'; known: redis-bgsave"),
@@ -200,6 +202,25 @@ def test_tlb_misses_come_from_the_machine_model(tiny):
     # the child's 2048 stores hit 4 KiB pages under upstream, four 2 MiB pages under the series
     assert df.loc["upstream", "tlb_misses"] >= 2048 > 100 * df.loc["thp-cow-v1", "tlb_misses"]
     assert df.loc["upstream", "tlb_ms"] > df.loc["thp-cow-v1", "tlb_ms"] > 0
+
+
+def test_tlb_model_off_skips_the_tlb_columns_and_nothing_else(tiny, tmp_path):
+    """tlb_model: false (or compare --no-tlb) runs no TLB model: its columns are NaN, every
+    kernel counter is the same."""
+    on = thpcow.compare(tiny).set_index("policy")
+    text = open(tiny).read()
+    path = tmp_path / "off.yaml"
+    path.write_text("tlb_model: false\n" + text)
+    sc = load_scenario(str(path))
+    assert sc.tlb_model is False and sc.to_dict()["tlb_model"] is False
+    off = thpcow.compare(str(path)).set_index("policy")
+    assert off["tlb_misses"].isna().all() and off["tlb_ms"].isna().all()
+    for col in ("cow_mib", "peak_mib", "pgfault", "thp_split_pmd", "sim_cow_pages"):
+        assert (on[col] == off[col]).all(), col
+    code, out = run_cli("compare", tiny, "--no-tlb", "--out", str(tmp_path / "cli"), "--policy", "upstream")
+    assert code == 0, out
+    df = pd.read_parquet(os.path.join(tmp_path / "cli", "summary.parquet"))
+    assert df["tlb_misses"].isna().all()
 
 
 def test_compare_is_deterministic(tiny):

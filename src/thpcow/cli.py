@@ -111,7 +111,10 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
                                                  "default: the scenario's list), e.g. cow-density:threshold=32"),
                 out: str = typer.Option(None, "--out", help="output directory "
                                         "(default: results/<scenario>-<timestamp>/)"),
-                seed: int = typer.Option(None, "--seed", help="override the scenario's seed")) -> None:
+                seed: int = typer.Option(None, "--seed", help="override the scenario's seed"),
+                tlb: bool = typer.Option(None, "--tlb/--no-tlb", help="run the accesses through the TLB model "
+                                         "(default: the scenario's tlb_model, normally on); off is faster "
+                                         "and leaves the TLB columns n/a")) -> None:
     """Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report.
 
     Columns: COW MiB = (sim_cow_bytes + sim_collapse_bytes), vmstat counters
@@ -138,6 +141,8 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
             if seed < 0:
                 raise ValueError(f"--seed={seed}: must be >= 0")
             sc = replace(sc, seed=seed)
+        if tlb is not None:
+            sc = replace(sc, tlb_model=tlb)
     except (ScenarioError, ValueError) as exc:
         _fail(str(exc))
     out_dir = out or os.path.join("results", f"{sc.name}-{_time.strftime('%Y%m%d-%H%M%S')}")

@@ -216,8 +216,9 @@ first fork to the end. Peak: max of (nr_frames - nr_free) x 4 KiB after every op
 cost of each write batch of the <i>{html.escape(phase)}</i> phase ({html.escape(model)}). THP: the
 parent's AnonHugePages / Anonymous over time. TLB misses: page walks of the workload's loads and stores
 from the first fork on, replayed through the TLB simulator of thpcow.machine (preset
-<i>{html.escape(sc.machine)}</i>; flushed on fork and exit only, so an undercount; n/a without
-thpcow.machine); TLB ms: the translation time it estimates (not in the latencies). Model ms: sum of
+<i>{html.escape(sc.machine)}</i>; it is flushed wherever the simulated kernel flushed: COW remaps,
+PMD splits, collapses, unmaps, swap-out, migration, fork and exit; n/a without thpcow.machine or with
+<code>tlb_model: false</code>); TLB ms: the translation time it estimates (not in the latencies). Model ms: sum of
 the modelled cost of every op.</p>
 {figs}
 <h2>Scenario</h2><pre>{html.escape(sc.to_yaml())}</pre>

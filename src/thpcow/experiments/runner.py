@@ -169,7 +169,7 @@ class _Run:
         for path, value in scenario.sysfs.items():
             self.k.sysfs.write(path, value)
         self.model = latency_model(scenario.machine)
-        self.tlb = _TlbMeter.make(scenario.machine)
+        self.tlb = _TlbMeter.make(scenario.machine) if scenario.tlb_model else None
         if self.tlb is not None:
             self.k.tlb_flush_log = []
         self.procs: dict[int, Any] = {}

@@ -5,6 +5,8 @@ Schema (every field but ``workload`` is optional)::
     name: redis-256m            # default: the file name without .yaml
     description: free text
     machine: amd-zen4-genoa     # machine preset (TLB model); see machine_presets()
+    tlb_model: true             # run the workload's accesses through the TLB model (tlb_misses,
+                                #   tlb_ms); false skips it: faster, and those columns are NaN
     ram_mib: 1024               # simulated RAM (MiB), >= 16; under 512 the kernel boots with THP off
                                 #   (hugepage_init), so set sysfs.enabled to turn it on
     fragmentation: 0.0          # share of free memory broken by unmovable pages, 0..1
@@ -34,8 +36,8 @@ from typing import Any
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "default.yaml")
 
-FIELDS = ("name", "description", "machine", "ram_mib", "fragmentation", "seed", "check", "sample_ms",
-          "sysfs", "workload", "policies")
+FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check",
+          "sample_ms", "sysfs", "workload", "policies")
 
 DEFAULT_MACHINE = "amd-zen4-genoa"
 # Used when thpcow.machine cannot be imported: the core of the calibration VM.
@@ -69,6 +71,7 @@ class Scenario:
     name: str = "scenario"
     description: str = ""
     machine: str = DEFAULT_MACHINE
+    tlb_model: bool = True
     ram_mib: int = 1024
     fragmentation: float = 0.0
     seed: int = 0
@@ -88,8 +91,10 @@ class Scenario:
         out: dict[str, Any] = {"name": self.name}
         if self.description:
             out["description"] = self.description
-        out.update(machine=self.machine, ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed,
-                   check=self.check)
+        out["machine"] = self.machine
+        if not self.tlb_model:
+            out["tlb_model"] = False
+        out.update(ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed, check=self.check)
         if self.sample_ms is not None:
             out["sample_ms"] = self.sample_ms
         out["sysfs"] = dict(self.sysfs)
@@ -226,7 +231,7 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
         raise err(node, "workload", "missing (e.g. workload: {name: redis-bgsave})")
     kw: dict[str, Any] = {"source": source, "name": default_name}
     simple = {"name": (str, None, None), "description": (str, None, None), "machine": (str, None, None),
-              "ram_mib": (int, 16, None), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
+              "tlb_model": (bool, None, None), "ram_mib": (int, 16, None), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
               "check": (bool, None, None), "sample_ms": (float, 1e-6, None)}
     for key, (kind, lo, hi) in simple.items():
         if key in fields:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
-from .folio import PG_ANON, PG_HUGE_ZERO, PG_SWAPCACHE
+from .folio import PG_ANON, PG_HUGE_ZERO
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -118,10 +118,8 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
     mem = k.mem
     order = int(f.order[fid])
     nr = 1 << order
-    # folio_expected_ref_count(): the mappings, plus one per page held by the swap cache.
-    expected = (int(f.large[fid]) if order else int(mem.mapcount[int(f.head[fid])])) + \
-        (nr if f.flags[fid] & PG_SWAPCACHE else 0)
-    if f.refcount[fid] != expected:
+    ids = np.array([fid])
+    if f.refcount[fid] != f.expected_ref_count(ids, mem.mapcount[f.head[ids]])[0]:
         k.vmstat.count_vm_event("pgmigrate_fail", nr)
         if order >= HPAGE_PMD_ORDER:
             k.vmstat.count_vm_event("thp_migration_fail")

@@ -169,6 +169,19 @@ class FolioTable:
             return False
         return bool(self.flags[fid] & PG_MM_IDS_SHARED)
 
+    def maybe_mapped_shared_many(self, fids: np.ndarray, page_mapcounts: np.ndarray) -> np.ndarray:
+        """maybe_mapped_shared() of many (folio, page mapcount) pairs at once: a bool array."""
+        small = self.order[fids] == 0
+        return np.where(small, page_mapcounts > 1,
+                        (self.large[fids] > 1) & (self.flags[fids] & PG_MM_IDS_SHARED).astype(bool))
+
+    def expected_ref_count(self, fids: np.ndarray, head_mapcounts: np.ndarray) -> np.ndarray:
+        """Model of folio_expected_ref_count(): the references its mappings and the swap cache
+        hold (large mapcount, or the page's mapcount for a small folio; one per page cached)."""
+        order = self.order[fids].astype(np.int64)
+        maps = np.where(order > 0, self.large[fids], head_mapcounts)
+        return maps + np.where(self.flags[fids] & PG_SWAPCACHE, 1 << order, 0)
+
     # -- CONFIG_MM_ID slot tracking (include/linux/rmap.h) --------------------------
     def set_large_mapcount(self, fid: int, count: int, mm_id: int) -> None:
         """Model of folio_set_large_mapcount(): a new folio, mapped by one mm."""

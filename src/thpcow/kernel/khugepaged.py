@@ -24,7 +24,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import KernelError, OutOfMemory
-from .folio import PG_MM_IDS_SHARED, PG_SWAPBACKED, PG_SWAPCACHE
+from .folio import PG_SWAPBACKED
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
 from . import rmap
@@ -83,12 +83,7 @@ class CollapseControl:
 
 def _nr_maybe_shared(k: Kernel, pfns: np.ndarray) -> int:
     """How many of these mapped pages folio_maybe_mapped_shared() calls shared."""
-    f = k.folios
-    fids = k.mem.folio[pfns]
-    small = f.order[fids] == 0
-    shared_small = small & (k.mem.mapcount[pfns] > 1)
-    shared_large = ~small & (f.large[fids] > 1) & (f.flags[fids] & PG_MM_IDS_SHARED).astype(bool)
-    return int(np.count_nonzero(shared_small | shared_large))
+    return int(np.count_nonzero(k.folios.maybe_mapped_shared_many(k.mem.folio[pfns], k.mem.mapcount[pfns])))
 
 
 def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
@@ -121,9 +116,7 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
         k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
         return ScanResult.SCAN_EXCEED_SHARED_PTE
     uf = np.unique(fids)
-    # is_refcount_suitable(): the mappings, plus one reference per page held by the swap cache.
-    cached = np.where(f.flags[uf] & PG_SWAPCACHE, 1 << f.order[uf].astype(np.int64), 0)
-    if (f.refcount[uf] != np.where(f.order[uf] > 0, f.large[uf], k.mem.mapcount[f.head[uf]]) + cached).any():
+    if (f.refcount[uf] != f.expected_ref_count(uf, k.mem.mapcount[f.head[uf]])).any():   # is_refcount_suitable()
         return ScanResult.SCAN_PAGE_COUNT
     referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
     if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):

@@ -455,7 +455,8 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     Otherwise the slot is read into a new order-0 folio (pgmajfault, pswpin),
     which enters the swap cache when other swap entries still point at the
     slot, so that they map the same folio.  Then the swap reference is
-    dropped (free_swap_and_cache()).  The page is mapped exclusive, and
+    dropped (free_swap_and_cache(): after the last one the folio leaves the
+    cache).  The page is mapped exclusive, and
     writable in a VM_WRITE mapping even on a read fault, when the swap entry
     was exclusive, or on a write fault when nobody else holds the folio or
     its slot (should_try_to_free_swap() frees the swap first); otherwise it
@@ -491,11 +492,8 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
         if not exclusive:
             k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
         k.lru_add(fid)
-        if not last:
-            add_to_swap_cache(k, fid, slot)
-    free_swap_and_cache(k, slot)
-    if not f.flags[fid] & PG_SWAPCACHE:
-        f.flags[fid] |= PG_DIRTY          # the slot is gone: the folio is the only copy (folio_free_swap())
+        add_to_swap_cache(k, fid, slot)
+    free_swap_and_cache(k, slot)          # the last entry takes the folio out of the cache, dirty
     mm.rss_swap -= 1
     mm.rss_anon += 1
     flags = _PAGE_PRESENT | _PAGE_ACCESSED

@@ -371,11 +371,9 @@ class Khugepaged:
                     progress += 1
                     continue
                 progress += HPAGE_PMD_NR
-                result = collapse_scan_pmd(k, mm, vma, haddr, cc)
-                if result == ScanResult.SCAN_SUCCEED:
-                    result = collapse_huge_page(k, mm, vma, haddr, cc)
-                    if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
-                        self.cursor_addr = haddr           # retry this block after the sleep
-                        return result, progress
+                result = collapse_single_pmd(k, mm, vma, haddr, cc)
+                if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                    self.cursor_addr = haddr           # retry this block after the sleep
+                    return result, progress
             self.cursor_addr = vma.end
         return None, progress

@@ -368,6 +368,25 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
             copy_pte_range(k, dst, src, vma, s, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
 
 
+def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
+    """Optimization: folio_prealloc() + folio_add_new_anon_rmap() for many order-0 pages at once.
+
+    Each frame of ``new`` becomes a mapped-once, AnonExclusive anon folio on
+    the LRU holding ``content``; the caller installs the PTEs.  Returns the ids.
+    """
+    f = k.folios
+    fids = f.alloc_bulk(new)
+    k.mem.folio[new] = fids
+    k.mem.content[new] = content
+    k.mem.mapcount[new] = 1
+    k.mem.pflags[new] = PG_ANON_EXCLUSIVE
+    f.refcount[fids] = 1
+    f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
+    k.lru_add(fids)
+    k.vmstat.mod_node_page_state("nr_anon_pages", len(new))
+    return fids
+
+
 # -- batched write faults (Optimization) ------------------------------------------------------
 def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray) -> bool:
     """Optimization: do_anonymous_page() write faults for many empty PTEs at once.
@@ -385,20 +404,11 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     for v in mm.vmas_in(lo, hi):
         if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
             anon_vma_prepare(k, v)
-    f = k.folios
-    fids = f.alloc_bulk(new)
-    k.mem.folio[new] = fids
-    k.mem.content[new] = 0
-    k.mem.mapcount[new] = 1
-    k.mem.pflags[new] = PG_ANON_EXCLUSIVE
-    f.refcount[fids] = 1
-    f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru_add(fids)
+    new_anon_folios_bulk(k, new, 0)
     mm.pt.pte_pfn[rows, cols] = new
     k.mem.vpn[new] = vpns
     mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += n
-    k.vmstat.mod_node_page_state("nr_anon_pages", n)
     k.vmstat.count_vm_event("pgfault", n)
     return True
 
@@ -443,20 +453,11 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
     old_pfn = pfns[c_idx]
     old_fid = fids[c_idx]
     # New order-0 folios, exclusive.
-    new_fid = f.alloc_bulk(new)
-    mem.folio[new] = new_fid
-    mem.content[new] = mem.content[old_pfn]
-    mem.mapcount[new] = 1
-    mem.pflags[new] = PG_ANON_EXCLUSIVE
-    f.order[new_fid] = 0
-    f.refcount[new_fid] = 1
-    f.flags[new_fid] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru_add(new_fid)
+    new_anon_folios_bulk(k, new, mem.content[old_pfn])
     pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
     mem.vpn[new] = vpns[c_idx]
     k.flush_tlb_pages(mm, vpns[c_idx])
     pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
-    k.vmstat.mod_node_page_state("nr_anon_pages", n)
     k.vmstat.count_vm_event("sim_cow_pages", n)
     k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
     # A large folio the scalar path would leave partially mapped after its

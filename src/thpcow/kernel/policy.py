@@ -125,11 +125,8 @@ class Pre58(CowPolicy):
         sysfs = k.sysfs
         enabled = not hm.vma_thp_disabled(mm, vma, False) and (
             sysfs.enabled == "always" or (sysfs.enabled == "madvise" and vma.flags & VM_HUGEPAGE))
-        if enabled:
-            pfn = k.mem.alloc(HPAGE_PMD_ORDER) if k.mem.has_free_order(HPAGE_PMD_ORDER) else -1
-            if pfn >= 0:
-                k.mem.free(pfn, HPAGE_PMD_ORDER)       # let the series' path allocate it
-                return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
+        if enabled and k.mem.has_free_order(HPAGE_PMD_ORDER):
+            return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
         k.vmstat.count_vm_event("thp_fault_fallback")
         return do_huge_pmd_wp_page_fallback(k, mm, vma, slot)
 
@@ -142,9 +139,8 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     pages cannot be had, the PMD is split as upstream does.
     """
     from . import rmap
+    from .memory import new_anon_folios_bulk
     from .mm import PMD_TABLE, PTE_NEW_ANON
-    from .physmem import PG_ANON_EXCLUSIVE
-    from .folio import PG_ANON, PG_LRU, PG_SWAPBACKED
     new = k.alloc_pages_bulk(HPAGE_PMD_NR)
     if new is None:
         return None
@@ -152,15 +148,7 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     old = int(pt.pmd_folio[s])
     f = k.folios
     head = int(f.head[old])
-    fids = f.alloc_bulk(new)
-    k.mem.folio[new] = fids
-    k.mem.content[new] = k.mem.content[head: head + HPAGE_PMD_NR]
-    k.mem.mapcount[new] = 1
-    k.mem.pflags[new] = PG_ANON_EXCLUSIVE
-    f.refcount[fids] = 1
-    f.flags[fids] = PG_ANON | PG_SWAPBACKED | PG_LRU
-    k.lru_add(fids)
-    k.vmstat.mod_node_page_state("nr_anon_pages", HPAGE_PMD_NR)
+    new_anon_folios_bulk(k, new, k.mem.content[head: head + HPAGE_PMD_NR])
     row = pt.alloc_row()
     pt.pte_pfn[row] = new
     pt.pte_flags[row] = PTE_NEW_ANON

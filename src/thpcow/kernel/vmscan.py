@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, VM_WRITE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, VM_WRITE
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import (
@@ -129,11 +129,9 @@ def try_to_unmap_to_swap(k: Kernel, fid: int, slot: int) -> None:
     """
     f = k.folios
     head = int(f.head[fid])
-    for m in folio_mappings(k, fid):
-        if m[0] == "pmd":
-            mm = m[1]
-            addr = int(mm.pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
-            hm.split_huge_pmd(k, mm, mm.find_vma(addr), m[2])
+    if f.entire[fid]:
+        for mm, vma, s in k.rmap_walk_pmd(fid):
+            hm.split_huge_pmd(k, mm, vma, s)
     for m in folio_mappings(k, fid):
         _, mm, r, c, pfn = m
         pt = mm.pt
@@ -201,7 +199,7 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         head = int(f.head[fid])
         if hm.split_folio(k, fid) != 0:
             return 0
-        return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
+        return _shrink_pieces(k, head, nr)
     slot = k.swap.alloc_slots(nr)
     if order and slot < 0:
         head = int(f.head[fid])
@@ -210,7 +208,7 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         if order >= HPAGE_PMD_ORDER:
             k.vmstat.count_vm_event("thp_swpout_fallback")
         k.vmstat.count_mthp_stat(order, "swpout_fallback")
-        return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
+        return _shrink_pieces(k, head, nr)
     if slot < 0:
         return 0                                          # swap full: keep it
     # add_to_swap(): into the swap cache, which holds nr references
@@ -226,6 +224,11 @@ def shrink_folio(k: Kernel, fid: int) -> int:
     # __remove_mapping(): leave the swap cache and free the folio
     delete_from_swap_cache(k, fid)
     return nr
+
+
+def _shrink_pieces(k: Kernel, head: int, nr: int) -> int:
+    """shrink_folio() of every folio a split left in frames [head, head + nr): pages freed."""
+    return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
 
 
 def add_to_swap_cache(k: Kernel, fid: int, slot: int) -> None:

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     numba_s, numba_wall, sim = measure(TlbSimulator, args.preset, args.accesses, args.chunk, footprint,
                            args.huge_fraction, args.seed)
-    base_s, base_wall, ref = measure(ReferenceTlbSimulator, args.preset, args.baseline_accesses,
+    base_s, _, ref = measure(ReferenceTlbSimulator, args.preset, args.baseline_accesses,
                           args.baseline_accesses, footprint, args.huge_fraction, args.seed)
     # The reference replays the start of the same stream: its counts must equal a fresh numba run's.
     _, _, check = measure(TlbSimulator, args.preset, args.baseline_accesses, args.baseline_accesses,

@@ -99,6 +99,12 @@ def workloads() -> None:
         print(cls.describe())
 
 
+def _wide_console(width: int) -> Console:
+    """The console on a terminal; otherwise one at least ``width`` columns wide, so that tables
+    written to a file or a pipe are not squeezed."""
+    return console if console.is_terminal else Console(width=max(console.width, width))
+
+
 def _fail(msg: str) -> None:
     """One line on stderr, exit status 1."""
     print(f"thpcow: {msg}", file=sys.stderr)
@@ -156,7 +162,8 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
 
         res = run_compare(sc, progress=advance)
     elapsed = _time.perf_counter() - t0
-    phase = sc.make_workload().measure_phase
+    from .workloads import workload_class
+    phase = workload_class(sc.workload).measure_phase
     table = Table(title=f"{sc.name}: {sc.workload}, {sc.ram_mib} MiB RAM, seed {sc.seed} "
                         f"(latency: {phase} phase)")
     for _col, head, _spec in report.TABLE:
@@ -166,7 +173,7 @@ def compare_cmd(scenario: str = typer.Argument(None, help="scenario YAML file (d
             table.add_column(head, justify="right")
     for row in report.table_rows(res.summary):
         table.add_row(*row)
-    wide = console if console.is_terminal else Console(width=max(console.width, 200))
+    wide = _wide_console(200)
     wide.print(table)
     paths = report.write_results(res, out_dir)
     console.print(f"results: {paths['report']} (Parquet: summary, ops, samples) in {out_dir}/; "
@@ -307,7 +314,7 @@ def calibrate_cmd(out: str = typer.Option(None, "--out", help="profile file to w
         table.add_row(r["figure"], r["field"] or "(lab extra)", r["per"], _human_ns(r["median_ns"]),
                       f"{_human_ns(r['min_ns'])} - {_human_ns(r['max_ns'])}", _human_ns(ref),
                       f"{r['median_ns'] / ref:.2f}" if ref else "-")
-    out_console = console if console.is_terminal else Console(width=max(console.width, 160))
+    out_console = _wide_console(160)
     out_console.print(table)
     rr = res.lab["random_reads"]
     t2 = Table(title=f"random 8 B reads (numpy take, {rr['accesses']:,} per run), ns per access")
@@ -373,7 +380,7 @@ def validate_cmd(profile: str = typer.Option(None, "--profile", help="profile fi
     for r in res.rows:
         table.add_row(r.label, _human_ns(r.measured_ns), _human_ns(r.predicted_ns), f"{r.ratio:.2f}",
                       "yes" if r.in_band else "[bold red]no[/]")
-    (console if console.is_terminal else Console(width=max(console.width, 160))).print(table)
+    _wide_console(160).print(table)
     n_in = sum(r.in_band for r in res.rows)
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)

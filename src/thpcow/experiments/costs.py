@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-US = 1000.0
 ACCESS_NS = 15.0        # one load or store: random 8 B access, 256 MiB buffer (calibration.md section 6)
 BYTE_NS = 0.035         # per byte moved: memset / sequential read at ~28.6 GB/s (sections 4 and 6)
 

@@ -19,6 +19,8 @@ import math
 import os
 from typing import Any
 
+from ..workloads import workload_class
+
 # Columns of the printed table: (column, header, format).
 TABLE = (
     ("policy", "policy", "{}"),
@@ -189,7 +191,7 @@ def render_html(result) -> str:
     """The report: verdict, table, plots (embedded PNGs), notes and the scenario."""
     sc = result.scenario
     pols = list(result.summary["policy"])
-    phase = sc.make_workload().measure_phase
+    phase = workload_class(sc.workload).measure_phase
     images = [
         ("THP coverage over time", plot_coverage(result.samples, pols)),
         ("Write latency CDF", plot_latency_cdf(result.ops, pols, phase)),

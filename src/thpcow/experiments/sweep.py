@@ -120,7 +120,7 @@ def load_grid(path: str) -> Grid:
     if "grid" in fields:
         for key, (knode, vnode) in mapping(fields["grid"][1], path, "grid").items():
             parts = _split(key)
-            if parts[0] not in FIELDS or parts[0] in ("name", "description", "policies"):
+            if parts[0] not in FIELDS or parts[0] in IDENTITY_SKIP:
                 raise err(knode, f"grid.{key}", f"not a scenario field to vary; one of "
                           f"{', '.join(f for f in FIELDS if f not in IDENTITY_SKIP)} (workload.X, sysfs.X)")
             if parts[0] in ("workload", "sysfs") and len(parts) == 1:

@@ -37,6 +37,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..kernel.vmstat import delta as vmstat_delta
 from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile, cost_vmstat_delta, fork_hints
 from . import calibrate as cal
 from . import procfs
@@ -155,8 +156,7 @@ class SimRun:
     def delta(self, fn: Callable[[], object]) -> dict[str, int]:
         before = self.k.vmstat_snapshot()
         fn()
-        after = self.k.vmstat_snapshot()
-        return {k: int(v) - int(before.get(k, 0)) for k, v in after.items() if int(v) != int(before.get(k, 0))}
+        return {k: int(v) for k, v in vmstat_delta(self.k.vmstat_snapshot(), before).items()}
 
     def anon_huge_kb(self, proc=None) -> int:
         return int((proc or self.p).smaps_fields(self.addr).get("AnonHugePages", 0))

@@ -34,8 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..kernel.constants import MADV_NAMES, PAGE_SHIFT
-from .base import Param, Workload, ms
+from ..kernel.constants import MADV_NAMES
+from .base import Param, Workload, ms, page_offsets
 from .ops import END, EXIT, FORK, MADVISE, MMAP, MUNMAP, READ, SPAWN, WRITE, Op
 
 TRACE_COLUMNS = ("time_ns", "pid", "op", "address", "length")
@@ -106,13 +106,19 @@ class Trace(Workload):
         if not os.path.isfile(self.path):
             raise ValueError(f"workload {self.name}: parameter path={self.path!r}: no such file")
 
+    def _frame(self):
+        """The trace, read once per workload object (the runner asks for its duration, then its ops)."""
+        if getattr(self, "_trace", None) is None:
+            self._trace = read_trace(self.path)
+        return self._trace
+
     def duration_ns(self) -> int:
-        df = read_trace(self.path)
+        df = self._frame()
         return _int(self.path, len(df), "time_ns", df["time_ns"].iloc[-1]) if len(df) else 0
 
     def ops(self, seed: int = 0) -> Iterator[Op]:
         """Validates every row (ValueError naming the row) while it yields the ops."""
-        df = read_trace(self.path)
+        df = self._frame()
         cols = [df[c].tolist() for c in TRACE_COLUMNS]
         args = df["arg"].tolist() if "arg" in df.columns else [""] * len(df)
         pids: dict[int, int] = {}                  # traced pid -> workload pid
@@ -125,14 +131,15 @@ class Trace(Workload):
         path = self.path
 
         def flush():
+            """The pending batch as one op (nothing when there is none)."""
             nonlocal batch
             if batch is None:
-                return None
+                return
             b, batch = batch, None
             offs = np.concatenate(b["offs"])
             kind = WRITE if b["kind"] == "write" else READ
-            return Op(b["t"], kind, b["pid"], b["phase"], region=b["region"], offsets=offs,
-                      token=b["token"], nbytes=b["nbytes"])
+            yield Op(b["t"], kind, b["pid"], b["phase"], region=b["region"], offsets=offs,
+                     token=b["token"], nbytes=b["nbytes"])
 
         def locate(row: int, wpid: int, addr: int, length: int) -> tuple[int, int]:
             for start, (region, rlen) in maps[wpid].items():
@@ -160,9 +167,7 @@ class Trace(Workload):
             if tpid not in pids:
                 if op == "exit":
                     raise ValueError(f"trace {path}: row {row}: pid {tpid} exits before it ran")
-                pend = flush()
-                if pend is not None:
-                    yield pend
+                yield from flush()
                 wpid = len(pids)
                 pids[tpid] = wpid
                 wpid_to_trace[wpid] = tpid
@@ -173,25 +178,19 @@ class Trace(Workload):
                 raise ValueError(f"trace {path}: row {row}: pid {tpid} has exited")
             if op in ("write", "read"):
                 region, off = locate(row, wpid, addr, length)
-                first, last = off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT
-                offs = np.arange(first, last + 1, dtype=np.int64) << PAGE_SHIFT
-                offs[0] = off
+                offs = page_offsets(off, length)
                 token = _int(path, row, "arg", args[i]) if op == "write" and str(args[i]).strip() else row
                 same = (batch is not None and batch["kind"] == op and batch["pid"] == wpid
                         and batch["region"] == region and t < batch["t"] + max(window, 1)
                         and (op == "read" or batch["token"] == token))
                 if not same:
-                    pend = flush()
-                    if pend is not None:
-                        yield pend
+                    yield from flush()
                     batch = {"kind": op, "pid": wpid, "region": region, "t": t, "phase": phase,
                              "offs": [], "token": token, "nbytes": 0}
                 batch["offs"].append(offs)
                 batch["nbytes"] += length
                 continue
-            pend = flush()
-            if pend is not None:
-                yield pend
+            yield from flush()
             if op == "mmap":
                 if addr in maps[wpid]:
                     raise ValueError(f"trace {path}: row {row}: pid {tpid} already has a mapping at {addr:#x}")
@@ -223,9 +222,7 @@ class Trace(Workload):
             else:  # exit
                 dead.add(wpid)
                 yield Op(t, EXIT, wpid, phase)
-        pend = flush()
-        if pend is not None:
-            yield pend
+        yield from flush()
         yield Op(last_t, END, 0, phase)
 
 

@@ -122,10 +122,3 @@ VM_FLAG_MNEMONICS = (
 def order_to_kb(order: int) -> int:
     return (PAGE_SIZE << order) >> 10
 
-
-def kb_to_order(kb: int) -> int:
-    pages = (kb << 10) >> PAGE_SHIFT
-    order = pages.bit_length() - 1
-    if pages != 1 << order:
-        raise ValueError(f"{kb} kB is not a power-of-two number of pages")
-    return order

@@ -217,7 +217,7 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         last_fail = result
         if result not in _CONTINUE:
             break
-    if thps != (hend - hstart) // HPAGE_PMD_SIZE if hend > hstart else False:
+    if hend > hstart and thps != (hend - hstart) // HPAGE_PMD_SIZE:
         err = madvise_collapse_errno(last_fail)
         raise KernelError(err, "madvise(MADV_COLLAPSE)",
                           f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
@@ -282,7 +282,6 @@ class Khugepaged:
         k = self.k
         self.passes += 1
         budget = k.sysfs.pages_to_scan
-        progress = 0
         alloc_failures = 0
         cc = CollapseControl(is_khugepaged=True)
         progress, failed = self._scan_hints(cc, budget)

@@ -83,9 +83,7 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     mapped = sum(min(v.end, end) - max(v.start, start) for v in vmas)
     if advice in _NOOP_ADVICE:
         pass
-    elif advice in _FLAG_ADVICE:
-        if advice == MADV_WIPEONFORK or advice == MADV_KEEPONFORK:
-            pass                                    # private anonymous: allowed
+    elif advice in _FLAG_ADVICE:                    # (WIPEONFORK/KEEPONFORK: private anonymous, allowed)
         set_bits, clear_bits = _FLAG_ADVICE[advice]
         madvise_update_vma(k, mm, start, end, set_bits, clear_bits)
         if advice == MADV_HUGEPAGE:
@@ -136,12 +134,8 @@ def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:
         base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
         if base < start or base + HPAGE_PMD_SIZE > end or pt.pmd_kind[s] != PMD_TABLE:
             continue
-        row = int(pt.pmd_row[s])
-        if (pt.pte_pfn[row] == -1).all():
-            pt.free_row(row)
-            pt.pmd_kind[s] = 0
-            pt.pmd_row[s] = -1
-            mm.nr_ptes -= 1
+        if (pt.pte_pfn[int(pt.pmd_row[s])] == -1).all():
+            memory.pte_free(mm, s)
 
 
 def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, clear_bits: int) -> None:

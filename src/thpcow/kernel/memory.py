@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from .kernel import Kernel
 
 VM_FAULT_OK = 0
-VM_FAULT_OOM = 0x0001
 VM_FAULT_FALLBACK = 0x0800
 
 
@@ -75,6 +74,15 @@ def pte_alloc(k: Kernel, mm: MM, s: int) -> int:
     pt.pmd_row[s] = row
     mm.nr_ptes += 1
     return row
+
+
+def pte_free(mm: MM, s: int) -> None:
+    """Model of free_pte_range()/pte_free(): drop the (empty) PTE table under PMD slot ``s``."""
+    pt = mm.pt
+    pt.free_row(int(pt.pmd_row[s]))
+    pt.pmd_kind[s] = PMD_NONE
+    pt.pmd_row[s] = -1
+    mm.nr_ptes -= 1
 
 
 def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool) -> int:

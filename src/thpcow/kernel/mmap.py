@@ -130,8 +130,7 @@ def free_pgtables(k: Kernel, mm: MM, start: int, end: int) -> None:
         if mm.vmas_in(base, base + HPAGE_PMD_SIZE):
             continue
         if pt.pmd_kind[s] == PMD_TABLE:
-            pt.free_row(int(pt.pmd_row[s]))
-            mm.nr_ptes -= 1
+            memory.pte_free(mm, s)
         pt.pmd_kind[s] = PMD_NONE
         pt.pmd_row[s] = -1
 

@@ -41,8 +41,7 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
             if chunk == HPAGE_PMD_SIZE:
                 d = pt.slot(dst >> (PAGE_SHIFT + 9))
                 if pt.pmd_kind[d] == PMD_TABLE:              # an empty table there: free it
-                    pt.free_row(int(pt.pmd_row[d]))
-                    mm.nr_ptes -= 1
+                    memory.pte_free(mm, d)
                 for name in ("pmd_kind", "pmd_folio", "pmd_flags", "pmd_row"):
                     arr = getattr(pt, name)
                     arr[d] = arr[s]

@@ -587,15 +587,16 @@ def memory_failure(k: Kernel, pfn: int) -> None:
 
     A large folio is split first (so the rest of a THP survives as 4 KiB
     pages); the poisoned page is unmapped everywhere and its entries become
-    hwpoison markers: touching them raises SIGBUS.  A folio in the swap cache
-    is clean (its slot holds the data): its entries become swap entries again.  If the split fails the
-    whole folio is unmapped (the processes would be killed).
+    hwpoison markers: touching them raises SIGBUS.  If the split fails the
+    whole folio is unmapped (the processes would be killed).  A folio in the
+    swap cache is clean (its slot holds the data): its entries become swap
+    entries again.
     """
     from .mm import _PAGE_HWPOISON
     fid = int(k.mem.folio[pfn])
     k.vmstat.count_vm_event("sim_memory_failure")
     if fid < 0:
-        k.mem.reserved[pfn] = k.mem.take_pfn(pfn) or k.mem.reserved[pfn]
+        k.mem.take_pfn(pfn)
         return
     if k.folios.order[fid]:
         if hm.split_folio(k, fid) != 0:

@@ -263,7 +263,7 @@ def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA, intended: bool = False) ->
     if intended:
         if not thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, TVA_PAGEFAULT):
             return False
-    elif not (sysfs.enabled == "always" or (sysfs.enabled == "madvise" and vma.flags & VM_HUGEPAGE)):
+    elif not sysfs.global_allows(vma.flags & VM_HUGEPAGE):
         return False
     mode = sysfs.thp_cow
     if mode == "always":

@@ -297,10 +297,7 @@ def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
     from . import huge_memory as hm
 
     pt = mm.pt
-    for s in pt.slots_in(start, end):
-        base = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
-        lo = max(start, base)
-        hi = min(end, base + (PAGE_SIZE << 9))
+    for s, base, lo, hi in pt.spans_in(start, end):
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF:
             if lo == base and hi == base + (PAGE_SIZE << 9):
@@ -365,14 +362,11 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
     from . import huge_memory as hm
 
     spt = src.pt
-    for s in spt.slots_in(vma.start, vma.end):
-        base = int(spt.pmd_index[s]) << (PAGE_SHIFT + 9)
+    for s, base, lo, hi in spt.spans_in(vma.start, vma.end):
         kind = spt.pmd_kind[s]
         if kind == PMD_LEAF:
             hm.copy_huge_pmd(k, dst, src, vma, s)
         elif kind == PMD_TABLE:
-            lo = max(vma.start, base)
-            hi = min(vma.end, base + (PAGE_SIZE << 9))
             copy_pte_range(k, dst, src, vma, s, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
 
 

@@ -122,9 +122,7 @@ class Pre58(CowPolicy):
 
     def huge_pmd_wp_copy(self, k, mm, vma, addr, slot, fid):
         from . import huge_memory as hm
-        sysfs = k.sysfs
-        enabled = not hm.vma_thp_disabled(mm, vma, False) and (
-            sysfs.enabled == "always" or (sysfs.enabled == "madvise" and vma.flags & VM_HUGEPAGE))
+        enabled = not hm.vma_thp_disabled(mm, vma, False) and k.sysfs.global_allows(vma.flags & VM_HUGEPAGE)
         if enabled and k.mem.has_free_order(HPAGE_PMD_ORDER):
             return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
         k.vmstat.count_vm_event("thp_fault_fallback")

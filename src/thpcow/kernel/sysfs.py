@@ -470,12 +470,15 @@ class Sysfs:
             mask = self._orders_cache[key] = self._compute_anon_orders(key)
         return mask
 
+    def global_allows(self, vm_hugepage) -> bool:
+        """The top-level ``enabled`` knob allows THP for a VMA (always, or madvise and VM_HUGEPAGE)."""
+        return self.enabled == "always" or (self.enabled == "madvise" and bool(vm_hugepage))
+
     # ---- internals --------------------------------------------------------
 
     def _compute_anon_orders(self, vm_hugepage: bool) -> int:
         """Model of the anon mask in include/linux/huge_mm.h:thp_vma_allowable_orders()."""
-        glob = self.enabled
-        inherit_ok = glob == "always" or (glob == "madvise" and vm_hugepage)
+        inherit_ok = self.global_allows(vm_hugepage)
         mask = 0
         for order in ANON_ORDERS:
             mode = self.order_mode(order)

@@ -94,8 +94,7 @@ def smap_gather_stats(k: Kernel, mm: MM, vma: VMA) -> MemSize:
     mss = MemSize()
     pt = mm.pt
     f = k.folios
-    for s in pt.slots_in(vma.start, vma.end):
-        base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+    for s, base, lo, hi in pt.spans_in(vma.start, vma.end):
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
@@ -113,8 +112,6 @@ def smap_gather_stats(k: Kernel, mm: MM, vma: VMA) -> MemSize:
         if kind != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        lo = max(vma.start, base)
-        hi = min(vma.end, base + HPAGE_PMD_SIZE)
         a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
         pfns = pt.pte_pfn[row, a:b]
         flags = pt.pte_flags[row, a:b]

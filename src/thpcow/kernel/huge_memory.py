@@ -469,7 +469,6 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     new_ids = f.alloc_bulk(pfns[live])
     k.lru_add(new_ids)
     mem.folio[pfns[live]] = new_ids
-    f.order[new_ids] = 0
     f.refcount[new_ids] = mapcounts[live]
     f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
     dead = pfns[~live]

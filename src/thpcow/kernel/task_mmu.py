@@ -78,7 +78,7 @@ def _accumulate_pages(k: Kernel, mss: MemSize, pfns: np.ndarray, fids: np.ndarra
     exclusive_ref = f.refcount[fids] == 1
     mapcount = k.mem.mapcount[pfns] + extra_mapcount
     private = exclusive_ref | (mapcount < 2)
-    pss = np.where(exclusive_ref | (mapcount < 2), PAGE_SIZE << PSS_SHIFT,
+    pss = np.where(private, PAGE_SIZE << PSS_SHIFT,
                    (PAGE_SIZE << PSS_SHIFT) // np.maximum(mapcount, 1)).astype(np.int64)
     v["Pss"] += int(pss.sum())
     v["Pss_Anon"] += int(pss[anon].sum())
@@ -138,6 +138,11 @@ def _header(start: int, end: int, perms: str) -> str:
     return f"{start:08x}-{end:08x} {perms} 00000000 00:00 0 "
 
 
+def _kb(name: str, val: int) -> int:
+    """One smaps field in kB (the Pss fields carry PSS_SHIFT extra bits of precision)."""
+    return val >> (10 + PSS_SHIFT) if name.startswith("Pss") or name == "SwapPss" else val >> 10
+
+
 def _kb_lines(mss: MemSize, rollup: bool) -> list[str]:
     v = mss.v
     out = []
@@ -146,8 +151,7 @@ def _kb_lines(mss: MemSize, rollup: bool) -> list[str]:
         names[3:3] = ROLLUP_EXTRA
     for name in names:
         val = v[name]
-        kb = val >> (10 + PSS_SHIFT) if name.startswith("Pss") or name == "SwapPss" else val >> 10
-        out.append(f"{name + ':':<16}{kb:>8} kB")
+        out.append(f"{name + ':':<16}{_kb(name, val):>8} kB")
     return out
 
 
@@ -186,7 +190,7 @@ def smaps_fields(k: Kernel, mm: MM, addr: int | None) -> dict[str, int]:
         total.add(smap_gather_stats(k, mm, vma))
     out = {}
     for name, val in total.v.items():
-        out[name] = val >> (10 + PSS_SHIFT) if name.startswith("Pss") or name == "SwapPss" else val >> 10
+        out[name] = _kb(name, val)
     return out
 
 

@@ -35,7 +35,7 @@ from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import (
     MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL,
-    _PAGE_SWP_EXCLUSIVE, swp_entry, swp_offset, pte_index,
+    _PAGE_SWP_EXCLUSIVE, PTE_ZERO, swp_entry, swp_offset, pte_index,
 )
 from .physmem import PG_ANON_EXCLUSIVE
 from . import huge_memory as hm
@@ -575,7 +575,7 @@ def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
                 continue
             _, mm, r, c, p = m
             mm.pt.pte_pfn[r, c] = ZERO_PFN
-            mm.pt.pte_flags[r, c] = _PAGE_PRESENT | _PAGE_SPECIAL
+            mm.pt.pte_flags[r, c] = PTE_ZERO
             rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
             mm.rss_anon -= 1
             rmap.folio_put(k, fid)

@@ -42,9 +42,14 @@ TABLE = (
 )
 
 
+def _missing(value: Any) -> bool:
+    """A figure that was not measured: None or NaN."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def fmt(value: Any, spec: str) -> str:
     """One table cell: n/a for missing figures."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "n/a"
     if spec == "{:d}":
         return str(int(value))
@@ -78,9 +83,9 @@ def verdict(summary) -> str:
         if math.isinf(best):
             continue
         tied = [r for r in ok if _key(r[col], sign) == best]
-        leaders.add(tied[0]["policy"]) if len(tied) == 1 else leaders.add(None)
+        leaders.add(tied[0]["policy"] if len(tied) == 1 else None)
         more = f" and {len(tied) - 1} more" if len(tied) > 1 else ""
-        parts.append(f"{what}: {tied[0]['policy']}{more} ({_num(tied[0][col], nd)}{unit})")
+        parts.append(f"{what}: {tied[0]['policy']}{more} ({fmt(tied[0][col], f'{{:.{nd}f}}')}{unit})")
     tail = f"; out of memory: {', '.join(oom)}" if oom else ""
     if len(recs) > 1 and len(leaders) == 1 and None not in leaders:
         return f"verdict: {leaders.pop()} is best on every count (" + "; ".join(parts) + ")" + tail
@@ -88,15 +93,7 @@ def verdict(summary) -> str:
 
 
 def _key(v: Any, sign: int) -> float:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return math.inf
-    return sign * float(v)
-
-
-def _num(v: Any, nd: int) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{float(v):.{nd}f}"
+    return math.inf if _missing(v) else sign * float(v)
 
 
 # -- plots ------------------------------------------------------------------------------------

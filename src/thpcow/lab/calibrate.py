@@ -1102,8 +1102,9 @@ class MachineLoad:
         own = sum(b - a for a, b in zip(self._t0[:4], t1[:4])) * hz
         self.other_busy = max(0.0, (s1[0] - self._s0[0] - own) / (s1[1] - self._s0[1]))
 
-    def describe(self) -> str:
-        return "n/a" if math.isnan(self.other_busy) else f"{self.other_busy:.0%}"
+    def meta_value(self):
+        """other_busy for a result's metadata: rounded, or "n/a" when it could not be measured."""
+        return "n/a" if math.isnan(self.other_busy) else round(self.other_busy, 3)
 
 
 BUSY_WARNING = 0.15
@@ -1194,7 +1195,7 @@ def calibrate(config: CalibrationConfig | None = None,
     finally:
         if gc_was:
             gc.enable()
-    meta["other_cpu_busy"] = round(load.other_busy, 3) if load.other_busy == load.other_busy else "n/a"
+    meta["other_cpu_busy"] = load.meta_value()
     pts: dict[int, list[float]] = {}
     for p in cal.random_points:
         pts.setdefault(p["size_mib"], [math.nan, math.nan])[0 if p["backing"] == "4k" else 1] = p["ns"]

@@ -519,7 +519,7 @@ def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = 
     finally:
         if gc_was:
             gc.enable()
-    meta["other_cpu_busy"] = round(load.other_busy, 3) if load.other_busy == load.other_busy else "n/a"
+    meta["other_cpu_busy"] = load.meta_value()
     if progress:
         progress("done", total, total)
     return ValidationResult(rows=rows, profile=profile, metadata=meta, knobs=knobs, config=cfg,

@@ -72,6 +72,14 @@ def thp_region(k: Kernel, p, npmd: int, base: int):
     return a, toks
 
 
+def swapped_out_thp(k: Kernel):
+    """A new process with one PMD THP region (tokens from 100), all of it paged out: (p, a, toks)."""
+    p = k.spawn()
+    a, toks = thp_region(k, p, 1, 100)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    return p, a, toks
+
+
 def small_region(p, npages: int, base: int):
     """A MADV_NOHUGEPAGE region of 4 KiB pages, each written with its own token."""
     a = p.mmap(npages * PAGE_SIZE)
@@ -146,9 +154,7 @@ def test_pageout_of_exclusive_pmd_thp_swaps_it_out_whole_and_in_at_4k():
 def test_pagemap_of_a_swap_entry_has_no_exclusive_bit():
     """pte_to_pagemap_entry(): PM_MMAP_EXCLUSIVE only for present pages (a swap entry has no page)."""
     k = Kernel(ram=RAM, swap=SWAP, check=True)
-    p = k.spawn()
-    a, _ = thp_region(k, p, 1, 100)
-    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p, a, _ = swapped_out_thp(k)
     pm = p.pagemap(a, NR)
     assert ((pm & np.uint64(PM_SWAP)) != 0).all()
     assert not ((pm & np.uint64(PM_MMAP_EXCLUSIVE)) != 0).any(), \
@@ -229,9 +235,7 @@ def test_pageout_skips_a_thp_shared_with_a_child():
 def test_fork_of_swapped_memory_shares_the_slots_and_cow_keeps_processes_apart():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
-    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p, a, toks = swapped_out_thp(k)
     offs = swap_offsets(p, a, NR)
     assert (k.swap.swap_map[offs] == 1).all()
     free = k.swap.nr_free
@@ -276,9 +280,7 @@ def test_a_slot_shared_after_fork_is_read_once_and_shared_through_the_swap_cache
     A write then copies (COW) and the processes stay apart."""
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
-    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p, a, toks = swapped_out_thp(k)
     offs = swap_offsets(p, a, NR)
     c = p.fork()
     v0, frames0 = k.vmstat_snapshot(), k.mem.nr_free
@@ -311,9 +313,7 @@ def test_the_swap_cache_keeps_a_folio_its_last_mapper_dropped_and_reclaim_reuses
     (the slot holds its contents), and the other process's write fault takes it over."""
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
-    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p, a, toks = swapped_out_thp(k)
     offs = swap_offsets(p, a, NR)
     c = p.fork()
     assert_reads(c, a, toks)
@@ -348,9 +348,7 @@ def test_a_folio_in_the_swap_cache_migrates_and_stays_in_the_cache():
     """migrate_pages(): the swap cache's reference is expected, so a cached folio moves (mapped
     or not) and the other process's fault still finds it there."""
     k = Kernel(ram=RAM, swap=SWAP, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
-    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    p, a, toks = swapped_out_thp(k)
     c = p.fork()
     assert_reads(c, a, toks[:2])                        # two pages swapped in, both cached
     old = pfns_of(c, a, 2)

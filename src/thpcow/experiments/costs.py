@@ -39,6 +39,7 @@ class MachineLatencyModel:
         return accesses * ACCESS_NS + nbytes * BYTE_NS + self._cost(d, self.profile, hints).total_ns
 
 
-def latency_model(machine: str | None = None) -> MachineLatencyModel:
-    """The latency model compare prices ops with (the machine model's default profile)."""
+def latency_model() -> MachineLatencyModel:
+    """The latency model compare prices ops with (the machine model's default profile, whatever
+    the TLB preset: the profile was measured on one machine)."""
     return MachineLatencyModel()

@@ -168,7 +168,7 @@ class _Run:
                         cow_policy=self.pol, fragmentation=scenario.fragmentation)
         for path, value in scenario.sysfs.items():
             self.k.sysfs.write(path, value)
-        self.model = latency_model(scenario.machine)
+        self.model = latency_model()
         self.tlb = _TlbMeter.make(scenario.machine) if scenario.tlb_model else None
         if self.tlb is not None:
             self.k.tlb_flush_log = []

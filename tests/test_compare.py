@@ -15,7 +15,8 @@ from thpcow.experiments.costs import latency_model
 from thpcow.experiments.runner import COUNTERS, SUMMARY_SCHEMA, run_compare, run_point, thp_kb
 from thpcow.experiments.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
 from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
-from thpcow.kernel.policy import parse_policy
+from thpcow.experiments.policies import parse_policy
+from thpcow.strategies import parse_strategy
 
 MIB = 1 << 20
 
@@ -71,9 +72,9 @@ def bad(text: str) -> str:
     ("workload: {name: forkserver}\npolicies:\n  - upstream\n  - thp-cow-v9\n",
      "s.yaml:4: policies[1]: unknown COW policy 'thp-cow-v9'; known:"),
     ("workload: {name: forkserver}\npolicies:\n  - mthp-cow:order=12\n",
-     "s.yaml:3: policies[0]: policy mthp-cow: order=12 must be within 2..9"),
+     "s.yaml:3: policies[0]: build mthp-cow: order=12 must be within 2..9"),
     ("workload: {name: forkserver}\npolicies:\n  - cow-density:limit=3\n",
-     "s.yaml:3: policies[0]: policy cow-density: unknown parameter(s) limit"),
+     "s.yaml:3: policies[0]: build cow-density: unknown parameter(s) limit"),
     ("workload: {name: forkserver}\npolicies: []\n", "s.yaml:2: policies: expected a non-empty list"),
     ("workload: {name: forkserver}\npolicies: [upstream, upstream]\n", "policies[1]: 'upstream' is listed twice"),
     ("workload: {name: forkserver}\nsysfs:\n  enabled: sometimes\n", "s.yaml:3: sysfs.enabled: write enabled: EINVAL"),
@@ -112,7 +113,7 @@ def test_default_scenario_is_valid_and_round_trips():
 def replay_tiny(policy: str) -> dict:
     """The tiny scenario done by hand on a kernel: the figures compare() must report."""
     pol = parse_policy(policy)
-    k = Kernel(ram=256 * MIB, seed=5, cow_policy=pol)
+    k = Kernel(ram=256 * MIB, seed=5, build=pol.build)
     k.sysfs.write("enabled", "madvise")
     used = lambda: (k.mem.nr_frames - k.mem.nr_free) * PAGE_SIZE  # noqa: E731
     p = k.spawn()
@@ -177,7 +178,8 @@ def test_per_op_records_add_up_to_the_summary(tiny):
 
 
 def test_fast_thp_coverage_matches_smaps():
-    k = Kernel(ram=512 * MIB, seed=0, cow_policy="collapse-after-fork:who=both")
+    k = Kernel(ram=512 * MIB, seed=0)
+    strategy = parse_strategy("collapse-after-fork:who=both")
     p = k.spawn()
     a = p.mmap(8 * MIB)
     p.madvise(a, 8 * MIB, MADV_HUGEPAGE)
@@ -192,7 +194,7 @@ def test_fast_thp_coverage_matches_smaps():
             f = proc.smaps_fields()
             assert thp_kb(proc) == (f["Anonymous"], f["AnonHugePages"])
             seen.add(f["AnonHugePages"] / f["Anonymous"])
-        k.cow_policy.phase_end(k, p, [c])              # MADV_COLLAPSE of both
+        strategy.phase_end(p, [c])                     # MADV_COLLAPSE of both
     assert {round(x, 3) for x in seen} == {0.667, 1.0}     # one of three THPs split in each, then collapsed
 
 

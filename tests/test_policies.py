@@ -1,4 +1,4 @@
-"""The 2026 THP COW series and the alternatives from its review, as COW policies.
+"""The 2026 THP COW series and the alternatives from its review: kernel builds and userspace strategies.
 
 Each test names the piece of the series (thp_cow v1 n/5) or the alternative it checks.
 """
@@ -17,7 +17,10 @@ from thpcow.kernel import (
 )
 from thpcow.kernel import huge_memory as hm
 from thpcow.kernel.constants import VM_HUGEPAGE, VM_NOHUGEPAGE as VMF_NOHUGEPAGE, VM_THP_COW
-from thpcow.kernel.policy import REGISTRY, parse_policy
+from thpcow.kernel.builds import BUILDS, parse_build
+from thpcow.kernel.memory import FAULT_FLAG_UNSHARE, VmFault
+from thpcow.experiments.policies import parse_policy, policy_names
+from thpcow.strategies import STRATEGIES, parse_strategy
 from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE
 
 RAM = 512 << 20
@@ -58,10 +61,17 @@ def test_madv_thp_cow_is_einval_without_the_series():
     k = Kernel(ram=RAM, check=True, series_thp_cow=False)
     p = k.spawn()
     a = p.mmap(2 << 20)
-    with pytest.raises(KernelError) as ei:
-        p.madvise(a, 2 << 20, MADV_THP_COW)
-    assert ei.value.errno == errno.EINVAL
+    for advice in (MADV_THP_SETUP_BASE, MADV_THP_COW, MADV_THP_SETUP_BASE + 2):
+        with pytest.raises(KernelError) as ei:
+            p.madvise(a, 2 << 20, advice)
+        assert ei.value.errno == errno.EINVAL
     assert not p.vmas()[0].flags & VM_THP_COW
+    k = Kernel(ram=RAM, check=True)                    # with the series: 258 is past MADV_THP_SETUP_END
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    with pytest.raises(KernelError) as ei:
+        p.madvise(a, 2 << 20, MADV_THP_SETUP_BASE + 2)
+    assert ei.value.errno == errno.EINVAL
 
 
 # -- series thp_cow v1 2/5: the sysfs knob --------------------------------------------------------
@@ -79,37 +89,95 @@ def test_thp_cow_knob_syntax():
     assert k.sysfs.thp_cow == "madvise"
 
 
+# -- the series is decided by its own knob -----------------------------------------------------------
+def _fork_and_child_write(k: Kernel, advise_cow: bool = False):
+    """MADV_HUGEPAGE region of 4 PMDs, every page written, fork, the child writes one page."""
+    p = k.spawn()
+    a = p.mmap(8 << 20)
+    p.madvise(a, 8 << 20, MADV_HUGEPAGE)
+    if advise_cow:
+        p.madvise(a, 8 << 20, MADV_THP_COW)
+    p.write(a, 8 << 20, 1)
+    c = p.fork()
+    before = k.vmstat_snapshot()
+    c.write(a + PAGE_SIZE, 1, 2)
+    after = k.vmstat_snapshot()
+    return p, c, a, {n: after[n] - before[n] for n in ("thp_split_pmd", "thp_fault_alloc", "sim_cow_bytes")}
+
+
+@pytest.mark.parametrize("series", [True, "v1", "meant"])
+def test_default_kernel_follows_the_thp_cow_knob(series):
+    """Kernel() carries the series; thp_cow=always copies 2 MiB whole, never splits as upstream."""
+    k = Kernel(ram=1 << 30, check=True, series_thp_cow=series)
+    k.sysfs.write("thp_cow", "always")
+    p, c, a, d = _fork_and_child_write(k)
+    assert d == {"thp_split_pmd": 0, "thp_fault_alloc": 1, "sim_cow_bytes": HPAGE_PMD_SIZE}
+    assert c.smaps_fields(a)["AnonHugePages"] == 8192
+    k = Kernel(ram=1 << 30, check=True, series_thp_cow=series)       # thp_cow=never: upstream
+    p, c, a, d = _fork_and_child_write(k)
+    assert d == {"thp_split_pmd": 1, "thp_fault_alloc": 0, "sim_cow_bytes": PAGE_SIZE}
+    assert c.smaps_fields(a)["AnonHugePages"] == 6144
+
+
+def test_thp_cow_madvise_needs_the_advice():
+    for advise, split in ((False, 1), (True, 0)):
+        k = Kernel(ram=1 << 30, check=True)
+        k.sysfs.write("thp_cow", "madvise")
+        _, _, _, d = _fork_and_child_write(k, advise_cow=advise)
+        assert d["thp_split_pmd"] == split and d["thp_fault_alloc"] == 1 - split
+
+
+def test_the_knob_is_read_at_each_fault():
+    """Switching thp_cow between two faults switches the behaviour: no state is cached."""
+    k = Kernel(ram=1 << 30, check=True)
+    p, c, a, d = _fork_and_child_write(k)
+    assert d["thp_split_pmd"] == 1
+    k.sysfs.write("thp_cow", "always")
+    c.write(a + (2 << 20), 1, 3)
+    v = k.vmstat_snapshot()
+    assert v["thp_split_pmd"] == 1 and c.smaps_fields(a)["AnonHugePages"] == 6144
+
+
+def test_without_the_series_upstream_is_all_there_is():
+    k = Kernel(ram=1 << 30, check=True, series_thp_cow=False)
+    assert k.build.series is None and not k.series_thp_cow
+    _, _, _, d = _fork_and_child_write(k)
+    assert d["thp_split_pmd"] == 1
+
+
 # -- series thp_cow v1 3/5: hugepage_cow_enabled() ------------------------------------------------
 @pytest.mark.parametrize("enabled,pmd,thp_cow,hg,nh,tc,prctl", [c for c in itertools.product(
     ("always", "madvise", "never"), ("inherit", "never", "always"), ("always", "madvise", "never"),
     (False, True), (False, True), (False, True), (False, True)) if not (c[3] and c[4])])
 def test_hugepage_cow_enabled_truth_table(enabled, pmd, thp_cow, hg, nh, tc, prctl):
-    k = Kernel(ram=RAM)
-    k.sysfs.write("enabled", enabled)
-    k.sysfs.write("hugepages-2048kB/enabled", pmd)
-    k.sysfs.write("thp_cow", thp_cow)
-    p = k.spawn()
-    a = p.mmap(2 << 20)
-    if prctl:
-        p.prctl(PR_SET_THP_DISABLE, 1)
-    vma = p.vmas()[0]
-    vma.flags |= (VM_HUGEPAGE if hg else 0) | (VMF_NOHUGEPAGE if nh else 0) | (VM_THP_COW if tc else 0)
+    got = {}
+    for series in ("v1", "meant"):
+        k = Kernel(ram=RAM, series_thp_cow=series)
+        k.sysfs.write("enabled", enabled)
+        k.sysfs.write("hugepages-2048kB/enabled", pmd)
+        k.sysfs.write("thp_cow", thp_cow)
+        p = k.spawn()
+        p.mmap(2 << 20)
+        if prctl:
+            p.prctl(PR_SET_THP_DISABLE, 1)
+        vma = p.vmas()[0]
+        vma.flags |= (VM_HUGEPAGE if hg else 0) | (VMF_NOHUGEPAGE if nh else 0) | (VM_THP_COW if tc else 0)
+        got[series] = hm.hugepage_cow_enabled(k, p.mm, vma)
     # As written (v1): only the global knob and thp_cow.
     global_ok = enabled == "always" or (enabled == "madvise" and hg)
     knob_ok = thp_cow == "always" or (thp_cow == "madvise" and tc)
-    assert hm.hugepage_cow_enabled(k, p.mm, vma) == (global_ok and knob_ok)
-    # Intended: the PMD order must be allowed for a fault in this VMA.
+    assert got["v1"] == (global_ok and knob_ok)
+    # As meant: the PMD order must be allowed for a fault in this VMA.
     pmd_ok = pmd == "always" or (pmd == "inherit" and global_ok)
-    intended = pmd_ok and not nh and not prctl and knob_ok
-    assert hm.hugepage_cow_enabled(k, p.mm, vma, intended=True) == intended
+    assert got["meant"] == (pmd_ok and not nh and not prctl and knob_ok)
 
 
 def test_documented_gaps_between_written_and_intended():
     """v1 COWs 2 MiB with hugepages-2048kB=never, with VM_NOHUGEPAGE, under PR_SET_THP_DISABLE."""
     for setup in ("pmd-never", "nohugepage", "prctl"):
         got = {}
-        for pol in ("thp-cow-v1", "thp-cow-intended"):
-            k = Kernel(ram=RAM, check=True, cow_policy=pol)
+        for pol in ("thp-cow-v1", "thp-cow-meant"):
+            k = Kernel(ram=RAM, check=True, build=pol)
             k.sysfs.write("enabled", "always")
             p, a = thp_region(k, 2 << 20)
             if setup == "pmd-never":
@@ -122,12 +190,12 @@ def test_documented_gaps_between_written_and_intended():
             c.write(a, 8, 2)
             got[pol] = (k.vmstat_snapshot()["thp_split_pmd"], c.smaps_fields(a)["AnonHugePages"])
         assert got["thp-cow-v1"] == (0, 2048), setup
-        assert got["thp-cow-intended"] == (1, 0), setup
+        assert got["thp-cow-meant"] == (1, 0), setup
 
 
 # -- series thp_cow v1 4/5 and 5/5: mapping the copy, the COW path ------------------------------------
 def test_series_copy_path_counters_contents_and_reuse():
-    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    k = Kernel(ram=RAM, check=True, build="thp-cow-v1")
     p, a = thp_region(k, 2 << 20, token=7)
     p.write(a + 5 * PAGE_SIZE, 8, 8)
     c = p.fork()
@@ -163,7 +231,7 @@ def test_series_copy_path_counters_contents_and_reuse():
 
 
 def test_series_allocation_failure_falls_back_to_split():
-    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    k = Kernel(ram=RAM, check=True, build="thp-cow-v1")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()
     exhaust_thp_blocks(k)
@@ -180,12 +248,14 @@ def test_series_allocation_failure_falls_back_to_split():
 
 
 def test_series_unshare_maps_the_copy_read_only():
-    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    k = Kernel(ram=RAM, check=True, build="thp-cow-v1")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()
     s = c.mm.pt.slot_of[a >> 21]
-    ret = hm.wp_huge_pmd_page_copy(k, c.mm, c.vmas()[0], a, s, unshare=True)
-    assert ret == 0
+    from thpcow.kernel.mm import _PAGE_SOFT_DIRTY
+    vmf = VmFault(c.mm, c.vmas()[0], a, FAULT_FLAG_UNSHARE, pmd=s, orig_pmd=int(c.mm.pt.pmd_flags[s]) | _PAGE_SOFT_DIRTY)
+    assert hm.do_huge_pmd_wp_page(k, vmf) == 0
+    assert c.mm.pt.pmd_flags[s] & _PAGE_SOFT_DIRTY          # copied from the old PMD
     k.check()
     from thpcow.kernel.mm import _PAGE_DIRTY, _PAGE_RW
     assert not c.mm.pt.pmd_flags[s] & (_PAGE_RW | _PAGE_DIRTY)
@@ -200,7 +270,7 @@ def test_series_unshare_maps_the_copy_read_only():
 def test_injected_missing_accounting_is_caught_by_the_checker(monkeypatch):
     """The class of bug the series' fuzzing CI hit: a PMD set without the accounting
     page_table_check expects.  Here map_anon_folio_pmd_nopf() 'forgets' the rmap."""
-    k = Kernel(ram=RAM, check=True, cow_policy="thp-cow-v1")
+    k = Kernel(ram=RAM, check=True, build="thp-cow-v1")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()
     monkeypatch.setattr(hm.rmap, "folio_add_new_anon_rmap", lambda *args, **kw: None)
@@ -212,7 +282,7 @@ def test_injected_missing_accounting_is_caught_by_the_checker(monkeypatch):
 
 # -- the alternatives -----------------------------------------------------------------------------------
 def test_pre58_copies_512_small_pages_when_no_thp():
-    k = Kernel(ram=RAM, check=True, cow_policy="pre-5.8")
+    k = Kernel(ram=RAM, check=True, build="pre-5.8")
     p, a = thp_region(k, 2 << 20, token=4)
     c = p.fork()
     exhaust_thp_blocks(k)
@@ -228,7 +298,7 @@ def test_pre58_copies_512_small_pages_when_no_thp():
 
 
 def test_pre58_copies_a_thp_when_it_can():
-    k = Kernel(ram=RAM, check=True, cow_policy="pre-5.8")
+    k = Kernel(ram=RAM, check=True, build="pre-5.8")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()
     c.write(a, 8, 2)
@@ -239,7 +309,7 @@ def test_pre58_copies_a_thp_when_it_can():
 
 @pytest.mark.parametrize("order", [2, 4, 6, 8])
 def test_mthp_cow_copies_the_aligned_block(order):
-    k = Kernel(ram=RAM, check=True, cow_policy=f"mthp-cow:order={order}")
+    k = Kernel(ram=RAM, check=True, build=f"mthp-cow:order={order}")
     p, a = thp_region(k, 2 << 20, token=3)
     c = p.fork()
     nr_before = k.vmstat.mthp_stat(order, "nr_anon")
@@ -258,7 +328,7 @@ def test_mthp_cow_copies_the_aligned_block(order):
 
 
 def test_mthp_cow_order9_is_a_whole_thp_copy():
-    k = Kernel(ram=RAM, check=True, cow_policy="mthp-cow:order=9")
+    k = Kernel(ram=RAM, check=True, build="mthp-cow:order=9")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()
     c.write(a, 8, 2)
@@ -267,12 +337,13 @@ def test_mthp_cow_order9_is_a_whole_thp_copy():
 
 
 def test_collapse_after_fork_gives_the_parent_its_thps_back():
-    k = Kernel(ram=RAM, check=True, cow_policy="collapse-after-fork:who=parent")
+    k = Kernel(ram=RAM, check=True)
+    strategy = parse_strategy("collapse-after-fork:who=parent")
     p, a = thp_region(k, 4 << 20)
     c = p.fork()
     p.write_many(a + np.arange(0, 4 << 20, 1 << 20), 5)       # splits both PMDs of the parent
     assert p.smaps_fields(a)["AnonHugePages"] == 0
-    k.cow_policy.phase_end(k, p, [c])
+    strategy.phase_end(p, [c])
     assert p.smaps_fields(a)["AnonHugePages"] == 4096
     assert c.smaps_fields(a)["AnonHugePages"] == 4096           # the child kept the old THPs
     assert k.vmstat_snapshot()["thp_collapse_alloc"] == 2
@@ -280,16 +351,16 @@ def test_collapse_after_fork_gives_the_parent_its_thps_back():
 
 
 def test_dontfork_leaves_unneeded_memory_out_of_the_child():
-    k = Kernel(ram=RAM, check=True, cow_policy="dontfork")
+    k = Kernel(ram=RAM, check=True)
     p, a = thp_region(k, 8 << 20)
-    k.cow_policy.before_fork(k, p, [(a, 2 << 20)])
+    parse_strategy("dontfork").before_fork(p, [(a, 2 << 20)])
     c = p.fork()
     assert [(v.start - a, v.end - a) for v in c.vmas()] == [(0, 2 << 20)]
     assert c.status()["RssAnon"] == 2048
 
 
 def test_directed_khugepaged_collapses_once_the_child_is_gone():
-    k = Kernel(ram=RAM, check=True, cow_policy="directed-khugepaged")
+    k = Kernel(ram=RAM, check=True, build="directed-khugepaged")
     k.sysfs.write("khugepaged/pages_to_scan", "512")      # room for one PTE table a pass
     p, a = thp_region(k, 4 << 20)
     c = p.fork()
@@ -307,12 +378,12 @@ def test_directed_khugepaged_collapses_once_the_child_is_gone():
 
 
 def test_reservation_serves_thp_when_the_buddy_cannot():
-    k = Kernel(ram=RAM, check=True, cow_policy="reservation:pool_mib=4")
-    assert k.cow_policy.cost_bytes(k) == 4 << 20
+    k = Kernel(ram=RAM, check=True, build="reservation:pool_mib=4")
+    assert k.build.cost_bytes(k) == 4 << 20
     exhaust_thp_blocks(k)
     p, a = thp_region(k, 2 << 20)
     assert p.smaps_fields(a)["AnonHugePages"] == 2048
-    assert len(k.cow_policy.pool) == 1
+    assert len(k.build.pool) == 1
     k2 = Kernel(ram=RAM, check=True)               # the same without a pool: no THP
     exhaust_thp_blocks(k2)
     p2, a2 = thp_region(k2, 2 << 20)
@@ -321,7 +392,7 @@ def test_reservation_serves_thp_when_the_buddy_cannot():
 
 
 def test_cow_density_copies_the_block_after_threshold_cows():
-    k = Kernel(ram=RAM, check=True, cow_policy="cow-density:threshold=4")
+    k = Kernel(ram=RAM, check=True, build="cow-density:threshold=4")
     p, a = thp_region(k, 2 << 20, token=1)
     c = p.fork()
     for i in range(3):
@@ -333,7 +404,7 @@ def test_cow_density_copies_the_block_after_threshold_cows():
     assert list(c.read(a, 5 * PAGE_SIZE)) == [10, 11, 12, 13, 1]
     assert (p.read(a, 2 << 20) == 1).all()
     # sparse writes in another block never reach the threshold
-    k2 = Kernel(ram=RAM, check=True, cow_policy="cow-density:threshold=4")
+    k2 = Kernel(ram=RAM, check=True, build="cow-density:threshold=4")
     p2, a2 = thp_region(k2, 4 << 20)
     c2 = p2.fork()
     for blk in range(2):
@@ -344,10 +415,19 @@ def test_cow_density_copies_the_block_after_threshold_cows():
 
 # -- the registry ---------------------------------------------------------------------------------------------
 def test_registry_parses_names_and_parameters():
-    assert set(REGISTRY) >= {"upstream", "thp-cow-v1", "thp-cow-intended", "pre-5.8", "mthp-cow",
-                             "collapse-after-fork", "dontfork", "directed-khugepaged", "reservation",
-                             "cow-density"}
-    assert repr(parse_policy("mthp-cow:order=6")) == "mthp-cow:order=6"
+    assert set(BUILDS) == {"upstream", "thp-cow-v1", "thp-cow-meant", "pre-5.8", "mthp-cow",
+                           "directed-khugepaged", "reservation", "cow-density"}
+    assert set(STRATEGIES) == {"collapse-after-fork", "dontfork"}
+    assert set(policy_names()) == set(BUILDS) | set(STRATEGIES)
+    assert repr(parse_build("mthp-cow:order=6")) == "mthp-cow:order=6"
+    assert parse_policy("thp-cow-intended").build == "thp-cow-intended"      # the former name
+    assert Kernel(ram=RAM, build="thp-cow-intended").build.series == "meant"
+    pol = parse_policy("collapse-after-fork:who=both")
+    assert pol.kind == "userspace" and pol.build == "upstream" and pol.strategy.who == "both"
+    with pytest.raises(ValueError, match="who=all"):
+        parse_policy("collapse-after-fork:who=all")
+    with pytest.raises(ValueError, match="unknown kernel build"):
+        Kernel(ram=RAM, build="dontfork")            # a userspace strategy is not a kernel build
     with pytest.raises(ValueError, match="unknown COW policy"):
         parse_policy("nope")
     with pytest.raises(ValueError, match="unknown parameter"):
@@ -355,7 +435,10 @@ def test_registry_parses_names_and_parameters():
     with pytest.raises(ValueError, match="key=value"):
         parse_policy("mthp-cow:4")
     with pytest.raises(ValueError, match="order"):
-        Kernel(ram=RAM, cow_policy="mthp-cow:order=1")
+        Kernel(ram=RAM, build="mthp-cow:order=1")
+    with pytest.raises(ValueError, match="build= and cow_policy="):
+        Kernel(ram=RAM, build="upstream", cow_policy="pre-5.8")
+    assert Kernel(ram=RAM, cow_policy="pre-5.8").build.name == "pre-5.8"      # the former keyword
 
 
 def test_policy_table_matches_the_counters():
@@ -377,6 +460,7 @@ def test_thp_cow_file_exists_only_with_the_series():
         with pytest.raises(KernelError) as ei:
             call()
         assert ei.value.errno == errno.ENOENT
-    with pytest.raises(KernelError):
-        Kernel(ram=RAM, series_thp_cow=False, cow_policy="thp-cow-v1")   # the policy needs the knob
+    with pytest.raises(ValueError, match="contradicts"):
+        Kernel(ram=RAM, series_thp_cow=False, build="thp-cow-v1")   # the build applies the series
     assert "thp_cow" in Kernel(ram=RAM).sysfs.listdir()
+    assert "thp_cow" not in Kernel(ram=RAM, build="pre-5.8").sysfs.listdir()   # not on a pre-5.8 kernel

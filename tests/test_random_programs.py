@@ -856,13 +856,14 @@ class Runner:
     - ("sysfs", path, value)
     """
 
-    def __init__(self, scalar: bool) -> None:
-        self.k = Kernel(ram=RAM, check=True)
+    def __init__(self, scalar: bool, build: str | None = None) -> None:
+        self.k = Kernel(ram=RAM, check=True, build=build)
         self.scalar = scalar
         self.token = 0
         p = self.k.spawn()
+        arg = f", build={build!r}" if build else ""
         self.script = ["import numpy as np", "from thpcow.kernel import *",
-                       f"k = Kernel(ram={RAM >> 20} << 20, check=True)", f"p{p.pid} = k.spawn()"]
+                       f"k = Kernel(ram={RAM >> 20} << 20, check=True{arg})", f"p{p.pid} = k.spawn()"]
 
     def pick(self, who: int):
         pids = sorted(self.k.procs)
@@ -958,9 +959,9 @@ class Runner:
             raise ValueError(f"unknown op {op!r}")
 
 
-def run_batch_vs_scalar(program) -> None:
+def run_batch_vs_scalar(program, build: str | None = None) -> None:
     """Run ``program`` batched and scalar; after every op the outcomes and states must agree."""
-    batched, scalar = Runner(scalar=False), Runner(scalar=True)
+    batched, scalar = Runner(scalar=False, build=build), Runner(scalar=True, build=build)
     for i, op in enumerate(program):
         eb = batched.run(op)
         es = scalar.run(op)
@@ -1109,6 +1110,23 @@ def numpy_program(seed: int, length: int = 24) -> list[tuple]:
 @pytest.mark.parametrize("seed", range(16))
 def test_batch_equals_scalar_numpy(seed):
     run_batch_vs_scalar(numpy_program(seed))
+
+
+BUILD_SPECS = ("thp-cow-v1", "thp-cow-meant", "pre-5.8", "mthp-cow:order=4", "mthp-cow:order=9",
+               "directed-khugepaged", "reservation:pool_mib=8", "cow-density:threshold=8")
+
+
+@pytest.mark.parametrize("build", BUILD_SPECS)
+@pytest.mark.parametrize("seed", range(3))
+def test_batch_equals_scalar_under_every_build(build, seed):
+    """Every kernel build decides through the same judgement points on both store paths."""
+    run_batch_vs_scalar(numpy_program(100 + seed), build=build)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.sampled_from(BUILD_SPECS), st.lists(OP_STRATEGY, min_size=1, max_size=10))
+def test_batch_equals_scalar_hypothesis_builds(build, program):
+    run_batch_vs_scalar(PROLOGUE + program, build=build)
 
 
 # =====================================================================================

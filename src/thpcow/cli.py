@@ -53,10 +53,10 @@ def demo(size_mib: int = typer.Option(8, help="size of the THP-backed region (Mi
 @app.command()
 def policies() -> None:
     """List the COW policies, one line each."""
-    from .kernel.policy import REGISTRY
+    from .experiments.policies import policy_help
 
-    for name, cls in sorted(REGISTRY.items()):
-        print(f"{name:<20} {cls.help}")
+    for name, (kind, text, params) in sorted(policy_help().items()):
+        print(f"{name:<20} {kind:<9} {text}")
 
 
 @app.command("policy-table")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
-from ..kernel.policy import REGISTRY, parse_policy
+from .policies import parse_policy, policy_help
 
 SCENARIOS = ("dense", "sparse", "forkserver")
 SETTLE_S = 30          # simulated seconds after the writes, for khugepaged
@@ -69,7 +69,7 @@ def run_scenario(scenario: str, policy: str, size_mib: int = 64, seed: int = 0, 
     if size_mib < 8 or size_mib % 2:
         raise ValueError(f"size_mib={size_mib}: an even number >= 8")
     pol = parse_policy(policy)
-    k = Kernel(ram=max(1 << 30, 4 * size_mib << 20), seed=seed, check=check, cow_policy=pol)
+    k = Kernel(ram=max(1 << 30, 4 * size_mib << 20), seed=seed, check=check, build=pol.build)
     rng = np.random.default_rng(seed)
     size = size_mib << 20
     parent = k.spawn()
@@ -172,8 +172,8 @@ def to_markdown(rows: list[dict], size_mib: int, seed: int) -> str:
         "Policies (`thpcow policies`):",
         "",
     ]
-    for name, cls in REGISTRY.items():
-        out.append(f"- `{name}`: {cls.help}")
+    for name, (kind, text, _) in policy_help().items():
+        out.append(f"- `{name}` ({kind}): {text}")
     out.append("")
     for sc in dict.fromkeys(r["scenario"] for r in rows):
         out.append(f"## {sc}")

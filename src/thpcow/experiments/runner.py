@@ -43,7 +43,7 @@ import numpy as np
 
 from ..kernel import Kernel, OutOfMemory
 from ..kernel.constants import HPAGE_PMD_NR, PAGE_SIZE
-from ..kernel.policy import parse_policy
+from .policies import parse_policy
 from ..workloads import ops as O
 from ..workloads.ops import check_order
 from .costs import latency_model
@@ -165,7 +165,7 @@ class _Run:
         self.workload = scenario.make_workload()
         self.pol = parse_policy(policy)
         self.k = Kernel(ram=scenario.ram_mib * MIB, seed=scenario.seed, check=scenario.check,
-                        cow_policy=self.pol, fragmentation=scenario.fragmentation)
+                        build=self.pol.build, fragmentation=scenario.fragmentation)
         for path, value in scenario.sysfs.items():
             self.k.sysfs.write(path, value)
         self.model = latency_model()

@@ -203,7 +203,7 @@ def _scalar(source: str, fld: str, vnode, kind: type, lo=None, hi=None) -> Any:
 def _check_policy(source: str, node, fld: str, spec: Any) -> str:
     """The policy spec, checked by building it and attaching it to a tiny kernel."""
     from ..kernel import Kernel
-    from ..kernel.policy import parse_policy
+    from .policies import parse_policy
 
     def fail(msg: str) -> ScenarioError:
         return err(node, fld, msg) if node is not None else ScenarioError(source, None, fld, msg)
@@ -212,7 +212,7 @@ def _check_policy(source: str, node, fld: str, spec: Any) -> str:
         raise fail(f"expected a policy name string, got {spec!r}")
     try:
         pol = parse_policy(spec)
-        Kernel(ram=16 << 20, cow_policy=pol)
+        Kernel(ram=16 << 20, build=pol.build)
     except ValueError as exc:
         raise fail(str(exc)) from None
     return spec.strip()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import PAGE_SHIFT, VM_READ, VM_WRITE
+from .constants import HPAGE_PMD_NR, PAGE_SHIFT, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
 from .physmem import PG_ANON_EXCLUSIVE
@@ -165,18 +165,27 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
         leaf_w = leaf & (pt.pmd_flags[sc] & _PAGE_RW).astype(bool)
         table = kind == PMD_TABLE
         present = table & (pfn >= 0)
-        special = (flags & _PAGE_SPECIAL).astype(bool)
         pte_w = present & (flags & _PAGE_RW).astype(bool)
-        cow = present & ~pte_w & ~special
         leaf_ro = leaf & ~leaf_w
         pte_none = table & (pfn == -1) & ~(flags & _PAGE_HWPOISON).astype(bool)
         pmd_none = ~leaf & ~table
         later = np.zeros(len(pending), dtype=bool)
-        if cow.any() and k.cow_policy.pte_hook:
-            for p in pending[cow].tolist():      # the policy judges each PTE COW
-                _fault_store(k, mm, p)
-        elif cow.any() and not memory.wp_page_copy_batch(k, mm, rows[cow], cols[cow], pending[cow]):
-            return write_pages_scalar(k, mm, vpages, tokens)
+        wp = present & ~pte_w                        # do_wp_page(): anon pages and the zero page
+        if wp.any():
+            if k.build.pte_hook:
+                # The build judges each 4 KiB COW and may remap a whole block
+                # (a collapse), which changes how the block's other faults go:
+                # every fault on a PTE table takes the scalar path, in program
+                # order, and the rest is looked at again.
+                seq = table & ~pte_w & ~(flags & _PAGE_HWPOISON).astype(bool)
+                for p in pending[seq].tolist():
+                    _fault_store(k, mm, p)
+                pending = pending[~seq]
+                continue
+            if memory.do_wp_page(k, mm, rows[wp], cols[wp], pending[wp]):
+                k.vmstat.count_vm_event("pgfault", int(np.count_nonzero(wp)))
+            else:
+                return write_pages_scalar(k, mm, vpages, tokens)
         if pte_none.any():
             batchable = pte_none & _order0_only(k, mm, pending)
             if batchable.any() and not memory.do_anonymous_page_batch(k, mm, rows[batchable], cols[batchable],
@@ -184,55 +193,52 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
                 return write_pages_scalar(k, mm, vpages, tokens)
             for p in pending[pte_none & ~batchable].tolist():
                 _fault_store(k, mm, p)
+        # Read-only PMD leaves: do_huge_pmd_wp_page() once per 2 MiB block; the
+        # block's pages come back next round, writable or (after a split) as
+        # read-only PTEs for do_wp_page().  Empty PMDs: one scalar fault per
+        # block (THP or fallback); the block's other pages wait a round.
         if leaf_ro.any():
-            leaf_ro = leaf_ro & ~_split_shared_pmds(k, mm, pending, sc, leaf_ro)
-            later |= (kind == PMD_LEAF) & ~leaf_w        # split ones come back as PTEs
-        # One scalar fault per 2 MiB block for the other read-only PMD leaves
-        # (reuse, the huge zero page, a policy's copy) and empty PMDs (THP or
-        # fallback); the block's other pages wait a round.
-        for sel in (leaf_ro, pmd_none):
-            if sel.any():
-                _, first = np.unique(pending[sel] >> 9, return_index=True)
-                firsts = np.flatnonzero(sel)[np.sort(first)]
-                for p in pending[firsts].tolist():
-                    _fault_store(k, mm, p)
-                later |= sel
-                later[firsts] = False
-        for p in pending[present & ~pte_w & special].tolist():
-            _fault_store(k, mm, p)                   # zero page: wp_page_copy() from zero
+            for p in _first_of_block(pending, leaf_ro).tolist():
+                _wp_huge_pmd(k, mm, p)
+            later |= leaf_ro
+        if pmd_none.any():
+            firsts = _first_of_block_idx(pending, pmd_none)
+            for p in pending[firsts].tolist():
+                _fault_store(k, mm, p)
+            later |= pmd_none
+            later[firsts] = False
         pending = pending[later]
     _finish_stores(k, mm, pages, toks)
 
 
-def _split_shared_pmds(k: Kernel, mm: MM, pending: np.ndarray, sc: np.ndarray, leaf_ro: np.ndarray) -> np.ndarray:
-    """Optimization: the PMD splits of do_huge_pmd_wp_page() for read-only THP leaves that
-    upstream would split (not AnonExclusive, other references, no policy judging it).
+def _first_of_block_idx(pending: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Indexes of the first selected page of each 2 MiB block, in store order."""
+    _, first = np.unique(pending[sel] >> 9, return_index=True)
+    return np.flatnonzero(sel)[np.sort(first)]
 
-    Their pages come back in the next round as read-only PTEs and take the
-    batched COW, which counts the fault: the same as faulting them one by one.
-    Returns, per pending page, whether its PMD was split here.
+
+def _first_of_block(pending: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    return pending[_first_of_block_idx(pending, sel)]
+
+
+def _wp_huge_pmd(k: Kernel, mm: MM, vpage: int) -> None:
+    """The batched path's write fault on a read-only PMD leaf: do_huge_pmd_wp_page() itself.
+
+    pgfault is counted when the fault completes at PMD level; a FALLBACK
+    (the PMD was split) leaves the page to the next round's do_wp_page(),
+    which counts it, as the scalar path counts one fault for both.
     """
     from . import huge_memory as hm
-    from .policy import CowPolicy
-
-    done = np.zeros(len(pending), dtype=bool)
-    if type(k.cow_policy).huge_pmd_wp_copy is not CowPolicy.huge_pmd_wp_copy:
-        return done
+    k.balance(need=HPAGE_PMD_NR)                # as handle_mm_fault() does before reading state
     pt = mm.pt
-    f = k.folios
-    slots, first = np.unique(sc[leaf_ro], return_index=True)
-    slots = slots[np.argsort(first, kind="stable")]
-    fids = pt.pmd_folio[slots]
-    heads = f.head[fids]
-    simple = ~(f.flags[fids] & PG_HUGE_ZERO).astype(bool) & \
-        ~(k.mem.pflags[heads] & PG_ANON_EXCLUSIVE).astype(bool) & (f.refcount[fids] != 1)
-    for s in slots[simple].tolist():
-        base = int(pt.pmd_index[s]) << (PAGE_SHIFT + 9)
-        vma = mm.find_vma(base)
-        hm.split_huge_pmd(k, mm, vma, s)
-        k.cow_policy.cow_split(k, mm, vma, base)
-    done[leaf_ro] = np.isin(sc[leaf_ro], slots[simple])
-    return done
+    s = pt.slot_of.get(vpage >> 9)
+    if s is None or pt.pmd_kind[s] != PMD_LEAF or pt.pmd_flags[s] & _PAGE_RW:
+        return                                  # reclaim changed it: the next round sees what is there
+    addr = vpage << PAGE_SHIFT
+    vmf = memory.VmFault(mm, mm.find_vma(addr), addr, memory.FAULT_FLAG_WRITE, pmd=s,
+                         orig_pmd=int(pt.pmd_flags[s]))
+    if hm.do_huge_pmd_wp_page(k, vmf) != memory.VM_FAULT_FALLBACK:
+        k.vmstat.count_vm_event("pgfault")
 
 
 def _order0_only(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:

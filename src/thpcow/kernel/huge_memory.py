@@ -16,10 +16,10 @@ from .constants import (
     HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE,
 )
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO
-from .memory import VM_FAULT_FALLBACK, VM_FAULT_OK, anon_vma_prepare
+from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
 from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_SPECIAL,
+    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
 )
 from .physmem import PG_ANON_EXCLUSIVE
 from . import rmap
@@ -135,36 +135,38 @@ def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
 
 
 # -- mapping a new THP ---------------------------------------------------------------------
-def map_anon_folio_pmd_nopf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int) -> None:
+def map_anon_folio_pmd_nopf(k: Kernel, fid: int, vmf: VmFault, cow: bool = False) -> None:
     """Model of map_anon_folio_pmd_nopf(): install a fresh exclusive THP at PMD level.
 
     The PMD is dirty, young and writable if the VMA is; the folio gets its
     first (exclusive) rmap, goes on the LRU and, when shrink_underused is on,
     on the deferred split queue as not partially mapped.
+
+    series thp_cow v1 4/5: the PMD, the VMA and the address come from the
+    ``vm_fault`` (upstream passes them one by one), and a COW copy made for
+    an unshare fault (``cow`` with FAULT_FLAG_UNSHARE) is mapped read-only
+    and clean, keeping the old PMD's soft-dirty bit.
     """
+    mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
     pt = mm.pt
     k.folios.refcount[fid] = 1
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=True)
+    if cow and vmf.flags & FAULT_FLAG_UNSHARE:
+        flags = _PAGE_PRESENT | _PAGE_ACCESSED | (vmf.orig_pmd & _PAGE_SOFT_DIRTY)
+    else:
+        flags = _PAGE_PRESENT | _PAGE_DIRTY | _PAGE_ACCESSED | (_PAGE_RW if vma.flags & VM_WRITE else 0)
     pt.pmd_kind[s] = PMD_LEAF
     pt.pmd_folio[s] = fid
-    pt.pmd_flags[s] = _PAGE_PRESENT | _PAGE_DIRTY | _PAGE_ACCESSED | (_PAGE_RW if vma.flags & VM_WRITE else 0)
+    pt.pmd_flags[s] = flags
     head = int(k.folios.head[fid])
     k.mem.vpn[head: head + HPAGE_PMD_NR] = int(pt.pmd_index[s]) * HPAGE_PMD_NR + np.arange(HPAGE_PMD_NR)
     rmap.deferred_split_folio(k, fid, partially_mapped=False)
-    mm.rss_anon += HPAGE_PMD_NR
 
 
-def map_anon_folio_pmd_pf(k: Kernel, fid: int, mm: MM, vma: VMA, s: int, cow: bool = False,
-                          unshare: bool = False) -> None:
-    """Model of map_anon_folio_pmd_pf(): map_anon_folio_pmd_nopf() plus the fault counters.
-
-    # series thp_cow v1 4/5: with ``cow`` the caller has just cleared the old
-    # PMD of a COW (or unshare) fault; an unshare fault maps the copy
-    # read-only and clean, as the series does.
-    """
-    map_anon_folio_pmd_nopf(k, fid, mm, vma, s)
-    if cow and unshare:
-        mm.pt.pmd_flags[s] &= ~np.uint8(_PAGE_RW | _PAGE_DIRTY)
+def map_anon_folio_pmd_pf(k: Kernel, fid: int, vmf: VmFault, cow: bool = False) -> None:
+    """Model of map_anon_folio_pmd_pf(): map_anon_folio_pmd_nopf() plus MM_ANONPAGES and the fault counters."""
+    map_anon_folio_pmd_nopf(k, fid, vmf, cow)
+    vmf.mm.rss_anon += HPAGE_PMD_NR
     k.vmstat.count_vm_event("thp_fault_alloc")
     k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_alloc")
 
@@ -174,19 +176,20 @@ def _install_deposit(mm: MM) -> None:
     mm.nr_ptes += 1
 
 
-def do_huge_pmd_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool) -> int:
+def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     """Model of do_huge_pmd_anonymous_page().
 
     Falls back (no counter) when the aligned 2 MiB is not inside the VMA; a
     read maps the huge zero page when use_zero_page allows; a write allocates
     a THP with the defrag semantics, counting thp_fault_fallback on failure.
     """
-    haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+    mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
+    haddr = vmf.address & ~(HPAGE_PMD_SIZE - 1)
     if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
         return VM_FAULT_FALLBACK
     anon_vma_prepare(k, vma)
     k.khugepaged_enter_vma(mm, vma)
-    if not write and k.sysfs.use_zero_page:
+    if not vmf.flags & FAULT_FLAG_WRITE and k.sysfs.use_zero_page:
         zfid = k.get_huge_zero_folio(mm)
         if zfid < 0:
             k.vmstat.count_vm_event("thp_fault_fallback")
@@ -200,67 +203,72 @@ def do_huge_pmd_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, w
     fid = vma_alloc_anon_folio_pmd(k, vma)
     if fid < 0:
         return VM_FAULT_FALLBACK
-    map_anon_folio_pmd_pf(k, fid, mm, vma, s)
+    map_anon_folio_pmd_pf(k, fid, vmf, False)
     _install_deposit(mm)
     return VM_FAULT_OK
 
 
 # -- write-protect fault on a PMD ------------------------------------------------------------
-def do_huge_zero_wp_pmd(k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
+def do_huge_zero_wp_pmd(k: Kernel, vmf: VmFault) -> int:
     """Model of do_huge_zero_wp_pmd(): replace the huge zero PMD with a fresh THP, or split."""
-    fid = vma_alloc_anon_folio_pmd(k, vma)
+    fid = vma_alloc_anon_folio_pmd(k, vmf.vma)
     if fid < 0:
-        split_huge_pmd(k, mm, vma, s)
+        split_huge_pmd(k, vmf.mm, vmf.vma, vmf.pmd)
         return VM_FAULT_FALLBACK
     # pmdp_huge_clear_flush() of the zero PMD; the deposited table stays.
-    map_anon_folio_pmd_pf(k, fid, mm, vma, s)
+    map_anon_folio_pmd_pf(k, fid, vmf, True)
     return VM_FAULT_OK
 
 
-def do_huge_pmd_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
-    """Model of do_huge_pmd_wp_page() (upstream since v5.8).
+def do_huge_pmd_wp_page(k: Kernel, vmf: VmFault) -> int:
+    """Model of do_huge_pmd_wp_page(): a write (or unshare) fault on a read-only PMD leaf.
 
     In order: the huge zero PMD takes do_huge_zero_wp_pmd(); an
-    AnonExclusive head is reused; a folio with other references cannot be
-    reused; one whose only reference is this PMD becomes exclusive and is
-    reused.  Anything else splits this VMA's PMD and returns FALLBACK, so the
-    same fault copies one 4 KiB page at PTE level.  The COW policy may take
-    over before the split (the 2026 series and its alternatives).
+    AnonExclusive head is reused; a folio whose only reference is this PMD
+    becomes exclusive and is reused.  A shared folio is copied whole when the
+    kernel build says so (the series: hugepage_cow_enabled()); otherwise, or
+    when no THP can be had for the copy, the build's fallback runs: upstream
+    splits this VMA's PMD and returns FALLBACK, so the same fault copies one
+    4 KiB page at PTE level.
     """
+    mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
     pt = mm.pt
     fid = int(pt.pmd_folio[s])
     f = k.folios
     if f.flags[fid] & PG_HUGE_ZERO:
-        return do_huge_zero_wp_pmd(k, mm, vma, addr, s)
+        return do_huge_zero_wp_pmd(k, vmf)
     head = int(f.head[fid])
     if k.mem.pflags[head] & PG_ANON_EXCLUSIVE:
-        return _huge_pmd_reuse(k, mm, vma, s)
+        return _huge_pmd_reuse(k, vmf)
     if f.refcount[fid] == 1:
         k.mem.pflags[head] |= PG_ANON_EXCLUSIVE            # folio_move_anon_rmap()
-        return _huge_pmd_reuse(k, mm, vma, s)
-    ret = k.cow_policy.huge_pmd_wp_copy(k, mm, vma, addr, s, fid)
-    if ret is not None:
-        return ret
-    split_huge_pmd(k, mm, vma, s)
-    k.cow_policy.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
-    return VM_FAULT_FALLBACK
+        return _huge_pmd_reuse(k, vmf)
+    if k.build.pmd_cow_copy(k, mm, vma):                   # series thp_cow v1 5/5: hugepage_cow_enabled()
+        ret = wp_huge_pmd_page_copy(k, vmf)
+        if ret != VM_FAULT_FALLBACK:
+            return ret
+    return k.build.huge_pmd_wp_fallback(k, mm, vma, vmf.address, s)
 
 
 # -- the 2026 series "mm: Support selecting doing direct COW for anonymous pmd entry" ------------
-def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA, intended: bool = False) -> bool:
+def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA) -> bool:
     """Model of hugepage_cow_enabled() (series thp_cow v1 3/5): copy this PMD whole?
 
-    As written in v1: the global ``enabled`` knob must allow THP for the VMA
-    (always, or madvise with VM_HUGEPAGE); then ``thp_cow=always`` says yes,
-    and ``thp_cow=madvise`` says yes for VMAs with VM_THP_COW.  It ignores
-    ``hugepages-2048kB/enabled``, VM_NOHUGEPAGE (with enabled=always) and
-    PR_SET_THP_DISABLE.  The ``intended`` reading replaces the first test by
-    thp_vma_allowable_order(PMD_ORDER, page fault), which honours them all.
+    False on a kernel without the series.  As posted (v1): the global
+    ``enabled`` knob must allow THP for the VMA (always, or madvise with
+    VM_HUGEPAGE); then ``thp_cow=always`` says yes, and ``thp_cow=madvise``
+    says yes for VMAs with VM_THP_COW.  It ignores ``hugepages-2048kB/enabled``,
+    VM_NOHUGEPAGE (with enabled=always) and PR_SET_THP_DISABLE.  The series
+    as meant replaces the first test by thp_vma_allowable_order(PMD_ORDER,
+    page fault), which honours them all.
     """
     from .constants import VM_THP_COW
 
+    series = k.build.series
+    if series is None:
+        return False
     sysfs = k.sysfs
-    if intended:
+    if series == "meant":
         if not thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, TVA_PAGEFAULT):
             return False
     elif not sysfs.global_allows(vma.flags & VM_HUGEPAGE):
@@ -271,27 +279,27 @@ def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA, intended: bool = False) ->
     return mode == "madvise" and bool(vma.flags & VM_THP_COW)
 
 
-def wp_huge_pmd_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, unshare: bool = False) -> int:
+def wp_huge_pmd_page_copy(k: Kernel, vmf: VmFault) -> int:
     """Model of wp_huge_pmd_page_copy() (series thp_cow v1 5/5): copy a shared THP whole.
 
-    Allocates a THP with the defrag semantics (thp_fault_fallback and
-    anon_fault_fallback on failure, after which the PMD is split and 4 KiB is
-    copied as upstream does), copies 2 MiB, clears the old PMD, maps the copy
-    writable and exclusive (read-only for an unshare fault) and drops the old
+    Allocates a THP with the defrag semantics (on failure
+    vma_alloc_anon_folio_pmd() counts thp_fault_fallback and
+    anon_fault_fallback, and FALLBACK sends do_huge_pmd_wp_page() to its
+    split), copies 2 MiB, clears the old PMD, maps the copy writable and
+    exclusive (read-only and clean for an unshare fault) and drops the old
     folio's PMD mapping and reference.  The deposited table stays: nr_ptes
     is unchanged.  Counts thp_fault_alloc and anon_fault_alloc[2048kB].
     """
+    mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
     pt = mm.pt
     old = int(pt.pmd_folio[s])
-    anon_vma_prepare(k, vma)
+    anon_vma_prepare(k, vma)                               # vmf_anon_prepare()
     new = vma_alloc_anon_folio_pmd(k, vma)
     if new < 0:
-        split_huge_pmd(k, mm, vma, s)
-        k.cow_policy.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
         return VM_FAULT_FALLBACK
     f = k.folios
     src, dst = int(f.head[old]), int(f.head[new])
-    k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]
+    k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]   # copy_user_large_folio()
     flags = pt.pmd_flags[s]
     # pmdp_huge_clear_flush(); the deposit stays in place.
     base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
@@ -299,7 +307,7 @@ def wp_huge_pmd_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, unshar
     if flags & _PAGE_DIRTY:
         f.flags[old] |= PG_DIRTY
     mm.rss_anon -= HPAGE_PMD_NR
-    map_anon_folio_pmd_pf(k, new, mm, vma, s, cow=True, unshare=unshare)
+    map_anon_folio_pmd_pf(k, new, vmf, True)
     rmap.folio_remove_rmap_pmd(k, old, mm)
     rmap.folio_put(k, old)
     k.vmstat.count_vm_event("sim_huge_cow")
@@ -307,8 +315,11 @@ def wp_huge_pmd_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, unshar
     return VM_FAULT_OK
 
 
-def _huge_pmd_reuse(k: Kernel, mm: MM, vma: VMA, s: int) -> int:
-    mm.pt.pmd_flags[s] |= _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vma.flags & VM_WRITE else 0)
+def _huge_pmd_reuse(k: Kernel, vmf: VmFault) -> int:
+    """The reuse label of do_huge_pmd_wp_page(): an unshare fault leaves the PMD as it is."""
+    if vmf.flags & FAULT_FLAG_UNSHARE:
+        return VM_FAULT_OK
+    vmf.mm.pt.pmd_flags[vmf.pmd] |= _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vmf.vma.flags & VM_WRITE else 0)
     return VM_FAULT_OK
 
 

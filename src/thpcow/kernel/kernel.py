@@ -28,15 +28,25 @@ from .physmem import PhysMem
 from .sysfs import Sysfs
 from .vmstat import VmStat
 from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
-from . import mmap as _mmap, mprotect as _mprotect, mremap as _mremap, policy as _policy
+from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
 
 
 class Kernel:
     """A simulated Linux 6.18 memory-management subsystem."""
 
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
-                 cow_policy: "_policy.CowPolicy | str | None" = None, series_thp_cow: bool = True,
-                 fragmentation: float = 0.0, swap: int = 0) -> None:
+                 build: "_builds.KernelBuild | str | None" = None, series_thp_cow: "bool | str" = True,
+                 fragmentation: float = 0.0, swap: int = 0,
+                 cow_policy: "_builds.KernelBuild | str | None" = None) -> None:
+        """Boot a kernel.
+
+        ``build``: what the kernel was compiled with (:mod:`.builds`; a name
+        such as ``"upstream"``, ``"pre-5.8"``, ``"mthp-cow:order=4"``).
+        ``series_thp_cow``: the 2026 thp_cow series applied to the upstream
+        build: True (as meant, the default), ``"v1"`` (as posted) or False;
+        its ``thp_cow`` knob starts at ``never``.  ``cow_policy`` is the
+        former name of ``build``.
+        """
         if ram % PAGE_SIZE:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
         self.ram = ram
@@ -47,10 +57,16 @@ class Kernel:
         self.folios = FolioTable(capacity=self.mem.nr_frames, max_capacity=self.mem.nr_frames)
         self.vmstat = VmStat()
         self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
+        if build is not None and cow_policy is not None:
+            raise ValueError("Kernel: build= and cow_policy= name the same thing: give one")
+        self.build = _builds.get_build(build if build is not None else cow_policy,
+                                       _builds.series_option(series_thp_cow))
+        if series_thp_cow is False and self.build.series is not None:
+            raise ValueError(f"Kernel: build {self.build.name} applies the thp_cow series; "
+                             "series_thp_cow=False contradicts it")
         self.sysfs = Sysfs(stats_reader=self.vmstat.mthp_stat,
                            counter_reader=lambda name: self.khugepaged_counters[name],
-                           series_thp_cow=series_thp_cow)
-        self.series_thp_cow = series_thp_cow
+                           series_thp_cow=self.build.series is not None)
         self.thp_supported = True
         if ram < 512 << 20:
             # hugepage_init(): THP off by default on machines under 512 MiB.
@@ -88,8 +104,17 @@ class Kernel:
         self.khugepaged = Khugepaged(self)
         self.sysfs.add_listener(self._sysfs_changed)
         self.khugepaged.start_stop()
-        self.cow_policy = _policy.get_policy(cow_policy)
-        self.cow_policy.attach(self)
+        self.build.boot(self)
+
+    @property
+    def series_thp_cow(self) -> bool:
+        """Whether the 2026 thp_cow series is applied (its sysfs file and advice exist)."""
+        return self.build.series is not None
+
+    @property
+    def cow_policy(self) -> "_builds.KernelBuild":
+        """The former name of :attr:`build`."""
+        return self.build
 
     # -- processes ---------------------------------------------------------------------
     def spawn(self) -> "Process":
@@ -241,7 +266,7 @@ class Kernel:
         if pfn < 0 and gfp == "kswapd":
             self.wakeup_kcompactd()
         if pfn < 0:
-            pfn = self.cow_policy.alloc_thp_fallback(self)
+            pfn = self.build.alloc_thp_fallback(self)
         return pfn
 
     KCOMPACTD_DELAY_NS = 1_000_000      # 1 ms: the kthread runs soon after its wakeup
@@ -403,6 +428,11 @@ class Process:
     @property
     def pid(self) -> int:
         return self.mm.pid
+
+    @property
+    def alive(self) -> bool:
+        """False once the process has exited."""
+        return self.mm.alive
 
     def _alive(self, call: str) -> None:
         if not self.mm.alive:

@@ -169,13 +169,13 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content
     # Unmap the old pages from this mm (__collapse_huge_page_copy_succeeded()).
     idx = np.flatnonzero(normal)
-    from .memory import unmap_pages
+    from .memory import VmFault, unmap_pages
     unmap_pages(k, mm, pfns[idx])                 # MM_ANONPAGES -= len(idx)
     k.flush_tlb_range(mm, haddr, haddr + HPAGE_PMD_SIZE)        # pmdp_collapse_flush()
     pt.free_row(row)                              # the old table becomes the deposit
     pt.pmd_row[s] = -1
-    # map_anon_folio_pmd_nopf() adds 512: MM_ANONPAGES grows by the empty/zero entries.
-    hm.map_anon_folio_pmd_nopf(k, new, mm, vma, s)
+    hm.map_anon_folio_pmd_nopf(k, new, VmFault(mm, vma, haddr, 0, pmd=s), False)
+    mm.rss_anon += HPAGE_PMD_NR                   # MM_ANONPAGES grows by the empty/zero entries
     if cc.is_khugepaged:
         k.khugepaged_counters["pages_collapsed"] += 1
     return ScanResult.SCAN_SUCCEED

@@ -10,7 +10,7 @@ import numpy as np
 from .constants import (
     HPAGE_PMD_SIZE, MADV_COLD, MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_NORMAL, MADV_PAGEOUT, MADV_RANDOM,
-    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_WILLNEED, MADV_WIPEONFORK, PAGE_SHIFT,
+    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK, PAGE_SHIFT,
     VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, PAGE_SIZE, U64,
     MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
     MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
@@ -34,21 +34,20 @@ _FLAG_ADVICE = {
     MADV_DOFORK: (0, VM_DONTCOPY),
     MADV_WIPEONFORK: (VM_WIPEONFORK, 0),
     MADV_KEEPONFORK: (0, VM_WIPEONFORK),
-    MADV_THP_COW: (VM_THP_COW, 0),        # series thp_cow v1 1/5
     MADV_DONTDUMP: (VM_DONTDUMP, 0),
     MADV_DODUMP: (0, VM_DONTDUMP),
     # Simplification: KSM never merges in thpcow; the advice only sets the flag.
     MADV_MERGEABLE: (VM_MERGEABLE, 0),
     MADV_UNMERGEABLE: (0, VM_MERGEABLE),
 }
-_NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_THP_SETUP_BASE)
+_NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
 _LATER_ADVICE = (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
 _ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
 def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
-    """Model of madvise_behavior_valid(); MADV_THP_COW only with the series applied."""
-    if advice == MADV_THP_COW:
+    """Model of madvise_behavior_valid(); the THP-setup range only with the series applied."""
+    if MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END:   # series thp_cow v1 1/5
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
         advice in _ZAP_ADVICE or advice in (MADV_FREE, MADV_COLLAPSE, MADV_COLD, MADV_PAGEOUT, MADV_REMOVE, MADV_POPULATE_READ,
@@ -83,6 +82,8 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     mapped = sum(min(v.end, end) - max(v.start, start) for v in vmas)
     if advice in _NOOP_ADVICE:
         pass
+    elif MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END:
+        madvise_thp_setup(k, mm, start, end, advice)
     elif advice in _FLAG_ADVICE:                    # (WIPEONFORK/KEEPONFORK: private anonymous, allowed)
         set_bits, clear_bits = _FLAG_ADVICE[advice]
         madvise_update_vma(k, mm, start, end, set_bits, clear_bits)
@@ -122,6 +123,20 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         madvise_collapse(k, mm, start, end)
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
+
+
+def madvise_thp_setup(k: Kernel, mm: MM, start: int, end: int, advice: int) -> None:
+    """The THP-setup branch of madvise_vma_behavior() (series thp_cow v1 1/5).
+
+    Each bit of ``advice - MADV_THP_SETUP_BASE`` names a per-VMA THP switch;
+    the only one is MADV_THP_COW's, which sets VM_THP_COW (the series tests
+    the bit by ANDing with MADV_THP_COW itself, which works for that one
+    value).  MADV_THP_SETUP_BASE alone sets nothing.  There is no advice that
+    clears the flag.
+    """
+    set_bits = VM_THP_COW if (advice - MADV_THP_SETUP_BASE) & MADV_THP_COW else 0
+    if set_bits:
+        madvise_update_vma(k, mm, start, end, set_bits, 0)
 
 
 def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:

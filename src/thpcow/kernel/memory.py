@@ -12,6 +12,7 @@ must leave the same state; tests check that on random programs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,22 @@ if TYPE_CHECKING:
 VM_FAULT_OK = 0
 VM_FAULT_FALLBACK = 0x0800
 
+# enum fault_flag
+FAULT_FLAG_WRITE = 1 << 0
+FAULT_FLAG_UNSHARE = 1 << 10
+
+
+@dataclass
+class VmFault:
+    """Model of struct vm_fault: what the fault handlers are told about one fault."""
+
+    mm: MM
+    vma: VMA
+    address: int
+    flags: int = 0               # FAULT_FLAG_*
+    pmd: int | None = None       # the PMD slot (vmf->pmd); None: not set
+    orig_pmd: int = 0            # the PMD entry's flags when the fault began
+
 
 # -- fault entry ------------------------------------------------------------------
 def handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> int:
@@ -48,13 +65,14 @@ def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> in
     pt = mm.pt
     s = pt.slot(pmd_index(addr))
     kind = pt.pmd_kind[s]
+    vmf = VmFault(mm, vma, addr, FAULT_FLAG_WRITE if write else 0, pmd=s, orig_pmd=int(pt.pmd_flags[s]))
     if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, "pagefault"):
-        ret = hm.do_huge_pmd_anonymous_page(k, mm, vma, addr, s, write)
+        ret = hm.do_huge_pmd_anonymous_page(k, vmf)
         if ret != VM_FAULT_FALLBACK:
             return ret
     elif kind == PMD_LEAF:
         if write and not pt.pmd_flags[s] & _PAGE_RW:
-            ret = hm.do_huge_pmd_wp_page(k, mm, vma, addr, s)
+            ret = hm.do_huge_pmd_wp_page(k, vmf)
             if ret != VM_FAULT_FALLBACK:
                 return ret
         else:
@@ -100,7 +118,7 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
         from .vmscan import do_swap_page
         return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
-        return do_wp_page(k, mm, vma, addr, row)
+        return do_wp_page_at(k, mm, addr, row)
     pt.pte_flags[row, i] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
     return VM_FAULT_OK
 
@@ -171,78 +189,144 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
 
 
 # -- write-protect faults -------------------------------------------------------------
-def wp_can_reuse_anon_folio(k: Kernel, fid: int) -> bool:
-    """Model of wp_can_reuse_anon_folio() (and __wp_can_reuse_large_anon_folio()).
+def wp_can_reuse_anon_folio(k: Kernel, fids):
+    """Model of wp_can_reuse_anon_folio() (and __wp_can_reuse_large_anon_folio()), per folio id.
 
     A small folio is reused when its only reference is this mapping.  A large
     folio is reused when it has more than one mapping, all of them in this mm
     (the MM_IDS_SHARED bit is clear) and every reference is a mapping; a large
     folio with a single mapped page is copied instead so it can be freed.
+    ``fids`` is an array (the answer is a bool array) or one id (a bool).
     """
     f = k.folios
-    if f.order[fid] == 0:
-        return bool(f.refcount[fid] == 1)
-    if f.large[fid] <= 1:
-        return False
-    if f.flags[fid] & rmap.PG_MM_IDS_SHARED:
-        return False
-    return bool(f.large[fid] == f.refcount[fid])
+    ids = np.asarray(fids, dtype=np.int64)
+    order = f.order[ids]
+    small = (order == 0) & (f.refcount[ids] == 1)
+    large = (order > 0) & (f.large[ids] > 1) & ~(f.flags[ids] & rmap.PG_MM_IDS_SHARED).astype(bool) \
+        & (f.large[ids] == f.refcount[ids])
+    out = small | large
+    return bool(out) if out.ndim == 0 else out
 
 
-def do_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> int:
-    """Model of do_wp_page() for a private anonymous mapping."""
-    pt = mm.pt
-    i = pte_index(addr)
-    pfn = int(pt.pte_pfn[row, i])
-    if pt.pte_flags[row, i] & _PAGE_SPECIAL:
-        return wp_page_copy(k, mm, vma, addr, row, src_pfn=-1)
-    fid = int(k.mem.folio[pfn])
-    if k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE or wp_can_reuse_anon_folio(k, fid):
-        k.mem.pflags[pfn] |= PG_ANON_EXCLUSIVE        # folio_move_anon_rmap + SetPageAnonExclusive
-        return wp_page_reuse(k, mm, row, i)
-    ret = k.cow_policy.pte_wp_copy(k, mm, vma, addr, row, fid)
-    if ret is not None:
-        return ret
-    return wp_page_copy(k, mm, vma, addr, row, src_pfn=pfn)
+def do_wp_page(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray) -> bool:
+    """Model of do_wp_page() for private anonymous memory: write faults on read-only PTEs of one mm.
 
+    The scalar fault path hands one page; the batched store path hands every
+    such page of a round at once.  Each page is reused (wp_page_reuse())
+    when it is AnonExclusive or wp_can_reuse_anon_folio() allows it, and
+    otherwise copied to a new 4 KiB page (wp_page_copy(); the zero page is
+    copied from zero).  Deciding
+    a batch up front is exact: a COW by mm A never changes how A's other
+    pages are decided, because A maps each anonymous page at most once and
+    A's copies only remove A's own mappings.  A build with ``pte_hook``
+    judges each copy itself and is handed one page at a time.
 
-def wp_page_reuse(k: Kernel, mm: MM, row: int, i: int) -> int:
-    """Model of wp_page_reuse(): make the PTE young, dirty and writable."""
-    mm.pt.pte_flags[row, i] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
-    k.vmstat.count_vm_event("pgreuse")
-    return VM_FAULT_OK
-
-
-def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int) -> int:
-    """Model of wp_page_copy(): copy one 4 KiB page (or zero-fill one for the zero page).
-
-    The new page is mapped young, dirty, writable and AnonExclusive; the old
-    page loses this mapping and the reference it held.  RSS only grows when
-    the source was the zero page.
+    Preconditions: every (row, col) is a distinct present, read-only PTE of
+    ``mm`` in a writable VMA.  Returns False, having changed nothing, when
+    the copies cannot all be allocated.  pgfault is counted by the caller.
     """
     pt = mm.pt
-    i = pte_index(addr)
-    anon_vma_prepare(k, vma)                       # vmf_anon_prepare(): the zero page had none
-    pfn = k.alloc_page()
-    if pfn < 0:
+    pfns = pt.pte_pfn[rows, cols]
+    special = (pt.pte_flags[rows, cols] & _PAGE_SPECIAL).astype(bool)
+    anon = np.where(special, 0, pfns)
+    reuse = ~special & ((k.mem.pflags[anon] & PG_ANON_EXCLUSIVE).astype(bool)
+                        | wp_can_reuse_anon_folio(k, k.mem.folio[anon]))
+    if k.build.pte_hook and not special[0] and not reuse[0]:
+        if len(rows) != 1:
+            raise ValueError("do_wp_page: a build with pte_hook takes one page at a time")
+        addr = int(vpns[0]) << PAGE_SHIFT
+        ret = k.build.pte_wp_copy(k, mm, mm.find_vma(addr), addr, int(rows[0]), int(k.mem.folio[pfns[0]]))
+        if ret is not None:
+            return True
+    copy = ~reuse
+    n = int(np.count_nonzero(copy))
+    new = k.alloc_pages_bulk(n) if n else None
+    if n and new is None:
+        return False
+    r_idx = np.flatnonzero(reuse)
+    if len(r_idx):
+        wp_page_reuse(k, mm, rows[r_idx], cols[r_idx], pfns[r_idx])
+    if n:
+        wp_page_copy(k, mm, rows[copy], cols[copy], vpns[copy], pfns[copy], special[copy], new)
+    return True
+
+
+def do_wp_page_at(k: Kernel, mm: MM, addr: int, row: int) -> int:
+    """do_wp_page() for the one page at ``addr`` (its PTE table ``row``): the scalar fault path."""
+    ok = do_wp_page(k, mm, np.array([row], dtype=np.int64), np.array([pte_index(addr)], dtype=np.int64),
+                    np.array([addr >> PAGE_SHIFT], dtype=np.int64))
+    if not ok:
         raise OutOfMemory(addr)
-    fid = k.new_folio(pfn, 0)
-    k.mem.content[pfn] = k.mem.content[src_pfn] if src_pfn >= 0 else 0
-    k.folios.refcount[fid] = 1
-    rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
-    pt.pte_pfn[row, i] = pfn
-    pt.pte_flags[row, i] = PTE_NEW_ANON
-    k.mem.vpn[pfn] = addr >> PAGE_SHIFT
-    if src_pfn < 0:
-        mm.rss_anon += 1
-        return VM_FAULT_OK
-    old = int(k.mem.folio[src_pfn])
-    k.flush_tlb_range(mm, addr & ~(PAGE_SIZE - 1), (addr & ~(PAGE_SIZE - 1)) + PAGE_SIZE)   # ptep_clear_flush()
-    rmap.folio_remove_rmap_ptes(k, old, src_pfn, 1, mm)
-    rmap.folio_put(k, old)
-    k.vmstat.count_vm_event("sim_cow_pages")
-    k.vmstat.count_vm_event("sim_cow_bytes", PAGE_SIZE)
     return VM_FAULT_OK
+
+
+def wp_page_reuse(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, pfns: np.ndarray) -> None:
+    """Model of wp_page_reuse(): the pages become AnonExclusive (folio_move_anon_rmap()); the PTEs young, dirty, writable."""
+    k.mem.pflags[pfns] |= PG_ANON_EXCLUSIVE
+    mm.pt.pte_flags[rows, cols] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+    k.vmstat.count_vm_event("pgreuse", len(pfns))
+
+
+def wp_page_copy(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray, old_pfn: np.ndarray,
+                 zero: np.ndarray, new: np.ndarray) -> None:
+    """Model of wp_page_copy(): copy each page into a new 4 KiB page (zero-fill a zero-page one).
+
+    ``new`` holds the frames, one per page.  Each new page is mapped young,
+    dirty, writable and AnonExclusive; an old anon page loses this mapping
+    and the reference it held.  RSS only grows for zero-page copies.
+    """
+    pt = mm.pt
+    f = k.folios
+    mem = k.mem
+    if zero.any():                                   # vmf_anon_prepare(): the zero page had none
+        zv = vpns[zero]
+        for v in mm.vmas_in(int(zv.min()) << PAGE_SHIFT, (int(zv.max()) + 1) << PAGE_SHIFT):
+            if not v.anon_vma and ((zv >= v.start >> PAGE_SHIFT) & (zv < v.end >> PAGE_SHIFT)).any():
+                anon_vma_prepare(k, v)
+    anon = ~zero
+    new_anon_folios_bulk(k, new, np.where(anon, mem.content[np.where(anon, old_pfn, 0)], 0))
+    pt.pte_pfn[rows, cols] = new
+    mem.vpn[new] = vpns
+    pt.pte_flags[rows, cols] = PTE_NEW_ANON
+    mm.rss_anon += int(np.count_nonzero(zero))
+    if not anon.any():
+        return
+    old_pfn = old_pfn[anon]
+    old_fid = mem.folio[old_pfn].astype(np.int64)
+    n = len(old_pfn)
+    k.flush_tlb_pages(mm, vpns[anon])                # ptep_clear_flush()
+    k.vmstat.count_vm_event("sim_cow_pages", n)
+    k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
+    # A large folio left partially mapped after its first lost page is queued
+    # now, before anything else changes (it may be freed below, which
+    # unqueues it again, as in the kernel).
+    large_old = f.order[old_fid] > 0
+    first_gone = large_old & (mem.mapcount[old_pfn] == 1)
+    if first_gone.any():
+        for fid in np.unique(old_fid[first_gone]).tolist():
+            if f.entire[fid] or f.flags[fid] & rmap.PG_PARTIALLY_MAPPED:
+                continue
+            if rmap._pte_mapped_pages(k, fid) >= 2:
+                rmap._queue_partially_mapped(k, fid)
+    # Old pages: one mapping and one reference less (folio_remove_rmap_pte(), folio_put()).
+    mem.mapcount[old_pfn] -= 1
+    gone = mem.mapcount[old_pfn] == 0
+    small = f.order[old_fid] == 0
+    k.vmstat.mod_node_page_state("nr_anon_pages", -int(np.count_nonzero(gone & small)))
+    uf, counts = np.unique(old_fid, return_counts=True)
+    f.refcount[uf] -= counts.astype(np.int32)
+    large_sel = f.order[uf] > 0
+    if large_sel.any():
+        f.sub_large_mapcount_many(uf[large_sel], counts[large_sel], mm.mm_id)
+        lg = gone & ~small
+        if lg.any():
+            gf, gc = np.unique(old_fid[lg], return_counts=True)
+            unmapped = f.entire[gf] == 0
+            k.vmstat.mod_node_page_state("nr_anon_pages", -int(gc[unmapped].sum()))
+    dead = uf[f.refcount[uf] == 0]
+    rmap.free_small_folios(k, dead[f.order[dead] == 0])
+    for fid in dead[f.order[dead] > 0].tolist():
+        rmap.free_folio(k, fid)
 
 
 # -- zap (munmap, MADV_DONTNEED, exit) ---------------------------------------------------
@@ -412,85 +496,4 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += n
     k.vmstat.count_vm_event("pgfault", n)
-    return True
-
-
-def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.ndarray) -> bool:
-    """Optimization: do_wp_page() for many read-only anon PTEs of one mm at once.
-
-    Preconditions: every (row, col) is a distinct present, non-special PTE of
-    ``mm`` that is not writable, in a writable VMA.  Each page takes the same
-    decision the scalar path would: reuse when AnonExclusive or when
-    wp_can_reuse_anon_folio() holds, otherwise a 4 KiB copy.  The decision of
-    a folio cannot change while only this mm's PTEs are copied (its other
-    mappers are untouched), so deciding up front is exact.  Returns False,
-    having changed nothing, when the copies cannot all be allocated.
-    """
-    pt = mm.pt
-    f = k.folios
-    mem = k.mem
-    pfns = pt.pte_pfn[rows, cols]
-    fids = mem.folio[pfns].astype(np.int64)
-    ae = (mem.pflags[pfns] & PG_ANON_EXCLUSIVE).astype(bool)
-    order = f.order[fids]
-    small_reuse = (order == 0) & (f.refcount[fids] == 1)
-    large_reuse = (order > 0) & (f.large[fids] > 1) & ~(f.flags[fids] & rmap.PG_MM_IDS_SHARED).astype(bool) \
-        & (f.large[fids] == f.refcount[fids])
-    reuse = ae | small_reuse | large_reuse
-    copy = ~reuse
-    n = int(np.count_nonzero(copy))
-    new = k.alloc_pages_bulk(n) if n else np.empty(0, dtype=np.int64)
-    if new is None:
-        return False
-    k.vmstat.count_vm_event("pgfault", len(pfns))
-    # Reuse: set AE, make writable.
-    r_idx = np.flatnonzero(reuse)
-    if len(r_idx):
-        mem.pflags[pfns[r_idx]] |= PG_ANON_EXCLUSIVE
-        pt.pte_flags[rows[r_idx], cols[r_idx]] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
-        k.vmstat.count_vm_event("pgreuse", len(r_idx))
-    if not n:
-        return True
-    c_idx = np.flatnonzero(copy)
-    old_pfn = pfns[c_idx]
-    old_fid = fids[c_idx]
-    # New order-0 folios, exclusive.
-    new_anon_folios_bulk(k, new, mem.content[old_pfn])
-    pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
-    mem.vpn[new] = vpns[c_idx]
-    k.flush_tlb_pages(mm, vpns[c_idx])
-    pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
-    k.vmstat.count_vm_event("sim_cow_pages", n)
-    k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
-    # A large folio the scalar path would leave partially mapped after its
-    # first lost page is queued now, before anything else changes (it may be
-    # freed below, which unqueues it again, as in the kernel).
-    large_old = f.order[old_fid] > 0
-    first_gone = large_old & (mem.mapcount[old_pfn] == 1)
-    if first_gone.any():
-        for fid in np.unique(old_fid[first_gone]).tolist():
-            if f.entire[fid] or f.flags[fid] & rmap.PG_PARTIALLY_MAPPED:
-                continue
-            if rmap._pte_mapped_pages(k, fid) >= 2:
-                rmap._queue_partially_mapped(k, fid)
-    # Old pages: one mapping and one reference less.
-    mem.mapcount[old_pfn] -= 1
-    gone = mem.mapcount[old_pfn] == 0
-    small = f.order[old_fid] == 0
-    k.vmstat.mod_node_page_state("nr_anon_pages", -int(np.count_nonzero(gone & small)))
-    uf, counts = np.unique(old_fid, return_counts=True)
-    f.refcount[uf] -= counts.astype(np.int32)
-    large_sel = f.order[uf] > 0
-    if large_sel.any():
-        f.sub_large_mapcount_many(uf[large_sel], counts[large_sel], mm.mm_id)
-        lg = gone & ~small
-        if lg.any():
-            gf, gc = np.unique(old_fid[lg], return_counts=True)
-            unmapped = f.entire[gf] == 0
-            k.vmstat.mod_node_page_state("nr_anon_pages", -int(gc[unmapped].sum()))
-    dead = uf[f.refcount[uf] == 0]
-    small_dead = dead[f.order[dead] == 0]
-    rmap.free_small_folios(k, small_dead)
-    for fid in dead[f.order[dead] > 0].tolist():
-        rmap.free_folio(k, fid)
     return True

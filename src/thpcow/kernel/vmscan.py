@@ -468,7 +468,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     else references does not keep its folio in the swap cache (the kernel
     keeps it until reclaim or a write).
     """
-    from .memory import VM_FAULT_OK, do_wp_page
+    from .memory import VM_FAULT_OK, do_wp_page_at
     pt = mm.pt
     f = k.folios
     i = pte_index(addr)
@@ -506,7 +506,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     pt.pte_flags[row, i] = flags
     k.mem.vpn[pfn] = addr >> PAGE_SHIFT
     if write and not flags & _PAGE_RW:
-        return do_wp_page(k, mm, vma, addr, row)
+        return do_wp_page_at(k, mm, addr, row)
     return VM_FAULT_OK
 
 

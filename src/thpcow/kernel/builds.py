@@ -1,20 +1,31 @@
-"""COW policies: small objects behind the kernel's judgement points.
+"""Kernel builds: upstream Linux 6.18 and the kernel-side COW alternatives.
 
-The fault code asks the kernel's policy object at the points where the kernel
-(or a proposed patch) decides:
+A build is what a kernel was compiled with.  Each one answers the kernel's
+own judgement points; the fault code asks them and never tests which build it
+runs on:
 
-- ``huge_pmd_wp_copy``: a write fault on a shared PMD-mapped THP that cannot be
-  reused (``do_huge_pmd_wp_page()``); None lets upstream split the PMD and copy
-  4 KiB;
-- ``pte_wp_copy``: a write fault on a shared PTE that will be copied
-  (``do_wp_page()``); None lets upstream copy 4 KiB;
-- ``cow_split``: notification that a COW fault just split a PMD;
+- ``pmd_cow_copy``: ``do_huge_pmd_wp_page()`` found a shared, non-reusable
+  PMD-mapped THP: copy it whole?  Upstream asks ``hugepage_cow_enabled()``,
+  which only exists (and only says yes) when the 2026 series is applied and
+  its ``thp_cow`` knob and ``MADV_THP_COW`` allow it.
+- ``huge_pmd_wp_fallback``: the PMD is not copied whole (or the copy could
+  not get a THP): upstream splits the PMD and the same fault copies 4 KiB.
+- ``pte_wp_copy``: ``do_wp_page()`` is about to copy one 4 KiB page (only
+  asked when ``pte_hook`` is set).
+- ``cow_split``: a COW fault has just split a PMD.
 - ``alloc_thp_fallback``: the buddy allocator had no order-9 block.
 
-Workload-level alternatives (MADV_DONTFORK, MADV_COLLAPSE after fork) use the
-``before_fork`` and ``phase_end`` hooks that scenario runners call.
+The series (``series``: ``"v1"`` as posted, ``"meant"`` with its review fix)
+is a kernel option of the upstream build, not a build of its own: its five
+pieces sit where the C puts them (``madvise_vma_behavior()``, the ``thp_cow``
+sysfs file, ``hugepage_cow_enabled()``, ``map_anon_folio_pmd_*()`` and
+``wp_huge_pmd_page_copy()``).  The ``thp-cow-v1`` and ``thp-cow-meant`` builds
+are that kernel booted with ``thp_cow=always``.
 
-Policies are built by name from :data:`REGISTRY`, with parameters as
+What userspace can do on an unmodified kernel (MADV_COLLAPSE after fork,
+MADV_DONTFORK) is not a build: see :mod:`thpcow.strategies`.
+
+Builds are made by name from :data:`BUILDS`, with parameters as
 ``"name:key=value,key=value"``.
 """
 
@@ -24,117 +35,130 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .constants import (
-    HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, MADV_COLLAPSE, MADV_DONTFORK, PAGE_SHIFT, PAGE_SIZE,
-    VM_HUGEPAGE, VM_NOHUGEPAGE,
-)
-from .errors import KernelError
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE
 
 if TYPE_CHECKING:
-    from .kernel import Kernel, Process
+    from .kernel import Kernel
     from .mm import MM, VMA
 
+SERIES_VARIANTS = ("v1", "meant")
 
-class CowPolicy:
-    """Base class: the judgement points a COW policy can answer (all default to upstream)."""
 
-    name: ClassVar[str] = "base"
-    help: ClassVar[str] = ""
+class KernelBuild:
+    """Linux 6.18 as released: split the PMD and copy 4 KiB (since v5.8)."""
+
+    name: ClassVar[str] = "upstream"
+    help: ClassVar[str] = "Linux 6.18: split the PMD and copy one 4 KiB page (since v5.8)"
     params: ClassVar[dict[str, object]] = {}
-    pte_hook: ClassVar[bool] = False      # True: every PTE COW goes through pte_wp_copy()
+    pte_hook: ClassVar[bool] = False       # True: every 4 KiB COW asks pte_wp_copy()
+    takes_series: ClassVar[bool] = True    # the 2026 series can be applied on top
+    boot_sysfs: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, series: str | None = None, **kwargs) -> None:
         unknown = set(kwargs) - set(self.params)
         if unknown:
-            raise ValueError(f"policy {self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+            raise ValueError(f"build {self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(self.params) or 'none'}")
         for key, default in self.params.items():
             val = kwargs.get(key, default)
             setattr(self, key, type(default)(val) if default is not None else val)
+        if series not in (None,) + SERIES_VARIANTS:
+            raise ValueError(f"build {self.name}: series={series!r} must be one of v1, meant or None")
+        #: The 2026 thp_cow series: None (not applied), "v1" (as posted) or "meant" (as meant).
+        self.series = series if self.takes_series else None
 
     def __repr__(self) -> str:
         args = ",".join(f"{k}={getattr(self, k)}" for k in self.params)
         return f"{self.name}:{args}" if args else self.name
 
-    # -- kernel judgement points ------------------------------------------------------------
-    def attach(self, k: Kernel) -> None:
-        """Called once when a kernel takes this policy."""
+    # -- boot ---------------------------------------------------------------------------------
+    def boot(self, k: Kernel) -> None:
+        """Called once when the kernel boots (sysfs defaults, reservations)."""
+        for knob, value in self.boot_sysfs.items():
+            k.sysfs.write(knob, value)
 
-    def huge_pmd_wp_copy(self, k: Kernel, mm: MM, vma: VMA, addr: int, slot: int, fid: int) -> int | None:
-        return None
+    # -- judgement points -------------------------------------------------------------------
+    def pmd_cow_copy(self, k: Kernel, mm: MM, vma: VMA) -> bool:
+        """do_huge_pmd_wp_page(): copy this shared THP whole instead of splitting its PMD?"""
+        from .huge_memory import hugepage_cow_enabled
+        return hugepage_cow_enabled(k, mm, vma)
+
+    def huge_pmd_wp_fallback(self, k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
+        """do_huge_pmd_wp_page()'s fallback: split this VMA's PMD; the fault copies 4 KiB."""
+        from .huge_memory import split_huge_pmd
+        from .memory import VM_FAULT_FALLBACK
+        split_huge_pmd(k, mm, vma, s)
+        self.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
+        return VM_FAULT_FALLBACK
 
     def pte_wp_copy(self, k: Kernel, mm: MM, vma: VMA, addr: int, row: int, fid: int) -> int | None:
+        """do_wp_page() before its 4 KiB copy (asked only when ``pte_hook``): None copies 4 KiB."""
         return None
 
     def cow_split(self, k: Kernel, mm: MM, vma: VMA, haddr: int) -> None:
         """A COW fault has just split the PMD at haddr."""
 
     def alloc_thp_fallback(self, k: Kernel) -> int:
+        """The buddy allocator had no order-9 block: another source, or -1."""
         return -1
 
-    # -- workload-level hooks ----------------------------------------------------------------
-    def before_fork(self, k: Kernel, parent: Process, child_needs: list[tuple[int, int]]) -> None:
-        """Before the scenario forks; ``child_needs`` lists the (addr, length) the child uses."""
-
-    def phase_end(self, k: Kernel, parent: Process, children: list[Process]) -> None:
-        """After a phase of writes (the scenario decides when)."""
-
     def cost_bytes(self, k: Kernel) -> int:
-        """Memory the policy itself holds (e.g. a reservation pool)."""
+        """Memory the build itself holds (a reservation pool)."""
         return 0
 
 
-class Upstream(CowPolicy):
-    name = "upstream"
-    help = "Linux 6.18: split the PMD and copy one 4 KiB page (since v5.8)"
+Upstream = KernelBuild
 
 
-class ThpCowSeries(CowPolicy):
-    """The 2026 series, as written in v1 (series thp_cow v1 3/5 + 5/5)."""
+class ThpCowV1(KernelBuild):
+    """6.18 with the 2026 series as posted (v1), booted with thp_cow=always."""
 
     name = "thp-cow-v1"
-    help = "the 2026 series as written: copy the whole 2 MiB when hugepage_cow_enabled() (sets thp_cow)"
+    help = "the 2026 series as posted: copy the whole 2 MiB when hugepage_cow_enabled() (thp_cow=always)"
     params = {"thp_cow": "always"}
-    intended = False
+    variant = "v1"
 
-    def attach(self, k: Kernel) -> None:
+    def __init__(self, series: str | None = None, **kwargs) -> None:
+        super().__init__(self.variant, **kwargs)
+
+    def boot(self, k: Kernel) -> None:
         if self.thp_cow:
             k.sysfs.write("thp_cow", self.thp_cow)
 
-    def huge_pmd_wp_copy(self, k, mm, vma, addr, slot, fid):
-        from . import huge_memory as hm
-        if not hm.hugepage_cow_enabled(k, mm, vma, intended=self.intended):
-            return None
-        return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
 
+class ThpCowMeant(ThpCowV1):
+    """The series with its review fix: hugepage_cow_enabled() honours every THP switch."""
 
-class ThpCowIntended(ThpCowSeries):
-    name = "thp-cow-intended"
+    name = "thp-cow-meant"
     help = "the series as meant: also honours hugepages-2048kB, VM_NOHUGEPAGE and PR_SET_THP_DISABLE"
-    intended = True
+    variant = "meant"
 
 
-class Pre58(CowPolicy):
-    """Model of do_huge_pmd_wp_page() before v5.8 (commit 3917c80280c9 changed it)."""
+class Pre58(KernelBuild):
+    """do_huge_pmd_wp_page() before v5.8 (commit 3917c80280c9 changed it)."""
 
     name = "pre-5.8"
     help = "kernels before 5.8: copy the whole 2 MiB; if no THP, copy all 512 pages into 4 KiB pages"
+    takes_series = False
 
-    def huge_pmd_wp_copy(self, k, mm, vma, addr, slot, fid):
-        from . import huge_memory as hm
-        enabled = not hm.vma_thp_disabled(mm, vma, False) and k.sysfs.global_allows(vma.flags & VM_HUGEPAGE)
-        if enabled and k.mem.has_free_order(HPAGE_PMD_ORDER):
-            return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
+    def pmd_cow_copy(self, k, mm, vma):
+        from .huge_memory import vma_thp_disabled
+        enabled = not vma_thp_disabled(mm, vma, False) and k.sysfs.global_allows(vma.flags & VM_HUGEPAGE)
+        return enabled and k.mem.has_free_order(HPAGE_PMD_ORDER)
+
+    def huge_pmd_wp_fallback(self, k, mm, vma, addr, s):
         k.vmstat.count_vm_event("thp_fault_fallback")
-        return do_huge_pmd_wp_page_fallback(k, mm, vma, slot)
+        if do_huge_pmd_wp_page_fallback(k, mm, vma, s) is None:
+            return super().huge_pmd_wp_fallback(k, mm, vma, addr, s)
+        return 0
 
 
 def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | None:
     """Model of the pre-5.8 do_huge_pmd_wp_page_fallback(): copy all 512 pages to 4 KiB pages.
 
     The deposited table is withdrawn and filled with 512 new exclusive,
-    writable pages; the THP loses this PMD mapping.  No thp_split_pmd.  If 512
-    pages cannot be had, the PMD is split as upstream does.
+    writable pages; the THP loses this PMD mapping.  No thp_split_pmd.  None
+    (nothing changed) if 512 pages cannot be had.
     """
     from . import rmap
     from .memory import new_anon_folios_bulk
@@ -162,7 +186,7 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     return 0
 
 
-class MthpCow(CowPolicy):
+class MthpCow(KernelBuild):
     """Copy a naturally aligned mTHP-sized block around the faulting page."""
 
     name = "mthp-cow"
@@ -170,15 +194,13 @@ class MthpCow(CowPolicy):
     params = {"order": 4}
     pte_hook = True
 
-    def attach(self, k: Kernel) -> None:
+    def __init__(self, series: str | None = None, **kwargs) -> None:
+        super().__init__(series, **kwargs)
         if not 2 <= self.order <= HPAGE_PMD_ORDER:
-            raise ValueError(f"policy mthp-cow: order={self.order} must be within 2..{HPAGE_PMD_ORDER}")
+            raise ValueError(f"build mthp-cow: order={self.order} must be within 2..{HPAGE_PMD_ORDER}")
 
-    def huge_pmd_wp_copy(self, k, mm, vma, addr, slot, fid):
-        from . import huge_memory as hm
-        if self.order == HPAGE_PMD_ORDER:
-            return hm.wp_huge_pmd_page_copy(k, mm, vma, addr, slot)
-        return None                          # split; the PTE COW that follows copies the block
+    def pmd_cow_copy(self, k, mm, vma):
+        return self.order == HPAGE_PMD_ORDER
 
     def pte_wp_copy(self, k, mm, vma, addr, row, fid):
         if self.order >= HPAGE_PMD_ORDER or k.folios.order[fid] == 0:
@@ -227,52 +249,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     return 0
 
 
-class CollapseAfterFork(CowPolicy):
-    name = "collapse-after-fork"
-    help = "upstream COW, then MADV_COLLAPSE of the written ranges at the end of each phase"
-    params = {"who": "parent"}
-
-    def attach(self, k: Kernel) -> None:
-        if self.who not in ("parent", "child", "both"):
-            raise ValueError(f"policy collapse-after-fork: who={self.who} must be parent, child or both")
-
-    def phase_end(self, k, parent, children):
-        procs = []
-        if self.who in ("parent", "both"):
-            procs.append(parent)
-        if self.who in ("child", "both"):
-            procs.extend(children)
-        for p in procs:
-            if not p.mm.alive:
-                continue
-            for v in list(p.mm.vmas):
-                if v.flags & VM_NOHUGEPAGE or not v.anon_vma:
-                    continue
-                try:
-                    p.madvise(v.start, v.end - v.start, MADV_COLLAPSE)
-                except KernelError:
-                    pass                      # EINVAL/ENOMEM/EAGAIN: keep what could be collapsed
-
-
-class DontFork(CowPolicy):
-    name = "dontfork"
-    help = "upstream COW, and MADV_DONTFORK on the parent's memory that the child does not use"
-
-    def before_fork(self, k, parent, child_needs):
-        for v in list(parent.mm.vmas):
-            cursor = v.start
-            for start, length in sorted(child_needs):
-                lo, hi = max(start & ~(PAGE_SIZE - 1), v.start), min(start + length, v.end)
-                if lo >= hi:
-                    continue
-                if lo > cursor:
-                    parent.madvise(cursor, lo - cursor, MADV_DONTFORK)
-                cursor = max(cursor, (hi + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-            if cursor < v.end:
-                parent.madvise(cursor, v.end - cursor, MADV_DONTFORK)
-
-
-class DirectedKhugepaged(CowPolicy):
+class DirectedKhugepaged(KernelBuild):
     """khugepaged told where a COW just split a THP: those PMDs are scanned first.
 
     Each COW split adds a hint to the khugepaged daemon
@@ -288,14 +265,19 @@ class DirectedKhugepaged(CowPolicy):
         k.khugepaged.hint[(mm.pid, haddr)] = None
 
 
-class Reservation(CowPolicy):
+class Reservation(KernelBuild):
     """A pool of order-9 blocks set aside at boot (in the spirit of TAO)."""
 
     name = "reservation"
     help = "set aside a pool of 2 MiB blocks for THP faults and COW copies when the buddy has none"
     params = {"pool_mib": 64}
 
-    def attach(self, k: Kernel) -> None:
+    def __init__(self, series: str | None = None, **kwargs) -> None:
+        super().__init__(series, **kwargs)
+        if self.pool_mib < 0:
+            raise ValueError(f"build reservation: pool_mib={self.pool_mib} must be >= 0")
+
+    def boot(self, k: Kernel) -> None:
         self.pool: list[int] = []
         for _ in range(self.pool_mib // (HPAGE_PMD_SIZE >> 20)):
             pfn = k.mem.alloc(HPAGE_PMD_ORDER)
@@ -311,8 +293,8 @@ class Reservation(CowPolicy):
         return self.reserved
 
 
-class CowDensity(CowPolicy):
-    """Our own: copy the whole 2 MiB once a process has COWed enough of it.
+class CowDensity(KernelBuild):
+    """Ours: copy the whole 2 MiB once a process has COWed enough of it.
 
     Upstream copies 4 KiB per written page.  When, since fork, a process has
     taken ``threshold`` 4 KiB COW copies inside one 2 MiB block of a
@@ -329,9 +311,10 @@ class CowDensity(CowPolicy):
     params = {"threshold": 64}
     pte_hook = True
 
-    def attach(self, k: Kernel) -> None:
+    def __init__(self, series: str | None = None, **kwargs) -> None:
+        super().__init__(series, **kwargs)
         if not 1 <= self.threshold <= HPAGE_PMD_NR:
-            raise ValueError(f"policy cow-density: threshold={self.threshold} must be within 1..512")
+            raise ValueError(f"build cow-density: threshold={self.threshold} must be within 1..512")
         self.count: dict[tuple[int, int], int] = {}
 
     def pte_wp_copy(self, k, mm, vma, addr, row, fid):
@@ -354,33 +337,52 @@ class CowDensity(CowPolicy):
         return 0
 
 
-REGISTRY: dict[str, type[CowPolicy]] = {
-    cls.name: cls for cls in (Upstream, ThpCowSeries, ThpCowIntended, Pre58, MthpCow, CollapseAfterFork,
-                              DontFork, DirectedKhugepaged, Reservation, CowDensity)
+BUILDS: dict[str, type[KernelBuild]] = {
+    cls.name: cls for cls in (KernelBuild, ThpCowV1, ThpCowMeant, Pre58, MthpCow, DirectedKhugepaged,
+                              Reservation, CowDensity)
 }
+ALIASES = {"thp-cow-intended": "thp-cow-meant", "6.18": "upstream"}
 
 
-def parse_policy(spec: str) -> CowPolicy:
-    """Build a policy from ``"name"`` or ``"name:key=value,key=value"``."""
+def split_spec(spec: str, what: str = "build") -> tuple[str, dict[str, str]]:
+    """``"name:key=value,key=value"`` -> (name, {key: value})."""
     name, _, args = spec.partition(":")
-    cls = REGISTRY.get(name.strip())
-    if cls is None:
-        raise ValueError(f"unknown COW policy {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    name = name.strip()
     kwargs = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, val = item.partition("=")
         if not eq:
-            raise ValueError(f"policy {name}: parameter {item!r} is not key=value")
+            raise ValueError(f"{what} {name}: parameter {item!r} is not key=value")
         kwargs[key.strip()] = val.strip()
+    return name, kwargs
+
+
+def parse_build(spec: str, series: str | None = None) -> KernelBuild:
+    """Build a kernel build from ``"name"`` or ``"name:key=value,..."``."""
+    name, kwargs = split_spec(spec)
+    cls = BUILDS.get(ALIASES.get(name, name))
+    if cls is None:
+        raise ValueError(f"unknown kernel build {name!r}; known: {', '.join(sorted(BUILDS))}")
     try:
-        return cls(**kwargs)
+        return cls(series, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(str(exc)) from None
 
 
-def get_policy(spec: "CowPolicy | str | None") -> CowPolicy:
+def series_option(value: "bool | str | None") -> str | None:
+    """``Kernel(series_thp_cow=...)``: True means the series as meant, "v1" as posted, False not applied."""
+    if value is True:
+        return "meant"
+    if value in (False, None):
+        return None
+    if value in SERIES_VARIANTS:
+        return str(value)
+    raise ValueError(f"series_thp_cow={value!r}: must be True, False, 'v1' or 'meant'")
+
+
+def get_build(spec: "KernelBuild | str | None", series: str | None = None) -> KernelBuild:
     if spec is None:
-        return Upstream()
-    if isinstance(spec, CowPolicy):
+        return KernelBuild(series)
+    if isinstance(spec, KernelBuild):
         return spec
-    return parse_policy(spec)
+    return parse_build(spec, series)

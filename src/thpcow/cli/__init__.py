@@ -1,0 +1,60 @@
+"""The thpcow command line: one typer app, one verb per capability.
+
+VERBS is the one registration table: (verb, module in this package, help shown
+in the ``thpcow --help`` list), in the order of that list.  Each verb module
+defines ``command()``, the typer callback, whose docstring is the verb's full
+help; the table's help is that docstring's first paragraph.  A verb module
+imports at its top only typer, rich and the helpers in ``common``; the
+simulator, pandas, matplotlib and dask are imported inside ``command()``, so
+that building the app (``thpcow --help``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+VERBS: tuple[tuple[str, str, str], ...] = (
+    ("demo", "demo",
+     "Run the built-in fork/COW scenario on the simulated kernel and show what changed."),
+    ("policies", "policies",
+     "List the COW policies, one line each."),
+    ("policy-table", "policy_table",
+     "Run every COW policy on the three small built-in scenarios and write one table."),
+    ("workloads", "workloads",
+     "List the workloads and their parameters (name: meaning (range); type, default)."),
+    ("compare", "compare",
+     "Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report."),
+    ("sweep", "sweep",
+     "Run a grid of scenario parameters x policies; every finished point is stored at once (resumable)."),
+    ("calibrate", "calibrate",
+     "Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML)."),
+    ("validate", "validate",
+     "Compare the latency model's predicted times with times measured on the running kernel."),
+)
+
+
+def build_app() -> typer.Typer:
+    """The typer app with one command per row of VERBS."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True,
+                      help="A lab for Linux transparent huge pages and copy-on-write after fork().")
+    for verb, module, help_text in VERBS:
+        mod = importlib.import_module(f"{__name__}.{module}")
+        app.command(verb, short_help=help_text)(mod.command)
+    return app
+
+
+app = build_app()
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # one line, non-zero exit
+        from ..kernel.errors import KernelError
+        if isinstance(exc, KernelError):
+            print(f"thpcow: {exc}", file=sys.stderr)
+            sys.exit(1)
+        raise

@@ -1,0 +1,86 @@
+"""thpcow calibrate: measure the latency model's costs on the running kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .common import busy_warning, console, fail, human_ns, lab_progress, wide_console
+
+
+def command(out: str = typer.Option(None, "--out", help="profile file to write (TOML; default "
+                                    "results/calibration-<kernel>-<timestamp>.toml)"),
+            quick: bool = typer.Option(False, "--quick", help="smaller regions, fewer repeats: under a minute"),
+            cold: bool = typer.Option(False, "--cold", help="sleep 3.5 s before every allocating step instead "
+                                      "of pre-touching scratch memory (calibration.md 'cold'; slow)"),
+            as_json: bool = typer.Option(False, "--json", help="print the profile, figures and metadata as JSON")) -> None:
+    """Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML).
+
+    Measures mmap/munmap/madvise, fork() and exit per GiB (THP- and 4 KiB-backed),
+    4 KiB write faults, zero-page and huge-zero-page read faults, THP write faults,
+    COW (1st write into a shared THP = PMD split + 4 KiB copy; later 4 KiB COWs),
+    reuse faults after the child exits (4 KiB and PMD), MADV_COLLAPSE of a PTE-mapped
+    2 MiB, memcpy of 4 KiB / 2 MiB, memset, and random 8 B reads over THP- and 4 KiB-backed
+    buffers.  Batches of faults are timed and divided; each figure is the median of
+    repeats.  Every run's /proc/vmstat deltas and smaps are checked: a figure whose
+    counters show another kernel path is refused (exit status 1, no profile).
+    Never writes sysfs.  The profile loads with CalibrationProfile.load(); a commented
+    [lab] section keeps the metadata (kernel, THP knobs, CPU, governor, date, warm).
+    """
+    import time as _time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..lab import calibrate as cal
+    from ..lab.procfs import LabError
+
+    cfg = cal.CalibrationConfig.quick_config(warm=not cold) if quick else cal.CalibrationConfig(warm=not cold)
+    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("calibrating", total=1)
+        try:
+            res = cal.calibrate(cfg, progress=lab_progress(prog, task))
+        except (LabError, OSError, ValueError) as exc:
+            fail(str(exc))
+    kernel = res.lab["metadata"].get("kernel", "unknown")
+    path = out or os.path.join("results", f"calibration-{kernel}-{_time.strftime('%Y%m%d-%H%M%S')}.toml")
+    try:
+        cal.write_profile(res.profile, path, res.lab)
+    except (OSError, ValueError) as exc:
+        fail(f"{path}: cannot write the profile: {exc}")
+    rows = list(cal.profile_rows(res))
+    if as_json:
+        print(json.dumps({"profile": res.profile.to_dict(), "path": str(path), "rows": rows, "lab": res.lab,
+                          "elapsed_s": round(res.elapsed_s, 1)}, indent=2, default=str))
+        return
+    meta = res.lab["metadata"]
+    table = Table(title=f"calibration on Linux {kernel}, {meta.get('cpu_model')} x{meta.get('nr_cpus')}, "
+                        f"{'warm' if cfg.warm else 'cold'}{', quick' if quick else ''} (median of {cfg.repeats} runs)")
+    for col, just in (("figure", "left"), ("profile field", "left"), ("per", "left"), ("measured", "right"),
+                      ("min - max", "right"), ("reference", "right"), ("meas/ref", "right")):
+        table.add_column(col, justify=just)
+    for r in rows:
+        ref = r["reference_ns"]
+        table.add_row(r["figure"], r["field"] or "(lab extra)", r["per"], human_ns(r["median_ns"]),
+                      f"{human_ns(r['min_ns'])} - {human_ns(r['max_ns'])}", human_ns(ref),
+                      f"{r['median_ns'] / ref:.2f}" if ref else "-")
+    out_console = wide_console(160)
+    out_console.print(table)
+    rr = res.lab["random_reads"]
+    t2 = Table(title=f"random 8 B reads (numpy take, {rr['accesses']:,} per run), ns per access")
+    for col in ("buffer", "4 KiB", "THP", "model: memory", "model: per walk ref"):
+        t2.add_column(col, justify="right")
+    model = rr.get("model", {})
+    for size in sorted({p["size_mib"] for p in rr["points"].values()}):
+        p4, ph = rr["points"].get(f"4k-{size}", {}), rr["points"].get(f"thp-{size}", {})
+        t2.add_row(f"{size} MiB", f"{p4.get('ns', float('nan')):.1f}", f"{ph.get('ns', float('nan')):.1f}",
+                   f"{float(model.get('base_ns', {}).get(str(size), float('nan'))):.1f}",
+                   f"{float(model.get('walk_ref_ns', {}).get(str(size), float('nan'))):.2f}")
+    out_console.print(t2)
+    console.print(f"profile written to {path} ({res.elapsed_s:.1f} s; not measured, kept at the reference: "
+                  f"{', '.join(res.lab['not_measured'])})", soft_wrap=True)
+    busy_warning(meta)

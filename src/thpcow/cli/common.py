@@ -1,0 +1,67 @@
+"""What the verbs share: the console, its width for tables, error exits and the lab helpers."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def wide_console(width: int) -> Console:
+    """The console on a terminal; otherwise one at least ``width`` columns wide, so that tables
+    written to a file or a pipe are not squeezed."""
+    return console if console.is_terminal else Console(width=max(console.width, width))
+
+
+def fail(msg: str) -> NoReturn:
+    """One line on stderr, exit status 1."""
+    print(f"thpcow: {msg}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def bad_input(msg: str) -> NoReturn:
+    """Refuse an option's value: typer's usage and error panel, exit status 2.
+
+    ``msg`` names the option, e.g. ``--size-mib=3: must be a positive multiple of 2``.
+    """
+    raise typer.BadParameter(msg)
+
+
+def human_ns(ns: float | None) -> str:
+    """A duration in ns as text with a unit (ns, us, ms, s)."""
+    if ns is None or ns != ns:
+        return "-"
+    a = abs(ns)
+    if a < 1e3:
+        return f"{ns:.1f} ns"
+    if a < 1e6:
+        return f"{ns / 1e3:,.2f} us"
+    if a < 1e9:
+        return f"{ns / 1e6:,.2f} ms"
+    return f"{ns / 1e9:,.2f} s"
+
+
+def lab_progress(prog, task):
+    """A progress callback for thpcow.lab: the step's label and the bar, refreshed by hand.
+
+    NOTE: the Progress runs with auto_refresh=False so that no refresh thread
+    competes with the measurements for the CPU (or the GIL).
+    """
+    def cb(label: str, done: int, total: int) -> None:
+        prog.update(task, description=label, completed=done, total=total)
+        prog.refresh()
+    return cb
+
+
+def busy_warning(meta: dict) -> None:
+    """Warn when other tasks kept the CPUs busy during a lab run (the figures are then inflated)."""
+    from ..lab.calibrate import BUSY_WARNING
+
+    busy = meta.get("other_cpu_busy")
+    if isinstance(busy, float) and busy > BUSY_WARNING:
+        console.print(f"[yellow]warning:[/] other tasks kept {busy:.0%} of the CPUs busy during the run; "
+                      "the timings may be inflated (rerun on a quieter machine)", soft_wrap=True)

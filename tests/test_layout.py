@@ -1,0 +1,72 @@
+"""Package layout: what an import pulls in, and the command line's verb table."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+
+from thpcow.cli import VERBS, app
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+HEAVY = ("pandas", "matplotlib", "dask")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` with this tree's src first on the path."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def imported_after(statement: str) -> list[str]:
+    """The modules in sys.modules after running ``statement`` in a fresh interpreter."""
+    proc = run_python(f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
+
+
+def test_importing_the_kernel_leaves_out_experiments_cli_and_heavy_libraries():
+    mods = imported_after("import thpcow.kernel")
+    assert "thpcow.kernel" in mods
+    assert loaded(mods, ("thpcow.experiments", "thpcow.cli", *HEAVY)) == []
+
+
+def test_thpcow_compare_is_still_there():
+    proc = run_python("import thpcow, sys\n"
+                      "assert 'thpcow.experiments.runner' not in sys.modules\n"
+                      "from thpcow.experiments.runner import compare\n"
+                      "assert thpcow.compare is compare and 'compare' in dir(thpcow)\n")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_help_lists_every_registered_verb():
+    proc = subprocess.run([sys.executable, "-m", "thpcow.cli", "--help"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                                   COLUMNS="200"))
+    assert proc.returncode == 0, proc.stderr
+    listed = re.findall(r"^│ (\S+) +(.*?) *│$", proc.stdout, re.M)
+    assert [verb for verb, _ in listed if verb != "--help"] == [verb for verb, _, _ in VERBS]
+    assert {verb: text for verb, text in listed if verb != "--help"} == {verb: text for verb, _, text in VERBS}
+
+
+def test_help_does_not_import_pandas_matplotlib_or_dask():
+    mods = imported_after("sys.argv = ['thpcow', '--help']\n"
+                          "from thpcow.cli import main\n"
+                          "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 0, exc.code\n")
+    assert loaded(mods, HEAVY) == []
+    assert {f"thpcow.cli.{module}" for _, module, _ in VERBS} <= set(mods)
+
+
+def test_verb_table_help_is_the_first_paragraph_of_the_verb_docstring():
+    commands = {c.name: c for c in app.registered_commands}
+    assert list(commands) == [verb for verb, _, _ in VERBS]
+    for verb, _module, text in VERBS:
+        doc = inspect.getdoc(commands[verb].callback)
+        assert " ".join(doc.split("\n\n")[0].split()) == text, verb

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 
@@ -123,7 +124,8 @@ def replay_tiny(policy: str) -> dict:
     peak = used()
     k.run_until(2_000_000)
     before, base_mem = k.vmstat_snapshot(), used()
-    pol.before_fork(k, p, [(a + i * MIB, MIB) for i in range(8)])
+    if pol.strategy:
+        pol.strategy.before_fork(p, [(a + i * MIB, MIB) for i in range(8)])
     c = p.fork()
     lat = []
     model = latency_model()
@@ -136,7 +138,8 @@ def replay_tiny(policy: str) -> dict:
         lat.append(model.op_cost_ns("write", d, accesses=256, nbytes=MIB) / 1000)
         peak = max(peak, used())
     k.run_until(2_000_000 + 8 * per)
-    pol.phase_end(k, p, [c])
+    if pol.strategy:
+        pol.strategy.phase_end(p, [c])
     huge_end = p.smaps_fields()
     k.run_until(2_000_000 + 8 * per + 1_000_000)
     c.exit()
@@ -196,6 +199,83 @@ def test_fast_thp_coverage_matches_smaps():
             seen.add(f["AnonHugePages"] / f["Anonymous"])
         strategy.phase_end(p, [c])                     # MADV_COLLAPSE of both
     assert {round(x, 3) for x in seen} == {0.667, 1.0}     # one of three THPs split in each, then collapsed
+
+
+def test_phase_records_partition_the_run(tiny):
+    """Per phase: vmstat deltas that add up to the run's, each live process's THP figures at the
+    phase's end, smaps only when asked."""
+    res = run_point(tiny, "upstream")
+    assert list(res.phases) == ["load", "copy", "after"]
+    assert all("smaps" not in rec and all(rec["vmstat"].values()) for rec in res.phases.values())
+    for name in COUNTERS:              # the fork opens "copy"; the summary counts from just before it
+        assert sum(res.phases[p]["vmstat"].get(name, 0) for p in ("copy", "after")) == res.summary[name], name
+    load, copy = res.phases["load"], res.phases["copy"]
+    assert load["vmstat"]["thp_fault_alloc"] == 8 and load["anon_huge_kb"] == {0: 16384}
+    assert copy["vmstat"]["sim_cow_bytes"] == 8 * MIB and copy["vmstat"]["thp_split_pmd"] == 4
+    # the copy phase ends after phase_end, before the child exits
+    assert copy["anon_huge_kb"] == {0: 16384, 1: 8192} and copy["anon_kb"] == {0: 16384, 1: 16384}
+    assert copy["anon_huge_kb"][0] == replay_tiny("upstream")["huge_before_exit"]["AnonHugePages"]
+    assert set(res.phases["after"]["anon_kb"]) == {0}
+    res = run_point(tiny, "upstream", smaps=True)
+    assert set(res.phases["copy"]["smaps"]) == {0, 1} and "AnonHugePages:" in res.phases["copy"]["smaps"][1]
+
+
+def test_children_thp_coverage(tiny):
+    """thp_child_*: AnonHugePages / Anonymous of the live children over the samples."""
+    rows = {p: run_point(tiny, p) for p in ("upstream", "thp-cow-v1")}
+    up, series = rows["upstream"], rows["thp-cow-v1"]
+    kid = pd.Series(up.samples["child_thp_coverage"]).dropna()
+    assert len(kid) and up.summary["thp_child_min"] == kid.min() and up.summary["thp_child_end"] == kid.iloc[-1]
+    assert up.summary["thp_child_end"] == 0.5 and series.summary["thp_child_min"] == 1.0
+    assert up.summary["thp_min"] == up.summary["thp_end"] == 1.0          # the parent keeps its THPs
+    assert np.isnan(up.samples["child_thp_coverage"][0])                   # no child before the fork
+
+
+def test_only_the_runner_calls_the_policy_hooks():
+    """A strategy's before_fork and phase_end and a build's cost_bytes are called from one method
+    of the runner each, nowhere else outside the kernel."""
+    import pathlib
+    import re
+    root = pathlib.Path(thpcow.__file__).parent
+    calls = {}
+    for path in root.rglob("*.py"):
+        if "kernel" in path.relative_to(root).parts:
+            continue
+        for m in re.finditer(r"\.(before_fork|phase_end|cost_bytes)\(", path.read_text()):
+            calls.setdefault(m.group(1), []).append(path.relative_to(root).as_posix())
+    assert calls == {h: ["experiments/runner.py"] for h in ("before_fork", "phase_end", "cost_bytes")}
+
+
+def test_demo_is_the_runner_on_fork_touch():
+    """fork_cow_demo runs the fork-touch workload through the runner; same figures as doing it by hand."""
+    from thpcow.kernel.vmstat import delta
+    from thpcow.scenarios import fork_cow_demo
+    res = fork_cow_demo(size_mib=8, writes_per_2m=3, seed=1)
+    k = Kernel(ram=1 << 30, seed=1)
+    p = k.spawn()
+    a = p.mmap(8 * MIB)
+    p.madvise(a, 8 * MIB, MADV_HUGEPAGE)
+    b = k.vmstat_snapshot()
+    p.write(a, 8 * MIB, 1)
+    want = {"populate": delta(k.vmstat_snapshot(), b)}
+    huge = {"parent after populate": p.smaps_fields()["AnonHugePages"]}
+    c = p.fork()
+    b = k.vmstat_snapshot()
+    c.write_many(a + (np.arange(4)[:, None] * 512 + np.arange(3)).ravel() * PAGE_SIZE, 2)
+    want["child writes"] = delta(k.vmstat_snapshot(), b)
+    huge["parent after child writes"] = p.smaps_fields()["AnonHugePages"]
+    huge["child after child writes"] = c.smaps_fields()["AnonHugePages"]
+    smaps = {"parent": p.smaps(), "child": c.smaps()}
+    b = k.vmstat_snapshot()
+    c.exit()
+    want["child exit"] = delta(k.vmstat_snapshot(), b)
+    huge["parent after child exit"] = p.smaps_fields()["AnonHugePages"]
+    assert res["deltas"] == want and res["anon_huge_kb"] == huge and res["smaps"] == smaps
+    assert want["child writes"]["thp_split_pmd"] == 4 and want["child writes"]["sim_cow_pages"] == 12
+    assert huge == {"parent after populate": 8192, "parent after child writes": 8192,
+                    "child after child writes": 0, "parent after child exit": 8192}
+    code, text = run_cli("demo", "--json", "--size-mib", "4")
+    assert code == 0 and json.loads(text)["deltas"]["child writes"]["thp_split_pmd"] == 2
 
 
 def test_tlb_misses_come_from_the_machine_model(tiny):

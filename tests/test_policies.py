@@ -442,15 +442,28 @@ def test_registry_parses_names_and_parameters():
 
 
 def test_policy_table_matches_the_counters():
-    from thpcow.experiments.policy_table import run_scenario
+    from thpcow.experiments.policy_table import COLUMNS, run_scenario, table_scenario
+    from thpcow.experiments.runner import run_point
     row = run_scenario("dense", "upstream", size_mib=8, check=True)
-    assert row["thp_split_pmd"] == 2 and row["cow_mib"] == 4.0 and row["pgfault"] == 1024
-    assert row["thp_parent"] == 1.0 and row["thp_child"] == 0.5
+    # the child rewrites 4 MiB page by page: 2 PMDs split, 1024 pages copied; khugepaged collapses them again
+    assert row["thp_split_pmd"] == 2 and row["sim_cow_pages"] == 1024 and row["pgfault"] == 1024
+    assert row["thp_collapse_alloc"] == 2 and row["cow_mib"] == 8.0
+    assert row["thp_min"] == 1.0 and row["thp_child_min"] == 0.5 and row["thp_child_end"] == 1.0
     row = run_scenario("dense", "thp-cow-v1", size_mib=8, check=True)
-    assert row["thp_fault_alloc"] == 2 and row["thp_split_pmd"] == 0 and row["cow_mib"] == 4.0
-    assert row["thp_child"] == 1.0
+    assert row["thp_fault_alloc"] == 2 and row["thp_split_pmd"] == 0 and row["sim_huge_cow"] == 2
+    assert row["cow_mib"] == 4.0 and row["thp_child_min"] == 1.0
     row = run_scenario("sparse", "thp-cow-v1", size_mib=8, check=True)
-    assert row["cow_mib"] == 8.0 and row["peak_extra_mib"] == 8.0
+    assert row["cow_mib"] == 8.0 and row["peak_extra_mib"] == 8.0 and row["thp_min"] == 1.0
+    row = run_scenario("sparse", "upstream", size_mib=8)
+    assert row["thp_split_pmd"] == 4 and row["thp_min"] == 0.0 and row["thp_child_min"] == 1.0
+    # the row is the runner's summary row, rounded
+    summary = run_point(table_scenario("forkserver", size_mib=8), "reservation:pool_mib=16").summary
+    row = run_scenario("forkserver", "reservation:pool_mib=16", size_mib=8)
+    for c in COLUMNS:
+        assert row[c] == (pytest.approx(summary[c], abs=0.05) if isinstance(summary[c], float) else summary[c]), c
+    assert row["policy_cost_mib"] == 16.0 and row["thp_split_pmd"] == 64     # 32 children x the 2 PMDs of 4 MiB
+    with pytest.raises(ValueError, match="size_mib=7"):
+        run_scenario("dense", "upstream", size_mib=7)
 
 
 def test_thp_cow_file_exists_only_with_the_series():

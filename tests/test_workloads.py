@@ -243,6 +243,19 @@ def test_forkserver_children_are_short_lived():
     assert vm["thp_split_pmd"] == 40 and used == run_stream(list(ops)[:5])[1]   # children leave nothing behind
 
 
+def test_fork_touch_writes_n_pages_in_every_block():
+    w = make("fork-touch", size_mib=8, pages_per_2m=5)
+    ops = list(w.ops(0))
+    assert [op.phase for op in ops if op.kind != O.WRITE or op.pid == 1][-4:] == ["fork", "write", "exit", "exit"]
+    (write,) = [op for op in ops if op.kind == O.WRITE and op.pid == 1]
+    blocks, pages = np.divmod(write.offsets // PAGE_SIZE, 512)
+    assert np.array_equal(np.bincount(blocks), [5, 5, 5, 5]) and len(np.unique(write.offsets)) == 20
+    vm, _ = run_stream(ops)
+    assert vm["thp_split_pmd"] == 4 and vm["sim_cow_pages"] == 20
+    with pytest.raises(ValueError, match="size_mib=3"):
+        make("fork-touch", size_mib=3)
+
+
 # -- traces -----------------------------------------------------------------------------------
 def test_trace_replays_like_the_program_it_records(trace_csv):
     vm_trace, used_trace = run_stream(make("trace", trace_csv).ops(0))

@@ -10,13 +10,10 @@ Parameters follow the name: ``"mthp-cow:order=6"``, ``"collapse-after-fork:who=b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..kernel.builds import ALIASES, BUILDS, parse_build, split_spec
 from ..strategies import STRATEGIES, Strategy, parse_strategy
 
-if TYPE_CHECKING:
-    from ..kernel import Kernel, Process
 
 
 @dataclass
@@ -33,19 +30,6 @@ class Policy:
 
     def __repr__(self) -> str:
         return self.spec
-
-    # -- the runner's hooks ---------------------------------------------------------------------
-    def before_fork(self, k: Kernel, parent: Process, child_needs: list[tuple[int, int]]) -> None:
-        if self.strategy is not None:
-            self.strategy.before_fork(parent, child_needs)
-
-    def phase_end(self, k: Kernel, parent: Process, children: list[Process]) -> None:
-        if self.strategy is not None:
-            self.strategy.phase_end(parent, children)
-
-    def cost_bytes(self, k: Kernel) -> int:
-        """Memory the kernel build itself holds (e.g. a reservation pool)."""
-        return k.build.cost_bytes(k)
 
 
 def policy_names() -> list[str]:

@@ -1,34 +1,34 @@
-"""Every COW policy on three small built-in scenarios: one table of what each costs.
+"""Every COW policy on three small scenarios: one table of what each costs, from the runner's summary rows.
 
-Scenarios (all on a THP-backed region of ``size_mib``, MADV_HUGEPAGE, fully written first):
+The scenarios are workloads run by :func:`~thpcow.experiments.runner.run_point`
+on a THP-backed region of ``size_mib`` (MADV_HUGEPAGE, fully written first),
+at the kernel's default sysfs values (khugepaged at its default tuning):
 
-- ``dense``: after fork the child rewrites the first half of the region page by
-  page (the series' "end-to-end copying" case);
-- ``sparse``: after fork the child stays alive (a snapshot) while the parent
-  makes random 8-byte writes spread over the whole region (Redis-style);
-- ``forkserver``: the parent forks short-lived children one after the other;
-  each writes a few random pages of the first 4 MiB and exits.
+- ``dense``: ``copy-after-fork``: after fork the child rewrites the first half
+  of the region page by page, in 16 ranges (the series' end-to-end copying
+  case), and lives 30 simulated seconds more;
+- ``sparse``: ``redis-bgsave``: a snapshot child reads the region in 16
+  batches over 30 simulated seconds while the parent writes random 8-byte
+  values all over it (uniform keys, 16 per MiB of the region per 30 s, a
+  batch each time the child reads one); the child exits when done;
+- ``forkserver``: ``forkserver``: the parent forks 32 short-lived children one
+  after the other; each writes 8 random pages of the first 4 MiB and exits.
 
-After the writes, khugepaged (default tuning) runs for 30 simulated seconds
-with the last child still alive.  Figures per (scenario, policy), all
-measured from just before the fork:
-vmstat deltas, bytes copied by COW (``sim_cow_bytes``), the extra memory in
-use at the peak and at the end, the memory the policy itself holds, and THP
-coverage (AnonHugePages / Anonymous) of the parent and of the last child
-after the writes.
+Every column of the table is a column of the runner's summary row (see
+:mod:`thpcow.experiments.runner`): counters from just before the first fork
+to the end, khugepaged included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
-import numpy as np
-
-from ..kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
-from .policies import parse_policy, policy_help
+from .policies import policy_help
+from .runner import run_point
+from .scenario import Scenario
 
 SCENARIOS = ("dense", "sparse", "forkserver")
-SETTLE_S = 30          # simulated seconds after the writes, for khugepaged
+SETTLE_S = 30          # simulated seconds of khugepaged with a child alive (dense, sparse)
 
 # Default parameters of each policy in the table (others use their defaults).
 TABLE_POLICIES = (
@@ -37,107 +37,50 @@ TABLE_POLICIES = (
     "reservation:pool_mib=16", "cow-density:threshold=64",
 )
 
-
-@dataclass
-class Meter:
-    """Peak of the memory in use (frames not free), sampled after each step."""
-
-    k: Kernel
-    base: int = 0
-    peak: int = 0
-
-    def start(self) -> None:
-        self.base = self.used()
-        self.peak = self.base
-
-    def used(self) -> int:
-        return (self.k.mem.nr_frames - self.k.mem.nr_free) * PAGE_SIZE
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, self.used())
+# Summary columns shown, and the decimals of the float ones.
+COLUMNS = ("policy", "sim_cow_pages", "sim_huge_cow", "cow_mib", "thp_split_pmd", "thp_fault_alloc",
+           "thp_fault_fallback", "thp_collapse_alloc", "pgfault", "peak_extra_mib", "end_extra_mib",
+           "policy_cost_mib", "thp_min", "thp_end", "thp_child_min", "thp_child_end", "model_ms")
+DECIMALS = {"cow_mib": 2, "peak_extra_mib": 2, "end_extra_mib": 2, "policy_cost_mib": 2, "thp_min": 3,
+            "thp_end": 3, "thp_child_min": 3, "thp_child_end": 3, "model_ms": 1}
 
 
-def _coverage(proc) -> float:
-    f = proc.smaps_fields()
-    return f["AnonHugePages"] / f["Anonymous"] if f["Anonymous"] else 0.0
-
-
-def run_scenario(scenario: str, policy: str, size_mib: int = 64, seed: int = 0, check: bool = False) -> dict:
-    """Run one scenario under one policy; returns the row of figures."""
+def table_scenario(scenario: str, size_mib: int = 64, seed: int = 0, check: bool = False) -> Scenario:
+    """The scenario ``scenario`` (one of :data:`SCENARIOS`) on a region of ``size_mib``."""
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario={scenario!r}: one of {', '.join(SCENARIOS)}")
     if size_mib < 8 or size_mib % 2:
         raise ValueError(f"size_mib={size_mib}: an even number >= 8")
-    pol = parse_policy(policy)
-    k = Kernel(ram=max(1 << 30, 4 * size_mib << 20), seed=seed, check=check, build=pol.build)
-    rng = np.random.default_rng(seed)
-    size = size_mib << 20
-    parent = k.spawn()
-    base = parent.mmap(size)
-    parent.madvise(base, size, MADV_HUGEPAGE)
-    parent.write(base, size, token=1)
-    meter = Meter(k)
-    before = k.vmstat_snapshot()
-    meter.start()
-    children = []
     if scenario == "dense":
-        pol.before_fork(k, parent, [(base, size // 2)])
-        child = parent.fork()
-        children.append(child)
-        pages = base + np.arange(size // 2 // PAGE_SIZE, dtype=np.int64) * PAGE_SIZE
-        for chunk in np.array_split(pages, 16):
-            child.write_many(chunk, 2)
-            meter.sample()
-        pol.phase_end(k, parent, children)
+        workload, params = "copy-after-fork", dict(
+            size_mib=size_mib, copy_mib=size_mib / 2, range_kib=size_mib * 1024 // 32, order="sequential",
+            writer="child", hold_ms=SETTLE_S * 1000.0)
     elif scenario == "sparse":
-        pol.before_fork(k, parent, [(base, size)])
-        child = parent.fork()
-        children.append(child)
-        nwrites = size // PAGE_SIZE // 16
-        offs = rng.integers(0, size // 8, size=nwrites, dtype=np.int64) * 8
-        for chunk in np.array_split(offs, 16):
-            parent.write_many(base + chunk, 3)
-            meter.sample()
-        pol.phase_end(k, parent, children)
+        workload, params = "redis-bgsave", dict(
+            dataset_mib=size_mib, value_size=8, key_dist="uniform", writes_per_s=size_mib * 16 / SETTLE_S,
+            scan_mib_s=size_mib / SETTLE_S, tail_ms=0.0, batch_ms=SETTLE_S * 1000 / 16)
     else:
-        need = min(4 << 20, size)
-        pol.before_fork(k, parent, [(base, need)])
-        for i in range(32):
-            child = parent.fork()
-            offs = rng.integers(0, need // PAGE_SIZE, size=8, dtype=np.int64) * PAGE_SIZE
-            child.write_many(base + offs, 100 + i)
-            meter.sample()
-            pol.phase_end(k, parent, [child])
-            if i < 31:
-                child.exit()
-        children.append(child)
-    cov_parent = _coverage(parent)
-    cov_child = _coverage(children[-1]) if children[-1].mm.alive else None
-    # Let khugepaged (default tuning) run for SETTLE_S seconds of simulated time.
-    k.advance(SETTLE_S * 1_000_000_000)
-    meter.sample()
-    after = k.vmstat_snapshot()
-    d = {name: after[name] - before[name] for name in after}
-    row = {
-        "scenario": scenario,
-        "policy": repr(pol),
-        "thp_fault_alloc": d["thp_fault_alloc"],
-        "thp_fault_fallback": d["thp_fault_fallback"],
-        "thp_split_pmd": d["thp_split_pmd"],
-        "thp_collapse_alloc": d["thp_collapse_alloc"],
-        "thp_deferred_split_page": d["thp_deferred_split_page"],
-        "pgfault": d["pgfault"],
-        "cow_mib": round(d["sim_cow_bytes"] / (1 << 20), 2),
-        "copied_mib": round((d["sim_cow_bytes"] + d["sim_collapse_bytes"]) / (1 << 20), 2),
-        "peak_extra_mib": round((meter.peak - meter.base) / (1 << 20), 2),
-        "end_extra_mib": round((meter.used() - meter.base) / (1 << 20), 2),
-        "policy_cost_mib": round(pol.cost_bytes(k) / (1 << 20), 2),
-        "thp_parent": round(cov_parent, 3),
-        "thp_child": round(cov_child, 3) if cov_child is not None else None,
-        "thp_parent_30s": round(_coverage(parent), 3),
-        "thp_child_30s": round(_coverage(children[-1]), 3) if children[-1].mm.alive else None,
-    }
+        workload, params = "forkserver", dict(
+            data_mib=size_mib, children=32, pages_per_child=8, hot_mib=4.0)
+    return Scenario(workload=workload, params=params, name=scenario, description=f"policy table: {scenario}",
+                    ram_mib=max(1024, 4 * size_mib), seed=seed, check=check, tlb_model=False,
+                    policies=list(TABLE_POLICIES))
+
+
+def table_row(summary: dict) -> dict:
+    """The table's row of one runner summary row: the scenario and :data:`COLUMNS`, rounded; NaN is None."""
+    row = {"scenario": summary["scenario"]}
+    for c in COLUMNS:
+        val = summary[c]
+        if isinstance(val, float):
+            val = None if math.isnan(val) else round(val, DECIMALS.get(c, 2))
+        row[c] = val
     return row
+
+
+def run_scenario(scenario: str, policy: str, size_mib: int = 64, seed: int = 0, check: bool = False) -> dict:
+    """Run one scenario under one policy; returns the table's row."""
+    return table_row(run_point(table_scenario(scenario, size_mib, seed, check), policy).summary)
 
 
 def run_table(policies=TABLE_POLICIES, scenarios=SCENARIOS, size_mib: int = 64, seed: int = 0,
@@ -151,27 +94,33 @@ def run_table(policies=TABLE_POLICIES, scenarios=SCENARIOS, size_mib: int = 64, 
     return rows
 
 
-COLUMNS = ("policy", "thp_fault_alloc", "thp_fault_fallback", "thp_split_pmd", "thp_collapse_alloc", "pgfault",
-           "cow_mib", "copied_mib", "peak_extra_mib", "end_extra_mib", "policy_cost_mib", "thp_parent", "thp_child",
-           "thp_parent_30s", "thp_child_30s")
-
-
 def to_markdown(rows: list[dict], size_mib: int, seed: int) -> str:
     """The table as Markdown, one section per scenario."""
     out = [
         "# COW policies on three small scenarios",
         "",
         f"Produced by `thpcow policy-table --size-mib {size_mib} --seed {seed}` on the simulated kernel "
-        "(Linux 6.18 semantics). Every figure is measured from just before the first fork. "
-        "`cow_mib`: bytes copied by COW faults; `copied_mib`: those plus the bytes copied by collapses; `peak_extra_mib`/`end_extra_mib`: memory in use beyond "
-        "the pre-fork level; `policy_cost_mib`: memory the policy holds itself (a reservation pool); "
-        "`thp_parent`/`thp_child`: AnonHugePages / Anonymous right after the writes (the last child for "
-        "the fork server), `*_30s`: the same after 30 simulated seconds of khugepaged at its default "
-        "tuning (the counters include that time). See `src/thpcow/experiments/policy_table.py` for the scenarios.",
+        "(Linux 6.18 semantics), with the runner of `thpcow compare`; every column is a column of its "
+        "summary row (`src/thpcow/experiments/runner.py`). Counters are measured from just before the first "
+        "fork to the end of the run, khugepaged (default tuning) included. "
+        "`sim_cow_pages`: pages copied by COW faults that did not copy a whole 2 MiB (one by one, or in "
+        "mTHP blocks); `sim_huge_cow`: whole 2 MiB COW copies; `cow_mib`: bytes copied by COW faults and "
+        "collapses; "
+        "`peak_extra_mib`/`end_extra_mib`: memory in use beyond the pre-fork level, at the peak and at the "
+        "end (after the children exit); `policy_cost_mib`: memory the policy holds itself (a reservation "
+        "pool); `thp_min`/`thp_end`: the parent's AnonHugePages / Anonymous, lowest and at the end, over "
+        "samples taken 200 times per run; `thp_child_min`/`thp_child_end`: the same for the live children "
+        "together, lowest and in the last sample that saw one; `model_ms`: the modelled time of all the "
+        "ops (the latency model of `thpcow compare`).",
         "",
-        "Policies (`thpcow policies`):",
+        "Scenarios (`src/thpcow/experiments/policy_table.py`; `thpcow workloads` explains the parameters):",
         "",
     ]
+    for sc in dict.fromkeys(r["scenario"] for r in rows):
+        s = table_scenario(sc, size_mib, seed)
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in s.params.items())
+        out.append(f"- `{sc}`: `{s.workload}` ({params}), {s.ram_mib} MiB RAM")
+    out += ["", "Policies (`thpcow policies`):", ""]
     for name, (kind, text, _) in policy_help().items():
         out.append(f"- `{name}` ({kind}): {text}")
     out.append("")

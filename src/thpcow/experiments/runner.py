@@ -20,6 +20,9 @@ Figures of a run (one summary row per policy):
   (thpcow.machine.latency on the op's vmstat deltas);
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
+- ``thp_child_mean``/``thp_child_min``/``thp_child_end``: the same for the
+  other live processes together (the children), over the samples where one
+  lives (``thp_child_end``: the last of them); NaN if no sample saw one;
 - ``model_ms``: the sum of the modelled cost of every op (translation excluded);
 - ``tlb_misses``: page walks (last-level dTLB misses) of the workload's
   loads and stores from the first fork on, replayed through the machine
@@ -30,6 +33,19 @@ Figures of a run (one summary row per policy):
   mprotect/mremap, swap-out, migration, the parent's flush_tlb_mm() at fork)
   is replayed before the op's accesses, and an exiting process's address
   space is dropped.  NaN when thpcow.machine cannot be imported.
+
+Per phase of the workload (:attr:`PointResult.phases`), the runner also
+records the vmstat deltas (every counter that moved) from the end of the
+previous phase to the end of this one, kernel threads included, and, at the
+phase's end (after its last op, before the clock moves on), the Anonymous
+and AnonHugePages of every live process, plus its smaps text when asked
+(``run_point(..., smaps=True)``).  A phase that comes back later adds to its
+deltas and takes the later end's figures.
+
+A policy is a kernel build (booted for the run) or a userspace strategy on
+upstream; the strategy's calls (``before_fork`` at a fork, ``phase_end`` at
+a phase_end op) and the build's ``cost_bytes`` (for the summary) are made by
+the runner only, each from one method of :class:`_Run`.
 """
 
 from __future__ import annotations
@@ -43,6 +59,7 @@ import numpy as np
 
 from ..kernel import Kernel, OutOfMemory
 from ..kernel.constants import HPAGE_PMD_NR, PAGE_SIZE
+from ..kernel.vmstat import delta
 from .policies import parse_policy
 from ..workloads import ops as O
 from ..workloads.ops import check_order
@@ -66,7 +83,9 @@ SUMMARY_SCHEMA: dict[str, str] = {
     "policy_cost_mib": "float64",
     **{c: "int64" for c in COUNTERS},
     "lat_p50_us": "float64", "lat_p99_us": "float64", "lat_max_us": "float64", "write_batches": "int64",
-    "thp_mean": "float64", "thp_min": "float64", "thp_end": "float64", "tlb_misses": "float64", "tlb_ms": "float64",
+    "thp_mean": "float64", "thp_min": "float64", "thp_end": "float64",
+    "thp_child_mean": "float64", "thp_child_min": "float64", "thp_child_end": "float64",
+    "tlb_misses": "float64", "tlb_ms": "float64",
     "model_ms": "float64", "sim_ms": "float64", "ops": "int64", "oom": "bool",
 }
 
@@ -75,12 +94,18 @@ ProgressFn = Callable[[int, int], None]
 
 @dataclass
 class PointResult:
-    """One policy on one scenario: the summary row, per-op records and samples (columns of lists)."""
+    """One policy on one scenario: the summary row, per-op records and samples (columns of lists).
+
+    ``phases``: per workload phase, in order of first appearance, ``{"vmstat": {counter: delta},
+    "anon_kb": {pid: kB}, "anon_huge_kb": {pid: kB}}`` (pids: the workload's, of the processes
+    alive at the phase's end) and ``"smaps": {pid: text}`` when the run was asked for smaps.
+    """
 
     summary: dict[str, Any]
     ops: dict[str, list] = field(default_factory=dict)
     samples: dict[str, list] = field(default_factory=dict)
     wall_s: float = 0.0
+    phases: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 def _mapped(proc) -> tuple[int, int]:
@@ -160,7 +185,7 @@ class _TlbMeter:
 class _Run:
     """The state of one run: kernel, processes, regions, meters."""
 
-    def __init__(self, scenario: Scenario, policy: str) -> None:
+    def __init__(self, scenario: Scenario, policy: str, smaps: bool = False) -> None:
         self.sc = scenario
         self.workload = scenario.make_workload()
         self.pol = parse_policy(policy)
@@ -173,6 +198,7 @@ class _Run:
         if self.tlb is not None:
             self.k.tlb_flush_log = []
         self.procs: dict[int, Any] = {}
+        self.live: dict[int, Any] = {}                 # the processes that have not exited
         self.children: dict[int, list[int]] = {}
         self.base: dict[int, int] = {}
         self.duration = max(int(self.workload.duration_ns()), 1)
@@ -182,7 +208,12 @@ class _Run:
         self.ops: dict[str, list] = {c: [] for c in ("seq", "t_ns", "kind", "pid", "phase", "n", "nbytes",
                                                      "cost_ns", "mem_bytes", "tlb_walks", *COUNTERS)}
         self.samples: dict[str, list] = {c: [] for c in ("t_ns", "anon_kb", "anon_huge_kb", "thp_coverage",
-                                                         "mem_bytes", "nr_procs")}
+                                                         "child_anon_kb", "child_anon_huge_kb",
+                                                         "child_thp_coverage", "mem_bytes", "nr_procs")}
+        self.smaps = smaps
+        self.phase: str | None = None                  # the phase of the last op applied
+        self.phase_start: dict[str, int] = {}          # vmstat at the end of the phase before it
+        self.phases: dict[str, dict[str, dict]] = {}
         self.before_fork: dict[str, int] | None = None
         self.mem_at_fork = 0
         self.peak = 0
@@ -201,11 +232,17 @@ class _Run:
         if parent.mm.alive:
             anon, huge = thp_kb(parent)
             cov = huge / anon if anon else 0.0
+        kids = [thp_kb(p) for pid, p in self.live.items() if pid != 0]
+        kid_anon, kid_huge = sum(a for a, _h in kids), sum(h for _a, h in kids)
+        kid_cov = (kid_huge / kid_anon if kid_anon else 0.0) if kids else math.nan
         s = self.samples
         s["t_ns"].append(self.k.now)
         s["anon_kb"].append(anon)
         s["anon_huge_kb"].append(huge)
         s["thp_coverage"].append(cov)
+        s["child_anon_kb"].append(kid_anon)
+        s["child_anon_huge_kb"].append(kid_huge)
+        s["child_thp_coverage"].append(kid_cov)
         s["mem_bytes"].append(self.used())
         s["nr_procs"].append(len(self.k.procs))
 
@@ -219,12 +256,41 @@ class _Run:
         if t > self.k.now:
             self.k.run_until(t)
 
+    def end_phase(self) -> None:
+        """Record the phase that just ended: its vmstat deltas and each live process's THP figures."""
+        if self.phase is None:
+            return
+        now = self.k.vmstat_snapshot()
+        rec = self.phases.setdefault(self.phase, {"vmstat": {}})
+        moved = rec["vmstat"]
+        for name, d in delta(now, self.phase_start).items():
+            moved[name] = moved.get(name, 0) + d
+        rec["vmstat"] = {name: d for name, d in moved.items() if d}
+        rec["anon_kb"], rec["anon_huge_kb"] = {}, {}
+        for pid, proc in self.live.items():
+            rec["anon_kb"][pid], rec["anon_huge_kb"][pid] = thp_kb(proc)
+        if self.smaps:
+            rec["smaps"] = {pid: proc.smaps() for pid, proc in self.live.items()}
+        self.phase_start = now
+
+    # -- the policy's userspace strategy and its build's own memory: the only places asked ----------
+    def policy_before_fork(self, parent, needs: list[tuple[int, int]]) -> None:
+        if self.pol.strategy is not None:
+            self.pol.strategy.before_fork(parent, needs)
+
+    def policy_phase_end(self, parent, children: list) -> None:
+        if self.pol.strategy is not None:
+            self.pol.strategy.phase_end(parent, children)
+
+    def policy_cost_bytes(self) -> int:
+        return self.k.build.cost_bytes(self.k)
+
     # -- ops ------------------------------------------------------------------------------------
     def apply(self, op: O.Op) -> tuple[int, int]:
         """Do one op; returns (PTE tables, PMD leaves) walked by a fork or exit (else zeros)."""
         k, kind = self.k, op.kind
         if kind == O.SPAWN:
-            self.procs[op.pid] = k.spawn()
+            self.procs[op.pid] = self.live[op.pid] = k.spawn()
             return 0, 0
         proc = self.procs.get(op.pid)
         if proc is None and kind != O.END:
@@ -246,9 +312,9 @@ class _Run:
                 self.tlb.access(proc, addrs, kind == O.WRITE)
         elif kind == O.FORK:
             needs = [(self.base[r] + off, length) for r, off, length in op.needs]
-            self.pol.before_fork(k, proc, needs)
+            self.policy_before_fork(proc, needs)
             walked = _mapped(proc)
-            self.procs[op.arg] = proc.fork()
+            self.procs[op.arg] = self.live[op.arg] = proc.fork()
             self.children.setdefault(op.pid, []).append(op.arg)
             if self.tlb is not None:
                 self.tlb.replay(k)                     # includes the parent's flush_tlb_mm()
@@ -256,6 +322,7 @@ class _Run:
         elif kind == O.EXIT:
             walked = _mapped(proc)
             proc.exit()
+            self.live.pop(op.pid, None)
             if self.tlb is not None:
                 # The whole address space goes: its own unmaps need no replay.
                 k.tlb_flush_log[:] = [e for e in k.tlb_flush_log if e[0] != proc.pid]
@@ -264,10 +331,13 @@ class _Run:
             return walked
         elif kind == O.PHASE_END:
             kids = [self.procs[c] for c in self.children.get(op.pid, []) if self.procs[c].mm.alive]
-            self.pol.phase_end(k, proc, kids)
+            self.policy_phase_end(proc, kids)
         return 0, 0
 
     def step(self, seq: int, op: O.Op) -> None:
+        if op.phase != self.phase:
+            self.end_phase()
+            self.phase = op.phase
         self.advance_to(op.t)
         if op.kind == O.FORK and self.before_fork is None:
             self.before_fork = self.k.vmstat_snapshot()
@@ -313,6 +383,8 @@ class _Run:
         lat = cost[sel] / 1000.0
         cov = np.asarray(self.samples["thp_coverage"], dtype=np.float64)
         cov = cov[~np.isnan(cov)]
+        kid = np.asarray(self.samples["child_thp_coverage"], dtype=np.float64)
+        kid = kid[~np.isnan(kid)]
         ref = self.mem_at_fork if self.before_fork is not None else self._start_mem
         out: dict[str, Any] = {
             "scenario": self.sc.name, "workload": self.workload.name, "policy": policy, "seed": self.sc.seed,
@@ -321,7 +393,7 @@ class _Run:
             "peak_mib": self.peak / MIB,
             "peak_extra_mib": max(self.peak - ref, 0) / MIB,
             "end_extra_mib": (self.used() - ref) / MIB,
-            "policy_cost_mib": self.pol.cost_bytes(self.k) / MIB,
+            "policy_cost_mib": self.policy_cost_bytes() / MIB,
             **d,
             "lat_p50_us": float(np.percentile(lat, 50)) if len(lat) else math.nan,
             "lat_p99_us": float(np.percentile(lat, 99)) if len(lat) else math.nan,
@@ -330,6 +402,9 @@ class _Run:
             "thp_mean": float(cov.mean()) if len(cov) else math.nan,
             "thp_min": float(cov.min()) if len(cov) else math.nan,
             "thp_end": float(cov[-1]) if len(cov) else math.nan,
+            "thp_child_mean": float(kid.mean()) if len(kid) else math.nan,
+            "thp_child_min": float(kid.min()) if len(kid) else math.nan,
+            "thp_child_end": float(kid[-1]) if len(kid) else math.nan,
             "tlb_misses": float(self.tlb.walks()) if self.tlb is not None else math.nan,
             "tlb_ms": self.tlb.sim.translation_ns() / 1e6 if self.tlb is not None else math.nan,
             "model_ms": float(cost.sum()) / 1e6,
@@ -341,7 +416,7 @@ class _Run:
 
     def run(self, policy: str, progress: ProgressFn | None = None) -> PointResult:
         t0 = time.perf_counter()
-        self._start = self.k.vmstat_snapshot()
+        self._start = self.phase_start = self.k.vmstat_snapshot()
         self._start_mem = self.used()
         self.peak = self._start_mem
         for seq, op in enumerate(check_order(self.workload.ops(self.sc.seed))):
@@ -355,14 +430,20 @@ class _Run:
             self.advance_to(self.k.now)
             if not self.samples["t_ns"] or self.samples["t_ns"][-1] != self.k.now:
                 self.sample()
+        self.end_phase()
         summary = self.summary(policy)
-        return PointResult(summary, self.ops, self.samples, time.perf_counter() - t0)
+        return PointResult(summary, self.ops, self.samples, time.perf_counter() - t0, self.phases)
 
 
-def run_point(scenario: "Scenario | str | dict | None", policy: str, progress: ProgressFn | None = None) -> PointResult:
-    """Run one policy on one scenario: a fresh kernel, the scenario's sysfs values, the workload's ops."""
+def run_point(scenario: "Scenario | str | dict | None", policy: str, progress: ProgressFn | None = None, *,
+              smaps: bool = False) -> PointResult:
+    """Run one policy on one scenario: a fresh kernel, the scenario's sysfs values, the workload's ops.
+
+    ``smaps``: also keep the smaps text of every live process at the end of each phase
+    (:attr:`PointResult.phases`).
+    """
     sc = resolve_scenario(scenario)
-    return _Run(sc, policy).run(policy, progress)
+    return _Run(sc, policy, smaps).run(policy, progress)
 
 
 @dataclass

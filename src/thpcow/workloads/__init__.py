@@ -12,13 +12,14 @@ applies a stream to a :class:`~thpcow.kernel.Kernel`.
 from __future__ import annotations
 
 from .base import Param, Workload
-from .fork_writers import CopyAfterFork, Forkserver, PreforkServer, PythonRefcount
+from .fork_writers import CopyAfterFork, Forkserver, ForkTouch, PreforkServer, PythonRefcount
 from .ops import KINDS, Op, stream_digest
 from .redis_bgsave import RedisBgsave
 from .trace import Trace, read_trace, write_trace
 
 REGISTRY: dict[str, type[Workload]] = {
-    cls.name: cls for cls in (RedisBgsave, CopyAfterFork, PreforkServer, PythonRefcount, Forkserver, Trace)
+    cls.name: cls for cls in (RedisBgsave, CopyAfterFork, PreforkServer, PythonRefcount, Forkserver, ForkTouch,
+                               Trace)
 }
 
 
@@ -36,5 +37,5 @@ def get_workload(name: str, **params) -> Workload:
 
 
 __all__ = ["REGISTRY", "KINDS", "Op", "Param", "Workload", "get_workload", "workload_class", "stream_digest",
-           "RedisBgsave", "CopyAfterFork", "PreforkServer", "PythonRefcount", "Forkserver", "Trace",
+           "RedisBgsave", "CopyAfterFork", "PreforkServer", "PythonRefcount", "Forkserver", "ForkTouch", "Trace",
            "read_trace", "write_trace"]

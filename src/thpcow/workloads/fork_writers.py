@@ -1,4 +1,4 @@
-"""Fork-then-write workloads: copy-after-fork, prefork-server, python-refcount, forkserver."""
+"""Fork-then-write workloads: copy-after-fork, prefork-server, python-refcount, forkserver, fork-touch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..kernel.constants import PAGE_SIZE
+from ..kernel.constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from .base import MIB, NSEC_PER_SEC, Param, Workload, keys, ms, page_offsets, per_tick, populate_ops
 from .ops import END, EXIT, FORK, PHASE_END, WRITE, Op
 
@@ -238,3 +238,42 @@ class Forkserver(Workload):
             out.append(Op(t + life, EXIT, pid, "serve"))
         out.append(Op(self.duration_ns(), END, 0, "serve"))
         yield from _sorted(out)
+
+
+class ForkTouch(Workload):
+    """The smallest fork/COW story: populate, fork, the child touches every 2 MiB block, the child exits.
+
+    The parent (pid 0) maps ``size_mib`` and writes all of it; it forks pid 1;
+    the child writes ``pages_per_2m`` distinct random pages of every 2 MiB
+    block (one op, empty when ``pages_per_2m`` is 0); the child exits.  Everything happens at t=0, so no kernel
+    thread runs.  Each step is its own phase: ``load``, ``fork``, ``write``,
+    ``exit`` (``thpcow demo`` shows the vmstat deltas of each).
+    """
+
+    name = "fork-touch"
+    help = "populate, fork, the child writes N pages in every 2 MiB block, the child exits (the demo)"
+    measure_phase = "write"
+    params = {
+        "size_mib": Param(8, "region size (MiB, a multiple of 2), written once before the fork", lo=2),
+        "thp": Param(True, "madvise(MADV_HUGEPAGE) on the region"),
+        "pages_per_2m": Param(1, "pages the child writes in every 2 MiB block", lo=0, hi=HPAGE_PMD_NR),
+    }
+
+    def check(self) -> None:
+        if self.size_mib % 2:
+            raise ValueError(f"workload {self.name}: parameter size_mib={self.size_mib}: must be a multiple of 2")
+
+    def duration_ns(self) -> int:
+        return 0
+
+    def ops(self, seed: int = 0) -> Iterator[Op]:
+        rng = np.random.default_rng(seed)
+        size = self.size_mib * MIB
+        nblocks = size // HPAGE_PMD_SIZE
+        yield from populate_ops(0, 0, size, self.thp)
+        yield Op(0, FORK, 0, "fork", arg=1, needs=((0, 0, size),))
+        pages = np.sort(rng.random((nblocks, HPAGE_PMD_NR)).argsort(axis=1)[:, :self.pages_per_2m], axis=1)
+        offs = ((np.arange(nblocks, dtype=np.int64)[:, None] * HPAGE_PMD_NR + pages) * PAGE_SIZE).ravel()
+        yield Op(0, WRITE, 1, "write", region=0, offsets=offs, token=2, nbytes=len(offs) * PAGE_SIZE)
+        yield Op(0, EXIT, 1, "exit")
+        yield Op(0, END, 0, "exit")

@@ -47,7 +47,7 @@ from thpcow.kernel import (
 )
 from thpcow.kernel import access, task_mmu
 from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
-from thpcow.kernel.folio import PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
+from thpcow.kernel.folio import PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
 from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW
 from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 
@@ -609,6 +609,45 @@ ANON_BODIES: list[Body] = [
 def test_anon_cow(backing: Backing, body: Body) -> None:
     m = backing.setup()
     body.run(backing, m)
+
+
+@pytest.mark.parametrize("store", ["write", "write_many", "write_many_scalar"])
+@pytest.mark.parametrize("order", [2, HPAGE_PMD_ORDER], ids=lambda o: f"{order_to_kb(o)}kB")
+def test_large_folio_with_two_mapped_pages_left_is_reused(order: int, store: str) -> None:
+    """__wp_can_reuse_large_anon_folio(): a large folio with exactly two mapped pages, both in
+    this mm (FOLIO_MM_IDS_SHARED clear) and every reference a mapping, is reused by a write
+    fault (pgreuse, no copy); only a large mapcount <= 1 is copied so that the folio can go.
+
+    The state: a THP of ``order`` (a 16 kB mTHP, or a PMD THP that MADV_DONTNEED splits into
+    PTEs) keeps two mapped pages; fork() write-protects them and clears AnonExclusive, and the
+    child's exit gives the parent every reference back.  Both pages are then stored to through
+    one contiguous store, the batched path or the one-page-at-a-time reference path.
+    """
+    k, p, _mmap_mem, mem, size = _populate_thp(order)
+    p.madvise(mem + 2 * PAGE_SIZE, size - 2 * PAGE_SIZE, MADV_DONTNEED)
+    model = Model()
+    model.track(p, mem, 2 * PAGE_SIZE, FILL)
+    model.exit(model.fork(p))
+    v0 = view(p, mem, 2 * PAGE_SIZE)
+    fid = int(v0.fid[0])
+    assert (v0.fid == fid).all() and (v0.order == order).all() and not v0.leaf.any()
+    assert not v0.ae.any() and not v0.writable.any(), "fork() must have left both pages shared"
+    assert (k.folios.large[fid], k.folios.refcount[fid]) == (2, 2), "two mappings, no other reference"
+    assert not k.folios.flags[fid] & PG_MM_IDS_SHARED, "after the child's exit only this mm maps it"
+    before = k.vmstat_snapshot()
+    if store == "write":
+        model.write(p, mem, 2 * PAGE_SIZE, PARENT_TOKEN)
+    else:
+        model.write_many(p, [mem + PAGE_SIZE + 8, mem + 100], [PARENT_TOKEN, PARENT_TOKEN + 1],
+                         scalar=store == "write_many_scalar")
+    d = vmstat_delta(k, before)
+    assert d["sim_cow_pages"] == 0, "a large folio with two mappings in this mm must be reused, not copied"
+    assert d["pgreuse"] == 2 and d["pgfault"] == 2, "one reuse fault per page"
+    v1 = view(p, mem, 2 * PAGE_SIZE)
+    assert np.array_equal(v1.pfn, v0.pfn) and (v1.fid == fid).all()
+    assert v1.writable.all() and v1.ae.all()
+    assert (k.folios.large[fid], k.folios.refcount[fid]) == (2, 2)
+    model.verify()
 
 
 # =============================================================================================

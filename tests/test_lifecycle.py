@@ -28,6 +28,7 @@ from thpcow.kernel import (
 )
 from thpcow.kernel.clock import NSEC_PER_SEC
 from thpcow.kernel.errors import HardwarePoison, KernelError
+from thpcow.kernel.mm import PMD_LEAF, _PAGE_ACCESSED, _PAGE_RW
 from thpcow.kernel.task_mmu import PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 
 from conftest import NR, THP_RAM, MiB, page_addrs, page_tokens, small_region, thp_region, vmstat_delta
@@ -510,6 +511,39 @@ def test_madv_cold_pages_are_reclaimed_first():
     np.testing.assert_array_equal(np.flatnonzero(swapped(p, a, 512)), cold)
     assert p.smaps_fields(a)["Swap"] == 4 * len(cold)
     assert_reads(p, a, toks)
+
+
+def test_fork_maps_the_thp_old_in_the_child_and_reclaim_sees_it_unreferenced():
+    """copy_huge_pmd() ends with pmd_mkold() on the child's PMD (the child has not accessed the
+    THP) and only write-protects the parent's, which stays young.  smaps shows it (Referenced:
+    the whole THP in the parent, nothing in the child), and once the parent is gone reclaim's
+    folio_referenced() finds no young mapping: the THP is swapped out at the first look,
+    without the second chance a young folio gets."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
+    c = p.fork()
+
+    def pmd_flags(q) -> int:
+        pt = q.mm.pt
+        s = pt.slot_of[a // HPAGE_PMD_SIZE]
+        assert pt.pmd_kind[s] == PMD_LEAF
+        return int(pt.pmd_flags[s])
+
+    assert pmd_flags(p) & _PAGE_ACCESSED, "the parent's PMD keeps its young bit"
+    assert not pmd_flags(c) & _PAGE_ACCESSED, "copy_huge_pmd() must map the child's PMD old"
+    assert not (pmd_flags(p) | pmd_flags(c)) & _PAGE_RW
+    assert p.smaps_fields(a)["Referenced"] == 2048
+    assert c.smaps_fields(a)["Referenced"] == 0
+    p.exit()
+    v0 = k.vmstat_snapshot()
+    k.reclaim(NR)
+    d = vmstat_delta(k, v0)
+    assert d["thp_swpout"] == 1 and d["pswpout"] == NR
+    assert d["pgscan_anon"] == 1, "an old folio is reclaimed at the first look"
+    assert c.status()["VmSwap"] == 2048 and c.status()["RssAnon"] == 0
+    assert_reads(c, a, toks)
 
 
 # ==================================================================================================

@@ -11,6 +11,8 @@ size.  This file does the same on :mod:`thpcow.kernel`:
   and reuse after the child exits;
 - ``NON_ANON_BACKINGS`` × ``NON_ANON_BODIES``: the shared zero page and the
   huge zero page against the basic (fork-less) COW test;
+- the reuse boundary of __wp_can_reuse_large_anon_folio(): a large folio with
+  two mapped pages left in one mm is reused, not copied;
 - the worked trace of kernel-semantics.md §12.5 with its exact numbers.
 
 Every test runs with ``check=True`` (the invariant checker runs after each
@@ -20,16 +22,17 @@ process's memory with it.
 
 What cow.c has that is not ported (yet):
 
-- swapped-out variants of every backing (MADV_PAGEOUT is not modelled);
+- swapped-out variants of every backing (MADV_PAGEOUT before the body):
+  swap-out and swap-in are modelled and tested in test_lifecycle.py, but
+  the backings here are not paged out;
 - vmsplice(), io_uring fixed buffers and R/O GUP(-fast) pins (no GUP pins are
   modelled; CVE-2020-29374 itself is the vmsplice test);
 - hugetlb, memfd, tmpfile and memfd-hugetlb backings (only private anonymous
   memory is modelled);
 - the anon-THP collapse tests ("Basic COW after fork() when collapsing before
   fork()", "... after fork() (fully shared / lower shared / upper shared)"):
-  they need MADV_COLLAPSE and come with the MADV_COLLAPSE work (the collapse
-  engine is only now landing in src/; these tests are deliberately not
-  written here).
+  MADV_COLLAPSE is modelled and tested in test_khugepaged.py and
+  test_lifecycle.py, but these bodies are not written here yet.
 """
 
 from __future__ import annotations
@@ -599,8 +602,8 @@ ANON_BODIES: list[Body] = [
     Body("reuse-after-child-exit", body_reuse_after_child_exit),
     # cow.c's anon_thp_test_cases (collapse before fork, collapse after fork
     # fully/lower/upper shared: the parent writes after MADV_COLLAPSE, the
-    # child must keep the old data) come with MADV_COLLAPSE: deliberately not
-    # written here.
+    # child must keep the old data) are not ported yet; MADV_COLLAPSE itself
+    # is modelled.
 ]
 
 

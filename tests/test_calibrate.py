@@ -11,7 +11,6 @@ measurements on the running kernel and skip with thp_available()'s reason.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ from thpcow.lab import procfs
 from thpcow.lab import validate as val
 from thpcow.machine.latency import DEFAULT_PROFILE, CalibrationProfile
 
-MiB = 1 << 20
+from conftest import MiB, aligned_region, skip_without_real_thp
+
 PMD = 2 << 20
 PAGE = 4096
 
@@ -129,10 +129,7 @@ def _sim(size: int, backing: str, cow_policy: str | None = None, **knobs: str):
     for name, value in knobs.items():
         k.sysfs.write(name, value)
     p = k.spawn()
-    raw = p.mmap(size + PMD)
-    a = (raw + PMD - 1) & ~(PMD - 1)
-    p.madvise(a, size, MADV_HUGEPAGE if backing == "thp" else MADV_NOHUGEPAGE)
-    return k, p, a
+    return k, p, aligned_region(p, size, MADV_HUGEPAGE if backing == "thp" else MADV_NOHUGEPAGE)
 
 
 def _observed(k, proc, a, fn) -> dict[str, int]:
@@ -293,18 +290,9 @@ def test_counters_sum_pgalloc_and_read_a_fake_root(tmp_path):
 
 
 # -- the running kernel --------------------------------------------------------------------------
-def _real_skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return f"not Linux ({sys.platform})"
-    ok, reason = procfs.thp_available()
-    return None if ok else reason
-
-
 @pytest.fixture
 def real_kernel():
-    reason = _real_skip_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_real_thp()
     from thpcow.lab.scenario import lab_lock
 
     with lab_lock():

@@ -11,6 +11,8 @@ size.  This file does the same on :mod:`thpcow.kernel`:
   and reuse after the child exits;
 - ``NON_ANON_BACKINGS`` × ``NON_ANON_BODIES``: the shared zero page and the
   huge zero page against the basic (fork-less) COW test;
+- the reuse boundary of __wp_can_reuse_large_anon_folio(): a large folio with
+  two mapped pages left in one mm is reused, not copied;
 - the worked trace of kernel-semantics.md §12.5 with its exact numbers.
 
 Every test runs with ``check=True`` (the invariant checker runs after each
@@ -20,16 +22,17 @@ process's memory with it.
 
 What cow.c has that is not ported (yet):
 
-- swapped-out variants of every backing (MADV_PAGEOUT is not modelled);
+- swapped-out variants of every backing (MADV_PAGEOUT before the body):
+  swap-out and swap-in are modelled and tested in test_lifecycle.py, but
+  the backings here are not paged out;
 - vmsplice(), io_uring fixed buffers and R/O GUP(-fast) pins (no GUP pins are
   modelled; CVE-2020-29374 itself is the vmsplice test);
 - hugetlb, memfd, tmpfile and memfd-hugetlb backings (only private anonymous
   memory is modelled);
 - the anon-THP collapse tests ("Basic COW after fork() when collapsing before
   fork()", "... after fork() (fully shared / lower shared / upper shared)"):
-  they need MADV_COLLAPSE and come with the MADV_COLLAPSE work (the collapse
-  engine is only now landing in src/; these tests are deliberately not
-  written here).
+  MADV_COLLAPSE is modelled and tested in test_khugepaged.py and
+  test_lifecycle.py, but these bodies are not written here yet.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from thpcow.kernel import (
 )
 from thpcow.kernel import access, task_mmu
 from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
-from thpcow.kernel.folio import PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
+from thpcow.kernel.folio import PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
 from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW
 from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
 
+from conftest import THP_RAM, vmstat_delta
+
 SMALL_RAM = 256 << 20      # THP off by default (< 512 MiB), as the kernel's hugepage_init()
-THP_RAM = 512 << 20        # the smallest machine that keeps THP on
 
 FILL = 1                   # cow.c: memset(mem, 1, size)
 PARENT_TOKEN = 0xFF        # cow.c: the parent's memset(mem, 0xff, size)
@@ -176,14 +180,6 @@ def view(p: Process, addr: int, size: int) -> View:
     return View(leaf, pfn, writable, ae, fid, order)
 
 
-def vmstat(k: Kernel) -> dict[str, int]:
-    return k.vmstat_snapshot()
-
-
-def delta(k: Kernel, before: dict[str, int], name: str) -> int:
-    return vmstat(k)[name] - before[name]
-
-
 def mthp_snapshot(k: Kernel, item: str) -> list[int]:
     return [k.vmstat.mthp_stat(o, item) for o in range(HPAGE_PMD_ORDER + 1)]
 
@@ -230,7 +226,7 @@ def _populate_thp(order: int) -> tuple[Kernel, Process, int, int, int]:
     mmap_mem = p.mmap(2 * size)
     mem = (mmap_mem + size) & ~(size - 1)
     p.madvise(mem, size, MADV_HUGEPAGE)
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     p.write(mem, 1, token=FILL)
     assert populated(p, mem + size - PAGE_SIZE), f"no {order_to_kb(order)} kB THP populated"
     p.write(mem, size, token=FILL)
@@ -240,12 +236,12 @@ def _populate_thp(order: int) -> tuple[Kernel, Process, int, int, int]:
     assert k.vmstat.mthp_stat(order, "anon_fault_alloc") == 1
     if order == HPAGE_PMD_ORDER:
         assert v.leaf.all()
-        assert delta(k, before, "thp_fault_alloc") == 1
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 1
         assert k.folios.refcount[v.fid[0]] == 1
         assert p.smaps_fields(mem)["AnonHugePages"] == PMD_KB
     else:
         assert not v.leaf.any()
-        assert delta(k, before, "thp_fault_alloc") == 0          # mTHP: per-size stats only
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 0          # mTHP: per-size stats only
         assert k.folios.refcount[v.fid[0]] == 1 << order
     return k, p, mmap_mem, mem, size
 
@@ -266,11 +262,11 @@ def pte_mapped_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     """
     k, p, _mm, mem, size = _populate_thp(order)
     nvmas = len(p.vmas())
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ)
     p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ | PROT_WRITE)
-    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
-    assert delta(k, before, "thp_split_page") == 0
+    assert vmstat_delta(k, before)["thp_split_pmd"] == (1 if order == HPAGE_PMD_ORDER else 0)
+    assert vmstat_delta(k, before)["thp_split_page"] == 0
     vma = p.mm.find_vma(mem)
     assert (vma.start, vma.end) == (mem, mem + size), "the VMA did not merge back"
     assert len(p.vmas()) == nvmas
@@ -278,9 +274,9 @@ def pte_mapped_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     assert not v.leaf.any() and (v.order == order).all() and len(set(v.fid.tolist())) == 1
     assert v.ae.all(), "PTE-mapping the THP lost AnonExclusive"
     assert v.writable.all(), "mprotect(RW) did not map the AnonExclusive pages writable"
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     p.write(mem, size, token=FILL)
-    assert delta(k, before, "pgfault") == 0, "rewriting AnonExclusive writable PTEs faulted"
+    assert vmstat_delta(k, before)["pgfault"] == 0, "rewriting AnonExclusive writable PTEs faulted"
     return Mem(p, mem, size)
 
 
@@ -291,12 +287,12 @@ def single_pte_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     split queue (thp_deferred_split_page +1 for the PMD size, split_deferred +1).
     """
     k, p, _mm, mem, size = _populate_thp(order)
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     deferred = mthp_snapshot(k, "split_deferred")
     p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTNEED)
     pmd = order == HPAGE_PMD_ORDER
-    assert delta(k, before, "thp_split_pmd") == (1 if pmd else 0)
-    assert delta(k, before, "thp_deferred_split_page") == (1 if pmd else 0)
+    assert vmstat_delta(k, before)["thp_split_pmd"] == (1 if pmd else 0)
+    assert vmstat_delta(k, before)["thp_deferred_split_page"] == (1 if pmd else 0)
     assert mthp_snapshot(k, "split_deferred")[order] - deferred[order] == 1
     assert k.vmstat.mthp_stat(order, "nr_anon_partially_mapped") == 1
     v = view(p, mem, PAGE_SIZE)
@@ -315,11 +311,11 @@ def partial_mremap_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     """
     k, p, _mm, mem, size = _populate_thp(order)
     half = size // 2
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     reserved = p.mmap(half, prot=PROT_NONE)
     got = p.mremap(mem + half, half, half, MREMAP_MAYMOVE | MREMAP_FIXED, reserved)
     assert got == reserved
-    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
+    assert vmstat_delta(k, before)["thp_split_pmd"] == (1 if order == HPAGE_PMD_ORDER else 0)
     lo, hi = view(p, mem, half), view(p, reserved, half)
     assert not lo.leaf.any() and not hi.leaf.any()
     assert set(lo.fid.tolist()) == set(hi.fid.tolist()) and len(set(lo.fid.tolist())) == 1
@@ -334,12 +330,12 @@ def partial_shared_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     the other pages are still AnonExclusive.
     """
     k, p, _mm, mem, size = _populate_thp(order)
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTFORK)
     child = p.fork()
     child.exit()
     p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DOFORK)
-    assert delta(k, before, "thp_split_pmd") == (1 if order == HPAGE_PMD_ORDER else 0)
+    assert vmstat_delta(k, before)["thp_split_pmd"] == (1 if order == HPAGE_PMD_ORDER else 0)
     vma = p.mm.find_vma(mem)
     assert (vma.start, vma.end) == (mem, mem + size), "MADV_DOFORK did not merge the VMA back"
     v = view(p, mem, size)
@@ -415,13 +411,13 @@ ANON_BACKINGS: list[Backing] = [
 def _assert_cow_counters(k: Kernel, before: dict[str, int], backing: Backing, npages: int,
                          deferred_before: list[int]) -> None:
     """The writer copied every page of the shared range, 4 KiB at a time (upstream policy)."""
-    assert delta(k, before, "sim_cow_pages") == npages, "every shared page must be copied once"
-    assert delta(k, before, "pgreuse") == 0, "a page shared with a live child must not be reused"
-    assert delta(k, before, "pgfault") == npages, "one write fault per page (the PMD split is in the first)"
-    assert delta(k, before, "thp_split_pmd") == (1 if backing.pmd_mapped else 0)
-    assert delta(k, before, "thp_fault_alloc") == 0, "upstream never copies a THP whole on COW"
-    assert delta(k, before, "thp_split_page") == 0, "a COW splits PMDs, never folios"
-    assert delta(k, before, "thp_deferred_split_page") == 0, \
+    assert vmstat_delta(k, before)["sim_cow_pages"] == npages, "every shared page must be copied once"
+    assert vmstat_delta(k, before)["pgreuse"] == 0, "a page shared with a live child must not be reused"
+    assert vmstat_delta(k, before)["pgfault"] == npages, "one write fault per page (the PMD split is in the first)"
+    assert vmstat_delta(k, before)["thp_split_pmd"] == (1 if backing.pmd_mapped else 0)
+    assert vmstat_delta(k, before)["thp_fault_alloc"] == 0, "upstream never copies a THP whole on COW"
+    assert vmstat_delta(k, before)["thp_split_page"] == 0, "a COW splits PMDs, never folios"
+    assert vmstat_delta(k, before)["thp_deferred_split_page"] == 0, \
         "pages still mapped by the other process: no new partially mapped folio"
     assert mthp_snapshot(k, "split_deferred") == deferred_before
 
@@ -435,7 +431,7 @@ def _cow_write(model: Model, backing: Backing, m: Mem, writer: Process, other: P
     k = writer.kernel
     npages = m.size // PAGE_SIZE
     ov0 = view(other, m.addr, m.size)
-    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    before, deferred = k.vmstat_snapshot(), mthp_snapshot(k, "split_deferred")
     model.write(writer, m.addr, m.size, token)
     _assert_cow_counters(k, before, backing, npages, deferred)
     wv, ov = view(writer, m.addr, m.size), view(other, m.addr, m.size)
@@ -509,7 +505,7 @@ def body_random_interleaved(backing: Backing, m: Mem) -> None:
     rng = np.random.default_rng(zlib.crc32(backing.id.encode()))
     model = model_for(m)
     child = model.fork(p)
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     npages = m.size // PAGE_SIZE
     for step in range(RANDOM_STEPS):
         who = (p, child)[int(rng.integers(2))]
@@ -525,8 +521,8 @@ def body_random_interleaved(backing: Backing, m: Mem) -> None:
             tokens = [0x10000 * (step + 1) + i for i in range(n)]
             model.write_many(who, addrs, tokens, scalar=kind == 2)
         model.verify()
-    assert delta(k, before, "thp_split_page") == 0
-    assert delta(k, before, "thp_fault_alloc") == 0
+    assert vmstat_delta(k, before)["thp_split_page"] == 0
+    assert vmstat_delta(k, before)["thp_fault_alloc"] == 0
 
 
 def body_reuse_after_child_exit(backing: Backing, m: Mem) -> None:
@@ -553,31 +549,31 @@ def body_reuse_after_child_exit(backing: Backing, m: Mem) -> None:
         assert k.folios.refcount[fid] == 1, "the child's exit must drop its page reference"
     else:
         assert k.folios.refcount[fid] == k.folios.large[fid], "only mappings may hold references"
-    before, deferred = vmstat(k), mthp_snapshot(k, "split_deferred")
+    before, deferred = k.vmstat_snapshot(), mthp_snapshot(k, "split_deferred")
     model.write(p, m.addr, m.size, PARENT_TOKEN)
     v1 = view(p, m.addr, m.size)
     assert v1.writable.all() and v1.ae.all()
-    assert delta(k, before, "thp_split_pmd") == 0
-    assert delta(k, before, "thp_fault_alloc") == 0
-    assert delta(k, before, "thp_split_page") == 0
+    assert vmstat_delta(k, before)["thp_split_pmd"] == 0
+    assert vmstat_delta(k, before)["thp_fault_alloc"] == 0
+    assert vmstat_delta(k, before)["thp_split_page"] == 0
     assert mthp_snapshot(k, "split_deferred") == deferred
     if backing.after_exit == "pmd-reuse":
         assert v1.leaf.all() and (v1.fid == fid).all(), "the PMD must be reused in place, not split"
-        assert delta(k, before, "sim_cow_pages") == 0
-        assert delta(k, before, "pgreuse") == 0
-        assert delta(k, before, "pgfault") == 1, "one fault reuses the whole PMD"
+        assert vmstat_delta(k, before)["sim_cow_pages"] == 0
+        assert vmstat_delta(k, before)["pgreuse"] == 0
+        assert vmstat_delta(k, before)["pgfault"] == 1, "one fault reuses the whole PMD"
     elif backing.after_exit == "pte-reuse":
         assert np.array_equal(v1.pfn, v0.pfn), "exclusive pages must be reused, not copied"
-        assert delta(k, before, "sim_cow_pages") == 0
-        assert delta(k, before, "pgreuse") == npages
-        assert delta(k, before, "pgfault") == npages, "a large-folio reuse makes only the faulting PTE writable"
+        assert vmstat_delta(k, before)["sim_cow_pages"] == 0
+        assert vmstat_delta(k, before)["pgreuse"] == npages
+        assert vmstat_delta(k, before)["pgfault"] == npages, "a large-folio reuse makes only the faulting PTE writable"
     else:
         assert backing.after_exit == "copy"
         assert not np.intersect1d(v1.pfn, v0.pfn).size, "the single mapped page must be copied"
-        assert delta(k, before, "sim_cow_pages") == npages
-        assert delta(k, before, "pgreuse") == 0
+        assert vmstat_delta(k, before)["sim_cow_pages"] == npages
+        assert vmstat_delta(k, before)["pgreuse"] == 0
         order = int(v0.order[0])
-        assert delta(k, before, "pgfault") == npages
+        assert vmstat_delta(k, before)["pgfault"] == npages
         assert (v1.order == 0).all()
         assert k.vmstat.mthp_stat(order, "nr_anon") == 0, "the old large folio must be freed"
         assert k.vmstat.mthp_stat(order, "nr_anon_partially_mapped") == 0
@@ -606,8 +602,8 @@ ANON_BODIES: list[Body] = [
     Body("reuse-after-child-exit", body_reuse_after_child_exit),
     # cow.c's anon_thp_test_cases (collapse before fork, collapse after fork
     # fully/lower/upper shared: the parent writes after MADV_COLLAPSE, the
-    # child must keep the old data) come with MADV_COLLAPSE: deliberately not
-    # written here.
+    # child must keep the old data) are not ported yet; MADV_COLLAPSE itself
+    # is modelled.
 ]
 
 
@@ -616,6 +612,45 @@ ANON_BODIES: list[Body] = [
 def test_anon_cow(backing: Backing, body: Body) -> None:
     m = backing.setup()
     body.run(backing, m)
+
+
+@pytest.mark.parametrize("store", ["write", "write_many", "write_many_scalar"])
+@pytest.mark.parametrize("order", [2, HPAGE_PMD_ORDER], ids=lambda o: f"{order_to_kb(o)}kB")
+def test_large_folio_with_two_mapped_pages_left_is_reused(order: int, store: str) -> None:
+    """__wp_can_reuse_large_anon_folio(): a large folio with exactly two mapped pages, both in
+    this mm (FOLIO_MM_IDS_SHARED clear) and every reference a mapping, is reused by a write
+    fault (pgreuse, no copy); only a large mapcount <= 1 is copied so that the folio can go.
+
+    The state: a THP of ``order`` (a 16 kB mTHP, or a PMD THP that MADV_DONTNEED splits into
+    PTEs) keeps two mapped pages; fork() write-protects them and clears AnonExclusive, and the
+    child's exit gives the parent every reference back.  Both pages are then stored to through
+    one contiguous store, the batched path or the one-page-at-a-time reference path.
+    """
+    k, p, _mmap_mem, mem, size = _populate_thp(order)
+    p.madvise(mem + 2 * PAGE_SIZE, size - 2 * PAGE_SIZE, MADV_DONTNEED)
+    model = Model()
+    model.track(p, mem, 2 * PAGE_SIZE, FILL)
+    model.exit(model.fork(p))
+    v0 = view(p, mem, 2 * PAGE_SIZE)
+    fid = int(v0.fid[0])
+    assert (v0.fid == fid).all() and (v0.order == order).all() and not v0.leaf.any()
+    assert not v0.ae.any() and not v0.writable.any(), "fork() must have left both pages shared"
+    assert (k.folios.large[fid], k.folios.refcount[fid]) == (2, 2), "two mappings, no other reference"
+    assert not k.folios.flags[fid] & PG_MM_IDS_SHARED, "after the child's exit only this mm maps it"
+    before = k.vmstat_snapshot()
+    if store == "write":
+        model.write(p, mem, 2 * PAGE_SIZE, PARENT_TOKEN)
+    else:
+        model.write_many(p, [mem + PAGE_SIZE + 8, mem + 100], [PARENT_TOKEN, PARENT_TOKEN + 1],
+                         scalar=store == "write_many_scalar")
+    d = vmstat_delta(k, before)
+    assert d["sim_cow_pages"] == 0, "a large folio with two mappings in this mm must be reused, not copied"
+    assert d["pgreuse"] == 2 and d["pgfault"] == 2, "one reuse fault per page"
+    v1 = view(p, mem, 2 * PAGE_SIZE)
+    assert np.array_equal(v1.pfn, v0.pfn) and (v1.fid == fid).all()
+    assert v1.writable.all() and v1.ae.all()
+    assert (k.folios.large[fid], k.folios.refcount[fid]) == (2, 2)
+    model.verify()
 
 
 # =============================================================================================
@@ -658,7 +693,7 @@ def huge_zeropage() -> NonAnon:
         assert populated(p, a + PAGE_SIZE), "did not get the huge zero page populated"
         s = p.mm.pt.slot_of[a >> (PAGE_SHIFT + 9)]
         assert p.mm.pt.pmd_kind[s] == PMD_LEAF and k.folios.flags[p.mm.pt.pmd_folio[s]] & PG_HUGE_ZERO
-    assert vmstat(k)["thp_zero_page_alloc"] == 1
+    assert k.vmstat_snapshot()["thp_zero_page_alloc"] == 1
     assert p.mm.rss_anon == 0
     return NonAnon(p, mem, smem, HPAGE_PMD_SIZE, huge=True)
 
@@ -675,7 +710,7 @@ def body_basic_cow(na: NonAnon) -> None:
     model.track(p, na.mem, na.size, 0)
     model.track(p, na.smem, na.size, 0)
     model.verify()
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     rss = p.mm.rss_anon
     model.write(p, na.mem, na.size, PARENT_TOKEN)
     npages = na.size // PAGE_SIZE
@@ -685,12 +720,12 @@ def body_basic_cow(na: NonAnon) -> None:
     sv = view(p, na.smem, na.size)
     if na.huge:
         assert v.leaf.all() and (v.order == HPAGE_PMD_ORDER).all()
-        assert delta(k, before, "thp_fault_alloc") == 1
-        assert delta(k, before, "thp_split_pmd") == 0
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 1
+        assert vmstat_delta(k, before)["thp_split_pmd"] == 0
         assert sv.leaf.all() and k.folios.flags[int(p.mm.pt.pmd_folio[p.mm.pt.slot_of[na.smem >> 21]])] & PG_HUGE_ZERO
     else:
         assert sv.pfn.tolist() == [ZERO_PFN]
-        assert delta(k, before, "thp_fault_alloc") == 0
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 0
     model.verify()
 
 
@@ -708,20 +743,18 @@ def test_non_anon_cow(setup: Callable[[], NonAnon], body: Callable[[NonAnon], No
 # =============================================================================================
 # kernel-semantics.md §12.5: the worked trace, exact numbers
 # =============================================================================================
-def test_worked_trace_12_5() -> None:
+def test_worked_trace_12_5(k: Kernel, p: Process) -> None:
     """§12.5 (baseline kernel, CONFIG_PAGE_MAPCOUNT): fault a THP, fork, the child writes X+4K, exit.
 
     Guards the v5.8 COW semantics for anon THP (split the PMD, copy 4 KiB),
     per-page Pss/kpagecount accounting of a PMD-mapped THP, and the PMD
     refcount==1 reuse once the child is gone.
     """
-    k = Kernel(ram=THP_RAM, check=True)                 # enabled=madvise, PMD=inherit
-    p = k.spawn()
-    area = p.mmap(4 << 20)
+    area = p.mmap(4 << 20)                              # enabled=madvise, PMD=inherit
     X = (area + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
     p.madvise(X, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
     p.write(X, HPAGE_PMD_SIZE, token=FILL)
-    s = vmstat(k)
+    s = k.vmstat_snapshot()
     assert (s["thp_fault_alloc"], s["thp_split_pmd"]) == (1, 0)
     assert k.vmstat.mthp_stat(HPAGE_PMD_ORDER, "anon_fault_alloc") == 1
     f = p.smaps_fields(X)
@@ -741,12 +774,12 @@ def test_worked_trace_12_5() -> None:
     assert (task_mmu.kpagecount(k, np.arange(head, head + 512)) == 2).all()
     assert k.meminfo_anon_huge_kb() == meminfo, "meminfo AnonHugePages counts the folio once"
 
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     model.write(c, X + PAGE_SIZE, 1, CHILD_TOKEN)
-    assert delta(k, before, "pgfault") == 1
-    assert vmstat(k)["thp_split_pmd"] == 1
+    assert vmstat_delta(k, before)["pgfault"] == 1
+    assert k.vmstat_snapshot()["thp_split_pmd"] == 1
     moved = {n for n in ("thp_fault_alloc", "thp_fault_fallback", "thp_split_page", "thp_split_page_failed",
-                         "thp_deferred_split_page", "thp_zero_page_alloc") if delta(k, before, n)}
+                         "thp_deferred_split_page", "thp_zero_page_alloc") if vmstat_delta(k, before)[n]}
     assert not moved, f"no other THP counter may move: {moved}"
     f = c.smaps_fields(X)
     assert (f["Rss"], f["AnonHugePages"], f["Pss"], f["Shared_Dirty"], f["Private_Dirty"]) == (2048, 0, 1026, 2044, 4)
@@ -763,10 +796,10 @@ def test_worked_trace_12_5() -> None:
 
     model.exit(c)
     assert k.folios.refcount[fid] == 1
-    before = vmstat(k)
+    before = k.vmstat_snapshot()
     model.write(p, X + 8 * PAGE_SIZE, 1, PARENT_TOKEN)
-    assert delta(k, before, "thp_split_pmd") == 0, "the parent's write after the child exit must not split"
-    assert delta(k, before, "sim_cow_pages") == 0
+    assert vmstat_delta(k, before)["thp_split_pmd"] == 0, "the parent's write after the child exit must not split"
+    assert vmstat_delta(k, before)["sim_cow_pages"] == 0
     s = p.mm.pt.slot_of[X >> 21]
     assert p.mm.pt.pmd_kind[s] == PMD_LEAF and int(p.mm.pt.pmd_folio[s]) == fid
     assert p.mm.pt.pmd_flags[s] & _PAGE_RW and k.mem.pflags[head] & PG_ANON_EXCLUSIVE

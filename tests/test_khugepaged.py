@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from thpcow.kernel import (
-    HPAGE_PMD_SIZE, MADV_COLLAPSE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, PAGE_SIZE, PR_SET_THP_DISABLE, PROT_READ,
-    PROT_WRITE, Kernel, KernelError,
+    HPAGE_PMD_SIZE, MADV_COLLAPSE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, PAGE_SIZE, PR_SET_THP_DISABLE, Kernel,
+    KernelError,
 )
 from thpcow.kernel.clock import NSEC_PER_SEC
+
+from conftest import thp_region
 
 RAM = 1 << 30
 
@@ -19,9 +21,7 @@ RAM = 1 << 30
 def split_region(k: Kernel, size: int, child_lives: bool):
     """A THP region whose parent PMDs are all COW-split; the child exits unless child_lives."""
     p = k.spawn()
-    a = p.mmap(size)
-    p.madvise(a, size, MADV_HUGEPAGE)
-    p.write(a, size, 1)
+    a = thp_region(p, size)
     c = p.fork()
     p.write_many(a + np.arange(size // HPAGE_PMD_SIZE) * HPAGE_PMD_SIZE, 2)
     assert p.smaps_fields(a)["AnonHugePages"] == 0

@@ -19,25 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from thpcow.lab import procfs, scenario
 
+from conftest import skip_without_real_thp
+
 pytestmark = pytest.mark.realkernel
 
-MiB = 1 << 20
 
-
-def _skip_reason() -> str | None:
-    """Why the real-kernel tests cannot run here, or None."""
-    if not sys.platform.startswith("linux"):
-        return f"not Linux ({sys.platform})"
-    ok, reason = procfs.thp_available()
-    if not ok:
-        return reason
+def _pagemap_unreadable() -> str | None:
+    """Why /proc/self/pagemap cannot be read here, or None."""
     try:
         with open("/proc/self/pagemap", "rb") as f:
             if len(f.read(8)) != 8:
@@ -50,9 +44,7 @@ def _skip_reason() -> str | None:
 @pytest.fixture(scope="module", autouse=True)
 def _real_kernel() -> None:
     """Skip the module with the reason when the lab cannot run here."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_real_thp(_pagemap_unreadable)
 
 
 @pytest.fixture(scope="module")

@@ -28,65 +28,28 @@ from thpcow.kernel import (
 )
 from thpcow.kernel.clock import NSEC_PER_SEC
 from thpcow.kernel.errors import HardwarePoison, KernelError
+from thpcow.kernel.mm import PMD_LEAF, _PAGE_ACCESSED, _PAGE_RW
 from thpcow.kernel.task_mmu import PM_MMAP_EXCLUSIVE, PM_PFRAME_MASK, PM_PRESENT, PM_SWAP
 
-MiB = 1 << 20
-NR = HPAGE_PMD_SIZE // PAGE_SIZE            # 512 pages per PMD
-RAM = 512 << 20                             # THP on by default (hugepage_init: >= 512 MiB)
+from conftest import NR, THP_RAM, MiB, page_addrs, page_tokens, small_region, thp_region, vmstat_delta
+
+RAM = THP_RAM
 SWAP = 64 << 20
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def delta(k: Kernel, before: dict[str, int]) -> dict[str, int]:
-    """The vmstat counters that changed since ``before`` (snapshot of k.vmstat_snapshot())."""
-    after = k.vmstat_snapshot()
-    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
-
-
-def ev(d: dict[str, int], name: str) -> int:
-    return d.get(name, 0)
-
-
-def page_addrs(a: int, n: int, first: int = 0) -> np.ndarray:
-    return a + (first + np.arange(n, dtype=np.int64)) * PAGE_SIZE
-
-
-def tokens(n: int, base: int) -> np.ndarray:
-    """Distinct non-zero contents, one per page."""
-    return base + np.arange(n, dtype=np.int64)
-
-
 def assert_reads(p, a: int, expected: np.ndarray) -> None:
     """Reference model: every page of [a, a + len*4K) reads back as ``expected``."""
     np.testing.assert_array_equal(p.read(a, len(expected) * PAGE_SIZE), expected)
 
 
-def thp_region(k: Kernel, p, npmd: int, base: int):
-    """An MADV_HUGEPAGE region of ``npmd`` PMD THPs, every page written with its own token."""
-    before = p.smaps_fields()["AnonHugePages"]
-    a = p.mmap(npmd * HPAGE_PMD_SIZE)
-    p.madvise(a, npmd * HPAGE_PMD_SIZE, MADV_HUGEPAGE)
-    toks = tokens(npmd * NR, base)
-    p.write_many(page_addrs(a, npmd * NR), toks)
-    assert p.smaps_fields()["AnonHugePages"] - before == npmd * 2048
-    return a, toks
-
-
 def swapped_out_thp(k: Kernel):
     """A new process with one PMD THP region (tokens from 100), all of it paged out: (p, a, toks)."""
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
     return p, a, toks
-
-
-def small_region(p, npages: int, base: int):
-    """A MADV_NOHUGEPAGE region of 4 KiB pages, each written with its own token."""
-    a = p.mmap(npages * PAGE_SIZE)
-    p.madvise(a, npages * PAGE_SIZE, MADV_NOHUGEPAGE)
-    toks = tokens(npages, base)
-    p.write_many(page_addrs(a, npages), toks)
-    return a, toks
 
 
 def pfns_of(p, a: int, n: int) -> np.ndarray:
@@ -115,16 +78,17 @@ def swap_offsets(p, a: int, n: int) -> np.ndarray:
 def test_pageout_of_exclusive_pmd_thp_swaps_it_out_whole_and_in_at_4k():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     slots_before = k.swap.nr_free
     v0 = k.vmstat_snapshot()
     p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
-    d = delta(k, v0)
+    d = vmstat_delta(k, v0)
     # add_to_swap() got a whole cluster; try_to_unmap() split the PMD; one 2 MiB write.
-    assert ev(d, "thp_swpout") == 1
-    assert ev(d, "pswpout") == NR
-    assert ev(d, "thp_split_pmd") == 1
-    assert ev(d, "thp_swpout_fallback") == 0 and ev(d, "thp_split_page") == 0
+    assert d["thp_swpout"] == 1
+    assert d["pswpout"] == NR
+    assert d["thp_split_pmd"] == 1
+    assert d["thp_swpout_fallback"] == 0 and d["thp_split_page"] == 0
     assert k.vmstat.mthp_stat(9, "swpout") == 1
     assert k.vmstat.mthp_stat(9, "swpout_fallback") == 0
     assert slots_before - k.swap.nr_free == NR
@@ -137,10 +101,10 @@ def test_pageout_of_exclusive_pmd_thp_swaps_it_out_whole_and_in_at_4k():
     # Swap-in at 4 KiB on access: major faults, 512 reads, data intact, no PMD re-formed.
     v1 = k.vmstat_snapshot()
     assert_reads(p, a, toks)
-    d = delta(k, v1)
-    assert ev(d, "pswpin") == NR
-    assert 1 <= ev(d, "pgmajfault") <= NR
-    assert ev(d, "thp_fault_alloc") == 0 and ev(d, "thp_collapse_alloc") == 0
+    d = vmstat_delta(k, v1)
+    assert d["pswpin"] == NR
+    assert 1 <= d["pgmajfault"] <= NR
+    assert d["thp_fault_alloc"] == 0 and d["thp_collapse_alloc"] == 0
     s = p.smaps_fields(a)
     assert s["Swap"] == 0 and s["Rss"] == 2048 and s["AnonHugePages"] == 0
     assert p.status()["RssAnon"] == 2048 and p.status()["VmSwap"] == 0
@@ -166,23 +130,26 @@ def test_pageout_falls_back_to_4k_when_no_swap_cluster_is_free():
     THP B finds no free cluster: split_folio (thp_split_page) + thp_swpout_fallback, then 4 KiB."""
     k = Kernel(ram=RAM, swap=4 << 20, check=True)
     p = k.spawn()
-    a, ta = thp_region(k, p, 1, 1000)
-    b, tb = thp_region(k, p, 1, 5000)
-    c, tc = small_region(p, 2, 9000)
+    ta = page_tokens(NR, 1000)
+    a = thp_region(p, HPAGE_PMD_SIZE, ta)
+    tb = page_tokens(NR, 5000)
+    b = thp_region(p, HPAGE_PMD_SIZE, tb)
+    tc = page_tokens(2, 9000)
+    c = small_region(p, 2, tc)
     p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
     p.madvise(c, 2 * PAGE_SIZE, MADV_PAGEOUT)
     assert swapped(p, a, NR).all() and swapped(p, c, 2).all()
     v0 = k.vmstat_snapshot()
     p.madvise(b, HPAGE_PMD_SIZE, MADV_PAGEOUT)
-    d = delta(k, v0)
-    assert ev(d, "thp_swpout_fallback") == 1
-    assert ev(d, "thp_split_page") == 1
-    assert ev(d, "thp_swpout") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_swpout_fallback"] == 1
+    assert d["thp_split_page"] == 1
+    assert d["thp_swpout"] == 0
     assert k.vmstat.mthp_stat(9, "swpout_fallback") == 1
     assert k.vmstat.mthp_stat(9, "split") == 1
     n_out = int(swapped(p, b, NR).sum())
     assert 0 < n_out < NR                          # the rest did not find a slot
-    assert ev(d, "pswpout") == n_out
+    assert d["pswpout"] == n_out
     s = p.smaps_fields()
     assert s["Swap"] == 4 * (NR + 2 + n_out)
     assert s["AnonHugePages"] == 0
@@ -200,14 +167,15 @@ def test_pageout_to_a_device_without_a_whole_free_cluster(size):
     usable = size // PAGE_SIZE - 1
     k = Kernel(ram=RAM, swap=size, check=True)
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     v0 = k.vmstat_snapshot()
     p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
-    d = delta(k, v0)
-    assert ev(d, "thp_swpout_fallback") == 1
-    assert ev(d, "thp_split_page") == 1
-    assert ev(d, "thp_swpout") == 0
-    assert ev(d, "pswpout") == usable, f"{size >> 10} KiB of swap holds {usable} pages besides the header"
+    d = vmstat_delta(k, v0)
+    assert d["thp_swpout_fallback"] == 1
+    assert d["thp_split_page"] == 1
+    assert d["thp_swpout"] == 0
+    assert d["pswpout"] == usable, f"{size >> 10} KiB of swap holds {usable} pages besides the header"
     assert p.smaps_fields(a)["Swap"] == 4 * usable
     assert p.status()["RssAnon"] == 4 * (NR - usable)
     assert_reads(p, a, toks)
@@ -218,12 +186,13 @@ def test_pageout_skips_a_thp_shared_with_a_child():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     c = p.fork()
     v0 = k.vmstat_snapshot()
     p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
     c.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
-    assert delta(k, v0) == {}
+    assert vmstat_delta(k, v0) == {}
     for q in (p, c):
         s = q.smaps_fields(a)
         assert s["Swap"] == 0 and s["AnonHugePages"] == 2048
@@ -250,7 +219,7 @@ def test_fork_of_swapped_memory_shares_the_slots_and_cow_keeps_processes_apart()
     # The child reads everything back from swap.
     v0 = k.vmstat_snapshot()
     assert_reads(c, a, toks)
-    assert ev(delta(k, v0), "pswpin") == NR
+    assert vmstat_delta(k, v0)["pswpin"] == NR
     assert c.status()["VmSwap"] == 0 and c.status()["RssAnon"] == 2048
     assert (k.swap.swap_map[offs] == 1).all()     # the parent still holds every slot
     assert p.status()["VmSwap"] == 2048
@@ -285,14 +254,14 @@ def test_a_slot_shared_after_fork_is_read_once_and_shared_through_the_swap_cache
     c = p.fork()
     v0, frames0 = k.vmstat_snapshot(), k.mem.nr_free
     assert_reads(c, a, toks)
-    d = delta(k, v0)
-    assert ev(d, "pswpin") == NR and ev(d, "pgmajfault") == NR
+    d = vmstat_delta(k, v0)
+    assert d["pswpin"] == NR and d["pgmajfault"] == NR
     assert frames0 - k.mem.nr_free == NR
     assert k.swap.in_cache[offs].all() and (k.swap.swap_map[offs] == 1).all()
     v1, frames1 = k.vmstat_snapshot(), k.mem.nr_free
     assert_reads(p, a, toks)
-    d = delta(k, v1)
-    assert ev(d, "pswpin") == 0 and ev(d, "pgmajfault") == 0 and ev(d, "pgfault") == NR
+    d = vmstat_delta(k, v1)
+    assert d["pswpin"] == 0 and d["pgmajfault"] == 0 and d["pgfault"] == NR
     assert k.mem.nr_free == frames1                     # the child's frames, now mapped by both
     np.testing.assert_array_equal(pfns_of(p, a, NR), pfns_of(c, a, NR))
     assert not k.swap.in_cache[offs].any() and k.swap.nr_free == free0
@@ -320,8 +289,8 @@ def test_the_swap_cache_keeps_a_folio_its_last_mapper_dropped_and_reclaim_reuses
     # Reclaim of cached folios that the child maps: back to the same slots, nothing written.
     v0, slots0 = k.vmstat_snapshot(), k.swap.nr_free
     c.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
-    d = delta(k, v0)
-    assert ev(d, "pswpout") == 0 and k.swap.nr_free == slots0
+    d = vmstat_delta(k, v0)
+    assert d["pswpout"] == 0 and k.swap.nr_free == slots0
     np.testing.assert_array_equal(swap_offsets(c, a, NR), offs)
     assert (k.swap.swap_map[offs] == 2).all() and not k.swap.in_cache[offs].any()
     # The child reads half back, then exits: those folios stay cached, mapped by nobody.
@@ -336,8 +305,8 @@ def test_the_swap_cache_keeps_a_folio_its_last_mapper_dropped_and_reclaim_reuses
     v1, frames1 = k.vmstat_snapshot(), k.mem.nr_free
     ptoks = toks + 1000
     p.write_many(page_addrs(a, NR), ptoks)
-    d = delta(k, v1)
-    assert ev(d, "pswpin") == NR - half
+    d = vmstat_delta(k, v1)
+    assert d["pswpin"] == NR - half
     assert frames1 - k.mem.nr_free == NR - half
     assert not k.swap.in_cache.any() and k.swap.nr_free == free0
     assert_reads(p, a, ptoks)
@@ -356,11 +325,11 @@ def test_a_folio_in_the_swap_cache_migrates_and_stays_in_the_cache():
     v0 = k.vmstat_snapshot()
     k.migrate(int(old[0]))
     k.migrate(int(old[1]))
-    assert ev(delta(k, v0), "pgmigrate_success") == 2
+    assert vmstat_delta(k, v0)["pgmigrate_success"] == 2
     assert pfns_of(c, a, 1)[0] != old[0]
     v1 = k.vmstat_snapshot()
     assert_reads(p, a, toks[:2])                        # both found in the swap cache
-    assert ev(delta(k, v1), "pswpin") == 0
+    assert vmstat_delta(k, v1)["pswpin"] == 0
     assert pfns_of(p, a, 1)[0] == pfns_of(c, a, 1)[0]   # the page the child maps, moved
 
 
@@ -402,7 +371,7 @@ def test_memory_failure_of_a_folio_in_the_swap_cache_leaves_swap_entries():
     v0 = k.vmstat_snapshot()
     assert_reads(p, a, np.array([7]))
     assert_reads(c, a, np.array([7]))
-    assert ev(delta(k, v0), "pswpin") == 1
+    assert vmstat_delta(k, v0)["pswpin"] == 1
 
 
 def test_an_exclusive_swap_entry_is_mapped_writable_on_a_read_fault():
@@ -411,18 +380,19 @@ def test_an_exclusive_swap_entry_is_mapped_writable_on_a_read_fault():
     process still uses maps it read-only."""
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     p = k.spawn()
-    a, toks = small_region(p, 8, 100)
+    toks = page_tokens(8, 100)
+    a = small_region(p, 8, toks)
     p.madvise(a, 8 * PAGE_SIZE, MADV_PAGEOUT)
     assert_reads(p, a, toks)
     v0 = k.vmstat_snapshot()
     p.write_many(page_addrs(a, 8), toks + 1)
-    assert ev(delta(k, v0), "pgfault") == 0
+    assert vmstat_delta(k, v0)["pgfault"] == 0
     p.madvise(a, 8 * PAGE_SIZE, MADV_PAGEOUT)
     c = p.fork()                                        # the entries are no longer exclusive
     assert_reads(p, a, toks + 1)
     v1 = k.vmstat_snapshot()
     p.write_many(page_addrs(a, 8), toks + 2)
-    assert ev(delta(k, v1), "pgfault") == 8
+    assert vmstat_delta(k, v1)["pgfault"] == 8
     assert_reads(c, a, toks + 1)
 
 
@@ -430,7 +400,8 @@ def test_dontneed_munmap_and_exit_free_swap_slots():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot
     p = k.spawn()
-    a, toks = thp_region(k, p, 4, 100)
+    toks = page_tokens(4 * NR, 100)
+    a = thp_region(p, 4 * HPAGE_PMD_SIZE, toks)
     p.madvise(a, 4 * HPAGE_PMD_SIZE, MADV_PAGEOUT)
     assert k.swap.nr_free == free0 - 4 * NR
     assert p.status()["VmSwap"] == 8192
@@ -457,7 +428,8 @@ def test_madv_free_drops_swap_entries():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot
     p = k.spawn()
-    a, toks = thp_region(k, p, 2, 100)
+    toks = page_tokens(2 * NR, 100)
+    a = thp_region(p, 2 * HPAGE_PMD_SIZE, toks)
     p.madvise(a, 2 * HPAGE_PMD_SIZE, MADV_PAGEOUT)
     assert k.swap.nr_free == free0 - 2 * NR
     p.madvise(a, HPAGE_PMD_SIZE, MADV_FREE)
@@ -477,7 +449,7 @@ def test_writing_more_than_ram_with_swap_completes_and_reads_back():
     p = k.spawn()
     n = (24 << 20) // PAGE_SIZE                    # 24 MiB of data in 16 MiB of RAM
     a = p.mmap(n * PAGE_SIZE)
-    toks = tokens(n, 1)
+    toks = page_tokens(n, 1)
     batch = 256
     for first in range(0, n, batch):
         p.write_many(page_addrs(a, batch, first), toks[first: first + batch])
@@ -491,15 +463,16 @@ def test_writing_more_than_ram_with_swap_completes_and_reads_back():
     assert p.status()["VmSwap"] + p.status()["RssAnon"] == n * 4
     v0 = k.vmstat_snapshot()
     assert_reads(p, a, toks)
-    d = delta(k, v0)
-    assert ev(d, "pswpin") > 0 and ev(d, "pgmajfault") > 0
+    d = vmstat_delta(k, v0)
+    assert d["pswpin"] > 0 and d["pgmajfault"] > 0
     assert k.wmark_min <= k.mem.nr_free
 
 
 def test_lazyfree_pages_are_discarded_without_swap_and_redirtied_ones_survive():
     k = Kernel(ram=16 << 20, check=True)          # no swap
     p = k.spawn()
-    a, toks = small_region(p, 256, 5)
+    toks = page_tokens(256, 5)
+    a = small_region(p, 256, toks)
     p.madvise(a, 256 * PAGE_SIZE, MADV_FREE)
     assert p.smaps_fields(a)["LazyFree"] == 1024
     redirty = np.arange(0, 256, 8)
@@ -509,7 +482,7 @@ def test_lazyfree_pages_are_discarded_without_swap_and_redirtied_ones_survive():
     q = k.spawn()
     n = k.mem.nr_free + 64
     b = q.mmap(n * PAGE_SIZE)
-    qt = tokens(n, 1)
+    qt = page_tokens(n, 1)
     for first in range(0, n, 256):
         m = min(256, n - first)
         q.write_many(page_addrs(b, m, first), qt[first: first + m])
@@ -527,37 +500,70 @@ def test_lazyfree_pages_are_discarded_without_swap_and_redirtied_ones_survive():
 def test_madv_cold_pages_are_reclaimed_first():
     k = Kernel(ram=16 << 20, swap=16 << 20, check=True)
     p = k.spawn()
-    a, toks = small_region(p, 512, 5)
+    toks = page_tokens(512, 5)
+    a = small_region(p, 512, toks)
     cold = np.arange(100, 164)
     p.madvise(a + 100 * PAGE_SIZE, 64 * PAGE_SIZE, MADV_COLD)
     v0 = k.vmstat_snapshot()
     assert k.reclaim(len(cold)) >= len(cold)
-    d = delta(k, v0)
-    assert ev(d, "pswpout") == len(cold)
+    d = vmstat_delta(k, v0)
+    assert d["pswpout"] == len(cold)
     np.testing.assert_array_equal(np.flatnonzero(swapped(p, a, 512)), cold)
     assert p.smaps_fields(a)["Swap"] == 4 * len(cold)
     assert_reads(p, a, toks)
 
 
+def test_fork_maps_the_thp_old_in_the_child_and_reclaim_sees_it_unreferenced():
+    """copy_huge_pmd() ends with pmd_mkold() on the child's PMD (the child has not accessed the
+    THP) and only write-protects the parent's, which stays young.  smaps shows it (Referenced:
+    the whole THP in the parent, nothing in the child), and once the parent is gone reclaim's
+    folio_referenced() finds no young mapping: the THP is swapped out at the first look,
+    without the second chance a young folio gets."""
+    k = Kernel(ram=RAM, swap=SWAP, check=True)
+    p = k.spawn()
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
+    c = p.fork()
+
+    def pmd_flags(q) -> int:
+        pt = q.mm.pt
+        s = pt.slot_of[a // HPAGE_PMD_SIZE]
+        assert pt.pmd_kind[s] == PMD_LEAF
+        return int(pt.pmd_flags[s])
+
+    assert pmd_flags(p) & _PAGE_ACCESSED, "the parent's PMD keeps its young bit"
+    assert not pmd_flags(c) & _PAGE_ACCESSED, "copy_huge_pmd() must map the child's PMD old"
+    assert not (pmd_flags(p) | pmd_flags(c)) & _PAGE_RW
+    assert p.smaps_fields(a)["Referenced"] == 2048
+    assert c.smaps_fields(a)["Referenced"] == 0
+    p.exit()
+    v0 = k.vmstat_snapshot()
+    k.reclaim(NR)
+    d = vmstat_delta(k, v0)
+    assert d["thp_swpout"] == 1 and d["pswpout"] == NR
+    assert d["pgscan_anon"] == 1, "an old folio is reclaimed at the first look"
+    assert c.status()["VmSwap"] == 2048 and c.status()["RssAnon"] == 0
+    assert_reads(c, a, toks)
+
+
 # ==================================================================================================
 # The deferred split shrinker
 # ==================================================================================================
-def test_shrinker_splits_a_partially_mapped_thp_and_frees_the_unmapped_half():
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 2, 100)
+def test_shrinker_splits_a_partially_mapped_thp_and_frees_the_unmapped_half(k, p):
+    toks = page_tokens(2 * NR, 100)
+    a = thp_region(p, 2 * HPAGE_PMD_SIZE, toks)
     v0 = k.vmstat_snapshot()
     p.munmap(a + MiB, MiB)                         # half of the first THP
-    d = delta(k, v0)
-    assert ev(d, "thp_split_pmd") == 1 and ev(d, "thp_deferred_split_page") == 1
-    assert ev(d, "thp_split_page") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_split_pmd"] == 1 and d["thp_deferred_split_page"] == 1
+    assert d["thp_split_page"] == 0
     assert k.vmstat.mthp_stat(9, "nr_anon_partially_mapped") == 1
     v1 = k.vmstat_snapshot()
     free = k.mem.nr_free
     freed = k.reclaim(1)
-    d = delta(k, v1)
-    assert ev(d, "thp_split_page") == 1
-    assert ev(d, "thp_underused_split_page") == 0
+    d = vmstat_delta(k, v1)
+    assert d["thp_split_page"] == 1
+    assert d["thp_underused_split_page"] == 0
     assert k.mem.nr_free - free == NR // 2 and freed >= NR // 2
     assert k.vmstat.mthp_stat(9, "nr_anon_partially_mapped") == 0
     assert_reads(p, a, toks[: NR // 2])
@@ -568,10 +574,9 @@ def test_shrinker_splits_a_partially_mapped_thp_and_frees_the_unmapped_half():
 @pytest.mark.parametrize("max_ptes_none,shrink_underused,splits", [
     (64, "1", True), (511, "1", False), (64, "0", False)],
     ids=["max_ptes_none=64", "max_ptes_none=511", "shrink_underused=0"])
-def test_shrinker_splits_underused_thps(max_ptes_none, shrink_underused, splits):
+def test_shrinker_splits_underused_thps(max_ptes_none, shrink_underused, splits, k):
     """thp_underused(): more than max_ptes_none zero-filled pages (never with 511); the split
     maps the shared zero page where the pages held zeros (RMP_USE_SHARED_ZEROPAGE)."""
-    k = Kernel(ram=RAM, check=True)
     k.sysfs.write("khugepaged/max_ptes_none", str(max_ptes_none))
     k.sysfs.write("shrink_underused", shrink_underused)
     p = k.spawn()
@@ -585,11 +590,11 @@ def test_shrinker_splits_underused_thps(max_ptes_none, shrink_underused, splits)
     v0 = k.vmstat_snapshot()
     free = k.mem.nr_free
     k.reclaim(1)
-    d = delta(k, v0)
+    d = vmstat_delta(k, v0)
     s = p.smaps_fields(a)
     if splits:
-        assert ev(d, "thp_underused_split_page") == 1
-        assert ev(d, "thp_split_page") == 1
+        assert d["thp_underused_split_page"] == 1
+        assert d["thp_split_page"] == 1
         assert s["AnonHugePages"] == 0
         assert s["Rss"] == 4 * len(written) and p.status()["RssAnon"] == 4 * len(written)
         assert k.mem.nr_free - free == NR - len(written)
@@ -598,7 +603,7 @@ def test_shrinker_splits_underused_thps(max_ptes_none, shrink_underused, splits)
         assert len(np.unique(pfn[zeros])) == 1                    # all on the one zero page
         assert not np.isin(pfn[zeros], pfn[written]).any()
     else:
-        assert ev(d, "thp_underused_split_page") == 0 and ev(d, "thp_split_page") == 0
+        assert d["thp_underused_split_page"] == 0 and d["thp_split_page"] == 0
         assert s["AnonHugePages"] == 2048 and p.status()["RssAnon"] == 2048
     assert_reads(p, a, expected)
     p.write(a + PAGE_SIZE, 1, 77)                  # a store to a zero-page entry allocates
@@ -616,13 +621,13 @@ def test_thp_fault_falls_back_when_no_order9_block_can_be_formed():
     p = k.spawn()
     a = p.mmap(2 * HPAGE_PMD_SIZE)
     p.madvise(a, 2 * HPAGE_PMD_SIZE, MADV_HUGEPAGE)
-    toks = tokens(2 * NR, 3)
+    toks = page_tokens(2 * NR, 3)
     v0 = k.vmstat_snapshot()
     p.write_many(page_addrs(a, 2 * NR), toks)
-    d = delta(k, v0)
-    assert ev(d, "thp_fault_fallback") == 2
-    assert ev(d, "thp_fault_alloc") == 0
-    assert ev(d, "compact_success") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_fault_fallback"] == 2
+    assert d["thp_fault_alloc"] == 0
+    assert d["compact_success"] == 0
     assert k.vmstat.mthp_stat(9, "anon_fault_fallback") == 2
     assert p.smaps_fields(a)["AnonHugePages"] == 0 and p.status()["RssAnon"] == 4096
     assert_reads(p, a, toks)
@@ -641,7 +646,7 @@ def _fill_with_movable_pages(k: Kernel):
     addrs = np.empty(2 * n, dtype=np.int64)
     addrs[0::2] = page_addrs(x, n)
     addrs[1::2] = page_addrs(y, n)
-    toks = tokens(n, 10)
+    toks = page_tokens(n, 10)
     f.write_many(addrs, np.repeat(toks, 2))
     f.munmap(y, n * PAGE_SIZE)
     assert k.mem.nr_free >= 2 * NR
@@ -661,15 +666,15 @@ def test_direct_compaction_migrates_movable_pages_for_a_thp_fault(enabled, defra
     a = p.mmap(HPAGE_PMD_SIZE)
     if advise:
         p.madvise(a, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
-    toks = tokens(NR, 50_000)
+    toks = page_tokens(NR, 50_000)
     v0 = k.vmstat_snapshot()
     p.write_many(page_addrs(a, NR), toks)
-    d = delta(k, v0)
-    assert ev(d, "compact_stall") == 1
-    assert ev(d, "compact_success") == 1 and ev(d, "compact_fail") == 0
-    assert ev(d, "thp_fault_alloc") == 1 and ev(d, "thp_fault_fallback") == 0
+    d = vmstat_delta(k, v0)
+    assert d["compact_stall"] == 1
+    assert d["compact_success"] == 1 and d["compact_fail"] == 0
+    assert d["thp_fault_alloc"] == 1 and d["thp_fault_fallback"] == 0
     moved = int((pfns_of(f, x, len(ftoks)) != before).sum())
-    assert moved > 0 and ev(d, "pgmigrate_success") == moved
+    assert moved > 0 and d["pgmigrate_success"] == moved
     assert p.smaps_fields(a)["AnonHugePages"] == 2048
     assert_reads(p, a, toks)
     assert_reads(f, x, ftoks)                      # the migrated pages kept their contents
@@ -684,12 +689,12 @@ def test_thp_fault_without_direct_compaction_falls_back(defrag):
     p = k.spawn()
     a = p.mmap(HPAGE_PMD_SIZE)
     p.madvise(a, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
-    toks = tokens(NR, 50_000)
+    toks = page_tokens(NR, 50_000)
     v0 = k.vmstat_snapshot()
     p.write_many(page_addrs(a, NR), toks)
-    d = delta(k, v0)
-    assert ev(d, "compact_stall") == 0 and ev(d, "pgmigrate_success") == 0
-    assert ev(d, "thp_fault_fallback") == 1 and ev(d, "thp_fault_alloc") == 0
+    d = vmstat_delta(k, v0)
+    assert d["compact_stall"] == 0 and d["pgmigrate_success"] == 0
+    assert d["thp_fault_fallback"] == 1 and d["thp_fault_alloc"] == 0
     assert p.smaps_fields(a)["AnonHugePages"] == 0
     assert_reads(p, a, toks)
     assert_reads(f, x, ftoks)
@@ -698,17 +703,16 @@ def test_thp_fault_without_direct_compaction_falls_back(defrag):
 # ==================================================================================================
 # Migration
 # ==================================================================================================
-def test_migrating_a_pmd_thp_keeps_it_pmd_mapped():
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+def test_migrating_a_pmd_thp_keeps_it_pmd_mapped(k, p):
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     old = pfns_of(p, a, NR)
     v0 = k.vmstat_snapshot()
     k.migrate(int(old[17]))
-    d = delta(k, v0)
-    assert ev(d, "thp_migration_success") == 1
-    assert ev(d, "thp_migration_split") == 0 and ev(d, "thp_migration_fail") == 0
-    assert ev(d, "pgmigrate_success") == NR and ev(d, "thp_split_pmd") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_migration_success"] == 1
+    assert d["thp_migration_split"] == 0 and d["thp_migration_fail"] == 0
+    assert d["pgmigrate_success"] == NR and d["thp_split_pmd"] == 0
     new = pfns_of(p, a, NR)
     assert new[0] % NR == 0 and (np.diff(new) == 1).all()
     assert not np.isin(new, old).any()
@@ -719,42 +723,40 @@ def test_migrating_a_pmd_thp_keeps_it_pmd_mapped():
     assert_reads(p, a, np.full(NR, 5))
 
 
-def test_migrating_a_thp_without_a_thp_target_splits_it_and_moves_4k_pages():
+def test_migrating_a_thp_without_a_thp_target_splits_it_and_moves_4k_pages(k, p):
     """migrate_pages_batch(): -ENOMEM for the THP target -> nr_thp_failed++ and, once
     try_split_folio() succeeds, nr_thp_split++; the 4 KiB pages are then migrated."""
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     k.mem.fragment(1.0, np.random.default_rng(0))
     assert not k.mem.has_free_order(9)
     old = pfns_of(p, a, NR)
     v0 = k.vmstat_snapshot()
     k.migrate(int(old[0]))
-    d = delta(k, v0)
-    assert ev(d, "thp_migration_split") == 1
-    assert ev(d, "thp_split_page") == 1
-    assert ev(d, "pgmigrate_success") == NR
-    assert ev(d, "thp_migration_success") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_migration_split"] == 1
+    assert d["thp_split_page"] == 1
+    assert d["pgmigrate_success"] == NR
+    assert d["thp_migration_success"] == 0
     assert p.smaps_fields(a)["AnonHugePages"] == 0 and p.status()["RssAnon"] == 2048
     assert_reads(p, a, toks)
-    assert ev(d, "thp_migration_fail") == 1, "the THP that could not move whole counts as failed too"
+    assert d["thp_migration_fail"] == 1, "the THP that could not move whole counts as failed too"
     # The split pages are migrated as one batch: every target is allocated before any source
     # is freed, so no page lands on a frame of the old THP.
     new = pfns_of(p, a, NR)
     assert not np.isin(new, old).any(), f"{int(np.isin(new, old).sum())} pages moved within the old THP"
 
 
-def test_migrating_a_thp_shared_by_parent_and_child_updates_both_mappings():
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+def test_migrating_a_thp_shared_by_parent_and_child_updates_both_mappings(k, p):
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     c = p.fork()
     old = pfns_of(p, a, NR)
     np.testing.assert_array_equal(pfns_of(c, a, NR), old)
     v0 = k.vmstat_snapshot()
     k.migrate(int(old[3]))
-    d = delta(k, v0)
-    assert ev(d, "thp_migration_success") == 1 and ev(d, "pgmigrate_success") == NR
+    d = vmstat_delta(k, v0)
+    assert d["thp_migration_success"] == 1 and d["pgmigrate_success"] == NR
     new = pfns_of(p, a, NR)
     np.testing.assert_array_equal(pfns_of(c, a, NR), new)
     assert not np.isin(new, old).any()
@@ -773,17 +775,16 @@ def test_migrating_a_thp_shared_by_parent_and_child_updates_both_mappings():
 # ==================================================================================================
 # Memory failure
 # ==================================================================================================
-def test_memory_failure_inside_a_thp_loses_only_that_page():
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+def test_memory_failure_inside_a_thp_loses_only_that_page(k, p):
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     pfns = pfns_of(p, a, NR)
     bad = 7
     v0 = k.vmstat_snapshot()
     k.memory_failure(int(pfns[bad]))
-    d = delta(k, v0)
-    assert ev(d, "thp_split_page") == 1
-    assert ev(d, "thp_split_pmd") == 1
+    d = vmstat_delta(k, v0)
+    assert d["thp_split_page"] == 1
+    assert d["thp_split_pmd"] == 1
     assert p.smaps_fields(a)["AnonHugePages"] == 0
     assert p.status()["RssAnon"] == 2048 - 4
     with pytest.raises(HardwarePoison):
@@ -798,12 +799,10 @@ def test_memory_failure_inside_a_thp_loses_only_that_page():
     assert p.read(a + (bad + 1) * PAGE_SIZE, 1)[0] == 42
 
 
-def test_pagemap_shows_a_poisoned_page_as_a_swap_entry():
+def test_pagemap_shows_a_poisoned_page_as_a_swap_entry(k, p):
     """try_to_unmap_one(TTU_HWPOISON) leaves a hwpoison swap entry; pte_to_pagemap_entry()
     reports every non-present, non-none PTE with PM_SWAP (is_pfn_swap_entry() includes hwpoison)."""
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a, _ = thp_region(k, p, 1, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, page_tokens(NR, 100))
     pfns = pfns_of(p, a, NR)
     k.memory_failure(int(pfns[7]))
     pm = p.pagemap(a + 7 * PAGE_SIZE, 1)[0]
@@ -814,7 +813,8 @@ def test_pagemap_shows_a_poisoned_page_as_a_swap_entry():
 def test_memory_failure_of_a_small_page():
     k = Kernel(ram=16 << 20, check=True)
     p = k.spawn()
-    a, toks = small_region(p, 16, 100)
+    toks = page_tokens(16, 100)
+    a = small_region(p, 16, toks)
     pfns = pfns_of(p, a, 16)
     k.memory_failure(int(pfns[4]))
     assert p.status()["RssAnon"] == 60
@@ -828,7 +828,8 @@ def test_memory_failure_of_a_small_page():
     # The poisoned frame is never handed out again: take every free frame.
     q = k.spawn()
     n = k.mem.nr_free
-    b, qt = small_region(q, n, 1)
+    qt = page_tokens(n, 1)
+    b = small_region(q, n, qt)
     qpfns = pfns_of(q, b, n)
     assert int(pfns[4]) not in set(qpfns.tolist())
     assert np.isin(pfns[good], qpfns).all()        # its neighbours were
@@ -842,17 +843,18 @@ def test_madv_collapse_swaps_in_a_partially_swapped_range_first():
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     free0 = k.swap.nr_free                         # every usable slot
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     v0 = k.vmstat_snapshot()
     p.madvise(a + 10 * PAGE_SIZE, 100 * PAGE_SIZE, MADV_PAGEOUT)  # splits the THP, 100 pages out
-    d = delta(k, v0)
-    assert ev(d, "thp_split_page") == 1 and ev(d, "pswpout") == 100
+    d = vmstat_delta(k, v0)
+    assert d["thp_split_page"] == 1 and d["pswpout"] == 100
     assert p.smaps_fields(a)["Swap"] == 400
     v1 = k.vmstat_snapshot()
     p.madvise(a, HPAGE_PMD_SIZE, MADV_COLLAPSE)
-    d = delta(k, v1)
-    assert ev(d, "thp_collapse_alloc") == 1
-    assert ev(d, "pswpin") == 100                  # __collapse_huge_page_swapin()
+    d = vmstat_delta(k, v1)
+    assert d["thp_collapse_alloc"] == 1
+    assert d["pswpin"] == 100                  # __collapse_huge_page_swapin()
     s = p.smaps_fields(a)
     assert s["AnonHugePages"] == 2048 and s["Swap"] == 0
     assert p.status()["RssAnon"] == 2048 and p.status()["VmSwap"] == 0
@@ -865,21 +867,22 @@ def test_khugepaged_respects_max_ptes_swap(nr_swapped, collapses):
     k = Kernel(ram=RAM, swap=SWAP, check=True)
     assert k.sysfs.max_ptes_swap == 64
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     p.madvise(a, nr_swapped * PAGE_SIZE, MADV_PAGEOUT)
     assert swapped(p, a, NR).sum() == nr_swapped
     # The rest is referenced (>= HPAGE_PMD_NR / 2 young PTEs are needed when swap PTEs exist).
     assert_reads(p, a + nr_swapped * PAGE_SIZE, toks[nr_swapped:])
     v0 = k.vmstat_snapshot()
     k.advance(25 * NSEC_PER_SEC)
-    d = delta(k, v0)
+    d = vmstat_delta(k, v0)
     if collapses:
-        assert ev(d, "thp_collapse_alloc") == 1 and ev(d, "thp_scan_exceed_swap_pte") == 0
-        assert ev(d, "pswpin") == nr_swapped
+        assert d["thp_collapse_alloc"] == 1 and d["thp_scan_exceed_swap_pte"] == 0
+        assert d["pswpin"] == nr_swapped
         assert p.smaps_fields(a)["AnonHugePages"] == 2048 and p.status()["VmSwap"] == 0
     else:
-        assert ev(d, "thp_scan_exceed_swap_pte") >= 1 and ev(d, "thp_collapse_alloc") == 0
-        assert ev(d, "pswpin") == 0
+        assert d["thp_scan_exceed_swap_pte"] >= 1 and d["thp_collapse_alloc"] == 0
+        assert d["pswpin"] == 0
         assert p.smaps_fields(a)["AnonHugePages"] == 0 and p.status()["VmSwap"] == 4 * nr_swapped
     assert_reads(p, a, toks)
 
@@ -891,7 +894,8 @@ def test_khugepaged_counts_shared_ptes_again_after_its_swap_in():
     k.sysfs.write("enabled", "always")
     k.sysfs.write("khugepaged/max_ptes_swap", "511")
     p = k.spawn()
-    a, toks = thp_region(k, p, 1, 100)
+    toks = page_tokens(NR, 100)
+    a = thp_region(p, HPAGE_PMD_SIZE, toks)
     p.madvise(a, 200 * PAGE_SIZE, MADV_PAGEOUT)           # split; 200 pages go to swap
     c = p.fork()
     assert_reads(c, a, toks[:200])                      # cached, mapped by the child
@@ -899,8 +903,8 @@ def test_khugepaged_counts_shared_ptes_again_after_its_swap_in():
     assert_reads(p, a + 412 * PAGE_SIZE, toks[412:])    # 100 stay shared, all young
     v0 = k.vmstat_snapshot()
     k.advance(25 * NSEC_PER_SEC)
-    d = delta(k, v0)
-    assert ev(d, "thp_scan_exceed_share_pte") >= 1 and ev(d, "pswpin") == 0
+    d = vmstat_delta(k, v0)
+    assert d["thp_scan_exceed_share_pte"] >= 1 and d["pswpin"] == 0
     assert p.smaps_fields(a)["AnonHugePages"] == 0
 
 
@@ -920,10 +924,9 @@ def test_madv_collapse_whose_swap_in_runs_out_of_memory_fails_and_leaks_nothing(
     assert_reads(p, a, np.full(NR, 2))
 
 
-def test_defrag_defer_wakes_kcompactd_instead_of_stalling():
+def test_defrag_defer_wakes_kcompactd_instead_of_stalling(k):
     """defrag=defer: the fault falls back at once (no compact_stall) and wakes kcompactd,
     which builds a block in the background; a later fault gets its THP."""
-    k = Kernel(ram=512 << 20, check=True)
     k.sysfs.write("defrag", "defer")
     filler = k.spawn()
     b = filler.mmap(2 << 20)

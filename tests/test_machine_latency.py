@@ -110,13 +110,14 @@ def test_cost_rejects_bad_input():
 
 def test_cost_of_a_simulated_kernel_operation():
     """The parent's first write into a shared THP after fork, as the simulated kernel counts it."""
-    from thpcow.kernel import MADV_HUGEPAGE, Kernel
+    from thpcow.kernel import Kernel
     from thpcow.kernel.vmstat import delta
+
+    from conftest import thp_region
 
     k = Kernel(ram=1 << 30, seed=0)
     p = k.spawn()
-    a = p.mmap(4 << 20)
-    p.madvise(a, 4 << 20, MADV_HUGEPAGE)
+    a = thp_region(p, 4 << 20, populate=False)
     before = k.vmstat_snapshot()
     p.write(a, 4 << 20, token=1)
     first_touch = cost_vmstat_delta(delta(k.vmstat_snapshot(), before))

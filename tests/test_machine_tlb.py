@@ -400,13 +400,13 @@ def test_missing_preset_file(tmp_path):
 
 # -- the simulated kernel gives the page sizes ----------------------------------------------------
 def test_page_shifts_follow_the_kernel_through_a_cow_split():
-    from thpcow.kernel import MADV_HUGEPAGE, Kernel
+    from thpcow.kernel import Kernel
+
+    from conftest import thp_region
 
     k = Kernel(ram=1 << 30, seed=0)
     p = k.spawn()
-    a = p.mmap(4 << 20)
-    p.madvise(a, 4 << 20, MADV_HUGEPAGE)
-    p.write(a, 4 << 20, token=1)
+    a = thp_region(p, 4 << 20)
     addrs = np.array([a + i * 7 * K4 for i in range(8)], dtype=np.uint64)
     assert set(page_shifts_of(p, addrs).tolist()) == {21}
     p.fork()

@@ -38,8 +38,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from thpcow.kernel import (
     MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_KEEPONFORK,
-    MADV_COLD, MADV_COLLAPSE, MADV_NOHUGEPAGE, MADV_PAGEOUT, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED, MAP_POPULATE, MAP_PRIVATE,
-    MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, PROT_READ, PROT_WRITE,
+    MADV_COLD, MADV_COLLAPSE, MADV_NOHUGEPAGE, MADV_PAGEOUT, MADV_WIPEONFORK, MAP_FIXED, MAP_POPULATE,
+    MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, PROT_READ,
     VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WIPEONFORK, VM_WRITE, Kernel, KernelError,
     SegmentationFault,
 )
@@ -53,9 +53,9 @@ from thpcow.kernel.mm import PMD_LEAF, PMD_TABLE, _PAGE_ACCESSED, _PAGE_DIRTY, _
 from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE
 from thpcow.kernel.task_mmu import kpagecount
 
-RAM = 512 << 20
-RW = PROT_READ | PROT_WRITE
-ANON = MAP_PRIVATE | MAP_ANONYMOUS
+from conftest import ANON, RW, THP_RAM
+
+RAM = THP_RAM
 
 # Model attribute bits of a mapped page (one per VMA flag the model follows).
 A_W, A_DC, A_WF, A_HG, A_NH = 1, 2, 4, 8, 16
@@ -1146,7 +1146,7 @@ def run_twins(program):
     return states
 
 
-def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it():
+def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it(k, p):
     """memory.py:wp_page_copy() from the zero page skipped anon_vma_prepare() (fixed in 9780473).
 
     Linux's wp_page_copy() starts with vmf_anon_prepare(): a VMA whose only faults so far
@@ -1154,8 +1154,6 @@ def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it():
     has no anon_vma, so dup_mmap() copies no page tables for it and the child reads 0.
     Found by SyscallMachine: mmap(1 page); read_many; write_many; fork.
     """
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
     a = p.mmap(PAGE_SIZE)
     p.read(a)                      # read fault: the shared zero page, no anon_vma
     p.write(a, 1, token=7)         # do_wp_page() -> wp_page_copy() from the zero page
@@ -1164,7 +1162,7 @@ def test_zero_page_cow_prepares_anon_vma_so_fork_copies_it():
     assert int(c.read(a)[0]) == 7, "the child must see the parent's page after fork()"
 
 
-def test_mremap_dontunmap_without_fixed_moves():
+def test_mremap_dontunmap_without_fixed_moves(k, p):
     """mremap.py:do_mremap() treated MREMAP_DONTUNMAP without MREMAP_FIXED as a no-op (fixed in 9780473).
 
     Since v5.7 (and in the v6.17+ rewrite: vrm_implies_new_addr() is FIXED | DONTUNMAP)
@@ -1173,8 +1171,6 @@ def test_mremap_dontunmap_without_fixed_moves():
     old_address and moved nothing (the same-size early return, before the flag was looked at).
     Found by SyscallMachine: mmap(1 page); mremap(a, 4096, 4096, MAYMOVE | DONTUNMAP).
     """
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
     a = p.mmap(PAGE_SIZE)
     p.write(a, 1, token=5)
     b = p.mremap(a, PAGE_SIZE, PAGE_SIZE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)

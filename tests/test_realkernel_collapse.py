@@ -30,7 +30,6 @@ import gc
 import json
 import mmap
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,12 +37,12 @@ import pytest
 
 from thpcow.kernel import HPAGE_PMD_SIZE, MADV_COLLAPSE as SIM_MADV_COLLAPSE, MADV_DONTNEED, MADV_HUGEPAGE
 from thpcow.kernel import MADV_NOHUGEPAGE, PAGE_SIZE, Kernel, KernelError
-from thpcow.kernel.sysfs import WRITABLE_PATHS
 from thpcow.lab import procfs, scenario
+
+from conftest import MiB, aligned_region, sim_kernel_with_knobs, skip_without_real_thp, smaps_anon_huge_kb
 
 pytestmark = pytest.mark.realkernel
 
-MiB = 1 << 20
 SIZE_MIB = 8
 MADV_COLLAPSE = 25                          # include/uapi/asm-generic/mman-common.h
 STAGES = ("populate", "split", "collapse_child_alive", "child_exit", "collapse_after_exit")
@@ -56,12 +55,7 @@ VARIANTS = {"collapse-all-while-child-alive": SIZE_MIB * MiB,
             "collapse-half-while-child-alive": SIZE_MIB * MiB // 2}
 
 
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return f"not Linux ({sys.platform})"
-    ok, reason = procfs.thp_available()
-    if not ok:
-        return reason
+def _not_x86_64_sizes() -> str | None:
     if procfs.hpage_pmd_size() != HPAGE_PMD_SIZE or procfs.PAGE_SIZE != PAGE_SIZE:
         return f"the simulator models x86-64 (2 MiB PMDs, 4 KiB pages), not {procfs.hpage_pmd_size()}"
     return None
@@ -69,9 +63,7 @@ def _skip_reason() -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _real_kernel() -> None:
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_real_thp(_not_x86_64_sizes)
 
 
 # -- the running kernel ------------------------------------------------------------------------------
@@ -201,15 +193,7 @@ def run_real(collapse_alive: int, repeat: int = 3) -> Run:
 
 # -- the simulator ---------------------------------------------------------------------------------------
 def _sim_kernel(knobs: dict[str, str]) -> Kernel:
-    k = Kernel(ram=1 << 30, check=True)
-    for path, value in knobs.items():
-        if path in WRITABLE_PATHS:
-            k.sysfs.write(path, value)
-    return k
-
-
-def _sim_ahp(proc, start: int, end: int) -> int:
-    return procfs.smaps_field_in_range(procfs.parse_smaps(proc.smaps()), start, end, "AnonHugePages")
+    return sim_kernel_with_knobs(knobs, ram=1 << 30)[0]
 
 
 def _sim_collapse(proc, addr: int, length: int) -> int:
@@ -227,32 +211,30 @@ def run_sim(collapse_alive: int, knobs: dict[str, str]) -> Run:
     size = SIZE_MIB * MiB
     nr_pmds = size // pmd
     parent = k.spawn()
-    base = parent.mmap(size + pmd)                          # scenario.thp_region()
-    start = (base + pmd - 1) & ~(pmd - 1)
+    start = aligned_region(parent, size)                    # scenario.thp_region()
     end = start + size
-    parent.madvise(start, size, MADV_HUGEPAGE)
     snaps = [k.vmstat_snapshot()]
     views: dict[str, int] = {}
     rcs: dict[str, int] = {}
     parent.write_many(start + np.arange(0, size, PAGE_SIZE), 1)
     snaps.append(k.vmstat_snapshot())
-    views["parent_populate"] = _sim_ahp(parent, start, end)
+    views["parent_populate"] = smaps_anon_huge_kb(parent, start, end)
     child = parent.fork()
     child.write_many(start + np.arange(nr_pmds) * pmd + PAGE_SIZE, 3)
     parent.write_many(start + np.arange(nr_pmds) * pmd, 2)
     snaps.append(k.vmstat_snapshot())
-    views["parent_split"] = _sim_ahp(parent, start, end)
-    views["child_split"] = _sim_ahp(child, start, end)
+    views["parent_split"] = smaps_anon_huge_kb(parent, start, end)
+    views["child_split"] = smaps_anon_huge_kb(child, start, end)
     rcs["collapse_child_alive"] = _sim_collapse(parent, start, collapse_alive)
     snaps.append(k.vmstat_snapshot())
-    views["parent_collapse_alive"] = _sim_ahp(parent, start, end)
-    views["child_collapse_alive"] = _sim_ahp(child, start, end)
+    views["parent_collapse_alive"] = smaps_anon_huge_kb(parent, start, end)
+    views["child_collapse_alive"] = smaps_anon_huge_kb(child, start, end)
     child.exit()
     snaps.append(k.vmstat_snapshot())
-    views["parent_child_exit"] = _sim_ahp(parent, start, end)
+    views["parent_child_exit"] = smaps_anon_huge_kb(parent, start, end)
     rcs["collapse_after_exit"] = _sim_collapse(parent, start, size)
     snaps.append(k.vmstat_snapshot())
-    views["parent_collapse_after_exit"] = _sim_ahp(parent, start, end)
+    views["parent_collapse_after_exit"] = smaps_anon_huge_kb(parent, start, end)
     expected = np.ones(size // PAGE_SIZE, dtype=np.int64)
     expected[np.arange(nr_pmds) * (pmd // PAGE_SIZE)] = 2
     np.testing.assert_array_equal(parent.read(start, size), expected)
@@ -349,9 +331,7 @@ def _sim_errnos(knobs: dict[str, str]) -> dict[str, int]:
     pmd = HPAGE_PMD_SIZE
     k = _sim_kernel(knobs)
     p = k.spawn()
-    base = p.mmap(4 * pmd)
-    addr = (base + pmd - 1) & ~(pmd - 1)
-    p.madvise(addr, 3 * pmd, MADV_HUGEPAGE)
+    addr = aligned_region(p, 3 * pmd)
     out = {"untouched": _sim_collapse(p, addr, pmd)}
     for b in (1, 2):
         p.madvise(addr + b * pmd, pmd, MADV_NOHUGEPAGE)
@@ -360,7 +340,7 @@ def _sim_errnos(knobs: dict[str, str]) -> dict[str, int]:
     p.madvise(addr + pmd, pmd, MADV_DONTNEED)
     out["dontneed"] = _sim_collapse(p, addr + pmd, pmd)
     out["populated"] = _sim_collapse(p, addr + 2 * pmd, pmd)
-    out["populated_ahp"] = _sim_ahp(p, addr + 2 * pmd, addr + 3 * pmd)
+    out["populated_ahp"] = smaps_anon_huge_kb(p, addr + 2 * pmd, addr + 3 * pmd)
     return out
 
 

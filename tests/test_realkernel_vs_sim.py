@@ -23,31 +23,25 @@ returns the quietest of three runs (see tests/test_lab_realkernel.py for the dis
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from thpcow.kernel import HPAGE_PMD_SIZE, MADV_HUGEPAGE, PAGE_SIZE, Kernel
-from thpcow.kernel.sysfs import WRITABLE_PATHS
-from thpcow.lab import procfs, scenario
+from thpcow.kernel import HPAGE_PMD_SIZE, PAGE_SIZE
+from thpcow.lab import scenario
+
+from conftest import (
+    MiB, VmstatDelta, aligned_region, sim_kernel_with_knobs, skip_without_real_thp, smaps_anon_huge_kb,
+)
 
 pytestmark = pytest.mark.realkernel
 
-MiB = 1 << 20
 SIZE_MIB = 8
 COMPARED = ("thp_fault_alloc", "thp_split_pmd")
 ALSO_COMPARED = ("thp_split_page", "thp_deferred_split_page", "thp_fault_fallback")
 VIEWS = ("parent_after_populate", "parent_after_child_writes", "child_after_child_writes",
          "parent_after_child_exit")
-
-
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return f"not Linux ({sys.platform})"
-    ok, reason = procfs.thp_available()
-    return None if ok else reason
 
 
 @dataclass
@@ -57,24 +51,9 @@ class SimResult:
     knobs: dict[str, str]
 
 
-def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {name: after[name] - before[name] for name in after}
-
-
-def _range_anon_huge_kb(proc, start: int, end: int) -> int:
-    """AnonHugePages of the VMAs covering [start, end): the lab's parser on the sim's smaps."""
-    return procfs.smaps_field_in_range(procfs.parse_smaps(proc.smaps()), start, end,
-                                       "AnonHugePages")
-
-
 def run_fork_split_sim(size_mib: int, writes_per_2m: int, knobs: dict[str, str]) -> SimResult:
     """run_fork_split() written out on the simulator, step for step."""
-    k = Kernel(ram=512 << 20, check=True)
-    copied = {}
-    for path, value in knobs.items():
-        if path in WRITABLE_PATHS:
-            k.sysfs.write(path, value)
-            copied[path] = value
+    k, copied = sim_kernel_with_knobs(knobs, ram=512 << 20)
     pmd = HPAGE_PMD_SIZE
     size = size_mib * MiB
     nr_pmds = size // pmd
@@ -84,30 +63,28 @@ def run_fork_split_sim(size_mib: int, writes_per_2m: int, knobs: dict[str, str])
                              dtype=np.int64)
 
     parent = k.spawn()
-    base = parent.mmap(size + pmd)                       # thp_region()
-    addr = (base + pmd - 1) & ~(pmd - 1)
-    parent.madvise(addr, size, MADV_HUGEPAGE)
+    addr = aligned_region(parent, size)                  # scenario.thp_region()
     end = addr + size
 
     vm_before = k.vmstat_snapshot()
     parent.write_many(addr + populate_offsets, 1)        # one byte per page
     vm_populate = k.vmstat_snapshot()
-    ahp = {"parent_after_populate": _range_anon_huge_kb(parent, addr, end)}
+    ahp = {"parent_after_populate": smaps_anon_huge_kb(parent, addr, end)}
 
     child = parent.fork()
     child.write_many(addr + child_offsets, 1)
     vm_child_writes = k.vmstat_snapshot()                # the child is still alive
-    ahp["child_after_child_writes"] = _range_anon_huge_kb(child, addr, end)
-    ahp["parent_after_child_writes"] = _range_anon_huge_kb(parent, addr, end)
+    ahp["child_after_child_writes"] = smaps_anon_huge_kb(child, addr, end)
+    ahp["parent_after_child_writes"] = smaps_anon_huge_kb(parent, addr, end)
 
     child.exit()
     vm_child_exit = k.vmstat_snapshot()
-    ahp["parent_after_child_exit"] = _range_anon_huge_kb(parent, addr, end)
+    ahp["parent_after_child_exit"] = smaps_anon_huge_kb(parent, addr, end)
 
     deltas = {
-        "populate": _delta(vm_populate, vm_before),
-        "child_writes": _delta(vm_child_writes, vm_populate),
-        "child_exit": _delta(vm_child_exit, vm_child_writes),
+        "populate": VmstatDelta(vm_populate, vm_before),
+        "child_writes": VmstatDelta(vm_child_writes, vm_populate),
+        "child_exit": VmstatDelta(vm_child_exit, vm_child_writes),
     }
     return SimResult(deltas=deltas, anon_huge_kb=ahp, knobs=copied)
 
@@ -136,9 +113,7 @@ def _explain(real: scenario.ForkSplitResult, sim: SimResult) -> str:
 @pytest.fixture(scope="module", params=[1, 3], ids=["1-write-per-2m", "3-writes-per-2m"])
 def pair(request) -> tuple[scenario.ForkSplitResult, SimResult]:
     """The real run first (so the simulator's own allocations cannot disturb it), then the sim."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
+    skip_without_real_thp()
     writes = request.param
     real = scenario.run_fork_split(size_mib=SIZE_MIB, child_writes_per_2m=writes)
     sim = run_fork_split_sim(SIZE_MIB, writes, real.knobs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
 import pytest
 
 from thpcow.kernel import (
@@ -22,17 +21,17 @@ from thpcow.kernel import (
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED,
     MAP_FIXED_NOREPLACE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE,
     PAGE_SIZE, PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_NONE,
-    PROT_READ, PROT_WRITE, TASK_SIZE, VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ,
+    PROT_READ, TASK_SIZE, VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ,
     VM_WIPEONFORK, VM_WRITE, Kernel, KernelError, Process, SegmentationFault,
 )
+from thpcow.kernel.vmstat import delta
 from thpcow.lab import procfs
 
+from conftest import ANON, RW, MiB, small_region, smaps_anon_huge_kb, thp_region, vmstat_delta
+
 KiB = 1 << 10
-MiB = 1 << 20
 PMD = HPAGE_PMD_SIZE
 PAGE = PAGE_SIZE
-ANON = MAP_PRIVATE | MAP_ANONYMOUS
-RW = PROT_READ | PROT_WRITE
 PROT_SEM = 0x8            # asm-generic/mman-common.h: accepted by arch_validate_prot()
 PROT_GROWSDOWN = 0x01000000
 PROT_GROWSUP = 0x02000000
@@ -46,16 +45,6 @@ FIXED_BASE = 0x7E00_0000_0000
 # -------------------------------------------------------------------------------------------
 # helpers
 # -------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def k() -> Kernel:
-    return Kernel(ram=512 << 20, check=True)
-
-
-@pytest.fixture
-def p(k: Kernel) -> Process:
-    return k.spawn()
-
 
 def vma_list(p: Process) -> list[tuple[int, int, int]]:
     return [(v.start, v.end, v.flags) for v in p.vmas()]
@@ -72,10 +61,6 @@ def state(k: Kernel, procs) -> tuple:
     return ([vma_list(q) for q in procs], k.vmstat_snapshot(), k.mem.nr_free)
 
 
-def vmstat_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {name: after[name] - before[name] for name in after if after[name] != before[name]}
-
-
 def expect_error(k: Kernel, procs, err: int, fn, *args, **kwargs) -> KernelError:
     """Call fn, which must fail with ``err`` and change nothing observable."""
     vmas0, stat0, free0 = state(k, procs)
@@ -86,7 +71,7 @@ def expect_error(k: Kernel, procs, err: int, fn, *args, **kwargs) -> KernelError
                             f"{errno.errorcode[err]}: {e}")
     vmas1, stat1, free1 = state(k, procs)
     assert vmas1 == vmas0, "VMA list changed by a failing call"
-    assert stat1 == stat0, f"vmstat changed by a failing call: {vmstat_delta(stat0, stat1)}"
+    assert stat1 == stat0, f"vmstat changed by a failing call: {delta(stat1, stat0)}"
     assert free1 == free0, f"nr_free changed by a failing call: {free0} -> {free1}"
     return e
 
@@ -101,31 +86,8 @@ def smaps_vma(p: Process, addr: int) -> procfs.Vma:
     return v
 
 
-def anon_huge_kb(p: Process, start: int, end: int) -> int:
-    return procfs.smaps_field_in_range(smaps_vmas(p), start, end, "AnonHugePages")
-
-
 def rss_kb(p: Process) -> int:
     return p.status()["RssAnon"]
-
-
-def thp_region(p: Process, size: int, token: int = 1, populate: bool = True) -> int:
-    """mmap ``size`` (a 2 MiB multiple, so 2 MiB aligned), MADV_HUGEPAGE, write every page."""
-    a = p.mmap(size)
-    assert a % PMD == 0
-    p.madvise(a, size, MADV_HUGEPAGE)
-    if populate:
-        p.write(a, size, token=token)
-    return a
-
-
-def small_region(p: Process, npages: int, token: int = 1, addr: int = 0) -> int:
-    """A populated MADV_NOHUGEPAGE region of ``npages`` 4 KiB pages (no THP whatever the knobs)."""
-    flags = ANON | (MAP_FIXED_NOREPLACE if addr else 0)
-    a = p.mmap(npages * PAGE, flags=flags, addr=addr)
-    p.madvise(a, npages * PAGE, MADV_NOHUGEPAGE)
-    p.write(a, npages * PAGE, token=token)
-    return a
 
 
 def tokens(p: Process, addr: int, npages: int) -> list[int]:
@@ -215,8 +177,8 @@ class TestMmap:
         k.sysfs.write("enabled", "always")
         before = k.vmstat_snapshot()
         a = p.mmap(4 * MiB, flags=ANON | MAP_POPULATE)
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc") == 2
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 4096
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 2
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 4096
         assert rss_kb(p) == 4096
 
     def test_length_zero(self, k: Kernel, p: Process) -> None:
@@ -255,13 +217,13 @@ class TestMunmap:
         free = k.mem.nr_free
         before = k.vmstat_snapshot()
         p.munmap(a + PAGE, PAGE)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd") == 1, d
-        assert d.get("thp_deferred_split_page") == 1, d     # folio now partially mapped
-        assert d.get("thp_split_page", 0) == 0, d
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 1, d
+        assert d["thp_deferred_split_page"] == 1, d     # folio now partially mapped
+        assert d["thp_split_page"] == 0, d
         assert [(v.start, v.end) for v in p.vmas()] == [(a, a + PAGE), (a + 2 * PAGE, a + 4 * MiB)]
         assert all(v.flags & VM_HUGEPAGE for v in p.vmas())
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 2048      # the second PMD is untouched
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 2048      # the second PMD is untouched
         assert rss_kb(p) == 4096 - 4
         # The folio stays (on the deferred split queue) until it is split or freed.
         assert k.mem.nr_free == free
@@ -277,10 +239,10 @@ class TestMunmap:
         assert k.mem.nr_free == free0 - 2 * 512
         before = k.vmstat_snapshot()
         p.munmap(a, 2 * MiB)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd", 0) == 0 and d.get("thp_deferred_split_page", 0) == 0, d
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 0 and d["thp_deferred_split_page"] == 0, d
         assert k.mem.nr_free == free0 - 512
-        assert d.get("nr_anon_transparent_hugepages") == -1, d
+        assert d["nr_anon_transparent_hugepages"] == -1, d
         p.munmap(a + 2 * MiB, 2 * MiB)
         assert k.mem.nr_free == free0
         assert p.vmas() == []
@@ -348,12 +310,12 @@ class TestMprotect:
         a = thp_region(p, 4 * MiB, token=6)
         before = k.vmstat_snapshot()
         p.mprotect(a + PAGE, PAGE, PROT_READ)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd") == 1, d
-        assert d.get("thp_deferred_split_page", 0) == 0, d   # every page is still mapped
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 1, d
+        assert d["thp_deferred_split_page"] == 0, d   # every page is still mapped
         assert [(v.start, v.end) for v in p.vmas()] == [
             (a, a + PAGE), (a + PAGE, a + 2 * PAGE), (a + 2 * PAGE, a + 4 * MiB)]
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 2048
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 2048
         assert rss_kb(p) == 4096
         with pytest.raises(SegmentationFault):
             p.write(a + PAGE, 1)
@@ -516,9 +478,9 @@ class TestMremap:
         before = k.vmstat_snapshot()
         free = k.mem.nr_free
         assert p.mremap(a, 4 * MiB, 4 * MiB, MREMAP_MAYMOVE | MREMAP_FIXED, dest) == dest
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd", 0) == 0, d
-        assert anon_huge_kb(p, dest, dest + 4 * MiB) == 4096
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 0, d
+        assert smaps_anon_huge_kb(p, dest, dest + 4 * MiB) == 4096
         assert "hg" in smaps_vma(p, dest).vm_flags
         assert k.mem.nr_free == free
         assert vma_at(p, a) is None
@@ -531,8 +493,8 @@ class TestMremap:
         before = k.vmstat_snapshot()
         new = p.mremap(a, 2 * MiB, 4 * MiB, MREMAP_MAYMOVE)
         assert new != a and new % PMD == 0              # a PMD-multiple new length is THP aligned
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_split_pmd", 0) == 0
-        assert anon_huge_kb(p, new, new + 4 * MiB) == 2048
+        assert vmstat_delta(k, before)["thp_split_pmd"] == 0
+        assert smaps_anon_huge_kb(p, new, new + 4 * MiB) == 2048
         assert tokens(p, new, 1) == [5]
 
     def test_unaligned_destination_splits_pmds(self, k: Kernel, p: Process) -> None:
@@ -540,10 +502,10 @@ class TestMremap:
         dest = FIXED_BASE + PAGE
         before = k.vmstat_snapshot()
         p.mremap(a, 4 * MiB, 4 * MiB, MREMAP_MAYMOVE | MREMAP_FIXED, dest)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd") == 2, d
-        assert d.get("thp_deferred_split_page", 0) == 0, d
-        assert anon_huge_kb(p, dest, dest + 4 * MiB) == 0
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 2, d
+        assert d["thp_deferred_split_page"] == 0, d
+        assert smaps_anon_huge_kb(p, dest, dest + 4 * MiB) == 0
         assert rss_kb(p) == 4096
         assert tokens(p, dest, 1024) == [5] * 1024
 
@@ -657,8 +619,8 @@ class TestMadvise:
         p.write(a, 4 * MiB, token=1)                    # enabled=madvise: small pages
         before = k.vmstat_snapshot()
         p.madvise(a, 4 * MiB, MADV_HUGEPAGE)
-        assert vmstat_delta(before, k.vmstat_snapshot()) == {}
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 0
+        assert vmstat_delta(k, before) == {}
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 0
         assert rss_kb(p) == 4096
 
     def test_hugepage_affects_later_faults(self, k: Kernel, p: Process) -> None:
@@ -666,9 +628,9 @@ class TestMadvise:
         p.madvise(a, 2 * MiB, MADV_HUGEPAGE)
         before = k.vmstat_snapshot()
         p.write(a, 4 * MiB, token=1)
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc") == 1
-        assert anon_huge_kb(p, a, a + 2 * MiB) == 2048
-        assert anon_huge_kb(p, a + 2 * MiB, a + 4 * MiB) == 0
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 1
+        assert smaps_anon_huge_kb(p, a, a + 2 * MiB) == 2048
+        assert smaps_anon_huge_kb(p, a + 2 * MiB, a + 4 * MiB) == 0
 
     def test_dontfork_and_dofork(self, k: Kernel, p: Process) -> None:
         a = small_region(p, 4, token=7, addr=FIXED_BASE)
@@ -715,7 +677,7 @@ class TestMadvise:
         c2 = p.fork()
         assert tokens(c2, a, 4) == [7] * 4
         assert tokens(c2, t, 1) == [6]
-        assert anon_huge_kb(c2, t, t + 2 * MiB) == 2048
+        assert smaps_anon_huge_kb(c2, t, t + 2 * MiB) == 2048
 
     def test_dontneed_zeroes_and_drops_rss(self, k: Kernel, p: Process) -> None:
         a = small_region(p, 4, token=7)
@@ -731,10 +693,10 @@ class TestMadvise:
         a = thp_region(p, 4 * MiB, token=7)
         before = k.vmstat_snapshot()
         p.madvise(a + PAGE, PAGE, MADV_DONTNEED)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd") == 1, d
-        assert d.get("thp_deferred_split_page") == 1, d
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 2048
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 1, d
+        assert d["thp_deferred_split_page"] == 1, d
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 2048
         assert rss_kb(p) == 4096 - 4
         assert tokens(p, a, 3) == [7, 0, 7]
 
@@ -743,8 +705,8 @@ class TestMadvise:
         free = k.mem.nr_free
         before = k.vmstat_snapshot()
         p.madvise(a, 2 * MiB, MADV_DONTNEED)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_split_pmd", 0) == 0, d
+        d = vmstat_delta(k, before)
+        assert d["thp_split_pmd"] == 0, d
         assert k.mem.nr_free == free + 512
         assert rss_kb(p) == 2048
 
@@ -768,10 +730,10 @@ class TestMadvise:
         c = p.fork()
         before = k.vmstat_snapshot()
         p.madvise(t, 2 * MiB, MADV_FREE)
-        assert vmstat_delta(before, k.vmstat_snapshot()) == {}
+        assert vmstat_delta(k, before) == {}
         assert smaps_vma(p, t).kb("LazyFree") == 0
         assert smaps_vma(c, t).kb("LazyFree") == 0
-        assert anon_huge_kb(p, t, t + 2 * MiB) == 2048
+        assert smaps_anon_huge_kb(p, t, t + 2 * MiB) == 2048
 
     def test_unknown_advice(self, k: Kernel, p: Process) -> None:
         a = small_region(p, 2)
@@ -836,9 +798,9 @@ class TestPrctlThpDisable:
         assert smaps_vma(p, a).thp_eligible == 0
         before = k.vmstat_snapshot()
         p.write(a, 4 * MiB, token=1)
-        d = vmstat_delta(before, k.vmstat_snapshot())
-        assert d.get("thp_fault_alloc", 0) == 0 and d.get("thp_fault_fallback", 0) == 0, d
-        assert anon_huge_kb(p, a, a + 4 * MiB) == 0
+        d = vmstat_delta(k, before)
+        assert d["thp_fault_alloc"] == 0 and d["thp_fault_fallback"] == 0, d
+        assert smaps_anon_huge_kb(p, a, a + 4 * MiB) == 0
         assert rss_kb(p) == 4096
 
     def test_reenable(self, k: Kernel, p: Process) -> None:
@@ -849,7 +811,7 @@ class TestPrctlThpDisable:
         assert smaps_vma(p, a).thp_eligible == 1
         before = k.vmstat_snapshot()
         p.write(a, 2 * MiB)
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc") == 1
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 1
 
     def test_disable_except_advised(self, k: Kernel, p: Process) -> None:
         k.sysfs.write("enabled", "always")
@@ -862,11 +824,11 @@ class TestPrctlThpDisable:
         assert smaps_vma(p, advised).thp_eligible == 1
         before = k.vmstat_snapshot()
         p.write(plain, 4 * MiB)
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc", 0) == 0
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 0
         p.write(advised, 4 * MiB)
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc") == 2
-        assert anon_huge_kb(p, plain, plain + 4 * MiB) == 0
-        assert anon_huge_kb(p, advised, advised + 4 * MiB) == 4096
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == 2
+        assert smaps_anon_huge_kb(p, plain, plain + 4 * MiB) == 0
+        assert smaps_anon_huge_kb(p, advised, advised + 4 * MiB) == 4096
         # Switching to "completely" drops the exception.
         p.prctl(PR_SET_THP_DISABLE, 1)
         assert p.prctl(PR_GET_THP_DISABLE) == 1
@@ -883,7 +845,7 @@ class TestPrctlThpDisable:
         c.write(a, 2 * MiB)
         c.write(b, 2 * MiB)
         expected = 1 if flags else 0                    # only the MADV_HUGEPAGE region, if any
-        assert vmstat_delta(before, k.vmstat_snapshot()).get("thp_fault_alloc", 0) == expected
+        assert vmstat_delta(k, before)["thp_fault_alloc"] == expected
 
     @pytest.mark.parametrize("args", [
         (PR_SET_THP_DISABLE, 1, 0, 1, 0),
@@ -922,13 +884,13 @@ class TestForkExit:
         assert rss_kb(p) == 4096 + 12
         c = p.fork()
         assert rss_kb(c) == rss_kb(p) == 4096 + 12
-        assert anon_huge_kb(c, t, t + 4 * MiB) == 4096
+        assert smaps_anon_huge_kb(c, t, t + 4 * MiB) == 4096
         assert p.status()["VmPTE"] > 0 and c.status()["VmPTE"] > 0
         c.write(t + PAGE, 1, token=3)                   # PMD split + 4 KiB COW: same rss
         c.write(s, 1, token=3)
         assert rss_kb(c) == rss_kb(p) == 4096 + 12
-        assert anon_huge_kb(c, t, t + 4 * MiB) == 2048
-        assert anon_huge_kb(p, t, t + 4 * MiB) == 4096
+        assert smaps_anon_huge_kb(c, t, t + 4 * MiB) == 2048
+        assert smaps_anon_huge_kb(p, t, t + 4 * MiB) == 4096
         c.madvise(s + PAGE, PAGE, MADV_DONTNEED)
         assert rss_kb(c) == 4096 + 8
         assert rss_kb(p) == 4096 + 12

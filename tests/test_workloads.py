@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
+from thpcow.kernel import PAGE_SIZE, Kernel
 from thpcow.workloads import REGISTRY, get_workload, stream_digest, workload_class, write_trace
 from thpcow.workloads import ops as O
 from thpcow.workloads.base import keys, page_offsets, per_tick, span_offsets, zipf_ranks
 from thpcow.workloads.ops import check_order
+
+from conftest import thp_region
 
 MIB = 1 << 20
 
@@ -262,9 +264,7 @@ def test_trace_replays_like_the_program_it_records(trace_csv):
     k = Kernel(ram=256 * MIB, seed=0, check=True)
     k.sysfs.write("enabled", "madvise")
     p = k.spawn()
-    a = p.mmap(4 * MIB)
-    p.madvise(a, 4 * MIB, MADV_HUGEPAGE)
-    p.write(a, 4 * MIB, 1)
+    a = thp_region(p, 4 * MIB)
     k.run_until(1_000_000)
     c = p.fork()
     for i in range(8):

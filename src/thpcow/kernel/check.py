@@ -3,8 +3,9 @@
 :func:`check_kernel` recomputes, from every process's page tables alone, what
 the folio table, the per-page counters, the rss counters and vmstat must say,
 and raises :class:`InvariantViolation` with a message naming the mm, address,
-PFN or folio at the first disagreement.  The rules are those of
-kernel-semantics §11.6:
+PFN or folio at the first disagreement.  The rules follow the checklist of
+kernel-semantics §11.6, plus the mm-ids SHARED bit of §1.1 (rule 9) and the
+per-size ``nr_anon`` gauge of §9.5 (rule 11):
 
 1. a writable anon entry is the only mapping of its page system-wide
    (page_table_check's anon_map_count rule); the zero pages are never writable;

@@ -2,15 +2,16 @@
 
 ``collapse_scan_pmd()`` checks one 2 MiB block's PTEs against the limits of
 the caller (:class:`CollapseControl`: khugepaged enforces ``max_ptes_none``,
-``max_ptes_shared`` and the referenced test, MADV_COLLAPSE does not), and
-``collapse_huge_page()`` allocates a THP, copies the pages (empty and
+``max_ptes_swap``, ``max_ptes_shared`` and the referenced test, which asks
+for half the block young when it has swap entries; MADV_COLLAPSE does not),
+and ``collapse_huge_page()`` allocates a THP, faults the swapped-out pages
+back in (``__collapse_huge_page_swapin()``), copies the pages (empty and
 zero-page entries become zero-filled pages), drops this mm's mappings of the
 old pages and installs the new THP at PMD level, exclusive to this mm: other
 mms that shared the old pages keep them.  ``madvise_collapse()`` is the
 synchronous MADV_COLLAPSE.
 
-Simplification: v6.18 collapses to PMD order only (mTHP collapse came later);
-swap entries are not modelled yet.
+Simplification: v6.18 collapses to PMD order only (mTHP collapse came later).
 """
 
 from __future__ import annotations

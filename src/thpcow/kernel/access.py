@@ -25,7 +25,7 @@ from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
 from .physmem import PG_ANON_EXCLUSIVE
 from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
-from . import memory
+from . import memory, pgtable
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -115,10 +115,10 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     pt = mm.pt
     sc, kind, rows, cols, pfn, flags = entry_state(mm, pages)
     tab = (kind == PMD_TABLE) & (pfn >= 0)
-    pt.pte_flags[rows[tab], cols[tab]] |= _PAGE_DIRTY | _PAGE_ACCESSED
+    pgtable.pte_update_flags(k, mm, rows[tab], cols[tab], set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
     leaf = kind == PMD_LEAF
     if leaf.any():
-        pt.pmd_flags[np.unique(sc[leaf])] |= _PAGE_DIRTY | _PAGE_ACCESSED
+        pgtable.pmd_update_flags(k, mm, np.unique(sc[leaf]), set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
         pfn = pfn.copy()
         pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + (pages[leaf] & 511)
     ok = pfn >= 0

@@ -18,7 +18,10 @@ kernel-semantics §11.6:
 8. no entry outside a VMA; no frame both free and mapped (buddy check);
 9. the MM_IDS_SHARED bit is set whenever two mms map a large folio;
 10. partially mapped large folios are on the deferred split queue;
-11. nr_anon per order equals the live anon folios of that order.
+11. nr_anon per order equals the live anon folios of that order;
+12. with page_table_check on, its per-page anon/file map counts equal the
+    mappings counted from the page tables (a PMD leaf counts on every page of
+    its folio; the zero pages are not counted).
 """
 
 from __future__ import annotations
@@ -245,4 +248,28 @@ def check_kernel(k: Kernel) -> None:
         extra = sorted(lru - anon_live)[:3]
         missing = sorted(anon_live - lru)[:3]
         _fail(f"LRU: folios {extra} are on it but not live anon; live anon folios {missing} are missing")
+    if k.ptc is not None:
+        check_page_table_check(k, pte_maps, entire)
     mem.check()
+
+
+def check_page_table_check(k: Kernel, pte_maps: np.ndarray, entire: np.ndarray) -> None:
+    """Rule 12: page_table_check's counters against the mappings the page tables hold.
+
+    ``pte_maps``: PTE mappings per pfn; ``entire``: PMD mappings per folio (the
+    huge zero folio excluded), both as check_kernel() counted them.
+    """
+    mem, f = k.mem, k.folios
+    maps = pte_maps.copy()
+    owners = np.flatnonzero(mem.folio >= 0)
+    fids = mem.folio[owners]
+    maps[owners] += entire[fids]
+    anon = np.zeros(mem.nr_frames, dtype=bool)
+    anon[owners] = (f.flags[fids] & PG_ANON).astype(bool)
+    for name, expected in (("anon_map_count", np.where(anon, maps, 0)), ("file_map_count", np.where(anon, 0, maps))):
+        got = getattr(k.ptc, name)
+        bad = np.flatnonzero(got != expected)
+        if len(bad):
+            pfn = int(bad[0])
+            _fail(f"page_table_check: pfn {pfn:#x}: {name}={int(got[pfn])} but the page tables map it "
+                  f"{int(expected[pfn])} time(s)")

@@ -24,7 +24,7 @@ from .mm import (
     _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
-from . import rmap
+from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -59,7 +59,7 @@ def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> in
                 return ret
         else:
             # huge_pmd_set_accessed()
-            pt.pmd_flags[s] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+            pgtable.pmdp_set_access_flags(k, mm, s, _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0))
             return VM_FAULT_OK
     return handle_pte_fault(k, mm, vma, addr, s, write)
 
@@ -70,18 +70,14 @@ def pte_alloc(k: Kernel, mm: MM, s: int) -> int:
     if pt.pmd_kind[s] == PMD_TABLE:
         return int(pt.pmd_row[s])
     row = pt.alloc_row()
-    pt.pmd_kind[s] = PMD_TABLE
-    pt.pmd_row[s] = row
+    pgtable.pmd_populate(k, mm, s, row)
     mm.nr_ptes += 1
     return row
 
 
-def pte_free(mm: MM, s: int) -> None:
+def pte_free(k: Kernel, mm: MM, s: int) -> None:
     """Model of free_pte_range()/pte_free(): drop the (empty) PTE table under PMD slot ``s``."""
-    pt = mm.pt
-    pt.free_row(int(pt.pmd_row[s]))
-    pt.pmd_kind[s] = PMD_NONE
-    pt.pmd_row[s] = -1
+    pgtable.free_pte_table(k, mm, s)
     mm.nr_ptes -= 1
 
 
@@ -101,7 +97,7 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
         return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
         return do_wp_page(k, mm, vma, addr, row)
-    pt.pte_flags[row, i] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    pgtable.ptep_set_access_flags(k, mm, row, i, _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0))
     return VM_FAULT_OK
 
 
@@ -147,11 +143,9 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
 
 def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
     """Model of do_anonymous_page(): the zero page on read, a new folio on write."""
-    pt = mm.pt
     i = pte_index(addr)
     if not write:
-        pt.pte_pfn[row, i] = ZERO_PFN
-        pt.pte_flags[row, i] = PTE_ZERO
+        pgtable.set_pte_at(k, mm, row, i, ZERO_PFN, PTE_ZERO)
         return VM_FAULT_OK
     anon_vma_prepare(k, vma)
     fid, order = alloc_anon_folio(k, mm, vma, addr, row)
@@ -163,9 +157,9 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     k.mem.content[head: head + nr] = 0                # __GFP_ZERO
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
-    pt.pte_pfn[row, first: first + nr] = np.arange(head, head + nr)
+    pgtable.set_ptes(k, mm, row, first, np.arange(head, head + nr),
+                     PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW)
     k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
-    pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW
     mm.rss_anon += nr
     return VM_FAULT_OK
 
@@ -208,7 +202,7 @@ def do_wp_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> int:
 
 def wp_page_reuse(k: Kernel, mm: MM, row: int, i: int) -> int:
     """Model of wp_page_reuse(): make the PTE young, dirty and writable."""
-    mm.pt.pte_flags[row, i] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+    pgtable.ptep_set_access_flags(k, mm, row, i, _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
     k.vmstat.count_vm_event("pgreuse")
     return VM_FAULT_OK
 
@@ -220,7 +214,6 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
     page loses this mapping and the reference it held.  RSS only grows when
     the source was the zero page.
     """
-    pt = mm.pt
     i = pte_index(addr)
     anon_vma_prepare(k, vma)                       # vmf_anon_prepare(): the zero page had none
     pfn = k.alloc_page()
@@ -230,8 +223,7 @@ def wp_page_copy(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, src_pfn: int)
     k.mem.content[pfn] = k.mem.content[src_pfn] if src_pfn >= 0 else 0
     k.folios.refcount[fid] = 1
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
-    pt.pte_pfn[row, i] = pfn
-    pt.pte_flags[row, i] = PTE_NEW_ANON
+    pgtable.set_pte_at(k, mm, row, i, pfn, PTE_NEW_ANON)
     k.mem.vpn[pfn] = addr >> PAGE_SHIFT
     if src_pfn < 0:
         mm.rss_anon += 1
@@ -270,11 +262,10 @@ def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray, dirty: np.ndarray | None = 
 def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     """Model of zap_pte_range() over PTE indexes [lo, hi) of one table.
 
-    Pages of the same folio are unmapped as one batch (zap_present_ptes()).
+    The entries are cleared first, then pages of the same folio are unmapped
+    as one batch (zap_present_ptes()).
     """
-    pt = mm.pt
-    pfns = pt.pte_pfn[row, lo:hi]
-    flags = pt.pte_flags[row, lo:hi]
+    pfns, flags = pgtable.get_and_clear_full_ptes(k, mm, row, lo, hi)
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
@@ -284,8 +275,6 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
         for slot in swp_offset(pfns[swp]).tolist():
             free_swap_and_cache(k, int(slot))
         mm.rss_swap -= int(np.count_nonzero(swp))
-    pt.pte_pfn[row, lo:hi] = -1
-    pt.pte_flags[row, lo:hi] = 0
 
 
 def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
@@ -323,25 +312,25 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     srow = int(spt.pmd_row[s_src])
     d = dpt.slot(int(spt.pmd_index[s_src]))
     drow = pte_alloc(k, dst, d)
-    pfns = spt.pte_pfn[srow, lo:hi]
-    flags = spt.pte_flags[srow, lo:hi]
+    pfns = spt.pte_pfn[srow, lo:hi].copy()
     swp = pfns <= -2
     if swp.any():                                  # copy_nonpresent_pte(): swap_duplicate()
-        spt.pte_flags[srow, lo:hi][swp] &= ~np.uint8(_PAGE_SWP_EXCLUSIVE)
-        dpt.pte_pfn[drow, lo:hi][swp] = pfns[swp]
-        dpt.pte_flags[drow, lo:hi][swp] = spt.pte_flags[srow, lo:hi][swp]
+        cols = lo + np.flatnonzero(swp)
+        pgtable.pte_update_flags(k, src, srow, cols, clear_bits=_PAGE_SWP_EXCLUSIVE)
+        pgtable.set_ptes_scatter(k, dst, drow, cols, pfns[swp], spt.pte_flags[srow, cols])
         np.add.at(k.swap.swap_map, swp_offset(pfns[swp]), 1)
         dst.rss_swap += int(np.count_nonzero(swp))
     present = pfns >= 0
     if not present.any():
         return
+    flags = spt.pte_flags[srow, lo:hi].copy()
     normal = present & ~(flags & _PAGE_SPECIAL).astype(bool)
-    # Parent: write-protect COW pages.
-    spt.pte_flags[srow, lo:hi] = np.where(normal, flags & ~np.uint8(_PAGE_RW), flags)
-    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
-    dpt.pte_pfn[drow, lo:hi] = np.where(present, pfns, dpt.pte_pfn[drow, lo:hi])
-    dpt.pte_flags[drow, lo:hi] = np.where(present, child_flags, dpt.pte_flags[drow, lo:hi])
     idx = np.flatnonzero(normal)
+    # Parent: write-protect COW pages (before the child's copies are installed).
+    pgtable.ptep_set_wrprotect(k, src, srow, lo + idx)
+    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
+    pi = np.flatnonzero(present)
+    pgtable.set_ptes_scatter(k, dst, drow, lo + pi, pfns[pi], child_flags[pi])
     if not len(idx):
         return
     p = pfns[idx]
@@ -407,9 +396,8 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
         if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
             anon_vma_prepare(k, v)
     new_anon_folios_bulk(k, new, 0)
-    mm.pt.pte_pfn[rows, cols] = new
+    pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
     k.mem.vpn[new] = vpns
-    mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += n
     k.vmstat.count_vm_event("pgfault", n)
     return True
@@ -447,7 +435,7 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
     r_idx = np.flatnonzero(reuse)
     if len(r_idx):
         mem.pflags[pfns[r_idx]] |= PG_ANON_EXCLUSIVE
-        pt.pte_flags[rows[r_idx], cols[r_idx]] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+        pgtable.ptep_set_access_flags(k, mm, rows[r_idx], cols[r_idx], _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
         k.vmstat.count_vm_event("pgreuse", len(r_idx))
     if not n:
         return True
@@ -456,10 +444,9 @@ def wp_page_copy_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vp
     old_fid = fids[c_idx]
     # New order-0 folios, exclusive.
     new_anon_folios_bulk(k, new, mem.content[old_pfn])
-    pt.pte_pfn[rows[c_idx], cols[c_idx]] = new
+    pgtable.set_ptes_scatter(k, mm, rows[c_idx], cols[c_idx], new, PTE_NEW_ANON)
     mem.vpn[new] = vpns[c_idx]
     k.flush_tlb_pages(mm, vpns[c_idx])
-    pt.pte_flags[rows[c_idx], cols[c_idx]] = PTE_NEW_ANON
     k.vmstat.count_vm_event("sim_cow_pages", n)
     k.vmstat.count_vm_event("sim_cow_bytes", n * PAGE_SIZE)
     # A large folio the scalar path would leave partially mapped after its

@@ -249,27 +249,39 @@ def check_kernel(k: Kernel) -> None:
         missing = sorted(anon_live - lru)[:3]
         _fail(f"LRU: folios {extra} are on it but not live anon; live anon folios {missing} are missing")
     if k.ptc is not None:
-        check_page_table_check(k, pte_maps, entire)
+        check_page_table_check(k, pte_maps, entire, live)
     mem.check()
 
 
-def check_page_table_check(k: Kernel, pte_maps: np.ndarray, entire: np.ndarray) -> None:
+def check_page_table_check(k: Kernel, pte_maps: np.ndarray, entire: np.ndarray, live: np.ndarray) -> None:
     """Rule 12: page_table_check's counters against the mappings the page tables hold.
 
     ``pte_maps``: PTE mappings per pfn; ``entire``: PMD mappings per folio (the
-    huge zero folio excluded), both as check_kernel() counted them.
+    huge zero folio excluded); ``live``: the live folio ids; all as
+    check_kernel() found them (which also made sure that only frames of
+    folios are mapped).  Pages of anon folios count as anon, the others as file.
     """
-    mem, f = k.mem, k.folios
-    maps = pte_maps.copy()
-    owners = np.flatnonzero(mem.folio >= 0)
-    fids = mem.folio[owners]
-    maps[owners] += entire[fids]
-    anon = np.zeros(mem.nr_frames, dtype=bool)
-    anon[owners] = (f.flags[fids] & PG_ANON).astype(bool)
-    for name, expected in (("anon_map_count", np.where(anon, maps, 0)), ("file_map_count", np.where(anon, 0, maps))):
-        got = getattr(k.ptc, name)
-        bad = np.flatnonzero(got != expected)
-        if len(bad):
-            pfn = int(bad[0])
-            _fail(f"page_table_check: pfn {pfn:#x}: {name}={int(got[pfn])} but the page tables map it "
-                  f"{int(expected[pfn])} time(s)")
+    f, ptc = k.folios, k.ptc
+    anon_maps = pte_maps.copy()
+    for fid in live[entire[live] > 0].tolist():
+        head = int(f.head[fid])
+        anon_maps[head: head + (1 << int(f.order[fid]))] += entire[fid]
+    file_maps = None
+    for fid in live[(f.flags[live] & (PG_ANON | PG_HUGE_ZERO)) == 0].tolist():   # rare: no such folio is mapped
+        head = int(f.head[fid])
+        sl = slice(head, head + (1 << int(f.order[fid])))
+        if file_maps is None:
+            file_maps = np.zeros_like(anon_maps)
+        file_maps[sl] = anon_maps[sl]
+        anon_maps[sl] = 0
+    for name, counts, expected in (("anon_map_count", ptc.anon_map_count, anon_maps),
+                                   ("file_map_count", ptc.file_map_count, file_maps)):
+        if expected is None:
+            if not counts.any():
+                continue
+            expected = np.zeros_like(anon_maps)
+        elif np.array_equal(counts, expected):
+            continue
+        pfn = int(np.flatnonzero(counts != expected)[0])
+        _fail(f"page_table_check: pfn {pfn:#x}: {name}={int(counts[pfn])} but the page tables map it "
+              f"{int(expected[pfn])} time(s) as {'an anon' if name[0] == 'a' else 'a file'} page")

@@ -48,12 +48,18 @@ class PageTableCheckError(InvariantViolation):
 
 
 def _counted(pfns, flags) -> tuple[np.ndarray, np.ndarray]:
-    """The entries that map a counted page: (pfns, flags) of present, non-special, non-zero-page entries."""
-    pfns = np.atleast_1d(np.asarray(pfns, dtype=np.int64)).ravel()
-    flags = np.broadcast_to(np.asarray(flags, dtype=np.int64), pfns.shape) if np.ndim(flags) == 0 \
-        else np.asarray(flags, dtype=np.int64).ravel()
+    """The entries that map a counted page (present, not special, not the zero page):
+    their pfns and whether each is writable.  ``flags``: one value for all, or an array."""
+    pfns = np.asarray(pfns, dtype=np.int64).reshape(-1)
+    if np.ndim(flags) == 0:
+        flags = int(flags)
+        if flags & _PAGE_SPECIAL:
+            return pfns[:0], np.zeros(0, dtype=bool)
+        p = pfns[pfns > ZERO_PFN]
+        return p, np.full(len(p), bool(flags & _PAGE_RW))
+    flags = np.asarray(flags).reshape(-1)
     sel = (pfns > ZERO_PFN) & ((flags & _PAGE_SPECIAL) == 0)
-    return pfns[sel], flags[sel]
+    return pfns[sel], (flags[sel] & _PAGE_RW) != 0
 
 
 class PageTableCheck:
@@ -125,17 +131,14 @@ class PageTableCheck:
             self._fail(mm, f"anon mapping of pfn {q:#x}, which has {int(self.file_map_count[q])} file mapping(s)")
         u, c = np.unique(p, return_counts=True) if len(p) > 1 else (p, 1)
         new = self.anon_map_count[u] + c
-        w = p[rw[anon]]
-        if len(w):
-            after = np.zeros(0, dtype=np.int64)
-            if (new > 1).any():
-                shared = u[new > 1]
-                after = w[np.isin(w, shared)]
-            if len(after):
-                q = int(after[0])
-                fid = int(self.k.mem.folio[q])
-                self._fail(mm, f"writable mapping of anon pfn {q:#x} (folio {fid}), which is already mapped "
-                               f"{int(self.anon_map_count[q])} time(s): a writable anon page must be mapped once")
+        w = p[rw[anon]]                                 # writable ones: must end up mapped once
+        if len(w) and (new > 1).any():
+            bad = w[np.isin(w, u[new > 1])]
+            if len(bad):
+                q = int(bad[0])
+                self._fail(mm, f"writable mapping of anon pfn {q:#x} (folio {int(self.k.mem.folio[q])}), which is "
+                               f"already mapped {int(self.anon_map_count[q])} time(s): a writable anon page must be "
+                               f"mapped once")
         self.anon_map_count[u] = new
 
     # -- one PTE (the scalar fault paths; the same rules with Python ints) -----------------------------
@@ -170,8 +173,7 @@ class PageTableCheck:
 
     def ptes_set(self, mm: MM, pfns, flags) -> None:
         """The accounting half of __page_table_check_ptes_set() for new entries."""
-        p, fl = _counted(pfns, flags)
-        self._set(mm, p, (fl & _PAGE_RW) != 0)
+        self._set(mm, *_counted(pfns, flags))
 
     def ptes_replace(self, mm: MM, old_pfns, old_flags, pfns, flags) -> None:
         """__page_table_check_ptes_set(): un-account the entries being overwritten, account the new ones."""
@@ -182,8 +184,8 @@ class PageTableCheck:
 
     def ptes_mkwrite(self, mm: MM, pfns, flags) -> None:
         """Entries about to become writable: each anon page must be mapped only there."""
-        p, fl = _counted(pfns, flags)
-        p = p[(fl & _PAGE_RW) == 0]
+        p, rw = _counted(pfns, flags)
+        p = p[~rw]
         if not len(p):
             return
         p = p[self._anon(p)]

@@ -7,9 +7,10 @@ per 4 KiB page: a store of any size replaces the token of every page it
 touches.
 
 ``write_pages`` is the batched store path.  Pages that already are writable
-are resolved with array operations; read-only anon PTEs go through
-:func:`memory.wp_page_copy_batch`; read-only PMD leaves and empty entries take
-the scalar fault path (one fault per 2 MiB block resolves a whole THP).  The
+are resolved with array operations; read-only PTEs of a round go through
+:func:`memory.do_wp_page` together; read-only PMD leaves go through
+``do_huge_pmd_wp_page()`` once per 2 MiB block, and empty entries take the
+scalar fault path (one fault per 2 MiB block resolves a whole THP).  The
 result equals storing the pages one by one, in order (``write_pages_scalar``),
 up to which physical frames were picked; tests check both against each other.
 """
@@ -25,7 +26,7 @@ from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
 from .physmem import PG_ANON_EXCLUSIVE
 from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
-from . import memory
+from . import memory, pgtable
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -115,10 +116,10 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     pt = mm.pt
     sc, kind, rows, cols, pfn, flags = entry_state(mm, pages)
     tab = (kind == PMD_TABLE) & (pfn >= 0)
-    pt.pte_flags[rows[tab], cols[tab]] |= _PAGE_DIRTY | _PAGE_ACCESSED
+    pgtable.pte_update_flags(k, mm, rows[tab], cols[tab], set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
     leaf = kind == PMD_LEAF
     if leaf.any():
-        pt.pmd_flags[np.unique(sc[leaf])] |= _PAGE_DIRTY | _PAGE_ACCESSED
+        pgtable.pmd_update_flags(k, mm, np.unique(sc[leaf]), set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
         pfn = pfn.copy()
         pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + (pages[leaf] & 511)
     ok = pfn >= 0

@@ -160,9 +160,9 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     writable pages; the THP loses this PMD mapping.  No thp_split_pmd.  None
     (nothing changed) if 512 pages cannot be had.
     """
-    from . import rmap
+    from . import pgtable, rmap
     from .memory import new_anon_folios_bulk
-    from .mm import PMD_TABLE, PTE_NEW_ANON
+    from .mm import PTE_NEW_ANON
     new = k.alloc_pages_bulk(HPAGE_PMD_NR)
     if new is None:
         return None
@@ -172,13 +172,9 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     head = int(f.head[old])
     new_anon_folios_bulk(k, new, k.mem.content[head: head + HPAGE_PMD_NR])
     row = pt.alloc_row()
-    pt.pte_pfn[row] = new
-    pt.pte_flags[row] = PTE_NEW_ANON
+    pgtable.pmd_populate(k, mm, s, row)
+    pgtable.set_ptes(k, mm, row, 0, new, PTE_NEW_ANON)
     k.mem.vpn[new] = int(pt.pmd_index[s]) * HPAGE_PMD_NR + np.arange(HPAGE_PMD_NR)
-    pt.pmd_kind[s] = PMD_TABLE
-    pt.pmd_row[s] = row
-    pt.pmd_folio[s] = -1
-    pt.pmd_flags[s] = 0
     rmap.folio_remove_rmap_pmd(k, old, mm)
     rmap.folio_put(k, old)
     k.vmstat.count_vm_event("sim_cow_pages", HPAGE_PMD_NR)
@@ -215,7 +211,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     page inside the VMA (a page each would be COW-copied anyway); otherwise
     (or when the order cannot be allocated) None, and the 4 KiB copy happens.
     """
-    from . import rmap
+    from . import pgtable, rmap
     from .mm import PTE_NEW_ANON, _PAGE_RW, _PAGE_SPECIAL
     from .physmem import PG_ANON_EXCLUSIVE
     nr = 1 << order
@@ -236,14 +232,13 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     new = k.new_folio(pfn, order)
     k.mem.content[pfn: pfn + nr] = k.mem.content[pfns]
     k.folios.refcount[new] = nr
-    for old_pfn in pfns.tolist():
+    rmap.folio_add_new_anon_rmap(k, new, mm, pmd=False)
+    pgtable.set_ptes(k, mm, row, first, np.arange(pfn, pfn + nr), PTE_NEW_ANON)
+    k.mem.vpn[pfn: pfn + nr] = (base >> PAGE_SHIFT) + np.arange(nr)
+    for old_pfn in pfns.tolist():              # the old pages lose their mapping once it is replaced
         old = int(k.mem.folio[old_pfn])
         rmap.folio_remove_rmap_ptes(k, old, old_pfn, 1, mm)
         rmap.folio_put(k, old)
-    rmap.folio_add_new_anon_rmap(k, new, mm, pmd=False)
-    pt.pte_pfn[row, first: first + nr] = np.arange(pfn, pfn + nr)
-    k.mem.vpn[pfn: pfn + nr] = (base >> PAGE_SHIFT) + np.arange(nr)
-    pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON
     k.vmstat.count_vm_event("sim_cow_pages", nr)
     k.vmstat.count_vm_event("sim_cow_bytes", nr * PAGE_SIZE)
     return 0

@@ -19,7 +19,10 @@ per-size ``nr_anon`` gauge of §9.5 (rule 11):
 8. no entry outside a VMA; no frame both free and mapped (buddy check);
 9. the MM_IDS_SHARED bit is set whenever two mms map a large folio;
 10. partially mapped large folios are on the deferred split queue;
-11. nr_anon per order equals the live anon folios of that order.
+11. nr_anon per order equals the live anon folios of that order;
+12. with page_table_check on, its per-page anon/file map counts equal the
+    mappings counted from the page tables (a PMD leaf counts on every page of
+    its folio; the zero pages are not counted).
 """
 
 from __future__ import annotations
@@ -246,4 +249,40 @@ def check_kernel(k: Kernel) -> None:
         extra = sorted(lru - anon_live)[:3]
         missing = sorted(anon_live - lru)[:3]
         _fail(f"LRU: folios {extra} are on it but not live anon; live anon folios {missing} are missing")
+    if k.ptc is not None:
+        check_page_table_check(k, pte_maps, entire, live)
     mem.check()
+
+
+def check_page_table_check(k: Kernel, pte_maps: np.ndarray, entire: np.ndarray, live: np.ndarray) -> None:
+    """Rule 12: page_table_check's counters against the mappings the page tables hold.
+
+    ``pte_maps``: PTE mappings per pfn; ``entire``: PMD mappings per folio (the
+    huge zero folio excluded); ``live``: the live folio ids; all as
+    check_kernel() found them (which also made sure that only frames of
+    folios are mapped).  Pages of anon folios count as anon, the others as file.
+    """
+    f, ptc = k.folios, k.ptc
+    anon_maps = pte_maps.copy()
+    for fid in live[entire[live] > 0].tolist():
+        head = int(f.head[fid])
+        anon_maps[head: head + (1 << int(f.order[fid]))] += entire[fid]
+    file_maps = None
+    for fid in live[(f.flags[live] & (PG_ANON | PG_HUGE_ZERO)) == 0].tolist():   # rare: no such folio is mapped
+        head = int(f.head[fid])
+        sl = slice(head, head + (1 << int(f.order[fid])))
+        if file_maps is None:
+            file_maps = np.zeros_like(anon_maps)
+        file_maps[sl] = anon_maps[sl]
+        anon_maps[sl] = 0
+    for name, counts, expected in (("anon_map_count", ptc.anon_map_count, anon_maps),
+                                   ("file_map_count", ptc.file_map_count, file_maps)):
+        if expected is None:
+            if not counts.any():
+                continue
+            expected = np.zeros_like(anon_maps)
+        elif np.array_equal(counts, expected):
+            continue
+        pfn = int(np.flatnonzero(counts != expected)[0])
+        _fail(f"page_table_check: pfn {pfn:#x}: {name}={int(counts[pfn])} but the page tables map it "
+              f"{int(expected[pfn])} time(s) as {'an anon' if name[0] == 'a' else 'a file'} page")

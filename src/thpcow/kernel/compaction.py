@@ -22,6 +22,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
 from .folio import PG_ANON, PG_HUGE_ZERO
+from . import pgtable
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -150,6 +151,9 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
         return -1
     old_head = int(f.head[fid])
     maps = folio_mappings(k, fid)
+    # try_to_migrate(): a PMD mapping becomes a migration entry (cleared here) until
+    # remove_migration_pmd() maps the new frames; PTEs are remapped in place below.
+    pmd_flags = [pgtable.pmdp_huge_get_and_clear(k, m[1], m[2])[1] if m[0] == "pmd" else 0 for m in maps]
     # Move the frames' state; the folio id stays, only its frames change.
     sl_old = slice(old_head, old_head + nr)
     sl_new = slice(new_pfn, new_pfn + nr)
@@ -159,14 +163,15 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
     mem.vpn[sl_new] = mem.vpn[sl_old]
     mem.folio[sl_new] = fid
     f.head[fid] = new_pfn
-    for m in maps:
+    for m, pmd_fl in zip(maps, pmd_flags):
         if m[0] == "pte":
             _, mm, r, c, pfn = m
-            mm.pt.pte_pfn[r, c] = new_pfn + (pfn - old_head)
+            pgtable.set_pte_at(k, mm, r, c, new_pfn + (pfn - old_head), mm.pt.pte_flags[r, c])
             k.flush_tlb_pages(mm, [mem.vpn[pfn]])
         else:
             base = int(m[1].pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
             k.flush_tlb_range(m[1], base, base + HPAGE_PMD_SIZE)
+            pgtable.set_pmd_at(k, m[1], m[2], fid, pmd_fl)
     mem.folio[sl_old] = -1
     mem.mapcount[sl_old] = 0
     mem.pflags[sl_old] = 0

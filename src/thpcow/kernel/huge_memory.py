@@ -18,11 +18,11 @@ from .constants import (
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO
 from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
 from .mm import (
-    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
+    MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
 )
 from .physmem import PG_ANON_EXCLUSIVE
-from . import rmap
+from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -155,9 +155,7 @@ def map_anon_folio_pmd_nopf(k: Kernel, fid: int, vmf: VmFault, cow: bool = False
         flags = _PAGE_PRESENT | _PAGE_ACCESSED | (vmf.orig_pmd & _PAGE_SOFT_DIRTY)
     else:
         flags = _PAGE_PRESENT | _PAGE_DIRTY | _PAGE_ACCESSED | (_PAGE_RW if vma.flags & VM_WRITE else 0)
-    pt.pmd_kind[s] = PMD_LEAF
-    pt.pmd_folio[s] = fid
-    pt.pmd_flags[s] = flags
+    pgtable.set_pmd_at(k, mm, s, fid, flags)
     head = int(k.folios.head[fid])
     k.mem.vpn[head: head + HPAGE_PMD_NR] = int(pt.pmd_index[s]) * HPAGE_PMD_NR + np.arange(HPAGE_PMD_NR)
     rmap.deferred_split_folio(k, fid, partially_mapped=False)
@@ -194,10 +192,7 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
         if zfid < 0:
             k.vmstat.count_vm_event("thp_fault_fallback")
             return VM_FAULT_FALLBACK
-        pt = mm.pt
-        pt.pmd_kind[s] = PMD_LEAF
-        pt.pmd_folio[s] = zfid
-        pt.pmd_flags[s] = _PAGE_PRESENT | _PAGE_SPECIAL
+        pgtable.set_pmd_at(k, mm, s, zfid, _PAGE_PRESENT | _PAGE_SPECIAL)
         _install_deposit(mm)
         return VM_FAULT_OK
     fid = vma_alloc_anon_folio_pmd(k, vma)
@@ -215,7 +210,9 @@ def do_huge_zero_wp_pmd(k: Kernel, vmf: VmFault) -> int:
     if fid < 0:
         split_huge_pmd(k, vmf.mm, vmf.vma, vmf.pmd)
         return VM_FAULT_FALLBACK
-    # pmdp_huge_clear_flush() of the zero PMD; the deposited table stays.
+    pgtable.pmdp_huge_get_and_clear(k, vmf.mm, vmf.pmd)   # pmdp_huge_clear_flush(); the deposit stays
+    base = vmf.address & ~(HPAGE_PMD_SIZE - 1)
+    k.flush_tlb_range(vmf.mm, base, base + HPAGE_PMD_SIZE)
     map_anon_folio_pmd_pf(k, fid, vmf, True)
     return VM_FAULT_OK
 
@@ -300,9 +297,8 @@ def wp_huge_pmd_page_copy(k: Kernel, vmf: VmFault) -> int:
     f = k.folios
     src, dst = int(f.head[old]), int(f.head[new])
     k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]   # copy_user_large_folio()
-    flags = pt.pmd_flags[s]
-    # pmdp_huge_clear_flush(); the deposit stays in place.
     base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
+    _, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)  # pmdp_huge_clear_flush(); the deposit stays
     k.flush_tlb_range(mm, base, base + HPAGE_PMD_SIZE)
     if flags & _PAGE_DIRTY:
         f.flags[old] |= PG_DIRTY
@@ -319,7 +315,8 @@ def _huge_pmd_reuse(k: Kernel, vmf: VmFault) -> int:
     """The reuse label of do_huge_pmd_wp_page(): an unshare fault leaves the PMD as it is."""
     if vmf.flags & FAULT_FLAG_UNSHARE:
         return VM_FAULT_OK
-    vmf.mm.pt.pmd_flags[vmf.pmd] |= _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vmf.vma.flags & VM_WRITE else 0)
+    pgtable.pmdp_set_access_flags(k, vmf.mm, vmf.pmd,
+                                  _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vmf.vma.flags & VM_WRITE else 0))
     return VM_FAULT_OK
 
 
@@ -333,29 +330,22 @@ def copy_huge_pmd(k: Kernel, dst: MM, src: MM, vma: VMA, s: int) -> None:
     spt, dpt = src.pt, dst.pt
     d = dpt.slot(int(spt.pmd_index[s]))
     fid = int(spt.pmd_folio[s])
-    flags = spt.pmd_flags[s]
-    dpt.pmd_kind[d] = PMD_LEAF
-    dpt.pmd_folio[d] = fid
+    flags = int(spt.pmd_flags[s])
     _install_deposit(dst)
     if k.folios.flags[fid] & PG_HUGE_ZERO:
-        dpt.pmd_flags[d] = flags
+        pgtable.set_pmd_at(k, dst, d, fid, flags)
         dst.huge_zero = True
         return
     rmap.folio_try_dup_anon_rmap_pmd(k, fid, dst)
     k.folios.refcount[fid] += 1
     dst.rss_anon += HPAGE_PMD_NR
-    spt.pmd_flags[s] = flags & ~np.uint8(_PAGE_RW)
-    dpt.pmd_flags[d] = flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED)
+    pgtable.pmdp_set_wrprotect(k, src, s)
+    pgtable.set_pmd_at(k, dst, d, fid, flags & ~(_PAGE_RW | _PAGE_ACCESSED))
 
 
 def zap_huge_pmd(k: Kernel, mm: MM, s: int) -> None:
     """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table."""
-    pt = mm.pt
-    fid = int(pt.pmd_folio[s])
-    pt.pmd_kind[s] = PMD_NONE
-    pt.pmd_folio[s] = -1
-    flags = pt.pmd_flags[s]
-    pt.pmd_flags[s] = 0
+    fid, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)
     mm.nr_ptes -= 1
     if k.folios.flags[fid] & PG_HUGE_ZERO:
         return
@@ -385,15 +375,11 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     k.vmstat.count_vm_event("thp_split_pmd")
     base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
     k.flush_tlb_range(mm, base, base + HPAGE_PMD_SIZE)        # pmdp_invalidate()
-    pt.pmd_kind[s] = PMD_TABLE
-    pt.pmd_row[s] = row
-    pt.pmd_folio[s] = -1
-    pt.pmd_flags[s] = 0
+    pgtable.pmd_populate(k, mm, s, row)
     f = k.folios
     if f.flags[fid] & PG_HUGE_ZERO:
         from .physmem import ZERO_PFN
-        pt.pte_pfn[row] = ZERO_PFN
-        pt.pte_flags[row] = PTE_ZERO
+        pgtable.set_ptes(k, mm, row, 0, ZERO_PFN, PTE_ZERO, nr=HPAGE_PMD_NR)
         return
     head = int(f.head[fid])
     ae = bool(k.mem.pflags[head] & PG_ANON_EXCLUSIVE)
@@ -402,8 +388,8 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     f.refcount[fid] += HPAGE_PMD_NR - 1
     rmap.folio_add_anon_rmap_ptes(k, fid, head, HPAGE_PMD_NR, mm, exclusive=ae)
     rmap.folio_remove_rmap_pmd(k, fid, mm)
-    pt.pte_pfn[row] = np.arange(head, head + HPAGE_PMD_NR)
-    pt.pte_flags[row] = flags & (_PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
+    pgtable.set_ptes(k, mm, row, 0, np.arange(head, head + HPAGE_PMD_NR),
+                     flags & (_PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED))
 
 
 def split_huge_pmd_address(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:

@@ -7,7 +7,10 @@ view of one task: ``mmap``, ``munmap``, ``mprotect``, ``mremap``, ``madvise``,
 raises :class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
 
 With ``check=True`` the invariant checker (:mod:`thpcow.kernel.check`) runs
-after every system call and every access, as DEBUG_VM and page_table_check do.
+after every system call and every access, as DEBUG_VM does, and
+page_table_check (:mod:`thpcow.kernel.page_table_check`) checks every
+page-table store as it happens; ``page_table_check=`` turns the latter on or
+off on its own (by default it follows ``check``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .constants import (
 from .errors import KernelError, einval
 from .folio import PG_HUGE_ZERO, FolioTable
 from .mm import MM, VMA
+from .page_table_check import PageTableCheck
 from .physmem import PhysMem
 from .sysfs import Sysfs
 from .vmstat import VmStat
@@ -36,7 +40,7 @@ class Kernel:
 
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
                  build: "_builds.KernelBuild | str | None" = None, series_thp_cow: "bool | str" = True,
-                 fragmentation: float = 0.0, swap: int = 0,
+                 fragmentation: float = 0.0, swap: int = 0, page_table_check: bool | None = None,
                  cow_policy: "_builds.KernelBuild | str | None" = None) -> None:
         """Boot a kernel.
 
@@ -44,8 +48,10 @@ class Kernel:
         such as ``"upstream"``, ``"pre-5.8"``, ``"mthp-cow:order=4"``).
         ``series_thp_cow``: the 2026 thp_cow series applied to the upstream
         build: True (as meant, the default), ``"v1"`` (as posted) or False;
-        its ``thp_cow`` knob starts at ``never``.  ``cow_policy`` is the
-        former name of ``build``.
+        its ``thp_cow`` knob starts at ``never``.  ``check``: the invariant
+        checker after every call; ``page_table_check`` (default: as
+        ``check``) the page_table_check hook at every page-table store.
+        ``cow_policy`` is the former name of ``build``.
         """
         if ram % PAGE_SIZE:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
@@ -53,6 +59,11 @@ class Kernel:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.mem = PhysMem(ram // PAGE_SIZE)
+        # page_table_check: None unless enabled (the page-table writers test it once per call).
+        self.ptc: PageTableCheck | None = None
+        if check if page_table_check is None else page_table_check:
+            self.ptc = PageTableCheck(self)
+            self.mem.ptc = self.ptc
         # Sized for the worst case (one folio per frame): untouched entries cost nothing.
         self.folios = FolioTable(capacity=self.mem.nr_frames, max_capacity=self.mem.nr_frames)
         self.vmstat = VmStat()

@@ -28,7 +28,7 @@ from .errors import KernelError, OutOfMemory
 from .folio import PG_SWAPBACKED
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
 from . import huge_memory as hm
-from . import rmap
+from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -168,13 +168,14 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     content = np.zeros(HPAGE_PMD_NR, dtype=np.int64)
     content[normal] = k.mem.content[pfns[normal]]
     k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content
-    # Unmap the old pages from this mm (__collapse_huge_page_copy_succeeded()).
+    # pmdp_collapse_flush(), then unmap the old pages from this mm
+    # (__collapse_huge_page_copy_succeeded(): each PTE is cleared, then its page unmapped).
+    pgtable.pmdp_collapse_flush(k, mm, s)
+    pgtable.clear_ptes(k, mm, row, 0, HPAGE_PMD_NR)
     idx = np.flatnonzero(normal)
     from .memory import VmFault, unmap_pages
     unmap_pages(k, mm, pfns[idx])                 # MM_ANONPAGES -= len(idx)
-    k.flush_tlb_range(mm, haddr, haddr + HPAGE_PMD_SIZE)        # pmdp_collapse_flush()
     pt.free_row(row)                              # the old table becomes the deposit
-    pt.pmd_row[s] = -1
     hm.map_anon_folio_pmd_nopf(k, new, VmFault(mm, vma, haddr, 0, pmd=s), False)
     mm.rss_anon += HPAGE_PMD_NR                   # MM_ANONPAGES grows by the empty/zero entries
     if cc.is_khugepaged:

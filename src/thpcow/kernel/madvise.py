@@ -20,7 +20,7 @@ from .errors import KernelError, einval
 from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
-from . import memory
+from . import memory, pgtable
 from .mmap import merge_vmas, split_range
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:
         if base < start or base + HPAGE_PMD_SIZE > end or pt.pmd_kind[s] != PMD_TABLE:
             continue
         if (pt.pte_pfn[int(pt.pmd_row[s])] == -1).all():
-            memory.pte_free(mm, s)
+            memory.pte_free(k, mm, s)
 
 
 def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, clear_bits: int) -> None:
@@ -196,7 +196,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 continue
             if lo == base and hi == base + HPAGE_PMD_SIZE:
                 f.flags[fid] &= np.uint16(~(PG_DIRTY | PG_SWAPBACKED) & 0xFFFF)
-                pt.pmd_flags[s] &= ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED)
+                pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
                 continue
             hm.split_folio(k, fid)
         if pt.pmd_kind[s] != PMD_TABLE:
@@ -206,8 +206,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
             pfn = int(pt.pte_pfn[row, i])
             if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
                 free_swap_and_cache(k, swp_offset(pfn))
-                pt.pte_pfn[row, i] = -1
-                pt.pte_flags[row, i] = 0
+                pgtable.pte_clear(k, mm, row, i)
                 mm.rss_swap -= 1
                 continue
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
@@ -225,7 +224,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                     continue
                 f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
             f.flags[fid] &= np.uint16(~PG_SWAPBACKED & 0xFFFF)         # folio_mark_lazyfree()
-            pt.pte_flags[row, i] &= ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED)
+            pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
 
 
 def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, pageout: bool) -> None:
@@ -248,7 +247,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
             if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
                 continue
             if lo == base and hi == base + HPAGE_PMD_SIZE:
-                pt.pmd_flags[s] &= ~np.uint8(_PAGE_ACCESSED)
+                pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_ACCESSED)
                 picked.append(fid)
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
@@ -268,7 +267,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
                 if hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
-            pt.pte_flags[row, i] &= ~np.uint8(_PAGE_ACCESSED)
+            pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_ACCESSED)
             picked.append(fid)
     picked = list(dict.fromkeys(picked))
     if pageout:

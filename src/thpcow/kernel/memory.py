@@ -5,9 +5,11 @@ Fault entry is :func:`handle_mm_fault`; it dispatches exactly as
 the order is allowed, ``do_huge_pmd_wp_page()`` for a write to a read-only PMD
 leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_wp_page()``).
 
-The scalar functions here are the readable reference.  The batched write
-path (:func:`wp_page_copy_batch` and friends, used by ``Process.write_many``)
-must leave the same state; tests check that on random programs.
+The write-protect fault, :func:`do_wp_page`, takes a batch of pages: the
+scalar fault path hands it one, the batched store path (``Process.write_many``)
+every read-only PTE of a round, so both decide through the same code.  The
+batched path must leave the same state as storing one page at a time; tests
+check that on random programs under every kernel build.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .mm import (
     _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
-from . import rmap
+from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -77,7 +79,7 @@ def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> in
                 return ret
         else:
             # huge_pmd_set_accessed()
-            pt.pmd_flags[s] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+            pgtable.pmdp_set_access_flags(k, mm, s, _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0))
             return VM_FAULT_OK
     return handle_pte_fault(k, mm, vma, addr, s, write)
 
@@ -88,18 +90,14 @@ def pte_alloc(k: Kernel, mm: MM, s: int) -> int:
     if pt.pmd_kind[s] == PMD_TABLE:
         return int(pt.pmd_row[s])
     row = pt.alloc_row()
-    pt.pmd_kind[s] = PMD_TABLE
-    pt.pmd_row[s] = row
+    pgtable.pmd_populate(k, mm, s, row)
     mm.nr_ptes += 1
     return row
 
 
-def pte_free(mm: MM, s: int) -> None:
+def pte_free(k: Kernel, mm: MM, s: int) -> None:
     """Model of free_pte_range()/pte_free(): drop the (empty) PTE table under PMD slot ``s``."""
-    pt = mm.pt
-    pt.free_row(int(pt.pmd_row[s]))
-    pt.pmd_kind[s] = PMD_NONE
-    pt.pmd_row[s] = -1
+    pgtable.free_pte_table(k, mm, s)
     mm.nr_ptes -= 1
 
 
@@ -119,7 +117,7 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
         return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
         return do_wp_page_at(k, mm, addr, row)
-    pt.pte_flags[row, i] |= _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0)
+    pgtable.ptep_set_access_flags(k, mm, row, i, _PAGE_ACCESSED | (_PAGE_DIRTY if write else 0))
     return VM_FAULT_OK
 
 
@@ -165,11 +163,9 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
 
 def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
     """Model of do_anonymous_page(): the zero page on read, a new folio on write."""
-    pt = mm.pt
     i = pte_index(addr)
     if not write:
-        pt.pte_pfn[row, i] = ZERO_PFN
-        pt.pte_flags[row, i] = PTE_ZERO
+        pgtable.set_pte_at(k, mm, row, i, ZERO_PFN, PTE_ZERO)
         return VM_FAULT_OK
     anon_vma_prepare(k, vma)
     fid, order = alloc_anon_folio(k, mm, vma, addr, row)
@@ -181,9 +177,9 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     k.mem.content[head: head + nr] = 0                # __GFP_ZERO
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
-    pt.pte_pfn[row, first: first + nr] = np.arange(head, head + nr)
+    pgtable.set_ptes(k, mm, row, first, np.arange(head, head + nr),
+                     PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW)
     k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
-    pt.pte_flags[row, first: first + nr] = PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW
     mm.rss_anon += nr
     return VM_FAULT_OK
 
@@ -263,7 +259,7 @@ def do_wp_page_at(k: Kernel, mm: MM, addr: int, row: int) -> int:
 def wp_page_reuse(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, pfns: np.ndarray) -> None:
     """Model of wp_page_reuse(): the pages become AnonExclusive (folio_move_anon_rmap()); the PTEs young, dirty, writable."""
     k.mem.pflags[pfns] |= PG_ANON_EXCLUSIVE
-    mm.pt.pte_flags[rows, cols] |= _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
+    pgtable.ptep_set_access_flags(k, mm, rows, cols, _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED)
     k.vmstat.count_vm_event("pgreuse", len(pfns))
 
 
@@ -285,9 +281,8 @@ def wp_page_copy(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np
                 anon_vma_prepare(k, v)
     anon = ~zero
     new_anon_folios_bulk(k, new, np.where(anon, mem.content[np.where(anon, old_pfn, 0)], 0))
-    pt.pte_pfn[rows, cols] = new
+    pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
     mem.vpn[new] = vpns
-    pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += int(np.count_nonzero(zero))
     if not anon.any():
         return
@@ -354,11 +349,10 @@ def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray, dirty: np.ndarray | None = 
 def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     """Model of zap_pte_range() over PTE indexes [lo, hi) of one table.
 
-    Pages of the same folio are unmapped as one batch (zap_present_ptes()).
+    The entries are cleared first, then pages of the same folio are unmapped
+    as one batch (zap_present_ptes()).
     """
-    pt = mm.pt
-    pfns = pt.pte_pfn[row, lo:hi]
-    flags = pt.pte_flags[row, lo:hi]
+    pfns, flags = pgtable.get_and_clear_full_ptes(k, mm, row, lo, hi)
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
@@ -368,8 +362,6 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
         for slot in swp_offset(pfns[swp]).tolist():
             free_swap_and_cache(k, int(slot))
         mm.rss_swap -= int(np.count_nonzero(swp))
-    pt.pte_pfn[row, lo:hi] = -1
-    pt.pte_flags[row, lo:hi] = 0
 
 
 def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
@@ -407,25 +399,25 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     srow = int(spt.pmd_row[s_src])
     d = dpt.slot(int(spt.pmd_index[s_src]))
     drow = pte_alloc(k, dst, d)
-    pfns = spt.pte_pfn[srow, lo:hi]
-    flags = spt.pte_flags[srow, lo:hi]
+    pfns = spt.pte_pfn[srow, lo:hi].copy()
     swp = pfns <= -2
     if swp.any():                                  # copy_nonpresent_pte(): swap_duplicate()
-        spt.pte_flags[srow, lo:hi][swp] &= ~np.uint8(_PAGE_SWP_EXCLUSIVE)
-        dpt.pte_pfn[drow, lo:hi][swp] = pfns[swp]
-        dpt.pte_flags[drow, lo:hi][swp] = spt.pte_flags[srow, lo:hi][swp]
+        cols = lo + np.flatnonzero(swp)
+        pgtable.pte_update_flags(k, src, srow, cols, clear_bits=_PAGE_SWP_EXCLUSIVE)
+        pgtable.set_ptes_scatter(k, dst, drow, cols, pfns[swp], spt.pte_flags[srow, cols])
         np.add.at(k.swap.swap_map, swp_offset(pfns[swp]), 1)
         dst.rss_swap += int(np.count_nonzero(swp))
     present = pfns >= 0
     if not present.any():
         return
+    flags = spt.pte_flags[srow, lo:hi].copy()
     normal = present & ~(flags & _PAGE_SPECIAL).astype(bool)
-    # Parent: write-protect COW pages.
-    spt.pte_flags[srow, lo:hi] = np.where(normal, flags & ~np.uint8(_PAGE_RW), flags)
-    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
-    dpt.pte_pfn[drow, lo:hi] = np.where(present, pfns, dpt.pte_pfn[drow, lo:hi])
-    dpt.pte_flags[drow, lo:hi] = np.where(present, child_flags, dpt.pte_flags[drow, lo:hi])
     idx = np.flatnonzero(normal)
+    # Parent: write-protect COW pages (before the child's copies are installed).
+    pgtable.ptep_set_wrprotect(k, src, srow, lo + idx)
+    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
+    pi = np.flatnonzero(present)
+    pgtable.set_ptes_scatter(k, dst, drow, lo + pi, pfns[pi], child_flags[pi])
     if not len(idx):
         return
     p = pfns[idx]
@@ -491,9 +483,8 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
         if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
             anon_vma_prepare(k, v)
     new_anon_folios_bulk(k, new, 0)
-    mm.pt.pte_pfn[rows, cols] = new
+    pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
     k.mem.vpn[new] = vpns
-    mm.pt.pte_flags[rows, cols] = PTE_NEW_ANON
     mm.rss_anon += n
     k.vmstat.count_vm_event("pgfault", n)
     return True

@@ -20,7 +20,7 @@ from .constants import (
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
 from . import huge_memory as hm
-from . import memory
+from . import memory, pgtable
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -130,9 +130,9 @@ def free_pgtables(k: Kernel, mm: MM, start: int, end: int) -> None:
         if mm.vmas_in(base, base + HPAGE_PMD_SIZE):
             continue
         if pt.pmd_kind[s] == PMD_TABLE:
-            memory.pte_free(mm, s)
-        pt.pmd_kind[s] = PMD_NONE
-        pt.pmd_row[s] = -1
+            memory.pte_free(k, mm, s)
+        elif pt.pmd_kind[s] != PMD_NONE:
+            pgtable.pmd_clear(k, mm, s)
 
 
 # -- system calls ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_RW, _PAGE_SPECIAL
 from .physmem import PG_ANON_EXCLUSIVE
 from .folio import PG_HUGE_ZERO
 from . import huge_memory as hm
+from . import pgtable
 from .mmap import check_range, merge_vmas, split_range
 
 if TYPE_CHECKING:
@@ -37,23 +38,22 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
         if pt.pmd_kind[s] == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
             if not writable or k.folios.flags[fid] & PG_HUGE_ZERO:
-                pt.pmd_flags[s] &= ~np.uint8(_PAGE_RW)
+                pgtable.pmdp_set_wrprotect(k, mm, s)
             elif k.mem.pflags[int(k.folios.head[fid])] & PG_ANON_EXCLUSIVE:
-                pt.pmd_flags[s] |= _PAGE_RW
+                pgtable.pmd_update_flags(k, mm, s, set_bits=_PAGE_RW)
             continue
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
         a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
-        pfns = pt.pte_pfn[row, a:b]
-        flags = pt.pte_flags[row, a:b]
         if not writable:
-            flags &= ~np.uint8(_PAGE_RW)
+            pgtable.ptep_set_wrprotect(k, mm, row, slice(a, b))
             continue
-        normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
+        pfns = pt.pte_pfn[row, a:b]
+        normal = (pfns >= 0) & ~(pt.pte_flags[row, a:b] & _PAGE_SPECIAL).astype(bool)
         ae = np.zeros(len(pfns), dtype=bool)
         ae[normal] = (k.mem.pflags[pfns[normal]] & PG_ANON_EXCLUSIVE).astype(bool)
-        flags[ae] |= _PAGE_RW
+        pgtable.pte_update_flags(k, mm, row, a + np.flatnonzero(ae), set_bits=_PAGE_RW)
 
 
 def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:

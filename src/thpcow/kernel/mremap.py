@@ -11,7 +11,7 @@ from .constants import HPAGE_PMD_SIZE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MA
 from .errors import KernelError, einval
 from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, _PAGE_SPECIAL
 from . import huge_memory as hm
-from . import memory
+from . import memory, pgtable
 from .mmap import do_munmap, get_unmapped_area, merge_vmas, page_align, split_range, free_pgtables
 
 if TYPE_CHECKING:
@@ -41,13 +41,12 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
             if chunk == HPAGE_PMD_SIZE:
                 d = pt.slot(dst >> (PAGE_SHIFT + 9))
                 if pt.pmd_kind[d] == PMD_TABLE:              # an empty table there: free it
-                    memory.pte_free(mm, d)
-                for name in ("pmd_kind", "pmd_folio", "pmd_flags", "pmd_row"):
-                    arr = getattr(pt, name)
-                    arr[d] = arr[s]
-                head = int(k.folios.head[int(pt.pmd_folio[d])])
+                    memory.pte_free(k, mm, d)
+                # move_huge_pmd(): pmdp_huge_get_and_clear() at the source, set_pmd_at() at the destination
+                fid, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)
+                pgtable.set_pmd_at(k, mm, d, fid, flags)
+                head = int(k.folios.head[fid])
                 k.mem.vpn[head: head + 512] = (dst >> PAGE_SHIFT) + np.arange(512)
-                pt.pmd_kind[s], pt.pmd_folio[s], pt.pmd_flags[s], pt.pmd_row[s] = PMD_NONE, -1, 0, -1
                 off += chunk
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
@@ -60,10 +59,7 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
         moved = pt.pte_pfn[srow, si: si + n]
         normal = (moved >= 0) & ~(pt.pte_flags[srow, si: si + n] & _PAGE_SPECIAL).astype(bool)
         k.mem.vpn[moved[normal]] = (dst >> PAGE_SHIFT) + np.flatnonzero(normal)
-        pt.pte_pfn[drow, di: di + n] = pt.pte_pfn[srow, si: si + n]
-        pt.pte_flags[drow, di: di + n] = pt.pte_flags[srow, si: si + n]
-        pt.pte_pfn[srow, si: si + n] = -1
-        pt.pte_flags[srow, si: si + n] = 0
+        pgtable.move_ptes(k, mm, srow, si, drow, di, n)
         off += chunk
 
 

@@ -43,6 +43,7 @@ class PhysMem:
         self.free_order = np.full(n, -1, dtype=np.int8)  # order of the free block headed here
         self.free_lists: list[dict[int, None]] = [{} for _ in range(MAX_PAGE_ORDER + 1)]
         self.nr_free = 0
+        self.ptc = None                                # page_table_check, when on: frees are checked
         self.reserved = np.zeros(n, dtype=bool)
         # Reserve the first max-order block: pfn 0 is the zero page, the rest
         # stands for memory the kernel itself uses.
@@ -171,6 +172,8 @@ class PhysMem:
     # -- freeing --------------------------------------------------------------------
     def free(self, pfn: int, order: int) -> None:
         """Model of __free_one_page(): merge with free buddies and put on a list."""
+        if self.ptc is not None:
+            self.ptc.check_free(pfn, 1 << order)       # page_table_check_free()
         while order < MAX_PAGE_ORDER:
             buddy = pfn ^ (1 << order)
             if buddy >= self.nr_frames or self.free_order[buddy] != order:
@@ -189,6 +192,8 @@ class PhysMem:
         of blocks within a free list.
         """
         blocks = np.unique(np.asarray(pfns, dtype=np.int64))
+        if self.ptc is not None:
+            self.ptc.check_free_pfns(blocks)           # page_table_check_free()
         if len(blocks) <= 64:                      # small batches: the scalar path is cheaper
             for pfn in blocks.tolist():
                 self.free(pfn, 0)

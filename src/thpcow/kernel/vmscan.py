@@ -39,7 +39,7 @@ from .mm import (
 )
 from .physmem import PG_ANON_EXCLUSIVE
 from . import huge_memory as hm
-from . import rmap
+from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -109,14 +109,10 @@ def folio_referenced(k: Kernel, fid: int) -> bool:
     """Model of folio_referenced(): were any mappings young?  Clears the young bits."""
     young = False
     for m in folio_mappings(k, fid):
-        pt = m[1].pt
         if m[0] == "pmd":
-            if pt.pmd_flags[m[2]] & _PAGE_ACCESSED:
-                young = True
-                pt.pmd_flags[m[2]] &= ~np.uint8(_PAGE_ACCESSED)
-        elif pt.pte_flags[m[2], m[3]] & _PAGE_ACCESSED:
-            young = True
-            pt.pte_flags[m[2], m[3]] &= ~np.uint8(_PAGE_ACCESSED)
+            young |= pgtable.pmdp_test_and_clear_young(k, m[1], m[2])
+        else:
+            young |= pgtable.ptep_test_and_clear_young(k, m[1], m[2], m[3])
     return young
 
 
@@ -141,8 +137,7 @@ def try_to_unmap_to_swap(k: Kernel, fid: int, slot: int) -> None:
             f.flags[fid] |= PG_DIRTY
         exclusive = bool(k.mem.pflags[pfn] & PG_ANON_EXCLUSIVE)
         k.flush_tlb_pages(mm, [k.mem.vpn[pfn]])
-        pt.pte_pfn[r, c] = swp_entry(slot + i)
-        pt.pte_flags[r, c] = _PAGE_SWP_EXCLUSIVE if exclusive else 0
+        pgtable.set_pte_at(k, mm, r, c, swp_entry(slot + i), _PAGE_SWP_EXCLUSIVE if exclusive else 0)
         k.swap.swap_map[slot + i] += 1
         rmap.folio_remove_rmap_ptes(k, fid, pfn, 1, mm)
         rmap.folio_put(k, fid)
@@ -340,7 +335,7 @@ def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
     for mm, idx, rows, cols in maps:
         y = (mm.pt.pte_flags[rows, cols] & _PAGE_ACCESSED).astype(bool)
         young[idx[y]] = True
-        mm.pt.pte_flags[rows[y], cols[y]] &= ~np.uint8(_PAGE_ACCESSED)
+        pgtable.pte_update_flags(k, mm, rows[y], cols[y], clear_bits=_PAGE_ACCESSED)
     old = np.flatnonzero(~young)
     slots = k.swap.alloc_many(len(old))
     old = old[: len(slots)]
@@ -360,8 +355,7 @@ def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
         f.flags[fids[i[dirty]]] |= PG_DIRTY
         excl = (mem.pflags[pfns[i]] & PG_ANON_EXCLUSIVE).astype(bool)
         k.flush_tlb_pages(mm, mem.vpn[pfns[i]])
-        pt.pte_pfn[r, c] = swp_entry(slot_of[i])
-        pt.pte_flags[r, c] = np.where(excl, _PAGE_SWP_EXCLUSIVE, 0).astype(np.uint8)
+        pgtable.set_ptes_scatter(k, mm, r, c, swp_entry(slot_of[i]), np.where(excl, _PAGE_SWP_EXCLUSIVE, 0).astype(np.uint8))
         np.add.at(k.swap.swap_map, slot_of[i], 1)
         mm.rss_anon -= len(i)
         mm.rss_swap += len(i)
@@ -502,8 +496,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     flags = _PAGE_PRESENT | _PAGE_ACCESSED
     if exclusive and vma.flags & VM_WRITE:
         flags |= _PAGE_RW | (_PAGE_DIRTY if write else 0)
-    pt.pte_pfn[row, i] = pfn
-    pt.pte_flags[row, i] = flags
+    pgtable.set_pte_at(k, mm, row, i, pfn, flags)
     k.mem.vpn[pfn] = addr >> PAGE_SHIFT
     if write and not flags & _PAGE_RW:
         return do_wp_page_at(k, mm, addr, row)
@@ -574,8 +567,7 @@ def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
             if m[0] != "pte":
                 continue
             _, mm, r, c, p = m
-            mm.pt.pte_pfn[r, c] = ZERO_PFN
-            mm.pt.pte_flags[r, c] = PTE_ZERO
+            pgtable.set_pte_at(k, mm, r, c, ZERO_PFN, PTE_ZERO)
             rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
             mm.rss_anon -= 1
             rmap.folio_put(k, fid)
@@ -615,8 +607,7 @@ def memory_failure(k: Kernel, pfn: int) -> None:
             _, mm, r, c, p = m
             rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
             mm.rss_anon -= 1
-            mm.pt.pte_pfn[r, c] = -1
-            mm.pt.pte_flags[r, c] = _PAGE_HWPOISON
+            pgtable.set_pte_at(k, mm, r, c, -1, _PAGE_HWPOISON)
             rmap.folio_put(k, fid)
         else:
             mm = m[1]

@@ -311,7 +311,11 @@ def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):
     f = {k: v.median for k, v in c.figures.items()}
     assert 10e3 < f["fault_thp_zero"] < 20e6, f               # a 2 MiB clear: tens of us .. ms (cold VM)
     assert 200 < f["fault_4k_zero"] < 50e3, f
-    assert f["cow_first"] > f["cow_4k"] > 0, f
+    # The split makes the first COW into a THP dearer than a later 4 KiB COW.  Compared on each
+    # figure's fastest run: a burst of other work on a loaded machine slows single runs (the
+    # median of 3 inverted once under load), never speeds them up.
+    fastest = {k: v.min for k, v in c.figures.items()}
+    assert fastest["cow_first"] > fastest["cow_4k"] > 0, (fastest, f)
     assert 10e3 < f["collapse"] < 50e6, f
     assert f["fault_thp_zero"] > 10 * f["reuse_thp"], f
     assert 0.5 < res["4k"] < 1000 and 0.5 < res["thp"] < 1000, res

@@ -13,7 +13,7 @@ import pytest
 import thpcow
 from thpcow.experiments import report
 from thpcow.experiments.costs import latency_model
-from thpcow.experiments.runner import COUNTERS, SUMMARY_SCHEMA, run_compare, run_point, thp_kb
+from thpcow.experiments.runner import COUNTERS, SUMMARY_SCHEMA, compare, run_compare, run_point, thp_kb
 from thpcow.experiments.scenario import ScenarioError, default_scenario, load_scenario, parse_scenario
 from thpcow.kernel import MADV_HUGEPAGE, PAGE_SIZE, Kernel
 from thpcow.experiments.policies import parse_policy
@@ -404,3 +404,14 @@ def test_cli_compare_errors(tmp_path, tiny):
 def test_cli_lists_workloads():
     code, text = run_cli("workloads")
     assert code == 0 and "redis-bgsave:" in text and "  dataset_mib:" in text and "trace:" in text
+
+
+@pytest.mark.parametrize("thp_cow, split, huge_cow", [("never", True, False), ("always", False, True)])
+def test_the_series_knob_decides_in_compare(tmp_path, thp_cow, split, huge_cow):
+    """The upstream build carries the series: the scenario's sysfs thp_cow alone decides."""
+    path = tmp_path / "knob.yaml"
+    path.write_text(TINY.replace("  enabled: madvise\n", f"  enabled: madvise\n  thp_cow: {thp_cow}\n")
+                    .replace("policies: [upstream, thp-cow-v1]", "policies: [upstream]"))
+    row = compare(str(path)).set_index("policy").loc["upstream"]
+    assert (row["thp_split_pmd"] > 0) == split
+    assert (row["sim_huge_cow"] > 0) == huge_cow

@@ -158,3 +158,13 @@ def test_sweep_on_a_dask_local_cluster(tmp_path):
     assert list(df["policy"]) == ["upstream", "thp-cow-v1"] and len(stored_ids(out)) == 2
     local = run_sweep(grid, str(tmp_path / "local"), workers=1)
     pd.testing.assert_frame_equal(df, local)
+
+
+def test_a_sweep_over_the_series_knob(tmp_path):
+    """sysfs.thp_cow as a grid axis: always copies whole THPs on COW (no split), never splits."""
+    grid = GRID.replace("policies: [upstream, thp-cow-v1]", "policies: [upstream]").replace(
+        "  workload.dataset_mib: [8, 12, 16]\n  seed: [0, 1]\n", "  sysfs.thp_cow: [never, always]\n")
+    df = run_sweep(write(tmp_path, grid), str(tmp_path / "out"), workers=1, plot=False)
+    by = df.set_index("sysfs.thp_cow")
+    assert by.loc["never", "thp_split_pmd"] > 0 and by.loc["never", "sim_huge_cow"] == 0
+    assert by.loc["always", "thp_split_pmd"] == 0 and by.loc["always", "sim_huge_cow"] > 0

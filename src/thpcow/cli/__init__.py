@@ -20,7 +20,7 @@ VERBS: tuple[tuple[str, str, str], ...] = (
     ("demo", "demo",
      "Run the built-in fork/COW scenario on the simulated kernel and show what changed."),
     ("policies", "policies",
-     "List the COW policies, one line each."),
+     "List the COW policies: kernel builds and userspace strategies, with their parameters."),
     ("policy-table", "policy_table",
      "Run every COW policy on the three small built-in scenarios and write one table."),
     ("workloads", "workloads",

@@ -946,3 +946,20 @@ class TestForkExit:
         c = p.fork()
         assert vma_list(c) == vma_list(p)
         assert vma_at(c, t).flags & VM_HUGEPAGE
+
+
+def test_mprotect_to_the_protection_a_range_has_is_a_no_op():
+    """mprotect_fixup() returns before touching a VMA whose flags would not change: no VMA split,
+    no PMD split (the running kernel keeps the THP; thp_split_pmd does not move)."""
+    from thpcow.kernel import MADV_HUGEPAGE, PROT_READ, PROT_WRITE
+    k = Kernel(ram=512 << 20, check=True)
+    p = k.spawn()
+    a = p.mmap(4 << 20)
+    p.madvise(a, 4 << 20, MADV_HUGEPAGE)
+    p.write(a, 4 << 20, 1)
+    p.mprotect(a + (1 << 20), 4096, PROT_READ | PROT_WRITE)
+    assert len(p.vmas()) == 1
+    assert k.vmstat_snapshot()["thp_split_pmd"] == 0
+    assert p.smaps_fields(a)["AnonHugePages"] == 4096
+    p.mprotect(a + (1 << 20), 4096, PROT_READ)         # a real change still splits both
+    assert len(p.vmas()) == 3 and k.vmstat_snapshot()["thp_split_pmd"] == 1

@@ -85,11 +85,17 @@ def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
     if hole is None and cursor < end:
         hole = cursor
     stop = hole if hole is not None else end
-    for v in split_range(k, mm, start, stop):
-        if newbits & VM_WRITE and not v.flags & (VM_ACCOUNT | VM_WRITE | VM_NORESERVE):
-            v.flags |= VM_ACCOUNT                   # mprotect_fixup() charges the new writable range
-        v.flags = (v.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newbits
-        change_protection(k, mm, v, v.start, v.end)
-    merge_vmas(mm, start, stop)
+    changed = False
+    for old in list(mm.vmas_in(start, stop)):
+        if (old.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newbits == old.flags:
+            continue                                # mprotect_fixup(): same flags, nothing to do
+        changed = True
+        for v in split_range(k, mm, max(old.start, start), min(old.end, stop)):
+            if newbits & VM_WRITE and not v.flags & (VM_ACCOUNT | VM_WRITE | VM_NORESERVE):
+                v.flags |= VM_ACCOUNT               # mprotect_fixup() charges the new writable range
+            v.flags = (v.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newbits
+            change_protection(k, mm, v, v.start, v.end)
+    if changed:
+        merge_vmas(mm, start, stop)
     if hole is not None:
         raise KernelError(E.ENOMEM, call, f"addr={hole:#x}: hole in the range")

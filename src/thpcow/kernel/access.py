@@ -24,7 +24,7 @@ import numpy as np
 from .constants import HPAGE_PMD_NR, PAGE_SHIFT, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
 from . import memory, pgtable
 

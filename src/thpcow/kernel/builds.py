@@ -213,7 +213,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     """
     from . import pgtable, rmap
     from .mm import PTE_NEW_ANON, _PAGE_RW, _PAGE_SPECIAL
-    from .physmem import PG_ANON_EXCLUSIVE
+    from .page_alloc import PG_ANON_EXCLUSIVE
     nr = 1 << order
     base = addr & ~((PAGE_SIZE << order) - 1)
     if base < vma.start or base + (PAGE_SIZE << order) > vma.end:

@@ -35,7 +35,7 @@ from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
 from .errors import InvariantViolation
 from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
 from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL
-from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 
 if TYPE_CHECKING:
     from .kernel import Kernel

@@ -21,7 +21,7 @@ from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
 )
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
@@ -378,7 +378,7 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     pgtable.pmd_populate(k, mm, s, row)
     f = k.folios
     if f.flags[fid] & PG_HUGE_ZERO:
-        from .physmem import ZERO_PFN
+        from .page_alloc import ZERO_PFN
         pgtable.set_ptes(k, mm, row, 0, ZERO_PFN, PTE_ZERO, nr=HPAGE_PMD_NR)
         return
     head = int(f.head[fid])

@@ -28,11 +28,12 @@ from .errors import KernelError, einval
 from .folio import PG_HUGE_ZERO, FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
-from .physmem import PhysMem
+from .page_alloc import PhysMem
 from .sysfs import Sysfs
 from .vmstat import VmStat
 from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
 from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
+from . import page_alloc
 
 
 class Kernel:
@@ -92,7 +93,7 @@ class Kernel:
         self._lru_head = (1 << 40) - 1
         self._lru_buf = None
         self._lru_pos = 0
-        self._kcompactd_pending = False
+        self.kcompactd_pending = False               # wakeup_kcompactd() queued its run
         # TLB flushes the kernel would issue, for a machine model to replay:
         # (pid, start, end) ranges or (pid, vpn array) single pages.  None: off.
         self.tlb_flush_log: list | None = None
@@ -100,7 +101,7 @@ class Kernel:
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
         self.swap = SwapDevice(swap) if swap else None
-        self._set_watermarks()
+        page_alloc.setup_per_zone_wmarks(self)       # wmark_min, wmark_low, wmark_high
         self.huge_zero_fid = -1
         self.procs: dict[int, Process] = {}
         self.khugepaged_mms: dict[int, None] = {}    # khugepaged_scan.mm_head
@@ -145,20 +146,6 @@ class Kernel:
         return self._next_anon_vma
 
     # -- watermarks and reclaim -------------------------------------------------------------------
-    def _set_watermarks(self) -> None:
-        """Model of __setup_per_zone_wmarks(): min from min_free_kbytes, low/high above it.
-
-        min_free_kbytes = sqrt(16 x RAM in kB), clamped to [128 kB, 256 MiB]
-        (init_per_zone_wmark_min()); the low and high gaps are
-        max(min/4, RAM x watermark_scale_factor/10000) with the default factor 10.
-        """
-        ram_kb = self.ram >> 10
-        min_kb = min(max(int((ram_kb * 16) ** 0.5), 128), 256 << 10)
-        self.wmark_min = min_kb // 4
-        gap = max(self.wmark_min // 4, (self.ram // 4096) * 10 // 10000)
-        self.wmark_low = self.wmark_min + gap
-        self.wmark_high = self.wmark_min + 2 * gap
-
     def balance(self, need: int = 0) -> None:
         """kswapd: when free memory would fall under the low watermark, reclaim up to the high one.
 
@@ -257,44 +244,16 @@ class Kernel:
         return fid
 
     def alloc_thp(self, gfp: "str | bool") -> int:
-        """An order-9 block, or -1.
+        """An order-9 block, or -1: see :func:`.page_alloc.alloc_thp`.
 
-        ``gfp`` (huge_memory.vma_thp_gfp_mask()): "direct" stalls in direct
-        compaction, which tries to build a block by migrating the movable pages
-        out of a pageblock (compact_stall/success/fail); "kswapd" fails at once
-        but wakes kcompactd, which compacts one block in the background a
-        little later on the simulated clock; "light" just fails.  The caller
-        falls back.  (``True``/``False`` mean "direct"/"light".)
+        ``gfp`` (huge_memory.vma_thp_gfp_mask()): "direct", "kswapd" or
+        "light"; ``True``/``False`` mean "direct"/"light".
         """
         if gfp is True:
             gfp = "direct"
         elif gfp is False:
             gfp = "light"
-        pfn = self.mem.alloc(HPAGE_PMD_ORDER)
-        if pfn < 0 and gfp == "direct":
-            from .compaction import compact_for_thp
-            pfn = compact_for_thp(self)
-        if pfn < 0 and gfp == "kswapd":
-            self.wakeup_kcompactd()
-        if pfn < 0:
-            pfn = self.build.alloc_thp_fallback(self)
-        return pfn
-
-    KCOMPACTD_DELAY_NS = 1_000_000      # 1 ms: the kthread runs soon after its wakeup
-
-    def wakeup_kcompactd(self) -> None:
-        """Model of wakeup_kcompactd(): background compaction of one block, soon."""
-        if self._kcompactd_pending:
-            return
-        self._kcompactd_pending = True
-
-        def run() -> None:
-            from .compaction import compact_for_thp
-            self._kcompactd_pending = False
-            pfn = compact_for_thp(self, background=True)
-            if pfn >= 0:
-                self.mem.free(pfn, HPAGE_PMD_ORDER)     # the block goes back to the free lists
-        self.clock.schedule(self.clock.now + self.KCOMPACTD_DELAY_NS, run)
+        return page_alloc.alloc_thp(self, gfp)
 
     def get_huge_zero_folio(self, mm: MM) -> int:
         """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
@@ -382,7 +341,7 @@ class Kernel:
 
     def migrate(self, pfn: int) -> int:
         """Migrate the folio holding ``pfn`` (as NUMA balancing or offlining would)."""
-        from .compaction import migrate_folio
+        from .migrate import migrate_folio
         fid = int(self.mem.folio[pfn]) if 0 <= pfn < self.mem.nr_frames else -1
         if fid < 0:
             raise einval("migrate", f"pfn={pfn:#x}: not a page of a folio")

@@ -26,7 +26,7 @@ from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
     _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
-from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 from . import pgtable, rmap
 
 if TYPE_CHECKING:

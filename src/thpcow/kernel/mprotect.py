@@ -10,7 +10,7 @@ import numpy as np
 from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PROT_EXEC, PROT_READ, PROT_SEM, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT, VM_NORESERVE
 from .errors import KernelError, einval
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_RW, _PAGE_SPECIAL
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 from .folio import PG_HUGE_ZERO
 from . import huge_memory as hm
 from . import pgtable

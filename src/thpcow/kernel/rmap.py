@@ -17,7 +17,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER
 from .folio import PG_ANON, PG_DEFERRED, PG_LRU, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE  # noqa: F401
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 
 if TYPE_CHECKING:
     from .kernel import Kernel

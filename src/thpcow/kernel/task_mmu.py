@@ -18,7 +18,7 @@ from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE
 # kernel's SWP_HWPOISON number depends on the config (MAX_SWAPFILES + ...); the
 # simulator uses the top value and keeps no offset.
 SWP_HWPOISON_TYPE = 0x1F
-from .physmem import ZERO_PFN
+from .page_alloc import ZERO_PFN
 from . import huge_memory as hm
 
 if TYPE_CHECKING:

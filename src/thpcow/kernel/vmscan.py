@@ -37,7 +37,7 @@ from .mm import (
     MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL,
     _PAGE_SWP_EXCLUSIVE, PTE_ZERO, swp_entry, swp_offset, pte_index,
 )
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 from . import huge_memory as hm
 from . import pgtable, rmap
 
@@ -558,7 +558,7 @@ def shrink_deferred(k: Kernel, nr_to_scan: int | None = None) -> int:
 
 def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
     """After an underused split, map the zero page where the split pages held zeros."""
-    from .physmem import ZERO_PFN
+    from .page_alloc import ZERO_PFN
     for pfn in pfns.tolist():
         fid = int(k.mem.folio[pfn])
         if fid < 0:

@@ -2,8 +2,9 @@
 
 Faults (``do_huge_pmd_anonymous_page``, ``do_huge_pmd_wp_page``), fork
 (``copy_huge_pmd``), unmapping (``zap_huge_pmd``), splitting a PMD mapping
-(``split_huge_pmd``) and splitting a folio (``split_folio``), plus the
-eligibility helpers (``thp_vma_allowable_orders``).
+(``split_huge_pmd``) and splitting a folio (``split_folio``), the deferred
+split shrinker (``deferred_split_scan``), plus the eligibility helpers
+(``thp_vma_allowable_orders``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import numpy as np
 from .constants import (
     HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE,
 )
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
 from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
 )
-from .page_alloc import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .swap import folio_add_lru
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
@@ -378,7 +380,6 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     pgtable.pmd_populate(k, mm, s, row)
     f = k.folios
     if f.flags[fid] & PG_HUGE_ZERO:
-        from .page_alloc import ZERO_PFN
         pgtable.set_ptes(k, mm, row, 0, ZERO_PFN, PTE_ZERO, nr=HPAGE_PMD_NR)
         return
     head = int(f.head[fid])
@@ -429,7 +430,7 @@ def split_folio(k: Kernel, fid: int) -> int:
         return -_e.EAGAIN
     # Unmap every PMD mapping by splitting it (the kernel uses migration entries).
     if f.entire[fid]:
-        for mm, vma, s in k.rmap_walk_pmd(fid):
+        for mm, vma, s in rmap.rmap_walk_pmd(k, fid):
             split_huge_pmd(k, mm, vma, s)
     split_folios_unmapped_pmd(k, np.array([fid], dtype=np.int64))
     return 0
@@ -464,7 +465,7 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     mapcounts = mem.mapcount[pfns]
     live = mapcounts > 0
     new_ids = f.alloc_bulk(pfns[live])
-    k.lru_add(new_ids)
+    folio_add_lru(k, new_ids)
     mem.folio[pfns[live]] = new_ids
     f.refcount[new_ids] = mapcounts[live]
     f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
@@ -472,3 +473,72 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     mem.folio[dead] = -1
     mem.pflags[dead] = 0
     mem.free_bulk(dead)
+
+
+# -- the deferred split shrinker ----------------------------------------------------------------------------
+def thp_underused(k: Kernel, fid: int) -> bool:
+    """Model of thp_underused(): more than max_ptes_none zero-filled pages (never at 511)."""
+    limit = k.sysfs.max_ptes_none
+    if limit == HPAGE_PMD_NR - 1:
+        return False
+    head = int(k.folios.head[fid])
+    zeros = int(np.count_nonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0))
+    return zeros > limit
+
+
+def deferred_split_scan(k: Kernel, nr_to_scan: int | None = None) -> int:
+    """Model of deferred_split_scan(): split partially mapped and underused THPs.
+
+    A partially mapped folio is split (its unmapped pages are freed); one that
+    is not partially mapped is split when thp_underused() says so, counting
+    thp_underused_split_page, and its zero-filled pages are remapped to the
+    shared zero page instead of being kept.  Others leave the queue.
+    Returns the pages freed.
+    """
+    f = k.folios
+    freed = 0
+    queue = list(k.deferred)[: nr_to_scan] if nr_to_scan else list(k.deferred)
+    # Optimization: the partially mapped folios that can be split (no PMD
+    # mapping, no extra references) are split together.
+    q = np.array(queue, dtype=np.int64)
+    if len(q):
+        ok = f.used[q] & (f.flags[q] & PG_PARTIALLY_MAPPED).astype(bool) & (f.entire[q] == 0) & \
+            (f.refcount[q] == f.large[q]) & (f.order[q] >= 2)
+        if ok.any():
+            before = k.mem.nr_free
+            split_folios_unmapped_pmd(k, q[ok])
+            freed += k.mem.nr_free - before
+    for fid in queue:
+        if fid not in k.deferred or not f.used[fid]:
+            continue
+        before = k.mem.nr_free
+        if f.flags[fid] & PG_PARTIALLY_MAPPED:
+            if split_folio(k, fid) != 0:
+                continue                              # requeued: stays on the list
+        elif f.order[fid] >= HPAGE_PMD_ORDER and thp_underused(k, fid):
+            head = int(f.head[fid])
+            zero_pages = np.flatnonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0) + head
+            if split_folio(k, fid) != 0:
+                continue
+            k.vmstat.count_vm_event("thp_underused_split_page")
+            remap_zero_pages(k, zero_pages)
+        else:
+            rmap.folio_unqueue_deferred_split(k, fid)
+        freed += k.mem.nr_free - before
+    return freed
+
+
+def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
+    """After an underused split, map the zero page where the split pages held zeros."""
+    for pfn in pfns.tolist():
+        fid = int(k.mem.folio[pfn])
+        if fid < 0:
+            continue
+        for m in rmap.folio_mappings(k, fid):
+            if m[0] != "pte":
+                continue
+            _, mm, r, c, p = m
+            pgtable.set_pte_at(k, mm, r, c, ZERO_PFN, PTE_ZERO)
+            rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
+            mm.rss_anon -= 1
+            rmap.folio_put(k, fid)

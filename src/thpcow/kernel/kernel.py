@@ -16,7 +16,6 @@ off on its own (by default it follows ``check``).
 from __future__ import annotations
 
 import errno as E
-from typing import Iterator
 
 import numpy as np
 
@@ -29,11 +28,12 @@ from .folio import PG_HUGE_ZERO, FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
 from .page_alloc import PhysMem
+from .swap import Lruvec
 from .sysfs import Sysfs
 from .vmstat import VmStat
 from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
 from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
-from . import page_alloc
+from . import memory_failure as _memory_failure, page_alloc, vmscan
 
 
 class Kernel:
@@ -88,16 +88,12 @@ class Kernel:
             raise einval("Kernel", f"fragmentation={fragmentation}: must be within [0, 1]")
         self.unmovable_pages = self.mem.fragment(fragmentation, self.rng) if fragmentation else 0
         self.deferred: dict[int, None] = {}          # the deferred split queue
-        # The anon LRU is a stamp per folio (FolioTable.lru): oldest = smallest.
-        self._lru_tail = 1 << 40
-        self._lru_head = (1 << 40) - 1
-        self._lru_buf = None
-        self._lru_pos = 0
+        self.lruvec = Lruvec()                       # the anon LRU (a stamp per folio in FolioTable.lru)
         self.kcompactd_pending = False               # wakeup_kcompactd() queued its run
         # TLB flushes the kernel would issue, for a machine model to replay:
         # (pid, start, end) ranges or (pid, vpn array) single pages.  None: off.
         self.tlb_flush_log: list | None = None
-        from .swap import SwapDevice
+        from .swapfile import SwapDevice
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
         self.swap = SwapDevice(swap) if swap else None
@@ -147,25 +143,11 @@ class Kernel:
 
     # -- watermarks and reclaim -------------------------------------------------------------------
     def balance(self, need: int = 0) -> None:
-        """kswapd: when free memory would fall under the low watermark, reclaim up to the high one.
+        """kswapd: reclaim when free memory would fall under the low watermark (vmscan.balance_pgdat()).
 
-        ``need``: pages the caller is about to allocate.  Called at the start
-        of a fault (before any page-table state is read) and of a batch, never
-        in the middle of one, so reclaim never pulls a page out from under a
-        fault in progress.
-
-        Simplification: kswapd runs synchronously and takes no simulated time;
-        direct reclaim is folded into it (a fault that finds memory short
-        reclaims first).
+        ``need``: pages the caller is about to allocate.
         """
-        if self.mem.nr_free - need >= self.wmark_low:
-            return
-        from . import vmscan
-        vmscan.shrink_deferred(self)
-        target = self.wmark_high + need - self.mem.nr_free
-        if target > 0:
-            # kswapd reclaims in SWAP_CLUSTER_MAX-sized steps; take at least a few of them.
-            vmscan.shrink_lru(self, max(target, 4 * 32))
+        vmscan.balance_pgdat(self, need)
 
     def alloc_page(self) -> int:
         """An order-0 frame (memory was balanced at the start of the fault); -1 means OOM."""
@@ -184,58 +166,6 @@ class Kernel:
         """Model of flush_tlb_page() for many pages (COW remaps, swap-out)."""
         if self.tlb_flush_log is not None and len(vpns):
             self.tlb_flush_log.append((mm.pid, np.asarray(vpns, dtype=np.int64)))
-
-    def lru_add(self, fid) -> None:
-        """folio_add_lru(): to the tail (youngest end); ``fid`` may be an array of ids."""
-        if isinstance(fid, np.ndarray):
-            n = len(fid)
-            self.folios.lru[fid] = np.arange(self._lru_tail, self._lru_tail + n)
-            self._lru_tail += n
-        else:
-            self.folios.lru[fid] = self._lru_tail
-            self._lru_tail += 1
-
-    def lru_deactivate(self, fid: int) -> None:
-        """deactivate_file_folio()/lru_deactivate: to the head (reclaimed first)."""
-        self.folios.lru[fid] = self._lru_head
-        self._lru_head -= 1
-        self._lru_buf = None
-
-    def lru_oldest(self, n: int) -> np.ndarray:
-        """The ``n`` oldest folios on the LRU, oldest first (taken off it).
-
-        Optimization: the oldest few thousand are sorted once and handed out
-        from that buffer while their stamps still hold (folios added later
-        are younger than all of them).
-        """
-        f = self.folios
-        out = []
-        need = n
-        while need:
-            buf = self._lru_buf
-            if buf is None or self._lru_pos >= len(buf[0]):
-                stamps = f.lru[: f._next]
-                on = np.flatnonzero(stamps >= 0)
-                if not len(on):
-                    break
-                m = min(len(on), max(4 * n, 262144))
-                if len(on) > m:
-                    on = on[np.argpartition(stamps[on], m - 1)[:m]]
-                on = on[np.argsort(stamps[on], kind="stable")]
-                self._lru_buf = buf = (on, stamps[on].copy())
-                self._lru_pos = 0
-            ids, st = buf
-            take = ids[self._lru_pos: self._lru_pos + need]
-            valid = f.lru[take] == st[self._lru_pos: self._lru_pos + need]
-            self._lru_pos += len(take)
-            take = take[valid]
-            f.lru[take] = -1
-            out.append(take)
-            need -= len(take)
-        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
-
-    def lru_len(self) -> int:
-        return int(np.count_nonzero(self.folios.lru[: self.folios._next] >= 0))
 
     # -- allocation helpers ---------------------------------------------------------------
     def new_folio(self, pfn: int, order: int) -> int:
@@ -320,23 +250,11 @@ class Kernel:
         """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
         return bool(self.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
 
-    # -- rmap walk (slow; used by split_folio) ----------------------------------------------
-    def rmap_walk_pmd(self, fid: int) -> Iterator[tuple[MM, VMA, int]]:
-        """Every (mm, vma, slot) whose PMD leaf maps folio ``fid``."""
-        from .vmscan import folio_mappings
-        out = []
-        for m in folio_mappings(self, fid):
-            if m[0] == "pmd":
-                addr = int(m[1].pt.pmd_index[m[2]]) << (PAGE_SHIFT + 9)
-                out.append((m[1], m[1].find_vma(addr), m[2]))
-        return iter(out)
-
     def memory_failure(self, pfn: int) -> None:
-        """Poison one frame (as a hardware memory error would); see vmscan.memory_failure()."""
-        from . import vmscan
+        """Poison one frame (as a hardware memory error would); see memory_failure.memory_failure()."""
         if not 0 < pfn < self.mem.nr_frames:
             raise einval("memory_failure", f"pfn={pfn:#x}: outside memory")
-        vmscan.memory_failure(self, pfn)
+        _memory_failure.memory_failure(self, pfn)
         self._after()
 
     def migrate(self, pfn: int) -> int:
@@ -351,8 +269,7 @@ class Kernel:
 
     def reclaim(self, nr_pages: int) -> int:
         """Run reclaim now (as kswapd would): returns the pages freed."""
-        from . import vmscan
-        freed = vmscan.shrink_deferred(self)
+        freed = vmscan.shrink_slab(self)
         freed += vmscan.shrink_lru(self, max(0, nr_pages - freed))
         self._after()
         return freed

@@ -149,7 +149,7 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     row = int(pt.pmd_row[s])
     # __collapse_huge_page_swapin(): fault the swapped pages back in first.  A fault that
     # fails ends the collapse (SCAN_FAIL); the pages already swapped in stay.
-    from .vmscan import do_swap_page
+    from .memory import do_swap_page
     for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
         try:
             do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)

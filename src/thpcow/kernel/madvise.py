@@ -22,6 +22,8 @@ from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE
 from . import huge_memory as hm
 from . import memory, pgtable
 from .mmap import merge_vmas, split_range
+from .swap import folio_deactivate
+from .swapfile import free_swap_and_cache
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -186,7 +188,6 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
     that may be mapped shared is skipped, an exclusive one is cleaned; then the
     folio is marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
     """
-    from .vmscan import free_swap_and_cache
     pt = mm.pt
     f = k.folios
     for s, base, lo, hi in pt.spans_in(start, end):
@@ -274,4 +275,4 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
         vmscan.reclaim_pages(k, picked)
         return
     for fid in reversed(picked):                  # deactivate: to the head of the LRU
-        k.lru_deactivate(fid)
+        folio_deactivate(k, fid)

@@ -1,9 +1,15 @@
-"""Model of mm/memory.c: the PTE-level fault paths, fork's page-table copy and zapping.
+"""Model of mm/memory.c: the PTE-level fault paths, swap-in, fork's page-table copy and zapping.
 
 Fault entry is :func:`handle_mm_fault`; it dispatches exactly as
 ``__handle_mm_fault()`` does: a PMD-order THP fault when the PMD is empty and
 the order is allowed, ``do_huge_pmd_wp_page()`` for a write to a read-only PMD
-leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_wp_page()``).
+leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_swap_page()``,
+``do_wp_page()``).
+
+Swap-in (:func:`do_swap_page`) reads the device at 4 KiB (pgmajfault,
+pswpin); a folio read from a slot that other swap entries share stays in the
+swap cache (:mod:`.swap_state`), where their faults find it.
+Simplification: there is no readahead and no mTHP swap-in.
 
 The write-protect fault, :func:`do_wp_page`, takes a batch of pages: the
 scalar fault path hands it one, the batched store path (``Process.write_many``)
@@ -24,9 +30,12 @@ from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
-    _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
+    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .swap import folio_add_lru
+from .swap_state import add_to_swap_cache
+from .swapfile import free_swap_and_cache
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
@@ -113,7 +122,6 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
             raise HardwarePoison(addr)
         return do_anonymous_page(k, mm, vma, addr, row, write)
     if val < 0:
-        from .vmscan import do_swap_page
         return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
         return do_wp_page_at(k, mm, addr, row)
@@ -181,6 +189,65 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
                      PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW)
     k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
     mm.rss_anon += nr
+    return VM_FAULT_OK
+
+
+# -- swap-in (swap faults) ------------------------------------------------------------------------------------------------
+def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
+    """Model of do_swap_page() for a 4 KiB swap-in.
+
+    If another process sharing the slot swapped it in already, its folio is
+    still in the swap cache and is mapped again: a minor fault, no read.
+    Otherwise the slot is read into a new order-0 folio (pgmajfault, pswpin),
+    which enters the swap cache when other swap entries still point at the
+    slot, so that they map the same folio.  Then the swap reference is
+    dropped (free_swap_and_cache(): after the last one the folio leaves the
+    cache).  The page is mapped exclusive, and
+    writable in a VM_WRITE mapping even on a read fault, when the swap entry
+    was exclusive, or on a write fault when nobody else holds the folio or
+    its slot (should_try_to_free_swap() frees the swap first); otherwise it
+    is mapped read-only and a write goes on to do_wp_page().
+    Simplification: the device is not SWP_SYNCHRONOUS_IO, but a slot nobody
+    else references does not keep its folio in the swap cache (the kernel
+    keeps it until reclaim or a write).
+    """
+    pt = mm.pt
+    f = k.folios
+    i = pte_index(addr)
+    slot = swp_offset(int(pt.pte_pfn[row, i]))
+    exclusive_entry = bool(pt.pte_flags[row, i] & _PAGE_SWP_EXCLUSIVE)
+    last = int(k.swap.swap_map[slot]) == 1              # this is the slot's last swap entry
+    fid = int(k.swap.cache[slot])
+    if fid >= 0:                                        # swap cache hit
+        pfn = int(f.head[fid])
+        exclusive = exclusive_entry or (write and last and int(k.mem.mapcount[pfn]) == 0)
+        f.refcount[fid] += 1
+        rmap.folio_add_anon_rmap_ptes(k, fid, pfn, 1, mm, exclusive)
+    else:
+        pfn = k.alloc_page()
+        if pfn < 0:
+            raise OutOfMemory(addr)
+        fid = k.new_folio(pfn, 0)
+        k.mem.content[pfn] = k.swap.content[slot]
+        k.vmstat.count_vm_event("pgmajfault")
+        k.vmstat.count_vm_event("pswpin")
+        exclusive = exclusive_entry or (write and last)
+        f.refcount[fid] = 1
+        rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+        if not exclusive:
+            k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+        folio_add_lru(k, fid)
+        add_to_swap_cache(k, fid, slot)
+    free_swap_and_cache(k, slot)          # the last entry takes the folio out of the cache, dirty
+    mm.rss_swap -= 1
+    mm.rss_anon += 1
+    flags = _PAGE_PRESENT | _PAGE_ACCESSED
+    if exclusive and vma.flags & VM_WRITE:
+        flags |= _PAGE_RW | (_PAGE_DIRTY if write else 0)
+    pgtable.set_pte_at(k, mm, row, i, pfn, flags)
+    k.mem.vpn[pfn] = addr >> PAGE_SHIFT
+    if write and not flags & _PAGE_RW:
+        return do_wp_page_at(k, mm, addr, row)
     return VM_FAULT_OK
 
 
@@ -358,7 +425,6 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
     swp = pfns <= -2
     if swp.any():                                  # zap_nonpresent_ptes(): free_swap_and_cache()
-        from .vmscan import free_swap_and_cache
         for slot in swp_offset(pfns[swp]).tolist():
             free_swap_and_cache(k, int(slot))
         mm.rss_swap -= int(np.count_nonzero(swp))
@@ -460,7 +526,7 @@ def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru_add(fids)
+    folio_add_lru(k, fids)
     k.vmstat.mod_node_page_state("nr_anon_pages", len(new))
     return fids
 

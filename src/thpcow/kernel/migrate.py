@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
+from .rmap import folio_mappings
 from . import pgtable
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
     target is allocated before any source frame is freed.  ``vacated``
     collects the source frames instead of freeing them (for compaction).
     """
-    from .vmscan import folio_mappings
     f = k.folios
     mem = k.mem
     order = int(f.order[fid])

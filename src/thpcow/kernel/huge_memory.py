@@ -176,6 +176,23 @@ def _install_deposit(mm: MM) -> None:
     mm.nr_ptes += 1
 
 
+def mm_get_huge_zero_folio(k: Kernel, mm: MM) -> int:
+    """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
+    if k.huge_zero_fid < 0:
+        pfn = k.mem.alloc(HPAGE_PMD_ORDER)
+        if pfn < 0:
+            k.vmstat.count_vm_event("thp_zero_page_alloc_failed")
+            return -1
+        k.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
+        fid = k.new_folio(pfn, HPAGE_PMD_ORDER)
+        k.folios.flags[fid] = PG_HUGE_ZERO
+        k.folios.refcount[fid] = 1
+        k.huge_zero_fid = fid
+        k.vmstat.count_vm_event("thp_zero_page_alloc")
+    mm.huge_zero = True
+    return k.huge_zero_fid
+
+
 def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     """Model of do_huge_pmd_anonymous_page().
 
@@ -187,10 +204,11 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     haddr = vmf.address & ~(HPAGE_PMD_SIZE - 1)
     if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
         return VM_FAULT_FALLBACK
+    from .khugepaged import khugepaged_enter_vma
     anon_vma_prepare(k, vma)
-    k.khugepaged_enter_vma(mm, vma)
+    khugepaged_enter_vma(k, mm, vma)
     if not vmf.flags & FAULT_FLAG_WRITE and k.sysfs.use_zero_page:
-        zfid = k.get_huge_zero_folio(mm)
+        zfid = mm_get_huge_zero_folio(k, mm)
         if zfid < 0:
             k.vmstat.count_vm_event("thp_fault_fallback")
             return VM_FAULT_FALLBACK

@@ -20,18 +20,18 @@ import errno as E
 import numpy as np
 
 from .constants import (
-    HPAGE_PMD_NR, HPAGE_PMD_ORDER, MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
+    MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
 )
 from .errors import KernelError, einval
-from .folio import PG_HUGE_ZERO, FolioTable
+from .folio import FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
 from .page_alloc import PhysMem
 from .swap import Lruvec
 from .sysfs import Sysfs
 from .vmstat import VmStat
-from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
+from . import access, fork as _fork, madvise as _madvise
 from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
 from . import memory_failure as _memory_failure, page_alloc, vmscan
 
@@ -141,7 +141,7 @@ class Kernel:
         self._next_anon_vma += 1
         return self._next_anon_vma
 
-    # -- watermarks and reclaim -------------------------------------------------------------------
+    # -- reclaim and allocation (vmscan.py, page_alloc.py) ----------------------------------------
     def balance(self, need: int = 0) -> None:
         """kswapd: reclaim when free memory would fall under the low watermark (vmscan.balance_pgdat()).
 
@@ -157,22 +157,6 @@ class Kernel:
         """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
         return self.mem.alloc_bulk(n)
 
-    def flush_tlb_range(self, mm: MM, start: int, end: int) -> None:
-        """Model of flush_tlb_range()/flush_tlb_mm(): recorded when a machine model listens."""
-        if self.tlb_flush_log is not None:
-            self.tlb_flush_log.append((mm.pid, int(start), int(end)))
-
-    def flush_tlb_pages(self, mm: MM, vpns) -> None:
-        """Model of flush_tlb_page() for many pages (COW remaps, swap-out)."""
-        if self.tlb_flush_log is not None and len(vpns):
-            self.tlb_flush_log.append((mm.pid, np.asarray(vpns, dtype=np.int64)))
-
-    # -- allocation helpers ---------------------------------------------------------------
-    def new_folio(self, pfn: int, order: int) -> int:
-        fid = self.folios.alloc(pfn, order)
-        self.mem.folio[pfn: pfn + (1 << order)] = fid
-        return fid
-
     def alloc_thp(self, gfp: "str | bool") -> int:
         """An order-9 block, or -1: see :func:`.page_alloc.alloc_thp`.
 
@@ -185,21 +169,22 @@ class Kernel:
             gfp = "light"
         return page_alloc.alloc_thp(self, gfp)
 
-    def get_huge_zero_folio(self, mm: MM) -> int:
-        """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
-        if self.huge_zero_fid < 0:
-            pfn = self.mem.alloc(HPAGE_PMD_ORDER)
-            if pfn < 0:
-                self.vmstat.count_vm_event("thp_zero_page_alloc_failed")
-                return -1
-            self.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
-            fid = self.new_folio(pfn, HPAGE_PMD_ORDER)
-            self.folios.flags[fid] = PG_HUGE_ZERO
-            self.folios.refcount[fid] = 1
-            self.huge_zero_fid = fid
-            self.vmstat.count_vm_event("thp_zero_page_alloc")
-        mm.huge_zero = True
-        return self.huge_zero_fid
+    def new_folio(self, pfn: int, order: int) -> int:
+        """Make the allocated frames [pfn, pfn + 2^order) one folio; returns its id."""
+        fid = self.folios.alloc(pfn, order)
+        self.mem.folio[pfn: pfn + (1 << order)] = fid
+        return fid
+
+    # -- TLB flushes ------------------------------------------------------------------------------
+    def flush_tlb_range(self, mm: MM, start: int, end: int) -> None:
+        """Model of flush_tlb_range()/flush_tlb_mm(): recorded when a machine model listens."""
+        if self.tlb_flush_log is not None:
+            self.tlb_flush_log.append((mm.pid, int(start), int(end)))
+
+    def flush_tlb_pages(self, mm: MM, vpns) -> None:
+        """Model of flush_tlb_page() for many pages (COW remaps, swap-out)."""
+        if self.tlb_flush_log is not None and len(vpns):
+            self.tlb_flush_log.append((mm.pid, np.asarray(vpns, dtype=np.int64)))
 
     def _sysfs_changed(self, path: str, old: str, new: str) -> None:
         """enabled_store()/anon_enabled_store() (re)start or stop khugepaged."""
@@ -231,24 +216,6 @@ class Kernel:
 
     def sysfs_orders(self, vm_hugepage: bool) -> int:
         return self.sysfs.anon_orders(vm_hugepage)
-
-    # -- khugepaged registration (the daemon itself comes with the lifecycle work) -----------
-    def khugepaged_enter(self, mm: MM) -> None:
-        """Model of __khugepaged_enter(): put the mm on khugepaged's list once."""
-        if not mm.khugepaged:
-            mm.khugepaged = True
-            self.khugepaged_mms[mm.pid] = None
-
-    def khugepaged_enter_vma(self, mm: MM, vma: VMA) -> None:
-        """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
-        if mm.khugepaged or not self.hugepage_pmd_enabled():
-            return
-        if hm.thp_vma_allowable_order(self, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
-            self.khugepaged_enter(mm)
-
-    def hugepage_pmd_enabled(self) -> bool:
-        """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
-        return bool(self.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
 
     def memory_failure(self, pfn: int) -> None:
         """Poison one frame (as a hardware memory error would); see memory_failure.memory_failure()."""

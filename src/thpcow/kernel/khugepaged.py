@@ -225,6 +225,33 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
                           f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
 
 
+# -- registration ---------------------------------------------------------------------------------------
+def hugepage_pmd_enabled(k: Kernel) -> bool:
+    """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
+    return bool(k.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
+
+
+def __khugepaged_enter(k: Kernel, mm: MM) -> None:
+    """Model of __khugepaged_enter(): put the mm on khugepaged's list once."""
+    if not mm.khugepaged:
+        mm.khugepaged = True
+        k.khugepaged_mms[mm.pid] = None
+
+
+def khugepaged_enter_vma(k: Kernel, mm: MM, vma: VMA) -> None:
+    """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
+    if mm.khugepaged or not hugepage_pmd_enabled(k):
+        return
+    if hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
+        __khugepaged_enter(k, mm)
+
+
+def khugepaged_fork(k: Kernel, child: MM, parent: MM) -> None:
+    """Model of khugepaged_fork(): a child of a registered mm is registered too."""
+    if parent.khugepaged:
+        __khugepaged_enter(k, child)
+
+
 # -- the khugepaged daemon ------------------------------------------------------------------------------
 class Khugepaged:
     """Model of the khugepaged kthread: a scan cursor over the registered mms.
@@ -253,7 +280,7 @@ class Khugepaged:
     # -- start / stop (start_stop_khugepaged) -------------------------------------------
     def start_stop(self) -> None:
         from .clock import NSEC_PER_MSEC
-        if self.k.hugepage_pmd_enabled():
+        if hugepage_pmd_enabled(self.k):
             if not self.running:
                 self.running = True
                 self.generation += 1

@@ -21,6 +21,7 @@ from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory, pgtable
+from .khugepaged import khugepaged_enter_vma, madvise_collapse
 from .mmap import merge_vmas, split_range
 from .swap import folio_deactivate
 from .swapfile import free_swap_and_cache
@@ -91,7 +92,7 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         madvise_update_vma(k, mm, start, end, set_bits, clear_bits)
         if advice == MADV_HUGEPAGE:
             for v in mm.vmas_in(start, end):
-                k.khugepaged_enter_vma(mm, v)
+                khugepaged_enter_vma(k, mm, v)
     elif advice in _ZAP_ADVICE:
         for v in vmas:
             if v.flags & VM_LOCKED and advice == MADV_DONTNEED:
@@ -121,7 +122,6 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     elif advice == MADV_COLLAPSE:
         if mapped != end - start:
             raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
-        from .khugepaged import madvise_collapse
         madvise_collapse(k, mm, start, end)
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")

@@ -12,5 +12,5 @@ from . import page_alloc as _page_alloc
 _sys.modules.setdefault(__name__ + ".physmem", _page_alloc)
 
 __all__ = ["Kernel", "Process", "KernelError", "SegmentationFault", "OutOfMemory", "InvariantViolation"] + [
-    name for name in dir(_constants) if name.isupper()
+    name for name in dir(_constants) if name.isupper() and not callable(getattr(_constants, name))
 ]

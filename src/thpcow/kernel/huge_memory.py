@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import (
-    HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE,
+    ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, VM_HUGEPAGE,
+    VM_NOHUGEPAGE, VM_WRITE,
 )
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
 from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
+    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
 )
 from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 from .swap import folio_add_lru
@@ -58,7 +59,7 @@ def thp_vma_suitable_orders(vma: VMA, addr: int, orders: int) -> int:
         order = o.bit_length() - 1
         o &= ~(1 << order)
         size = PAGE_SIZE << order
-        haddr = addr & ~(size - 1)
+        haddr = ALIGN_DOWN(addr, size)
         if haddr >= vma.start and haddr + size <= vma.end:
             out |= 1 << order
     return out
@@ -201,7 +202,7 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     a THP with the defrag semantics, counting thp_fault_fallback on failure.
     """
     mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
-    haddr = vmf.address & ~(HPAGE_PMD_SIZE - 1)
+    haddr = vmf.address & HPAGE_PMD_MASK
     if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
         return VM_FAULT_FALLBACK
     from .khugepaged import khugepaged_enter_vma
@@ -231,7 +232,7 @@ def do_huge_zero_wp_pmd(k: Kernel, vmf: VmFault) -> int:
         split_huge_pmd(k, vmf.mm, vmf.vma, vmf.pmd)
         return VM_FAULT_FALLBACK
     pgtable.pmdp_huge_get_and_clear(k, vmf.mm, vmf.pmd)   # pmdp_huge_clear_flush(); the deposit stays
-    base = vmf.address & ~(HPAGE_PMD_SIZE - 1)
+    base = vmf.address & HPAGE_PMD_MASK
     k.flush_tlb_range(vmf.mm, base, base + HPAGE_PMD_SIZE)
     map_anon_folio_pmd_pf(k, fid, vmf, True)
     return VM_FAULT_OK
@@ -413,14 +414,14 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
 
 def split_huge_pmd_address(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
     """Model of split_huge_pmd_address(): split the PMD leaf covering addr, if any."""
-    s = mm.pt.slot_of.get(addr >> (PAGE_SHIFT + 9))
+    s = mm.pt.slot_of.get(pmd_index(addr))
     if s is not None:
         split_huge_pmd(k, mm, vma, s)
 
 
 def vma_adjust_trans_huge(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
     """Model of vma_adjust_trans_huge(): a VMA boundary inside a 2 MiB block splits its PMD."""
-    if addr & (HPAGE_PMD_SIZE - 1):
+    if not IS_ALIGNED(addr, HPAGE_PMD_SIZE):
         split_huge_pmd_address(k, mm, vma, addr)
 
 

@@ -20,7 +20,7 @@ import errno as E
 import numpy as np
 
 from .constants import (
-    MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
+    MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SIZE, PFN_PHYS, PHYS_PFN,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
 )
 from .errors import KernelError, einval
@@ -243,7 +243,7 @@ class Kernel:
 
     def populate(self, mm: MM, start: int, length: int, write: bool) -> None:
         """Model of populate_vma_page_range() (MAP_POPULATE)."""
-        pages = np.arange(start >> PAGE_SHIFT, (start + length) >> PAGE_SHIFT, dtype=np.int64)
+        pages = np.arange(PHYS_PFN(start), PHYS_PFN(start + length), dtype=np.int64)
         if write:
             access.write_pages(self, mm, pages, self.mem.content[np.zeros(len(pages), dtype=np.int64)])
         else:
@@ -380,13 +380,13 @@ class Process:
         """Many small stores (each within one page), in order: the batched path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages, addrs >> PAGE_SHIFT, tokens, addrs)
+        self._sys("write", access.write_pages, PHYS_PFN(addrs), tokens, addrs)
 
     def write_many_scalar(self, addrs, tokens) -> None:
         """The same stores through the one-page-at-a-time reference path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages_scalar, addrs >> PAGE_SHIFT, tokens, addrs)
+        self._sys("write", access.write_pages_scalar, PHYS_PFN(addrs), tokens, addrs)
 
     def read(self, addr: int, length: int = 1) -> np.ndarray:
         """Load ``length`` bytes at ``addr``: the token of every page touched."""
@@ -395,12 +395,12 @@ class Process:
 
     def read_many(self, addrs) -> np.ndarray:
         addrs = np.asarray(addrs, dtype=np.int64)
-        return self._sys("read", access.read_pages, addrs >> PAGE_SHIFT, addrs)
+        return self._sys("read", access.read_pages, PHYS_PFN(addrs), addrs)
 
     @staticmethod
     def _byte_addrs(addr: int, pages: np.ndarray) -> np.ndarray:
         """The first byte each page of an access touches: addr itself, then page starts."""
-        out = pages << PAGE_SHIFT
+        out = PFN_PHYS(pages)
         out[0] = addr
         return out
 
@@ -410,7 +410,7 @@ class Process:
         if addr < 0 or addr + length > 1 << 47:
             from .errors import SegmentationFault
             raise SegmentationFault(max(addr, 0), "outside the user address space")
-        return np.arange(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1, dtype=np.int64)
+        return np.arange(PHYS_PFN(addr), PHYS_PFN(addr + length - 1) + 1, dtype=np.int64)
 
     # -- views -------------------------------------------------------------------------------------------
     def smaps(self) -> str:

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
+from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
 from .folio import PG_SWAPBACKED
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
 from . import pgtable, rmap
 
@@ -90,7 +90,7 @@ def _nr_maybe_shared(k: Kernel, pfns: np.ndarray) -> int:
 def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
     """Model of collapse_scan_pmd() for anonymous memory (PMD order)."""
     pt = mm.pt
-    s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+    s = pt.slot_of.get(pmd_index(haddr))
     if s is None or pt.pmd_kind[s] == 0:
         return ScanResult.SCAN_PMD_NULL
     if pt.pmd_kind[s] == PMD_LEAF:
@@ -145,14 +145,14 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
         rmap.free_folio(k, new)
         return ScanResult.SCAN_VMA_CHECK
     pt = mm.pt
-    s = pt.slot_of[haddr >> (PAGE_SHIFT + 9)]
+    s = pt.slot_of[pmd_index(haddr)]
     row = int(pt.pmd_row[s])
     # __collapse_huge_page_swapin(): fault the swapped pages back in first.  A fault that
     # fails ends the collapse (SCAN_FAIL); the pages already swapped in stay.
     from .memory import do_swap_page
     for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
         try:
-            do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)
+            do_swap_page(k, mm, vma, haddr + PFN_PHYS(i), row, write=False)
         except OutOfMemory:
             rmap.free_folio(k, new)
             return ScanResult.SCAN_FAIL
@@ -203,8 +203,8 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_FORCED_COLLAPSE):
             raise KernelError(E.EINVAL, "madvise(MADV_COLLAPSE)",
                               f"addr={vma.start:#x}: the mapping is not eligible for THP")
-    hstart = (start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
-    hend = end & ~(HPAGE_PMD_SIZE - 1)
+    hstart = ALIGN(start, HPAGE_PMD_SIZE)
+    hend = end & HPAGE_PMD_MASK
     thps = 0
     last_fail = ScanResult.SCAN_FAIL
     for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
@@ -386,15 +386,14 @@ class Khugepaged:
                 if progress >= budget:
                     return ScanResult.SCAN_VMA_CHECK, progress
                 continue
-            hstart = max((vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1),
-                         self.cursor_addr & ~(HPAGE_PMD_SIZE - 1))
-            hend = vma.end & ~(HPAGE_PMD_SIZE - 1)
+            hstart = max(ALIGN(vma.start, HPAGE_PMD_SIZE), self.cursor_addr & HPAGE_PMD_MASK)
+            hend = vma.end & HPAGE_PMD_MASK
             for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
                 if progress >= budget:
                     return ScanResult.SCAN_SUCCEED, progress
                 self.cursor_addr = haddr + HPAGE_PMD_SIZE
                 pt = mm.pt
-                s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+                s = pt.slot_of.get(pmd_index(haddr))
                 if s is None or pt.pmd_kind[s] != PMD_TABLE:
                     progress += 1
                     continue

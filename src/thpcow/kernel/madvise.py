@@ -10,8 +10,9 @@ import numpy as np
 from .constants import (
     HPAGE_PMD_SIZE, MADV_COLD, MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_NORMAL, MADV_PAGEOUT, MADV_RANDOM,
-    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK, PAGE_SHIFT,
-    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, PAGE_SIZE, U64,
+    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK,
+    PAGE_ALIGN, PAGE_ALIGNED, PFN_PHYS, PHYS_PFN,
+    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, U64,
     MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
     MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
     VM_MERGEABLE, VM_WRITE,
@@ -67,11 +68,11 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     call = "madvise"
     if not madvise_behavior_valid(k, advice):
         raise einval(call, f"advice={advice}: unknown advice")
-    if start & (PAGE_SIZE - 1):
+    if not PAGE_ALIGNED(start):
         raise einval(call, f"addr={start:#x}: not page aligned")
     if length < 0:
         raise einval(call, f"length={length}: negative")
-    aligned = ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) & U64
+    aligned = PAGE_ALIGN(length) & U64
     if length and not aligned:
         raise einval(call, f"length={length:#x}: rounds up to zero")
     end = start + aligned
@@ -172,8 +173,8 @@ def _partly_in_range(k: Kernel, fid: int, pfn: int, addr: int, start: int, end: 
     nr = 1 << int(k.folios.order[fid])
     if nr == 1:
         return False
-    first = addr - ((pfn - int(k.folios.head[fid])) << PAGE_SHIFT)
-    return first < start or first + (nr << PAGE_SHIFT) > end
+    first = addr - PFN_PHYS(pfn - int(k.folios.head[fid]))
+    return first < start or first + PFN_PHYS(nr) > end
 
 
 def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
@@ -203,7 +204,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        for i in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
+        for i in range(PHYS_PFN(lo - base), PHYS_PFN(hi - base)):
             pfn = int(pt.pte_pfn[row, i])
             if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
                 free_swap_and_cache(k, swp_offset(pfn))
@@ -214,7 +215,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 continue
             fid = int(k.mem.folio[pfn])
             shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
-            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
                 if shared or hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
@@ -256,7 +257,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        a, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
         for i in range(a, b):
             pfn = int(pt.pte_pfn[row, i])
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
@@ -264,7 +265,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
             fid = int(k.mem.folio[pfn])
             if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
                 continue
-            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
                 if hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, VM_WRITE
+from .constants import ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
@@ -153,7 +153,7 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
     candidates = [o for o in range(HPAGE_PMD_ORDER - 1, 1, -1) if orders & (1 << o)]
     while candidates:
         o = candidates[0]
-        first = pte_index(addr) & ~((1 << o) - 1)
+        first = ALIGN_DOWN(pte_index(addr), 1 << o)
         if (pt.pte_pfn[row, first: first + (1 << o)] == PTE_NONE).all():
             break
         candidates.pop(0)
@@ -180,14 +180,14 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     if fid < 0:
         raise OutOfMemory(addr)
     nr = 1 << order
-    first = i & ~(nr - 1)
+    first = ALIGN_DOWN(i, nr)
     head = int(k.folios.head[fid])
     k.mem.content[head: head + nr] = 0                # __GFP_ZERO
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
     pgtable.set_ptes(k, mm, row, first, np.arange(head, head + nr),
                      PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW)
-    k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
+    k.mem.vpn[head: head + nr] = ALIGN_DOWN(PHYS_PFN(addr), nr) + np.arange(nr)
     mm.rss_anon += nr
     return VM_FAULT_OK
 
@@ -245,7 +245,7 @@ def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) 
     if exclusive and vma.flags & VM_WRITE:
         flags |= _PAGE_RW | (_PAGE_DIRTY if write else 0)
     pgtable.set_pte_at(k, mm, row, i, pfn, flags)
-    k.mem.vpn[pfn] = addr >> PAGE_SHIFT
+    k.mem.vpn[pfn] = PHYS_PFN(addr)
     if write and not flags & _PAGE_RW:
         return do_wp_page_at(k, mm, addr, row)
     return VM_FAULT_OK
@@ -297,7 +297,7 @@ def do_wp_page(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.n
     if k.build.pte_hook and not special[0] and not reuse[0]:
         if len(rows) != 1:
             raise ValueError("do_wp_page: a build with pte_hook takes one page at a time")
-        addr = int(vpns[0]) << PAGE_SHIFT
+        addr = PFN_PHYS(int(vpns[0]))
         ret = k.build.pte_wp_copy(k, mm, mm.find_vma(addr), addr, int(rows[0]), int(k.mem.folio[pfns[0]]))
         if ret is not None:
             return True
@@ -317,7 +317,7 @@ def do_wp_page(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.n
 def do_wp_page_at(k: Kernel, mm: MM, addr: int, row: int) -> int:
     """do_wp_page() for the one page at ``addr`` (its PTE table ``row``): the scalar fault path."""
     ok = do_wp_page(k, mm, np.array([row], dtype=np.int64), np.array([pte_index(addr)], dtype=np.int64),
-                    np.array([addr >> PAGE_SHIFT], dtype=np.int64))
+                    np.array([PHYS_PFN(addr)], dtype=np.int64))
     if not ok:
         raise OutOfMemory(addr)
     return VM_FAULT_OK
@@ -338,13 +338,12 @@ def wp_page_copy(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np
     dirty, writable and AnonExclusive; an old anon page loses this mapping
     and the reference it held.  RSS only grows for zero-page copies.
     """
-    pt = mm.pt
     f = k.folios
     mem = k.mem
     if zero.any():                                   # vmf_anon_prepare(): the zero page had none
         zv = vpns[zero]
-        for v in mm.vmas_in(int(zv.min()) << PAGE_SHIFT, (int(zv.max()) + 1) << PAGE_SHIFT):
-            if not v.anon_vma and ((zv >= v.start >> PAGE_SHIFT) & (zv < v.end >> PAGE_SHIFT)).any():
+        for v in mm.vmas_in(PFN_PHYS(int(zv.min())), PFN_PHYS(int(zv.max()) + 1)):
+            if not v.anon_vma and ((zv >= PHYS_PFN(v.start)) & (zv < PHYS_PFN(v.end))).any():
                 anon_vma_prepare(k, v)
     anon = ~zero
     new_anon_folios_bulk(k, new, np.where(anon, mem.content[np.where(anon, old_pfn, 0)], 0))
@@ -442,13 +441,13 @@ def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
     for s, base, lo, hi in pt.spans_in(start, end):
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF:
-            if lo == base and hi == base + (PAGE_SIZE << 9):
+            if lo == base and hi == base + HPAGE_PMD_SIZE:
                 hm.zap_huge_pmd(k, mm, s)
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
             kind = pt.pmd_kind[s]
         if kind == PMD_TABLE:
-            zap_pte_range(k, mm, int(pt.pmd_row[s]), (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+            zap_pte_range(k, mm, int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base))
     k.flush_tlb_range(mm, start, end)                 # tlb_finish_mmu()
 
 
@@ -509,7 +508,7 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
         if kind == PMD_LEAF:
             hm.copy_huge_pmd(k, dst, src, vma, s)
         elif kind == PMD_TABLE:
-            copy_pte_range(k, dst, src, vma, s, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+            copy_pte_range(k, dst, src, vma, s, PHYS_PFN(lo - base), PHYS_PFN(hi - base))
 
 
 def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
@@ -544,9 +543,9 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     new = k.alloc_pages_bulk(n)
     if new is None:
         return False
-    lo, hi = int(vpns.min()) << PAGE_SHIFT, (int(vpns.max()) + 1) << PAGE_SHIFT
+    lo, hi = PFN_PHYS(int(vpns.min())), PFN_PHYS(int(vpns.max()) + 1)
     for v in mm.vmas_in(lo, hi):
-        if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
+        if not v.anon_vma and ((vpns >= PHYS_PFN(v.start)) & (vpns < PHYS_PFN(v.end))).any():
             anon_vma_prepare(k, v)
     new_anon_folios_bulk(k, new, 0)
     pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)

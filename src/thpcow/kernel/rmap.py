@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
 from .folio import PG_ANON, PG_DEFERRED, PG_DIRTY, PG_LRU, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE  # noqa: F401
 from .page_alloc import PG_ANON_EXCLUSIVE
 from .swap import folio_add_lru
-from .pgtable import PMD_LEAF, PMD_TABLE, _PAGE_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, swp_entry
+from .pgtable import PMD_LEAF, PMD_TABLE, _PAGE_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, swp_entry, vpn_pte_index
 from . import pgtable
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def folio_mappings(k: Kernel, fid: int):
             tab = kind == PMD_TABLE
             if tab.any():
                 rows = pt.pmd_row[sc[tab]]
-                cols = vpns[tab] & 511
+                cols = vpn_pte_index(vpns[tab])
                 hit = pt.pte_pfn[rows, cols] == pfns[tab]
                 hit &= ~(pt.pte_flags[rows, cols] & _PAGE_SPECIAL).astype(bool)
                 for r, c, q in zip(rows[hit].tolist(), cols[hit].tolist(), pfns[tab][hit].tolist()):
@@ -267,7 +267,7 @@ def rmap_walk_pmd(k: Kernel, fid: int) -> list[tuple[MM, VMA, int]]:
     out = []
     for m in folio_mappings(k, fid):
         if m[0] == "pmd":
-            addr = int(m[1].pt.pmd_index[m[2]]) << (PAGE_SHIFT + 9)
+            addr = int(m[1].pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
             out.append((m[1], m[1].find_vma(addr), m[2]))
     return out
 
@@ -300,7 +300,7 @@ def small_mappings(k: Kernel, pfns: np.ndarray):
         sc, kind = pt.pmd_entries(vpns)
         tab = kind == PMD_TABLE
         rows = np.where(tab, pt.pmd_row[sc], 0)
-        cols = vpns & 511
+        cols = vpn_pte_index(vpns)
         hit = tab & (pt.pte_pfn[rows, cols] == pfns)
         if hit.any():
             idx = np.flatnonzero(hit)

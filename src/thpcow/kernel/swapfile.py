@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR
+from .constants import HPAGE_PMD_NR, PHYS_PFN
 from .folio import PG_DIRTY
 from .swap_state import delete_from_swap_cache
 
@@ -30,7 +30,7 @@ class SwapDevice:
     def __init__(self, size: int) -> None:
         """Slot 0 holds the swap header; a partial last cluster serves 4 KiB entries only
         (setup_swap_clusters_info())."""
-        n = size // 4096
+        n = PHYS_PFN(size)
         if n < 2:
             raise ValueError(f"swap size {size}: too small for a header and one slot")
         self.nr_slots = n

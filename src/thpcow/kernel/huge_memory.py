@@ -9,6 +9,7 @@ split shrinker (``deferred_split_scan``), plus the eligibility helpers
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +24,7 @@ from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
 )
-from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, ZERO_PFN, Gfp, alloc_thp
 from .swap import folio_add_lru
 from . import pgtable, rmap
 
@@ -32,11 +33,24 @@ if TYPE_CHECKING:
 
 ALL_ANON_ORDERS = sum(1 << o for o in range(2, HPAGE_PMD_ORDER + 1))
 
-# tva types (enum tva_type)
-TVA_SMAPS = "smaps"
-TVA_PAGEFAULT = "pagefault"
-TVA_KHUGEPAGED = "khugepaged"
-TVA_FORCED_COLLAPSE = "forced_collapse"
+
+class TvaType(enum.Enum):
+    """Model of enum tva_type: who asks thp_vma_allowable_orders().
+
+    The values are the strings thpcow used before, which
+    thp_vma_allowable_orders() still accepts.
+    """
+
+    TVA_SMAPS = "smaps"                        # /proc/PID/smaps' THPeligible
+    TVA_PAGEFAULT = "pagefault"                # the fault path
+    TVA_KHUGEPAGED = "khugepaged"              # the khugepaged daemon
+    TVA_FORCED_COLLAPSE = "forced_collapse"    # MADV_COLLAPSE
+
+
+TVA_SMAPS = TvaType.TVA_SMAPS
+TVA_PAGEFAULT = TvaType.TVA_PAGEFAULT
+TVA_KHUGEPAGED = TvaType.TVA_KHUGEPAGED
+TVA_FORCED_COLLAPSE = TvaType.TVA_FORCED_COLLAPSE
 
 
 # -- eligibility ----------------------------------------------------------------------
@@ -65,14 +79,17 @@ def thp_vma_suitable_orders(vma: VMA, addr: int, orders: int) -> int:
     return out
 
 
-def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int = ALL_ANON_ORDERS) -> int:
+def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: TvaType, orders: int = ALL_ANON_ORDERS) -> int:
     """Model of thp_vma_allowable_orders()/__thp_vma_allowable_orders() for anon VMAs.
 
     Guard clauses in the kernel's order: the VMA or the mm disabled THP; the
     sysfs mask (skipped by MADV_COLLAPSE); khugepaged and collapse need an
     anon_vma; non-fault users need the order to fit at the end of the VMA.
+    ``tva`` may also be a :class:`TvaType` value ("pagefault", ...).
     """
-    forced = tva == TVA_FORCED_COLLAPSE
+    if tva.__class__ is not TvaType:
+        tva = TvaType(tva)
+    forced = tva is TVA_FORCED_COLLAPSE
     if not k.thp_supported:
         return 0
     if vma_thp_disabled(mm, vma, forced):
@@ -81,9 +98,9 @@ def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int 
         orders &= k.sysfs_orders(bool(vma.flags & VM_HUGEPAGE))
     if not orders:
         return 0
-    if tva in (TVA_KHUGEPAGED, TVA_FORCED_COLLAPSE) and not vma.anon_vma:
+    if (tva is TVA_KHUGEPAGED or forced) and not vma.anon_vma:
         return 0
-    if tva != TVA_PAGEFAULT:
+    if tva is not TVA_PAGEFAULT:
         # The highest order whose block ending at vm_end fits, and every lower one.
         o = orders
         while o:
@@ -95,40 +112,40 @@ def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int 
     return orders
 
 
-def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: str) -> bool:
+def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: TvaType) -> bool:
     return bool(thp_vma_allowable_orders(k, mm, vma, tva, 1 << order))
 
 
-# How a THP allocation may try (the __GFP_* reclaim bits vma_thp_gfp_mask() picks).
-GFP_DIRECT = "direct"          # __GFP_DIRECT_RECLAIM: stall for compaction
-GFP_KSWAPD = "kswapd"          # __GFP_KSWAPD_RECLAIM: fail fast, wake kswapd/kcompactd
-GFP_LIGHT = "light"            # neither: fail fast
+# The masks vma_thp_gfp_mask() returns (combined once: IntFlag operations are slow).
+_GFP_LIGHT_KSWAPD = GFP_TRANSHUGE_LIGHT | Gfp.KSWAPD_RECLAIM
+_GFP_LIGHT_DIRECT = GFP_TRANSHUGE_LIGHT | Gfp.DIRECT_RECLAIM
 
 
-def vma_thp_gfp_mask(k: Kernel, vma: VMA) -> str:
+def vma_thp_gfp_mask(k: Kernel, vma: VMA) -> Gfp:
     """Model of vma_thp_gfp_mask(): stall, defer to kcompactd, or just fall back.
 
-    always: direct for everyone (NORETRY outside MADV_HUGEPAGE regions);
-    defer: wake kswapd/kcompactd, never stall; defer+madvise: direct in
-    MADV_HUGEPAGE regions, wake kswapd/kcompactd elsewhere; madvise: direct in
-    MADV_HUGEPAGE regions, nothing elsewhere; never: nothing.
+    always: direct reclaim for everyone (NORETRY outside MADV_HUGEPAGE
+    regions, not modelled); defer: wake kswapd/kcompactd, never stall;
+    defer+madvise: direct in MADV_HUGEPAGE regions, wake kswapd/kcompactd
+    elsewhere; madvise: direct in MADV_HUGEPAGE regions, nothing elsewhere;
+    never: nothing.
     """
     mode = k.sysfs.defrag
     advised = bool(vma.flags & VM_HUGEPAGE)
     if mode == "always":
-        return GFP_DIRECT
+        return GFP_TRANSHUGE
     if mode == "defer":
-        return GFP_KSWAPD
+        return _GFP_LIGHT_KSWAPD
     if mode == "defer+madvise":
-        return GFP_DIRECT if advised else GFP_KSWAPD
+        return _GFP_LIGHT_DIRECT if advised else _GFP_LIGHT_KSWAPD
     if mode == "madvise":
-        return GFP_DIRECT if advised else GFP_LIGHT
-    return GFP_LIGHT
+        return _GFP_LIGHT_DIRECT if advised else GFP_TRANSHUGE_LIGHT
+    return GFP_TRANSHUGE_LIGHT
 
 
 def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
     """Model of vma_alloc_anon_folio_pmd(): an order-9 folio, or -1 with fallback counted."""
-    pfn = k.alloc_thp(vma_thp_gfp_mask(k, vma))
+    pfn = alloc_thp(k, vma_thp_gfp_mask(k, vma))
     if pfn < 0:
         k.vmstat.count_vm_event("thp_fault_fallback")
         k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_fallback")

@@ -157,17 +157,13 @@ class Kernel:
         """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
         return self.mem.alloc_bulk(n)
 
-    def alloc_thp(self, gfp: "str | bool") -> int:
+    def alloc_thp(self, gfp: "page_alloc.Gfp | str | bool") -> int:
         """An order-9 block, or -1: see :func:`.page_alloc.alloc_thp`.
 
-        ``gfp`` (huge_memory.vma_thp_gfp_mask()): "direct", "kswapd" or
-        "light"; ``True``/``False`` mean "direct"/"light".
+        ``gfp``: a :class:`.page_alloc.Gfp` (huge_memory.vma_thp_gfp_mask()),
+        or as before "direct", "kswapd", "light", ``True``/``False``.
         """
-        if gfp is True:
-            gfp = "direct"
-        elif gfp is False:
-            gfp = "light"
-        return page_alloc.alloc_thp(self, gfp)
+        return page_alloc.alloc_thp(self, page_alloc.gfp_from(gfp))
 
     def new_folio(self, pfn: int, order: int) -> int:
         """Make the allocated frames [pfn, pfn + 2^order) one folio; returns its id."""

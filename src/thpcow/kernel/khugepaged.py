@@ -26,6 +26,7 @@ import numpy as np
 from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
 from .folio import PG_SWAPBACKED
+from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, alloc_thp
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
 from . import pgtable, rmap
@@ -132,8 +133,9 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     by the number of entries that were empty or the zero page; the old page
     table becomes the new PMD's deposit (nr_ptes unchanged).
     """
+    # alloc_hugepage_khugepaged_gfpmask(); MADV_COLLAPSE always may stall
     direct = k.sysfs.khugepaged_defrag if cc.is_khugepaged else True
-    pfn = k.alloc_thp("direct" if direct else "light")
+    pfn = alloc_thp(k, GFP_TRANSHUGE if direct else GFP_TRANSHUGE_LIGHT)
     if pfn < 0:
         k.vmstat.count_vm_event("thp_collapse_alloc_failed")
         return ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL

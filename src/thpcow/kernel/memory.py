@@ -77,7 +77,7 @@ def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> in
     s = pt.slot(pmd_index(addr))
     kind = pt.pmd_kind[s]
     vmf = VmFault(mm, vma, addr, FAULT_FLAG_WRITE if write else 0, pmd=s, orig_pmd=int(pt.pmd_flags[s]))
-    if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, "pagefault"):
+    if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_PAGEFAULT):
         ret = hm.do_huge_pmd_anonymous_page(k, vmf)
         if ret != VM_FAULT_FALLBACK:
             return ret
@@ -147,7 +147,7 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
     """
     from . import huge_memory as hm
 
-    orders = hm.thp_vma_allowable_orders(k, mm, vma, "pagefault", (1 << HPAGE_PMD_ORDER) - 1)
+    orders = hm.thp_vma_allowable_orders(k, mm, vma, hm.TVA_PAGEFAULT, (1 << HPAGE_PMD_ORDER) - 1)
     orders = hm.thp_vma_suitable_orders(vma, addr, orders)
     pt = mm.pt
     candidates = [o for o in range(HPAGE_PMD_ORDER - 1, 1, -1) if orders & (1 << o)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import enum
 from typing import TYPE_CHECKING
 
 from .constants import HPAGE_PMD_ORDER, MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
@@ -34,6 +35,38 @@ if TYPE_CHECKING:
 
 ZERO_PFN = 0                  # the shared zero page (a reserved frame)
 PG_ANON_EXCLUSIVE = np.uint8(1)
+
+
+class Gfp(enum.IntFlag):
+    """Model of gfp_t (include/linux/gfp_types.h): the reclaim bits a THP allocation passes.
+
+    The values are the kernel's bits; the names drop the leading underscores
+    of __GFP_DIRECT_RECLAIM and __GFP_KSWAPD_RECLAIM.  No other gfp bit
+    changes what the simulated allocator does.
+    """
+
+    DIRECT_RECLAIM = 1 << 10      # the caller may stall in direct reclaim and compaction
+    KSWAPD_RECLAIM = 1 << 11      # wake kswapd (and through it kcompactd) when short
+
+
+GFP_TRANSHUGE_LIGHT = Gfp(0)                     # fail fast: neither reclaim bit
+GFP_TRANSHUGE = GFP_TRANSHUGE_LIGHT | Gfp.DIRECT_RECLAIM
+
+
+def gfp_from(gfp) -> Gfp:
+    """``gfp`` as a :class:`Gfp`.  Also takes the values thpcow used before: "direct",
+    "kswapd", "light", and True/False for direct/light."""
+    if isinstance(gfp, Gfp):
+        return gfp
+    if gfp is True or gfp == "direct":
+        return GFP_TRANSHUGE
+    if gfp is False or gfp == "light":
+        return GFP_TRANSHUGE_LIGHT
+    if gfp == "kswapd":
+        return GFP_TRANSHUGE_LIGHT | Gfp.KSWAPD_RECLAIM
+    if isinstance(gfp, int) and not isinstance(gfp, bool):
+        return Gfp(gfp)
+    raise ValueError(f"gfp={gfp!r}: not a Gfp, 'direct', 'kswapd', 'light', True or False")
 
 
 class PhysMem:
@@ -275,25 +308,26 @@ def setup_per_zone_wmarks(k: Kernel) -> None:
 
 
 # -- THP allocation -----------------------------------------------------------------------
-def alloc_thp(k: Kernel, gfp: str) -> int:
+def alloc_thp(k: Kernel, gfp: Gfp) -> int:
     """Model of __alloc_pages() for one order-9 folio: a block's first PFN, or -1.
 
     The free lists first (get_page_from_freelist()); when they have no
     order-9 block, __alloc_pages_slowpath() does what ``gfp`` allows:
-    "direct" stalls in direct compaction (__alloc_pages_direct_compact()),
-    which builds a block by migrating the movable pages out of a pageblock
-    (compact_stall/success/fail); "kswapd" fails at once but wakes kcompactd,
-    which compacts one block in the background a little later on the
-    simulated clock; "light" just fails.  Last, the kernel build may have a
-    block of its own (``alloc_thp_fallback``).  The caller falls back.
+    KSWAPD_RECLAIM wakes kcompactd (wake_all_kswapds(); kswapd hands
+    high-order work to kcompactd), which compacts one block in the background
+    a little later on the simulated clock; DIRECT_RECLAIM stalls in direct
+    compaction (__alloc_pages_direct_compact()), which builds a block by
+    migrating the movable pages out of a pageblock (compact_stall/success/
+    fail); with neither bit it just fails.  Last, the kernel build may have
+    a block of its own (``alloc_thp_fallback``).  The caller falls back.
     """
     pfn = k.mem.alloc(HPAGE_PMD_ORDER)
-    if pfn < 0 and gfp == "direct":
-        from .compaction import compact_for_thp
-        pfn = compact_for_thp(k)
-    if pfn < 0 and gfp == "kswapd":
+    if pfn < 0 and gfp & Gfp.KSWAPD_RECLAIM:
         from .compaction import wakeup_kcompactd
         wakeup_kcompactd(k)
+    if pfn < 0 and gfp & Gfp.DIRECT_RECLAIM:
+        from .compaction import compact_for_thp
+        pfn = compact_for_thp(k)
     if pfn < 0:
         pfn = k.build.alloc_thp_fallback(k)
     return pfn

@@ -1,10 +1,16 @@
 """The simulated kernel: one machine's memory, its processes and their system calls.
 
 :class:`Kernel` holds the global state (frames, folios, counters, sysfs, the
-deferred split queue, the huge zero folio) and :class:`Process` is the user
-view of one task: ``mmap``, ``munmap``, ``mprotect``, ``mremap``, ``madvise``,
-``prctl``, ``fork``, ``exit`` and loads/stores.  Every call either succeeds or
-raises :class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
+LRU, the deferred split queue, the huge zero folio, the watermarks) and
+:class:`Process` is the user view of one task: ``mmap``, ``munmap``,
+``mprotect``, ``mremap``, ``madvise``, ``prctl``, ``fork``, ``exit`` and
+loads/stores.  Every call either succeeds or raises
+:class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
+
+The work is in the modules named after the kernel's files; ``Kernel``'s own
+methods are thin entry points into them (``balance()``:
+``vmscan.balance_pgdat()``; ``alloc_thp()``: ``page_alloc.alloc_thp()``;
+``memory_failure()``, ``migrate()``, ``reclaim()``).
 
 With ``check=True`` the invariant checker (:mod:`thpcow.kernel.check`) runs
 after every system call and every access, as DEBUG_VM does, and

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE
+from .constants import (
+    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE,
+)
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
@@ -192,7 +194,7 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     return VM_FAULT_OK
 
 
-# -- swap-in (swap faults) ------------------------------------------------------------------------------------------------
+# -- swap-in ------------------------------------------------------------------------------------
 def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
     """Model of do_swap_page() for a 4 KiB swap-in.
 

@@ -316,8 +316,7 @@ def shrink_slab(k: Kernel, nr_to_scan: int | None = None) -> int:
 
 
 def balance_pgdat(k: Kernel, need: int = 0) -> None:
-    """Model of wakeup_kswapd() + balance_pgdat(): when free memory would fall under the low
-    watermark, reclaim up to the high one.
+    """Model of wakeup_kswapd() + balance_pgdat(): short of the low watermark, reclaim to the high one.
 
     ``need``: pages the caller is about to allocate.  Called (through
     ``Kernel.balance()``) at the start of a fault, before any page-table

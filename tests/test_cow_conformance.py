@@ -52,7 +52,7 @@ from thpcow.kernel import access, task_mmu
 from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
 from thpcow.kernel.folio import PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
 from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW
-from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from thpcow.kernel.page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 
 from conftest import THP_RAM, vmstat_delta
 

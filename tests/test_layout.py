@@ -1,4 +1,4 @@
-"""Package layout: what an import pulls in, and the command line's verb table."""
+"""Package layout: what an import pulls in, the command line's verb table, the kernel module map."""
 
 from __future__ import annotations
 
@@ -70,3 +70,30 @@ def test_verb_table_help_is_the_first_paragraph_of_the_verb_docstring():
     for verb, _module, text in VERBS:
         doc = inspect.getdoc(commands[verb].callback)
         assert " ".join(doc.split("\n\n")[0].split()) == text, verb
+
+
+ARCHITECTURE = os.path.join(os.path.dirname(SRC), "docs", "architecture.md")
+KERNEL_DIR = os.path.join(SRC, "thpcow", "kernel")
+
+
+def kernel_module_map() -> list[str]:
+    """The modules docs/architecture.md lists under ``kernel/`` in its ``src/thpcow/`` tree."""
+    with open(ARCHITECTURE, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"^  kernel/\s", line))
+    listed = []
+    for line in lines[start + 1:]:
+        if re.match(r"^  \S", line) or line.startswith("```"):
+            break                                   # the next package (machine/) or the end of the tree
+        m = re.match(r"^    (\w+\.py)(\s|$)", line)
+        if m:
+            listed.append(m.group(1))
+    return listed
+
+
+def test_architecture_lists_every_kernel_module_and_only_those():
+    listed = kernel_module_map()
+    assert len(listed) == len(set(listed)), f"listed twice: {sorted({m for m in listed if listed.count(m) > 1})}"
+    present = {f for f in os.listdir(KERNEL_DIR) if f.endswith(".py") and f != "__init__.py"}
+    assert present - set(listed) == set(), "kernel modules missing from docs/architecture.md's module map"
+    assert set(listed) - present == set(), "docs/architecture.md lists kernel modules that do not exist"

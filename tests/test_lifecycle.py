@@ -981,8 +981,7 @@ def test_batched_deferred_split_equals_splitting_one_by_one():
     k1, p1, a1, b1 = build()
     queued = list(k1.deferred)
     assert len(queued) >= 5
-    from thpcow.kernel import vmscan
-    vmscan.shrink_deferred(k1)
+    hm.deferred_split_scan(k1)
     k2, p2, a2, b2 = build()
     for fid in list(k2.deferred):
         if k2.folios.flags[fid] & 0x40:                     # PG_PARTIALLY_MAPPED

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from thpcow.kernel.constants import MAX_PAGE_ORDER
 from thpcow.kernel.errors import InvariantViolation
-from thpcow.kernel.physmem import PhysMem
+from thpcow.kernel.page_alloc import PhysMem
 
 N = 1 << 16      # 256 MiB
 

@@ -21,7 +21,7 @@ from thpcow.kernel.builds import BUILDS, parse_build
 from thpcow.kernel.memory import FAULT_FLAG_UNSHARE, VmFault
 from thpcow.experiments.policies import parse_policy, policy_names
 from thpcow.strategies import STRATEGIES, parse_strategy
-from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE
+from thpcow.kernel.page_alloc import PG_ANON_EXCLUSIVE
 
 RAM = 512 << 20
 

@@ -50,7 +50,7 @@ from thpcow.kernel.folio import (
     PG_SWAPBACKED,
 )
 from thpcow.kernel.mm import PMD_LEAF, PMD_TABLE, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
-from thpcow.kernel.physmem import PG_ANON_EXCLUSIVE
+from thpcow.kernel.page_alloc import PG_ANON_EXCLUSIVE
 from thpcow.kernel.task_mmu import kpagecount
 
 from conftest import ANON, RW, THP_RAM

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, PAGE_SHIFT, VM_READ, VM_WRITE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PFN_PHYS, PHYS_PFN, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
-from .physmem import PG_ANON_EXCLUSIVE
-from .mm import MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, _PAGE_SPECIAL
+from .mm import (
+    MM, PMD_LEAF, PMD_TABLE, _PAGE_HWPOISON, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_RW, vpn_pmd_index, vpn_pte_index,
+)
 from . import memory, pgtable
 
 if TYPE_CHECKING:
@@ -41,11 +42,11 @@ def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
         return -1
     # Optimization: a batch inside one VMA needs only its lowest and highest page.
     lo, hi = int(vpages.min()), int(vpages.max())
-    vma = mm.find_vma(lo << PAGE_SHIFT)
-    if vma is not None and hi < vma.end >> PAGE_SHIFT and vma.flags & need:
+    vma = mm.find_vma(PFN_PHYS(lo))
+    if vma is not None and hi < PHYS_PFN(vma.end) and vma.flags & need:
         return -1
-    starts = np.array([v.start >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
-    ends = np.array([v.end >> PAGE_SHIFT for v in mm.vmas], dtype=np.int64)
+    starts = PHYS_PFN(np.array([v.start for v in mm.vmas], dtype=np.int64))
+    ends = PHYS_PFN(np.array([v.end for v in mm.vmas], dtype=np.int64))
     ok_flags = np.array([bool(v.flags & need) for v in mm.vmas])
     i = np.searchsorted(starts, vpages, side="right") - 1
     ic = np.maximum(i, 0)
@@ -57,7 +58,7 @@ def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
 def _segv(mm: MM, vpage: int, write: bool, addr: int | None = None) -> SegmentationFault:
     """The SIGSEGV of an access to ``vpage``; ``addr`` is the exact byte when known."""
     if addr is None:
-        addr = vpage << PAGE_SHIFT
+        addr = PFN_PHYS(vpage)
     vma = mm.find_vma(addr)
     if vma is None:
         return SegmentationFault(addr, "not mapped (SEGV_MAPERR)")
@@ -71,7 +72,7 @@ def entry_state(mm: MM, vpages: np.ndarray):
     pt = mm.pt
     sc, kind = pt.pmd_entries(vpages)
     rows = np.where(kind == PMD_TABLE, pt.pmd_row[sc], 0)
-    cols = vpages & 511
+    cols = vpn_pte_index(vpages)
     pfn = np.where(kind == PMD_TABLE, pt.pte_pfn[rows, cols], -1)
     flags = np.where(kind == PMD_TABLE, pt.pte_flags[rows, cols], 0).astype(np.uint8)
     return sc, kind, rows, cols, pfn, flags
@@ -87,7 +88,7 @@ def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
         heads = k.folios.head[fids]
         huge_zero = (k.folios.flags[fids] & PG_HUGE_ZERO).astype(bool)
         pfn = pfn.copy()
-        pfn[leaf] = np.where(huge_zero, 0, heads + (vpages[leaf] & 511))
+        pfn[leaf] = np.where(huge_zero, 0, heads + vpn_pte_index(vpages[leaf]))
     return pfn
 
 
@@ -121,7 +122,7 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     if leaf.any():
         pgtable.pmd_update_flags(k, mm, np.unique(sc[leaf]), set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
         pfn = pfn.copy()
-        pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + (pages[leaf] & 511)
+        pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + vpn_pte_index(pages[leaf])
     ok = pfn >= 0
     k.mem.content[pfn[ok]] = tokens[ok]
     for p, t in zip(pages[~ok].tolist(), tokens[~ok].tolist()):
@@ -214,7 +215,7 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
 
 def _first_of_block_idx(pending: np.ndarray, sel: np.ndarray) -> np.ndarray:
     """Indexes of the first selected page of each 2 MiB block, in store order."""
-    _, first = np.unique(pending[sel] >> 9, return_index=True)
+    _, first = np.unique(vpn_pmd_index(pending[sel]), return_index=True)
     return np.flatnonzero(sel)[np.sort(first)]
 
 
@@ -232,10 +233,10 @@ def _wp_huge_pmd(k: Kernel, mm: MM, vpage: int) -> None:
     from . import huge_memory as hm
     k.balance(need=HPAGE_PMD_NR)                # as handle_mm_fault() does before reading state
     pt = mm.pt
-    s = pt.slot_of.get(vpage >> 9)
+    s = pt.slot_of.get(vpn_pmd_index(vpage))
     if s is None or pt.pmd_kind[s] != PMD_LEAF or pt.pmd_flags[s] & _PAGE_RW:
         return                                  # reclaim changed it: the next round sees what is there
-    addr = vpage << PAGE_SHIFT
+    addr = PFN_PHYS(vpage)
     vmf = memory.VmFault(mm, mm.find_vma(addr), addr, memory.FAULT_FLAG_WRITE, pmd=s,
                          orig_pmd=int(pt.pmd_flags[s]))
     if hm.do_huge_pmd_wp_page(k, vmf) != memory.VM_FAULT_FALLBACK:
@@ -248,8 +249,8 @@ def _order0_only(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
 
     out = np.zeros(len(vpages), dtype=bool)
     for v in mm.vmas:
-        sel = (vpages >= v.start >> PAGE_SHIFT) & (vpages < v.end >> PAGE_SHIFT)
-        if sel.any() and not hm.thp_vma_allowable_orders(k, mm, v, hm.TVA_PAGEFAULT, (1 << 9) - 1):
+        sel = (vpages >= PHYS_PFN(v.start)) & (vpages < PHYS_PFN(v.end))
+        if sel.any() and not hm.thp_vma_allowable_orders(k, mm, v, hm.TVA_PAGEFAULT, (1 << HPAGE_PMD_ORDER) - 1):
             out |= sel
     return out
 
@@ -257,15 +258,16 @@ def _order0_only(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
 def _fault_store(k: Kernel, mm: MM, vpage: int) -> None:
     """Scalar: fault page ``vpage`` writable unless it already is."""
     pt = mm.pt
-    addr = vpage << PAGE_SHIFT
-    s = pt.slot_of.get(vpage >> 9)
+    addr = PFN_PHYS(vpage)
+    s = pt.slot_of.get(vpn_pmd_index(vpage))
     if s is not None:
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF and pt.pmd_flags[s] & _PAGE_RW:
             return
         if kind == PMD_TABLE:
             row = pt.pmd_row[s]
-            if pt.pte_pfn[row, vpage & 511] >= 0 and pt.pte_flags[row, vpage & 511] & _PAGE_RW:
+            i = vpn_pte_index(vpage)
+            if pt.pte_pfn[row, i] >= 0 and pt.pte_flags[row, i] & _PAGE_RW:
                 return
     memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=True)
 
@@ -301,7 +303,7 @@ def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None =
         one = np.array([p])
         q = resolve_pfns(k, mm, one)[0]
         if q < 0:
-            addr = p << PAGE_SHIFT
+            addr = PFN_PHYS(p)
             memory.handle_mm_fault(k, mm, mm.find_vma(addr), addr, write=False)
             q = resolve_pfns(k, mm, one)[0]
         out[i] = k.mem.content[q]

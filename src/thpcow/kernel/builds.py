@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE
+from .constants import (
+    ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PHYS_PFN, VM_HUGEPAGE,
+)
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -88,7 +90,7 @@ class KernelBuild:
         from .huge_memory import split_huge_pmd
         from .memory import VM_FAULT_FALLBACK
         split_huge_pmd(k, mm, vma, s)
-        self.cow_split(k, mm, vma, addr & ~(HPAGE_PMD_SIZE - 1))
+        self.cow_split(k, mm, vma, addr & HPAGE_PMD_MASK)
         return VM_FAULT_FALLBACK
 
     def pte_wp_copy(self, k: Kernel, mm: MM, vma: VMA, addr: int, row: int, fid: int) -> int | None:
@@ -212,14 +214,14 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     (or when the order cannot be allocated) None, and the 4 KiB copy happens.
     """
     from . import pgtable, rmap
-    from .mm import PTE_NEW_ANON, _PAGE_RW, _PAGE_SPECIAL
-    from .physmem import PG_ANON_EXCLUSIVE
+    from .mm import PTE_NEW_ANON, _PAGE_RW, _PAGE_SPECIAL, pte_index
+    from .page_alloc import PG_ANON_EXCLUSIVE
     nr = 1 << order
-    base = addr & ~((PAGE_SIZE << order) - 1)
+    base = ALIGN_DOWN(addr, PAGE_SIZE << order)
     if base < vma.start or base + (PAGE_SIZE << order) > vma.end:
         return None
     pt = mm.pt
-    first = (base >> PAGE_SHIFT) & 511
+    first = pte_index(base)
     pfns = pt.pte_pfn[row, first: first + nr].copy()
     flags = pt.pte_flags[row, first: first + nr]
     if (pfns < 0).any() or (flags & (_PAGE_RW | _PAGE_SPECIAL)).any():
@@ -234,7 +236,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     k.folios.refcount[new] = nr
     rmap.folio_add_new_anon_rmap(k, new, mm, pmd=False)
     pgtable.set_ptes(k, mm, row, first, np.arange(pfn, pfn + nr), PTE_NEW_ANON)
-    k.mem.vpn[pfn: pfn + nr] = (base >> PAGE_SHIFT) + np.arange(nr)
+    k.mem.vpn[pfn: pfn + nr] = PHYS_PFN(base) + np.arange(nr)
     for old_pfn in pfns.tolist():              # the old pages lose their mapping once it is replaced
         old = int(k.mem.folio[old_pfn])
         rmap.folio_remove_rmap_ptes(k, old, old_pfn, 1, mm)
@@ -315,7 +317,7 @@ class CowDensity(KernelBuild):
     def pte_wp_copy(self, k, mm, vma, addr, row, fid):
         from . import huge_memory as hm
         from .khugepaged import CollapseControl, ScanResult, collapse_single_pmd
-        haddr = addr & ~(HPAGE_PMD_SIZE - 1)
+        haddr = addr & HPAGE_PMD_MASK
         key = (mm.mm_id, haddr)
         n = self.count.get(key, 0) + 1
         self.count[key] = n

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import InvariantViolation
 from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
-from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL
-from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL, swp_offset
+from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -101,11 +101,11 @@ def check_kernel(k: Kernel) -> None:
                 if k.swap is None:
                     _fail(f"mm {pid}: swap entries at {base:#x} but there is no swap device")
                 swap_ptes += int(np.count_nonzero(swp))
-                np.add.at(swap_refs, -2 - pfns[swp], 1)
+                np.add.at(swap_refs, swp_offset(pfns[swp]), 1)
             present = np.flatnonzero(pfns >= 0)
             if not len(present):
                 continue
-            addrs = base + (present << PAGE_SHIFT)
+            addrs = base + PFN_PHYS(present)
             for a in (int(addrs[0]), int(addrs[-1])):
                 if mm.find_vma(a) is None:
                     _fail(f"mm {pid}: PTE at {a:#x} lies outside every VMA")

@@ -1,4 +1,4 @@
-"""Model of mm/compaction.c (direct compaction for one THP) and mm/migrate.c.
+"""Model of mm/compaction.c: direct compaction for one THP, and kcompactd.
 
 ``compact_for_thp()`` looks for a 2 MiB pageblock whose frames are all free or
 movable (belong to anon folios that are not the huge zero folio), migrates
@@ -6,12 +6,11 @@ the movable folios to free frames outside it, and hands the now free block to
 the caller.  Unmovable pages (``PhysMem.fragment()``) make a block useless.
 The scan follows the kernel's two scanners only in spirit: candidate blocks
 are taken from the top of memory down, the cheapest (fewest pages to move)
-first among a bounded window.
+first among a bounded window.  The folios move with ``migrate_folio()``
+(:mod:`.migrate`).
 
-``migrate_folio()`` moves one folio to a new frame range, keeping every
-mapping (PMD mappings stay PMD mappings when a THP can be allocated:
-thp_migration_success; otherwise the THP is split and its pages move one by
-one: thp_migration_split).
+``wakeup_kcompactd()`` schedules the same work in the background, on the
+simulated clock.
 """
 
 from __future__ import annotations
@@ -20,14 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER
 from .folio import PG_ANON, PG_HUGE_ZERO
-from . import pgtable
+from .migrate import migrate_folio
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
 SCAN_WINDOW = 64          # pageblocks looked at per compaction attempt
+KCOMPACTD_DELAY_NS = 1_000_000      # 1 ms: the kthread runs soon after its wakeup
 
 
 def _block_cost(k: Kernel, base: int) -> int:
@@ -103,84 +103,15 @@ def compact_for_thp(k: Kernel, background: bool = False) -> int:
     return got
 
 
-def migrate_folio(k: Kernel, fid: int, allow_split: bool = True,
-                  vacated: list[tuple[int, int]] | None = None) -> int:
-    """Model of migrate_pages() for one anon folio: move it, keep its mappings.
+def wakeup_kcompactd(k: Kernel) -> None:
+    """Model of wakeup_kcompactd(): background compaction of one block, soon."""
+    if k.kcompactd_pending:
+        return
+    k.kcompactd_pending = True
 
-    Returns the new folio id, or -1 (thp_migration_fail / pgmigrate_fail).
-    A THP for which no new THP can be had is split when ``allow_split``
-    (thp_migration_split, and it counts as a failed THP migration as
-    migrate_pages_batch() does) and its pages migrated as one batch: every
-    target is allocated before any source frame is freed.  ``vacated``
-    collects the source frames instead of freeing them (for compaction).
-    """
-    from .vmscan import folio_mappings
-    f = k.folios
-    mem = k.mem
-    order = int(f.order[fid])
-    nr = 1 << order
-    ids = np.array([fid])
-    if f.refcount[fid] != f.expected_ref_count(ids, mem.mapcount[f.head[ids]])[0]:
-        k.vmstat.count_vm_event("pgmigrate_fail", nr)
-        if order >= HPAGE_PMD_ORDER:
-            k.vmstat.count_vm_event("thp_migration_fail")
-        return -1
-    new_pfn = mem.alloc(order)
-    if new_pfn < 0:
-        if order >= HPAGE_PMD_ORDER and allow_split:
-            from .huge_memory import split_folio
-            head = int(f.head[fid])
-            if split_folio(k, fid) != 0:
-                k.vmstat.count_vm_event("thp_migration_fail")
-                return -1
-            k.vmstat.count_vm_event("thp_migration_split")
-            k.vmstat.count_vm_event("thp_migration_fail")
-            batch: list[tuple[int, int]] = []
-            for p in range(head, head + nr):
-                if mem.folio[p] >= 0:
-                    migrate_folio(k, int(mem.folio[p]), allow_split=False, vacated=batch)
-            for pfn, o in batch:
-                if vacated is None:
-                    mem.free(pfn, o)
-                else:
-                    vacated.append((pfn, o))
-            return -1
-        k.vmstat.count_vm_event("pgmigrate_fail", nr)
-        if order >= HPAGE_PMD_ORDER:
-            k.vmstat.count_vm_event("thp_migration_fail")
-        return -1
-    old_head = int(f.head[fid])
-    maps = folio_mappings(k, fid)
-    # try_to_migrate(): a PMD mapping becomes a migration entry (cleared here) until
-    # remove_migration_pmd() maps the new frames; PTEs are remapped in place below.
-    pmd_flags = [pgtable.pmdp_huge_get_and_clear(k, m[1], m[2])[1] if m[0] == "pmd" else 0 for m in maps]
-    # Move the frames' state; the folio id stays, only its frames change.
-    sl_old = slice(old_head, old_head + nr)
-    sl_new = slice(new_pfn, new_pfn + nr)
-    mem.content[sl_new] = mem.content[sl_old]
-    mem.mapcount[sl_new] = mem.mapcount[sl_old]
-    mem.pflags[sl_new] = mem.pflags[sl_old]
-    mem.vpn[sl_new] = mem.vpn[sl_old]
-    mem.folio[sl_new] = fid
-    f.head[fid] = new_pfn
-    for m, pmd_fl in zip(maps, pmd_flags):
-        if m[0] == "pte":
-            _, mm, r, c, pfn = m
-            pgtable.set_pte_at(k, mm, r, c, new_pfn + (pfn - old_head), mm.pt.pte_flags[r, c])
-            k.flush_tlb_pages(mm, [mem.vpn[pfn]])
-        else:
-            base = int(m[1].pt.pmd_index[m[2]]) * HPAGE_PMD_SIZE
-            k.flush_tlb_range(m[1], base, base + HPAGE_PMD_SIZE)
-            pgtable.set_pmd_at(k, m[1], m[2], fid, pmd_fl)
-    mem.folio[sl_old] = -1
-    mem.mapcount[sl_old] = 0
-    mem.pflags[sl_old] = 0
-    if vacated is None:
-        mem.free(old_head, order)
-    else:
-        # Keep the frame out of the allocator until the batch is done.
-        vacated.append((old_head, order))
-    k.vmstat.count_vm_event("pgmigrate_success", nr)
-    if order >= HPAGE_PMD_ORDER:
-        k.vmstat.count_vm_event("thp_migration_success")
-    return fid
+    def run() -> None:
+        k.kcompactd_pending = False
+        pfn = compact_for_thp(k, background=True)
+        if pfn >= 0:
+            k.mem.free(pfn, HPAGE_PMD_ORDER)     # the block goes back to the free lists
+    k.clock.schedule(k.clock.now + KCOMPACTD_DELAY_NS, run)

@@ -1,17 +1,71 @@
-"""Constants with the kernel's names and values (x86-64, 4 KiB base pages)."""
+"""Constants with the kernel's names and values (x86-64, 4 KiB base pages), and the
+address-arithmetic macros built on them (include/linux/pfn.h, align.h, mm.h).
+
+The page-table index helpers (pmd_index(), pte_index(), ...) are in
+:mod:`.pgtable`.
+"""
 
 from __future__ import annotations
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = ~(PAGE_SIZE - 1)
-HPAGE_PMD_ORDER = 9
+PMD_SHIFT = 21
+PMD_SIZE = 1 << PMD_SHIFT
+PMD_MASK = ~(PMD_SIZE - 1)
+PTRS_PER_PTE = 512
+HPAGE_PMD_SHIFT = PMD_SHIFT
+HPAGE_PMD_ORDER = HPAGE_PMD_SHIFT - PAGE_SHIFT
 HPAGE_PMD_NR = 1 << HPAGE_PMD_ORDER
-HPAGE_PMD_SHIFT = PAGE_SHIFT + HPAGE_PMD_ORDER
 HPAGE_PMD_SIZE = 1 << HPAGE_PMD_SHIFT
 HPAGE_PMD_MASK = ~(HPAGE_PMD_SIZE - 1)
-PTRS_PER_PTE = 512
 MAX_PAGE_ORDER = 10          # buddy orders 0..10 (4 KiB .. 4 MiB)
+
+
+# -- address arithmetic ------------------------------------------------------------------------
+# Plain operators on their arguments, so that each works on a Python int and on a
+# NumPy integer array alike (one array expression, no loop).  Alignments are powers of two.
+# thpcow also counts virtual pages (a "vpn" is addr >> PAGE_SHIFT); PFN_PHYS() and
+# PHYS_PFN() convert those too.
+
+def PFN_PHYS(pfn):
+    """PFN_PHYS(): the address of page number ``pfn``."""
+    return pfn << PAGE_SHIFT
+
+
+def PHYS_PFN(addr):
+    """PHYS_PFN(): the number of the page holding ``addr``."""
+    return addr >> PAGE_SHIFT
+
+
+def ALIGN(x, a):
+    """ALIGN(): ``x`` rounded up to a multiple of ``a``."""
+    return (x + (a - 1)) & ~(a - 1)
+
+
+def ALIGN_DOWN(x, a):
+    """ALIGN_DOWN(): ``x`` rounded down to a multiple of ``a``."""
+    return x & ~(a - 1)
+
+
+def IS_ALIGNED(x, a):
+    """IS_ALIGNED(): is ``x`` a multiple of ``a``?"""
+    return (x & (a - 1)) == 0
+
+
+def PAGE_ALIGN(addr):
+    """PAGE_ALIGN(): ``addr`` rounded up to a page boundary."""
+    return (addr + (PAGE_SIZE - 1)) & PAGE_MASK
+
+
+def PAGE_ALIGNED(addr):
+    """PAGE_ALIGNED(): is ``addr`` on a page boundary?"""
+    return (addr & ~PAGE_MASK) == 0
+
+
+def offset_in_page(addr):
+    """offset_in_page(): the offset of ``addr`` within its page."""
+    return addr & ~PAGE_MASK
 
 # Anonymous mTHP orders that have sysfs controls on x86-64: 16K .. 2M.
 # Order 1 is never used for anonymous memory.

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from .constants import VM_DONTCOPY, VM_LOCKED, VM_WIPEONFORK
 from .mm import MM, VMA
+from .khugepaged import khugepaged_fork
 from . import memory
 
 if TYPE_CHECKING:
@@ -31,6 +32,5 @@ def dup_mmap(k: Kernel, child: MM, parent: MM) -> None:
             continue
         cv.anon_vma = k.new_anon_vma_id()           # anon_vma_fork()
         memory.copy_page_range(k, child, parent, v)
-    if parent.khugepaged:
-        k.khugepaged_enter(child)
+    khugepaged_fork(k, child, parent)
     k.flush_tlb_range(parent, 0, 1 << 47)            # flush_tlb_mm(oldmm): the parent was write-protected

@@ -2,26 +2,30 @@
 
 Faults (``do_huge_pmd_anonymous_page``, ``do_huge_pmd_wp_page``), fork
 (``copy_huge_pmd``), unmapping (``zap_huge_pmd``), splitting a PMD mapping
-(``split_huge_pmd``) and splitting a folio (``split_folio``), plus the
-eligibility helpers (``thp_vma_allowable_orders``).
+(``split_huge_pmd``) and splitting a folio (``split_folio``), the deferred
+split shrinker (``deferred_split_scan``), plus the eligibility helpers
+(``thp_vma_allowable_orders``).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .constants import (
-    HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE,
+    ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, VM_HUGEPAGE,
+    VM_NOHUGEPAGE, VM_WRITE,
 )
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
 from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL,
+    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
 )
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, ZERO_PFN, Gfp, alloc_thp
+from .swap import folio_add_lru
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
@@ -29,11 +33,24 @@ if TYPE_CHECKING:
 
 ALL_ANON_ORDERS = sum(1 << o for o in range(2, HPAGE_PMD_ORDER + 1))
 
-# tva types (enum tva_type)
-TVA_SMAPS = "smaps"
-TVA_PAGEFAULT = "pagefault"
-TVA_KHUGEPAGED = "khugepaged"
-TVA_FORCED_COLLAPSE = "forced_collapse"
+
+class TvaType(enum.Enum):
+    """Model of enum tva_type: who asks thp_vma_allowable_orders().
+
+    The values are the strings thpcow used before, which
+    thp_vma_allowable_orders() still accepts.
+    """
+
+    TVA_SMAPS = "smaps"                        # /proc/PID/smaps' THPeligible
+    TVA_PAGEFAULT = "pagefault"                # the fault path
+    TVA_KHUGEPAGED = "khugepaged"              # the khugepaged daemon
+    TVA_FORCED_COLLAPSE = "forced_collapse"    # MADV_COLLAPSE
+
+
+TVA_SMAPS = TvaType.TVA_SMAPS
+TVA_PAGEFAULT = TvaType.TVA_PAGEFAULT
+TVA_KHUGEPAGED = TvaType.TVA_KHUGEPAGED
+TVA_FORCED_COLLAPSE = TvaType.TVA_FORCED_COLLAPSE
 
 
 # -- eligibility ----------------------------------------------------------------------
@@ -56,20 +73,23 @@ def thp_vma_suitable_orders(vma: VMA, addr: int, orders: int) -> int:
         order = o.bit_length() - 1
         o &= ~(1 << order)
         size = PAGE_SIZE << order
-        haddr = addr & ~(size - 1)
+        haddr = ALIGN_DOWN(addr, size)
         if haddr >= vma.start and haddr + size <= vma.end:
             out |= 1 << order
     return out
 
 
-def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int = ALL_ANON_ORDERS) -> int:
+def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: TvaType, orders: int = ALL_ANON_ORDERS) -> int:
     """Model of thp_vma_allowable_orders()/__thp_vma_allowable_orders() for anon VMAs.
 
     Guard clauses in the kernel's order: the VMA or the mm disabled THP; the
     sysfs mask (skipped by MADV_COLLAPSE); khugepaged and collapse need an
     anon_vma; non-fault users need the order to fit at the end of the VMA.
+    ``tva`` may also be a :class:`TvaType` value ("pagefault", ...).
     """
-    forced = tva == TVA_FORCED_COLLAPSE
+    if tva.__class__ is not TvaType:
+        tva = TvaType(tva)
+    forced = tva is TVA_FORCED_COLLAPSE
     if not k.thp_supported:
         return 0
     if vma_thp_disabled(mm, vma, forced):
@@ -78,9 +98,9 @@ def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int 
         orders &= k.sysfs_orders(bool(vma.flags & VM_HUGEPAGE))
     if not orders:
         return 0
-    if tva in (TVA_KHUGEPAGED, TVA_FORCED_COLLAPSE) and not vma.anon_vma:
+    if (tva is TVA_KHUGEPAGED or forced) and not vma.anon_vma:
         return 0
-    if tva != TVA_PAGEFAULT:
+    if tva is not TVA_PAGEFAULT:
         # The highest order whose block ending at vm_end fits, and every lower one.
         o = orders
         while o:
@@ -92,40 +112,40 @@ def thp_vma_allowable_orders(k: Kernel, mm: MM, vma: VMA, tva: str, orders: int 
     return orders
 
 
-def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: str) -> bool:
+def thp_vma_allowable_order(k: Kernel, mm: MM, vma: VMA, order: int, tva: TvaType) -> bool:
     return bool(thp_vma_allowable_orders(k, mm, vma, tva, 1 << order))
 
 
-# How a THP allocation may try (the __GFP_* reclaim bits vma_thp_gfp_mask() picks).
-GFP_DIRECT = "direct"          # __GFP_DIRECT_RECLAIM: stall for compaction
-GFP_KSWAPD = "kswapd"          # __GFP_KSWAPD_RECLAIM: fail fast, wake kswapd/kcompactd
-GFP_LIGHT = "light"            # neither: fail fast
+# The masks vma_thp_gfp_mask() returns (combined once: IntFlag operations are slow).
+_GFP_LIGHT_KSWAPD = GFP_TRANSHUGE_LIGHT | Gfp.KSWAPD_RECLAIM
+_GFP_LIGHT_DIRECT = GFP_TRANSHUGE_LIGHT | Gfp.DIRECT_RECLAIM
 
 
-def vma_thp_gfp_mask(k: Kernel, vma: VMA) -> str:
+def vma_thp_gfp_mask(k: Kernel, vma: VMA) -> Gfp:
     """Model of vma_thp_gfp_mask(): stall, defer to kcompactd, or just fall back.
 
-    always: direct for everyone (NORETRY outside MADV_HUGEPAGE regions);
-    defer: wake kswapd/kcompactd, never stall; defer+madvise: direct in
-    MADV_HUGEPAGE regions, wake kswapd/kcompactd elsewhere; madvise: direct in
-    MADV_HUGEPAGE regions, nothing elsewhere; never: nothing.
+    always: direct reclaim for everyone (NORETRY outside MADV_HUGEPAGE
+    regions, not modelled); defer: wake kswapd/kcompactd, never stall;
+    defer+madvise: direct in MADV_HUGEPAGE regions, wake kswapd/kcompactd
+    elsewhere; madvise: direct in MADV_HUGEPAGE regions, nothing elsewhere;
+    never: nothing.
     """
     mode = k.sysfs.defrag
     advised = bool(vma.flags & VM_HUGEPAGE)
     if mode == "always":
-        return GFP_DIRECT
+        return GFP_TRANSHUGE
     if mode == "defer":
-        return GFP_KSWAPD
+        return _GFP_LIGHT_KSWAPD
     if mode == "defer+madvise":
-        return GFP_DIRECT if advised else GFP_KSWAPD
+        return _GFP_LIGHT_DIRECT if advised else _GFP_LIGHT_KSWAPD
     if mode == "madvise":
-        return GFP_DIRECT if advised else GFP_LIGHT
-    return GFP_LIGHT
+        return _GFP_LIGHT_DIRECT if advised else GFP_TRANSHUGE_LIGHT
+    return GFP_TRANSHUGE_LIGHT
 
 
 def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
     """Model of vma_alloc_anon_folio_pmd(): an order-9 folio, or -1 with fallback counted."""
-    pfn = k.alloc_thp(vma_thp_gfp_mask(k, vma))
+    pfn = alloc_thp(k, vma_thp_gfp_mask(k, vma))
     if pfn < 0:
         k.vmstat.count_vm_event("thp_fault_fallback")
         k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_fallback")
@@ -174,6 +194,23 @@ def _install_deposit(mm: MM) -> None:
     mm.nr_ptes += 1
 
 
+def mm_get_huge_zero_folio(k: Kernel, mm: MM) -> int:
+    """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
+    if k.huge_zero_fid < 0:
+        pfn = k.mem.alloc(HPAGE_PMD_ORDER)
+        if pfn < 0:
+            k.vmstat.count_vm_event("thp_zero_page_alloc_failed")
+            return -1
+        k.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
+        fid = k.new_folio(pfn, HPAGE_PMD_ORDER)
+        k.folios.flags[fid] = PG_HUGE_ZERO
+        k.folios.refcount[fid] = 1
+        k.huge_zero_fid = fid
+        k.vmstat.count_vm_event("thp_zero_page_alloc")
+    mm.huge_zero = True
+    return k.huge_zero_fid
+
+
 def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     """Model of do_huge_pmd_anonymous_page().
 
@@ -182,13 +219,14 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     a THP with the defrag semantics, counting thp_fault_fallback on failure.
     """
     mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
-    haddr = vmf.address & ~(HPAGE_PMD_SIZE - 1)
+    haddr = vmf.address & HPAGE_PMD_MASK
     if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
         return VM_FAULT_FALLBACK
+    from .khugepaged import khugepaged_enter_vma
     anon_vma_prepare(k, vma)
-    k.khugepaged_enter_vma(mm, vma)
+    khugepaged_enter_vma(k, mm, vma)
     if not vmf.flags & FAULT_FLAG_WRITE and k.sysfs.use_zero_page:
-        zfid = k.get_huge_zero_folio(mm)
+        zfid = mm_get_huge_zero_folio(k, mm)
         if zfid < 0:
             k.vmstat.count_vm_event("thp_fault_fallback")
             return VM_FAULT_FALLBACK
@@ -211,7 +249,7 @@ def do_huge_zero_wp_pmd(k: Kernel, vmf: VmFault) -> int:
         split_huge_pmd(k, vmf.mm, vmf.vma, vmf.pmd)
         return VM_FAULT_FALLBACK
     pgtable.pmdp_huge_get_and_clear(k, vmf.mm, vmf.pmd)   # pmdp_huge_clear_flush(); the deposit stays
-    base = vmf.address & ~(HPAGE_PMD_SIZE - 1)
+    base = vmf.address & HPAGE_PMD_MASK
     k.flush_tlb_range(vmf.mm, base, base + HPAGE_PMD_SIZE)
     map_anon_folio_pmd_pf(k, fid, vmf, True)
     return VM_FAULT_OK
@@ -378,7 +416,6 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
     pgtable.pmd_populate(k, mm, s, row)
     f = k.folios
     if f.flags[fid] & PG_HUGE_ZERO:
-        from .physmem import ZERO_PFN
         pgtable.set_ptes(k, mm, row, 0, ZERO_PFN, PTE_ZERO, nr=HPAGE_PMD_NR)
         return
     head = int(f.head[fid])
@@ -394,14 +431,14 @@ def split_huge_pmd(k: Kernel, mm: MM, vma: VMA, s: int) -> None:
 
 def split_huge_pmd_address(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
     """Model of split_huge_pmd_address(): split the PMD leaf covering addr, if any."""
-    s = mm.pt.slot_of.get(addr >> (PAGE_SHIFT + 9))
+    s = mm.pt.slot_of.get(pmd_index(addr))
     if s is not None:
         split_huge_pmd(k, mm, vma, s)
 
 
 def vma_adjust_trans_huge(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
     """Model of vma_adjust_trans_huge(): a VMA boundary inside a 2 MiB block splits its PMD."""
-    if addr & (HPAGE_PMD_SIZE - 1):
+    if not IS_ALIGNED(addr, HPAGE_PMD_SIZE):
         split_huge_pmd_address(k, mm, vma, addr)
 
 
@@ -429,7 +466,7 @@ def split_folio(k: Kernel, fid: int) -> int:
         return -_e.EAGAIN
     # Unmap every PMD mapping by splitting it (the kernel uses migration entries).
     if f.entire[fid]:
-        for mm, vma, s in k.rmap_walk_pmd(fid):
+        for mm, vma, s in rmap.rmap_walk_pmd(k, fid):
             split_huge_pmd(k, mm, vma, s)
     split_folios_unmapped_pmd(k, np.array([fid], dtype=np.int64))
     return 0
@@ -464,7 +501,7 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     mapcounts = mem.mapcount[pfns]
     live = mapcounts > 0
     new_ids = f.alloc_bulk(pfns[live])
-    k.lru_add(new_ids)
+    folio_add_lru(k, new_ids)
     mem.folio[pfns[live]] = new_ids
     f.refcount[new_ids] = mapcounts[live]
     f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
@@ -472,3 +509,72 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     mem.folio[dead] = -1
     mem.pflags[dead] = 0
     mem.free_bulk(dead)
+
+
+# -- the deferred split shrinker ----------------------------------------------------------------------------
+def thp_underused(k: Kernel, fid: int) -> bool:
+    """Model of thp_underused(): more than max_ptes_none zero-filled pages (never at 511)."""
+    limit = k.sysfs.max_ptes_none
+    if limit == HPAGE_PMD_NR - 1:
+        return False
+    head = int(k.folios.head[fid])
+    zeros = int(np.count_nonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0))
+    return zeros > limit
+
+
+def deferred_split_scan(k: Kernel, nr_to_scan: int | None = None) -> int:
+    """Model of deferred_split_scan(): split partially mapped and underused THPs.
+
+    A partially mapped folio is split (its unmapped pages are freed); one that
+    is not partially mapped is split when thp_underused() says so, counting
+    thp_underused_split_page, and its zero-filled pages are remapped to the
+    shared zero page instead of being kept.  Others leave the queue.
+    Returns the pages freed.
+    """
+    f = k.folios
+    freed = 0
+    queue = list(k.deferred)[: nr_to_scan] if nr_to_scan else list(k.deferred)
+    # Optimization: the partially mapped folios that can be split (no PMD
+    # mapping, no extra references) are split together.
+    q = np.array(queue, dtype=np.int64)
+    if len(q):
+        ok = f.used[q] & (f.flags[q] & PG_PARTIALLY_MAPPED).astype(bool) & (f.entire[q] == 0) & \
+            (f.refcount[q] == f.large[q]) & (f.order[q] >= 2)
+        if ok.any():
+            before = k.mem.nr_free
+            split_folios_unmapped_pmd(k, q[ok])
+            freed += k.mem.nr_free - before
+    for fid in queue:
+        if fid not in k.deferred or not f.used[fid]:
+            continue
+        before = k.mem.nr_free
+        if f.flags[fid] & PG_PARTIALLY_MAPPED:
+            if split_folio(k, fid) != 0:
+                continue                              # requeued: stays on the list
+        elif f.order[fid] >= HPAGE_PMD_ORDER and thp_underused(k, fid):
+            head = int(f.head[fid])
+            zero_pages = np.flatnonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0) + head
+            if split_folio(k, fid) != 0:
+                continue
+            k.vmstat.count_vm_event("thp_underused_split_page")
+            remap_zero_pages(k, zero_pages)
+        else:
+            rmap.folio_unqueue_deferred_split(k, fid)
+        freed += k.mem.nr_free - before
+    return freed
+
+
+def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
+    """After an underused split, map the zero page where the split pages held zeros."""
+    for pfn in pfns.tolist():
+        fid = int(k.mem.folio[pfn])
+        if fid < 0:
+            continue
+        for m in rmap.folio_mappings(k, fid):
+            if m[0] != "pte":
+                continue
+            _, mm, r, c, p = m
+            pgtable.set_pte_at(k, mm, r, c, ZERO_PFN, PTE_ZERO)
+            rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
+            mm.rss_anon -= 1
+            rmap.folio_put(k, fid)

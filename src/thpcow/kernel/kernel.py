@@ -1,10 +1,16 @@
 """The simulated kernel: one machine's memory, its processes and their system calls.
 
 :class:`Kernel` holds the global state (frames, folios, counters, sysfs, the
-deferred split queue, the huge zero folio) and :class:`Process` is the user
-view of one task: ``mmap``, ``munmap``, ``mprotect``, ``mremap``, ``madvise``,
-``prctl``, ``fork``, ``exit`` and loads/stores.  Every call either succeeds or
-raises :class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
+LRU, the deferred split queue, the huge zero folio, the watermarks) and
+:class:`Process` is the user view of one task: ``mmap``, ``munmap``,
+``mprotect``, ``mremap``, ``madvise``, ``prctl``, ``fork``, ``exit`` and
+loads/stores.  Every call either succeeds or raises
+:class:`~thpcow.kernel.errors.KernelError` with the kernel's errno.
+
+The work is in the modules named after the kernel's files; ``Kernel``'s own
+methods are thin entry points into them (``balance()``:
+``vmscan.balance_pgdat()``; ``alloc_thp()``: ``page_alloc.alloc_thp()``;
+``memory_failure()``, ``migrate()``, ``reclaim()``).
 
 With ``check=True`` the invariant checker (:mod:`thpcow.kernel.check`) runs
 after every system call and every access, as DEBUG_VM does, and
@@ -16,23 +22,24 @@ off on its own (by default it follows ``check``).
 from __future__ import annotations
 
 import errno as E
-from typing import Iterator
 
 import numpy as np
 
 from .constants import (
-    HPAGE_PMD_NR, HPAGE_PMD_ORDER, MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SHIFT, PAGE_SIZE,
+    MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SIZE, PFN_PHYS, PHYS_PFN,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
 )
 from .errors import KernelError, einval
-from .folio import PG_HUGE_ZERO, FolioTable
+from .folio import FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
-from .physmem import PhysMem
+from .page_alloc import PhysMem
+from .swap import Lruvec
 from .sysfs import Sysfs
 from .vmstat import VmStat
-from . import access, fork as _fork, huge_memory as hm, madvise as _madvise
+from . import access, fork as _fork, madvise as _madvise
 from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
+from . import memory_failure as _memory_failure, page_alloc, vmscan
 
 
 class Kernel:
@@ -87,20 +94,16 @@ class Kernel:
             raise einval("Kernel", f"fragmentation={fragmentation}: must be within [0, 1]")
         self.unmovable_pages = self.mem.fragment(fragmentation, self.rng) if fragmentation else 0
         self.deferred: dict[int, None] = {}          # the deferred split queue
-        # The anon LRU is a stamp per folio (FolioTable.lru): oldest = smallest.
-        self._lru_tail = 1 << 40
-        self._lru_head = (1 << 40) - 1
-        self._lru_buf = None
-        self._lru_pos = 0
-        self._kcompactd_pending = False
+        self.lruvec = Lruvec()                       # the anon LRU (a stamp per folio in FolioTable.lru)
+        self.kcompactd_pending = False               # wakeup_kcompactd() queued its run
         # TLB flushes the kernel would issue, for a machine model to replay:
         # (pid, start, end) ranges or (pid, vpn array) single pages.  None: off.
         self.tlb_flush_log: list | None = None
-        from .swap import SwapDevice
+        from .swapfile import SwapDevice
         if swap < 0:
             raise einval("Kernel", f"swap={swap}: must be >= 0")
         self.swap = SwapDevice(swap) if swap else None
-        self._set_watermarks()
+        page_alloc.setup_per_zone_wmarks(self)       # wmark_min, wmark_low, wmark_high
         self.huge_zero_fid = -1
         self.procs: dict[int, Process] = {}
         self.khugepaged_mms: dict[int, None] = {}    # khugepaged_scan.mm_head
@@ -144,41 +147,13 @@ class Kernel:
         self._next_anon_vma += 1
         return self._next_anon_vma
 
-    # -- watermarks and reclaim -------------------------------------------------------------------
-    def _set_watermarks(self) -> None:
-        """Model of __setup_per_zone_wmarks(): min from min_free_kbytes, low/high above it.
-
-        min_free_kbytes = sqrt(16 x RAM in kB), clamped to [128 kB, 256 MiB]
-        (init_per_zone_wmark_min()); the low and high gaps are
-        max(min/4, RAM x watermark_scale_factor/10000) with the default factor 10.
-        """
-        ram_kb = self.ram >> 10
-        min_kb = min(max(int((ram_kb * 16) ** 0.5), 128), 256 << 10)
-        self.wmark_min = min_kb // 4
-        gap = max(self.wmark_min // 4, (self.ram // 4096) * 10 // 10000)
-        self.wmark_low = self.wmark_min + gap
-        self.wmark_high = self.wmark_min + 2 * gap
-
+    # -- reclaim and allocation (vmscan.py, page_alloc.py) ----------------------------------------
     def balance(self, need: int = 0) -> None:
-        """kswapd: when free memory would fall under the low watermark, reclaim up to the high one.
+        """kswapd: reclaim when free memory would fall under the low watermark (vmscan.balance_pgdat()).
 
-        ``need``: pages the caller is about to allocate.  Called at the start
-        of a fault (before any page-table state is read) and of a batch, never
-        in the middle of one, so reclaim never pulls a page out from under a
-        fault in progress.
-
-        Simplification: kswapd runs synchronously and takes no simulated time;
-        direct reclaim is folded into it (a fault that finds memory short
-        reclaims first).
+        ``need``: pages the caller is about to allocate.
         """
-        if self.mem.nr_free - need >= self.wmark_low:
-            return
-        from . import vmscan
-        vmscan.shrink_deferred(self)
-        target = self.wmark_high + need - self.mem.nr_free
-        if target > 0:
-            # kswapd reclaims in SWAP_CLUSTER_MAX-sized steps; take at least a few of them.
-            vmscan.shrink_lru(self, max(target, 4 * 32))
+        vmscan.balance_pgdat(self, need)
 
     def alloc_page(self) -> int:
         """An order-0 frame (memory was balanced at the start of the fault); -1 means OOM."""
@@ -188,6 +163,21 @@ class Kernel:
         """``n`` order-0 frames at once, or None (the batch was balanced before it began)."""
         return self.mem.alloc_bulk(n)
 
+    def alloc_thp(self, gfp: "page_alloc.Gfp | str | bool") -> int:
+        """An order-9 block, or -1: see :func:`.page_alloc.alloc_thp`.
+
+        ``gfp``: a :class:`.page_alloc.Gfp` (huge_memory.vma_thp_gfp_mask()),
+        or as before "direct", "kswapd", "light", ``True``/``False``.
+        """
+        return page_alloc.alloc_thp(self, page_alloc.gfp_from(gfp))
+
+    def new_folio(self, pfn: int, order: int) -> int:
+        """Make the allocated frames [pfn, pfn + 2^order) one folio; returns its id."""
+        fid = self.folios.alloc(pfn, order)
+        self.mem.folio[pfn: pfn + (1 << order)] = fid
+        return fid
+
+    # -- TLB flushes ------------------------------------------------------------------------------
     def flush_tlb_range(self, mm: MM, start: int, end: int) -> None:
         """Model of flush_tlb_range()/flush_tlb_mm(): recorded when a machine model listens."""
         if self.tlb_flush_log is not None:
@@ -197,120 +187,6 @@ class Kernel:
         """Model of flush_tlb_page() for many pages (COW remaps, swap-out)."""
         if self.tlb_flush_log is not None and len(vpns):
             self.tlb_flush_log.append((mm.pid, np.asarray(vpns, dtype=np.int64)))
-
-    def lru_add(self, fid) -> None:
-        """folio_add_lru(): to the tail (youngest end); ``fid`` may be an array of ids."""
-        if isinstance(fid, np.ndarray):
-            n = len(fid)
-            self.folios.lru[fid] = np.arange(self._lru_tail, self._lru_tail + n)
-            self._lru_tail += n
-        else:
-            self.folios.lru[fid] = self._lru_tail
-            self._lru_tail += 1
-
-    def lru_deactivate(self, fid: int) -> None:
-        """deactivate_file_folio()/lru_deactivate: to the head (reclaimed first)."""
-        self.folios.lru[fid] = self._lru_head
-        self._lru_head -= 1
-        self._lru_buf = None
-
-    def lru_oldest(self, n: int) -> np.ndarray:
-        """The ``n`` oldest folios on the LRU, oldest first (taken off it).
-
-        Optimization: the oldest few thousand are sorted once and handed out
-        from that buffer while their stamps still hold (folios added later
-        are younger than all of them).
-        """
-        f = self.folios
-        out = []
-        need = n
-        while need:
-            buf = self._lru_buf
-            if buf is None or self._lru_pos >= len(buf[0]):
-                stamps = f.lru[: f._next]
-                on = np.flatnonzero(stamps >= 0)
-                if not len(on):
-                    break
-                m = min(len(on), max(4 * n, 262144))
-                if len(on) > m:
-                    on = on[np.argpartition(stamps[on], m - 1)[:m]]
-                on = on[np.argsort(stamps[on], kind="stable")]
-                self._lru_buf = buf = (on, stamps[on].copy())
-                self._lru_pos = 0
-            ids, st = buf
-            take = ids[self._lru_pos: self._lru_pos + need]
-            valid = f.lru[take] == st[self._lru_pos: self._lru_pos + need]
-            self._lru_pos += len(take)
-            take = take[valid]
-            f.lru[take] = -1
-            out.append(take)
-            need -= len(take)
-        return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
-
-    def lru_len(self) -> int:
-        return int(np.count_nonzero(self.folios.lru[: self.folios._next] >= 0))
-
-    # -- allocation helpers ---------------------------------------------------------------
-    def new_folio(self, pfn: int, order: int) -> int:
-        fid = self.folios.alloc(pfn, order)
-        self.mem.folio[pfn: pfn + (1 << order)] = fid
-        return fid
-
-    def alloc_thp(self, gfp: "str | bool") -> int:
-        """An order-9 block, or -1.
-
-        ``gfp`` (huge_memory.vma_thp_gfp_mask()): "direct" stalls in direct
-        compaction, which tries to build a block by migrating the movable pages
-        out of a pageblock (compact_stall/success/fail); "kswapd" fails at once
-        but wakes kcompactd, which compacts one block in the background a
-        little later on the simulated clock; "light" just fails.  The caller
-        falls back.  (``True``/``False`` mean "direct"/"light".)
-        """
-        if gfp is True:
-            gfp = "direct"
-        elif gfp is False:
-            gfp = "light"
-        pfn = self.mem.alloc(HPAGE_PMD_ORDER)
-        if pfn < 0 and gfp == "direct":
-            from .compaction import compact_for_thp
-            pfn = compact_for_thp(self)
-        if pfn < 0 and gfp == "kswapd":
-            self.wakeup_kcompactd()
-        if pfn < 0:
-            pfn = self.build.alloc_thp_fallback(self)
-        return pfn
-
-    KCOMPACTD_DELAY_NS = 1_000_000      # 1 ms: the kthread runs soon after its wakeup
-
-    def wakeup_kcompactd(self) -> None:
-        """Model of wakeup_kcompactd(): background compaction of one block, soon."""
-        if self._kcompactd_pending:
-            return
-        self._kcompactd_pending = True
-
-        def run() -> None:
-            from .compaction import compact_for_thp
-            self._kcompactd_pending = False
-            pfn = compact_for_thp(self, background=True)
-            if pfn >= 0:
-                self.mem.free(pfn, HPAGE_PMD_ORDER)     # the block goes back to the free lists
-        self.clock.schedule(self.clock.now + self.KCOMPACTD_DELAY_NS, run)
-
-    def get_huge_zero_folio(self, mm: MM) -> int:
-        """Model of mm_get_huge_zero_folio(): the huge zero folio, allocated on first use."""
-        if self.huge_zero_fid < 0:
-            pfn = self.mem.alloc(HPAGE_PMD_ORDER)
-            if pfn < 0:
-                self.vmstat.count_vm_event("thp_zero_page_alloc_failed")
-                return -1
-            self.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
-            fid = self.new_folio(pfn, HPAGE_PMD_ORDER)
-            self.folios.flags[fid] = PG_HUGE_ZERO
-            self.folios.refcount[fid] = 1
-            self.huge_zero_fid = fid
-            self.vmstat.count_vm_event("thp_zero_page_alloc")
-        mm.huge_zero = True
-        return self.huge_zero_fid
 
     def _sysfs_changed(self, path: str, old: str, new: str) -> None:
         """enabled_store()/anon_enabled_store() (re)start or stop khugepaged."""
@@ -343,46 +219,16 @@ class Kernel:
     def sysfs_orders(self, vm_hugepage: bool) -> int:
         return self.sysfs.anon_orders(vm_hugepage)
 
-    # -- khugepaged registration (the daemon itself comes with the lifecycle work) -----------
-    def khugepaged_enter(self, mm: MM) -> None:
-        """Model of __khugepaged_enter(): put the mm on khugepaged's list once."""
-        if not mm.khugepaged:
-            mm.khugepaged = True
-            self.khugepaged_mms[mm.pid] = None
-
-    def khugepaged_enter_vma(self, mm: MM, vma: VMA) -> None:
-        """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
-        if mm.khugepaged or not self.hugepage_pmd_enabled():
-            return
-        if hm.thp_vma_allowable_order(self, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
-            self.khugepaged_enter(mm)
-
-    def hugepage_pmd_enabled(self) -> bool:
-        """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
-        return bool(self.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
-
-    # -- rmap walk (slow; used by split_folio) ----------------------------------------------
-    def rmap_walk_pmd(self, fid: int) -> Iterator[tuple[MM, VMA, int]]:
-        """Every (mm, vma, slot) whose PMD leaf maps folio ``fid``."""
-        from .vmscan import folio_mappings
-        out = []
-        for m in folio_mappings(self, fid):
-            if m[0] == "pmd":
-                addr = int(m[1].pt.pmd_index[m[2]]) << (PAGE_SHIFT + 9)
-                out.append((m[1], m[1].find_vma(addr), m[2]))
-        return iter(out)
-
     def memory_failure(self, pfn: int) -> None:
-        """Poison one frame (as a hardware memory error would); see vmscan.memory_failure()."""
-        from . import vmscan
+        """Poison one frame (as a hardware memory error would); see memory_failure.memory_failure()."""
         if not 0 < pfn < self.mem.nr_frames:
             raise einval("memory_failure", f"pfn={pfn:#x}: outside memory")
-        vmscan.memory_failure(self, pfn)
+        _memory_failure.memory_failure(self, pfn)
         self._after()
 
     def migrate(self, pfn: int) -> int:
         """Migrate the folio holding ``pfn`` (as NUMA balancing or offlining would)."""
-        from .compaction import migrate_folio
+        from .migrate import migrate_folio
         fid = int(self.mem.folio[pfn]) if 0 <= pfn < self.mem.nr_frames else -1
         if fid < 0:
             raise einval("migrate", f"pfn={pfn:#x}: not a page of a folio")
@@ -392,15 +238,14 @@ class Kernel:
 
     def reclaim(self, nr_pages: int) -> int:
         """Run reclaim now (as kswapd would): returns the pages freed."""
-        from . import vmscan
-        freed = vmscan.shrink_deferred(self)
+        freed = vmscan.shrink_slab(self)
         freed += vmscan.shrink_lru(self, max(0, nr_pages - freed))
         self._after()
         return freed
 
     def populate(self, mm: MM, start: int, length: int, write: bool) -> None:
         """Model of populate_vma_page_range() (MAP_POPULATE)."""
-        pages = np.arange(start >> PAGE_SHIFT, (start + length) >> PAGE_SHIFT, dtype=np.int64)
+        pages = np.arange(PHYS_PFN(start), PHYS_PFN(start + length), dtype=np.int64)
         if write:
             access.write_pages(self, mm, pages, self.mem.content[np.zeros(len(pages), dtype=np.int64)])
         else:
@@ -537,13 +382,13 @@ class Process:
         """Many small stores (each within one page), in order: the batched path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages, addrs >> PAGE_SHIFT, tokens, addrs)
+        self._sys("write", access.write_pages, PHYS_PFN(addrs), tokens, addrs)
 
     def write_many_scalar(self, addrs, tokens) -> None:
         """The same stores through the one-page-at-a-time reference path."""
         addrs = np.asarray(addrs, dtype=np.int64)
         tokens = np.broadcast_to(np.asarray(tokens, dtype=np.int64), addrs.shape)
-        self._sys("write", access.write_pages_scalar, addrs >> PAGE_SHIFT, tokens, addrs)
+        self._sys("write", access.write_pages_scalar, PHYS_PFN(addrs), tokens, addrs)
 
     def read(self, addr: int, length: int = 1) -> np.ndarray:
         """Load ``length`` bytes at ``addr``: the token of every page touched."""
@@ -552,12 +397,12 @@ class Process:
 
     def read_many(self, addrs) -> np.ndarray:
         addrs = np.asarray(addrs, dtype=np.int64)
-        return self._sys("read", access.read_pages, addrs >> PAGE_SHIFT, addrs)
+        return self._sys("read", access.read_pages, PHYS_PFN(addrs), addrs)
 
     @staticmethod
     def _byte_addrs(addr: int, pages: np.ndarray) -> np.ndarray:
         """The first byte each page of an access touches: addr itself, then page starts."""
-        out = pages << PAGE_SHIFT
+        out = PFN_PHYS(pages)
         out[0] = addr
         return out
 
@@ -567,7 +412,7 @@ class Process:
         if addr < 0 or addr + length > 1 << 47:
             from .errors import SegmentationFault
             raise SegmentationFault(max(addr, 0), "outside the user address space")
-        return np.arange(addr >> PAGE_SHIFT, ((addr + length - 1) >> PAGE_SHIFT) + 1, dtype=np.int64)
+        return np.arange(PHYS_PFN(addr), PHYS_PFN(addr + length - 1) + 1, dtype=np.int64)
 
     # -- views -------------------------------------------------------------------------------------------
     def smaps(self) -> str:

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT
+from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
 from .folio import PG_SWAPBACKED
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL
+from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, alloc_thp
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
 from . import pgtable, rmap
 
@@ -90,7 +91,7 @@ def _nr_maybe_shared(k: Kernel, pfns: np.ndarray) -> int:
 def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
     """Model of collapse_scan_pmd() for anonymous memory (PMD order)."""
     pt = mm.pt
-    s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+    s = pt.slot_of.get(pmd_index(haddr))
     if s is None or pt.pmd_kind[s] == 0:
         return ScanResult.SCAN_PMD_NULL
     if pt.pmd_kind[s] == PMD_LEAF:
@@ -132,8 +133,9 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     by the number of entries that were empty or the zero page; the old page
     table becomes the new PMD's deposit (nr_ptes unchanged).
     """
+    # alloc_hugepage_khugepaged_gfpmask(); MADV_COLLAPSE always may stall
     direct = k.sysfs.khugepaged_defrag if cc.is_khugepaged else True
-    pfn = k.alloc_thp("direct" if direct else "light")
+    pfn = alloc_thp(k, GFP_TRANSHUGE if direct else GFP_TRANSHUGE_LIGHT)
     if pfn < 0:
         k.vmstat.count_vm_event("thp_collapse_alloc_failed")
         return ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL
@@ -145,14 +147,14 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
         rmap.free_folio(k, new)
         return ScanResult.SCAN_VMA_CHECK
     pt = mm.pt
-    s = pt.slot_of[haddr >> (PAGE_SHIFT + 9)]
+    s = pt.slot_of[pmd_index(haddr)]
     row = int(pt.pmd_row[s])
     # __collapse_huge_page_swapin(): fault the swapped pages back in first.  A fault that
     # fails ends the collapse (SCAN_FAIL); the pages already swapped in stay.
-    from .vmscan import do_swap_page
+    from .memory import do_swap_page
     for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
         try:
-            do_swap_page(k, mm, vma, haddr + (i << PAGE_SHIFT), row, write=False)
+            do_swap_page(k, mm, vma, haddr + PFN_PHYS(i), row, write=False)
         except OutOfMemory:
             rmap.free_folio(k, new)
             return ScanResult.SCAN_FAIL
@@ -203,8 +205,8 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_FORCED_COLLAPSE):
             raise KernelError(E.EINVAL, "madvise(MADV_COLLAPSE)",
                               f"addr={vma.start:#x}: the mapping is not eligible for THP")
-    hstart = (start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
-    hend = end & ~(HPAGE_PMD_SIZE - 1)
+    hstart = ALIGN(start, HPAGE_PMD_SIZE)
+    hend = end & HPAGE_PMD_MASK
     thps = 0
     last_fail = ScanResult.SCAN_FAIL
     for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
@@ -223,6 +225,33 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         err = madvise_collapse_errno(last_fail)
         raise KernelError(err, "madvise(MADV_COLLAPSE)",
                           f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
+
+
+# -- registration ---------------------------------------------------------------------------------------
+def hugepage_pmd_enabled(k: Kernel) -> bool:
+    """Model of hugepage_pmd_enabled(): PMD-order THP is possible somewhere."""
+    return bool(k.sysfs.anon_orders(True) & (1 << HPAGE_PMD_ORDER))
+
+
+def __khugepaged_enter(k: Kernel, mm: MM) -> None:
+    """Model of __khugepaged_enter(): put the mm on khugepaged's list once."""
+    if not mm.khugepaged:
+        mm.khugepaged = True
+        k.khugepaged_mms[mm.pid] = None
+
+
+def khugepaged_enter_vma(k: Kernel, mm: MM, vma: VMA) -> None:
+    """Model of khugepaged_enter_vma(): register when the VMA could be collapsed."""
+    if mm.khugepaged or not hugepage_pmd_enabled(k):
+        return
+    if hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
+        __khugepaged_enter(k, mm)
+
+
+def khugepaged_fork(k: Kernel, child: MM, parent: MM) -> None:
+    """Model of khugepaged_fork(): a child of a registered mm is registered too."""
+    if parent.khugepaged:
+        __khugepaged_enter(k, child)
 
 
 # -- the khugepaged daemon ------------------------------------------------------------------------------
@@ -253,7 +282,7 @@ class Khugepaged:
     # -- start / stop (start_stop_khugepaged) -------------------------------------------
     def start_stop(self) -> None:
         from .clock import NSEC_PER_MSEC
-        if self.k.hugepage_pmd_enabled():
+        if hugepage_pmd_enabled(self.k):
             if not self.running:
                 self.running = True
                 self.generation += 1
@@ -359,15 +388,14 @@ class Khugepaged:
                 if progress >= budget:
                     return ScanResult.SCAN_VMA_CHECK, progress
                 continue
-            hstart = max((vma.start + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1),
-                         self.cursor_addr & ~(HPAGE_PMD_SIZE - 1))
-            hend = vma.end & ~(HPAGE_PMD_SIZE - 1)
+            hstart = max(ALIGN(vma.start, HPAGE_PMD_SIZE), self.cursor_addr & HPAGE_PMD_MASK)
+            hend = vma.end & HPAGE_PMD_MASK
             for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
                 if progress >= budget:
                     return ScanResult.SCAN_SUCCEED, progress
                 self.cursor_addr = haddr + HPAGE_PMD_SIZE
                 pt = mm.pt
-                s = pt.slot_of.get(haddr >> (PAGE_SHIFT + 9))
+                s = pt.slot_of.get(pmd_index(haddr))
                 if s is None or pt.pmd_kind[s] != PMD_TABLE:
                     progress += 1
                     continue

@@ -10,8 +10,9 @@ import numpy as np
 from .constants import (
     HPAGE_PMD_SIZE, MADV_COLD, MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_NORMAL, MADV_PAGEOUT, MADV_RANDOM,
-    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK, PAGE_SHIFT,
-    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, PAGE_SIZE, U64,
+    MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK,
+    PAGE_ALIGN, PAGE_ALIGNED, PFN_PHYS, PHYS_PFN,
+    VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, U64,
     MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
     MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
     VM_MERGEABLE, VM_WRITE,
@@ -21,7 +22,10 @@ from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory, pgtable
+from .khugepaged import khugepaged_enter_vma, madvise_collapse
 from .mmap import merge_vmas, split_range
+from .swap import folio_deactivate
+from .swapfile import free_swap_and_cache
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -64,11 +68,11 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     call = "madvise"
     if not madvise_behavior_valid(k, advice):
         raise einval(call, f"advice={advice}: unknown advice")
-    if start & (PAGE_SIZE - 1):
+    if not PAGE_ALIGNED(start):
         raise einval(call, f"addr={start:#x}: not page aligned")
     if length < 0:
         raise einval(call, f"length={length}: negative")
-    aligned = ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)) & U64
+    aligned = PAGE_ALIGN(length) & U64
     if length and not aligned:
         raise einval(call, f"length={length:#x}: rounds up to zero")
     end = start + aligned
@@ -89,7 +93,7 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         madvise_update_vma(k, mm, start, end, set_bits, clear_bits)
         if advice == MADV_HUGEPAGE:
             for v in mm.vmas_in(start, end):
-                k.khugepaged_enter_vma(mm, v)
+                khugepaged_enter_vma(k, mm, v)
     elif advice in _ZAP_ADVICE:
         for v in vmas:
             if v.flags & VM_LOCKED and advice == MADV_DONTNEED:
@@ -119,7 +123,6 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     elif advice == MADV_COLLAPSE:
         if mapped != end - start:
             raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
-        from .khugepaged import madvise_collapse
         madvise_collapse(k, mm, start, end)
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
@@ -170,8 +173,8 @@ def _partly_in_range(k: Kernel, fid: int, pfn: int, addr: int, start: int, end: 
     nr = 1 << int(k.folios.order[fid])
     if nr == 1:
         return False
-    first = addr - ((pfn - int(k.folios.head[fid])) << PAGE_SHIFT)
-    return first < start or first + (nr << PAGE_SHIFT) > end
+    first = addr - PFN_PHYS(pfn - int(k.folios.head[fid]))
+    return first < start or first + PFN_PHYS(nr) > end
 
 
 def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
@@ -186,7 +189,6 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
     that may be mapped shared is skipped, an exclusive one is cleaned; then the
     folio is marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
     """
-    from .vmscan import free_swap_and_cache
     pt = mm.pt
     f = k.folios
     for s, base, lo, hi in pt.spans_in(start, end):
@@ -202,7 +204,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        for i in range((lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT):
+        for i in range(PHYS_PFN(lo - base), PHYS_PFN(hi - base)):
             pfn = int(pt.pte_pfn[row, i])
             if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
                 free_swap_and_cache(k, swp_offset(pfn))
@@ -213,7 +215,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 continue
             fid = int(k.mem.folio[pfn])
             shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
-            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
                 if shared or hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
@@ -255,7 +257,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        a, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
         for i in range(a, b):
             pfn = int(pt.pte_pfn[row, i])
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
@@ -263,7 +265,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
             fid = int(k.mem.folio[pfn])
             if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
                 continue
-            if _partly_in_range(k, fid, pfn, base + (i << PAGE_SHIFT), start, end):
+            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
                 if hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
@@ -274,4 +276,4 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
         vmscan.reclaim_pages(k, picked)
         return
     for fid in reversed(picked):                  # deactivate: to the head of the LRU
-        k.lru_deactivate(fid)
+        folio_deactivate(k, fid)

@@ -1,9 +1,15 @@
-"""Model of mm/memory.c: the PTE-level fault paths, fork's page-table copy and zapping.
+"""Model of mm/memory.c: the PTE-level fault paths, swap-in, fork's page-table copy and zapping.
 
 Fault entry is :func:`handle_mm_fault`; it dispatches exactly as
 ``__handle_mm_fault()`` does: a PMD-order THP fault when the PMD is empty and
 the order is allowed, ``do_huge_pmd_wp_page()`` for a write to a read-only PMD
-leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_wp_page()``).
+leaf, and otherwise the PTE path (``do_anonymous_page()``, ``do_swap_page()``,
+``do_wp_page()``).
+
+Swap-in (:func:`do_swap_page`) reads the device at 4 KiB (pgmajfault,
+pswpin); a folio read from a slot that other swap entries share stays in the
+swap cache (:mod:`.swap_state`), where their faults find it.
+Simplification: there is no readahead and no mTHP swap-in.
 
 The write-protect fault, :func:`do_wp_page`, takes a batch of pages: the
 scalar fault path hands it one, the batched store path (``Process.write_many``)
@@ -19,14 +25,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PAGE_SHIFT, PAGE_SIZE, VM_WRITE
+from .constants import (
+    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE,
+)
 from .errors import OutOfMemory
 from .folio import PG_ANON, PG_DIRTY
 from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
-    _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
+    _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
-from .physmem import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
+from .swap import folio_add_lru
+from .swap_state import add_to_swap_cache
+from .swapfile import free_swap_and_cache
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
@@ -68,7 +79,7 @@ def __handle_mm_fault(k: Kernel, mm: MM, vma: VMA, addr: int, write: bool) -> in
     s = pt.slot(pmd_index(addr))
     kind = pt.pmd_kind[s]
     vmf = VmFault(mm, vma, addr, FAULT_FLAG_WRITE if write else 0, pmd=s, orig_pmd=int(pt.pmd_flags[s]))
-    if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, "pagefault"):
+    if kind == PMD_NONE and hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_PAGEFAULT):
         ret = hm.do_huge_pmd_anonymous_page(k, vmf)
         if ret != VM_FAULT_FALLBACK:
             return ret
@@ -113,7 +124,6 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
             raise HardwarePoison(addr)
         return do_anonymous_page(k, mm, vma, addr, row, write)
     if val < 0:
-        from .vmscan import do_swap_page
         return do_swap_page(k, mm, vma, addr, row, write)
     if write and not pt.pte_flags[row, i] & _PAGE_RW:
         return do_wp_page_at(k, mm, addr, row)
@@ -139,13 +149,13 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
     """
     from . import huge_memory as hm
 
-    orders = hm.thp_vma_allowable_orders(k, mm, vma, "pagefault", (1 << HPAGE_PMD_ORDER) - 1)
+    orders = hm.thp_vma_allowable_orders(k, mm, vma, hm.TVA_PAGEFAULT, (1 << HPAGE_PMD_ORDER) - 1)
     orders = hm.thp_vma_suitable_orders(vma, addr, orders)
     pt = mm.pt
     candidates = [o for o in range(HPAGE_PMD_ORDER - 1, 1, -1) if orders & (1 << o)]
     while candidates:
         o = candidates[0]
-        first = pte_index(addr) & ~((1 << o) - 1)
+        first = ALIGN_DOWN(pte_index(addr), 1 << o)
         if (pt.pte_pfn[row, first: first + (1 << o)] == PTE_NONE).all():
             break
         candidates.pop(0)
@@ -172,15 +182,74 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     if fid < 0:
         raise OutOfMemory(addr)
     nr = 1 << order
-    first = i & ~(nr - 1)
+    first = ALIGN_DOWN(i, nr)
     head = int(k.folios.head[fid])
     k.mem.content[head: head + nr] = 0                # __GFP_ZERO
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
     pgtable.set_ptes(k, mm, row, first, np.arange(head, head + nr),
                      PTE_NEW_ANON if vma.flags & VM_WRITE else PTE_NEW_ANON & ~_PAGE_RW)
-    k.mem.vpn[head: head + nr] = ((addr >> PAGE_SHIFT) & ~(nr - 1)) + np.arange(nr)
+    k.mem.vpn[head: head + nr] = ALIGN_DOWN(PHYS_PFN(addr), nr) + np.arange(nr)
     mm.rss_anon += nr
+    return VM_FAULT_OK
+
+
+# -- swap-in ------------------------------------------------------------------------------------
+def do_swap_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: bool) -> int:
+    """Model of do_swap_page() for a 4 KiB swap-in.
+
+    If another process sharing the slot swapped it in already, its folio is
+    still in the swap cache and is mapped again: a minor fault, no read.
+    Otherwise the slot is read into a new order-0 folio (pgmajfault, pswpin),
+    which enters the swap cache when other swap entries still point at the
+    slot, so that they map the same folio.  Then the swap reference is
+    dropped (free_swap_and_cache(): after the last one the folio leaves the
+    cache).  The page is mapped exclusive, and
+    writable in a VM_WRITE mapping even on a read fault, when the swap entry
+    was exclusive, or on a write fault when nobody else holds the folio or
+    its slot (should_try_to_free_swap() frees the swap first); otherwise it
+    is mapped read-only and a write goes on to do_wp_page().
+    Simplification: the device is not SWP_SYNCHRONOUS_IO, but a slot nobody
+    else references does not keep its folio in the swap cache (the kernel
+    keeps it until reclaim or a write).
+    """
+    pt = mm.pt
+    f = k.folios
+    i = pte_index(addr)
+    slot = swp_offset(int(pt.pte_pfn[row, i]))
+    exclusive_entry = bool(pt.pte_flags[row, i] & _PAGE_SWP_EXCLUSIVE)
+    last = int(k.swap.swap_map[slot]) == 1              # this is the slot's last swap entry
+    fid = int(k.swap.cache[slot])
+    if fid >= 0:                                        # swap cache hit
+        pfn = int(f.head[fid])
+        exclusive = exclusive_entry or (write and last and int(k.mem.mapcount[pfn]) == 0)
+        f.refcount[fid] += 1
+        rmap.folio_add_anon_rmap_ptes(k, fid, pfn, 1, mm, exclusive)
+    else:
+        pfn = k.alloc_page()
+        if pfn < 0:
+            raise OutOfMemory(addr)
+        fid = k.new_folio(pfn, 0)
+        k.mem.content[pfn] = k.swap.content[slot]
+        k.vmstat.count_vm_event("pgmajfault")
+        k.vmstat.count_vm_event("pswpin")
+        exclusive = exclusive_entry or (write and last)
+        f.refcount[fid] = 1
+        rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
+        if not exclusive:
+            k.mem.pflags[pfn] &= np.uint8(~PG_ANON_EXCLUSIVE & 0xFF)
+        folio_add_lru(k, fid)
+        add_to_swap_cache(k, fid, slot)
+    free_swap_and_cache(k, slot)          # the last entry takes the folio out of the cache, dirty
+    mm.rss_swap -= 1
+    mm.rss_anon += 1
+    flags = _PAGE_PRESENT | _PAGE_ACCESSED
+    if exclusive and vma.flags & VM_WRITE:
+        flags |= _PAGE_RW | (_PAGE_DIRTY if write else 0)
+    pgtable.set_pte_at(k, mm, row, i, pfn, flags)
+    k.mem.vpn[pfn] = PHYS_PFN(addr)
+    if write and not flags & _PAGE_RW:
+        return do_wp_page_at(k, mm, addr, row)
     return VM_FAULT_OK
 
 
@@ -230,7 +299,7 @@ def do_wp_page(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.n
     if k.build.pte_hook and not special[0] and not reuse[0]:
         if len(rows) != 1:
             raise ValueError("do_wp_page: a build with pte_hook takes one page at a time")
-        addr = int(vpns[0]) << PAGE_SHIFT
+        addr = PFN_PHYS(int(vpns[0]))
         ret = k.build.pte_wp_copy(k, mm, mm.find_vma(addr), addr, int(rows[0]), int(k.mem.folio[pfns[0]]))
         if ret is not None:
             return True
@@ -250,7 +319,7 @@ def do_wp_page(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np.n
 def do_wp_page_at(k: Kernel, mm: MM, addr: int, row: int) -> int:
     """do_wp_page() for the one page at ``addr`` (its PTE table ``row``): the scalar fault path."""
     ok = do_wp_page(k, mm, np.array([row], dtype=np.int64), np.array([pte_index(addr)], dtype=np.int64),
-                    np.array([addr >> PAGE_SHIFT], dtype=np.int64))
+                    np.array([PHYS_PFN(addr)], dtype=np.int64))
     if not ok:
         raise OutOfMemory(addr)
     return VM_FAULT_OK
@@ -271,13 +340,12 @@ def wp_page_copy(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np
     dirty, writable and AnonExclusive; an old anon page loses this mapping
     and the reference it held.  RSS only grows for zero-page copies.
     """
-    pt = mm.pt
     f = k.folios
     mem = k.mem
     if zero.any():                                   # vmf_anon_prepare(): the zero page had none
         zv = vpns[zero]
-        for v in mm.vmas_in(int(zv.min()) << PAGE_SHIFT, (int(zv.max()) + 1) << PAGE_SHIFT):
-            if not v.anon_vma and ((zv >= v.start >> PAGE_SHIFT) & (zv < v.end >> PAGE_SHIFT)).any():
+        for v in mm.vmas_in(PFN_PHYS(int(zv.min())), PFN_PHYS(int(zv.max()) + 1)):
+            if not v.anon_vma and ((zv >= PHYS_PFN(v.start)) & (zv < PHYS_PFN(v.end))).any():
                 anon_vma_prepare(k, v)
     anon = ~zero
     new_anon_folios_bulk(k, new, np.where(anon, mem.content[np.where(anon, old_pfn, 0)], 0))
@@ -358,7 +426,6 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
     swp = pfns <= -2
     if swp.any():                                  # zap_nonpresent_ptes(): free_swap_and_cache()
-        from .vmscan import free_swap_and_cache
         for slot in swp_offset(pfns[swp]).tolist():
             free_swap_and_cache(k, int(slot))
         mm.rss_swap -= int(np.count_nonzero(swp))
@@ -376,13 +443,13 @@ def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
     for s, base, lo, hi in pt.spans_in(start, end):
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF:
-            if lo == base and hi == base + (PAGE_SIZE << 9):
+            if lo == base and hi == base + HPAGE_PMD_SIZE:
                 hm.zap_huge_pmd(k, mm, s)
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
             kind = pt.pmd_kind[s]
         if kind == PMD_TABLE:
-            zap_pte_range(k, mm, int(pt.pmd_row[s]), (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+            zap_pte_range(k, mm, int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base))
     k.flush_tlb_range(mm, start, end)                 # tlb_finish_mmu()
 
 
@@ -443,7 +510,7 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
         if kind == PMD_LEAF:
             hm.copy_huge_pmd(k, dst, src, vma, s)
         elif kind == PMD_TABLE:
-            copy_pte_range(k, dst, src, vma, s, (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT)
+            copy_pte_range(k, dst, src, vma, s, PHYS_PFN(lo - base), PHYS_PFN(hi - base))
 
 
 def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
@@ -460,7 +527,7 @@ def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
     k.mem.pflags[new] = PG_ANON_EXCLUSIVE
     f.refcount[fids] = 1
     f.flags[fids] = PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU
-    k.lru_add(fids)
+    folio_add_lru(k, fids)
     k.vmstat.mod_node_page_state("nr_anon_pages", len(new))
     return fids
 
@@ -478,9 +545,9 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     new = k.alloc_pages_bulk(n)
     if new is None:
         return False
-    lo, hi = int(vpns.min()) << PAGE_SHIFT, (int(vpns.max()) + 1) << PAGE_SHIFT
+    lo, hi = PFN_PHYS(int(vpns.min())), PFN_PHYS(int(vpns.max()) + 1)
     for v in mm.vmas_in(lo, hi):
-        if not v.anon_vma and ((vpns >= v.start >> PAGE_SHIFT) & (vpns < v.end >> PAGE_SHIFT)).any():
+        if not v.anon_vma and ((vpns >= PHYS_PFN(v.start)) & (vpns < PHYS_PFN(v.end))).any():
             anon_vma_prepare(k, v)
     new_anon_folios_bulk(k, new, 0)
     pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)

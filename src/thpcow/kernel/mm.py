@@ -1,8 +1,9 @@
 """Model of struct mm_struct and struct vm_area_struct.
 
 The page tables (:class:`PageTables`), their entry encoding (PMD kinds,
-``_PAGE_*`` bits, swap entries) and their writers live in
-:mod:`thpcow.kernel.pgtable`; the names are re-exported here.
+``_PAGE_*`` bits, swap entries), their index helpers (``pmd_index()``,
+``pte_index()``) and their writers live in :mod:`thpcow.kernel.pgtable`; the
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ import bisect
 from dataclasses import dataclass, field
 
 from .constants import (
-    HPAGE_PMD_SHIFT, PAGE_SHIFT, PTRS_PER_PTE, VM_FLAG_MNEMONICS, VM_READ, VM_WRITE,
-    VM_EXEC, VM_MAYREAD, VM_MAYWRITE, VM_MAYEXEC,
+    PHYS_PFN, VM_FLAG_MNEMONICS, VM_READ, VM_WRITE, VM_EXEC, VM_MAYREAD, VM_MAYWRITE, VM_MAYEXEC,
 )
 from .pgtable import (  # noqa: F401  (re-exported)
     PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, PageTables, _PAGE_ACCESSED, _PAGE_DIRTY,
-    _PAGE_HWPOISON, _PAGE_PRESENT, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, swp_entry,
-    swp_offset,
+    _PAGE_HWPOISON, _PAGE_PRESENT, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, pmd_index,
+    pte_index, swp_entry, swp_offset, vpn_pmd_index, vpn_pte_index,
 )
 
 
@@ -33,7 +33,7 @@ class VMA:
 
     def __post_init__(self) -> None:
         if self.pgoff < 0:
-            self.pgoff = self.start >> 12
+            self.pgoff = PHYS_PFN(self.start)
 
     @property
     def length(self) -> int:
@@ -102,12 +102,3 @@ class MM:
 
     def insert_vma(self, vma: VMA) -> None:
         bisect.insort(self.vmas, vma, key=lambda v: v.start)
-
-
-
-def pmd_index(addr: int) -> int:
-    return addr >> HPAGE_PMD_SHIFT
-
-
-def pte_index(addr: int) -> int:
-    return (addr >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)

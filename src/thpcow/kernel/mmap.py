@@ -13,9 +13,9 @@ import errno as E
 from typing import TYPE_CHECKING
 
 from .constants import (
-    HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
-    MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, TASK_SIZE,
-    VM_ACCOUNT, VM_WRITE, U64,
+    HPAGE_PMD_MASK, HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
+    MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_ALIGN, PAGE_MASK, PAGE_SIZE, PHYS_PFN, PROT_EXEC, PROT_READ,
+    PROT_WRITE, TASK_SIZE, VM_ACCOUNT, VM_WRITE, U64, offset_in_page,
 )
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 _KNOWN_MAP_FLAGS = MAP_SHARED | MAP_PRIVATE | MAP_FIXED | MAP_ANONYMOUS | MAP_NORESERVE | \
     MAP_POPULATE | MAP_FIXED_NOREPLACE
-
-
-def page_align(length: int) -> int:
-    return (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
 # -- address space search -------------------------------------------------------------------
@@ -50,14 +46,14 @@ def _gaps_topdown(mm: MM, top: int):
 def get_unmapped_area(mm: MM, length: int, hint: int = 0) -> int:
     """Model of __get_unmapped_area() for an anonymous private mapping; -1 if no room."""
     if hint:
-        hint = hint & ~(PAGE_SIZE - 1)
+        hint = hint & PAGE_MASK
         if MMAP_MIN_ADDR <= hint and hint + length <= TASK_SIZE and not mm.vmas_in(hint, hint + length):
             return hint
     thp_align = length % HPAGE_PMD_SIZE == 0
     for gs, ge in _gaps_topdown(mm, mm.mmap_base):
         if thp_align and ge - gs >= length + HPAGE_PMD_SIZE:
             # thp_get_unmapped_area(): ask for len + 2 MiB, keep the aligned part
-            return (ge - length) & ~(HPAGE_PMD_SIZE - 1)
+            return (ge - length) & HPAGE_PMD_MASK
         if not thp_align and ge - gs >= length:
             return ge - length
     if thp_align:
@@ -80,7 +76,7 @@ def split_vma(k: Kernel, mm: MM, vma: VMA, addr: int) -> VMA:
     (vma_adjust_trans_huge()).
     """
     hm.vma_adjust_trans_huge(k, mm, vma, addr)
-    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma, vma.pgoff + ((addr - vma.start) >> 12))
+    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma, vma.pgoff + PHYS_PFN(addr - vma.start))
     vma.end = addr
     mm.insert_vma(upper)
     return upper
@@ -100,7 +96,7 @@ def split_range(k: Kernel, mm: MM, start: int, end: int) -> list[VMA]:
 
 def can_merge(a: VMA, b: VMA) -> bool:
     """Model of the anon part of is_mergeable_vma()/is_mergeable_anon_vma()."""
-    return a.end == b.start and a.flags == b.flags and a.pgoff + ((a.end - a.start) >> 12) == b.pgoff and \
+    return a.end == b.start and a.flags == b.flags and a.pgoff + PHYS_PFN(a.end - a.start) == b.pgoff and \
         (a.anon_vma == b.anon_vma or not a.anon_vma or not b.anon_vma)
 
 
@@ -153,12 +149,12 @@ def do_mmap(k: Kernel, mm: MM, addr: int, length: int, prot: int, flags: int) ->
         raise einval(call, f"flags={flags:#x}: unknown or unmodelled flag bits")
     if not flags & MAP_ANONYMOUS or flags & MAP_SHARED or not flags & MAP_PRIVATE:
         raise einval(call, f"flags={flags:#x}: only MAP_PRIVATE|MAP_ANONYMOUS is modelled")
-    length = page_align(length)
+    length = PAGE_ALIGN(length)
     if length > TASK_SIZE:
         raise enomem(call, f"length={length:#x}: larger than the address space")
     fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE)
     if fixed:
-        if addr & (PAGE_SIZE - 1):
+        if offset_in_page(addr):
             raise einval(call, f"addr={addr:#x}: MAP_FIXED needs a page-aligned address")
         if addr < MMAP_MIN_ADDR or addr + length > TASK_SIZE:
             raise enomem(call, f"addr={addr:#x}: outside the user address space")
@@ -185,11 +181,11 @@ def do_mmap(k: Kernel, mm: MM, addr: int, length: int, prot: int, flags: int) ->
 def do_munmap(k: Kernel, mm: MM, addr: int, length: int) -> None:
     """Model of do_vmi_munmap(): EINVAL for an unaligned address or a zero length."""
     call = "munmap"
-    if addr & (PAGE_SIZE - 1):
+    if offset_in_page(addr):
         raise einval(call, f"addr={addr:#x}: not page aligned")
     if length <= 0:
         raise einval(call, f"length={length}: must be > 0")
-    length = page_align(length)
+    length = PAGE_ALIGN(length)
     if addr + length > TASK_SIZE or addr + length < addr:
         raise einval(call, f"addr={addr:#x} length={length:#x}: outside the address space")
     end = addr + length
@@ -216,11 +212,11 @@ def check_range(call: str, start: int, length: int) -> int:
 
     Lengths are unsigned 64-bit as in the kernel: a range whose end wraps is ENOMEM.
     """
-    if start & (PAGE_SIZE - 1):
+    if offset_in_page(start):
         raise einval(call, f"addr={start:#x}: not page aligned")
     if length < 0:
         raise einval(call, f"length={length}: negative")
-    aligned = page_align(length) & U64
+    aligned = PAGE_ALIGN(length) & U64
     end = (start + aligned) & U64
     if end <= start or end > TASK_SIZE + PAGE_SIZE:
         raise enomem(call, f"addr={start:#x} length={length:#x}: range overflows the address space")

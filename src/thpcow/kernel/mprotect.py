@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PROT_EXEC, PROT_READ, PROT_SEM, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT, VM_NORESERVE
+from .constants import (
+    HPAGE_PMD_SIZE, PHYS_PFN, PROT_EXEC, PROT_READ, PROT_SEM, PROT_WRITE, VM_READ, VM_WRITE, VM_EXEC, VM_ACCOUNT,
+    VM_NORESERVE, offset_in_page,
+)
 from .errors import KernelError, einval
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_RW, _PAGE_SPECIAL
-from .physmem import PG_ANON_EXCLUSIVE
+from .page_alloc import PG_ANON_EXCLUSIVE
 from .folio import PG_HUGE_ZERO
 from . import huge_memory as hm
 from . import pgtable
@@ -45,7 +48,7 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        a, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
         if not writable:
             pgtable.ptep_set_wrprotect(k, mm, row, slice(a, b))
             continue
@@ -64,7 +67,7 @@ def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
     before the hole keep their new protection, as in the kernel).
     """
     call = "mprotect"
-    if start & 0xFFF:
+    if offset_in_page(start):
         raise einval(call, f"addr={start:#x}: not page aligned")
     if length == 0:
         return                                      # before the prot check, as the kernel does

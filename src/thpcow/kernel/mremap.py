@@ -7,12 +7,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_SIZE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
+from .constants import (
+    HPAGE_PMD_NR, HPAGE_PMD_SIZE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_ALIGN, PHYS_PFN, TASK_SIZE,
+    offset_in_page,
+)
 from .errors import KernelError, einval
-from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, _PAGE_SPECIAL
+from .mm import MM, PMD_LEAF, PMD_NONE, PMD_TABLE, VMA, _PAGE_SPECIAL, pmd_index, pte_index
+from .pgtable import pmd_addr_end
 from . import huge_memory as hm
 from . import memory, pgtable
-from .mmap import do_munmap, get_unmapped_area, merge_vmas, page_align, split_range, free_pgtables
+from .mmap import do_munmap, get_unmapped_area, merge_vmas, split_range, free_pgtables
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -27,38 +31,39 @@ def move_page_tables(k: Kernel, mm: MM, vma: VMA, old: int, new: int, length: in
     """
     pt = mm.pt
     k.flush_tlb_range(mm, old, old + length)
+    old_end, new_end = old + length, new + length
     off = 0
     while off < length:
         src = old + off
         dst = new + off
-        chunk = min(length - off, HPAGE_PMD_SIZE - (src & (HPAGE_PMD_SIZE - 1)),
-                    HPAGE_PMD_SIZE - (dst & (HPAGE_PMD_SIZE - 1)))
-        s = pt.slot_of.get(src >> (PAGE_SHIFT + 9))
+        # get_extent(): up to the end of the source's PMD block, the destination's, or the range
+        chunk = min(pmd_addr_end(src, old_end) - src, pmd_addr_end(dst, new_end) - dst)
+        s = pt.slot_of.get(pmd_index(src))
         if s is None or pt.pmd_kind[s] == PMD_NONE:
             off += chunk
             continue
         if pt.pmd_kind[s] == PMD_LEAF:
             if chunk == HPAGE_PMD_SIZE:
-                d = pt.slot(dst >> (PAGE_SHIFT + 9))
+                d = pt.slot(pmd_index(dst))
                 if pt.pmd_kind[d] == PMD_TABLE:              # an empty table there: free it
                     memory.pte_free(k, mm, d)
                 # move_huge_pmd(): pmdp_huge_get_and_clear() at the source, set_pmd_at() at the destination
                 fid, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)
                 pgtable.set_pmd_at(k, mm, d, fid, flags)
                 head = int(k.folios.head[fid])
-                k.mem.vpn[head: head + 512] = (dst >> PAGE_SHIFT) + np.arange(512)
+                k.mem.vpn[head: head + HPAGE_PMD_NR] = PHYS_PFN(dst) + np.arange(HPAGE_PMD_NR)
                 off += chunk
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
         srow = int(pt.pmd_row[s])
-        d = pt.slot(dst >> (PAGE_SHIFT + 9))
+        d = pt.slot(pmd_index(dst))
         drow = memory.pte_alloc(k, mm, d)
-        si = (src >> PAGE_SHIFT) & 511
-        di = (dst >> PAGE_SHIFT) & 511
-        n = chunk >> PAGE_SHIFT
+        si = pte_index(src)
+        di = pte_index(dst)
+        n = PHYS_PFN(chunk)
         moved = pt.pte_pfn[srow, si: si + n]
         normal = (moved >= 0) & ~(pt.pte_flags[srow, si: si + n] & _PAGE_SPECIAL).astype(bool)
-        k.mem.vpn[moved[normal]] = (dst >> PAGE_SHIFT) + np.flatnonzero(normal)
+        k.mem.vpn[moved[normal]] = PHYS_PFN(dst) + np.flatnonzero(normal)
         pgtable.move_ptes(k, mm, srow, si, drow, di, n)
         off += chunk
 
@@ -79,10 +84,10 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
         raise einval(call, "MREMAP_FIXED needs MREMAP_MAYMOVE")
     if flags & MREMAP_DONTUNMAP and not flags & MREMAP_MAYMOVE:
         raise einval(call, "MREMAP_DONTUNMAP needs MREMAP_MAYMOVE")
-    if old_addr & (PAGE_SIZE - 1):
+    if offset_in_page(old_addr):
         raise einval(call, f"old_address={old_addr:#x}: not page aligned")
-    old_len = page_align(old_len)
-    new_len = page_align(new_len)
+    old_len = PAGE_ALIGN(old_len)
+    new_len = PAGE_ALIGN(new_len)
     if not new_len:
         raise einval(call, "new_size=0")
     if not old_len:
@@ -90,7 +95,7 @@ def do_mremap(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, flag
     if flags & MREMAP_DONTUNMAP and old_len != new_len:
         raise einval(call, "MREMAP_DONTUNMAP needs old_size == new_size")
     if flags & MREMAP_FIXED:
-        if new_addr & (PAGE_SIZE - 1):
+        if offset_in_page(new_addr):
             raise einval(call, f"new_address={new_addr:#x}: not page aligned")
         if new_addr + new_len > TASK_SIZE:
             raise einval(call, f"new_address={new_addr:#x}: outside the address space")
@@ -152,7 +157,7 @@ def _move(k: Kernel, mm: MM, old_addr: int, old_len: int, new_len: int, new_addr
     (src,) = split_range(k, mm, old_addr, old_addr + old_len)
     # copy_vma(): the pgoff follows the pages; a never-faulted VMA takes the new address's.
     dst = VMA(new_addr, new_addr + new_len, src.flags, src.anon_vma,
-              src.pgoff if src.anon_vma else new_addr >> 12)
+              src.pgoff if src.anon_vma else PHYS_PFN(new_addr))
     mm.insert_vma(dst)
     move_page_tables(k, mm, dst, old_addr, new_addr, old_len)
     if flags & MREMAP_DONTUNMAP:

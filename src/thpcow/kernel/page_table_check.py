@@ -36,7 +36,7 @@ import numpy as np
 from .errors import InvariantViolation
 from .folio import PG_ANON, PG_HUGE_ZERO
 from .pgtable import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL
-from .physmem import ZERO_PFN
+from .page_alloc import ZERO_PFN
 
 if TYPE_CHECKING:
     from .kernel import Kernel

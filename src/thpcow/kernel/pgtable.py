@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_SHIFT, HPAGE_PMD_SIZE, PTRS_PER_PTE
+from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -73,6 +73,38 @@ def swp_offset(val):
 
 PTE_NEW_ANON = _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
 PTE_ZERO = _PAGE_PRESENT | _PAGE_SPECIAL
+
+
+# -- page-table indexes -------------------------------------------------------------------------
+# Plain operators: each works on a Python int and on a NumPy integer array alike.
+
+def pmd_index(addr):
+    """pmd_index(): the PMD entry an address falls in.
+
+    Counted from address 0, not wrapped at PTRS_PER_PMD: the PMD slots of
+    :class:`PageTables` are keyed by it (``slot_of``, ``pmd_index[slot]``).
+    """
+    return addr >> PMD_SHIFT
+
+
+def pte_index(addr):
+    """pte_index(): the entry of an address in its PTE table."""
+    return (addr >> PAGE_SHIFT) & (PTRS_PER_PTE - 1)
+
+
+def vpn_pmd_index(vpn):
+    """pmd_index() of virtual page ``vpn`` (of the address PFN_PHYS(vpn))."""
+    return vpn >> (PMD_SHIFT - PAGE_SHIFT)
+
+
+def vpn_pte_index(vpn):
+    """pte_index() of virtual page ``vpn`` (of the address PFN_PHYS(vpn))."""
+    return vpn & (PTRS_PER_PTE - 1)
+
+
+def pmd_addr_end(addr: int, end: int) -> int:
+    """pmd_addr_end(): the end of the PMD block holding ``addr``, or ``end`` if that comes first."""
+    return min((addr + PMD_SIZE) & PMD_MASK, end)
 
 
 class PageTables:
@@ -158,15 +190,15 @@ class PageTables:
 
     def pmd_entries(self, vpns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Vector PMD-level walk for virtual page numbers: (slot, or 0; entry kind, PMD_NONE if no slot)."""
-        slots = self.lookup_slots(vpns >> 9)
+        slots = self.lookup_slots(vpn_pmd_index(vpns))
         has = slots >= 0
         sc = np.where(has, slots, 0)
         return sc, np.where(has, self.pmd_kind[sc], PMD_NONE)
 
     def slots_in(self, start: int, end: int) -> list[int]:
         """Slots whose 2 MiB block overlaps [start, end), in address order."""
-        lo = start >> HPAGE_PMD_SHIFT
-        hi = (end - 1) >> HPAGE_PMD_SHIFT
+        lo = pmd_index(start)
+        hi = pmd_index(end - 1)
         if hi - lo + 1 <= len(self.slot_of):
             out = [self.slot_of[i] for i in range(lo, hi + 1) if i in self.slot_of]
         else:

@@ -1,147 +1,52 @@
-"""Model of mm/swapfile.c and mm/swap_state.c: one swap device and the swap cache.
+"""Model of mm/swap.c: putting folios on the LRU and moving them along it.
 
-Slots are grouped in clusters of 512 (``SWAPFILE_CLUSTER``); a PMD-order
-folio needs one whole free cluster to be swapped out without a split.
-``swap_map[slot]`` counts the swap PTEs that reference a slot; a slot also
-held by the swap cache (``in_cache``, the folio in ``cache``) is freed once
-both are gone.  The device stores one content token per slot.
+The anon LRU is a stamp per folio (``FolioTable.lru``, -1 when the folio is
+not on it): the smallest stamp is the oldest folio.  :class:`Lruvec` holds the
+stamps of both ends: ``folio_add_lru()`` stamps above the tail (the youngest
+end), ``folio_deactivate()`` below the head (reclaimed first).  Reclaim takes
+the oldest folios off it with ``vmscan.isolate_lru_folios()``.
+
+Simplification: one list with second-chance ageing, not the active and
+inactive lists (nor MGLRU); no per-CPU folio batches.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .constants import HPAGE_PMD_NR
+if TYPE_CHECKING:
+    from .kernel import Kernel
 
-CLUSTER = HPAGE_PMD_NR
+
+class Lruvec:
+    """Model of struct lruvec for the one anon LRU: the stamps at its ends, reclaim's isolation buffer."""
+
+    def __init__(self) -> None:
+        self.tail = 1 << 40                # the next stamp of folio_add_lru() (youngest end)
+        self.head = (1 << 40) - 1          # the next stamp of folio_deactivate() (oldest end)
+        # Optimization for vmscan.isolate_lru_folios(): the oldest folios, sorted once
+        # ((ids, their stamps) or None), handed out from isolate_pos on.
+        self.isolate_buf: tuple[np.ndarray, np.ndarray] | None = None
+        self.isolate_pos = 0
 
 
-class SwapDevice:
-    """A swap area of ``size`` bytes (rounded down to whole clusters)."""
+def folio_add_lru(k: Kernel, fid) -> None:
+    """Model of folio_add_lru(): to the tail (youngest end); ``fid`` may be an array of ids."""
+    lru = k.lruvec
+    if isinstance(fid, np.ndarray):
+        n = len(fid)
+        k.folios.lru[fid] = np.arange(lru.tail, lru.tail + n)
+        lru.tail += n
+    else:
+        k.folios.lru[fid] = lru.tail
+        lru.tail += 1
 
-    def __init__(self, size: int) -> None:
-        """Slot 0 holds the swap header; a partial last cluster serves 4 KiB entries only
-        (setup_swap_clusters_info())."""
-        n = size // 4096
-        if n < 2:
-            raise ValueError(f"swap size {size}: too small for a header and one slot")
-        self.nr_slots = n
-        nclusters = (n + CLUSTER - 1) // CLUSTER
-        self.swap_map = np.zeros(n, dtype=np.int32)     # swap PTE references per slot
-        self.in_cache = np.zeros(n, dtype=bool)         # SWAP_HAS_CACHE
-        self.cache = np.full(n, -1, dtype=np.int64)     # the swap cache: the folio holding the slot, or -1
-        self.used = np.zeros(nclusters * CLUSTER, dtype=bool)
-        self.used[n:] = True                            # beyond the device: never free
-        self.used[0] = True                             # the swap header
-        self.content = np.zeros(n, dtype=np.int64)
-        self.cluster_used = np.zeros(nclusters, dtype=np.int32)
-        self.cluster_used[0] = 1
-        if n % CLUSTER:
-            self.cluster_used[-1] += CLUSTER - n % CLUSTER
-        self.free_clusters: dict[int, None] = dict.fromkeys(
-            c for c in range(nclusters) if self.cluster_used[c] == 0)
-        self.partial: dict[int, None] = dict.fromkeys(
-            c for c in range(nclusters) if 0 < self.cluster_used[c] < CLUSTER)
-        self.nr_free = n - 1
 
-    def alloc_cluster(self) -> int:
-        """A whole free cluster for a PMD-order folio: its first slot, or -1."""
-        if not self.free_clusters:
-            return -1
-        c = next(iter(self.free_clusters))
-        del self.free_clusters[c]
-        base = c * CLUSTER
-        self.used[base: base + CLUSTER] = True
-        self.cluster_used[c] = CLUSTER
-        self.nr_free -= CLUSTER
-        return base
-
-    def alloc_slots(self, nr: int) -> int:
-        """``nr`` (a power of two) naturally aligned contiguous free slots: the first, or -1.
-
-        A PMD-order folio takes a whole free cluster; smaller ones take an
-        aligned run inside a partly used cluster, else a fresh cluster.
-        """
-        if nr == 1:
-            return self.alloc_slot()
-        if nr >= CLUSTER:
-            return self.alloc_cluster()
-        for c in list(self.partial) + list(self.free_clusters)[:1]:
-            base = c * CLUSTER
-            free = ~self.used[base: base + CLUSTER].reshape(-1, nr)
-            runs = np.flatnonzero(free.all(axis=1))
-            if not len(runs):
-                continue
-            first = base + int(runs[0]) * nr
-            self.free_clusters.pop(c, None)
-            self.used[first: first + nr] = True
-            self.cluster_used[c] += nr
-            self.nr_free -= nr
-            if self.cluster_used[c] == CLUSTER:
-                self.partial.pop(c, None)
-            else:
-                self.partial[c] = None
-            return first
-        return -1
-
-    def alloc_many(self, n: int) -> np.ndarray:
-        """Up to ``n`` single slots at once (Optimization: batched reclaim)."""
-        out = []
-        need = n
-        for c in list(self.partial) + list(self.free_clusters):
-            if not need:
-                break
-            base = c * CLUSTER
-            free = np.flatnonzero(~self.used[base: base + CLUSTER])[:need] + base
-            if not len(free):
-                continue
-            self.free_clusters.pop(c, None)
-            self.used[free] = True
-            self.cluster_used[c] += len(free)
-            if self.cluster_used[c] == CLUSTER:
-                self.partial.pop(c, None)
-            else:
-                self.partial[c] = None
-            out.append(free)
-            need -= len(free)
-        got = np.concatenate(out) if out else np.empty(0, dtype=np.int64)
-        self.nr_free -= len(got)
-        return got
-
-    def alloc_slot(self) -> int:
-        """One free slot (partial clusters first, as the per-CPU cluster allocator does), or -1."""
-        if not self.partial:
-            if not self.free_clusters:
-                return -1
-            c = next(iter(self.free_clusters))
-            del self.free_clusters[c]
-            self.partial[c] = None
-        c = next(iter(self.partial))
-        base = c * CLUSTER
-        slot = base + int(np.flatnonzero(~self.used[base: base + CLUSTER])[0])
-        self.used[slot] = True
-        self.cluster_used[c] += 1
-        self.nr_free -= 1
-        if self.cluster_used[c] == CLUSTER:
-            del self.partial[c]
-        return slot
-
-    def free_slot(self, slot: int) -> None:
-        c = slot // CLUSTER
-        self.used[slot] = False
-        self.swap_map[slot] = 0
-        self.in_cache[slot] = False
-        self.cache[slot] = -1
-        self.nr_free += 1
-        self.cluster_used[c] -= 1
-        if self.cluster_used[c] == 0:
-            self.partial.pop(c, None)
-            self.free_clusters[c] = None
-        else:
-            self.partial[c] = None
-
-    def put(self, slot: int, refs: int = 1) -> None:
-        """swap_free(): drop swap PTE references; free the slot when nothing holds it."""
-        self.swap_map[slot] -= refs
-        if self.swap_map[slot] <= 0 and not self.in_cache[slot]:
-            self.free_slot(slot)
+def folio_deactivate(k: Kernel, fid: int) -> None:
+    """Model of folio_deactivate() (lru_deactivate()) for MADV_COLD: to the head, reclaimed first."""
+    lru = k.lruvec
+    k.folios.lru[fid] = lru.head
+    lru.head -= 1
+    lru.isolate_buf = None

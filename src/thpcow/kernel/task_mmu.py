@@ -10,15 +10,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PHYS_PFN
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL
+from .mm import (
+    MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL, swp_offset,
+    vpn_pmd_index, vpn_pte_index,
+)
 
 # Swap type of hwpoison entries in pagemap's low 5 bits.  Simplification: the
 # kernel's SWP_HWPOISON number depends on the config (MAX_SWAPFILES + ...); the
 # simulator uses the top value and keeps no offset.
 SWP_HWPOISON_TYPE = 0x1F
-from .physmem import ZERO_PFN
+MAX_SWAPFILES_SHIFT = 5       # pagemap puts a swap entry's offset above its 5-bit type
+from .page_alloc import ZERO_PFN
 from . import huge_memory as hm
 
 if TYPE_CHECKING:
@@ -112,13 +116,13 @@ def smap_gather_stats(k: Kernel, mm: MM, vma: VMA) -> MemSize:
         if kind != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        a, b = (lo - base) >> PAGE_SHIFT, (hi - base) >> PAGE_SHIFT
+        a, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
         pfns = pt.pte_pfn[row, a:b]
         flags = pt.pte_flags[row, a:b]
         normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
         swp = pfns <= -2
         if swp.any():                                   # smaps_pte_entry(): swap entries
-            counts = k.swap.swap_map[-2 - pfns[swp]]
+            counts = k.swap.swap_map[swp_offset(pfns[swp])]
             mss.v["Swap"] += int(np.count_nonzero(swp)) * PAGE_SIZE
             mss.v["SwapPss"] += int(((PAGE_SIZE << PSS_SHIFT) // np.maximum(counts, 1)).sum())
         p = pfns[normal]
@@ -200,15 +204,15 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
     out = np.zeros(npages, dtype=np.uint64)
     pt = mm.pt
     f = k.folios
-    vpages = (addr >> PAGE_SHIFT) + np.arange(npages, dtype=np.int64)
-    for i, vp in enumerate(vpages.tolist()):
-        s = pt.slot_of.get(vp >> 9)
+    vpages = PHYS_PFN(addr) + np.arange(npages, dtype=np.int64)
+    for i, (pmd, pte) in enumerate(zip(vpn_pmd_index(vpages).tolist(), vpn_pte_index(vpages).tolist())):
+        s = pt.slot_of.get(pmd)
         if s is None:
             continue
         kind = pt.pmd_kind[s]
         if kind == PMD_LEAF:
             fid = int(pt.pmd_folio[s])
-            pfn = int(f.head[fid]) + (vp & 511)
+            pfn = int(f.head[fid]) + pte
             val = PM_PRESENT | pfn
             if f.flags[fid] & PG_HUGE_ZERO:
                 val |= PM_FILE | PM_MMAP_EXCLUSIVE
@@ -217,16 +221,16 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
             out[i] = val
         elif kind == PMD_TABLE:
             row = int(pt.pmd_row[s])
-            pfn = int(pt.pte_pfn[row, vp & 511])
-            if pfn <= -2:                                 # swap: type 0, offset << 5
-                out[i] = PM_SWAP | ((-2 - pfn) << 5)
+            pfn = int(pt.pte_pfn[row, pte])
+            if pfn <= -2:                                 # swap: type 0, then the offset
+                out[i] = PM_SWAP | (swp_offset(pfn) << MAX_SWAPFILES_SHIFT)
                 continue
             if pfn < 0:
-                if pt.pte_flags[row, vp & 511] & _PAGE_HWPOISON:
+                if pt.pte_flags[row, pte] & _PAGE_HWPOISON:
                     out[i] = PM_SWAP | SWP_HWPOISON_TYPE      # a hwpoison swap-type entry
                 continue
             val = PM_PRESENT | pfn
-            if not pt.pte_flags[row, vp & 511] & _PAGE_SPECIAL:
+            if not pt.pte_flags[row, pte] & _PAGE_SPECIAL:
                 fid = int(k.mem.folio[pfn])
                 if not f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
                     val |= PM_MMAP_EXCLUSIVE

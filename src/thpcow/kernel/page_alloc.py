@@ -1,4 +1,4 @@
-"""Model of mm/page_alloc.c: physical memory as 4 KiB frames and the buddy allocator.
+"""Model of mm/page_alloc.c: physical memory as 4 KiB frames, the buddy allocator, the watermarks.
 
 Frames are NumPy arrays indexed by PFN; there is no Python object per page.
 Free blocks of each order (0..MAX_PAGE_ORDER) sit on a free list; allocating
@@ -10,19 +10,63 @@ Free lists are insertion-ordered dicts used as ordered sets: allocation takes
 the most recently freed block first (the kernel puts freed pages at the head
 of the list and allocates from the head), which keeps runs deterministic.
 
-Simplification: one node, one zone, no per-CPU lists, no migratetypes and no
-watermarks yet; page-table pages are not taken from simulated RAM.
+The zone's watermarks are set at boot as ``__setup_per_zone_wmarks()`` sets
+them (:func:`setup_per_zone_wmarks`); kswapd's use of them is in
+:mod:`.vmscan`.  :func:`alloc_thp` is the allocator's path for one THP: the
+free lists, then what the caller's gfp reclaim bits allow (direct compaction
+or waking kcompactd).
+
+Simplification: one node, one zone, no per-CPU lists, no migratetypes;
+page-table pages are not taken from simulated RAM.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .constants import MAX_PAGE_ORDER
+import enum
+from typing import TYPE_CHECKING
+
+from .constants import HPAGE_PMD_ORDER, MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE
 from .errors import InvariantViolation
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
 
 ZERO_PFN = 0                  # the shared zero page (a reserved frame)
 PG_ANON_EXCLUSIVE = np.uint8(1)
+
+
+class Gfp(enum.IntFlag):
+    """Model of gfp_t (include/linux/gfp_types.h): the reclaim bits a THP allocation passes.
+
+    The values are the kernel's bits; the names drop the leading underscores
+    of __GFP_DIRECT_RECLAIM and __GFP_KSWAPD_RECLAIM.  No other gfp bit
+    changes what the simulated allocator does.
+    """
+
+    DIRECT_RECLAIM = 1 << 10      # the caller may stall in direct reclaim and compaction
+    KSWAPD_RECLAIM = 1 << 11      # wake kswapd (and through it kcompactd) when short
+
+
+GFP_TRANSHUGE_LIGHT = Gfp(0)                     # fail fast: neither reclaim bit
+GFP_TRANSHUGE = GFP_TRANSHUGE_LIGHT | Gfp.DIRECT_RECLAIM
+
+
+def gfp_from(gfp) -> Gfp:
+    """``gfp`` as a :class:`Gfp`.  Also takes the values thpcow used before: "direct",
+    "kswapd", "light", and True/False for direct/light."""
+    if isinstance(gfp, Gfp):
+        return gfp
+    if gfp is True or gfp == "direct":
+        return GFP_TRANSHUGE
+    if gfp is False or gfp == "light":
+        return GFP_TRANSHUGE_LIGHT
+    if gfp == "kswapd":
+        return GFP_TRANSHUGE_LIGHT | Gfp.KSWAPD_RECLAIM
+    if isinstance(gfp, int) and not isinstance(gfp, bool):
+        return Gfp(gfp)
+    raise ValueError(f"gfp={gfp!r}: not a Gfp, 'direct', 'kswapd', 'light', True or False")
 
 
 class PhysMem:
@@ -243,3 +287,47 @@ class PhysMem:
         bad = np.flatnonzero(covered & ((self.folio >= 0) | self.reserved))
         if len(bad):
             raise InvariantViolation(f"buddy: pfn {int(bad[0]):#x} is free but belongs to a folio or is reserved")
+
+
+# -- watermarks -----------------------------------------------------------------------
+def setup_per_zone_wmarks(k: Kernel) -> None:
+    """Model of __setup_per_zone_wmarks(): the zone's min, low and high watermarks, in pages.
+
+    min comes from min_free_kbytes = sqrt(16 x RAM in kB), clamped to
+    [128 kB, 256 MiB] (init_per_zone_wmark_min()); low and high sit one and
+    two gaps above it, a gap being max(min/4, managed pages x
+    watermark_scale_factor/10000) with the default factor 10.
+    """
+    managed = k.mem.nr_frames
+    lowmem_kbytes = managed * (PAGE_SIZE >> 10)
+    min_free_kbytes = min(max(int((lowmem_kbytes * 16) ** 0.5), 128), 256 << 10)
+    k.wmark_min = min_free_kbytes >> (PAGE_SHIFT - 10)
+    gap = max(k.wmark_min >> 2, managed * 10 // 10000)
+    k.wmark_low = k.wmark_min + gap
+    k.wmark_high = k.wmark_min + 2 * gap
+
+
+# -- THP allocation -----------------------------------------------------------------------
+def alloc_thp(k: Kernel, gfp: Gfp) -> int:
+    """Model of __alloc_pages() for one order-9 folio: a block's first PFN, or -1.
+
+    The free lists first (get_page_from_freelist()); when they have no
+    order-9 block, __alloc_pages_slowpath() does what ``gfp`` allows:
+    KSWAPD_RECLAIM wakes kcompactd (wake_all_kswapds(); kswapd hands
+    high-order work to kcompactd), which compacts one block in the background
+    a little later on the simulated clock; DIRECT_RECLAIM stalls in direct
+    compaction (__alloc_pages_direct_compact()), which builds a block by
+    migrating the movable pages out of a pageblock (compact_stall/success/
+    fail); with neither bit it just fails.  Last, the kernel build may have
+    a block of its own (``alloc_thp_fallback``).  The caller falls back.
+    """
+    pfn = k.mem.alloc(HPAGE_PMD_ORDER)
+    if pfn < 0 and gfp & Gfp.KSWAPD_RECLAIM:
+        from .compaction import wakeup_kcompactd
+        wakeup_kcompactd(k)
+    if pfn < 0 and gfp & Gfp.DIRECT_RECLAIM:
+        from .compaction import compact_for_thp
+        pfn = compact_for_thp(k)
+    if pfn < 0:
+        pfn = k.build.alloc_thp_fallback(k)
+    return pfn

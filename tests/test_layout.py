@@ -97,3 +97,21 @@ def test_architecture_lists_every_kernel_module_and_only_those():
     present = {f for f in os.listdir(KERNEL_DIR) if f.endswith(".py") and f != "__init__.py"}
     assert present - set(listed) == set(), "kernel modules missing from docs/architecture.md's module map"
     assert set(listed) - present == set(), "docs/architecture.md lists kernel modules that do not exist"
+
+
+def test_no_merge_conflict_markers_are_left():
+    """A conflicted merge must never land: no line of a tracked text file starts a conflict marker."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parent.parent
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    bad = []
+    for sub in ("src", "tests", "docs", "benchmarks"):
+        for path in (root / sub).rglob("*"):
+            if path.suffix in (".py", ".md", ".yaml", ".toml", ".txt") and path.is_file():
+                if marker.search(path.read_text(errors="replace")):
+                    bad.append(str(path.relative_to(root)))
+    for name in ("README.md", "Makefile", "pyproject.toml"):
+        if marker.search((root / name).read_text()):
+            bad.append(name)
+    assert not bad, bad

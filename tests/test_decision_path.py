@@ -27,21 +27,15 @@ def _shared_thp(k: Kernel, split: bool):
 
 
 @pytest.mark.parametrize("how", ["write_many", "write_many_scalar"])
-def test_pte_cow_goes_through_do_wp_page(monkeypatch, how):
+@pytest.mark.parametrize("module, handler, split", [(memory, "do_wp_page", True),
+                                                    (hm, "do_huge_pmd_wp_page", False)])
+def test_cow_goes_through_the_fault_handler(monkeypatch, how, module, handler, split):
+    """Both store paths reach do_wp_page() (PTE COW) and do_huge_pmd_wp_page() (PMD COW)."""
     k = Kernel(ram=512 << 20, check=True)
-    p, c, a = _shared_thp(k, split=True)
-    monkeypatch.setattr(memory, "do_wp_page", lambda *args, **kw: (_ for _ in ()).throw(Called()))
+    p, c, a = _shared_thp(k, split=split)
+    monkeypatch.setattr(module, handler, lambda *args, **kw: (_ for _ in ()).throw(Called()))
     with pytest.raises(Called):
-        getattr(c, how)(a + np.arange(5, 300) * PAGE_SIZE, 3)
-
-
-@pytest.mark.parametrize("how", ["write_many", "write_many_scalar"])
-def test_pmd_cow_goes_through_do_huge_pmd_wp_page(monkeypatch, how):
-    k = Kernel(ram=512 << 20, check=True)
-    p, c, a = _shared_thp(k, split=False)
-    monkeypatch.setattr(hm, "do_huge_pmd_wp_page", lambda *args, **kw: (_ for _ in ()).throw(Called()))
-    with pytest.raises(Called):
-        getattr(c, how)(a + np.arange(0, 1024) * PAGE_SIZE, 3)
+        getattr(c, how)(a + np.arange(5, 1024) * PAGE_SIZE, 3)
 
 
 def test_batch_and_scalar_count_the_same_faults():

@@ -434,6 +434,8 @@ def test_registry_parses_names_and_parameters():
         parse_policy("mthp-cow:size=4")
     with pytest.raises(ValueError, match="key=value"):
         parse_policy("mthp-cow:4")
+    with pytest.raises(ValueError, match="order=.x. is not int"):
+        parse_policy("mthp-cow:order=x")
     with pytest.raises(ValueError, match="order"):
         Kernel(ram=RAM, build="mthp-cow:order=1")
     with pytest.raises(ValueError, match="build= and cow_policy="):

@@ -57,13 +57,7 @@ class KernelBuild:
     boot_sysfs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, series: str | None = None, **kwargs) -> None:
-        unknown = set(kwargs) - set(self.params)
-        if unknown:
-            raise ValueError(f"build {self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.params) or 'none'}")
-        for key, default in self.params.items():
-            val = kwargs.get(key, default)
-            setattr(self, key, type(default)(val) if default is not None else val)
+        set_params(self, f"build {self.name}", kwargs)
         if series not in (None,) + SERIES_VARIANTS:
             raise ValueError(f"build {self.name}: series={series!r} must be one of v1, meant or None")
         #: The 2026 thp_cow series: None (not applied), "v1" (as posted) or "meant" (as meant).
@@ -339,6 +333,24 @@ BUILDS: dict[str, type[KernelBuild]] = {
                               Reservation, CowDensity)
 }
 ALIASES = {"thp-cow-intended": "thp-cow-meant", "6.18": "upstream"}
+
+
+def set_params(obj, what: str, kwargs: dict) -> None:
+    """Set ``obj``'s parameters (its class's ``params``: name -> default) from ``kwargs``.
+
+    Values are converted to the default's type; ValueError names ``what``, the
+    parameter and the value for an unknown name or a value of the wrong kind.
+    """
+    unknown = set(kwargs) - set(obj.params)
+    if unknown:
+        raise ValueError(f"{what}: unknown parameter(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(obj.params) or 'none'}")
+    for key, default in obj.params.items():
+        val = kwargs.get(key, default)
+        try:
+            setattr(obj, key, type(default)(val) if default is not None else val)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what}: {key}={val!r} is not {type(default).__name__}") from None
 
 
 def split_spec(spec: str, what: str = "build") -> tuple[str, dict[str, str]]:

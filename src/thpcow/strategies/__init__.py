@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from ..kernel.constants import MADV_COLLAPSE, MADV_DONTFORK, PAGE_SIZE, VM_NOHUGEPAGE
+from ..kernel.builds import set_params
 from ..kernel.errors import KernelError
 
 if TYPE_CHECKING:
@@ -33,13 +34,8 @@ class Strategy:
     choices: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, **kwargs) -> None:
-        unknown = set(kwargs) - set(self.params)
-        if unknown:
-            raise ValueError(f"strategy {self.name}: unknown parameter(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.params) or 'none'}")
-        for key, default in self.params.items():
-            val = kwargs.get(key, default)
-            setattr(self, key, type(default)(val) if default is not None else val)
+        set_params(self, f"strategy {self.name}", kwargs)
+        for key in self.params:
             allowed = self.choices.get(key)
             if allowed and getattr(self, key) not in allowed:
                 raise ValueError(f"strategy {self.name}: {key}={getattr(self, key)} must be "

@@ -39,6 +39,8 @@ from .constants import (
     ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PHYS_PFN, VM_HUGEPAGE,
 )
 
+from . import huge_memory, memory
+
 if TYPE_CHECKING:
     from .kernel import Kernel
     from .mm import MM, VMA
@@ -76,16 +78,13 @@ class KernelBuild:
     # -- judgement points -------------------------------------------------------------------
     def pmd_cow_copy(self, k: Kernel, mm: MM, vma: VMA) -> bool:
         """do_huge_pmd_wp_page(): copy this shared THP whole instead of splitting its PMD?"""
-        from .huge_memory import hugepage_cow_enabled
-        return hugepage_cow_enabled(k, mm, vma)
+        return huge_memory.hugepage_cow_enabled(k, mm, vma)
 
     def huge_pmd_wp_fallback(self, k: Kernel, mm: MM, vma: VMA, addr: int, s: int) -> int:
         """do_huge_pmd_wp_page()'s fallback: split this VMA's PMD; the fault copies 4 KiB."""
-        from .huge_memory import split_huge_pmd
-        from .memory import VM_FAULT_FALLBACK
-        split_huge_pmd(k, mm, vma, s)
+        huge_memory.split_huge_pmd(k, mm, vma, s)
         self.cow_split(k, mm, vma, addr & HPAGE_PMD_MASK)
-        return VM_FAULT_FALLBACK
+        return memory.VM_FAULT_FALLBACK
 
     def pte_wp_copy(self, k: Kernel, mm: MM, vma: VMA, addr: int, row: int, fid: int) -> int | None:
         """do_wp_page() before its 4 KiB copy (asked only when ``pte_hook``): None copies 4 KiB."""

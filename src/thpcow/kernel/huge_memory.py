@@ -16,7 +16,7 @@ import numpy as np
 
 from .constants import (
     ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, VM_HUGEPAGE,
-    VM_NOHUGEPAGE, VM_WRITE,
+    VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
 )
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
 from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
@@ -297,18 +297,18 @@ def hugepage_cow_enabled(k: Kernel, mm: MM, vma: VMA) -> bool:
     as meant replaces the first test by thp_vma_allowable_order(PMD_ORDER,
     page fault), which honours them all.
     """
-    from .constants import VM_THP_COW
-
     series = k.build.series
     if series is None:
         return False
     sysfs = k.sysfs
+    mode = sysfs.thp_cow
+    if mode == "never":                 # decided by the knob alone (the tests below have no side effects)
+        return False
     if series == "meant":
         if not thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, TVA_PAGEFAULT):
             return False
     elif not sysfs.global_allows(vma.flags & VM_HUGEPAGE):
         return False
-    mode = sysfs.thp_cow
     if mode == "always":
         return True
     return mode == "madvise" and bool(vma.flags & VM_THP_COW)

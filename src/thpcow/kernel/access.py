@@ -88,7 +88,7 @@ def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
         heads = k.folios.head[fids]
         huge_zero = (k.folios.flags[fids] & PG_HUGE_ZERO).astype(bool)
         pfn = pfn.copy()
-        pfn[leaf] = np.where(huge_zero, 0, heads + vpn_pte_index(vpages[leaf]))
+        pfn[leaf] = np.where(huge_zero, 0, heads + cols[leaf])
     return pfn
 
 
@@ -122,7 +122,7 @@ def _finish_stores(k: Kernel, mm: MM, pages: np.ndarray, tokens: np.ndarray) -> 
     if leaf.any():
         pgtable.pmd_update_flags(k, mm, np.unique(sc[leaf]), set_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
         pfn = pfn.copy()
-        pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + vpn_pte_index(pages[leaf])
+        pfn[leaf] = k.folios.head[pt.pmd_folio[sc[leaf]]] + cols[leaf]      # cols: the pte_index() of each page
     ok = pfn >= 0
     k.mem.content[pfn[ok]] = tokens[ok]
     for p, t in zip(pages[~ok].tolist(), tokens[~ok].tolist()):

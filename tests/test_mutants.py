@@ -314,3 +314,114 @@ def test_unshare_copy_of_a_thp_is_young_clean_and_read_only():
     d = vmstat_delta(k, before)
     assert d["thp_fault_alloc"] == 0 and d["pgfault"] == 1
     assert c.read(a)[0] == 5 and p.read(a)[0] == 3
+
+
+# -- zap does not move an anon PTE's dirty bit to the folio -----------------------------------------------
+def _lazyfree_page_dirty_in_the_child_only(k: Kernel):
+    """A page stored to after MADV_FREE (its PTE dirty again), shared by fork (the child's
+    PTE keeps the dirty bit), then MADV_FREE'd again by the parent: the folio is not dirty
+    (only PTEs were), so the parent's PTE is cleaned and only the child's stays dirty."""
+    p = k.spawn()
+    a = small_region(p, 1, token=3)
+    p.madvise(a, PAGE_SIZE, MADV_FREE)
+    p.write(a, 8, 4)
+    c = p.fork()
+    p.madvise(a, PAGE_SIZE, MADV_FREE)
+    assert p.smaps_fields(a)["LazyFree"] == 4 and c.smaps_fields(a)["LazyFree"] == 0
+    return p, c, a
+
+
+@pytest.mark.parametrize("how", ["exit", "munmap", "dontneed"])
+def test_zapping_an_anon_pte_does_not_dirty_the_folio(how):
+    """zap_present_folio_ptes(): for an anon folio "we don't need up-to-date accessed/dirty
+    bits": unlike a file folio, the zapped PTE's dirty bit is dropped, not moved to the
+    folio.  So when the child's dirty mapping goes, the parent's clean mapping of the
+    lazyfree page stays lazily freeable."""
+    from thpcow.kernel import MADV_DONTNEED
+    k = Kernel(ram=THP_RAM, check=True)
+    p, c, a = _lazyfree_page_dirty_in_the_child_only(k)
+    if how == "exit":
+        c.exit()
+    elif how == "munmap":
+        c.munmap(a, PAGE_SIZE)
+    else:
+        c.madvise(a, PAGE_SIZE, MADV_DONTNEED)
+    f = p.smaps_fields(a)
+    assert f["LazyFree"] == 4 and f["Private_Dirty"] == 0
+
+
+# -- fork's PTE copy and the 4 KiB COW ----------------------------------------------------------------------
+def test_fork_makes_the_childs_ptes_old_and_keeps_them_dirty():
+    """copy_present_ptes(): the child's PTEs are read-only and old (pte_mkold()); a private
+    mapping keeps the dirty bit.  smaps: the child's pages are shared, dirty, not referenced."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = small_region(p, 8, token=3)
+    c = p.fork()
+    f = c.smaps_fields(a)
+    assert f["Rss"] == 32 and f["Referenced"] == 0
+    assert f["Shared_Dirty"] == 32 and f["Shared_Clean"] == 0
+    assert p.smaps_fields(a)["Referenced"] == 32
+
+
+def test_fork_copies_zero_page_ptes():
+    """copy_present_ptes() copies a zero-page PTE as it is (no reference, no rss): in a VMA
+    that has an anon_vma, the child sees the zero page mapped (pagemap present) and reads 0."""
+    from thpcow.kernel.task_mmu import PM_PRESENT
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    p.madvise(a, 2 * PAGE_SIZE, MADV_NOHUGEPAGE)
+    p.write(a, 8, 3)                                          # the VMA gets its anon_vma
+    assert p.read(a + PAGE_SIZE)[0] == 0                      # the zero page, mapped
+    c = p.fork()
+    pm = c.pagemap(a, 2)
+    assert pm[0] & PM_PRESENT and pm[1] & PM_PRESENT
+    assert c.status()["RssAnon"] == 4 and c.read(a + PAGE_SIZE)[0] == 0
+
+
+def test_fork_counts_the_childs_swap_entries_in_every_table():
+    """copy_nonpresent_pte(): MM_SWAPENTS += 1 per swap entry the child gets, summed over
+    every PTE table copied."""
+    k = Kernel(ram=THP_RAM, check=True, swap=64 * MiB)
+    p = k.spawn()
+    a = p.mmap(4 << 20)
+    p.madvise(a, 4 << 20, MADV_NOHUGEPAGE)
+    p.write(a, 4 << 20, 3)
+    p.madvise(a, 2 * PAGE_SIZE, MADV_PAGEOUT)                 # 2 pages of the first table
+    p.madvise(a + (2 << 20), 3 * PAGE_SIZE, MADV_PAGEOUT)     # 3 of the second
+    assert p.status()["VmSwap"] == 20
+    c = p.fork()
+    assert c.status()["VmSwap"] == 20
+    assert (c.read(a, 3 * PAGE_SIZE) == 3).all()
+
+
+def test_pte_cow_flushes_the_faulting_page_only():
+    """wp_page_copy(): ptep_clear_flush() of the one page it remaps, in the faulting mm."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = small_region(p, 4, token=3)
+    c = p.fork()
+    k.tlb_flush_log = []
+    c.write(a + 2 * PAGE_SIZE, 8, 4)
+    assert page_flushes(k, c.pid) == [a // PAGE_SIZE + 2]
+    assert range_flushes(k, c.pid) == [] and page_flushes(k, p.pid) == []
+
+
+def test_zero_page_cow_prepares_the_anon_vma_of_the_faulted_vmas_only():
+    """wp_page_copy() of zero pages: vmf_anon_prepare() gives the faulted VMAs an anon_vma.
+    A VMA between them that was only read keeps none, so fork copies no page table of it:
+    the child's pagemap shows its page not present."""
+    from thpcow.kernel.task_mmu import PM_PRESENT
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(3 * PAGE_SIZE)
+    p.madvise(a + PAGE_SIZE, PAGE_SIZE, MADV_NOHUGEPAGE)      # three VMAs: A | B | C
+    assert len(p.vmas()) == 3
+    assert (p.read(a, 3 * PAGE_SIZE) == 0).all()             # zero pages, no anon_vma anywhere
+    p.write_many(page_addrs(a, 2, 0)[[0]].tolist() + [a + 2 * PAGE_SIZE], [5, 6])
+    assert [bool(v.anon_vma) for v in p.vmas()] == [True, False, True]
+    c = p.fork()
+    pm = c.pagemap(a, 3)
+    assert pm[0] & PM_PRESENT and not pm[1] & PM_PRESENT and pm[2] & PM_PRESENT
+    assert list(c.read(a, 3 * PAGE_SIZE)) == [5, 0, 6]

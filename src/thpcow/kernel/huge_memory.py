@@ -349,18 +349,18 @@ def copy_huge_pmd(k: Kernel, dst: MM, src: MM, vma: VMA, s: int) -> None:
 
 
 def zap_huge_pmd(k: Kernel, mm: MM, s: int) -> None:
-    """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table."""
+    """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table.
+
+    As for PTEs, an anon PMD's dirty bit is dropped, not moved to the folio.
+    """
     pt = mm.pt
     fid = int(pt.pmd_folio[s])
     pt.pmd_kind[s] = PMD_NONE
     pt.pmd_folio[s] = -1
-    flags = pt.pmd_flags[s]
     pt.pmd_flags[s] = 0
     mm.nr_ptes -= 1
     if k.folios.flags[fid] & PG_HUGE_ZERO:
         return
-    if flags & _PAGE_DIRTY:
-        k.folios.flags[fid] |= PG_DIRTY
     rmap.folio_remove_rmap_pmd(k, fid, mm)
     mm.rss_anon -= HPAGE_PMD_NR
     rmap.folio_put(k, fid)

@@ -121,6 +121,19 @@ def test_whole_pmd_cow_of_a_clean_pmd_leaves_the_old_thp_clean():
     assert (c.read(a + PAGE_SIZE, 4) == 3).all() and c.read(a)[0] == 4
 
 
+def test_splitting_a_clean_pmd_leaves_the_thp_clean():
+    """__split_huge_pmd_locked() moves the PMD's dirty bit to the folio only when it is set:
+    the child's COW split of its clean PMD (upstream: split, copy 4 KiB) leaves the parent's
+    lazyfree THP lazily freeable."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p, c, a = lazyfree_thp_shared_with_a_child(k)
+    before = k.vmstat_snapshot()
+    c.write(a + PAGE_SIZE, 8, 4)
+    assert vmstat_delta(k, before)["thp_split_pmd"] == 1
+    assert p.smaps_fields(a)["LazyFree"] == 2048 and p.smaps_fields(a)["Private_Dirty"] == 0
+    assert c.smaps_fields(a)["LazyFree"] == 2044
+
+
 # -- folio ids are recycled ----------------------------------------------------------------------------------
 def test_whole_pmd_cow_into_the_first_folio_id_recycled():
     """wp_huge_pmd_page_copy() (the series) takes whatever folio the allocator hands out: here

@@ -438,3 +438,18 @@ def test_zero_page_cow_prepares_the_anon_vma_of_the_faulted_vmas_only():
     pm = c.pagemap(a, 3)
     assert pm[0] & PM_PRESENT and not pm[1] & PM_PRESENT and pm[2] & PM_PRESENT
     assert list(c.read(a, 3 * PAGE_SIZE)) == [5, 0, 6]
+
+
+def test_pte_cow_without_a_free_page_is_oom():
+    """wp_page_copy() cannot allocate its page: VM_FAULT_OOM, nothing changes (the store is
+    not done, both processes still share the page)."""
+    from thpcow.kernel.errors import OutOfMemory
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = small_region(p, 2, token=3)
+    c = p.fork()
+    assert k.mem.alloc_bulk(k.mem.nr_free) is not None        # the rest of the system takes it all
+    for store in (lambda: c.write(a, 8, 4), lambda: c.write_many([a, a + PAGE_SIZE], 4)):
+        with pytest.raises(OutOfMemory):
+            store()
+        assert list(c.read(a, 2 * PAGE_SIZE)) == [3, 3] and c.smaps_fields(a)["Shared_Dirty"] == 8

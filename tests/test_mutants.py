@@ -453,3 +453,44 @@ def test_pte_cow_without_a_free_page_is_oom():
         with pytest.raises(OutOfMemory):
             store()
         assert list(c.read(a, 2 * PAGE_SIZE)) == [3, 3] and c.smaps_fields(a)["Shared_Dirty"] == 8
+
+
+def test_fork_keeps_vma_offsets_and_leaves_unfaulted_vmas_without_anon_vma():
+    """dup_mmap(): vm_area_dup() copies vm_pgoff, and only a VMA with an anon_vma gets one
+    (anon_vma_fork()).  So in the child, as in the parent, a never-faulted VMA merges with
+    its faulted neighbour once their flags match (the offsets run on, one anon_vma is set):
+    /proc/PID/maps shows one mapping."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(2 * PAGE_SIZE)
+    p.mprotect(a + PAGE_SIZE, PAGE_SIZE, PROT_READ)          # two VMAs
+    p.write(a, 8, 3)                                          # only the first is faulted
+    c = p.fork()
+    assert [(v.start - a, v.end - a, bool(v.anon_vma)) for v in c.vmas()] == [
+        (0, PAGE_SIZE, True), (PAGE_SIZE, 2 * PAGE_SIZE, False)]
+    for proc in (c, p):
+        proc.mprotect(a + PAGE_SIZE, PAGE_SIZE, RW)
+        assert [(v.start - a, v.end - a) for v in proc.vmas()] == [(0, 2 * PAGE_SIZE)]
+    assert list(c.read(a, 2 * PAGE_SIZE)) == [3, 0]
+
+
+def test_fork_keeps_the_offset_of_a_moved_vma():
+    """dup_mmap() copies vm_pgoff: a VMA moved by mremap() keeps the page offset of where its
+    pages came from, so it does not merge with a fresh neighbour whose offset does not run
+    on from it, in the parent or in the child."""
+    from thpcow.kernel import MAP_FIXED_NOREPLACE
+    from thpcow.kernel.constants import MREMAP_FIXED, MREMAP_MAYMOVE
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    x = p.mmap(PAGE_SIZE)
+    p.write(x, 8, 3)
+    t = p.mmap(4 * PAGE_SIZE)
+    p.munmap(t, 4 * PAGE_SIZE)
+    assert p.mremap(x, PAGE_SIZE, PAGE_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED, t) == t
+    p.mmap(PAGE_SIZE, flags=0x22 | MAP_FIXED_NOREPLACE, addr=t + PAGE_SIZE)   # MAP_PRIVATE | MAP_ANONYMOUS
+    c = p.fork()
+    for proc in (c, p):
+        proc.mprotect(t + PAGE_SIZE, PAGE_SIZE, PROT_READ)
+        proc.mprotect(t + PAGE_SIZE, PAGE_SIZE, RW)           # a merge attempt with the moved VMA
+        assert [(v.start - t, v.end - t) for v in proc.vmas()] == [(0, PAGE_SIZE), (PAGE_SIZE, 2 * PAGE_SIZE)]
+    assert c.read(t)[0] == 3

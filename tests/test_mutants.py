@@ -1,8 +1,10 @@
 """Behaviour of the COW core that only mutation testing showed to be unchecked (docs/testing.md).
 
 Each test names the kernel function whose behaviour it pins down; the mutants it kills
-are listed in docs/testing.md.  Everything goes through the public API: system calls,
-smaps, vmstat and the TLB flush log a machine model reads.
+are listed in docs/testing.md.  They go through the public API (system calls, smaps,
+pagemap, vmstat and the TLB flush log a machine model reads); where no system call can
+set a state up (memory held by the rest of the system, an unshare fault from GUP) the
+test says so.
 """
 
 from __future__ import annotations

@@ -382,13 +382,14 @@ def copy_huge_pmd(k: Kernel, dst: MM, src: MM, vma: VMA, s: int) -> None:
 
 
 def zap_huge_pmd(k: Kernel, mm: MM, s: int) -> None:
-    """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table."""
-    fid, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)
+    """Model of zap_huge_pmd(): unmap a whole PMD leaf and free its deposited table.
+
+    As for PTEs, an anon PMD's dirty bit is dropped, not moved to the folio.
+    """
+    fid, _ = pgtable.pmdp_huge_get_and_clear(k, mm, s)
     mm.nr_ptes -= 1
     if k.folios.flags[fid] & PG_HUGE_ZERO:
         return
-    if flags & _PAGE_DIRTY:
-        k.folios.flags[fid] |= PG_DIRTY
     rmap.folio_remove_rmap_pmd(k, fid, mm)
     mm.rss_anon -= HPAGE_PMD_NR
     rmap.folio_put(k, fid)

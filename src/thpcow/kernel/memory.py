@@ -29,7 +29,7 @@ from .constants import (
     ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE,
 )
 from .errors import OutOfMemory
-from .folio import PG_ANON, PG_DIRTY
+from .folio import PG_ANON
 from .mm import (
     MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
     _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
@@ -402,13 +402,16 @@ def folio_runs(k: Kernel, pfns: np.ndarray):
     return [(int(fids[a]), a, b) for a, b in zip(starts, ends)]
 
 
-def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray, dirty: np.ndarray | None = None) -> None:
-    """Drop this mm's PTE mappings of ``pfns`` (rmap, reference, rss), a folio run at a time."""
+def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray) -> None:
+    """Drop this mm's PTE mappings of ``pfns`` (rmap, reference, rss), a folio run at a time.
+
+    The PTEs' dirty bits are not moved to the folios: for anon folios
+    zap_present_folio_ptes() drops them ("we don't need up-to-date
+    accessed/dirty bits"); only file folios are marked dirty.
+    """
     if not len(pfns):
         return
     for fid, a, b in folio_runs(k, pfns):
-        if dirty is not None and dirty[a:b].any():
-            k.folios.flags[fid] |= PG_DIRTY
         rmap.folio_remove_rmap_ptes(k, fid, int(pfns[a]), b - a, mm)
         mm.rss_anon -= b - a
         rmap.folio_put(k, fid, b - a)
@@ -423,7 +426,7 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
     pfns, flags = pgtable.get_and_clear_full_ptes(k, mm, row, lo, hi)
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
-    unmap_pages(k, mm, pfns[idx], (flags[idx] & _PAGE_DIRTY).astype(bool))
+    unmap_pages(k, mm, pfns[idx])
     swp = pfns <= -2
     if swp.any():                                  # zap_nonpresent_ptes(): free_swap_and_cache()
         for slot in swp_offset(pfns[swp]).tolist():

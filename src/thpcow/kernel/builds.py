@@ -370,7 +370,9 @@ def parse_build(spec: str, series: str | None = None) -> KernelBuild:
     name, kwargs = split_spec(spec)
     cls = BUILDS.get(ALIASES.get(name, name))
     if cls is None:
-        raise ValueError(f"unknown kernel build {name!r}; known: {', '.join(sorted(BUILDS))}")
+        raise ValueError(f"unknown kernel build {name!r}; known: {', '.join(sorted(BUILDS))} "
+                         "(what userspace does, such as MADV_COLLAPSE after fork or MADV_DONTFORK, "
+                         "is a strategy: thpcow.strategies)")
     try:
         return cls(series, **kwargs)
     except (TypeError, ValueError) as exc:

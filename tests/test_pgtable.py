@@ -409,3 +409,24 @@ def test_random_programs_pass_page_table_check(program):
     for p in procs:
         p.exit()
     assert not k.ptc.anon_map_count.any() and not k.ptc.file_map_count.any()
+
+
+# -- rule 13: a writable entry needs VM_WRITE ------------------------------------------------------
+@pytest.mark.parametrize("thp", [False, True])
+def test_checker_catches_writable_entries_left_by_a_broken_mprotect(monkeypatch, thp):
+    """Injected bug: mprotect(PROT_READ) forgets change_protection(), so the PTEs (or the PMD)
+    stay writable in a read-only VMA; the checker names the entry."""
+    from thpcow.kernel import MADV_HUGEPAGE, PROT_READ, InvariantViolation, Kernel
+    from thpcow.kernel import mprotect as mp
+    k = Kernel(ram=512 << 20, check=True)
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    if thp:
+        p.madvise(a, 2 << 20, MADV_HUGEPAGE)
+    p.write(a, 2 << 20, 1)
+    p.mprotect(a, 2 << 20, PROT_READ)               # the real change_protection(): all fine
+    p.mprotect(a, 2 << 20, PROT_READ | 2)
+    p.write(a, 2 << 20, 2)
+    monkeypatch.setattr(mp, "change_protection", lambda *args, **kw: None)
+    with pytest.raises(InvariantViolation, match="without VM_WRITE"):
+        p.mprotect(a, 2 << 20, PROT_READ)

@@ -22,7 +22,9 @@ per-size ``nr_anon`` gauge of §9.5 (rule 11):
 11. nr_anon per order equals the live anon folios of that order;
 12. with page_table_check on, its per-page anon/file map counts equal the
     mappings counted from the page tables (a PMD leaf counts on every page of
-    its folio; the zero pages are not counted).
+    its folio; the zero pages are not counted);
+13. a writable entry lies in a VMA with VM_WRITE (mprotect's change_protection()
+    and every fault path map read-only elsewhere).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS, VM_WRITE
 from .errors import InvariantViolation
 from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
 from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL, swp_offset
@@ -87,6 +89,8 @@ def check_kernel(k: Kernel) -> None:
                 rss += HPAGE_PMD_NR
                 fmaps[fid] = fmaps.get(fid, 0) + 1
                 if pt.pmd_flags[s] & _PAGE_RW:
+                    if not v.flags & VM_WRITE:
+                        _fail(f"mm {pid}: writable PMD at {base:#x} in a VMA without VM_WRITE ({v.perms()})")
                     pmd_writable[fid] += 1
                     if not mem.pflags[int(f.head[fid])] & PG_ANON_EXCLUSIVE:
                         _fail(f"mm {pid}: writable PMD at {base:#x} maps folio {fid} whose head is not AnonExclusive")
@@ -125,6 +129,15 @@ def check_kernel(k: Kernel) -> None:
                 _fail(f"mm {pid}: PTE in the table at {base:#x} maps pfn {bad:#x}, which belongs to no folio")
             np.add.at(pte_maps, p, 1)
             w = (flags[idx] & _PAGE_RW).astype(bool)
+            if w.any():
+                for v in mm.vmas_in(base, base + HPAGE_PMD_SIZE):
+                    if v.flags & VM_WRITE:
+                        continue
+                    wa = addrs[~special][w]
+                    inside = (wa >= v.start) & (wa < v.end)
+                    if inside.any():
+                        _fail(f"mm {pid}: writable PTE at {int(wa[inside][0]):#x} in a VMA without VM_WRITE "
+                              f"({v.perms()})")
             np.add.at(writable_maps, p[w], 1)
             if len(p[w]) and not (mem.pflags[p[w]] & PG_ANON_EXCLUSIVE).all():
                 bad = int(p[w][~(mem.pflags[p[w]] & PG_ANON_EXCLUSIVE).astype(bool)][0])

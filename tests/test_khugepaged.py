@@ -150,8 +150,12 @@ def test_madv_collapse_errors():
     r.madvise(c, 2 << 20, MADV_DONTNEED := 4)
     with pytest.raises(KernelError):
         r.madvise(c, 2 << 20, MADV_COLLAPSE)
-    # a range with no whole aligned 2 MiB block succeeds and does nothing
-    p.madvise(a + PAGE_SIZE, PAGE_SIZE, MADV_COLLAPSE)
+    # a range that starts on a block boundary but holds no whole block succeeds and does nothing;
+    # one whose rounded-up start lies past its rounded-down end is EINVAL (as on Linux 6.18)
+    p.madvise(a, PAGE_SIZE, MADV_COLLAPSE)
+    with pytest.raises(KernelError) as ei:
+        p.madvise(a + PAGE_SIZE, PAGE_SIZE, MADV_COLLAPSE)
+    assert ei.value.errno == errno.EINVAL
     # no THP can be allocated, not even by compaction (an unmovable page in
     # every pageblock): ENOMEM, thp_collapse_alloc_failed
     k2 = Kernel(ram=RAM, check=True, fragmentation=1.0)
@@ -198,3 +202,26 @@ def test_clock_is_deterministic_and_monotonic():
     k.clock.schedule(5, lambda: order.append("c"), priority=1)
     k.advance(10)
     assert order == ["a", "b", "c"] and k.now == 10
+
+
+@pytest.mark.parametrize("offset, length, expect", [
+    (4096, 4096, errno.EINVAL),          # rounded start (next block) past rounded end: EINVAL
+    (0, 4096, 0),                        # rounded start == rounded end: nothing to do, success
+    (4096, 3 << 20, 0),                  # one whole block inside: collapsed (already a THP)
+    (0, 4 << 20, 0),
+])
+def test_madvise_collapse_range_rounding_as_the_running_kernel(offset, length, expect):
+    """madvise_collapse() rounds the range inward to whole PMDs; the results are the ones
+    Linux 6.18 returned for these four calls on a populated MADV_HUGEPAGE region."""
+    from thpcow.kernel import MADV_COLLAPSE, MADV_HUGEPAGE, Kernel, KernelError
+    k = Kernel(ram=1 << 30, check=True)
+    p = k.spawn()
+    a = p.mmap(4 << 20)
+    p.madvise(a, 4 << 20, MADV_HUGEPAGE)
+    p.write(a, 4 << 20, 1)
+    if expect:
+        with pytest.raises(KernelError) as ei:
+            p.madvise(a + offset, length, MADV_COLLAPSE)
+        assert ei.value.errno == expect
+    else:
+        p.madvise(a + offset, length, MADV_COLLAPSE)

@@ -221,7 +221,11 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         last_fail = result
         if result not in _CONTINUE:
             break
-    if hend > hstart and thps != (hend - hstart) // HPAGE_PMD_SIZE:
+    # The kernel compares thps with (hend - hstart) >> HPAGE_PMD_SHIFT in unsigned arithmetic:
+    # a range inside one block whose rounded start lies past its rounded end never matches
+    # (EINVAL from last_fail = SCAN_FAIL), while hstart == hend (no whole block) succeeds.
+    want = (hend - hstart) // HPAGE_PMD_SIZE if hend >= hstart else -1
+    if thps != want:
         err = madvise_collapse_errno(last_fail)
         raise KernelError(err, "madvise(MADV_COLLAPSE)",
                           f"addr={start:#x} length={end - start:#x}: {last_fail.name}")

@@ -32,7 +32,7 @@ SETTLE_S = 30          # simulated seconds of khugepaged with a child alive (den
 
 # Default parameters of each policy in the table (others use their defaults).
 TABLE_POLICIES = (
-    "upstream", "thp-cow-v1", "thp-cow-intended", "pre-5.8", "mthp-cow:order=4", "mthp-cow:order=6",
+    "upstream", "thp-cow-v1", "thp-cow-meant", "pre-5.8", "mthp-cow:order=4", "mthp-cow:order=6",
     "collapse-after-fork:who=parent", "collapse-after-fork:who=both", "dontfork", "directed-khugepaged",
     "reservation:pool_mib=16", "cow-density:threshold=64",
 )

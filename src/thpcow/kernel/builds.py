@@ -56,7 +56,6 @@ class KernelBuild:
     params: ClassVar[dict[str, object]] = {}
     pte_hook: ClassVar[bool] = False       # True: every 4 KiB COW asks pte_wp_copy()
     takes_series: ClassVar[bool] = True    # the 2026 series can be applied on top
-    boot_sysfs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, series: str | None = None, **kwargs) -> None:
         set_params(self, f"build {self.name}", kwargs)
@@ -72,8 +71,6 @@ class KernelBuild:
     # -- boot ---------------------------------------------------------------------------------
     def boot(self, k: Kernel) -> None:
         """Called once when the kernel boots (sysfs defaults, reservations)."""
-        for knob, value in self.boot_sysfs.items():
-            k.sysfs.write(knob, value)
 
     # -- judgement points -------------------------------------------------------------------
     def pmd_cow_copy(self, k: Kernel, mm: MM, vma: VMA) -> bool:

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import NR, RW, THP_RAM, page_addrs, small_region, thp_region, vmstat_delta
 from thpcow.kernel import (
-    HPAGE_PMD_SIZE, MADV_COLLAPSE, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT, PAGE_SIZE, PROT_READ, Kernel,
+    HPAGE_PMD_SIZE, MADV_COLLAPSE, MADV_DONTNEED, MADV_FREE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT, PAGE_SIZE,
+    PROT_READ, Kernel,
 )
 
 MiB = 1 << 20
@@ -496,3 +497,118 @@ def test_fork_keeps_the_offset_of_a_moved_vma():
         proc.mprotect(t + PAGE_SIZE, PAGE_SIZE, RW)           # a merge attempt with the moved VMA
         assert [(v.start - t, v.end - t) for v in proc.vmas()] == [(0, PAGE_SIZE), (PAGE_SIZE, 2 * PAGE_SIZE)]
     assert c.read(t)[0] == 3
+
+
+# -- the page-table writers (kernel/pgtable.py) -------------------------------------------------------------
+def test_madv_collapse_flushes_the_block_it_collapses():
+    """pmdp_collapse_flush(): the PTE table under the block is detached with a flush of the
+    whole 2 MiB at its address, in the collapsing mm only."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(4 << 20)
+    a = (a + HPAGE_PMD_SIZE - 1) & ~(HPAGE_PMD_SIZE - 1)
+    p.madvise(a, 2 << 20, MADV_NOHUGEPAGE)
+    for va in page_addrs(a, NR)[::8]:
+        p.write(int(va), 8, 5)
+    p.madvise(a, 2 << 20, MADV_HUGEPAGE)
+    c = p.fork()
+    k.tlb_flush_log = []
+    p.madvise(a, 2 << 20, MADV_COLLAPSE)
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048
+    assert (a, a + HPAGE_PMD_SIZE) in range_flushes(k, p.pid)
+    assert range_flushes(k, c.pid) == []
+    assert p.read(a)[0] == 5 and c.read(a)[0] == 5
+
+
+def test_reclaim_gives_a_young_thp_a_second_chance_through_its_pmd():
+    """folio_referenced() on a PMD-mapped THP: pmdp_test_and_clear_young() reports the
+    parent's young PMD and clears only its young bit (the PMD stays read-only: the child
+    shares the THP), so the first look keeps the THP and the second swaps it out."""
+    k = Kernel(ram=THP_RAM, check=True, swap=64 * MiB)
+    p = k.spawn()
+    a = thp_region(p, 2 << 20, token=7)
+    c = p.fork()                                    # the child's PMD is old, the parent's young
+    assert p.smaps_fields(a)["Referenced"] == 2048 and c.smaps_fields(a)["Referenced"] == 0
+    before = k.vmstat_snapshot()
+    k.reclaim(NR)
+    d = vmstat_delta(k, before)
+    assert d["pgscan_anon"] == 2, "young at the first look, old at the second"
+    assert d["thp_swpout"] == 1 and d["pswpout"] == NR
+    assert p.smaps_fields(a)["Swap"] == 2048 and c.smaps_fields(a)["Swap"] == 2048
+    assert (p.read(a, 2 << 20) == 7).all() and (c.read(a, 2 << 20) == 7).all()
+
+
+@pytest.mark.parametrize("writer", ["set_pte_at", "set_ptes", "set_ptes_scatter", "pte_update_flags", "clear_ptes",
+                                    "free_pte_table", "set_pmd_at", "pmd_update_flags", "pmd_clear", "pmd_populate"])
+def test_page_table_check_names_the_mm_of_a_bad_store(writer):
+    """The writers pass their mm to page_table_check, whose report names it.  The bad stores
+    are made by hand (a shared page made writable, an entry planted behind the writers'
+    back): no system call makes one."""
+    from thpcow.kernel import pgtable
+    from thpcow.kernel.page_table_check import PageTableCheckError
+    from thpcow.kernel.pgtable import PMD_LEAF, PTE_NEW_ANON, _PAGE_DIRTY, _PAGE_PRESENT, _PAGE_RW
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    huge = writer in ("set_pmd_at", "pmd_update_flags", "pmd_clear", "pmd_populate")
+    a = thp_region(p, 2 << 20) if huge else small_region(p, 2)
+    c = p.fork()
+    pt = c.mm.pt
+    s = pt.slot_of[a // HPAGE_PMD_SIZE]
+    if huge:
+        fid = int(pt.pmd_folio[s])
+    else:
+        row, i = int(pt.pmd_row[s]), (a // PAGE_SIZE) % NR
+        pfn = int(pt.pte_pfn[row, i])
+    if writer in ("clear_ptes", "free_pte_table"):
+        # a THP split with half of it unmapped: a page still in the folio, mapped nowhere
+        k = Kernel(ram=THP_RAM, check=True)
+        c = k.spawn()
+        a = thp_region(c, 2 << 20)
+        c.madvise(a + (1 << 20), 1 << 20, MADV_DONTNEED)
+        pt = c.mm.pt
+        s = pt.slot_of[a // HPAGE_PMD_SIZE]
+        row, j = int(pt.pmd_row[s]), NR - 1
+        pt.pte_pfn[row, j], pt.pte_flags[row, j] = pt.pte_pfn[row, 0] + j, PTE_NEW_ANON & ~_PAGE_RW   # planted
+    with pytest.raises(PageTableCheckError, match=f"page_table_check: mm {c.pid}: "):
+        if writer == "set_pte_at":
+            pgtable.set_pte_at(k, c.mm, row, i, pfn, PTE_NEW_ANON)
+        elif writer == "pte_update_flags":
+            pgtable.pte_update_flags(k, c.mm, row, i, set_bits=_PAGE_RW)
+        elif writer == "set_ptes":
+            pgtable.set_ptes(k, c.mm, row, i, np.array([pfn]), PTE_NEW_ANON)
+        elif writer == "set_ptes_scatter":
+            pgtable.set_ptes_scatter(k, c.mm, np.array([row]), np.array([i]), np.array([pfn]), PTE_NEW_ANON)
+        elif writer == "clear_ptes":
+            pgtable.clear_ptes(k, c.mm, row, j, j + 1)
+        elif writer == "free_pte_table":
+            pgtable.free_pte_table(k, c.mm, s)
+        elif writer == "set_pmd_at":
+            pgtable.set_pmd_at(k, c.mm, s, fid, _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY)
+        elif writer == "pmd_update_flags":
+            pgtable.pmd_update_flags(k, c.mm, s, set_bits=_PAGE_RW)
+        else:
+            for _ in range(2):                      # the child's and then the parent's count taken back ...
+                pgtable.pmd_clear(k, c.mm, s)
+                pt.pmd_kind[s], pt.pmd_folio[s] = PMD_LEAF, fid                        # ... planted again
+            if writer == "pmd_clear":
+                pgtable.pmd_clear(k, c.mm, s)
+            else:                                   # as __split_huge_pmd_locked() does
+                pgtable.pmd_populate(k, c.mm, s, pt.alloc_row())
+
+
+def test_mprotect_makes_an_exclusive_thp_writable_again_without_checking():
+    """pmd_update_flags() consults page_table_check only when there is one: on an unchecked
+    kernel mprotect(PROT_READ|PROT_WRITE) still makes the PMD of an exclusive THP writable
+    in place, and the next store needs no fault."""
+    k = Kernel(ram=THP_RAM)
+    assert k.ptc is None
+    p = k.spawn()
+    a = thp_region(p, 2 << 20, token=4)
+    p.mprotect(a, 2 << 20, PROT_READ)
+    p.mprotect(a, 2 << 20, RW)
+    before = k.vmstat_snapshot()
+    p.write(a + 7 * PAGE_SIZE, 8, 9)
+    assert vmstat_delta(k, before)["pgfault"] == 0
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048
+    assert p.read(a + 7 * PAGE_SIZE)[0] == 9 and p.read(a)[0] == 4
+

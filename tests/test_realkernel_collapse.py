@@ -18,7 +18,7 @@ MADV_DONTNEED also frees the emptied PTE table).
 
 vmstat is system-wide: the measured section only faults, forks and madvises (no large numpy
 arrays are made or freed in it, the garbage collector is off), lab scenarios are serialised
-with scenario.lab_lock(), and the quietest of three runs is compared (lowest sum of thp_*
+with scenario.lab_lock(), and the quietest of five runs is compared (lowest sum of thp_*
 deltas; no expected value enters the choice).  Nothing here writes sysfs.
 """
 
@@ -173,7 +173,7 @@ def _real_once(collapse_alive: int) -> Run:
     return Run(snaps=snaps, views=views, rcs=rcs)
 
 
-def run_real(collapse_alive: int, repeat: int = 3) -> Run:
+def run_real(collapse_alive: int, repeat: int = 5) -> Run:
     """The scenario on the running kernel, ``repeat`` times; the quietest run is returned."""
     runs = []
     with scenario.lab_lock():

@@ -200,7 +200,7 @@ def write_pages(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray,
         # read-only PTEs for do_wp_page().  Empty PMDs: one scalar fault per
         # block (THP or fallback); the block's other pages wait a round.
         if leaf_ro.any():
-            for p in _first_of_block(pending, leaf_ro).tolist():
+            for p in pending[_first_of_block_idx(pending, leaf_ro)].tolist():
                 _wp_huge_pmd(k, mm, p)
             later |= leaf_ro
         if pmd_none.any():
@@ -217,10 +217,6 @@ def _first_of_block_idx(pending: np.ndarray, sel: np.ndarray) -> np.ndarray:
     """Indexes of the first selected page of each 2 MiB block, in store order."""
     _, first = np.unique(vpn_pmd_index(pending[sel]), return_index=True)
     return np.flatnonzero(sel)[np.sort(first)]
-
-
-def _first_of_block(pending: np.ndarray, sel: np.ndarray) -> np.ndarray:
-    return pending[_first_of_block_idx(pending, sel)]
 
 
 def _wp_huge_pmd(k: Kernel, mm: MM, vpage: int) -> None:

@@ -54,6 +54,7 @@ class KernelBuild:
     name: ClassVar[str] = "upstream"
     help: ClassVar[str] = "Linux 6.18: split the PMD and copy one 4 KiB page (since v5.8)"
     params: ClassVar[dict[str, object]] = {}
+    limits: ClassVar[dict[str, tuple[int, int]]] = {}     # inclusive bounds of numeric parameters
     pte_hook: ClassVar[bool] = False       # True: every 4 KiB COW asks pte_wp_copy()
     takes_series: ClassVar[bool] = True    # the 2026 series can be applied on top
 
@@ -180,12 +181,8 @@ class MthpCow(KernelBuild):
     name = "mthp-cow"
     help = "copy the aligned 2^order block around the fault (16 KiB..2 MiB), PMD- and PTE-mapped"
     params = {"order": 4}
+    limits = {"order": (2, HPAGE_PMD_ORDER)}
     pte_hook = True
-
-    def __init__(self, series: str | None = None, **kwargs) -> None:
-        super().__init__(series, **kwargs)
-        if not 2 <= self.order <= HPAGE_PMD_ORDER:
-            raise ValueError(f"build mthp-cow: order={self.order} must be within 2..{HPAGE_PMD_ORDER}")
 
     def pmd_cow_copy(self, k, mm, vma):
         return self.order == HPAGE_PMD_ORDER
@@ -296,12 +293,11 @@ class CowDensity(KernelBuild):
     name = "cow-density"
     help = "ours: after THRESHOLD 4 KiB COWs in a 2 MiB block since fork, copy that block whole into a THP"
     params = {"threshold": 64}
+    limits = {"threshold": (1, HPAGE_PMD_NR)}
     pte_hook = True
 
     def __init__(self, series: str | None = None, **kwargs) -> None:
         super().__init__(series, **kwargs)
-        if not 1 <= self.threshold <= HPAGE_PMD_NR:
-            raise ValueError(f"build cow-density: threshold={self.threshold} must be within 1..512")
         self.count: dict[tuple[int, int], int] = {}
 
     def pte_wp_copy(self, k, mm, vma, addr, row, fid):
@@ -334,8 +330,10 @@ ALIASES = {"thp-cow-intended": "thp-cow-meant", "6.18": "upstream"}
 def set_params(obj, what: str, kwargs: dict) -> None:
     """Set ``obj``'s parameters (its class's ``params``: name -> default) from ``kwargs``.
 
-    Values are converted to the default's type; ValueError names ``what``, the
-    parameter and the value for an unknown name or a value of the wrong kind.
+    Values are converted to the default's type and checked against the
+    class's ``limits`` (inclusive bounds), if it has any; ValueError names
+    ``what``, the parameter and the value for an unknown name, a value of the
+    wrong kind or one out of bounds.
     """
     unknown = set(kwargs) - set(obj.params)
     if unknown:
@@ -347,6 +345,9 @@ def set_params(obj, what: str, kwargs: dict) -> None:
             setattr(obj, key, type(default)(val) if default is not None else val)
         except (TypeError, ValueError):
             raise ValueError(f"{what}: {key}={val!r} is not {type(default).__name__}") from None
+        lo, hi = getattr(obj, "limits", {}).get(key, (None, None))
+        if lo is not None and not lo <= getattr(obj, key) <= hi:
+            raise ValueError(f"{what}: {key}={getattr(obj, key)} must be within {lo}..{hi}")
 
 
 def split_spec(spec: str, what: str = "build") -> tuple[str, dict[str, str]]:

@@ -132,6 +132,13 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
 
 
 # -- anonymous faults --------------------------------------------------------------
+def anon_vma_prepare_pages(k: Kernel, mm: MM, vpns: np.ndarray) -> None:
+    """anon_vma_prepare() for every VMA of ``mm`` that holds one of the pages ``vpns`` (a batch of faults)."""
+    for v in mm.vmas_in(PFN_PHYS(int(vpns.min())), PFN_PHYS(int(vpns.max()) + 1)):
+        if not v.anon_vma and ((vpns >= PHYS_PFN(v.start)) & (vpns < PHYS_PFN(v.end))).any():
+            anon_vma_prepare(k, v)
+
+
 def anon_vma_prepare(k: Kernel, vma: VMA) -> None:
     """Model of anon_vma_prepare(): a VMA gets its anon_vma on first anon fault."""
     if not vma.anon_vma:
@@ -343,10 +350,7 @@ def wp_page_copy(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarray, vpns: np
     f = k.folios
     mem = k.mem
     if zero.any():                                   # vmf_anon_prepare(): the zero page had none
-        zv = vpns[zero]
-        for v in mm.vmas_in(PFN_PHYS(int(zv.min())), PFN_PHYS(int(zv.max()) + 1)):
-            if not v.anon_vma and ((zv >= PHYS_PFN(v.start)) & (zv < PHYS_PFN(v.end))).any():
-                anon_vma_prepare(k, v)
+        anon_vma_prepare_pages(k, mm, vpns[zero])
     anon = ~zero
     new_anon_folios_bulk(k, new, np.where(anon, mem.content[np.where(anon, old_pfn, 0)], 0))
     pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
@@ -548,10 +552,7 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
     new = k.alloc_pages_bulk(n)
     if new is None:
         return False
-    lo, hi = PFN_PHYS(int(vpns.min())), PFN_PHYS(int(vpns.max()) + 1)
-    for v in mm.vmas_in(lo, hi):
-        if not v.anon_vma and ((vpns >= PHYS_PFN(v.start)) & (vpns < PHYS_PFN(v.end))).any():
-            anon_vma_prepare(k, v)
+    anon_vma_prepare_pages(k, mm, vpns)
     new_anon_folios_bulk(k, new, 0)
     pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
     k.mem.vpn[new] = vpns

@@ -264,25 +264,53 @@ def do_huge_pmd_wp_page(k: Kernel, vmf: VmFault) -> int:
     kernel build says so (the series: hugepage_cow_enabled()); otherwise, or
     when no THP can be had for the copy, the build's fallback runs: upstream
     splits this VMA's PMD and returns FALLBACK, so the same fault copies one
-    4 KiB page at PTE level.
+    4 KiB page at PTE level.  The work is done by do_huge_pmd_wp_pages(),
+    which the batched store path calls with a round of such faults.
     """
-    mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
+    ret = do_huge_pmd_wp_pages(k, vmf.mm, np.array([vmf.pmd], dtype=np.int64), [vmf.address], vmf.flags,
+                               [vmf.vma], [vmf.orig_pmd])
+    return int(ret[0])
+
+
+def do_huge_pmd_wp_pages(k: Kernel, mm: MM, slots: np.ndarray, addrs, flags: int = FAULT_FLAG_WRITE,
+                         vmas: list[VMA] | None = None, orig_pmds=None) -> np.ndarray:
+    """do_huge_pmd_wp_page() for faults on distinct read-only PMD leaves of one mm, in order.
+
+    The one decision path of the scalar and the batched fault paths (the
+    scalar path hands one fault).  The tests on the folios are made for all
+    faults at once, and the faults that reuse their PMD do so together; each
+    huge zero PMD and each shared folio then takes its branch, and the
+    build's judgement, one by one in fault order.  ``vmas``: each fault's VMA
+    (looked up when None); ``orig_pmds``: each fault's vmf->orig_pmd (the
+    PMD flags now when None).  Returns each fault's VM_FAULT_* code.
+    """
     pt = mm.pt
-    fid = int(pt.pmd_folio[s])
     f = k.folios
-    if f.flags[fid] & PG_HUGE_ZERO:
-        return do_huge_zero_wp_pmd(k, vmf)
-    head = int(f.head[fid])
-    if k.mem.pflags[head] & PG_ANON_EXCLUSIVE:
-        return _huge_pmd_reuse(k, vmf)
-    if f.refcount[fid] == 1:
-        k.mem.pflags[head] |= PG_ANON_EXCLUSIVE            # folio_move_anon_rmap()
-        return _huge_pmd_reuse(k, vmf)
-    if k.build.pmd_cow_copy(k, mm, vma):                   # series thp_cow v1 5/5: hugepage_cow_enabled()
-        ret = wp_huge_pmd_page_copy(k, vmf)
-        if ret != VM_FAULT_FALLBACK:
-            return ret
-    return k.build.huge_pmd_wp_fallback(k, mm, vma, vmf.address, s)
+    fids = pt.pmd_folio[slots]
+    heads = f.head[fids]
+    zero = (f.flags[fids] & PG_HUGE_ZERO).astype(bool)
+    exclusive = ~zero & (k.mem.pflags[heads] & PG_ANON_EXCLUSIVE).astype(bool)
+    sole = ~zero & ~exclusive & (f.refcount[fids] == 1)
+    k.mem.pflags[heads[sole]] |= PG_ANON_EXCLUSIVE        # folio_move_anon_rmap()
+    reuse = exclusive | sole
+    if vmas is None:
+        vmas = mm.find_vmas(addrs)
+    if reuse.any() and not flags & FAULT_FLAG_UNSHARE:
+        _huge_pmd_reuse(k, mm, slots[reuse], [v for v, r in zip(vmas, reuse.tolist()) if r])
+    ret = np.full(len(slots), VM_FAULT_OK, dtype=np.int64)
+    for i in np.flatnonzero(~reuse).tolist():
+        s, addr, vma = int(slots[i]), int(addrs[i]), vmas[i]
+        orig = int(pt.pmd_flags[s] if orig_pmds is None else orig_pmds[i])
+        vmf = VmFault(mm, vma, addr, flags, pmd=s, orig_pmd=orig)
+        if zero[i]:
+            ret[i] = do_huge_zero_wp_pmd(k, vmf)
+            continue
+        if k.build.pmd_cow_copy(k, mm, vma):               # series thp_cow v1 5/5: hugepage_cow_enabled()
+            ret[i] = wp_huge_pmd_page_copy(k, vmf)
+            if ret[i] != VM_FAULT_FALLBACK:
+                continue
+        ret[i] = k.build.huge_pmd_wp_fallback(k, mm, vma, addr, s)
+    return ret
 
 
 # -- the 2026 series "mm: Support selecting doing direct COW for anonymous pmd entry" ------------
@@ -349,13 +377,13 @@ def wp_huge_pmd_page_copy(k: Kernel, vmf: VmFault) -> int:
     return VM_FAULT_OK
 
 
-def _huge_pmd_reuse(k: Kernel, vmf: VmFault) -> int:
-    """The reuse label of do_huge_pmd_wp_page(): an unshare fault leaves the PMD as it is."""
-    if vmf.flags & FAULT_FLAG_UNSHARE:
-        return VM_FAULT_OK
-    pgtable.pmdp_set_access_flags(k, vmf.mm, vmf.pmd,
-                                  _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if vmf.vma.flags & VM_WRITE else 0))
-    return VM_FAULT_OK
+def _huge_pmd_reuse(k: Kernel, mm: MM, slots: np.ndarray, vmas: list[VMA]) -> None:
+    """The reuse label of do_huge_pmd_wp_page() for write faults: young, dirty, writable if VM_WRITE."""
+    writable = np.array([bool(v.flags & VM_WRITE) for v in vmas])
+    for w in (True, False):
+        sel = writable == w
+        if sel.any():
+            pgtable.pmdp_set_access_flags(k, mm, slots[sel], _PAGE_ACCESSED | _PAGE_DIRTY | (_PAGE_RW if w else 0))
 
 
 # -- fork and zap ---------------------------------------------------------------------------

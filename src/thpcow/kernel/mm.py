@@ -97,6 +97,15 @@ class MM:
             return self.vmas[i]
         return None
 
+    def find_vmas(self, addrs) -> list[VMA | None]:
+        """vma_lookup() for each address of a sequence (a list or an array)."""
+        starts = [v.start for v in self.vmas]
+        out = []
+        for a in (addrs.tolist() if hasattr(addrs, "tolist") else addrs):
+            i = bisect.bisect_right(starts, a) - 1
+            out.append(self.vmas[i] if i >= 0 and self.vmas[i].end > a else None)
+        return out
+
     def vmas_in(self, start: int, end: int) -> list[VMA]:
         return [v for v in self.vmas if v.start < end and v.end > start]
 

@@ -57,12 +57,14 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def table_rows(summary) -> list[list[str]]:
-    """The summary as rows of formatted cells, in TABLE order (an OOM run is marked)."""
+    """The summary as rows of formatted cells, in TABLE order (an OOM or oopsed run is marked)."""
     out = []
     for rec in summary.to_dict("records"):
         row = [fmt(rec[col], spec) for col, _h, spec in TABLE]
         if rec.get("oom"):
             row[0] += " (OOM)"
+        if rec.get("oops"):
+            row[0] += " (oops)"
         out.append(row)
     return out
 
@@ -72,8 +74,9 @@ def verdict(summary) -> str:
     recs = [r for r in summary.to_dict("records")]
     if not recs:
         return "verdict: no policy was run"
-    ok = [r for r in recs if not r.get("oom")] or recs
+    ok = [r for r in recs if not r.get("oom") and not r.get("oops")] or recs
     oom = [r["policy"] for r in recs if r.get("oom")]
+    oops = [f"{r['policy']} ({r['oops']})" for r in recs if r.get("oops")]
     metrics = (("lat_p99_us", 1, "lowest p99 write latency", " µs", 1), ("cow_mib", 1, "least copied", " MiB", 1),
                ("peak_mib", 1, "lowest peak", " MiB", 1), ("thp_mean", -1, "best THP coverage", "", 2),
                ("model_ms", 1, "fastest", " ms modelled", 1))
@@ -86,7 +89,8 @@ def verdict(summary) -> str:
         leaders.add(tied[0]["policy"] if len(tied) == 1 else None)
         more = f" and {len(tied) - 1} more" if len(tied) > 1 else ""
         parts.append(f"{what}: {tied[0]['policy']}{more} ({fmt(tied[0][col], f'{{:.{nd}f}}')}{unit})")
-    tail = f"; out of memory: {', '.join(oom)}" if oom else ""
+    tail = (f"; out of memory: {', '.join(oom)}" if oom else "") + \
+        (f"; the kernel oopsed: {', '.join(oops)}" if oops else "")
     if len(recs) > 1 and len(leaders) == 1 and None not in leaders:
         return f"verdict: {leaders.pop()} is best on every count (" + "; ".join(parts) + ")" + tail
     return "verdict: " + "; ".join(parts) + tail

@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..kernel import Kernel, OutOfMemory
+from ..kernel import Kernel, KernelOops, OutOfMemory
 from ..kernel.constants import HPAGE_PMD_NR, PAGE_SIZE
 from ..kernel.vmstat import delta
 from .policies import parse_policy
@@ -87,6 +87,7 @@ SUMMARY_SCHEMA: dict[str, str] = {
     "thp_child_mean": "float64", "thp_child_min": "float64", "thp_child_end": "float64",
     "tlb_misses": "float64", "tlb_ms": "float64",
     "model_ms": "float64", "sim_ms": "float64", "ops": "int64", "oom": "bool",
+    "oops": "string",            # "" or where the kernel oopsed (KernelOops.summary()); the run stopped there
 }
 
 ProgressFn = Callable[[int, int], None]
@@ -218,6 +219,7 @@ class _Run:
         self.mem_at_fork = 0
         self.peak = 0
         self.oom = False
+        self.oops = ""                                 # the kernel oopsed: where (the run stopped)
 
     # -- meters -------------------------------------------------------------------------------
     def used(self) -> int:
@@ -269,7 +271,7 @@ class _Run:
         rec["anon_kb"], rec["anon_huge_kb"] = {}, {}
         for pid, proc in self.live.items():
             rec["anon_kb"][pid], rec["anon_huge_kb"][pid] = thp_kb(proc)
-        if self.smaps:
+        if self.smaps and not self.oops:          # a dead kernel answers no more reads
             rec["smaps"] = {pid: proc.smaps() for pid, proc in self.live.items()}
         self.phase_start = now
 
@@ -338,7 +340,11 @@ class _Run:
         if op.phase != self.phase:
             self.end_phase()
             self.phase = op.phase
-        self.advance_to(op.t)
+        try:
+            self.advance_to(op.t)                     # kernel threads (khugepaged) run on the way
+        except KernelOops as e:
+            self.oops = e.summary()
+            raise
         if op.kind == O.FORK and self.before_fork is None:
             self.before_fork = self.k.vmstat_snapshot()
             self.mem_at_fork = self.used()
@@ -350,6 +356,9 @@ class _Run:
             tables, pmds = self.apply(op)
         except OutOfMemory:
             self.oom = True
+            raise
+        except KernelOops as e:
+            self.oops = e.summary()
             raise
         after = self.k.vmstat_snapshot()
         d = {c: after[c] - before[c] for c in COUNTERS}
@@ -411,6 +420,7 @@ class _Run:
             "sim_ms": self.k.now / 1e6,
             "ops": len(r["seq"]),
             "oom": self.oom,
+            "oops": self.oops,
         }
         return out
 
@@ -422,11 +432,11 @@ class _Run:
         for seq, op in enumerate(check_order(self.workload.ops(self.sc.seed))):
             try:
                 self.step(seq, op)
-            except OutOfMemory:
+            except (OutOfMemory, KernelOops):
                 break
             if progress is not None:
                 progress(min(op.t, self.duration), self.duration)
-        if not self.oom:
+        if not self.oom and not self.oops:
             self.advance_to(self.k.now)
             if not self.samples["t_ns"] or self.samples["t_ns"][-1] != self.k.now:
                 self.sample()

@@ -29,7 +29,7 @@ from .constants import (
     MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SIZE, PFN_PHYS, PHYS_PFN,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
 )
-from .errors import KernelError, einval
+from .errors import KernelError, KernelOops, einval
 from .folio import FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
@@ -64,6 +64,7 @@ class Kernel:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
         self.ram = ram
         self.seed = seed
+        self.oops: KernelOops | None = None          # set when the kernel oopses; it is dead then
         self.rng = np.random.default_rng(seed)
         self.mem = PhysMem(ram // PAGE_SIZE)
         # page_table_check: None unless enabled (the page-table writers test it once per call).
@@ -203,6 +204,7 @@ class Kernel:
 
     def advance(self, ns: int) -> int:
         """Let ``ns`` nanoseconds pass: kernel threads run at their own times."""
+        self._enter("advance")
         if ns < 0:
             raise einval("advance", f"ns={ns}: time cannot go backwards")
         n = self.clock.run_until(self.clock.now + int(ns))
@@ -210,6 +212,7 @@ class Kernel:
         return n
 
     def run_until(self, t: int) -> int:
+        self._enter("run_until")
         if t < self.clock.now:
             raise einval("run_until", f"t={t}: before now ({self.clock.now})")
         n = self.clock.run_until(int(t))
@@ -221,6 +224,7 @@ class Kernel:
 
     def memory_failure(self, pfn: int) -> None:
         """Poison one frame (as a hardware memory error would); see memory_failure.memory_failure()."""
+        self._enter("memory_failure")
         if not 0 < pfn < self.mem.nr_frames:
             raise einval("memory_failure", f"pfn={pfn:#x}: outside memory")
         _memory_failure.memory_failure(self, pfn)
@@ -229,6 +233,7 @@ class Kernel:
     def migrate(self, pfn: int) -> int:
         """Migrate the folio holding ``pfn`` (as NUMA balancing or offlining would)."""
         from .migrate import migrate_folio
+        self._enter("migrate")
         fid = int(self.mem.folio[pfn]) if 0 <= pfn < self.mem.nr_frames else -1
         if fid < 0:
             raise einval("migrate", f"pfn={pfn:#x}: not a page of a folio")
@@ -238,6 +243,7 @@ class Kernel:
 
     def reclaim(self, nr_pages: int) -> int:
         """Run reclaim now (as kswapd would): returns the pages freed."""
+        self._enter("reclaim")
         freed = vmscan.shrink_slab(self)
         freed += vmscan.shrink_lru(self, max(0, nr_pages - freed))
         self._after()
@@ -270,8 +276,14 @@ class Kernel:
         check.check_kernel(self)
 
     def _after(self) -> None:
-        if self.check_enabled:
+        if self.check_enabled and self.oops is None:
             self.check()
+
+    def _enter(self, call: str) -> None:
+        """Refuse every call once the kernel has oopsed: it is dead (see :class:`KernelOops`)."""
+        if self.oops is not None:
+            o = self.oops
+            raise KernelOops(o.function, f"{call}: the kernel oopsed earlier ({o.cause})", o.stack, o.report)
 
 
 class Process:
@@ -295,6 +307,7 @@ class Process:
             raise KernelError(E.ESRCH, call, f"pid {self.pid} has exited")
 
     def _sys(self, call: str, fn, *args):
+        self.kernel._enter(call)
         self._alive(call)
         try:
             return fn(self.kernel, self.mm, *args)
@@ -352,6 +365,7 @@ class Process:
 
     def fork(self) -> "Process":
         """fork(2): a child with a copy-on-write copy of this address space."""
+        self.kernel._enter("fork")
         self._alive("fork")
         k = self.kernel
         child = k.spawn()
@@ -363,6 +377,7 @@ class Process:
 
     def exit(self) -> None:
         """exit(2): tear down the address space."""
+        self.kernel._enter("exit")
         self._alive("exit")
         k = self.kernel
         _mmap.unmap_all(k, self.mm)

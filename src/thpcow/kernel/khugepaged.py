@@ -178,7 +178,10 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     from .memory import VmFault, unmap_pages
     unmap_pages(k, mm, pfns[idx])                 # MM_ANONPAGES -= len(idx)
     pt.free_row(row)                              # the old table becomes the deposit
-    hm.map_anon_folio_pmd_nopf(k, new, VmFault(mm, vma, haddr, 0, pmd=s), False)
+    # series thp_cow v1 4/5 builds this vm_fault without .pmd (a NULL pointer
+    # that set_pmd_at() oopses on); the series as meant sets it.
+    vmf = VmFault(mm, vma, haddr, 0, pmd=None if k.build.series == "v1" else s)
+    hm.map_anon_folio_pmd_nopf(k, new, vmf, False)
     mm.rss_anon += HPAGE_PMD_NR                   # MM_ANONPAGES grows by the empty/zero entries
     if cc.is_khugepaged:
         k.khugepaged_counters["pages_collapsed"] += 1

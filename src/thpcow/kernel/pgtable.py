@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE
+from .errors import null_pmd_oops
 
 if TYPE_CHECKING:
     from .kernel import Kernel
@@ -352,7 +353,12 @@ def move_ptes(k: Kernel, mm: MM, srow: int, si: int, drow: int, di: int, n: int)
 
 # -- PMD writers -------------------------------------------------------------------------------
 def set_pmd_at(k: Kernel, mm: MM, s: int, fid: int, flags: int) -> None:
-    """Model of set_pmd_at(): install a PMD leaf mapping folio ``fid``, replacing the old leaf."""
+    """Model of set_pmd_at(): install a PMD leaf mapping folio ``fid``, replacing the old leaf.
+
+    ``s`` None is a NULL PMD pointer: the kernel oopses (KernelOops).
+    """
+    if s is None:
+        raise null_pmd_oops(k)
     pt = mm.pt
     if k.ptc is not None:
         k.ptc.pmd_replace(mm, int(pt.pmd_kind[s]), int(pt.pmd_folio[s]), int(pt.pmd_flags[s]), fid, flags)

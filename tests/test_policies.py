@@ -268,8 +268,10 @@ def test_series_unshare_maps_the_copy_read_only():
 
 
 def test_injected_missing_accounting_is_caught_by_the_checker(monkeypatch):
-    """The class of bug the series' fuzzing CI hit: a PMD set without the accounting
-    page_table_check expects.  Here map_anon_folio_pmd_nopf() 'forgets' the rmap."""
+    """An injected bug in the series' mapping of its copy: map_anon_folio_pmd_nopf()
+    'forgets' the rmap, and the checker sees the folio's counts disagree.  (Not the bug
+    the series' CI hit: that was a NULL PMD pointer in collapse_huge_page(), which
+    oopses in set_pmd_at(); see test_series_oops.py.)"""
     k = Kernel(ram=RAM, check=True, build="thp-cow-v1")
     p, a = thp_region(k, 2 << 20)
     c = p.fork()

@@ -163,7 +163,8 @@ def do_huge_pmd_wp_page_fallback(k: Kernel, mm: MM, vma: VMA, s: int) -> int | N
     old = int(pt.pmd_folio[s])
     f = k.folios
     head = int(f.head[old])
-    new_anon_folios_bulk(k, new, k.mem.content[head: head + HPAGE_PMD_NR])
+    new_anon_folios_bulk(k, new, 0)
+    memory.copy_user_large_folio(k, new, np.arange(head, head + HPAGE_PMD_NR))
     row = pt.alloc_row()
     pgtable.pmd_populate(k, mm, s, row)
     pgtable.set_ptes(k, mm, row, 0, new, PTE_NEW_ANON)
@@ -219,7 +220,7 @@ def wp_page_copy_block(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, order: 
     if pfn < 0:
         return None
     new = k.new_folio(pfn, order)
-    k.mem.content[pfn: pfn + nr] = k.mem.content[pfns]
+    memory.copy_user_large_folio(k, np.arange(pfn, pfn + nr), pfns)
     k.folios.refcount[new] = nr
     rmap.folio_add_new_anon_rmap(k, new, mm, pmd=False)
     pgtable.set_ptes(k, mm, row, first, np.arange(pfn, pfn + nr), PTE_NEW_ANON)

@@ -17,14 +17,18 @@ per-size ``nr_anon`` gauge of §9.5 (rule 11):
 6. per mm: MM_ANONPAGES equals a page-table walk, nr_ptes equals the tables;
 7. a PMD leaf maps a PMD-order folio, 2 MiB aligned, inside one VMA;
 8. no entry outside a VMA; no frame both free and mapped (buddy check);
-9. the MM_IDS_SHARED bit is set whenever two mms map a large folio;
+9. the MM_IDS_SHARED bit is set whenever two mms map a large folio, and
+   clear when one mm-id slot holds all its mappings; each slot in use names
+   a distinct mm and counts at least one and at most that mm's mappings;
 10. partially mapped large folios are on the deferred split queue;
 11. nr_anon per order equals the live anon folios of that order;
 12. with page_table_check on, its per-page anon/file map counts equal the
     mappings counted from the page tables (a PMD leaf counts on every page of
     its folio; the zero pages are not counted);
 13. a writable entry lies in a VMA with VM_WRITE (mprotect's change_protection()
-    and every fault path map read-only elsewhere).
+    and every fault path map read-only elsewhere);
+14. (at each copy of many pages, :func:`check_copy`) every page of the copy
+    holds its source's contents.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 
 from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS, VM_WRITE
 from .errors import InvariantViolation
-from .folio import PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
+from .folio import MM_ID_DUMMY, PG_ANON, PG_DEFERRED, PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
 from .mm import PMD_LEAF, _PAGE_RW, _PAGE_SPECIAL, swp_offset
 from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 
@@ -57,6 +61,7 @@ def check_kernel(k: Kernel) -> None:
     mm_of_page: dict[int, set] = {}                 # only for AE pages
     swap_refs = np.zeros(k.swap.nr_slots if k.swap else 0, dtype=np.int64)
     per_mm_folio_maps: dict[int, dict[int, int]] = {}
+    mm_ids = {pid: proc.mm.mm_id for pid, proc in k.procs.items()}
     for pid, proc in k.procs.items():
         mm = proc.mm
         pt = mm.pt
@@ -210,6 +215,7 @@ def check_kernel(k: Kernel) -> None:
             mappers = [pid for pid, fm in per_mm_folio_maps.items() if fm.get(fid)]
             if len(mappers) > 1 and not f.flags[fid] & PG_MM_IDS_SHARED:
                 _fail(f"folio {fid}: mapped by mms {mappers} but MM_IDS_SHARED is clear")
+            _check_mm_ids(k, fid, maps, {mm_ids[pid]: fm.get(fid, 0) for pid, fm in per_mm_folio_maps.items()})
             pages_mapped = int(np.count_nonzero(pte_maps[head: head + nr]))
             if entire[fid] == 0 and 0 < pages_mapped < nr and f.flags[fid] & PG_ANON and order > 1:
                 if not f.flags[fid] & PG_PARTIALLY_MAPPED or not f.flags[fid] & PG_DEFERRED:
@@ -265,6 +271,45 @@ def check_kernel(k: Kernel) -> None:
     if k.ptc is not None:
         check_page_table_check(k, pte_maps, entire, live)
     mem.check()
+
+
+def _check_mm_ids(k: Kernel, fid: int, maps: int, by_mm_id: dict[int, int]) -> None:
+    """Rules 9a-9c: the CONFIG_MM_ID slots of a large folio (include/linux/rmap.h).
+
+    A slot in use names a distinct mm that maps the folio, with a count of at
+    least 1 and at most that mm's mappings (a count can fall short: mappings
+    made while both slots were taken are only in the total); a free slot
+    counts 0.  When one slot's count is the whole large mapcount the folio
+    is mapped exclusively and the SHARED bit is clear: every removal clears
+    it then, and an addition that keeps it so cannot set it.
+    """
+    f = k.folios
+    slots = [(int(f.mm_id0[fid]), int(f.mm_cnt0[fid])), (int(f.mm_id1[fid]), int(f.mm_cnt1[fid]))]
+    for i, (mid, cnt) in enumerate(slots):
+        if mid == MM_ID_DUMMY:
+            if cnt:
+                _fail(f"folio {fid}: mm-id slot {i} is free but counts {cnt} mappings")
+            continue
+        if not 1 <= cnt <= by_mm_id.get(mid, 0):
+            _fail(f"folio {fid}: mm-id slot {i} (mm id {mid}) counts {cnt} mappings but that mm has "
+                  f"{by_mm_id.get(mid, 0)}")
+    if slots[0][0] != MM_ID_DUMMY and slots[0][0] == slots[1][0]:
+        _fail(f"folio {fid}: both mm-id slots name mm id {slots[0][0]}")
+    if maps and f.flags[fid] & PG_MM_IDS_SHARED and any(mid != MM_ID_DUMMY and cnt == maps for mid, cnt in slots):
+        owner = next(mid for mid, cnt in slots if mid != MM_ID_DUMMY and cnt == maps)
+        _fail(f"folio {fid}: MM_IDS_SHARED is still set but mm id {owner} holds all {maps} mappings")
+
+
+def check_copy(k: Kernel, dst: np.ndarray, src: np.ndarray) -> None:
+    """Rule 14: after a copy of many pages (a whole THP, an mTHP block, a collapse), every
+    page of the copy holds its source's contents (a none or zero-page source: zeroes)."""
+    want = np.where(src >= 0, k.mem.content[np.maximum(src, 0)], 0)
+    bad = np.flatnonzero(k.mem.content[dst] != want)
+    if len(bad):
+        i = int(bad[0])
+        _fail(f"copy of {len(dst)} pages: {len(bad)} differ from their source, the first page {i} "
+              f"(pfn {int(dst[i]):#x}) holds {int(k.mem.content[dst[i]])}, its source "
+              f"(pfn {int(src[i]):#x}) {int(want[i])}")
 
 
 def check_page_table_check(k: Kernel, pte_maps: np.ndarray, entire: np.ndarray, live: np.ndarray) -> None:

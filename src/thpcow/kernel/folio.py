@@ -58,6 +58,7 @@ class FolioTable:
         for name, dtype, _fill in self._FIELDS:
             setattr(self, name, np.zeros(capacity, dtype=dtype))
         self.used = np.zeros(capacity, dtype=bool)
+        self.bugs: frozenset[str] = frozenset()   # injected bugs (bugs.py), set by the Kernel
         self._next = 0                     # ids below this were handed out once
         # Recycled ids, a LIFO stack in an array (Optimization: bulk push/pop).
         self._free_stack = np.empty(1024, dtype=np.int64)
@@ -218,23 +219,26 @@ class FolioTable:
         """Model of folio_sub_return_large_mapcount()."""
         new = int(self.large[fid]) - diff
         self.large[fid] = new
+        leak = "mm-ids-slot-leak" in self.bugs            # injected bug: keep an emptied slot
         if self.mm_id0[fid] == mm_id:
             self.mm_cnt0[fid] -= diff
             if self.mm_cnt0[fid] > 0:
                 return new
             self.mm_cnt0[fid] = 0
-            self.mm_id0[fid] = MM_ID_DUMMY
+            if not leak:
+                self.mm_id0[fid] = MM_ID_DUMMY
         elif self.mm_id1[fid] == mm_id:
             self.mm_cnt1[fid] -= diff
             if self.mm_cnt1[fid] > 0:
                 return new
             self.mm_cnt1[fid] = 0
-            self.mm_id1[fid] = MM_ID_DUMMY
+            if not leak:
+                self.mm_id1[fid] = MM_ID_DUMMY
         # If one slot owns all mappings, the folio is mapped exclusively
         # (an unmapped folio has both slots free and is exclusive too).
         c0 = self.mm_cnt0[fid] if self.mm_id0[fid] != MM_ID_DUMMY else 0
         c1 = self.mm_cnt1[fid] if self.mm_id1[fid] != MM_ID_DUMMY else 0
-        if c0 == new or c1 == new:
+        if (c0 == new or c1 == new) and "mm-ids-shared-sticks" not in self.bugs:
             self.flags[fid] &= ~np.uint16(PG_MM_IDS_SHARED)
         return new
 
@@ -250,12 +254,13 @@ class FolioTable:
             cnts[sel] -= diffs[mine]
             empty = sel[cnts[sel] <= 0]
             cnts[empty] = 0
-            ids[empty] = MM_ID_DUMMY
+            if "mm-ids-slot-leak" not in self.bugs:       # injected bug: keep an emptied slot
+                ids[empty] = MM_ID_DUMMY
         # Folios whose slot of this mm still has mappings keep their SHARED bit
         # unchanged (the kernel returns early); the others may become exclusive.
         still = ((self.mm_id0[fids] == mm_id) & (self.mm_cnt0[fids] > 0)) | \
                 ((self.mm_id1[fids] == mm_id) & (self.mm_cnt1[fids] > 0))
         c0 = np.where(self.mm_id0[fids] != MM_ID_DUMMY, self.mm_cnt0[fids], 0)
         c1 = np.where(self.mm_id1[fids] != MM_ID_DUMMY, self.mm_cnt1[fids], 0)
-        clear = ~still & ((c0 == new) | (c1 == new))
+        clear = ~still & ((c0 == new) | (c1 == new)) & ("mm-ids-shared-sticks" not in self.bugs)
         self.flags[fids[clear]] &= np.uint16(~PG_MM_IDS_SHARED & 0xFFFF)

@@ -19,7 +19,9 @@ from .constants import (
     VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
 )
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
-from .memory import FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare
+from .memory import (
+    FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare, copy_user_large_folio,
+)
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
@@ -362,7 +364,7 @@ def wp_huge_pmd_page_copy(k: Kernel, vmf: VmFault) -> int:
         return VM_FAULT_FALLBACK
     f = k.folios
     src, dst = int(f.head[old]), int(f.head[new])
-    k.mem.content[dst: dst + HPAGE_PMD_NR] = k.mem.content[src: src + HPAGE_PMD_NR]   # copy_user_large_folio()
+    copy_user_large_folio(k, np.arange(dst, dst + HPAGE_PMD_NR), np.arange(src, src + HPAGE_PMD_NR))
     base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
     _, flags = pgtable.pmdp_huge_get_and_clear(k, mm, s)  # pmdp_huge_clear_flush(); the deposit stays
     k.flush_tlb_range(mm, base, base + HPAGE_PMD_SIZE)

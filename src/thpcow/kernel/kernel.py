@@ -21,6 +21,7 @@ off on its own (by default it follows ``check``).
 
 from __future__ import annotations
 
+import contextlib
 import errno as E
 
 import numpy as np
@@ -29,7 +30,7 @@ from .constants import (
     MAP_ANONYMOUS, MAP_PRIVATE, MMAP_BASE, PAGE_SIZE, PFN_PHYS, PHYS_PFN,
     PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_READ, PROT_WRITE,
 )
-from .errors import KernelError, KernelOops, einval
+from .errors import InvariantViolation, KernelError, KernelOops, einval
 from .folio import FolioTable
 from .mm import MM, VMA
 from .page_table_check import PageTableCheck
@@ -38,7 +39,7 @@ from .swap import Lruvec
 from .sysfs import Sysfs
 from .vmstat import VmStat
 from . import access, fork as _fork, madvise as _madvise
-from . import builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
+from . import bugs as _bugs, builds as _builds, mmap as _mmap, mprotect as _mprotect, mremap as _mremap
 from . import memory_failure as _memory_failure, page_alloc, vmscan
 
 
@@ -48,6 +49,7 @@ class Kernel:
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
                  build: "_builds.KernelBuild | str | None" = None, series_thp_cow: "bool | str" = True,
                  fragmentation: float = 0.0, swap: int = 0, page_table_check: bool | None = None,
+                 inject=(),
                  cow_policy: "_builds.KernelBuild | str | None" = None) -> None:
         """Boot a kernel.
 
@@ -65,6 +67,7 @@ class Kernel:
         self.ram = ram
         self.seed = seed
         self.oops: KernelOops | None = None          # set when the kernel oopses; it is dead then
+        self.bugs = _bugs.parse_bugs(inject)         # injected bugs (bugs.py): none unless asked for
         self.rng = np.random.default_rng(seed)
         self.mem = PhysMem(ram // PAGE_SIZE)
         # page_table_check: None unless enabled (the page-table writers test it once per call).
@@ -74,6 +77,7 @@ class Kernel:
             self.mem.ptc = self.ptc
         # Sized for the worst case (one folio per frame): untouched entries cost nothing.
         self.folios = FolioTable(capacity=self.mem.nr_frames, max_capacity=self.mem.nr_frames)
+        self.folios.bugs = self.bugs
         self.vmstat = VmStat()
         self.khugepaged_counters = {"pages_collapsed": 0, "full_scans": 0}
         if build is not None and cow_policy is not None:
@@ -279,6 +283,19 @@ class Kernel:
         if self.check_enabled and self.oops is None:
             self.check()
 
+    @contextlib.contextmanager
+    def _checked(self):
+        """Run the checker after a call, also one that failed cleanly (a KernelError leaves the
+        state as it was); not after one that a checker or an oops stopped: that report stands."""
+        try:
+            yield
+        except (InvariantViolation, KernelOops):
+            raise
+        except BaseException:
+            self._after()
+            raise
+        self._after()
+
     def _enter(self, call: str) -> None:
         """Refuse every call once the kernel has oopsed: it is dead (see :class:`KernelOops`)."""
         if self.oops is not None:
@@ -309,10 +326,8 @@ class Process:
     def _sys(self, call: str, fn, *args):
         self.kernel._enter(call)
         self._alive(call)
-        try:
+        with self.kernel._checked():
             return fn(self.kernel, self.mm, *args)
-        finally:
-            self.kernel._after()
 
     # -- system calls ----------------------------------------------------------------------------
     def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE, flags: int = MAP_PRIVATE | MAP_ANONYMOUS,
@@ -369,10 +384,8 @@ class Process:
         self._alive("fork")
         k = self.kernel
         child = k.spawn()
-        try:
+        with k._checked():
             _fork.dup_mmap(k, child.mm, self.mm)
-        finally:
-            k._after()
         return child
 
     def exit(self) -> None:

@@ -167,9 +167,8 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
         k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
         rmap.free_folio(k, new)
         return ScanResult.SCAN_EXCEED_SHARED_PTE
-    content = np.zeros(HPAGE_PMD_NR, dtype=np.int64)
-    content[normal] = k.mem.content[pfns[normal]]
-    k.mem.content[pfn: pfn + HPAGE_PMD_NR] = content
+    from .memory import copy_user_large_folio
+    copy_user_large_folio(k, np.arange(pfn, pfn + HPAGE_PMD_NR), np.where(normal, pfns, -1))   # none/zero: cleared
     # pmdp_collapse_flush(), then unmap the old pages from this mm
     # (__collapse_huge_page_copy_succeeded(): each PTE is cleared, then its page unmapped).
     pgtable.pmdp_collapse_flush(k, mm, s)

@@ -520,6 +520,22 @@ def copy_page_range(k: Kernel, dst: MM, src: MM, vma: VMA) -> None:
             copy_pte_range(k, dst, src, vma, s, PHYS_PFN(lo - base), PHYS_PFN(hi - base))
 
 
+def copy_user_large_folio(k: Kernel, dst: np.ndarray, src: np.ndarray) -> None:
+    """Model of copy_user_large_folio()/copy_user_highpage() for many pages: page dst[i] gets src[i].
+
+    ``src[i]`` < 0 is a none or zero-page entry: the page is cleared (as
+    __collapse_huge_page_copy() does).  With the checker on, every page of
+    the copy is compared with its source afterwards (check.check_copy()).
+    """
+    data = np.where(src >= 0, k.mem.content[np.maximum(src, 0)], 0)
+    if "copy-first-page-only" in k.bugs:               # injected bug (bugs.py)
+        data[1:] = k.mem.content[dst[1:]]
+    k.mem.content[dst] = data
+    if k.check_enabled:
+        from .check import check_copy
+        check_copy(k, dst, src)
+
+
 def new_anon_folios_bulk(k: Kernel, new: np.ndarray, content) -> np.ndarray:
     """Optimization: folio_prealloc() + folio_add_new_anon_rmap() for many order-0 pages at once.
 

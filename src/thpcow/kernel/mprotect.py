@@ -34,6 +34,8 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
     """
     pt = mm.pt
     writable = bool(vma.flags & VM_WRITE)
+    if not writable and "mprotect-keeps-write" in k.bugs:
+        return                                      # injected bug (bugs.py): the entries keep their write bit
     k.flush_tlb_range(mm, start, end)
     for s, base, lo, hi in pt.spans_in(start, end):
         if pt.pmd_kind[s] == PMD_LEAF and (lo != base or hi != base + HPAGE_PMD_SIZE):

@@ -155,9 +155,11 @@ def test_sweep_on_a_dask_local_cluster(tmp_path):
     grid = write(tmp_path, GRID.replace("[8, 12, 16]", "[8]").replace("[0, 1]", "[0]"))
     out = str(tmp_path / "out")
     df = run_sweep(grid, out, scheduler="local", workers=1)
-    assert list(df["policy"]) == ["upstream", "thp-cow-v1"] and len(stored_ids(out)) == 2
+    assert list(df["policy"]) == ["upstream", "thp-cow-v1"], f"policies: {list(df['policy'])}"
+    assert len(stored_ids(out)) == 2, f"stored: {sorted(stored_ids(out))}"
     local = run_sweep(grid, str(tmp_path / "local"), workers=1)
-    pd.testing.assert_frame_equal(df, local)
+    differ = [c for c in df.columns if not df[c].equals(local[c])]
+    pd.testing.assert_frame_equal(df, local, obj=f"dask vs local (columns not equal: {differ})")
 
 
 def test_a_sweep_over_the_series_knob(tmp_path):

@@ -348,16 +348,35 @@ def test_out_of_memory_is_a_result(tmp_path):
 
 
 def test_verdict_names_the_leaders():
+    row = dict(collapse_mib=0.0, bg_ms=0.0, oom=False, oops="")
     df = pd.DataFrame([
-        dict(policy="upstream", lat_p99_us=10.0, cow_mib=4.0, peak_mib=100.0, thp_mean=0.2, model_ms=5.0, oom=False),
-        dict(policy="thp-cow-v1", lat_p99_us=300.0, cow_mib=64.0, peak_mib=160.0, thp_mean=1.0, model_ms=9.0, oom=False),
+        dict(row, policy="upstream", lat_p99_us=10.0, cow_mib=4.0, peak_mib=100.0, thp_mean=0.2, model_ms=5.0),
+        dict(row, policy="thp-cow-v1", lat_p99_us=300.0, cow_mib=64.0, peak_mib=160.0, thp_mean=1.0, model_ms=9.0),
     ])
     v = report.verdict(df)
-    assert v.startswith("verdict: lowest p99 write latency: upstream (10.0 µs)")
-    assert "best THP coverage: thp-cow-v1 (1.00)" in v and "\n" not in v
+    assert v.startswith("verdict: lowest p99 write-op latency: upstream (10.0 µs) "
+                        "[ranked by this: --rank-by p99, the default]")
+    assert "best THP coverage (mean): thp-cow-v1 (1.00)" in v and "\n" not in v
     assert report.verdict(df.iloc[:1]).startswith("verdict: lowest p99")
     better = df.assign(thp_mean=[1.0, 0.2])
     assert report.verdict(better).startswith("verdict: upstream is best on every count")
+    # the user's ranking leads the verdict and orders the rows
+    assert report.verdict(df, "thp").startswith("verdict: best THP coverage (mean): thp-cow-v1 (1.00) "
+                                                "[ranked by this: --rank-by thp]")
+    assert list(report.ranked(df, "thp")["policy"]) == ["thp-cow-v1", "upstream"]
+    assert list(report.ranked(df, "p99")["policy"]) == ["upstream", "thp-cow-v1"]
+
+
+def test_verdict_lists_every_tied_policy_and_counts_collapse_copies_apart():
+    row = dict(lat_p99_us=10.0, peak_mib=100.0, thp_mean=0.5, model_ms=5.0, bg_ms=0.0, oom=False, oops="")
+    df = pd.DataFrame([dict(row, policy=f"p{i}", cow_mib=4.0, collapse_mib=float(i)) for i in range(4)])
+    v = report.verdict(df)
+    assert "lowest p99 write-op latency: p0, p1, p2, p3 (10.0 µs)" in v
+    assert "least COW bytes copied: p0, p1, p2, p3 (4.0 MiB)" in v
+    assert "least bytes copied in all (COW + collapse): p0 (4.0 MiB)" in v
+    # background time counts in the CPU ranking
+    df2 = df.assign(bg_ms=[9.0, 0.0, 0.0, 0.0], model_ms=[1.0, 5.0, 5.0, 6.0])
+    assert "lowest CPU time (fg + bg): p1, p2 (5.0 ms)" in report.verdict(df2)
 
 
 def test_default_scenario_runs_in_seconds():
@@ -383,22 +402,63 @@ def test_cli_compare(tiny, tmp_path):
     assert code == 0, text
     assert "mthp-cow:order=4" in text and "verdict:" in text and os.path.exists(os.path.join(out, "report.html"))
     assert text.strip().splitlines()[-1].startswith("verdict:")
-    row = next(line for line in text.splitlines() if line.startswith("│ upstream"))
-    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    cells = printed_row(text, "upstream")
     df = pd.read_parquet(os.path.join(out, "summary.parquet")).set_index("policy")
     assert cells == report.table_rows(df.reset_index())[0]
-    assert cells[1:4] == ["8.0", f"{df.loc['upstream', 'peak_mib']:.1f}", "2048"]
+    assert cells[1:6] == ["8.0", "0.0", "0.0", f"{df.loc['upstream', 'peak_mib']:.1f}", "2048"]
+
+
+def printed_row(text: str, policy: str) -> list[str]:
+    """A policy's cells over all the printed tables (a narrow terminal splits the table)."""
+    cells: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(f"│ {policy} "):
+            got = [c.strip() for c in line.strip().strip("│").split("│")]
+            cells += got if not cells else got[1:]
+    return cells
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_cli_compare_prints_every_name_and_number_whole(tiny, tmp_path, width, monkeypatch):
+    """At 80, 120 and 200 columns every line fits, every policy name and every cell is printed whole."""
+    monkeypatch.setenv("COLUMNS", str(width))
+    from thpcow.cli import common
+    monkeypatch.setattr(common.console, "_width", width, raising=False)
+    code, text = run_cli("compare", tiny, "--out", str(tmp_path / "o"), "--policy", "upstream",
+                         "--policy", "collapse-after-fork:who=parent", "--policy", "cow-density:threshold=64")
+    assert code == 0, text
+    df = pd.read_parquet(os.path.join(tmp_path / "o", "summary.parquet"))
+    want = {r[0]: r for r in report.table_rows(df)}
+    for pol in ("upstream", "collapse-after-fork:who=parent", "cow-density:threshold=64"):
+        assert printed_row(text, pol) == want[pol], pol
+    table_lines = [ln for ln in text.splitlines() if ln[:1] in "┏┃┡│└"]
+    assert max(len(ln.rstrip()) for ln in table_lines) <= width
+    tables = len([ln for ln in text.splitlines() if ln.startswith("┏")])
+    assert tables == len(report.table_chunks(list(want.values()), width))
+    assert tables > 1 if width < 200 else tables <= 2
 
 
 def test_cli_compare_errors(tmp_path, tiny):
     badfile = tmp_path / "bad.yaml"
     badfile.write_text("workload:\n  name: forkserver\n  children: -3\n")
     code, text = run_cli("compare", str(badfile))
-    assert code == 1 and "bad.yaml:3: workload.children:" in text and "must be >= 1" in text
+    assert code == 2 and "bad.yaml:3: workload.children:" in text and "must be >= 1" in text
     code, text = run_cli("compare", tiny, "--policy", "thp-cow-v2")
-    assert code == 1 and "unknown COW policy 'thp-cow-v2'" in text
+    assert code == 2 and "unknown COW policy 'thp-cow-v2'" in text
     code, text = run_cli("compare", str(tmp_path / "missing.yaml"))
-    assert code == 1 and "no such scenario file" in text
+    assert code == 2 and "no such scenario file" in text
+    code, text = run_cli("compare", tiny, "--seed", "-5")
+    assert code == 2 and set(text.strip().splitlines()) == {"thpcow: --seed=-5: must be >= 0"}   # one line
+    code, text = run_cli("compare", tiny, "--rank-by", "speed")
+    assert code == 2 and "--rank-by=speed: expected one of p99, cow, copied, peak, thp, cpu" in text
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, text = run_cli("compare", tiny, "--out", str(ro / "x"))
+    if os.geteuid() != 0:                                # root writes anywhere
+        assert code == 2 and f"--out={ro / 'x'}: cannot write there" in text
+    code, text = run_cli("compare", tiny, "--out", str(tiny))
+    assert code == 2 and "is not a directory" in text
 
 
 def test_cli_lists_workloads():
@@ -415,3 +475,54 @@ def test_the_series_knob_decides_in_compare(tmp_path, thp_cow, split, huge_cow):
     row = compare(str(path)).set_index("policy").loc["upstream"]
     assert (row["thp_split_pmd"] > 0) == split
     assert (row["sim_huge_cow"] > 0) == huge_cow
+
+
+# -- the per-op rows add up to the summary ---------------------------------------------------------
+ROWS_SUM = {"name": "rows-sum", "ram_mib": 1024, "seed": 3,
+            "sysfs": {"khugepaged/scan_sleep_millisecs": "10"},
+            "workload": {"name": "copy-after-fork", "size_mib": 8, "copy_mib": 4, "range_kib": 64,
+                         "order": "random", "fork_after_ms": 2, "hold_ms": 300},
+            "policies": ["upstream", "thp-cow-meant", "mthp-cow:order=4"]}
+
+
+@pytest.mark.parametrize("policy", ROWS_SUM["policies"])
+def test_ops_rows_sum_to_the_summary(policy):
+    """Every counter of the summary is the sum of the since-fork rows (khugepaged's work in
+    ``kthread`` rows included); times are sums of cost_ns; latencies are quantiles of the
+    measured phase's write rows; bytes moved are reported apart."""
+    import pandas as pd
+    res = run_point(ROWS_SUM, policy)
+    s = res.summary
+    ops = pd.DataFrame(res.ops)
+    since = ops[ops["since_fork"]]
+    for c in COUNTERS:
+        assert since[c].sum() == s[c], c
+    assert s["cow_mib"] * MIB == since["sim_cow_bytes"].sum()
+    assert s["collapse_mib"] * MIB == since["sim_collapse_bytes"].sum()
+    assert s["zero_mib"] * MIB == since["sim_zero_bytes"].sum()
+    bg = ops["kind"] == "kthread"
+    assert s["model_ms"] == pytest.approx(ops.loc[~bg, "cost_ns"].sum() / 1e6)
+    assert s["bg_ms"] == pytest.approx(ops.loc[bg, "cost_ns"].sum() / 1e6)
+    assert s["ops"] == int((~bg).sum())
+    writes = ops[(ops["kind"] == "write") & (ops["phase"] == "copy")]["cost_ns"] / 1000
+    assert s["lat_p99_us"] == pytest.approx(np.percentile(writes, 99))
+    assert s["lat_p999_us"] == pytest.approx(np.percentile(writes, 99.9))
+    assert s["lat_max_us"] == pytest.approx(writes.max())
+    if policy == "upstream":
+        # khugepaged collapsed the split THPs again: its copies and its time are in kthread rows
+        assert s["thp_collapse_alloc"] > 0 and ops.loc[bg, "thp_collapse_alloc"].sum() == s["thp_collapse_alloc"]
+        assert s["collapse_mib"] == 2 * s["thp_collapse_alloc"] and s["bg_ms"] > 0
+        assert s["cow_mib"] < s["cow_mib"] + s["collapse_mib"]
+    if policy == "thp-cow-meant":
+        assert s["zero_mib"] >= 2 * s["sim_huge_cow"]        # each whole-THP copy clears its 2 MiB first
+
+
+def test_rows_of_a_run_stopped_by_an_oops_still_sum_to_the_summary():
+    import pandas as pd
+    d = dict(ROWS_SUM, sysfs={"khugepaged/scan_sleep_millisecs": "10", "thp_cow": "never"})
+    res = run_point(d, "thp-cow-v1")
+    assert res.summary["oops"]
+    ops = pd.DataFrame(res.ops)
+    since = ops[ops["since_fork"]]
+    for c in COUNTERS:
+        assert since[c].sum() == res.summary[c], c

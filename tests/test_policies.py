@@ -451,7 +451,7 @@ def test_policy_table_matches_the_counters():
     row = run_scenario("dense", "upstream", size_mib=8, check=True)
     # the child rewrites 4 MiB page by page: 2 PMDs split, 1024 pages copied; khugepaged collapses them again
     assert row["thp_split_pmd"] == 2 and row["sim_cow_pages"] == 1024 and row["pgfault"] == 1024
-    assert row["thp_collapse_alloc"] == 2 and row["cow_mib"] == 8.0
+    assert row["thp_collapse_alloc"] == 2 and row["cow_mib"] == 4.0 and row["collapse_mib"] == 4.0
     assert row["thp_min"] == 1.0 and row["thp_child_min"] == 0.5 and row["thp_child_end"] == 1.0
     row = run_scenario("dense", "thp-cow-v1", size_mib=8, check=True)
     assert row["thp_fault_alloc"] == 2 and row["thp_split_pmd"] == 0 and row["sim_huge_cow"] == 2

@@ -18,7 +18,11 @@ def fork_cow_demo(size_mib: int = 8, writes_per_2m: int = 1, seed: int = 0, ram:
     """
     sc = Scenario(workload="fork-touch", params={"size_mib": size_mib, "pages_per_2m": writes_per_2m},
                   name="demo", ram_mib=ram >> 20, seed=seed, tlb_model=False)
-    phases = run_point(sc, "upstream", smaps=True).phases
+    res = run_point(sc, "upstream", smaps=True)
+    if res.summary["oom"]:
+        raise MemoryError(f"fork_cow_demo: {size_mib} MiB with {writes_per_2m} writes per 2 MiB ran out of "
+                          f"the machine's {ram >> 20} MiB")
+    phases = res.phases
     deltas = {label: phases[phase]["vmstat"] for phase, label in STEPS.items()}
     anon_huge = {f"{WHO[pid]} after {label}": kb
                  for phase, label in STEPS.items() for pid, kb in phases[phase]["anon_huge_kb"].items()}

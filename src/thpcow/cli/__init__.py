@@ -40,6 +40,20 @@ def build_app() -> typer.Typer:
     """The typer app with one command per row of VERBS."""
     app = typer.Typer(add_completion=False, no_args_is_help=True,
                       help="A lab for Linux transparent huge pages and copy-on-write after fork().")
+
+    def show_version(value: bool) -> None:
+        if value:
+            from importlib.metadata import PackageNotFoundError, version
+            try:
+                print(f"thpcow {version('thpcow')}")
+            except PackageNotFoundError:
+                print("thpcow (not installed)")
+            raise typer.Exit()
+
+    @app.callback()
+    def root(_version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                           help="Print the version and exit.")) -> None:
+        """A lab for Linux transparent huge pages and copy-on-write after fork()."""
     for verb, module, help_text in VERBS:
         mod = importlib.import_module(f"{__name__}.{module}")
         app.command(verb, short_help=help_text)(mod.command)
@@ -50,11 +64,24 @@ app = build_app()
 
 
 def main() -> None:
+    """The ``thpcow`` entry point: usage errors and kernel errors are one line on stderr."""
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as exc:                   # bad option, bad value, missing argument: exit 2
+        verb = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
+        if exc.format_message().strip():         # (no arguments at all: the help was printed)
+            print(f"thpcow{verb}: {exc.format_message()} (see 'thpcow{verb} --help')", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):         # Ctrl-C
+        print("thpcow: interrupted", file=sys.stderr)
+        sys.exit(130)
     except Exception as exc:  # one line, non-zero exit
         from ..kernel.errors import KernelError
         if isinstance(exc, KernelError):
             print(f"thpcow: {exc}", file=sys.stderr)
             sys.exit(1)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 console = Console()
+err_console = Console(stderr=True)      # progress bars and warnings: stdout stays clean for --json/--csv
 
 
 def wide_console(width: int) -> Console:
@@ -18,17 +19,38 @@ def wide_console(width: int) -> Console:
 
 
 def fail(msg: str) -> NoReturn:
-    """One line on stderr, exit status 1."""
+    """A run that could not do its work: one line on stderr, exit status 1."""
     print(f"thpcow: {msg}", file=sys.stderr)
     raise typer.Exit(1)
 
 
 def bad_input(msg: str) -> NoReturn:
-    """Refuse an option's value: typer's usage and error panel, exit status 2.
+    """Refuse an argument: one line on stderr naming it, its value and what is allowed; exit status 2.
 
     ``msg`` names the option, e.g. ``--size-mib=3: must be a positive multiple of 2``.
     """
-    raise typer.BadParameter(msg)
+    print(f"thpcow: {msg}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def writable_dir(path: str, option: str) -> None:
+    """Check before a run that ``path`` can be created and written (ValueError naming ``option``)."""
+    import os
+    import tempfile
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{option}={path}: {probe} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option}={path}: cannot write there ({exc.strerror})") from None
 
 
 def human_ns(ns: float | None) -> str:

@@ -24,6 +24,14 @@ def command(size_mib: int = typer.Option(8, help="size of the THP-backed region 
 
     if size_mib <= 0 or size_mib % 2:
         bad_input(f"--size-mib={size_mib}: must be a positive multiple of 2")
+    need = size_mib + size_mib * max(writes_per_2m, 0) // 512
+    if need > 768:
+        bad_input(f"--size-mib={size_mib} with --writes-per-2m={writes_per_2m}: needs {need} MiB after the "
+                  "fork; the demo's machine has 1024 MiB of RAM (768 for the demo)")
+    if not 0 <= writes_per_2m <= 512:
+        bad_input(f"--writes-per-2m={writes_per_2m}: must be within [0, 512] (the 4 KiB pages of a 2 MiB block)")
+    if seed < 0:
+        bad_input(f"--seed={seed}: must be >= 0")
     result = fork_cow_demo(size_mib=size_mib, writes_per_2m=writes_per_2m, seed=seed)
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "smaps"}, indent=2))

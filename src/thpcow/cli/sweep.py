@@ -6,7 +6,7 @@ import os
 
 import typer
 
-from .common import console, fail
+from .common import bad_input, console, fail, writable_dir
 
 
 def command(grid: str = typer.Argument(..., help="grid YAML file (scenario x parameter lists x policies)"),
@@ -29,10 +29,14 @@ def command(grid: str = typer.Argument(..., help="grid YAML file (scenario x par
     try:
         g = load_grid(grid)
     except ScenarioError as exc:
-        fail(str(exc))
+        bad_input(str(exc))
     if workers is not None and workers < 1:
-        fail(f"--workers={workers}: must be >= 1")
+        bad_input(f"--workers={workers}: must be >= 1")
     out_dir = out or os.path.join("results", g.name)
+    try:
+        writable_dir(out_dir, "--out")
+    except ValueError as exc:
+        bad_input(str(exc))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as prog:
         task = prog.add_task(f"sweep {g.name}", total=len(g.points))

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import busy_warning, console, fail, human_ns, lab_progress, wide_console
+from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, wide_console
 
 
 def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate` "
@@ -36,7 +36,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     try:
         prof, lab = cal.load_profile(profile)
     except ValueError as exc:
-        fail(str(exc))
+        bad_input(str(exc))
     cfg = val.ValidationConfig.quick_config() if quick else val.ValidationConfig()
     with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:

@@ -38,10 +38,10 @@ TABLE_POLICIES = (
 )
 
 # Summary columns shown, and the decimals of the float ones.
-COLUMNS = ("policy", "sim_cow_pages", "sim_huge_cow", "cow_mib", "thp_split_pmd", "thp_fault_alloc",
+COLUMNS = ("policy", "sim_cow_pages", "sim_huge_cow", "cow_mib", "collapse_mib", "thp_split_pmd", "thp_fault_alloc",
            "thp_fault_fallback", "thp_collapse_alloc", "pgfault", "peak_extra_mib", "end_extra_mib",
            "policy_cost_mib", "thp_min", "thp_end", "thp_child_min", "thp_child_end", "model_ms")
-DECIMALS = {"cow_mib": 2, "peak_extra_mib": 2, "end_extra_mib": 2, "policy_cost_mib": 2, "thp_min": 3,
+DECIMALS = {"cow_mib": 2, "collapse_mib": 2, "peak_extra_mib": 2, "end_extra_mib": 2, "policy_cost_mib": 2, "thp_min": 3,
             "thp_end": 3, "thp_child_min": 3, "thp_child_end": 3, "model_ms": 1}
 
 
@@ -104,8 +104,8 @@ def to_markdown(rows: list[dict], size_mib: int, seed: int) -> str:
         "summary row (`src/thpcow/experiments/runner.py`). Counters are measured from just before the first "
         "fork to the end of the run, khugepaged (default tuning) included. "
         "`sim_cow_pages`: pages copied by COW faults that did not copy a whole 2 MiB (one by one, or in "
-        "mTHP blocks); `sim_huge_cow`: whole 2 MiB COW copies; `cow_mib`: bytes copied by COW faults and "
-        "collapses; "
+        "mTHP blocks); `sim_huge_cow`: whole 2 MiB COW copies; `cow_mib`: bytes copied by COW faults; "
+        "`collapse_mib`: bytes copied by collapses (khugepaged, MADV_COLLAPSE); "
         "`peak_extra_mib`/`end_extra_mib`: memory in use beyond the pre-fork level, at the peak and at the "
         "end (after the children exit); `policy_cost_mib`: memory the policy holds itself (a reservation "
         "pool); `thp_min`/`thp_end`: the parent's AnonHugePages / Anonymous, lowest and at the end, over "

@@ -21,25 +21,40 @@ from typing import Any
 
 from ..workloads import workload_class
 
-# Columns of the printed table: (column, header, format).
-TABLE = (
-    ("policy", "policy", "{}"),
-    ("cow_mib", "COW MiB", "{:.1f}"),
-    ("peak_mib", "peak MiB", "{:.1f}"),
-    ("pgfault", "pgfault", "{:d}"),
-    ("thp_fault_alloc", "thp_fault_alloc", "{:d}"),
-    ("thp_split_pmd", "thp_split_pmd", "{:d}"),
-    ("thp_collapse_alloc", "thp_collapse_alloc", "{:d}"),
-    ("pgreuse", "pgreuse", "{:d}"),
-    ("lat_p50_us", "p50 µs", "{:.1f}"),
-    ("lat_p99_us", "p99 µs", "{:.1f}"),
-    ("lat_max_us", "max µs", "{:.1f}"),
-    ("thp_mean", "THP mean", "{:.2f}"),
-    ("thp_end", "THP end", "{:.2f}"),
-    ("tlb_misses", "TLB misses", "{:.0f}"),
-    ("tlb_ms", "TLB ms", "{:.2f}"),
-    ("model_ms", "model ms", "{:.1f}"),
+# Columns of the printed table: (column, header, format), in groups that are kept together when a
+# narrow terminal splits the table.
+TABLE_GROUPS: tuple[tuple[tuple[str, str, str], ...], ...] = (
+    (("cow_mib", "COW MiB", "{:.1f}"), ("collapse_mib", "collapse MiB", "{:.1f}"),
+     ("zero_mib", "zeroed MiB", "{:.1f}"), ("peak_mib", "peak MiB", "{:.1f}")),
+    (("pgfault", "pgfault", "{:d}"), ("thp_fault_alloc", "thp_fault_alloc", "{:d}"),
+     ("thp_split_pmd", "thp_split_pmd", "{:d}"), ("thp_collapse_alloc", "thp_collapse_alloc", "{:d}"),
+     ("pgreuse", "pgreuse", "{:d}")),
+    (("lat_p50_us", "p50 µs", "{:.1f}"), ("lat_p99_us", "p99 µs", "{:.1f}"),
+     ("lat_p999_us", "p99.9 µs", "{:.1f}"), ("lat_max_us", "max µs", "{:.1f}")),
+    (("thp_mean", "THP mean", "{:.2f}"), ("thp_end", "THP end", "{:.2f}"),
+     ("tlb_misses", "TLB misses", "{:.0f}"), ("tlb_ms", "TLB ms", "{:.2f}"),
+     ("model_ms", "fg ms", "{:.1f}"), ("bg_ms", "bg ms", "{:.1f}")),
 )
+TABLE = (("policy", "policy", "{}"),) + tuple(c for g in TABLE_GROUPS for c in g)
+
+# What the table's columns mean (printed under it and in the report).
+TABLE_NOTES = (
+    "MiB: bytes moved from the fork on: COW copies, collapse copies (khugepaged and MADV_COLLAPSE), "
+    "pages cleared for faults; peak: most memory in use.  Counters: /proc/vmstat deltas from the "
+    "fork on.  µs: modelled latency of one write op (one batch of stores) of the measured phase.  "
+    "THP: the parent's AnonHugePages / Anonymous.  fg ms: modelled time of the workload's ops; "
+    "bg ms: of the kernel threads (khugepaged) between them.")
+
+# --rank-by: (label, the figure, sign: 1 lower is better, -1 higher is better, unit, decimals).
+RANK_BY: dict[str, tuple[str, Any, int, str, int]] = {
+    "p99": ("p99 write-op latency", "lat_p99_us", 1, " µs", 1),
+    "cow": ("COW bytes copied", "cow_mib", 1, " MiB", 1),
+    "copied": ("bytes copied in all (COW + collapse)", lambda r: r["cow_mib"] + r["collapse_mib"], 1, " MiB", 1),
+    "peak": ("peak memory", "peak_mib", 1, " MiB", 1),
+    "thp": ("THP coverage (mean)", "thp_mean", -1, "", 2),
+    "cpu": ("CPU time (fg + bg)", lambda r: r["model_ms"] + r["bg_ms"], 1, " ms", 1),
+}
+DEFAULT_RANK_BY = "p99"
 
 
 def _missing(value: Any) -> bool:
@@ -56,11 +71,29 @@ def fmt(value: Any, spec: str) -> str:
     return spec.format(value)
 
 
+def _figure_of(rec: dict, how) -> Any:
+    return how(rec) if callable(how) else rec[how]
+
+
+def _failed(rec: dict) -> bool:
+    return bool(rec.get("oom")) or bool(rec.get("oops"))
+
+
+def ranked(summary, rank_by: str = DEFAULT_RANK_BY):
+    """The summary rows ordered by ``rank_by`` (best first; runs that OOM or oopsed last)."""
+    if rank_by not in RANK_BY:
+        raise ValueError(f"--rank-by={rank_by}: expected one of {', '.join(RANK_BY)}")
+    _label, how, sign, _unit, _nd = RANK_BY[rank_by]
+    recs = summary.to_dict("records")
+    order = sorted(range(len(recs)), key=lambda i: (_failed(recs[i]), _key(_figure_of(recs[i], how), sign), i))
+    return summary.iloc[order].reset_index(drop=True)
+
+
 def table_rows(summary) -> list[list[str]]:
     """The summary as rows of formatted cells, in TABLE order (an OOM or oopsed run is marked)."""
     out = []
     for rec in summary.to_dict("records"):
-        row = [fmt(rec[col], spec) for col, _h, spec in TABLE]
+        row = [fmt(rec.get(col), spec) for col, _h, spec in TABLE]
         if rec.get("oom"):
             row[0] += " (OOM)"
         if rec.get("oops"):
@@ -69,30 +102,71 @@ def table_rows(summary) -> list[list[str]]:
     return out
 
 
-def verdict(summary) -> str:
-    """One line: which policy leads on p99 write latency, bytes copied, peak memory, THP coverage, run time."""
+def table_chunks(rows: list[list[str]], width: int) -> list[list[int]]:
+    """Column indexes (after the policy column, 0) of each table that fits ``width`` columns.
+
+    Every cell is printed whole: a table is as wide as its widest cells and
+    headers, plus 3 columns per column and 1 (rich's borders and padding).
+    Groups of TABLE_GROUPS stay together when they fit; one too wide for a
+    table of its own is split column by column.
+    """
+    widths = [max(len(TABLE[i][1]), *(len(r[i]) for r in rows)) if rows else len(TABLE[i][1])
+              for i in range(len(TABLE))]
+    base = widths[0] + 3 + 1
+    chunks: list[list[int]] = []
+    cur: list[int] = []
+    used = base
+    i = 1
+    for group in TABLE_GROUPS:
+        idx = list(range(i, i + len(group)))
+        i += len(group)
+        need = sum(widths[j] + 3 for j in idx)
+        if cur and used + need > width:
+            chunks.append(cur)
+            cur, used = [], base
+        if used + need <= width:
+            cur += idx
+            used += need
+            continue
+        for j in idx:                               # a group too wide for one table: column by column
+            if cur and used + widths[j] + 3 > width:
+                chunks.append(cur)
+                cur, used = [], base
+            cur.append(j)
+            used += widths[j] + 3
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def verdict(summary, rank_by: str = DEFAULT_RANK_BY) -> str:
+    """One line: the leader by ``rank_by`` first, then who leads on each figure (ties listed in full)."""
     recs = [r for r in summary.to_dict("records")]
     if not recs:
         return "verdict: no policy was run"
-    ok = [r for r in recs if not r.get("oom") and not r.get("oops")] or recs
+    ok = [r for r in recs if not _failed(r)] or recs
     oom = [r["policy"] for r in recs if r.get("oom")]
     oops = [f"{r['policy']} ({r['oops']})" for r in recs if r.get("oops")]
-    metrics = (("lat_p99_us", 1, "lowest p99 write latency", " µs", 1), ("cow_mib", 1, "least copied", " MiB", 1),
-               ("peak_mib", 1, "lowest peak", " MiB", 1), ("thp_mean", -1, "best THP coverage", "", 2),
-               ("model_ms", 1, "fastest", " ms modelled", 1))
-    parts, leaders = [], set()
-    for col, sign, what, unit, nd in metrics:
-        best = min(_key(r[col], sign) for r in ok)
+    parts, leaders = [], []
+    for key in [rank_by] + [k for k in RANK_BY if k != rank_by]:
+        label, how, sign, unit, nd = RANK_BY[key]
+        best = min(_key(_figure_of(r, how), sign) for r in ok)
         if math.isinf(best):
             continue
-        tied = [r for r in ok if _key(r[col], sign) == best]
-        leaders.add(tied[0]["policy"] if len(tied) == 1 else None)
-        more = f" and {len(tied) - 1} more" if len(tied) > 1 else ""
-        parts.append(f"{what}: {tied[0]['policy']}{more} ({fmt(tied[0][col], f'{{:.{nd}f}}')}{unit})")
+        tied = [r["policy"] for r in ok if _key(_figure_of(r, how), sign) == best]
+        value = fmt(_figure_of(next(r for r in ok if r["policy"] == tied[0]), how), f"{{:.{nd}f}}")
+        word = "lowest" if sign > 0 else "best"
+        if key in ("cow", "copied"):
+            word = "least"
+        text = f"{word} {label}: {', '.join(tied)} ({value}{unit})"
+        if key == rank_by:
+            text += f" [ranked by this: --rank-by {key}" + (", the default]" if key == DEFAULT_RANK_BY else "]")
+        parts.append(text)
+        leaders.append(tuple(tied))
     tail = (f"; out of memory: {', '.join(oom)}" if oom else "") + \
         (f"; the kernel oopsed: {', '.join(oops)}" if oops else "")
-    if len(recs) > 1 and len(leaders) == 1 and None not in leaders:
-        return f"verdict: {leaders.pop()} is best on every count (" + "; ".join(parts) + ")" + tail
+    if len(recs) > 1 and leaders and all(len(t) == 1 and t == leaders[0] for t in leaders):
+        return f"verdict: {leaders[0][0]} is best on every count (" + "; ".join(parts) + ")" + tail
     return "verdict: " + "; ".join(parts) + tail
 
 
@@ -214,15 +288,13 @@ pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <p>{html.escape(sc.description)}</p>
 <p><b>{html.escape(verdict(result.summary))}</b></p>
 <table><tr>{head}</tr>{body}</table>
-<p>Counters and COW MiB (sim_cow_bytes + sim_collapse_bytes) are vmstat deltas from just before the
-first fork to the end. Peak: max of (nr_frames - nr_free) x 4 KiB after every op. Latency: modelled
-cost of each write batch of the <i>{html.escape(phase)}</i> phase ({html.escape(model)}). THP: the
-parent's AnonHugePages / Anonymous over time. TLB misses: page walks of the workload's loads and stores
-from the first fork on, replayed through the TLB simulator of thpcow.machine (preset
-<i>{html.escape(sc.machine)}</i>; it is flushed wherever the simulated kernel flushed: COW remaps,
-PMD splits, collapses, unmaps, swap-out, migration, fork and exit; n/a without thpcow.machine or with
-<code>tlb_model: false</code>); TLB ms: the translation time it estimates (not in the latencies). Model ms: sum of
-the modelled cost of every op.</p>
+<p>{html.escape(TABLE_NOTES)} Peak: max of (nr_frames - nr_free) x 4 KiB after every op.
+Latency model: {html.escape(model)}; measured phase: <i>{html.escape(phase)}</i>. TLB misses: page walks
+of the workload's loads and stores from the first fork on, replayed through the TLB simulator of
+thpcow.machine (preset <i>{html.escape(sc.machine)}</i>; it is flushed wherever the simulated kernel
+flushed: COW remaps, PMD splits, collapses, unmaps, swap-out, migration, fork and exit; n/a without
+thpcow.machine or with <code>tlb_model: false</code>); TLB ms: the translation time it estimates (not
+in the latencies).</p>
 {figs}
 <h2>Scenario</h2><pre>{html.escape(sc.to_yaml())}</pre>
 <p>Simulated on the host in {html.escape(wall)}.</p>

@@ -8,22 +8,30 @@ records the op's vmstat deltas, its modelled cost and the memory in use.
 
 Figures of a run (one summary row per policy):
 
-- counters (``pgfault``, ``thp_fault_alloc``, ``thp_split_pmd``, ...) and
-  ``cow_mib`` = (sim_cow_bytes + sim_collapse_bytes) / MiB are vmstat deltas
-  from just before the first fork to the end (khugepaged included); with no
-  fork in the stream, from the start;
+- counters (``pgfault``, ``thp_fault_alloc``, ``thp_split_pmd``, ...) are
+  vmstat deltas from just before the first fork to the end (khugepaged
+  included); with no fork in the stream, from the start.  Bytes moved, apart:
+  ``cow_mib`` = sim_cow_bytes (COW copies: 4 KiB, mTHP blocks, whole THPs),
+  ``collapse_mib`` = sim_collapse_bytes (khugepaged and MADV_COLLAPSE
+  copies), ``zero_mib`` = sim_zero_bytes (pages cleared for faults);
 - ``peak_mib``: max of (nr_frames - nr_free) x 4 KiB after every op;
   ``peak_extra_mib``/``end_extra_mib``: above the level just before the fork;
-- ``lat_p50_us``/``lat_p99_us``/``lat_max_us``: the modelled latency of each
-  write batch (one op) of the workload's measured phase (redis-bgsave:
-  ``snapshot``), priced by :func:`~thpcow.experiments.costs.latency_model`
-  (thpcow.machine.latency on the op's vmstat deltas);
+- ``lat_p50_us``/``lat_p99_us``/``lat_p999_us``/``lat_max_us``: the
+  modelled latency of one *write op* of the workload's measured phase
+  (redis-bgsave: ``snapshot``): a write op is one batch of stores (one
+  ``write_many`` call: a request's writes, a range rewritten), priced by
+  :func:`~thpcow.experiments.costs.latency_model` (thpcow.machine.latency on
+  the op's vmstat deltas, plus its accesses and bytes);
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
 - ``thp_child_mean``/``thp_child_min``/``thp_child_end``: the same for the
   other live processes together (the children), over the samples where one
   lives (``thp_child_end``: the last of them); NaN if no sample saw one;
-- ``model_ms``: the sum of the modelled cost of every op (translation excluded);
+- ``model_ms``: foreground time, the sum of the modelled cost of every op of
+  the workload (translation excluded); ``bg_ms``: background time, what the
+  kernel threads (khugepaged) did between ops, priced the same way (a
+  collapse at its calibrated cost); both over the whole run, the load
+  before the fork included;
 - ``tlb_misses``: page walks (last-level dTLB misses) of the workload's
   loads and stores from the first fork on, replayed through the machine
   model's TLB simulator (:mod:`thpcow.machine`, preset ``machine``) with the
@@ -33,6 +41,14 @@ Figures of a run (one summary row per policy):
   mprotect/mremap, swap-out, migration, the parent's flush_tlb_mm() at fork)
   is replayed before the op's accesses, and an exiting process's address
   space is dropped.  NaN when thpcow.machine cannot be imported.
+
+The per-op rows (:attr:`PointResult.ops`, ops.parquet) add up to the
+summary: one row per workload op (an op that OOM or an oops stopped keeps
+what it did), plus one row of kind ``kthread`` for the kernel threads' work
+before an op whenever they did any.  Each counter of the summary is the sum
+of the rows with ``since_fork`` set; ``model_ms`` and ``bg_ms`` the sums of
+``cost_ns`` over the workload's rows and the ``kthread`` rows; the latency
+quantiles those of the write rows of the measured phase.
 
 Per phase of the workload (:attr:`PointResult.phases`), the runner also
 records the vmstat deltas (every counter that moved) from the end of the
@@ -67,10 +83,12 @@ from .costs import latency_model
 from .scenario import Scenario, resolve_scenario
 
 MIB = 1 << 20
+KTHREAD = "kthread"            # the kind of an ops row for the kernel threads' work between two ops
 
 # vmstat counters recorded per op and summarised per run.
 COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_fault_fallback", "thp_split_pmd", "thp_collapse_alloc",
             "thp_deferred_split_page", "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes",
+            "sim_zero_bytes",
             # reclaim, swap and compaction work, which the latency model prices too
             "pgmajfault", "pswpin", "pswpout", "pgmigrate_success", "compact_stall", "thp_swpout",
             "thp_split_page")
@@ -79,14 +97,15 @@ COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_fault_fallback", "thp_
 SUMMARY_SCHEMA: dict[str, str] = {
     "scenario": "string", "workload": "string", "policy": "string", "seed": "int64", "machine": "string",
     "latency_model": "string",
-    "cow_mib": "float64", "peak_mib": "float64", "peak_extra_mib": "float64", "end_extra_mib": "float64",
+    "cow_mib": "float64", "collapse_mib": "float64", "zero_mib": "float64", "peak_mib": "float64", "peak_extra_mib": "float64", "end_extra_mib": "float64",
     "policy_cost_mib": "float64",
     **{c: "int64" for c in COUNTERS},
-    "lat_p50_us": "float64", "lat_p99_us": "float64", "lat_max_us": "float64", "write_batches": "int64",
+    "lat_p50_us": "float64", "lat_p99_us": "float64", "lat_p999_us": "float64", "lat_max_us": "float64",
+    "write_batches": "int64",
     "thp_mean": "float64", "thp_min": "float64", "thp_end": "float64",
     "thp_child_mean": "float64", "thp_child_min": "float64", "thp_child_end": "float64",
     "tlb_misses": "float64", "tlb_ms": "float64",
-    "model_ms": "float64", "sim_ms": "float64", "ops": "int64", "oom": "bool",
+    "model_ms": "float64", "bg_ms": "float64", "sim_ms": "float64", "ops": "int64", "oom": "bool",
     "oops": "string",            # "" or where the kernel oopsed (KernelOops.summary()); the run stopped there
 }
 
@@ -207,7 +226,8 @@ class _Run:
         self.interval = max(int(step), 1000)
         self.next_sample = 0
         self.ops: dict[str, list] = {c: [] for c in ("seq", "t_ns", "kind", "pid", "phase", "n", "nbytes",
-                                                     "cost_ns", "mem_bytes", "tlb_walks", *COUNTERS)}
+                                                     "cost_ns", "mem_bytes", "tlb_walks", "since_fork",
+                                                     *COUNTERS)}
         self.samples: dict[str, list] = {c: [] for c in ("t_ns", "anon_kb", "anon_huge_kb", "thp_coverage",
                                                          "child_anon_kb", "child_anon_huge_kb",
                                                          "child_thp_coverage", "mem_bytes", "nr_procs")}
@@ -340,11 +360,14 @@ class _Run:
         if op.phase != self.phase:
             self.end_phase()
             self.phase = op.phase
+        bg = self.k.vmstat_snapshot()
         try:
             self.advance_to(op.t)                     # kernel threads (khugepaged) run on the way
         except KernelOops as e:
             self.oops = e.summary()
+            self.record_background(seq, op, bg)
             raise
+        self.record_background(seq, op, bg)
         if op.kind == O.FORK and self.before_fork is None:
             self.before_fork = self.k.vmstat_snapshot()
             self.mem_at_fork = self.used()
@@ -354,28 +377,46 @@ class _Run:
         walks = self.tlb.walks() if self.tlb is not None else 0
         try:
             tables, pmds = self.apply(op)
-        except OutOfMemory:
-            self.oom = True
-            raise
-        except KernelOops as e:
-            self.oops = e.summary()
+        except (OutOfMemory, KernelOops) as e:
+            # The op stopped part way: its row keeps what it did (so that the rows still sum to the summary).
+            if isinstance(e, OutOfMemory):
+                self.oom = True
+            else:
+                self.oops = e.summary()
+            after = self.k.vmstat_snapshot()
+            d = {c: after[c] - before[c] for c in COUNTERS}
+            self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes,
+                        self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes), 0, d)
             raise
         after = self.k.vmstat_snapshot()
         d = {c: after[c] - before[c] for c in COUNTERS}
         cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
+        self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,
+                    self.tlb.walks() - walks if self.tlb is not None else 0, d)
+
+    def record_background(self, seq: int, op: O.Op, before: dict[str, int]) -> None:
+        """One ``kthread`` row for what the kernel threads did while the clock ran up to ``op``."""
+        after = self.k.vmstat_snapshot()
+        d = {c: after[c] - before[c] for c in COUNTERS}
+        if any(d.values()):
+            self.record(seq, self.k.now, KTHREAD, -1, op.phase, 0, 0, self.model.op_cost_ns(KTHREAD, d), 0, d)
+
+    def record(self, seq: int, t: int, kind: str, pid: int, phase: str, n: int, nbytes: int, cost: float,
+               walks: int, d: dict[str, int]) -> None:
         mem = self.used()
         self.peak = max(self.peak, mem)
         r = self.ops
         r["seq"].append(seq)
-        r["t_ns"].append(op.t)
-        r["kind"].append(op.kind)
-        r["pid"].append(op.pid)
-        r["phase"].append(op.phase)
-        r["n"].append(op.n)
-        r["nbytes"].append(op.nbytes)
+        r["t_ns"].append(t)
+        r["kind"].append(kind)
+        r["pid"].append(pid)
+        r["phase"].append(phase)
+        r["n"].append(n)
+        r["nbytes"].append(nbytes)
         r["cost_ns"].append(cost)
         r["mem_bytes"].append(mem)
-        r["tlb_walks"].append(self.tlb.walks() - walks if self.tlb is not None else 0)
+        r["tlb_walks"].append(walks)
+        r["since_fork"].append(self.before_fork is not None)
         for c in COUNTERS:
             r[c].append(d[c])
 
@@ -385,9 +426,12 @@ class _Run:
         base = self.before_fork or self._start
         d = {c: int(final[c] - base[c]) for c in COUNTERS}
         r = self.ops
+        if self.before_fork is None:                 # no fork: every figure counts from the start
+            r["since_fork"] = [True] * len(r["seq"])
         kinds = np.asarray(r["kind"], dtype=object)
         phases = np.asarray(r["phase"], dtype=object)
         cost = np.asarray(r["cost_ns"], dtype=np.float64)
+        bg = kinds == KTHREAD
         sel = (kinds == O.WRITE) & (phases == self.workload.measure_phase)
         lat = cost[sel] / 1000.0
         cov = np.asarray(self.samples["thp_coverage"], dtype=np.float64)
@@ -398,7 +442,9 @@ class _Run:
         out: dict[str, Any] = {
             "scenario": self.sc.name, "workload": self.workload.name, "policy": policy, "seed": self.sc.seed,
             "machine": self.sc.machine, "latency_model": self.model.name,
-            "cow_mib": (d["sim_cow_bytes"] + d["sim_collapse_bytes"]) / MIB,
+            "cow_mib": d["sim_cow_bytes"] / MIB,
+            "collapse_mib": d["sim_collapse_bytes"] / MIB,
+            "zero_mib": d["sim_zero_bytes"] / MIB,
             "peak_mib": self.peak / MIB,
             "peak_extra_mib": max(self.peak - ref, 0) / MIB,
             "end_extra_mib": (self.used() - ref) / MIB,
@@ -406,6 +452,7 @@ class _Run:
             **d,
             "lat_p50_us": float(np.percentile(lat, 50)) if len(lat) else math.nan,
             "lat_p99_us": float(np.percentile(lat, 99)) if len(lat) else math.nan,
+            "lat_p999_us": float(np.percentile(lat, 99.9)) if len(lat) else math.nan,
             "lat_max_us": float(lat.max()) if len(lat) else math.nan,
             "write_batches": int(len(lat)),
             "thp_mean": float(cov.mean()) if len(cov) else math.nan,
@@ -416,9 +463,10 @@ class _Run:
             "thp_child_end": float(kid[-1]) if len(kid) else math.nan,
             "tlb_misses": float(self.tlb.walks()) if self.tlb is not None else math.nan,
             "tlb_ms": self.tlb.sim.translation_ns() / 1e6 if self.tlb is not None else math.nan,
-            "model_ms": float(cost.sum()) / 1e6,
+            "model_ms": float(cost[~bg].sum()) / 1e6,
+            "bg_ms": float(cost[bg].sum()) / 1e6,
             "sim_ms": self.k.now / 1e6,
-            "ops": len(r["seq"]),
+            "ops": int(np.count_nonzero(~bg)),
             "oom": self.oom,
             "oops": self.oops,
         }

@@ -153,6 +153,7 @@ def vma_alloc_anon_folio_pmd(k: Kernel, vma: VMA) -> int:
         k.vmstat.count_mthp_stat(HPAGE_PMD_ORDER, "anon_fault_fallback")
         return -1
     k.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0           # folio_zero_user()
+    k.vmstat.count_vm_event("sim_zero_bytes", HPAGE_PMD_SIZE)
     return k.new_folio(pfn, HPAGE_PMD_ORDER)
 
 
@@ -204,6 +205,7 @@ def mm_get_huge_zero_folio(k: Kernel, mm: MM) -> int:
             k.vmstat.count_vm_event("thp_zero_page_alloc_failed")
             return -1
         k.mem.content[pfn: pfn + HPAGE_PMD_NR] = 0
+        k.vmstat.count_vm_event("sim_zero_bytes", HPAGE_PMD_SIZE)
         fid = k.new_folio(pfn, HPAGE_PMD_ORDER)
         k.folios.flags[fid] = PG_HUGE_ZERO
         k.folios.refcount[fid] = 1

@@ -192,6 +192,7 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     first = ALIGN_DOWN(i, nr)
     head = int(k.folios.head[fid])
     k.mem.content[head: head + nr] = 0                # __GFP_ZERO
+    k.vmstat.count_vm_event("sim_zero_bytes", nr * PAGE_SIZE)
     k.folios.refcount[fid] = nr
     rmap.folio_add_new_anon_rmap(k, fid, mm, pmd=False)
     pgtable.set_ptes(k, mm, row, first, np.arange(head, head + nr),
@@ -570,6 +571,7 @@ def do_anonymous_page_batch(k: Kernel, mm: MM, rows: np.ndarray, cols: np.ndarra
         return False
     anon_vma_prepare_pages(k, mm, vpns)
     new_anon_folios_bulk(k, new, 0)
+    k.vmstat.count_vm_event("sim_zero_bytes", n * PAGE_SIZE)     # clear_user_highpage() each
     pgtable.set_ptes_scatter(k, mm, rows, cols, new, PTE_NEW_ANON)
     k.mem.vpn[new] = vpns
     mm.rss_anon += n

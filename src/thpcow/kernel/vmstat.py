@@ -37,7 +37,7 @@ VM_EVENT_ITEMS = (
     "compact_stall", "compact_success", "compact_fail", "compact_migrate_scanned", "compact_daemon_wake",
     "pgmigrate_success", "pgmigrate_fail", "memory_failure_late_kill",
     # Simulator-only counters.
-    "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes", "sim_compact_pages",
+    "sim_cow_pages", "sim_cow_bytes", "sim_huge_cow", "sim_collapse_bytes", "sim_zero_bytes", "sim_compact_pages",
     "sim_memory_failure",
 )
 

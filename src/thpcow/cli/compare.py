@@ -62,6 +62,7 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
             sc = replace(sc, seed=seed)
         if tlb is not None:
             sc = replace(sc, tlb_model=tlb)
+        sc.make_workload().validate()                 # a trace's rows, before any policy runs
         out_dir = out or os.path.join("results", f"{sc.name}-{_time.strftime('%Y%m%d-%H%M%S')}")
         writable_dir(out_dir, "--out")
     except (ScenarioError, ValueError) as exc:

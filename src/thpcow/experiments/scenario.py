@@ -231,7 +231,7 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
         raise err(node, "workload", "missing (e.g. workload: {name: redis-bgsave})")
     kw: dict[str, Any] = {"source": source, "name": default_name}
     simple = {"name": (str, None, None), "description": (str, None, None), "machine": (str, None, None),
-              "tlb_model": (bool, None, None), "ram_mib": (int, 16, None), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
+              "tlb_model": (bool, None, None), "ram_mib": (int, 16, max_ram_mib()), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
               "check": (bool, None, None), "sample_ms": (float, 1e-6, None)}
     for key, (kind, lo, hi) in simple.items():
         if key in fields:
@@ -315,6 +315,17 @@ def _workload(source: str, node, base_dir: str | None) -> tuple[str, dict[str, A
 
 
 # -- loading ---------------------------------------------------------------------------------
+def max_ram_mib() -> int:
+    """The largest simulated RAM this host can hold: the simulator keeps about 83 bytes per 4 KiB
+    frame (2 % of the simulated size), and may use up to 2/3 of the host's memory for it."""
+    try:
+        with open("/proc/meminfo") as fh:
+            total_kib = next(int(line.split()[1]) for line in fh if line.startswith("MemTotal:"))
+    except (OSError, StopIteration, ValueError):
+        return 1 << 20                               # 1 TiB when the host cannot be asked
+    return max(16, total_kib * 2 // 3 * 4096 // 83 // 1024)
+
+
 def parse_scenario(text: str, source: str = "<string>", base_dir: str | None = None,
                    default_name: str = "scenario") -> Scenario:
     """A scenario from YAML text."""

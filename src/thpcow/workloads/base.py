@@ -116,6 +116,9 @@ class Workload:
             setattr(self, key, coerce(f"workload {self.name}", key, spec, val) if val is not None else None)
         self.check()
 
+    def validate(self) -> None:
+        """Check what the parameters alone cannot (a trace's rows) before a run; ValueError naming it."""
+
     @classmethod
     def coerce_param(cls, key: str, value: Any) -> Any:
         """One parameter checked alone (for error reports that point at a line)."""

@@ -106,6 +106,11 @@ class Trace(Workload):
         if not os.path.isfile(self.path):
             raise ValueError(f"workload {self.name}: parameter path={self.path!r}: no such file")
 
+    def validate(self) -> None:
+        """Read and check every row once (the ops, without running them)."""
+        for _op in self.ops():
+            pass
+
     def _frame(self):
         """The trace, read once per workload object (the runner asks for its duration, then its ops)."""
         if getattr(self, "_trace", None) is None:

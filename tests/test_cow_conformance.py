@@ -45,16 +45,16 @@ import numpy as np
 import pytest
 
 from thpcow.kernel import (
-    MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MREMAP_FIXED,
-    MREMAP_MAYMOVE, PROT_NONE, PROT_READ, PROT_WRITE, Kernel, Process,
+    MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT,
+    MREMAP_FIXED, MREMAP_MAYMOVE, PROT_NONE, PROT_READ, PROT_WRITE, Kernel, KernelOops, Process,
 )
 from thpcow.kernel import access, task_mmu
 from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
 from thpcow.kernel.folio import PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
-from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW
+from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW, _PAGE_SWP_EXCLUSIVE
 from thpcow.kernel.page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
 
-from conftest import THP_RAM, vmstat_delta
+from conftest import THP_RAM, VmstatDelta, vmstat_delta
 
 SMALL_RAM = 256 << 20      # THP off by default (< 512 MiB), as the kernel's hugepage_init()
 
@@ -64,6 +64,7 @@ CHILD_TOKEN = 0xC1
 
 PMD_KB = order_to_kb(HPAGE_PMD_ORDER)
 MTHP_ORDERS = tuple(range(2, HPAGE_PMD_ORDER))          # 16K .. 1M
+SWAP = 8 << 20             # cow.c's swapped-out runs need swap enabled: 2047 slots, three free clusters
 
 
 # =============================================================================================
@@ -74,13 +75,15 @@ class Mem(NamedTuple):
 
     ``extra`` lists other ranges of the same process whose contents the backing
     established, as (addr, size, token); they are checked too (the upper half
-    of a partially mremap()'ed THP lives on at another address).
+    of a partially mremap()'ed THP lives on at another address).  ``swapped``:
+    the backing paged the range out (MADV_PAGEOUT), so nothing of it is resident.
     """
 
     proc: Process
     addr: int
     size: int
     extra: tuple[tuple[int, int, int], ...] = ()
+    swapped: bool = False          # every page of the range is a swap entry when the body starts
 
 
 class Model:
@@ -122,9 +125,11 @@ class Model:
         del self.procs[p.pid]
         del self.pages[p.pid]
 
-    def verify(self) -> None:
-        """Every live process reads exactly what the model says, page by page."""
+    def verify(self, only: Process | None = None) -> None:
+        """Every live process (or ``only`` that one) reads exactly what the model says, page by page."""
         for pid, p in self.procs.items():
+            if only is not None and pid != only.pid:
+                continue
             d = self.pages[pid]
             vps = np.array(sorted(d), dtype=np.int64)
             # contiguous runs -> one read each
@@ -141,11 +146,18 @@ class Model:
 
 
 def model_for(m: Mem) -> Model:
+    """The reference model of a backing's memory, checked at once unless it is swapped out.
+
+    Reading a swapped-out range would swap it back in before the body runs
+    (cow.c's bodies do not touch the memory before fork()); its contents are
+    checked by the body's own reads instead.
+    """
     model = Model()
     model.track(m.proc, m.addr, m.size, FILL)
     for addr, size, token in m.extra:
         model.track(m.proc, addr, size, token)
-    model.verify()
+    if not m.swapped:
+        model.verify()
     return model
 
 
@@ -189,20 +201,38 @@ def populated(p: Process, addr: int) -> bool:
     return bool(int(p.pagemap(addr, 1)[0]) & (task_mmu.PM_PRESENT | task_mmu.PM_SWAP))
 
 
+def swapped(p: Process, addr: int, size: int) -> np.ndarray:
+    """cow.c's pagemap_is_swapped() per page of [addr, addr+size): a swap entry, nothing present."""
+    pm = p.pagemap(addr, size // PAGE_SIZE)
+    sw = (pm & np.uint64(task_mmu.PM_SWAP)) != 0
+    assert not ((pm & np.uint64(task_mmu.PM_PRESENT)) != 0)[sw].any()
+    return sw
+
+
+def swap_slots(p: Process, addr: int, size: int) -> np.ndarray:
+    """The swap offsets pagemap reports for the pages of [addr, addr+size) (all swap entries)."""
+    pm = p.pagemap(addr, size // PAGE_SIZE)
+    assert ((pm & np.uint64(task_mmu.PM_SWAP)) != 0).all()
+    return ((pm & np.uint64(task_mmu.PM_PFRAME_MASK)) >> np.uint64(task_mmu.MAX_SWAPFILES_SHIFT)).astype(np.int64)
+
+
 # =============================================================================================
 # Backings (cow.c's run_with_*): each sets up memory in a fresh kernel and returns Mem
 # =============================================================================================
-def thp_kernel(order: int) -> Kernel:
+def thp_kernel(order: int, swap: int = 0) -> Kernel:
     """cow.c's per-size settings: PMD size 'never', the size under test 'always'."""
-    k = Kernel(ram=THP_RAM, check=True)
+    k = Kernel(ram=THP_RAM, swap=swap, check=True)
     k.sysfs.write(f"hugepages-{PMD_KB}kB/enabled", "never")
     k.sysfs.write(f"hugepages-{order_to_kb(order)}kB/enabled", "always")
     return k
 
 
-def base_page() -> Mem:
-    """mmap one page, MADV_NOHUGEPAGE, populate it: one AnonExclusive order-0 page."""
-    k = Kernel(ram=SMALL_RAM, check=True)
+def base_page(swapout: bool = False) -> Mem:
+    """mmap one page, MADV_NOHUGEPAGE, populate it: one AnonExclusive order-0 page.
+
+    ``swapout`` (cow.c 'with swapped out base page'): then MADV_PAGEOUT it.
+    """
+    k = Kernel(ram=SMALL_RAM, swap=SWAP if swapout else 0, check=True)
     p = k.spawn()
     mem = p.mmap(PAGE_SIZE)
     p.madvise(mem, PAGE_SIZE, MADV_NOHUGEPAGE)
@@ -210,17 +240,54 @@ def base_page() -> Mem:
     v = view(p, mem, PAGE_SIZE)
     assert v.order.tolist() == [0] and v.ae.all() and v.writable.all()
     assert k.folios.refcount[v.fid[0]] == 1
-    return Mem(p, mem, PAGE_SIZE)
+    m = Mem(p, mem, PAGE_SIZE)
+    if swapout:
+        d = swap_out(m)
+        assert d["thp_swpout"] == 0 and d["thp_split_page"] == 0
+        m = m._replace(swapped=True)
+    return m
 
 
-def _populate_thp(order: int) -> tuple[Kernel, Process, int, int, int]:
+def swap_out(m: Mem) -> VmstatDelta:
+    """cow.c's swap-out step: MADV_PAGEOUT the range; pagemap must then show every page swapped.
+
+    cow.c SKIPs when MADV_PAGEOUT swapped nothing ("is swap enabled?"); the
+    simulated kernel has a swap device with free clusters, so here that is a
+    failure.  Every page was AnonExclusive and mapped by this process alone, so
+    madvise_cold_or_pageout_pte_range() takes it and reclaim writes it out:
+    each swap PTE keeps the exclusive marker (try_to_unmap_one() sets
+    pte_swp_mkexclusive() for an AnonExclusive page), each slot has exactly
+    one reference, the folio is freed (nothing resident, not in the swap
+    cache) and the mm's anon RSS moves to its swap count.  Returns the vmstat
+    delta of the MADV_PAGEOUT; the returned Mem is marked ``swapped``.
+    """
+    p, k = m.proc, m.proc.kernel
+    npages = m.size // PAGE_SIZE
+    assert view(p, m.addr, m.size).ae.all()
+    rss, free = p.mm.rss_anon, k.swap.nr_free
+    before = k.vmstat_snapshot()
+    p.madvise(m.addr, m.size, MADV_PAGEOUT)
+    d = vmstat_delta(k, before)
+    assert swapped(p, m.addr, m.size).all(), "MADV_PAGEOUT did not swap the range out"
+    slots = swap_slots(p, m.addr, m.size)
+    assert len(set(slots.tolist())) == npages and free - k.swap.nr_free == npages
+    assert (k.swap.swap_map[slots] == 1).all() and not k.swap.in_cache[slots].any()
+    vp = np.arange(m.addr >> PAGE_SHIFT, (m.addr + m.size) >> PAGE_SHIFT, dtype=np.int64)
+    _sc, _kind, _rows, _cols, _pfn, flags = access.entry_state(p.mm, vp)
+    assert (flags & _PAGE_SWP_EXCLUSIVE).all(), "an AnonExclusive page must leave an exclusive swap entry"
+    assert p.mm.rss_swap == npages and rss - p.mm.rss_anon == npages
+    assert d["pswpout"] == npages and d["pswpin"] == 0
+    return d
+
+
+def _populate_thp(order: int, swap: int = 0) -> tuple[Kernel, Process, int, int, int]:
     """cow.c do_run_with_thp() prologue: mmap 2*size, align, MADV_HUGEPAGE, touch, memset.
 
     Returns (kernel, process, mmap start, aligned mem, size).  Asserts a THP of
     exactly ``order`` was faulted in (cow.c SKIPs when the last subpage is not
     populated after touching the first byte; here that is a failure).
     """
-    k = thp_kernel(order)
+    k = thp_kernel(order, swap)
     p = k.spawn()
     size = PAGE_SIZE << order
     mmap_mem = p.mmap(2 * size)
@@ -246,21 +313,40 @@ def _populate_thp(order: int) -> tuple[Kernel, Process, int, int, int]:
     return k, p, mmap_mem, mem, size
 
 
-def thp(order: int = HPAGE_PMD_ORDER) -> Mem:
-    """THP_RUN_PMD: a PMD-mapped, AnonExclusive THP (for mTHP: the PTE-mapped mTHP as faulted)."""
-    _k, p, _mm, mem, size = _populate_thp(order)
-    return Mem(p, mem, size)
+def thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
+    """THP_RUN_PMD: a PMD-mapped, AnonExclusive THP (for mTHP: the PTE-mapped mTHP as faulted).
+
+    ``swapout`` (THP_RUN_PMD_SWAPOUT): MADV_PAGEOUT takes the THP whole (the
+    PMD covers the range and nobody else maps it), reclaim finds a free swap
+    cluster for it and writes it as one THP (thp_swpout, no
+    thp_swpout_fallback, no folio split); try_to_unmap() splits the PMD into
+    512 swap PTEs (thp_split_pmd +1).
+    """
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
+    m = Mem(p, mem, size)
+    if swapout:
+        d = swap_out(m)
+        assert (d["thp_swpout"], d["thp_split_pmd"], d["thp_swpout_fallback"], d["thp_split_page"]) == (1, 1, 0, 0)
+        assert k.vmstat.mthp_stat(order, "swpout") == 1
+        assert swap_slots(p, mem, size)[0] % (size // PAGE_SIZE) == 0, "not one aligned swap cluster"
+        m = m._replace(swapped=True)
+    return m
 
 
-def pte_mapped_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+def pte_mapped_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     """THP_RUN_PTE: mprotect(page 1, PROT_READ) then back to RW.
 
     For a PMD THP the VMA split splits the PMD (thp_split_pmd +1); the VMA
     merges back; all 512 PTEs stay AnonExclusive, so mprotect() maps them
     writable again and rewriting the range takes no fault.  For an mTHP it is
     a no-op on the page tables.
+
+    ``swapout`` (THP_RUN_PTE_SWAPOUT): MADV_PAGEOUT finds every page of the
+    large folio mapped in the range (no split), reclaim gets 2^order
+    naturally aligned contiguous slots for it and writes it whole (mTHP
+    swpout of that order; thp_swpout only for the PMD order).
     """
-    k, p, _mm, mem, size = _populate_thp(order)
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
     nvmas = len(p.vmas())
     before = k.vmstat_snapshot()
     p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ)
@@ -277,16 +363,33 @@ def pte_mapped_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     before = k.vmstat_snapshot()
     p.write(mem, size, token=FILL)
     assert vmstat_delta(k, before)["pgfault"] == 0, "rewriting AnonExclusive writable PTEs faulted"
-    return Mem(p, mem, size)
+    m = Mem(p, mem, size)
+    if swapout:
+        d = swap_out(m)
+        pmd = order == HPAGE_PMD_ORDER
+        assert (d["thp_swpout"], d["thp_split_pmd"], d["thp_swpout_fallback"], d["thp_split_page"]) == \
+            (1 if pmd else 0, 0, 0, 0)
+        assert k.vmstat.mthp_stat(order, "swpout") == 1 and k.vmstat.mthp_stat(order, "split") == 0
+        slots = swap_slots(p, mem, size)
+        assert slots[0] % (size // PAGE_SIZE) == 0 and (np.diff(slots) == 1).all(), \
+            "a large folio swaps out to naturally aligned contiguous slots"
+        m = m._replace(swapped=True)
+    return m
 
 
-def single_pte_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
+def single_pte_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     """THP_RUN_SINGLE_PTE: MADV_DONTNEED [mem+4K, mem+size): one PTE of the THP is left.
 
     The folio is partially mapped with no PMD mapping: it goes on the deferred
     split queue (thp_deferred_split_page +1 for the PMD size, split_deferred +1).
+
+    ``swapout`` (THP_RUN_SINGLE_PTE_SWAPOUT): MADV_PAGEOUT of the one page
+    covers less than the folio, so madvise_cold_or_pageout_pte_range() splits
+    the folio first (split_folio(): thp_split_page for the PMD order, mTHP
+    split of the order; the folio leaves the deferred split queue) and pages
+    out the order-0 page that is left mapped.
     """
-    k, p, _mm, mem, size = _populate_thp(order)
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
     before = k.vmstat_snapshot()
     deferred = mthp_snapshot(k, "split_deferred")
     p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTNEED)
@@ -300,7 +403,17 @@ def single_pte_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
     fid = int(v.fid[0])
     assert k.folios.flags[fid] & PG_PARTIALLY_MAPPED and fid in k.deferred
     assert k.folios.refcount[fid] == 1 and k.folios.large[fid] == 1
-    return Mem(p, mem, PAGE_SIZE)
+    m = Mem(p, mem, PAGE_SIZE)
+    if swapout:
+        d = swap_out(m)
+        pmd = order == HPAGE_PMD_ORDER
+        assert (d["thp_split_page"], d["thp_swpout"], d["thp_swpout_fallback"]) == (1 if pmd else 0, 0, 0)
+        assert k.vmstat.mthp_stat(order, "split") == 1 and k.vmstat.mthp_stat(order, "swpout") == 0
+        assert k.vmstat.mthp_stat(order, "nr_anon") == 0, "the split must have freed the unmapped rest"
+        assert k.vmstat.mthp_stat(order, "nr_anon_partially_mapped") == 0 and not k.deferred
+        assert p.mm.rss_anon == 0
+        m = m._replace(swapped=True)
+    return m
 
 
 def partial_mremap_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
@@ -350,7 +463,7 @@ class Backing:
     id: str
     setup: Callable[[], Mem]
     pmd_mapped: bool          # the range is mapped by a PMD leaf when the body starts
-    after_exit: str           # write after the sharer exited: "pmd-reuse", "pte-reuse" or "copy"
+    after_exit: str           # write after the sharer exited: "pmd-reuse", "pte-reuse", "copy" or "swap-in"
     doc: str
 
 
@@ -370,6 +483,37 @@ def _mthp_backings() -> list[Backing]:
                     "addresses of one mm"),
             Backing(f"partial-shared-mthp-{kb}kB", lambda o=o: partial_shared_thp(o), False, "pte-reuse",
                     "cow.c 'with partially shared THP' for an mTHP: mixed AnonExclusive pages in one folio"),
+        ]
+    return out
+
+
+def _swapped_backings() -> list[Backing]:
+    """cow.c's swapped-out runs: the backing as above, then MADV_PAGEOUT of the range.
+
+    fork() then shares swap entries, not pages (copy_nonpresent_pte():
+    swap_duplicate(), and the exclusive marker is cleared on both sides); each
+    process swaps in 4 KiB pages, through the swap cache while the other
+    still references the slot, so a write must copy.  After the sharer is gone
+    a write fault on the last swap entry maps the page writable at once
+    (do_swap_page()): no copy and no separate reuse.
+    """
+    out = [
+        Backing("swapped-base-page", lambda: base_page(swapout=True), False, "swap-in",
+                "cow.c 'with swapped out base page': small-folio COW after swap-in through the swap cache"),
+        Backing(f"swapped-pmd-thp-{PMD_KB}kB", lambda: thp(swapout=True), False, "swap-in",
+                "cow.c 'with swapped-out THP': a PMD THP swapped out whole to one cluster"),
+        Backing(f"swapped-pte-mapped-thp-{PMD_KB}kB", lambda: pte_mapped_thp(swapout=True), False, "swap-in",
+                "cow.c 'with swapped-out, PTE-mapped THP'"),
+        Backing(f"swapped-single-pte-thp-{PMD_KB}kB", lambda: single_pte_thp(swapout=True), False, "swap-in",
+                "cow.c 'with single PTE of swapped-out THP': the folio is split before the page-out"),
+    ]
+    for o in MTHP_ORDERS:
+        kb = order_to_kb(o)
+        out += [
+            Backing(f"swapped-mthp-{kb}kB", lambda o=o: pte_mapped_thp(o, swapout=True), False, "swap-in",
+                    "cow.c 'with swapped-out, PTE-mapped THP' for an mTHP: swapped out whole to aligned slots"),
+            Backing(f"swapped-single-pte-mthp-{kb}kB", lambda o=o: single_pte_thp(o, swapout=True), False,
+                    "swap-in", "cow.c 'with single PTE of swapped-out THP' for an mTHP"),
         ]
     return out
 
@@ -402,6 +546,8 @@ ANON_BACKINGS: list[Backing] = [
     Backing(f"partial-shared-thp-{PMD_KB}kB", partial_shared_thp, False, "pte-reuse",
             "cow.c 'with partially shared THP': MADV_DONTFORK/DOFORK, mixed AnonExclusive pages"),
     *_mthp_backings(),
+    # Swapped out before the body (MADV_PAGEOUT): COW of shared swap entries.
+    *_swapped_backings(),
 ]
 
 
@@ -409,8 +555,17 @@ ANON_BACKINGS: list[Backing] = [
 # Anon test bodies (cow.c's anon_test_cases that need no GUP pin)
 # =============================================================================================
 def _assert_cow_counters(k: Kernel, before: dict[str, int], backing: Backing, npages: int,
-                         deferred_before: list[int]) -> None:
-    """The writer copied every page of the shared range, 4 KiB at a time (upstream policy)."""
+                         deferred_before: list[int], swapins: int = 0) -> None:
+    """The writer copied every page of the shared range, 4 KiB at a time (upstream policy).
+
+    ``swapins``: pages the writer had to read from the swap device (its swap
+    entry and the other process's both still pointed at the slot); the other
+    swapped-out pages were found in the swap cache (minor faults).  The
+    simulated device has no swap readahead, so each read is its own major
+    fault.
+    """
+    assert vmstat_delta(k, before)["pswpin"] == swapins, "each slot must be read once, by its first user"
+    assert vmstat_delta(k, before)["pgmajfault"] == swapins
     assert vmstat_delta(k, before)["sim_cow_pages"] == npages, "every shared page must be copied once"
     assert vmstat_delta(k, before)["pgreuse"] == 0, "a page shared with a live child must not be reused"
     assert vmstat_delta(k, before)["pgfault"] == npages, "one write fault per page (the PMD split is in the first)"
@@ -427,13 +582,23 @@ def _cow_write(model: Model, backing: Backing, m: Mem, writer: Process, other: P
 
     Afterwards the writer maps private, writable, AnonExclusive order-0 copies,
     and ``other`` still maps exactly the frames it mapped before, read-only.
+    For a swapped-out range the writer first swaps each page in (read-only,
+    not exclusive: the other process's entry still uses the slot, so
+    do_swap_page() cannot free the swap) and do_wp_page() copies it; what the
+    other process has not swapped in yet stays a swap entry whose slot keeps
+    the swapped-in folio in the swap cache.
     """
     k = writer.kernel
     npages = m.size // PAGE_SIZE
     ov0 = view(other, m.addr, m.size)
+    swapins = 0
+    if m.swapped:
+        assert swapped(writer, m.addr, m.size).all(), "test bug: the writer swapped pages in before its write"
+        other_swapped = swapped(other, m.addr, m.size)
+        swapins = int(np.count_nonzero(other_swapped))
     before, deferred = k.vmstat_snapshot(), mthp_snapshot(k, "split_deferred")
     model.write(writer, m.addr, m.size, token)
-    _assert_cow_counters(k, before, backing, npages, deferred)
+    _assert_cow_counters(k, before, backing, npages, deferred, swapins)
     wv, ov = view(writer, m.addr, m.size), view(other, m.addr, m.size)
     assert wv.writable.all() and wv.ae.all() and not wv.leaf.any()
     assert (wv.order == 0).all(), "upstream COW copies 4 KiB pages"
@@ -441,6 +606,10 @@ def _cow_write(model: Model, backing: Backing, m: Mem, writer: Process, other: P
     assert np.array_equal(ov.pfn, ov0.pfn) and np.array_equal(ov.leaf, ov0.leaf), \
         "the COW must not touch the other process's mappings"
     assert not ov.writable.any()
+    if swapins:
+        slots = swap_slots(other, m.addr, m.size)
+        assert (k.swap.swap_map[slots] == 1).all(), "the writer's swap references must be gone"
+        assert k.swap.in_cache[slots].all(), "the swapped-in folios must stay in the swap cache for the other"
 
 
 def body_child_writes(backing: Backing, m: Mem) -> None:
@@ -457,11 +626,41 @@ def body_child_writes(backing: Backing, m: Mem) -> None:
     model.verify()
 
 
+def _child_backs_up(model: Model, m: Mem, child: Process) -> None:
+    """cow.c's child_memcmp_fn() first copies the range (its backup) before the parent writes.
+
+    Right after fork() that read takes no fault (fork() copied every PTE and
+    PMD of the anonymous VMA); a swapped-out range is swapped in by the child
+    (one major fault and one read per page), mapped read-only and not
+    exclusive, and each folio stays in the swap cache because the parent's
+    swap entry still uses its slot.
+    """
+    k = m.proc.kernel
+    before = k.vmstat_snapshot()
+    model.verify(only=child)
+    d = vmstat_delta(k, before)
+    npages = m.size // PAGE_SIZE
+    if not m.swapped:
+        assert d["pgfault"] == 0, "reading memory fork() mapped must not fault"
+        return
+    assert (d["pgfault"], d["pgmajfault"], d["pswpin"]) == (npages, npages, npages)
+    cv = view(child, m.addr, m.size)
+    assert (cv.pfn >= 0).all() and (cv.order == 0).all()
+    assert not cv.writable.any() and not cv.ae.any(), "a page whose slot the parent still uses is not exclusive"
+    slots = swap_slots(m.proc, m.addr, m.size)
+    assert (k.swap.swap_map[slots] == 1).all() and k.swap.in_cache[slots].all()
+    assert np.array_equal(k.swap.cache[slots], cv.fid)
+
+
 def body_parent_writes(backing: Backing, m: Mem) -> None:
-    """cow.c "Basic COW after fork()": the parent writes 0xff, the child must still read the old data."""
+    """cow.c "Basic COW after fork()": the parent writes 0xff, the child must still read the old data.
+
+    As in cow.c the child reads the range (its backup) before the parent writes.
+    """
     p = m.proc
     model = model_for(m)
     child = model.fork(p)
+    _child_backs_up(model, m, child)
     _cow_write(model, backing, m, p, child, PARENT_TOKEN)
     model.verify()
 
@@ -472,17 +671,22 @@ def body_parent_writes_mprotect(backing: Backing, m: Mem) -> None:
     The parent does mprotect(PROT_READ) then mprotect(PROT_READ|PROT_WRITE)
     before writing.  mprotect() may map a page writable at once only when it
     is AnonExclusive (can_change_pte_writable()); after fork() nothing is, so
-    every entry must stay read-only and the write must still COW.
+    every entry must stay read-only and the write must still COW.  As in cow.c
+    the child reads the range (its backup) first; a swapped-out range stays
+    swapped out in the parent (mprotect() changes no swap entry into a page).
     """
     p = m.proc
     model = model_for(m)
     child = model.fork(p)
+    _child_backs_up(model, m, child)
     p.mprotect(m.addr, m.size, PROT_READ)
     p.mprotect(m.addr, m.size, PROT_READ | PROT_WRITE)
     v = view(p, m.addr, m.size)
     assert not v.writable.any(), \
         f"mprotect(RW) mapped {int(np.count_nonzero(v.writable))} shared pages writable without COW"
     assert not v.ae.any()
+    if m.swapped:
+        assert swapped(p, m.addr, m.size).all()
     _cow_write(model, backing, m, p, child, PARENT_TOKEN)
     model.verify()
 
@@ -534,12 +738,17 @@ def body_reuse_after_child_exit(backing: Backing, m: Mem) -> None:
     Small folios and PTE-mapped large folios are reused page by page
     (pgreuse +1 each); a large folio with a single mapped page is copied
     instead so that it can be freed (__wp_can_reuse_large_anon_folio()).
+    A swapped-out range: see _reuse_swapped_after_child_exit().
     """
     p, k = m.proc, m.proc.kernel
     model = model_for(m)
     child = model.fork(p)
     model.exit(child)
     npages = m.size // PAGE_SIZE
+    if m.swapped:
+        assert backing.after_exit == "swap-in"
+        _reuse_swapped_after_child_exit(model, m)
+        return
     v0 = view(p, m.addr, m.size)
     fid = int(v0.fid[0])
     assert not v0.ae.any() and not v0.writable.any(), "fork() must have cleared AnonExclusive"
@@ -578,6 +787,39 @@ def body_reuse_after_child_exit(backing: Backing, m: Mem) -> None:
         assert k.vmstat.mthp_stat(order, "nr_anon") == 0, "the old large folio must be freed"
         assert k.vmstat.mthp_stat(order, "nr_anon_partially_mapped") == 0
         assert not k.deferred, "the freed folio must leave the deferred split queue"
+    model.verify()
+
+
+def _reuse_swapped_after_child_exit(model: Model, m: Mem) -> None:
+    """The parent writes its swapped-out range after the child that shared the slots exited.
+
+    fork() cleared the exclusive marker of the parent's swap entries and the
+    child's exit dropped its swap references, so every slot has one reference
+    again.  The write fault reads the page in (do_swap_page()), drops the
+    last swap reference, frees the slot (should_try_to_free_swap() on a write
+    fault) and, the folio now having no other reference, maps it writable and
+    exclusive in the same fault: no copy and no wp_page_reuse() (pgreuse
+    stays 0); the swap space is given back.
+    """
+    p, k = m.proc, m.proc.kernel
+    npages = m.size // PAGE_SIZE
+    assert swapped(p, m.addr, m.size).all()
+    slots = swap_slots(p, m.addr, m.size)
+    assert (k.swap.swap_map[slots] == 1).all(), "the child's exit must drop its swap references"
+    vp = np.arange(m.addr >> PAGE_SHIFT, (m.addr + m.size) >> PAGE_SHIFT, dtype=np.int64)
+    flags = access.entry_state(p.mm, vp)[5]
+    assert not (flags & _PAGE_SWP_EXCLUSIVE).any(), "fork() must clear the exclusive marker of shared swap entries"
+    free, rss = k.swap.nr_free, p.mm.rss_anon
+    before = k.vmstat_snapshot()
+    model.write(p, m.addr, m.size, PARENT_TOKEN)
+    d = vmstat_delta(k, before)
+    assert (d["pgfault"], d["pswpin"], d["pgmajfault"]) == (npages, npages, npages)
+    assert d["sim_cow_pages"] == 0, "a page whose last swap reference the writer held must not be copied"
+    assert d["pgreuse"] == 0 and d["thp_fault_alloc"] == 0 and d["thp_split_page"] == 0
+    v = view(p, m.addr, m.size)
+    assert (v.pfn >= 0).all() and (v.order == 0).all() and v.writable.all() and v.ae.all()
+    assert k.swap.nr_free - free == npages and not k.swap.in_cache[slots].any(), "the slots must be freed"
+    assert p.mm.rss_swap == 0 and p.mm.rss_anon - rss == npages
     model.verify()
 
 

@@ -6,9 +6,18 @@ size.  This file does the same on :mod:`thpcow.kernel`:
 
 - ``ANON_BACKINGS`` × ``ANON_BODIES``: base page, PMD-mapped THP, PTE-mapped
   THP, single PTE of a THP, partially mremap()'ed THP, partially shared THP,
-  each also for every mTHP size 16K..1M, against basic COW in either
-  direction, the mprotect() optimisation variant, random interleaved writes
-  and reuse after the child exits;
+  each also for every mTHP size 16K..1M, and the swapped-out variants cow.c
+  has (base page, PMD-mapped THP, PTE-mapped THP and single PTE of a THP,
+  each size, paged out with MADV_PAGEOUT before the body), against basic COW
+  in either direction, the mprotect() optimisation variant, random
+  interleaved writes and reuse after the child exits (upstream build);
+- cow.c's two "Basic COW after fork()" bodies on the swapped-out backings
+  under every other kernel build (``COW_BUILDS``);
+- ``COLLAPSE_CASES``: cow.c's anon-THP collapse tests (MADV_COLLAPSE of a
+  PTE-mapped THP before fork(), or after fork() with all of it, its lower
+  half or its upper half shared), under every kernel build; the series as
+  posted (thp-cow-v1) oopses in every PMD collapse, so there the oops is
+  asserted instead;
 - ``NON_ANON_BACKINGS`` × ``NON_ANON_BODIES``: the shared zero page and the
   huge zero page against the basic (fork-less) COW test;
 - the reuse boundary of __wp_can_reuse_large_anon_folio(): a large folio with
@@ -18,21 +27,23 @@ size.  This file does the same on :mod:`thpcow.kernel`:
 Every test runs with ``check=True`` (the invariant checker runs after each
 system call and access), keeps a plain reference model of what every process
 must read (a dict page -> token per process), and ends by comparing each live
-process's memory with it.
+process's memory with it.  Where cow.c SKIPs because the machine did not give
+it what it asked for (no THP populated, MADV_PAGEOUT swapped nothing,
+MADV_COLLAPSE failed), the simulated kernel is set up to give it (THP on, a
+swap device), so here that is a failure.
 
-What cow.c has that is not ported (yet):
+Of cow.c's 110 cases on anonymous memory with THPs (its two "Basic COW after
+fork()" bodies × 52 backings, the 4 collapse tests and "Basic COW" on the two
+zero pages) all are ported.  What cow.c has that is not, and why:
 
-- swapped-out variants of every backing (MADV_PAGEOUT before the body):
-  swap-out and swap-in are modelled and tested in test_lifecycle.py, but
-  the backings here are not paged out;
-- vmsplice(), io_uring fixed buffers and R/O GUP(-fast) pins (no GUP pins are
-  modelled; CVE-2020-29374 itself is the vmsplice test);
-- hugetlb, memfd, tmpfile and memfd-hugetlb backings (only private anonymous
-  memory is modelled);
-- the anon-THP collapse tests ("Basic COW after fork() when collapsing before
-  fork()", "... after fork() (fully shared / lower shared / upper shared)"):
-  MADV_COLLAPSE is modelled and tested in test_khugepaged.py and
-  test_lifecycle.py, but these bodies are not written here yet.
+- vmsplice() (4 bodies, CVE-2020-29374 itself), io_uring fixed buffers
+  (2 bodies) and R/O longterm GUP / GUP-fast pins (6 anonymous bodies, 2
+  non-anonymous ones): no page pins, pipes or io_uring are modelled, so a
+  pinned page, and the unsharing a R/O pin must trigger, cannot be expressed;
+- hugetlb backings (anonymous MAP_HUGETLB, memfd hugetlb): hugetlbfs is not
+  modelled;
+- memfd and tmpfile backings (private mappings of page-cache pages): only
+  private anonymous memory and the zero pages are modelled, no page cache.
 """
 
 from __future__ import annotations
@@ -47,8 +58,10 @@ import pytest
 from thpcow.kernel import (
     MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_PAGEOUT,
     MREMAP_FIXED, MREMAP_MAYMOVE, PROT_NONE, PROT_READ, PROT_WRITE, Kernel, KernelOops, Process,
+    SegmentationFault,
 )
 from thpcow.kernel import access, task_mmu
+from thpcow.kernel.builds import BUILDS, get_build
 from thpcow.kernel.constants import HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SHIFT, PAGE_SIZE, order_to_kb
 from thpcow.kernel.folio import PG_HUGE_ZERO, PG_MM_IDS_SHARED, PG_PARTIALLY_MAPPED
 from thpcow.kernel.mm import PMD_LEAF, _PAGE_RW, _PAGE_SWP_EXCLUSIVE
@@ -119,6 +132,12 @@ class Model:
         self.procs[c.pid] = c
         self.pages[c.pid] = dict(self.pages[p.pid])       # the child sees a copy
         return c
+
+    def untrack(self, p: Process, addr: int, size: int) -> None:
+        """``p`` has no memory at [addr, addr+size) (a MADV_DONTFORK range in a child)."""
+        d = self.pages[p.pid]
+        for vp in range(addr >> PAGE_SHIFT, (addr + size) >> PAGE_SHIFT):
+            del d[vp]
 
     def exit(self, p: Process) -> None:
         p.exit()
@@ -219,20 +238,21 @@ def swap_slots(p: Process, addr: int, size: int) -> np.ndarray:
 # =============================================================================================
 # Backings (cow.c's run_with_*): each sets up memory in a fresh kernel and returns Mem
 # =============================================================================================
-def thp_kernel(order: int, swap: int = 0) -> Kernel:
+def thp_kernel(order: int, swap: int = 0, build: str | None = None) -> Kernel:
     """cow.c's per-size settings: PMD size 'never', the size under test 'always'."""
-    k = Kernel(ram=THP_RAM, swap=swap, check=True)
+    k = Kernel(ram=THP_RAM, swap=swap, check=True, build=build)
     k.sysfs.write(f"hugepages-{PMD_KB}kB/enabled", "never")
     k.sysfs.write(f"hugepages-{order_to_kb(order)}kB/enabled", "always")
     return k
 
 
-def base_page(swapout: bool = False) -> Mem:
+def base_page(swapout: bool = False, build: str | None = None) -> Mem:
     """mmap one page, MADV_NOHUGEPAGE, populate it: one AnonExclusive order-0 page.
 
     ``swapout`` (cow.c 'with swapped out base page'): then MADV_PAGEOUT it.
+    ``build``: the kernel build (default: upstream), for every backing below too.
     """
-    k = Kernel(ram=SMALL_RAM, swap=SWAP if swapout else 0, check=True)
+    k = Kernel(ram=SMALL_RAM, swap=SWAP if swapout else 0, check=True, build=build)
     p = k.spawn()
     mem = p.mmap(PAGE_SIZE)
     p.madvise(mem, PAGE_SIZE, MADV_NOHUGEPAGE)
@@ -258,7 +278,9 @@ def swap_out(m: Mem) -> VmstatDelta:
     each swap PTE keeps the exclusive marker (try_to_unmap_one() sets
     pte_swp_mkexclusive() for an AnonExclusive page), each slot has exactly
     one reference, the folio is freed (nothing resident, not in the swap
-    cache) and the mm's anon RSS moves to its swap count.  Returns the vmstat
+    cache: the simulated device completes its writes at once, as zram does,
+    so shrink_folio_list() frees the folio in the same pass) and the mm's
+    anon RSS moves to its swap count.  Returns the vmstat
     delta of the MADV_PAGEOUT; the returned Mem is marked ``swapped``.
     """
     p, k = m.proc, m.proc.kernel
@@ -280,14 +302,14 @@ def swap_out(m: Mem) -> VmstatDelta:
     return d
 
 
-def _populate_thp(order: int, swap: int = 0) -> tuple[Kernel, Process, int, int, int]:
+def _populate_thp(order: int, swap: int = 0, build: str | None = None) -> tuple[Kernel, Process, int, int, int]:
     """cow.c do_run_with_thp() prologue: mmap 2*size, align, MADV_HUGEPAGE, touch, memset.
 
     Returns (kernel, process, mmap start, aligned mem, size).  Asserts a THP of
     exactly ``order`` was faulted in (cow.c SKIPs when the last subpage is not
     populated after touching the first byte; here that is a failure).
     """
-    k = thp_kernel(order, swap)
+    k = thp_kernel(order, swap, build)
     p = k.spawn()
     size = PAGE_SIZE << order
     mmap_mem = p.mmap(2 * size)
@@ -313,7 +335,7 @@ def _populate_thp(order: int, swap: int = 0) -> tuple[Kernel, Process, int, int,
     return k, p, mmap_mem, mem, size
 
 
-def thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
+def thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False, build: str | None = None) -> Mem:
     """THP_RUN_PMD: a PMD-mapped, AnonExclusive THP (for mTHP: the PTE-mapped mTHP as faulted).
 
     ``swapout`` (THP_RUN_PMD_SWAPOUT): MADV_PAGEOUT takes the THP whole (the
@@ -322,7 +344,7 @@ def thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     thp_swpout_fallback, no folio split); try_to_unmap() splits the PMD into
     512 swap PTEs (thp_split_pmd +1).
     """
-    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0, build)
     m = Mem(p, mem, size)
     if swapout:
         d = swap_out(m)
@@ -333,7 +355,7 @@ def thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     return m
 
 
-def pte_mapped_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
+def pte_mapped_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False, build: str | None = None) -> Mem:
     """THP_RUN_PTE: mprotect(page 1, PROT_READ) then back to RW.
 
     For a PMD THP the VMA split splits the PMD (thp_split_pmd +1); the VMA
@@ -346,7 +368,7 @@ def pte_mapped_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     naturally aligned contiguous slots for it and writes it whole (mTHP
     swpout of that order; thp_swpout only for the PMD order).
     """
-    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0, build)
     nvmas = len(p.vmas())
     before = k.vmstat_snapshot()
     p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ)
@@ -377,7 +399,7 @@ def pte_mapped_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     return m
 
 
-def single_pte_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
+def single_pte_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False, build: str | None = None) -> Mem:
     """THP_RUN_SINGLE_PTE: MADV_DONTNEED [mem+4K, mem+size): one PTE of the THP is left.
 
     The folio is partially mapped with no PMD mapping: it goes on the deferred
@@ -389,7 +411,7 @@ def single_pte_thp(order: int = HPAGE_PMD_ORDER, swapout: bool = False) -> Mem:
     split of the order; the folio leaves the deferred split queue) and pages
     out the order-0 page that is left mapped.
     """
-    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0)
+    k, p, _mm, mem, size = _populate_thp(order, SWAP if swapout else 0, build)
     before = k.vmstat_snapshot()
     deferred = mthp_snapshot(k, "split_deferred")
     p.madvise(mem + PAGE_SIZE, size - PAGE_SIZE, MADV_DONTNEED)
@@ -461,7 +483,7 @@ def partial_shared_thp(order: int = HPAGE_PMD_ORDER) -> Mem:
 @dataclass(frozen=True)
 class Backing:
     id: str
-    setup: Callable[[], Mem]
+    setup: Callable[..., Mem]
     pmd_mapped: bool          # the range is mapped by a PMD leaf when the body starts
     after_exit: str           # write after the sharer exited: "pmd-reuse", "pte-reuse", "copy" or "swap-in"
     doc: str
@@ -495,24 +517,27 @@ def _swapped_backings() -> list[Backing]:
     process swaps in 4 KiB pages, through the swap cache while the other
     still references the slot, so a write must copy.  After the sharer is gone
     a write fault on the last swap entry maps the page writable at once
-    (do_swap_page()): no copy and no separate reuse.
+    (do_swap_page()): no copy and no separate reuse.  ``setup`` takes the
+    kernel build (test_swapped_cow_under_every_build).
     """
     out = [
-        Backing("swapped-base-page", lambda: base_page(swapout=True), False, "swap-in",
+        Backing("swapped-base-page", lambda build=None: base_page(swapout=True, build=build), False, "swap-in",
                 "cow.c 'with swapped out base page': small-folio COW after swap-in through the swap cache"),
-        Backing(f"swapped-pmd-thp-{PMD_KB}kB", lambda: thp(swapout=True), False, "swap-in",
+        Backing(f"swapped-pmd-thp-{PMD_KB}kB", lambda build=None: thp(swapout=True, build=build), False, "swap-in",
                 "cow.c 'with swapped-out THP': a PMD THP swapped out whole to one cluster"),
-        Backing(f"swapped-pte-mapped-thp-{PMD_KB}kB", lambda: pte_mapped_thp(swapout=True), False, "swap-in",
+        Backing(f"swapped-pte-mapped-thp-{PMD_KB}kB", lambda build=None: pte_mapped_thp(swapout=True, build=build),
+                False, "swap-in",
                 "cow.c 'with swapped-out, PTE-mapped THP'"),
-        Backing(f"swapped-single-pte-thp-{PMD_KB}kB", lambda: single_pte_thp(swapout=True), False, "swap-in",
+        Backing(f"swapped-single-pte-thp-{PMD_KB}kB", lambda build=None: single_pte_thp(swapout=True, build=build),
+                False, "swap-in",
                 "cow.c 'with single PTE of swapped-out THP': the folio is split before the page-out"),
     ]
     for o in MTHP_ORDERS:
         kb = order_to_kb(o)
         out += [
-            Backing(f"swapped-mthp-{kb}kB", lambda o=o: pte_mapped_thp(o, swapout=True), False, "swap-in",
+            Backing(f"swapped-mthp-{kb}kB", lambda build=None, o=o: pte_mapped_thp(o, True, build), False, "swap-in",
                     "cow.c 'with swapped-out, PTE-mapped THP' for an mTHP: swapped out whole to aligned slots"),
-            Backing(f"swapped-single-pte-mthp-{kb}kB", lambda o=o: single_pte_thp(o, swapout=True), False,
+            Backing(f"swapped-single-pte-mthp-{kb}kB", lambda build=None, o=o: single_pte_thp(o, True, build), False,
                     "swap-in", "cow.c 'with single PTE of swapped-out THP' for an mTHP"),
         ]
     return out
@@ -631,7 +656,8 @@ def _child_backs_up(model: Model, m: Mem, child: Process) -> None:
 
     Right after fork() that read takes no fault (fork() copied every PTE and
     PMD of the anonymous VMA); a swapped-out range is swapped in by the child
-    (one major fault and one read per page), mapped read-only and not
+    (one major fault and one read per page: the simulated swap has no
+    readahead), mapped read-only and not
     exclusive, and each folio stays in the swap cache because the parent's
     swap entry still uses its slot.
     """
@@ -799,7 +825,8 @@ def _reuse_swapped_after_child_exit(model: Model, m: Mem) -> None:
     last swap reference, frees the slot (should_try_to_free_swap() on a write
     fault) and, the folio now having no other reference, maps it writable and
     exclusive in the same fault: no copy and no wp_page_reuse() (pgreuse
-    stays 0); the swap space is given back.
+    stays 0); the swap space is given back.  (One major fault per page: the
+    simulated swap has no readahead.)
     """
     p, k = m.proc, m.proc.kernel
     npages = m.size // PAGE_SIZE
@@ -842,10 +869,8 @@ ANON_BODIES: list[Body] = [
     Body("random-interleaved-writes", body_random_interleaved),
     # Reuse once the sharer is gone: PMD refcount==1 reuse, PTE wp_can_reuse_anon_folio().
     Body("reuse-after-child-exit", body_reuse_after_child_exit),
-    # cow.c's anon_thp_test_cases (collapse before fork, collapse after fork
-    # fully/lower/upper shared: the parent writes after MADV_COLLAPSE, the
-    # child must keep the old data) are not ported yet; MADV_COLLAPSE itself
-    # is modelled.
+    # cow.c's anon_thp_test_cases (MADV_COLLAPSE before/after fork()) have
+    # their own setup: COLLAPSE_CASES, test_anon_thp_collapse().
 ]
 
 
@@ -853,6 +878,36 @@ ANON_BODIES: list[Body] = [
 @pytest.mark.parametrize("backing", ANON_BACKINGS, ids=lambda b: b.id)
 def test_anon_cow(backing: Backing, body: Body) -> None:
     m = backing.setup()
+    body.run(backing, m)
+
+
+# Every kernel build (builds.BUILDS), with parameters that make its own decisions show up in
+# a 2 MiB range (as test_random_programs.BUILD_SPECS); test_every_build_is_covered() keeps it whole.
+COW_BUILDS = ("upstream", "thp-cow-v1", "thp-cow-meant", "pre-5.8", "mthp-cow:order=4", "mthp-cow:order=9",
+              "directed-khugepaged", "reservation:pool_mib=8", "cow-density:threshold=8")
+
+
+def test_every_build_is_covered() -> None:
+    assert {get_build(spec).name for spec in COW_BUILDS} == set(BUILDS)
+
+
+SWAPPED_BACKINGS = [b for b in ANON_BACKINGS if b.after_exit == "swap-in"]
+COW_C_BODIES = [b for b in ANON_BODIES if b.id in ("parent-writes", "parent-writes-after-mprotect")]
+
+
+@pytest.mark.parametrize("body", COW_C_BODIES, ids=lambda b: b.id)
+@pytest.mark.parametrize("backing", SWAPPED_BACKINGS, ids=lambda b: b.id)
+@pytest.mark.parametrize("build", [b for b in COW_BUILDS if b != "upstream"])
+def test_swapped_cow_under_every_build(build: str, backing: Backing, body: Body) -> None:
+    """cow.c's two 'Basic COW after fork()' bodies on every swapped-out backing, under every other build.
+
+    Swapped-in pages are order-0 folios, and no build decides anything for
+    them (the builds judge PMD-mapped THPs and large folios), so every build
+    must behave as upstream here, counters included: each page is swapped in
+    and copied 4 KiB at a time.
+    """
+    m = backing.setup(build=build)
+    assert repr(m.proc.kernel.build) == repr(get_build(build))
     body.run(backing, m)
 
 
@@ -892,6 +947,179 @@ def test_large_folio_with_two_mapped_pages_left_is_reused(order: int, store: str
     assert np.array_equal(v1.pfn, v0.pfn) and (v1.fid == fid).all()
     assert v1.writable.all() and v1.ae.all()
     assert (k.folios.large[fid], k.folios.refcount[fid]) == (2, 2)
+    model.verify()
+
+
+# =============================================================================================
+# Anon THP collapse (cow.c's anon_thp_test_cases), under every kernel build
+# =============================================================================================
+@dataclass(frozen=True)
+class CollapseCase:
+    id: str
+    before_fork: bool         # MADV_COLLAPSE before fork() (nothing shared yet) or after it
+    dontfork: str | None      # the half the parent MADV_DONTFORKs before fork(): "lower", "upper" or None
+    doc: str
+
+
+COLLAPSE_CASES = [
+    CollapseCase("collapse-before-fork", True, None,
+                 "cow.c 'Basic COW after fork() when collapsing before fork()'"),
+    CollapseCase("collapse-after-fork-fully-shared", False, None,
+                 "cow.c '... when collapsing after fork() (fully shared)'"),
+    CollapseCase("collapse-after-fork-lower-shared", False, "upper",
+                 "cow.c '... when collapsing after fork() (lower shared)': the upper half is not forked"),
+    CollapseCase("collapse-after-fork-upper-shared", False, "lower",
+                 "cow.c '... when collapsing after fork() (upper shared)': the lower half is not forked"),
+]
+
+
+def _collapse(k: Kernel, p: Process, mem: int, size: int) -> None:
+    """MADV_COLLAPSE of the PTE-mapped THP at mem: one new THP, PMD-mapped, exclusive and writable.
+
+    collapse_huge_page() copies the pages into a new THP and drops only this
+    mm's mappings of the old ones; the new PMD is made writable and the folio
+    AnonExclusive (a fresh copy is exclusive whoever else maps the old pages).
+    """
+    old = view(p, mem, size)
+    before = k.vmstat_snapshot()
+    p.madvise(mem, size, MADV_COLLAPSE)
+    d = vmstat_delta(k, before)
+    assert d["thp_collapse_alloc"] == 1 and d["thp_collapse_alloc_failed"] == 0
+    v = view(p, mem, size)
+    assert v.leaf.all() and (v.order == HPAGE_PMD_ORDER).all() and len(set(v.fid.tolist())) == 1
+    assert v.writable.all() and v.ae.all(), "the collapsed THP must be exclusive and writable"
+    assert not np.intersect1d(v.pfn, old.pfn).size, "an anonymous collapse copies into a new THP"
+
+
+def _assert_collapse_oopses(k: Kernel, p: Process, mem: int, size: int) -> None:
+    """The 2026 series as posted (v1): collapse_huge_page() hands map_anon_folio_pmd_nopf() a
+    vm_fault without .pmd; with page_table_check (check=True) the PMD store oopses in
+    __page_table_check_pmds_set() (tests/test_series_oops.py), and the kernel is dead."""
+    with pytest.raises(KernelOops) as ei:
+        p.madvise(mem, size, MADV_COLLAPSE)
+    e = ei.value
+    assert e.function == "__page_table_check_pmds_set" and "collapse_huge_page" in e.stack
+    assert k.oops is e
+
+
+@pytest.mark.parametrize("case", COLLAPSE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("build", COW_BUILDS)
+def test_anon_thp_collapse(build: str, case: CollapseCase) -> None:
+    """cow.c's do_test_anon_thp_collapse(): COW around an in-place MADV_COLLAPSE of an anon THP.
+
+    A PMD THP is PTE-mapped (mprotect() of one page R/O and back) and filled.
+    Either it is collapsed before fork() (the child then shares the new THP),
+    or fork() shares all of it, or only its lower or upper half (the parent
+    MADV_DONTFORKs the other half, so the child has no mapping there), and
+    after fork() the parent MADV_DOFORKs the whole range again (the VMAs merge,
+    which the collapse needs) and collapses it while the child still maps
+    the old pages.  As in cow.c the child backs up its part first, the parent
+    then writes 0xff over the whole range and the child must still read its
+    backup; beyond cow.c the child then writes its part and the parent must
+    keep its 0xff.
+
+    Collapsing after fork() copies the shared pages into a THP of the
+    parent's own (khugepaged enforces max_ptes_shared, MADV_COLLAPSE does
+    not): the parent's write takes no fault, the child's mappings are left as
+    they were, and the old folio, then mapped by the child alone, is reused
+    by the child's writes (__wp_can_reuse_large_anon_folio(): every
+    reference is a mapping of one mm) rather than copied; with only half of
+    it still mapped it waits on the deferred split queue.  Collapsing before
+    fork() gives an exclusive PMD THP that fork() then shares like any other:
+    the parent's write COWs it (how is the build's decision; upstream splits
+    the PMD and copies 4 KiB per page) and the child's write reuses the PMD
+    once the parent's writes took every page off it.
+
+    Under thp-cow-v1 (the series as posted) the collapse oopses instead.
+    """
+    k, p, _mmap_mem, mem, size = _populate_thp(HPAGE_PMD_ORDER, build=build)
+    half = size // 2
+    p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ)
+    p.mprotect(mem + PAGE_SIZE, PAGE_SIZE, PROT_READ | PROT_WRITE)
+    v0 = view(p, mem, size)
+    assert not v0.leaf.any() and v0.ae.all() and v0.writable.all() and len(set(v0.fid.tolist())) == 1
+    old_fid = int(v0.fid[0])
+    oopses = k.build.series == "v1"
+    model = Model()
+    model.track(p, mem, size, FILL)
+    if case.before_fork:
+        if oopses:
+            _assert_collapse_oopses(k, p, mem, size)
+            return
+        _collapse(k, p, mem, size)
+        assert not k.folios.used[old_fid], "the old THP, mapped by nobody now, must be freed"
+    unshared = {"lower": (mem, half), "upper": (mem + half, half), None: None}[case.dontfork]
+    if unshared:
+        p.madvise(*unshared, MADV_DONTFORK)
+    child = model.fork(p)
+    shared_lo, shared_size = mem, size
+    if unshared:
+        model.untrack(child, *unshared)
+        with pytest.raises(SegmentationFault):
+            child.read(unshared[0])
+        shared_lo = mem + half if case.dontfork == "lower" else mem
+        shared_size = half
+    before = k.vmstat_snapshot()
+    model.verify(only=child)                  # cow.c: the child backs up its part first
+    assert vmstat_delta(k, before)["pgfault"] == 0
+    cv0 = view(child, shared_lo, shared_size)
+    assert not cv0.writable.any() and not cv0.ae.any()
+    if not case.before_fork:
+        if unshared:
+            p.madvise(mem, size, MADV_DOFORK)
+            vma = p.mm.find_vma(mem)
+            assert (vma.start, vma.end) == (mem, mem + size), "MADV_DOFORK did not merge the VMAs back"
+        if oopses:
+            _assert_collapse_oopses(k, p, mem, size)
+            return
+        _collapse(k, p, mem, size)
+        cv = view(child, shared_lo, shared_size)
+        assert np.array_equal(cv.pfn, cv0.pfn) and (cv.fid == old_fid).all(), \
+            "the parent's collapse must leave the child's mappings alone"
+        f = k.folios
+        assert f.used[old_fid] and f.large[old_fid] == shared_size // PAGE_SIZE
+        assert f.refcount[old_fid] == f.large[old_fid], "only the child's mappings may hold the old THP"
+        # (every anon PMD THP is on the deferred split queue since its fault, for the underused
+        # shrinker; being partially mapped is what the flag says)
+        assert bool(f.flags[old_fid] & PG_PARTIALLY_MAPPED) == bool(unshared), \
+            "the old THP is partially mapped exactly when only half of it was shared"
+        assert old_fid in k.deferred
+    model.verify(only=child)
+
+    # The parent writes 0xff over the whole range; the child must still read its backup.
+    pv0 = view(p, mem, size)
+    before = k.vmstat_snapshot()
+    model.write(p, mem, size, PARENT_TOKEN)
+    d = vmstat_delta(k, before)
+    pv = view(p, mem, size)
+    cv = view(child, shared_lo, shared_size)
+    assert pv.writable.all() and pv.ae.all()
+    assert not np.intersect1d(pv.pfn, cv.pfn).size, "parent and child still share a frame"
+    assert np.array_equal(cv.pfn, cv0.pfn), "the parent's write must not touch the child's mappings"
+    if case.before_fork:
+        assert cv.leaf.all(), "the child keeps its PMD mapping of the collapsed THP"
+        if build == "upstream":
+            assert (d["pgfault"], d["thp_split_pmd"], d["sim_cow_pages"], d["thp_fault_alloc"]) == \
+                (size // PAGE_SIZE, 1, size // PAGE_SIZE, 0)
+    else:
+        assert d["pgfault"] == 0 and d["sim_cow_pages"] == 0, "the collapsed THP is the parent's own"
+        assert np.array_equal(pv.pfn, pv0.pfn) and pv.leaf.all()
+    model.verify(only=child)
+
+    # The child writes its part; the parent must keep its 0xff.
+    npages = shared_size // PAGE_SIZE
+    before = k.vmstat_snapshot()
+    model.write(child, shared_lo, shared_size, CHILD_TOKEN)
+    d = vmstat_delta(k, before)
+    cv = view(child, shared_lo, shared_size)
+    assert cv.writable.all() and cv.ae.all() and np.array_equal(cv.pfn, cv0.pfn), \
+        "the child maps the old pages alone: they must be reused, not copied"
+    assert d["sim_cow_pages"] == 0 and d["thp_split_pmd"] == 0
+    if case.before_fork:
+        assert cv.leaf.all() and d["pgfault"] == 1, "one fault reuses the child's whole PMD"
+    else:
+        assert d["pgfault"] == npages and d["pgreuse"] == npages
+    assert np.array_equal(view(p, mem, size).pfn, pv.pfn)
     model.verify()
 
 

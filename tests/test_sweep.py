@@ -170,3 +170,60 @@ def test_a_sweep_over_the_series_knob(tmp_path):
     by = df.set_index("sysfs.thp_cow")
     assert by.loc["never", "thp_split_pmd"] > 0 and by.loc["never", "sim_huge_cow"] == 0
     assert by.loc["always", "thp_split_pmd"] == 0 and by.loc["always", "sim_huge_cow"] > 0
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc/<pid>/task/*/children)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as fh:
+                    kids = [int(x) for x in fh.read().split()]
+            except OSError:
+                continue
+            for k in kids:
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_a_sweep_killed_with_sigkill_leaves_no_worker_behind(tmp_path):
+    grid = write(tmp_path, GRID)
+    out = str(tmp_path / "out")
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "thpcow.cli", "sweep", grid, "--out", out, "--workers", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        kids: set[int] = set()
+        while (len(kids) < 3 or not stored_ids(out)) and proc.poll() is None and time.monotonic() < deadline:
+            kids |= _descendants(proc.pid)               # the forkserver and the two workers
+            time.sleep(0.02)
+        assert proc.poll() is None and len(kids) >= 3, kids
+        os.kill(proc.pid, signal.SIGKILL)                 # the sweep alone, not its process group
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(k) for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [k for k in kids if _alive(k)], "workers outlived the sweep"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

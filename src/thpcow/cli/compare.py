@@ -24,6 +24,8 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
                                         "peak, thp or cpu (fg + bg)"),
             as_json: bool = typer.Option(False, "--json", help="print the summary rows as JSON instead of tables"),
             as_csv: bool = typer.Option(False, "--csv", help="print the summary rows as CSV instead of tables"),
+            profile: str = typer.Option(None, "--profile", help="latency profile written by `thpcow calibrate` "
+                                        "(default: the scenario's, else the reference profile)"),
             ) -> None:
     """Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report.
 
@@ -62,11 +64,25 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
             sc = replace(sc, seed=seed)
         if tlb is not None:
             sc = replace(sc, tlb_model=tlb)
+        if profile is not None:
+            from ..lab.calibrate import load_profile
+            try:
+                load_profile(profile)
+            except OSError as exc:
+                raise ValueError(f"--profile={profile}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ValueError(f"--profile={profile}: {exc}") from None
+            sc = replace(sc, profile=profile)
         sc.make_workload().validate()                 # a trace's rows, before any policy runs
         out_dir = out or os.path.join("results", f"{sc.name}-{_time.strftime('%Y%m%d-%H%M%S')}")
         writable_dir(out_dir, "--out")
     except (ScenarioError, ValueError) as exc:
         bad_input(str(exc))
+    from ..experiments.costs import latency_model, profile_warning
+    model = latency_model(sc.profile)
+    warning = profile_warning(model)
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)
     t0 = _time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=err_console, transient=True) as prog:
@@ -84,6 +100,7 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
         if as_json:
             rows = json.loads(summary.to_json(orient="records"))
             print(json.dumps({"scenario": sc.name, "rank_by": rank_by, "report": paths["report"],
+                              "profile": {"name": model.profile.name, "path": sc.profile, "cpu": model.profile.cpu},
                               "rows": rows}, indent=2))
         else:
             print(summary.to_csv(index=False), end="")
@@ -92,6 +109,8 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
         phase = workload_class(sc.workload).measure_phase
         print_tables(summary, f"{sc.name}: {sc.workload}, {sc.ram_mib} MiB RAM, seed {sc.seed} "
                               f"(latency: one write op of the {phase} phase)")
+        console.print(f"latency profile: {model.profile.name} ({sc.profile or 'the reference profile'})",
+                      soft_wrap=True, highlight=False)
         console.print(f"results: {paths['report']} (Parquet: summary, ops, samples) in {out_dir}/; "
                       f"simulated in {elapsed:.1f} s", soft_wrap=True)
     recs = summary.to_dict("records")

@@ -39,7 +39,29 @@ class MachineLatencyModel:
         return accesses * ACCESS_NS + nbytes * BYTE_NS + self._cost(d, self.profile, hints).total_ns
 
 
-def latency_model() -> MachineLatencyModel:
-    """The latency model compare prices ops with (the machine model's default profile, whatever
-    the TLB preset: the profile was measured on one machine)."""
-    return MachineLatencyModel()
+def latency_model(profile: str | None = None) -> MachineLatencyModel:
+    """The latency model compare prices ops with: the profile file ``profile`` (written by
+    ``thpcow calibrate``), or the reference profile (measured on one machine, whatever the TLB
+    preset)."""
+    if profile is None:
+        return MachineLatencyModel()
+    from ..lab.calibrate import load_profile
+    return MachineLatencyModel(load_profile(profile)[0])
+
+
+def host_cpu() -> str:
+    """This machine's CPU (/proc/cpuinfo "model name"), or "unknown"."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
+
+
+def profile_warning(model: MachineLatencyModel) -> str | None:
+    """A warning when the latency profile was measured on another kind of CPU than this one."""
+    cpu = host_cpu()
+    if cpu == "unknown" or model.profile.cpu == cpu:
+        return None
+    return (f"the latency profile '{model.profile.name}' was measured on {model.profile.cpu}; this machine "
+            f"is {cpu}: its costs may differ (run `thpcow calibrate` here and pass --profile FILE)")

@@ -213,7 +213,7 @@ class _Run:
                         build=self.pol.build, fragmentation=scenario.fragmentation)
         for path, value in scenario.sysfs.items():
             self.k.sysfs.write(path, value)
-        self.model = latency_model()
+        self.model = latency_model(scenario.profile)
         self.tlb = _TlbMeter.make(scenario.machine) if scenario.tlb_model else None
         if self.tlb is not None:
             self.k.tlb_flush_log = []

@@ -12,6 +12,8 @@ Schema (every field but ``workload`` is optional)::
     fragmentation: 0.0          # share of free memory broken by unmovable pages, 0..1
     seed: 0                     # one seed for the kernel and the workload
     check: false                # run the invariant checker after every call (slow)
+    profile: cal.toml           # latency profile written by `thpcow calibrate` (a path; relative to
+                                #   the scenario file); default: the reference profile
     sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
     sysfs:                      # written in order under /sys/kernel/mm/transparent_hugepage/, after
       enabled: madvise          #   the policy attached (so they win over e.g. thp-cow-v1's thp_cow),
@@ -36,7 +38,7 @@ from typing import Any
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "default.yaml")
 
-FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check",
+FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check", "profile",
           "sample_ms", "sysfs", "workload", "policies")
 
 DEFAULT_MACHINE = "amd-zen4-genoa"
@@ -76,6 +78,7 @@ class Scenario:
     fragmentation: float = 0.0
     seed: int = 0
     check: bool = False
+    profile: str | None = None           # a CalibrationProfile file (thpcow calibrate); None: the reference
     sample_ms: float | None = None
     sysfs: dict[str, str] = field(default_factory=dict)
     policies: list[str] = field(default_factory=lambda: ["upstream"])
@@ -95,6 +98,8 @@ class Scenario:
         if not self.tlb_model:
             out["tlb_model"] = False
         out.update(ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed, check=self.check)
+        if self.profile is not None:
+            out["profile"] = self.profile
         if self.sample_ms is not None:
             out["sample_ms"] = self.sample_ms
         out["sysfs"] = dict(self.sysfs)
@@ -236,6 +241,8 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
     for key, (kind, lo, hi) in simple.items():
         if key in fields:
             kw[key] = _scalar(source, key, fields[key][1], kind, lo, hi)
+    if "profile" in fields:
+        kw["profile"] = _profile(source, fields["profile"][1], base_dir)
     if "machine" in kw and kw["machine"] not in machine_presets():
         raise err(fields["machine"][1], "machine",
                             f"unknown preset {kw['machine']!r}; known: {', '.join(machine_presets())}")
@@ -315,6 +322,22 @@ def _workload(source: str, node, base_dir: str | None) -> tuple[str, dict[str, A
 
 
 # -- loading ---------------------------------------------------------------------------------
+def _profile(source: str, node, base_dir: str | None) -> str:
+    """A latency profile path, resolved against the scenario's directory and loaded once to check it."""
+    from ..lab.calibrate import load_profile
+
+    path = value_of(node)
+    if not isinstance(path, str) or not path:
+        raise err(node, "profile", f"expected a path to a profile file, got {path!r}")
+    if base_dir and not os.path.isabs(path):
+        path = os.path.join(base_dir, path)
+    try:
+        load_profile(path)
+    except (OSError, ValueError) as exc:
+        raise err(node, "profile", str(exc)) from None
+    return path
+
+
 def max_ram_mib() -> int:
     """The largest simulated RAM this host can hold: the simulator keeps about 83 bytes per 4 KiB
     frame (2 % of the simulated size), and may use up to 2/3 of the host's memory for it."""

@@ -64,6 +64,16 @@ class Grid:
     points: list[Point]
 
 
+def with_profile(grid: Grid, profile: str) -> Grid:
+    """The grid with every point priced by the latency profile file ``profile`` (new point ids)."""
+    from dataclasses import replace
+    points = []
+    for p in grid.points:
+        sc = replace(p.scenario, profile=profile)
+        points.append(replace(p, id=point_id(sc, p.policy), scenario=sc))
+    return replace(grid, points=points)
+
+
 def point_id(sc: Scenario, policy: str) -> str:
     """A stable id: a hash of what the point runs (not of its position in the grid)."""
     ident = {k: v for k, v in sc.to_dict().items() if k not in IDENTITY_SKIP}
@@ -258,10 +268,14 @@ class _Local:
 
     def __init__(self, workers: int) -> None:
         self.slots = workers
+        from . import _orphans
         ctx = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that has imported the simulator (and the TLB model) once.
-        ctx.set_forkserver_preload(["thpcow.experiments.runner", "thpcow.machine"])
-        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        # Workers fork from a server that has imported the simulator (and the TLB model) once;
+        # the server and the workers die with this process, also on SIGKILL (_orphans).
+        os.environ[_orphans.SWEEP_PID] = str(os.getpid())
+        ctx.set_forkserver_preload(["thpcow.experiments._orphans", "thpcow.experiments.runner", "thpcow.machine"])
+        self.pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                           initializer=_orphans.die_with_parent)
 
     def submit(self, fn, *args):
         return self.pool.submit(fn, *args)

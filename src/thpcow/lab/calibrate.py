@@ -645,6 +645,7 @@ class Calibrator:
         self.root = root
         self.figures: dict[str, Figure] = {}
         self.random_points: list[dict] = []
+        self.cpu = "unknown"                  # /proc/cpuinfo model name, for the profile's ``cpu``
 
     # -- bookkeeping --------------------------------------------------------------------------
     def fig(self, name: str) -> Figure:
@@ -885,7 +886,7 @@ class Calibrator:
     def profile(self, name: str, source: str) -> CalibrationProfile:
         """The profile: measured medians where there are figures, the reference value elsewhere."""
         vals = DEFAULT_PROFILE.to_dict()
-        vals.update(name=name, source=source)
+        vals.update(name=name, source=source, cpu=self.cpu)
         med = {k: f.median for k, f in self.figures.items() if f.runs}
         if "cow_first" in med and "cow_4k" in med:
             split = self.fig("split_pmd")
@@ -1206,6 +1207,7 @@ def calibrate(config: CalibrationConfig | None = None,
     name = f"calibrated-{meta.get('kernel', 'unknown')}-{state}"
     source = (f"thpcow calibrate{' --quick' if cfg.quick else ''}, {date}, Linux {meta.get('kernel')}, "
               f"{meta.get('cpu_model')} x{meta.get('nr_cpus')}, {state}")
+    cal.cpu = str(meta.get("cpu_model", "unknown"))
     profile = cal.profile(name, source)
     extras = {f"{k}_ns": round(cal.figures[k].median, 3)
               for k in ("mmap", "munmap", "madvise", "memset_2m", "cow_first", "cow_4k_4kbacked",

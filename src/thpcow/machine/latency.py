@@ -90,6 +90,8 @@ class CalibrationProfile:
 
     name: str = "lab-vm-zen4-warm"
     source: str = "reference calibration of the lab VM (2026-11-25), warm numbers"
+    # The CPU it was measured on (/proc/cpuinfo "model name"): a profile is only right on that kind.
+    cpu: str = "AMD EPYC (Zen 4 / Genoa, family 25 model 17), KVM guest, 2 vCPUs"
     # 1. First-touch faults (256 MiB region), rows "4K write (MADV_NOHUGEPAGE) | warm" and
     #    "THP write fault (MADV_HUGEPAGE, 2M aligned) | warm": per-fault p50 1.53 us and 221 us.
     fault_4k_zero_ns: float = 1.53 * US

@@ -401,7 +401,8 @@ def test_cli_compare(tiny, tmp_path):
     code, text = run_cli("compare", tiny, "--out", out, "--policy", "upstream", "--policy", "mthp-cow:order=4")
     assert code == 0, text
     assert "mthp-cow:order=4" in text and "verdict:" in text and os.path.exists(os.path.join(out, "report.html"))
-    assert text.strip().splitlines()[-1].startswith("verdict:")
+    assert [ln for ln in text.splitlines() if ln.startswith("verdict:")]
+    assert "latency profile: lab-vm-zen4-warm (the reference profile)" in text
     cells = printed_row(text, "upstream")
     df = pd.read_parquet(os.path.join(out, "summary.parquet")).set_index("policy")
     assert cells == report.table_rows(df.reset_index())[0]

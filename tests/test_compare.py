@@ -527,3 +527,29 @@ def test_rows_of_a_run_stopped_by_an_oops_still_sum_to_the_summary():
     since = ops[ops["since_fork"]]
     for c in COUNTERS:
         assert since[c].sum() == res.summary[c], c
+
+
+def test_a_calibration_profile_prices_the_run_and_is_named(tiny, tmp_path):
+    """--profile (or profile: in the scenario) prices every op with that profile's costs."""
+    import json
+    from dataclasses import replace
+
+    from thpcow.experiments.costs import host_cpu
+    from thpcow.machine.latency import DEFAULT_PROFILE
+
+    slow = replace(DEFAULT_PROFILE, name="slow-cow", cow_4k_ns=DEFAULT_PROFILE.cow_4k_ns * 10, cpu=host_cpu())
+    path = str(tmp_path / "slow.toml")
+    slow.save(path)
+    code, text = run_cli("compare", tiny, "--policy", "upstream", "--json", "--out", str(tmp_path / "a"))
+    assert code == 0
+    base = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    code, text = run_cli("compare", tiny, "--policy", "upstream", "--json", "--profile", path,
+                         "--out", str(tmp_path / "b"))
+    assert code == 0
+    got = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert got["profile"] == {"name": "slow-cow", "path": path, "cpu": host_cpu()}
+    assert got["rows"][0]["lat_p50_us"] > 5 * base["rows"][0]["lat_p50_us"]
+    assert "slow-cow" in got["rows"][0]["latency_model"]
+    assert "warning: the latency profile" not in text          # measured on this CPU: no warning
+    code, text = run_cli("compare", tiny, "--profile", str(tmp_path / "none.toml"))
+    assert code == 2 and "--profile=" in text and "no such profile file" in text

@@ -342,3 +342,21 @@ def test_child_runs_a_task_and_reports(real_kernel):
         assert report == {"smaps": 0}                          # the child's own PMDs were split
         assert r.smaps()["smaps:AnonHugePages"] == 4096        # the parent's were not
         assert fork_ns > 0 and exit_ns > 0
+
+
+def test_a_run_below_zero_is_dropped_as_a_measurement_error():
+    """A figure that is a difference of timings can come out negative under noise: that run is
+    not a cost, so it is kept apart (and reported), never in the median, min or profile."""
+    from thpcow.lab.calibrate import CalibrationResult, Calibrator, profile_rows
+
+    cal = Calibrator()
+    cal.record("mmap", 5000.0, 10, {}, rules="syscall")
+    cal.record("mmap", -300.0, 10, {}, rules="syscall")
+    cal.record("mmap", 7000.0, 10, {}, rules="syscall")
+    f = cal.figures["mmap"]
+    assert f.runs == [500.0, 700.0] and f.dropped == [-30.0] and f.min == 500.0
+    assert f.to_dict()["dropped_ns"] == [-30.0]
+    cal.record("munmap", -10.0, 10, {}, rules="syscall")
+    rows = {r["figure"]: r for r in profile_rows(CalibrationResult(cal.profile("t", "t"), cal.figures, {}))}
+    assert rows["mmap"]["dropped"] == 1 and rows["mmap"]["min_ns"] == 500.0
+    assert rows["munmap"]["dropped"] == 1 and rows["munmap"]["repeats"] == 0      # reported, not used

@@ -70,6 +70,11 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
                       f"{r['median_ns'] / ref:.2f}" if ref else "-")
     out_console = wide_console(160)
     out_console.print(table)
+    dropped = [f"{r['figure']} ({r['dropped']} of {r['dropped'] + r['repeats']})" for r in rows if r["dropped"]]
+    if dropped:
+        console.print("[yellow]note:[/] runs that came out below zero were dropped as measurement errors "
+                      f"(noise larger than the cost): {', '.join(dropped)}; rerun on a quieter machine",
+                      soft_wrap=True)
     rr = res.lab["random_reads"]
     t2 = Table(title=f"random 8 B reads (numpy take, {rr['accesses']:,} per run), ns per access")
     for col in ("buffer", "4 KiB", "THP", "model: memory", "model: per walk ref"):

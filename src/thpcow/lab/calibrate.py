@@ -526,6 +526,7 @@ class Figure:
     runs: list[float] = field(default_factory=list)
     observed: list[dict[str, int]] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    dropped: list[float] = field(default_factory=list)   # runs below zero: measurement errors, not costs
 
     @property
     def median(self) -> float:
@@ -544,7 +545,8 @@ class Figure:
                for k in sorted({k for o in self.observed for k in o})}
         return {"what": self.what, "per": self.per, "n": self.n, "median_ns": round(self.median, 3),
                 "min_ns": round(self.min, 3), "max_ns": round(self.max, 3),
-                "runs_ns": [round(r, 3) for r in self.runs], "observed_median": obs, "checked": self.checked}
+                "runs_ns": [round(r, 3) for r in self.runs], "observed_median": obs, "checked": self.checked,
+                "dropped_ns": [round(r, 3) for r in self.dropped]}
 
 
 # What each figure is, and the profile field it sets (None: a lab extra).
@@ -659,10 +661,18 @@ class Calibrator:
 
     def record(self, name: str, total_ns: float, n: int, observed: Mapping[str, int],
                rules: str | None = None, kb: int = 0, rule_n: int | None = None) -> float:
-        """Check ``observed`` against RULES[rules or name](rule_n or n, kb), then add a run of total_ns / n."""
+        """Check ``observed`` against RULES[rules or name](rule_n or n, kb), then add a run of total_ns / n.
+
+        A run below zero (a difference of two timings that noise inverted) is
+        a measurement error, not a cost: it is kept apart in ``dropped`` and
+        reported, never used.
+        """
         checked = check_path(name, observed, RULES[rules or name](rule_n or n, kb))
         f = self.fig(name)
         f.n = n
+        if total_ns < 0:
+            f.dropped.append(total_ns / n)
+            return total_ns / n
         f.runs.append(total_ns / n)
         f.observed.append(dict(observed))
         f.checked = checked
@@ -1330,10 +1340,11 @@ def profile_rows(result: CalibrationResult, reference: CalibrationProfile = DEFA
     """One row per measured figure: name, profile field, median/min/max ns, reference ns, n."""
     for name, (what, per, fld) in FIGURES.items():
         f = result.figures.get(name)
-        if f is None or not f.runs:
+        if f is None or not (f.runs or f.dropped):
             continue
         ref = getattr(reference, fld) if fld else None
         if ref is None and f"{name}_ns" in REFERENCE_EXTRAS:
             ref = REFERENCE_EXTRAS[f"{name}_ns"]
         yield {"figure": name, "field": fld, "what": what, "per": per, "n": f.n, "median_ns": f.median,
-               "min_ns": f.min, "max_ns": f.max, "reference_ns": ref, "repeats": len(f.runs)}
+               "min_ns": f.min, "max_ns": f.max, "reference_ns": ref, "repeats": len(f.runs),
+               "dropped": len(f.dropped)}

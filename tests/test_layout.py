@@ -116,3 +116,11 @@ def test_no_merge_conflict_markers_are_left():
         if marker.search((root / name).read_text()):
             bad.append(name)
     assert not bad, bad
+
+
+def test_the_schema_page_is_generated_from_the_validators_definitions():
+    """docs/schema.md is what `python -m thpcow.experiments.schema` prints (regenerate it after a change)."""
+    from thpcow.experiments.schema import schema_markdown
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "schema.md"), encoding="utf-8") as fh:
+        assert fh.read() == schema_markdown(), "docs/schema.md is stale: python -m thpcow.experiments.schema"

@@ -235,10 +235,7 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
     if "workload" not in fields:
         raise err(node, "workload", "missing (e.g. workload: {name: redis-bgsave})")
     kw: dict[str, Any] = {"source": source, "name": default_name}
-    simple = {"name": (str, None, None), "description": (str, None, None), "machine": (str, None, None),
-              "tlb_model": (bool, None, None), "ram_mib": (int, 16, max_ram_mib()), "fragmentation": (float, 0.0, 1.0), "seed": (int, 0, None),
-              "check": (bool, None, None), "sample_ms": (float, 1e-6, None)}
-    for key, (kind, lo, hi) in simple.items():
+    for key, (kind, lo, hi, _doc) in scalar_fields().items():
         if key in fields:
             kw[key] = _scalar(source, key, fields[key][1], kind, lo, hi)
     if "profile" in fields:
@@ -322,6 +319,38 @@ def _workload(source: str, node, base_dir: str | None) -> tuple[str, dict[str, A
 
 
 # -- loading ---------------------------------------------------------------------------------
+def scalar_fields() -> dict[str, tuple[type, Any, Any, str]]:
+    """The scalar fields of a scenario: (type, lowest, highest, what it is), as the parser checks them."""
+    return {
+        "name": (str, None, None, "the scenario's name (default: the file name without .yaml)"),
+        "description": (str, None, None, "free text, shown in the report"),
+        "machine": (str, None, None, "machine preset of the TLB model (default: "
+                                     f"{DEFAULT_MACHINE}); one of {', '.join(machine_presets())}"),
+        "tlb_model": (bool, None, None, "run the workload's accesses through the TLB model (default: true); "
+                                        "false is faster and leaves tlb_misses/tlb_ms NaN"),
+        "ram_mib": (int, 16, max_ram_mib(), "simulated RAM in MiB (default: 1024); under 512 the kernel "
+                                            "boots with THP off (hugepage_init), so set sysfs.enabled; the "
+                                            "highest value depends on this host's memory"),
+        "fragmentation": (float, 0.0, 1.0, "share of free memory broken by unmovable pages (default: 0)"),
+        "seed": (int, 0, None, "one seed for the kernel and the workload (default: 0)"),
+        "check": (bool, None, None, "run the invariant checker after every call (slow; default: false)"),
+        "sample_ms": (float, 1e-6, None, "THP coverage / memory sampling interval in ms (default: the "
+                                         "workload's duration / 200)"),
+    }
+
+
+OTHER_FIELDS = {
+    "profile": "latency profile written by `thpcow calibrate` (a path, relative to the scenario file); "
+               "default: the reference profile",
+    "sysfs": "mapping of /sys/kernel/mm/transparent_hugepage/ files to values, written in order after "
+             "the policy's kernel booted (so they win over e.g. thp-cow-v1's thp_cow), each exactly as "
+             "`echo VALUE > file` would write it",
+    "workload": "required: a mapping with `name` (one of the workloads below) and that workload's "
+                "parameters",
+    "policies": "list of COW policies, \"name\" or \"name:key=value,...\" (default: [upstream])",
+}
+
+
 def _profile(source: str, node, base_dir: str | None) -> str:
     """A latency profile path, resolved against the scenario's directory and loaded once to check it."""
     from ..lab.calibrate import load_profile

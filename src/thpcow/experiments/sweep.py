@@ -42,6 +42,15 @@ from .scenario import (
 )
 
 GRID_FIELDS = ("name", "scenario", "policies", "grid")
+GRID_DOCS = {
+    "name": "the grid's name (default: the grid file name without .yaml)",
+    "scenario": "\"default\" (the built-in scenario), a scenario file (relative to the grid file) or an "
+                "inline scenario mapping (the scenario schema above)",
+    "policies": "list of COW policies (default: the scenario's)",
+    "grid": "mapping of dotted scenario fields (`seed`, `ram_mib`, `workload.dataset_mib`, "
+            "`sysfs.khugepaged/max_ptes_shared`, ...) to lists of values; every combination of the "
+            "lists is run with every policy",
+}
 IDENTITY_SKIP = ("name", "description", "policies")
 
 

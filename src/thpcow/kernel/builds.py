@@ -107,7 +107,8 @@ class ThpCowV1(KernelBuild):
     """6.18 with the 2026 series as posted (v1), booted with thp_cow=always."""
 
     name = "thp-cow-v1"
-    help = "the 2026 series as posted: copy the whole 2 MiB when hugepage_cow_enabled() (thp_cow=always)"
+    help = ("the 2026 series as posted: copy the whole 2 MiB when hugepage_cow_enabled() (thp_cow=always); "
+            "any PMD collapse oopses (patch 4)")
     params = {"thp_cow": "always"}
     variant = "v1"
 

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)      # progress bars and warnings: stdout stays clean for --json/--csv
@@ -51,6 +52,28 @@ def writable_dir(path: str, option: str) -> None:
             pass
     except OSError as exc:
         raise ValueError(f"{option}={path}: cannot write there ({exc.strerror})") from None
+
+
+def print_fitted(title: str | None, headers: list[str], rows: list[list[str]],
+                 groups: list[int] | None = None, left: int = 1) -> None:
+    """Rows of text cells as tables that fit the console's width, every cell whole.
+
+    The first column is repeated in every table; ``groups`` (sizes of the
+    other columns' groups) stay together when they fit; the first ``left``
+    columns are left-justified.
+    """
+    from ..experiments.report import table_chunks
+
+    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
+    for n, chunk in enumerate(table_chunks(rows, console.width, headers, groups)):
+        cols = [0] + chunk
+        table = Table(title=title if n == 0 else None, title_justify="left")
+        for i in cols:
+            table.add_column(headers[i], justify="left" if i < left else "right", no_wrap=True,
+                             min_width=widths[i], max_width=widths[i])
+        for r in rows:
+            table.add_row(*[r[i] for i in cols])
+        console.print(table)
 
 
 def human_ns(ns: float | None) -> str:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 
 import typer
-from rich.table import Table
 
-from .common import bad_input, console, err_console, fail, writable_dir
+from .common import bad_input, console, err_console, fail, print_fitted, writable_dir
 
 
 def command(scenario: str = typer.Argument(None, help="scenario YAML file (default: the built-in one)"),
@@ -125,16 +124,6 @@ def print_tables(summary, title: str) -> None:
     """The summary as tables that fit the console's width (every cell whole), then the notes."""
     from ..experiments import report
 
-    rows = report.table_rows(summary)
-    width = console.width
-    for n, chunk in enumerate(report.table_chunks(rows, width)):
-        cols = [0] + chunk
-        widths = [max(len(report.TABLE[i][1]), *(len(r[i]) for r in rows)) for i in cols]
-        table = Table(title=title if n == 0 else None, title_justify="left")
-        for i, w in zip(cols, widths):
-            table.add_column(report.TABLE[i][1], justify="left" if i == 0 else "right", no_wrap=True,
-                             min_width=w, max_width=w)
-        for r in rows:
-            table.add_row(*[r[i] for i in cols])
-        console.print(table)
+    print_fitted(title, [h for _c, h, _s in report.TABLE], report.table_rows(summary),
+                 [len(g) for g in report.TABLE_GROUPS])
     console.print(report.TABLE_NOTES, markup=False, highlight=False)

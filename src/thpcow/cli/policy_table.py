@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
-from .common import bad_input, console
+from .common import bad_input, console, print_fitted
 
 
 def command(size_mib: int = typer.Option(64, help="size of the THP-backed region (MiB)"),
@@ -28,11 +27,6 @@ def command(size_mib: int = typer.Option(64, help="size of the THP-backed region
     with open(out, "w") as fh:
         fh.write(text + "\n")
     for sc in pt.SCENARIOS:
-        table = Table(title=f"{sc} ({size_mib} MiB)")
-        for c in pt.COLUMNS:
-            table.add_column(c, justify="left" if c == "policy" else "right")
-        for r in rows:
-            if r["scenario"] == sc:
-                table.add_row(*["-" if r[c] is None else str(r[c]) for c in pt.COLUMNS])
-        console.print(table)
+        print_fitted(f"{sc} ({size_mib} MiB)", list(pt.COLUMNS),
+                     [["-" if r[c] is None else str(r[c]) for c in pt.COLUMNS] for r in rows if r["scenario"] == sc])
     console.print(f"table written to {out}")

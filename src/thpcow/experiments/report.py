@@ -102,24 +102,29 @@ def table_rows(summary) -> list[list[str]]:
     return out
 
 
-def table_chunks(rows: list[list[str]], width: int) -> list[list[int]]:
-    """Column indexes (after the policy column, 0) of each table that fits ``width`` columns.
+def table_chunks(rows: list[list[str]], width: int, headers: list[str] | None = None,
+                 groups: list[int] | None = None) -> list[list[int]]:
+    """Column indexes (after the first column, 0, which every table repeats) of each table that fits
+    ``width`` columns.
 
     Every cell is printed whole: a table is as wide as its widest cells and
     headers, plus 3 columns per column and 1 (rich's borders and padding).
-    Groups of TABLE_GROUPS stay together when they fit; one too wide for a
-    table of its own is split column by column.
+    ``groups`` (sizes; default: TABLE_GROUPS) are kept together when they fit;
+    one too wide for a table of its own is split column by column.
     """
-    widths = [max(len(TABLE[i][1]), *(len(r[i]) for r in rows)) if rows else len(TABLE[i][1])
-              for i in range(len(TABLE))]
+    headers = headers if headers is not None else [h for _c, h, _s in TABLE]
+    if groups is None:
+        groups = [len(g) for g in TABLE_GROUPS] if headers == [h for _c, h, _s in TABLE] else \
+            [1] * (len(headers) - 1)
+    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
     base = widths[0] + 3 + 1
     chunks: list[list[int]] = []
     cur: list[int] = []
     used = base
     i = 1
-    for group in TABLE_GROUPS:
-        idx = list(range(i, i + len(group)))
-        i += len(group)
+    for size in groups:
+        idx = list(range(i, i + size))
+        i += size
         need = sum(widths[j] + 3 for j in idx)
         if cur and used + need > width:
             chunks.append(cur)

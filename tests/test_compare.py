@@ -553,3 +553,65 @@ def test_a_calibration_profile_prices_the_run_and_is_named(tiny, tmp_path):
     assert "warning: the latency profile" not in text          # measured on this CPU: no warning
     code, text = run_cli("compare", tiny, "--profile", str(tmp_path / "none.toml"))
     assert code == 2 and "--profile=" in text and "no such profile file" in text
+
+
+def test_the_report_is_whole_html_with_its_plots_and_names_its_profile(tiny, tmp_path):
+    """The HTML report parses; every plot is a decodable PNG of the figure size; the table
+    scrolls instead of overflowing; the Parquet files carry units and the scenario."""
+    import base64
+    import html.parser
+    import json
+    import struct
+
+    import pyarrow.parquet as pq
+
+    out = str(tmp_path / "r")
+    compare(tiny, ["upstream", "collapse-after-fork:who=parent", "thp-cow-meant"], out=out)
+
+    class P(html.parser.HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.imgs, self.table_in_scroll, self.text = [], [], False, []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "img":
+                self.imgs.append(a)
+            if tag == "table" and any(t == ("div", "scroll") for t in self.stack):
+                self.table_in_scroll = True
+            if tag not in ("img", "meta", "br"):
+                self.stack.append((tag, a.get("class")))
+
+        def handle_endtag(self, tag):
+            while self.stack and self.stack.pop()[0] != tag:
+                pass
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    p = P()
+    with open(os.path.join(out, "report.html"), encoding="utf-8") as fh:
+        p.feed(fh.read())
+    assert not p.stack, f"unclosed tags: {p.stack}"
+    assert p.table_in_scroll
+    titles = [i["alt"] for i in p.imgs]
+    assert titles == ["THP coverage over time", "Write-op latency tail", "Memory over time", "Cost and benefit"]
+    for img in p.imgs:
+        png = base64.b64decode(img["src"].split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", png[16:24]) == (800, 400)          # 8 x 4 in at 100 dpi
+    text = " ".join(p.text)
+    assert "lab-vm-zen4-warm" in text and "verdict:" in text
+    schema = pq.read_schema(os.path.join(out, "summary.parquet"))
+    meta = json.loads(schema.metadata[b"thpcow"])
+    assert meta["scenario"] == "tiny" and meta["seed"] == 5 and meta["profile"] == "reference"
+    assert schema.field("cow_mib").metadata[b"unit"] == b"MiB"
+    assert schema.field("lat_p99_us").metadata[b"unit"] == "µs".encode()
+    assert pq.read_schema(os.path.join(out, "ops.parquet")).field("cost_ns").metadata[b"unit"] == b"ns"
+
+
+def test_coinciding_curves_are_named_in_the_legend():
+    import numpy as np
+    x = np.arange(3)
+    labels = report._coincide({"a": (x, x * 1.0), "b": (x, x * 1.0), "c": (x, x * 2.0)})
+    assert labels == {"a": "a", "b": "b (= a)", "c": "c"}

@@ -204,31 +204,76 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_coverage(samples, policies: list[str]) -> bytes:
-    """THP coverage (AnonHugePages / Anonymous) of the parent over simulated time, one line per policy."""
+def _coincide(curves: dict[str, tuple]) -> dict[str, str]:
+    """Legend labels: a policy whose curve equals an earlier one's says so ("= upstream")."""
+    import numpy as np
+
+    labels, seen = {}, []
+    for pol, (x, y) in curves.items():
+        same = next((q for q, (qx, qy) in seen if len(qx) == len(x) and np.array_equal(qx, x)
+                     and np.allclose(qy, y, equal_nan=True)), None)
+        labels[pol] = f"{pol} (= {same})" if same else pol
+        seen.append((pol, (x, y)))
+    return labels
+
+
+def _events(ax, ops, pol: str) -> None:
+    """Mark the forks and exits of one policy's run on a time axis (ms)."""
+    o = ops[(ops["policy"] == pol) & ops["kind"].isin(["fork", "exit"])]
+    for t, kind in zip(o["t_ns"] / 1e6, o["kind"]):
+        ax.axvline(t, color="0.6" if kind == "exit" else "0.3", linewidth=0.7,
+                   linestyle=":" if kind == "exit" else "--", zorder=0)
+
+
+def plot_coverage(samples, policies: list[str], ops=None) -> bytes:
+    """THP coverage (AnonHugePages / Anonymous) over simulated time: the parent (solid) and the
+    children together (dashed), one colour per policy; forks (--) and exits (:) marked."""
+    import numpy as np
+
     plt, fig, ax = _figure()
+    curves = {}
+    for pol in policies:
+        s = samples[samples["policy"] == pol]
+        curves[pol] = (s["t_ns"].to_numpy(), np.concatenate([s["thp_coverage"].to_numpy(),
+                                                             s["child_thp_coverage"].to_numpy()]))
+    labels = _coincide(curves)
     for i, pol in enumerate(policies):
         s = samples[samples["policy"] == pol]
-        ax.step(s["t_ns"] / 1e6, s["thp_coverage"], where="post", label=pol, **_style(i))
-    ax.set(xlabel="simulated time (ms)", ylabel="AnonHugePages / Anonymous (parent)", ylim=(-0.02, 1.02),
-           title="THP coverage over time")
+        line = ax.step(s["t_ns"] / 1e6, s["thp_coverage"], where="post", label=f"{labels[pol]}: parent",
+                       **_style(i))[0]
+        if s["child_thp_coverage"].notna().any():
+            ax.step(s["t_ns"] / 1e6, s["child_thp_coverage"], where="post", color=line.get_color(),
+                    linestyle="--", linewidth=1.0, alpha=0.8, label=f"{labels[pol]}: children")
+    if ops is not None and len(policies):
+        _events(ax, ops, policies[0])
+    ax.set(xlabel="simulated time (ms); forks --, exits :", ylabel="AnonHugePages / Anonymous",
+           ylim=(-0.02, 1.02), title="THP coverage over time")
     ax.legend(fontsize=7)
     return _png(plt, fig)
 
 
 def plot_latency_cdf(ops, policies: list[str], phase: str) -> bytes:
-    """CDF of the modelled write-batch latency in the measured phase, one line per policy."""
+    """The tail of the write-op latency in the measured phase: 1 - CDF on log-log axes (the
+    fraction of write ops slower than x), one line per policy, as latency plots in the field do."""
     import numpy as np
 
     plt, fig, ax = _figure()
-    for i, pol in enumerate(policies):
+    curves = {}
+    for pol in policies:
         o = ops[(ops["policy"] == pol) & (ops["kind"] == "write") & (ops["phase"] == phase)]
         lat = np.sort(o["cost_ns"].to_numpy() / 1000.0)
+        curves[pol] = (lat, 1.0 - np.arange(len(lat)) / max(len(lat), 1))
+    labels = _coincide(curves)
+    for i, pol in enumerate(policies):
+        lat, tail = curves[pol]
         if len(lat):
-            ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", label=pol, **_style(i))
+            ax.step(lat, tail, where="post", label=labels[pol], **_style(i))
     ax.set_xscale("log")
-    ax.set(xlabel="write-batch latency (µs, modelled)", ylabel="fraction of batches",
-           title=f"write latency CDF ({phase} phase)")
+    ax.set_yscale("log")
+    ax.set(xlabel="latency of one write op (µs, modelled)", ylabel="fraction of write ops slower (1 - CDF)",
+           title=f"write-op latency tail ({phase} phase)")
+    for q in (0.01, 0.001):
+        ax.axhline(q, color="0.8", linewidth=0.6, zorder=0)
     ax.legend(fontsize=7)
     return _png(plt, fig)
 
@@ -236,11 +281,39 @@ def plot_latency_cdf(ops, policies: list[str], phase: str) -> bytes:
 def plot_memory(ops, policies: list[str]) -> bytes:
     """Memory in use ((nr_frames - nr_free) x 4 KiB) after every op, one line per policy."""
     plt, fig, ax = _figure()
+    curves = {pol: (ops.loc[ops["policy"] == pol, "t_ns"].to_numpy(),
+                    ops.loc[ops["policy"] == pol, "mem_bytes"].to_numpy()) for pol in policies}
+    labels = _coincide(curves)
     for i, pol in enumerate(policies):
         o = ops[ops["policy"] == pol]
-        ax.step(o["t_ns"] / 1e6, o["mem_bytes"] / (1 << 20), where="post", label=pol, **_style(i))
-    ax.set(xlabel="simulated time (ms)", ylabel="memory in use (MiB)", title="memory over time")
+        ax.step(o["t_ns"] / 1e6, o["mem_bytes"] / (1 << 20), where="post", label=labels[pol], **_style(i))
+    if len(policies):
+        _events(ax, ops, policies[0])
+    ax.set(xlabel="simulated time (ms); forks --, exits :", ylabel="memory in use (MiB)",
+           title="memory over time")
     ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
+def plot_cost_benefit(summary) -> bytes:
+    """One point per policy: what it copied (COW + collapse MiB) against the translation time it
+    saved (TLB ms below the policy that spends the most on translation)."""
+    import numpy as np
+
+    plt, fig, ax = _figure()
+    recs = summary.to_dict("records")
+    tlb = np.array([r.get("tlb_ms", np.nan) for r in recs], dtype=float)
+    worst = np.nanmax(tlb) if np.isfinite(tlb).any() else np.nan
+    for i, r in enumerate(recs):
+        x = r["cow_mib"] + r.get("collapse_mib", 0.0)
+        y = worst - tlb[i] if np.isfinite(tlb[i]) else np.nan
+        if np.isfinite(y):
+            ax.scatter([x], [y], marker="os^Dv<>p"[i % 8], s=36, label=r["policy"])
+            ax.annotate(r["policy"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="copied (COW + collapse, MiB): the cost", ylabel="TLB time saved (ms): the benefit",
+           title="what each policy copies against the translation time it saves")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     return _png(plt, fig)
 
 
@@ -252,14 +325,52 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# Units of columns that their names do not say (the suffixes _mib, _us, _ns, _ms, _kb, _bytes do).
+UNITS = {"thp_mean": "ratio", "thp_min": "ratio", "thp_end": "ratio", "thp_child_mean": "ratio",
+         "thp_child_min": "ratio", "thp_child_end": "ratio", "thp_coverage": "ratio",
+         "child_thp_coverage": "ratio", "tlb_misses": "page walks", "tlb_walks": "page walks",
+         "n": "accesses", "nbytes": "bytes", "nr_procs": "processes", "write_batches": "write ops"}
+_SUFFIX_UNITS = (("_mib", "MiB"), ("_us", "µs"), ("_ns", "ns"), ("_ms", "ms"), ("_kb", "KiB"),
+                 ("_bytes", "bytes"))
+
+
+def unit_of(column: str) -> str:
+    """The unit of a result column ("count" for vmstat counters, "" for labels)."""
+    if column in UNITS:
+        return UNITS[column]
+    for suffix, unit in _SUFFIX_UNITS:
+        if column.endswith(suffix):
+            return unit
+    from .runner import COUNTERS
+    return "count" if column in COUNTERS else ""
+
+
+def parquet_bytes(df, meta: dict) -> bytes:
+    """A DataFrame as Parquet whose schema carries ``meta`` (key ``thpcow``: scenario, seed, profile,
+    ...) and, per column, its unit (field metadata ``unit``)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    fields = [f.with_metadata({b"unit": unit_of(f.name).encode()}) for f in table.schema]
+    schema = pa.schema(fields, metadata={**(table.schema.metadata or {}),
+                                         b"thpcow": json.dumps(meta, default=str).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table.cast(schema), buf)
+    return buf.getvalue()
+
+
 def write_results(result, out_dir: str) -> dict[str, str]:
     """Write the Parquet files, the scenario and the HTML report; returns {what: path}."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.parquet") for name in ("summary", "ops", "samples")}
+    model = str(result.summary["latency_model"].iloc[0]) if len(result.summary) else ""
+    meta = {"scenario": result.scenario.name, "seed": result.scenario.seed, "workload": result.scenario.workload,
+            "profile": result.scenario.profile or "reference", "latency_model": model}
     for name, df in (("summary", result.summary), ("ops", result.ops), ("samples", result.samples)):
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        _atomic_write(paths[name], buf.getvalue())
+        _atomic_write(paths[name], parquet_bytes(df, dict(meta, table=name)))
     paths["scenario"] = os.path.join(out_dir, "scenario.yaml")
     _atomic_write(paths["scenario"], result.scenario.to_yaml().encode())
     paths["report"] = os.path.join(out_dir, "report.html")
@@ -273,9 +384,10 @@ def render_html(result) -> str:
     pols = list(result.summary["policy"])
     phase = workload_class(sc.workload).measure_phase
     images = [
-        ("THP coverage over time", plot_coverage(result.samples, pols)),
-        ("Write latency CDF", plot_latency_cdf(result.ops, pols, phase)),
+        ("THP coverage over time", plot_coverage(result.samples, pols, result.ops)),
+        ("Write-op latency tail", plot_latency_cdf(result.ops, pols, phase)),
         ("Memory over time", plot_memory(result.ops, pols)),
+        ("Cost and benefit", plot_cost_benefit(result.summary)),
     ]
     head = "".join(f"<th>{html.escape(h)}</th>" for _c, h, _s in TABLE)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
@@ -287,12 +399,13 @@ def render_html(result) -> str:
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>thpcow compare: {html.escape(sc.name)}</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}table{{border-collapse:collapse}}
+.scroll{{overflow-x:auto;max-width:100%}}img{{max-width:100%;height:auto}}
 td,th{{border:1px solid #bbb;padding:2px 6px;text-align:right}}td:first-child{{text-align:left}}
 pre{{background:#f4f4f4;padding:1em}}</style></head><body>
 <h1>thpcow compare: {html.escape(sc.name)}</h1>
 <p>{html.escape(sc.description)}</p>
 <p><b>{html.escape(verdict(result.summary))}</b></p>
-<table><tr>{head}</tr>{body}</table>
+<div class="scroll"><table><tr>{head}</tr>{body}</table></div>
 <p>{html.escape(TABLE_NOTES)} Peak: max of (nr_frames - nr_free) x 4 KiB after every op.
 Latency model: {html.escape(model)}; measured phase: <i>{html.escape(phase)}</i>. TLB misses: page walks
 of the workload's loads and stores from the first fork on, replayed through the TLB simulator of

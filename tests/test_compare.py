@@ -318,7 +318,7 @@ def test_compare_writes_parquet_and_report(tiny, tmp_path):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(out, "summary.parquet")), df)
     html = open(os.path.join(out, "report.html")).read()
-    assert html.count("data:image/png;base64,") == 3 and "verdict:" in html and "cow-density:threshold=16" in html
+    assert html.count("data:image/png;base64,") == 4 and "verdict:" in html and "cow-density:threshold=16" in html
     samples = pd.read_parquet(os.path.join(out, "samples.parquet"))
     assert samples["thp_coverage"].between(0, 1).all()
     assert all(s["t_ns"].is_monotonic_increasing for _p, s in samples.groupby("policy"))

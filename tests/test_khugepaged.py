@@ -399,3 +399,28 @@ def test_failed_allocation_sleeps_inside_the_pass_which_then_goes_on():
     assert k.vmstat_snapshot()["thp_collapse_alloc_failed"] == 2
     k.advance(1 * NSEC_PER_SEC)                          # pass 2, 10 s later: the wrap, block 0
     assert k.vmstat_snapshot()["thp_collapse_alloc_failed"] == 3 and k.khugepaged.passes == 2
+
+
+def test_the_first_failing_pte_decides_the_scan_result():
+    """hpage_collapse_scan_pmd() walks the PTEs in order and stops at the first that fails: with
+    PTEs 0-99 swapped out (max_ptes_swap=64 is passed at PTE 64) and PTEs 400-511 empty
+    (max_ptes_none=100 is passed at PTE 500), it is SCAN_EXCEED_SWAP_PTE, after 65 PTEs."""
+    from thpcow.kernel.khugepaged import CollapseControl, ScanResult, collapse_scan_pmd
+    k = Kernel(ram=RAM, check=True, swap=16 << 20)
+    k.sysfs.write("khugepaged/max_ptes_none", "100")
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    p.madvise(a, 2 << 20, MADV_NOHUGEPAGE)
+    p.write(a, 400 * PAGE_SIZE, 1)
+    p.madvise(a, 100 * PAGE_SIZE, MADV_PAGEOUT := 21)
+    assert p.smaps_fields(a)["Swap"] == 400
+    cc = CollapseControl(is_khugepaged=True)
+    v = k.vmstat_snapshot()
+    assert collapse_scan_pmd(k, p.mm, p.mm.find_vma(a), a, cc) == ScanResult.SCAN_EXCEED_SWAP_PTE
+    assert cc.progress == 65
+    after = k.vmstat_snapshot()
+    assert after["thp_scan_exceed_swap_pte"] - v["thp_scan_exceed_swap_pte"] == 1
+    assert after["thp_scan_exceed_none_pte"] == v["thp_scan_exceed_none_pte"]
+    cc = CollapseControl(is_khugepaged=False)                # MADV_COLLAPSE: no limits, all 512
+    assert collapse_scan_pmd(k, p.mm, p.mm.find_vma(a), a, cc) == ScanResult.SCAN_SUCCEED
+    assert cc.progress == HPAGE_PMD_NR

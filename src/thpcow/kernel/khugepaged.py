@@ -399,8 +399,8 @@ class Khugepaged:
     ``pages_to_scan`` progress units, spent as 6.18's
     ``khugepaged_scan_mm_slot()`` spends them: +1 each time it takes up an
     mm (again after each collapse attempt, which drops the mmap lock and
-    ends that call), +1 per VMA khugepaged may not collapse (or that lies
-    wholly behind the cursor), and +HPAGE_PMD_NR for every PMD address it
+    ends that call), +1 per VMA khugepaged may not collapse (or whose last
+    whole PMD lies behind the cursor), and +HPAGE_PMD_NR for every PMD address it
     scans, whatever the PMD holds (none, a PMD-mapped THP or a PTE table):
     with the default 4096 that is 8 PMD addresses a pass.  The budget is
     checked after each PMD address only, so a pass may pass it.  With

@@ -49,7 +49,7 @@ class Kernel:
     def __init__(self, ram: int = 1 << 30, *, seed: int = 0, check: bool = False,
                  build: "_builds.KernelBuild | str | None" = None, series_thp_cow: "bool | str" = True,
                  fragmentation: float = 0.0, swap: int = 0, page_table_check: bool | None = None,
-                 inject=(),
+                 inject=(), khugepaged_rules=None,
                  cow_policy: "_builds.KernelBuild | str | None" = None) -> None:
         """Boot a kernel.
 
@@ -60,7 +60,12 @@ class Kernel:
         its ``thp_cow`` knob starts at ``never``.  ``check``: the invariant
         checker after every call; ``page_table_check`` (default: as
         ``check``) the page_table_check hook at every page-table store.
-        ``cow_policy`` is the former name of ``build``.
+        ``khugepaged_rules``: which kernel's khugepaged
+        (:class:`~thpcow.kernel.khugepaged.KhugepagedRules`): ``"6.18"`` (the
+        default) or ``"7.1"`` (scan progress counted per PTE examined, clean
+        lazyfree pages skipped), or one rule at a time
+        (``"6.18:skip_lazyfree=1"``).  ``cow_policy`` is the former name of
+        ``build``.
         """
         if ram % PAGE_SIZE:
             raise einval("Kernel", f"ram={ram}: not a multiple of the page size")
@@ -120,7 +125,7 @@ class Kernel:
         from .clock import Clock
         from .khugepaged import Khugepaged
         self.clock = Clock()
-        self.khugepaged = Khugepaged(self)
+        self.khugepaged = Khugepaged(self, khugepaged_rules)
         self.sysfs.add_listener(self._sysfs_changed)
         self.khugepaged.start_stop()
         self.build.boot(self)
@@ -396,7 +401,7 @@ class Process:
         _mmap.unmap_all(k, self.mm)
         self.mm.alive = False
         k.procs.pop(self.pid, None)
-        k.khugepaged_mms.pop(self.pid, None)
+        k.khugepaged.exit_mm(self.pid)
         k._after()
 
     # -- memory accesses --------------------------------------------------------------------------

@@ -1,38 +1,107 @@
 """Model of mm/khugepaged.c: the collapse engine shared by khugepaged and MADV_COLLAPSE.
 
-``collapse_scan_pmd()`` checks one 2 MiB block's PTEs against the limits of
-the caller (:class:`CollapseControl`: khugepaged enforces ``max_ptes_none``,
-``max_ptes_swap``, ``max_ptes_shared`` and the referenced test, which asks
-for half the block young when it has swap entries; MADV_COLLAPSE does not),
-and ``collapse_huge_page()`` allocates a THP, faults the swapped-out pages
-back in (``__collapse_huge_page_swapin()``), copies the pages (empty and
-zero-page entries become zero-filled pages), drops this mm's mappings of the
-old pages and installs the new THP at PMD level, exclusive to this mm: other
-mms that shared the old pages keep them.  ``madvise_collapse()`` is the
-synchronous MADV_COLLAPSE.
+``collapse_scan_pmd()`` walks one 2 MiB block's PTEs in order, as
+hpage_collapse_scan_pmd() does, against the limits of the caller
+(:class:`CollapseControl`: khugepaged enforces ``max_ptes_none``,
+``max_ptes_swap`` and ``max_ptes_shared``, each counted per PTE of the block,
+and the referenced test, which asks for half the block young when it has swap
+entries; MADV_COLLAPSE does not): the first PTE at which a limit or a check
+fails decides the result.  ``collapse_huge_page()`` allocates a THP, faults
+the swapped-out pages back in (``__collapse_huge_page_swapin()``), copies the
+pages (empty and zero-page entries become zero-filled pages), drops this mm's
+mappings of the old pages and installs the new THP at PMD level, exclusive to
+this mm: other mms that shared the old pages keep them.
+``madvise_collapse()`` is the synchronous MADV_COLLAPSE.
 
-Simplification: v6.18 collapses to PMD order only (mTHP collapse came later).
+Which kernel's khugepaged (:class:`KhugepagedRules`, ``Kernel(khugepaged_rules=...)``):
+Linux 6.18 by default.  Two later changes are options, both from the series
+"mm: khugepaged: ..." by Vernon Yang, in mm-stable from March 2026 for the 7.1
+merge window (I could not confirm the mainline hashes: the mm-stable ones
+changed with each rebase; a19051983e95 and 94e014fc2e50 on 2026-03-26):
+
+- ``refine_scan_progress`` ("mm: khugepaged: refine scan progress number"):
+  an empty or PMD-mapped PMD costs 1 against ``pages_to_scan`` and a PTE table
+  1 per PTE examined, instead of 6.18's HPAGE_PMD_NR for every PMD address;
+- ``skip_lazyfree`` ("mm: khugepaged: skip lazy-free folios"): khugepaged
+  leaves a block alone (SCAN_PAGE_LAZYFREE) when a PTE maps a clean lazyfree
+  (MADV_FREE) page; 6.18 collapses such pages like any other.
+
+Simplification: v6.18 collapses to PMD order only (mTHP collapse came later);
+the source pages may be of any order (PTE-mapped THPs and mTHPs included).
 """
 
 from __future__ import annotations
 
 import enum
 import errno as E
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
-from .folio import PG_SWAPBACKED
+from .folio import PG_ANON, PG_SWAPBACKED
 from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, alloc_thp
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL, pmd_index
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
 from . import pgtable, rmap
 
 if TYPE_CHECKING:
     from .kernel import Kernel
+
+
+# -- which kernel's khugepaged -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class KhugepagedRules:
+    """The khugepaged rules that changed after Linux 6.18 (see the module docstring).
+
+    Made by :func:`khugepaged_rules` from a version name (``"6.18"``, the
+    default, or ``"7.1"``, which has both later rules), optionally with
+    overrides: ``"6.18:skip_lazyfree=1"``.
+    """
+
+    refine_scan_progress: bool = False
+    skip_lazyfree: bool = False
+
+    def __str__(self) -> str:
+        for name, rules in KHUGEPAGED_VERSIONS.items():
+            if rules == self:
+                return name
+        return "6.18:" + ",".join(f"{k}={int(v)}" for k, v in vars(self).items())
+
+
+KHUGEPAGED_VERSIONS: dict[str, KhugepagedRules] = {
+    "6.18": KhugepagedRules(),
+    "7.1": KhugepagedRules(refine_scan_progress=True, skip_lazyfree=True),
+}
+
+
+def khugepaged_rules(spec: "KhugepagedRules | str | dict | None") -> KhugepagedRules:
+    """``Kernel(khugepaged_rules=...)``: None (6.18), a version, ``"version:rule=0|1,..."``,
+    a dict of rules over 6.18, or a :class:`KhugepagedRules`."""
+    if spec is None:
+        return KHUGEPAGED_VERSIONS["6.18"]
+    if isinstance(spec, KhugepagedRules):
+        return spec
+    if isinstance(spec, dict):
+        base, overrides = "6.18", {k: str(v) for k, v in spec.items()}
+    else:
+        from .builds import split_spec
+        base, overrides = split_spec(str(spec), "khugepaged_rules")
+    if base not in KHUGEPAGED_VERSIONS:
+        raise ValueError(f"khugepaged_rules: unknown version {base!r}; known: {', '.join(KHUGEPAGED_VERSIONS)}")
+    values = dict(vars(KHUGEPAGED_VERSIONS[base]))
+    for key, text in overrides.items():
+        if key not in values:
+            raise ValueError(f"khugepaged_rules: unknown rule {key!r}; known: {', '.join(values)}")
+        if text.lower() in ("1", "true", "yes", "on"):
+            values[key] = True
+        elif text.lower() in ("0", "false", "no", "off"):
+            values[key] = False
+        else:
+            raise ValueError(f"khugepaged_rules: {key}={text!r} is not 0/1")
+    return KhugepagedRules(**values)
 
 
 class ScanResult(enum.Enum):
@@ -69,9 +138,15 @@ def madvise_collapse_errno(r: ScanResult) -> int:
 
 @dataclass
 class CollapseControl:
-    """Model of struct collapse_control: who collapses, and with which limits."""
+    """Model of struct collapse_control: who collapses, and with which limits.
+
+    ``progress`` counts what the scans examined the way the later kernel's
+    ``cc->progress`` does (1 per empty or PMD-mapped PMD, 1 per PTE looked at);
+    khugepaged charges it to its budget under ``refine_scan_progress`` only.
+    """
 
     is_khugepaged: bool
+    progress: int = field(default=0, compare=False)
 
     def max_ptes_none(self, k: Kernel) -> int:
         return k.sysfs.max_ptes_none if self.is_khugepaged else HPAGE_PMD_NR
@@ -88,39 +163,85 @@ def _nr_maybe_shared(k: Kernel, pfns: np.ndarray) -> int:
     return int(np.count_nonzero(k.folios.maybe_mapped_shared_many(k.mem.folio[pfns], k.mem.mapcount[pfns])))
 
 
+_NO_FAILURE = HPAGE_PMD_NR
+
+
+def _first_over(mask: np.ndarray, limit: int) -> int:
+    """The index of the PTE at which the running count of ``mask`` first exceeds ``limit``."""
+    if limit >= HPAGE_PMD_NR:
+        return _NO_FAILURE
+    over = np.flatnonzero(np.cumsum(mask) > limit)
+    return int(over[0]) if len(over) else _NO_FAILURE
+
+
 def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseControl) -> ScanResult:
-    """Model of collapse_scan_pmd() for anonymous memory (PMD order)."""
+    """Model of hpage_collapse_scan_pmd() for anonymous memory (PMD order).
+
+    The kernel walks the 512 PTEs in order and stops at the first that fails
+    (the model finds that PTE with running counts):
+
+    - a swap entry counts towards ``max_ptes_swap`` (khugepaged only):
+      exceeding it is SCAN_EXCEED_SWAP_PTE, ``thp_scan_exceed_swap_pte``;
+    - an empty or zero-page entry counts towards ``max_ptes_none``:
+      SCAN_EXCEED_NONE_PTE, ``thp_scan_exceed_none_pte``;
+    - a present page: (with ``skip_lazyfree``, khugepaged only: a clean PTE of
+      a lazyfree folio is SCAN_PAGE_LAZYFREE) a page whose folio is maybe
+      mapped shared counts towards ``max_ptes_shared``:
+      SCAN_EXCEED_SHARED_PTE, ``thp_scan_exceed_share_pte``; then a folio
+      with references beyond its mappings and swap cache is SCAN_PAGE_COUNT.
+
+    Every limit counts PTEs, so a PTE-mapped THP or mTHP counts once per PTE
+    mapping it.  With no failure, khugepaged wants one young PTE, and half the
+    block young when it has swap entries (SCAN_LACK_REFERENCED_PAGE).
+    ``cc.progress`` grows by 1 for an empty or PMD-mapped PMD, else by the
+    PTEs examined (up to and including the failing one).
+    """
     pt = mm.pt
     s = pt.slot_of.get(pmd_index(haddr))
     if s is None or pt.pmd_kind[s] == 0:
+        cc.progress += 1
         return ScanResult.SCAN_PMD_NULL
     if pt.pmd_kind[s] == PMD_LEAF:
+        cc.progress += 1
         return ScanResult.SCAN_PMD_MAPPED
     row = int(pt.pmd_row[s])
     pfns = pt.pte_pfn[row]
     flags = pt.pte_flags[row]
     none_or_zero = (pfns == -1) | (flags & _PAGE_SPECIAL).astype(bool)
-    if int(none_or_zero.sum()) > cc.max_ptes_none(k):
-        k.vmstat.count_vm_event("thp_scan_exceed_none_pte")
-        return ScanResult.SCAN_EXCEED_NONE_PTE
     swp = pfns <= -2
-    nr_swap = int(np.count_nonzero(swp))
-    if nr_swap > cc.max_ptes_swap(k):
-        k.vmstat.count_vm_event("thp_scan_exceed_swap_pte")
-        return ScanResult.SCAN_EXCEED_SWAP_PTE
     present = ~none_or_zero & ~swp
-    p = pfns[present]
+    idx = np.flatnonzero(present)
+    p = pfns[idx]
     fids = k.mem.folio[p]
     f = k.folios
-    if cc.is_khugepaged and (~(f.flags[fids] & PG_SWAPBACKED).astype(bool)).any():
-        return ScanResult.SCAN_PAGE_LAZYFREE
-    if _nr_maybe_shared(k, p) > cc.max_ptes_shared(k):
-        k.vmstat.count_vm_event("thp_scan_exceed_share_pte")
-        return ScanResult.SCAN_EXCEED_SHARED_PTE
-    uf = np.unique(fids)
-    if (f.refcount[uf] != f.expected_ref_count(uf, k.mem.mapcount[f.head[uf]])).any():   # is_refcount_suitable()
-        return ScanResult.SCAN_PAGE_COUNT
+    # (index of the failing PTE, rank among the checks of one present PTE, result, vmstat event)
+    failures = [
+        (_first_over(swp, cc.max_ptes_swap(k)), 0, ScanResult.SCAN_EXCEED_SWAP_PTE, "thp_scan_exceed_swap_pte"),
+        (_first_over(none_or_zero, cc.max_ptes_none(k)), 0, ScanResult.SCAN_EXCEED_NONE_PTE,
+         "thp_scan_exceed_none_pte"),
+    ]
+    if len(idx):
+        if cc.is_khugepaged and k.khugepaged.rules.skip_lazyfree:
+            # folio_test_lazyfree() && !pte_dirty(): "mm: khugepaged: skip lazy-free folios" (7.1)
+            lazy = ((f.flags[fids] & (PG_ANON | PG_SWAPBACKED)) == PG_ANON) & ~(flags[idx] & _PAGE_DIRTY).astype(bool)
+            if lazy.any():
+                failures.append((int(idx[np.argmax(lazy)]), 1, ScanResult.SCAN_PAGE_LAZYFREE, None))
+        shared = k.folios.maybe_mapped_shared_many(fids, k.mem.mapcount[p])
+        i = _first_over(shared, cc.max_ptes_shared(k))
+        if i < len(idx):
+            failures.append((int(idx[i]), 2, ScanResult.SCAN_EXCEED_SHARED_PTE, "thp_scan_exceed_share_pte"))
+        bad = f.refcount[fids] != f.expected_ref_count(fids, k.mem.mapcount[f.head[fids]])   # is_refcount_suitable()
+        if bad.any():
+            failures.append((int(idx[np.argmax(bad)]), 3, ScanResult.SCAN_PAGE_COUNT, None))
+    at, _, result, event = min(failures, key=lambda x: (x[0], x[1]))
+    if at < _NO_FAILURE:
+        cc.progress += at + 1
+        if event:
+            k.vmstat.count_vm_event(event)
+        return result
+    cc.progress += HPAGE_PMD_NR
     referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
+    nr_swap = int(np.count_nonzero(swp))
     if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):
         return ScanResult.SCAN_LACK_REFERENCED_PAGE
     return ScanResult.SCAN_SUCCEED
@@ -261,29 +382,58 @@ def khugepaged_fork(k: Kernel, child: MM, parent: MM) -> None:
 
 
 # -- the khugepaged daemon ------------------------------------------------------------------------------
+@dataclass
+class _Pass:
+    """One khugepaged_do_scan() pass: its budget, what it has spent and whether it slept yet."""
+
+    pages: int                       # READ_ONCE(khugepaged_pages_to_scan) at the start
+    progress: int = 0
+    pass_through_head: int = 0
+    wait: bool = True                # no khugepaged_alloc_sleep() yet in this pass
+
+
 class Khugepaged:
     """Model of the khugepaged kthread: a scan cursor over the registered mms.
 
     Each wakeup is one ``khugepaged_do_scan()`` pass with a budget of
-    ``pages_to_scan`` progress units: +1 per mm visited, +1 per ineligible VMA,
-    +1 per PMD that is empty or already huge, +512 per PTE table examined.
-    The cursor (mm, address) persists between passes; wrapping past the last
-    mm counts ``full_scans``.  A failed THP allocation sleeps
-    ``alloc_sleep_millisecs`` and retries; a second failure ends the pass.
-    Between passes it sleeps ``scan_sleep_millisecs``.  It runs only while PMD
-    THP is enabled somewhere (``hugepage_pmd_enabled()``).
+    ``pages_to_scan`` progress units, spent as 6.18's
+    ``khugepaged_scan_mm_slot()`` spends them: +1 each time it takes up an
+    mm (again after each collapse attempt, which drops the mmap lock and
+    ends that call), +1 per VMA khugepaged may not collapse (or whose last
+    whole PMD lies behind the cursor), and +HPAGE_PMD_NR for every PMD address it
+    scans, whatever the PMD holds (none, a PMD-mapped THP or a PTE table):
+    with the default 4096 that is 8 PMD addresses a pass.  The budget is
+    checked after each PMD address only, so a pass may pass it.  With
+    ``rules.refine_scan_progress`` (the later kernel) a PMD address costs 1
+    when it holds no table and 1 per PTE examined otherwise.
 
-    Simplification: a pass takes no simulated time.
+    The cursor (mm, address) persists between passes and is already past a
+    block when its collapse is tried.  An mm scanned to its end hands over to
+    the next one on the list; after the last the cursor returns to the list
+    head and ``full_scans`` grows; a pass goes through the head at most
+    twice, i.e. it may wrap once if it began in the middle of the list.  A
+    failed THP allocation sleeps ``alloc_sleep_millisecs`` inside the pass,
+    which then goes on (a store to a ``*_sleep_millisecs`` file wakes it
+    early); a second failure ends the pass.  Between passes it sleeps
+    ``scan_sleep_millisecs``.  It runs only while PMD THP is enabled
+    somewhere (``hugepage_pmd_enabled()``); stopping it drops the cursor.
+
+    Simplifications: a pass takes no simulated time; the first pass comes
+    ``scan_sleep_millisecs`` after the thread starts, and registering the
+    first mm does not wake it early (Linux scans at once when the thread
+    starts, and when an mm joins an empty list).
     """
 
-    def __init__(self, k: Kernel) -> None:
+    def __init__(self, k: Kernel, rules: "KhugepagedRules | str | dict | None" = None) -> None:
         self.k = k
-        self.cursor_pid: int | None = None
-        self.cursor_addr = 0
+        self.rules = khugepaged_rules(rules)
+        self.cursor_pid: int | None = None              # khugepaged_scan.mm_slot (None: at the head)
+        self.cursor_addr = 0                            # khugepaged_scan.address
         self.running = False
         self.generation = 0
         self.hint: dict[tuple[int, int], None] = {}     # directed scanning (a policy's hints)
         self.passes = 0
+        self._paused: _Pass | None = None               # a pass asleep in khugepaged_alloc_sleep()
 
     # -- start / stop (start_stop_khugepaged) -------------------------------------------
     def start_stop(self) -> None:
@@ -295,8 +445,13 @@ class Khugepaged:
                 gen = self.generation
                 self.k.clock.schedule(self.k.clock.now + self.k.sysfs.scan_sleep_millisecs * NSEC_PER_MSEC,
                                       lambda: self.wakeup(gen))
-        else:
+        elif self.running:
+            # kthread_stop(): khugepaged() drops its cursor on the way out.
             self.running = False
+            self._paused = None
+            pid, self.cursor_pid, self.cursor_addr = self.cursor_pid, None, 0
+            if pid is not None and pid not in self.k.procs:
+                self.k.khugepaged_mms.pop(pid, None)    # collect_mm_slot()
 
     def kick(self) -> None:
         """wake_up_interruptible(&khugepaged_wait): scan now, then sleep the new interval."""
@@ -304,6 +459,12 @@ class Khugepaged:
             self.generation += 1
             gen = self.generation
             self.k.clock.schedule(self.k.clock.now, lambda: self.wakeup(gen))
+
+    def exit_mm(self, pid: int) -> None:
+        """Model of __khugepaged_exit(): the mm leaves the list, unless khugepaged's cursor is on
+        it: then khugepaged collects it when it next takes it up."""
+        if pid != self.cursor_pid:
+            self.k.khugepaged_mms.pop(pid, None)
 
     def wakeup(self, gen: int | None = None) -> None:
         from .clock import NSEC_PER_MSEC
@@ -313,54 +474,56 @@ class Khugepaged:
         gen = self.generation
         self.k.clock.schedule(self.k.clock.now + sleep_ms * NSEC_PER_MSEC, lambda: self.wakeup(gen))
 
+    def _has_work(self) -> bool:
+        """Model of khugepaged_has_work()."""
+        return bool(self.k.khugepaged_mms) and hugepage_pmd_enabled(self.k)
+
     # -- one pass --------------------------------------------------------------------------------
     def do_scan(self) -> int:
-        """Model of khugepaged_do_scan(): one pass; returns the milliseconds to sleep after it."""
+        """Model of khugepaged_do_scan(): one pass; returns the milliseconds to sleep after it.
+
+        After a first failed THP allocation the pass is paused (it returns
+        ``alloc_sleep_millisecs``) and the next wakeup continues it.
+        """
         k = self.k
-        self.passes += 1
-        budget = k.sysfs.pages_to_scan
-        alloc_failures = 0
         cc = CollapseControl(is_khugepaged=True)
-        progress, failed = self._scan_hints(cc, budget)
-        if failed:
-            return k.sysfs.alloc_sleep_millisecs
-        while progress < budget:
-            mms = [pid for pid in k.khugepaged_mms if pid in k.procs]
-            for pid in list(k.khugepaged_mms):
-                if pid not in k.procs:
-                    del k.khugepaged_mms[pid]
-            if not mms:
-                break
-            if self.cursor_pid not in k.khugepaged_mms:
-                self.cursor_pid, self.cursor_addr = mms[0], 0
-            mm = k.procs[self.cursor_pid].mm
-            progress += 1
-            result, progress = self._scan_mm(mm, cc, progress, budget)
+        st, self._paused = self._paused, None
+        if st is None:
+            self.passes += 1
+            st = _Pass(pages=k.sysfs.pages_to_scan)
+            st.progress, result = self._scan_hints(cc, st.pages)
             if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
-                alloc_failures += 1
-                if alloc_failures >= 2:
-                    break
+                st.wait = False
+                self._paused = st
                 return k.sysfs.alloc_sleep_millisecs
-            if result is None:                       # this mm is done: next mm
-                i = mms.index(self.cursor_pid)
-                if i + 1 < len(mms):
-                    self.cursor_pid, self.cursor_addr = mms[i + 1], 0
-                else:
-                    self.cursor_pid, self.cursor_addr = mms[0], 0
-                    k.khugepaged_counters["full_scans"] += 1
-                    break                            # at most one wrap per pass
+        while True:
+            if self.cursor_pid is None:
+                st.pass_through_head += 1
+            if self._has_work() and st.pass_through_head < 2:
+                result = self._scan_mm_slot(st, cc)
+            else:
+                st.progress = st.pages
+            if st.progress >= st.pages:
+                break
+            if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
+                if not st.wait:
+                    break
+                st.wait = False
+                self._paused = st                       # khugepaged_alloc_sleep(), then go on
+                return k.sysfs.alloc_sleep_millisecs
         return k.sysfs.scan_sleep_millisecs
 
-    def _scan_hints(self, cc: CollapseControl, budget: int) -> tuple[int, bool]:
+    def _scan_hints(self, cc: CollapseControl, budget: int) -> tuple[int, ScanResult]:
         """Directed scanning (not in 6.18): PMDs a COW split just left behind come first.
 
         Each hint costs a PTE table's worth of progress; it is dropped once the
         block is huge again or cannot be scanned, kept while the limits refuse
-        it (e.g. pages still shared with a child).  Returns (progress, whether a
-        THP allocation failed).
+        it (e.g. pages still shared with a child).  Returns (progress, the
+        last result: SCAN_ALLOC_HUGE_PAGE_FAIL when a THP allocation failed).
         """
         k = self.k
         progress = 0
+        result = ScanResult.SCAN_SUCCEED
         for key in list(self.hint):
             if progress >= budget:
                 break
@@ -374,41 +537,56 @@ class Khugepaged:
             progress += HPAGE_PMD_NR
             result = collapse_single_pmd(k, proc.mm, vma, haddr, cc)
             if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
-                return progress, True
+                return progress, result
             if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED, ScanResult.SCAN_PMD_NULL):
                 del self.hint[key]
-        return progress, False
+        return progress, result
 
-    def _scan_mm(self, mm: MM, cc: CollapseControl, progress: int, budget: int):
-        """Model of khugepaged_scan_mm_slot(): scan from the cursor until the budget is spent.
+    def _scan_mm_slot(self, st: _Pass, cc: CollapseControl) -> ScanResult:
+        """Model of khugepaged_scan_mm_slot(): scan the cursor's mm until the budget is spent,
+        a collapse is tried, or the mm ends (then the cursor moves to the next mm).
 
-        Returns (last result or None when the mm was scanned to its end, progress).
+        Adds what it spends to ``st.progress``; returns the last scan or collapse result.
         """
         k = self.k
-        for vma in list(mm.vmas):
-            if vma.end <= self.cursor_addr:
-                continue
-            if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
-                progress += 1
-                self.cursor_addr = vma.end
-                if progress >= budget:
-                    return ScanResult.SCAN_VMA_CHECK, progress
-                continue
-            hstart = max(ALIGN(vma.start, HPAGE_PMD_SIZE), self.cursor_addr & HPAGE_PMD_MASK)
-            hend = vma.end & HPAGE_PMD_MASK
-            for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
-                if progress >= budget:
-                    return ScanResult.SCAN_SUCCEED, progress
-                self.cursor_addr = haddr + HPAGE_PMD_SIZE
-                pt = mm.pt
-                s = pt.slot_of.get(pmd_index(haddr))
-                if s is None or pt.pmd_kind[s] != PMD_TABLE:
-                    progress += 1
+        mms = k.khugepaged_mms
+        if self.cursor_pid is None or self.cursor_pid not in mms:
+            self.cursor_pid, self.cursor_addr = next(iter(mms)), 0
+        pid = self.cursor_pid
+        proc = k.procs.get(pid)
+        mm = proc.mm if proc is not None else None
+        result = ScanResult.SCAN_FAIL
+        st.progress += 1
+        if mm is not None and mm.thp_disable != 1:      # hpage_collapse_test_exit_or_disable()
+            for vma in [v for v in mm.vmas if v.end > self.cursor_addr]:      # vma_iter_init(address)
+                if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_KHUGEPAGED):
+                    st.progress += 1
                     continue
-                progress += HPAGE_PMD_NR
-                result = collapse_single_pmd(k, mm, vma, haddr, cc)
-                if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
-                    self.cursor_addr = haddr           # retry this block after the sleep
-                    return result, progress
-            self.cursor_addr = vma.end
-        return None, progress
+                hstart = ALIGN(vma.start, HPAGE_PMD_SIZE)
+                hend = vma.end & HPAGE_PMD_MASK
+                if self.cursor_addr > hend:
+                    st.progress += 1
+                    continue
+                self.cursor_addr = max(self.cursor_addr, hstart)
+                while self.cursor_addr < hend:
+                    haddr = self.cursor_addr
+                    before = cc.progress
+                    result = collapse_scan_pmd(k, mm, vma, haddr, cc)
+                    lock_dropped = result == ScanResult.SCAN_SUCCEED
+                    if lock_dropped:                    # collapse_huge_page() drops the mmap lock
+                        result = collapse_huge_page(k, mm, vma, haddr, cc)
+                    self.cursor_addr = haddr + HPAGE_PMD_SIZE
+                    st.progress += cc.progress - before if self.rules.refine_scan_progress else HPAGE_PMD_NR
+                    if lock_dropped or st.progress >= st.pages:
+                        return result                   # the mm keeps the cursor
+        # The mm was scanned to its end (or has exited): on to the next mm, or back to the head.
+        order = list(mms)
+        i = order.index(pid)
+        if i + 1 < len(order):
+            self.cursor_pid, self.cursor_addr = order[i + 1], 0
+        else:
+            self.cursor_pid, self.cursor_addr = None, 0
+            k.khugepaged_counters["full_scans"] += 1
+        if mm is None:
+            del mms[pid]                                # collect_mm_slot()
+        return result

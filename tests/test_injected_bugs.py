@@ -153,29 +153,33 @@ def test_the_series_copy_holds_every_page():
 
 
 # -- page_table_check at each store --------------------------------------------------------------
-def test_page_table_check_refuses_a_second_writable_mapping_at_the_store():
-    """The hook runs at every page-table store (not only in the checker after the call):
-    a COW path that maps the shared page writable instead of copying it is refused there."""
-    from thpcow.kernel import memory
-
-    k = Kernel(ram=RAM, check=True)
-    p = k.spawn()
-    a = p.mmap(PAGE_SIZE)
-    p.write(a, 8, 1)
-    c = p.fork()
-    orig = memory.wp_can_reuse_anon_folio
-    try:
-        memory.wp_can_reuse_anon_folio = lambda k, fids: np.ones(len(np.atleast_1d(fids)), dtype=bool)
-        with pytest.raises(PageTableCheckError, match="writable"):
+@pytest.mark.parametrize("store", ["write", "write_many", "write_many_scalar"])
+def test_page_table_check_refuses_a_second_writable_mapping_at_the_store(store):
+    """The hook runs at every page-table store (not only in the checker after the call): a COW
+    path that maps the shared page writable instead of copying it is refused at that store,
+    on the batched and the scalar path; with the checker off the write leaks into the parent."""
+    def run(k):
+        p = k.spawn()
+        a = p.mmap(4 * PAGE_SIZE)
+        p.write(a, 4 * PAGE_SIZE, 1)
+        c = p.fork()
+        if store == "write":
             c.write(a, 8, 2)
-    finally:
-        memory.wp_can_reuse_anon_folio = orig
+        else:
+            getattr(c, store)([a + PAGE_SIZE], [2])
+        return p, a
+    run(Kernel(ram=RAM, check=True))
+    with pytest.raises(PageTableCheckError, match="a writable anon page must be mapped once"):
+        run(Kernel(ram=RAM, page_table_check=True, inject=["cow-reuses-shared"]))
+    p, a = run(Kernel(ram=RAM, inject=["cow-reuses-shared"]))
+    assert 2 in p.read(a, 4 * PAGE_SIZE).tolist()               # what the checks prevent
 
 
 # -- the switch itself -----------------------------------------------------------------------------
 def test_bugs_are_off_unless_asked_for_and_unknown_names_are_refused():
     assert Kernel(ram=RAM).bugs == frozenset()
     assert parse_bugs("copy-first-page-only") == {"copy-first-page-only"}
-    assert set(BUGS) >= {"copy-first-page-only", "mm-ids-shared-sticks", "mm-ids-slot-leak", "mprotect-keeps-write"}
+    assert set(BUGS) >= {"copy-first-page-only", "mm-ids-shared-sticks", "mm-ids-slot-leak", "mprotect-keeps-write",
+                         "cow-reuses-shared"}
     with pytest.raises(ValueError, match="inject='no-such-bug': unknown bug; known: "):
         Kernel(ram=RAM, inject=["no-such-bug"])

@@ -17,6 +17,8 @@ BUGS: dict[str, str] = {
     "mm-ids-shared-sticks": "folio_sub_return_large_mapcount() never clears the MM_IDS_SHARED bit",
     "mm-ids-slot-leak": "folio_sub_return_large_mapcount() keeps the mm-id slot of an mm whose "
                         "last mapping went",
+    "cow-reuses-shared": "wp_can_reuse_anon_folio() reuses a small folio that another process still "
+                         "maps, so a COW write fault maps it writable instead of copying it",
     "mprotect-keeps-write": "change_protection() is skipped, so entries stay writable after "
                             "mprotect() removes PROT_WRITE",
 }

@@ -278,6 +278,8 @@ def wp_can_reuse_anon_folio(k: Kernel, fids):
     large = (order > 0) & (f.large[ids] > 1) & ~(f.flags[ids] & rmap.PG_MM_IDS_SHARED).astype(bool) \
         & (f.large[ids] == f.refcount[ids])
     out = small | large
+    if "cow-reuses-shared" in k.bugs:                 # injected bug (bugs.py): a shared small folio is reused
+        out = out | (order == 0)
     return bool(out) if out.ndim == 0 else out
 
 

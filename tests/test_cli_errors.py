@@ -44,6 +44,10 @@ def tracefile(tmp_path):
     (["compare", "--rank-by", "fast"], "thpcow: --rank-by=fast: expected one of p99, cow, copied, peak, thp, cpu"),
     (["demo", "--bogus"], "thpcow demo: No such option: --bogus"),
     (["nosuch"], "thpcow: No such command 'nosuch'."),
+    (["inspect", "999999999"], "thpcow: pid 999999999: no such process"),
+    (["inspect", "--watch", "0", "1"], "thpcow: --watch=0.0: must be > 0 (seconds)"),
+    (["inspect"], "thpcow: give process ids, --cgroup PATH or --all (one of them)"),
+    (["inspect", "--cgroup", "/nonexistent"], "thpcow: --cgroup=/nonexistent: cannot read"),
 ])
 def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, args, line):
     monkeypatch.chdir(tmp_path)
@@ -89,3 +93,12 @@ def test_a_run_where_every_policy_ran_out_of_memory_fails(monkeypatch, capsys, t
     assert "every policy ran out of memory" in err and "no verdict" in err
     assert "verdict:" not in out
     assert os.path.exists(tmp_path / "o" / "summary.parquet")   # what ran is kept
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="inspect needs root for PFNs")
+def test_inspect_json_of_this_process(monkeypatch, capsys):
+    import json
+    code, out, _err = run_main(monkeypatch, capsys, "inspect", str(os.getpid()), "--json")
+    assert code == 0
+    [proc] = json.loads(out)
+    assert proc["pid"] == os.getpid() and proc["vmas"] and proc["total"]["anon_kb"] > 0

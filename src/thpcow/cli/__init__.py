@@ -29,6 +29,8 @@ VERBS: tuple[tuple[str, str, str], ...] = (
      "Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report."),
     ("sweep", "sweep",
      "Run a grid of scenario parameters x policies; every finished point is stored at once (resumable)."),
+    ("inspect", "inspect",
+     "Show a live process's THP state from smaps, PAGEMAP_SCAN, pagemap and kpageflags."),
     ("calibrate", "calibrate",
      "Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML)."),
     ("validate", "validate",

@@ -8,6 +8,7 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True)      # progress bars and warnings: stdout stays clean for --json/--csv
@@ -67,12 +68,12 @@ def print_fitted(title: str | None, headers: list[str], rows: list[list[str]],
     widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
     for n, chunk in enumerate(table_chunks(rows, console.width, headers, groups)):
         cols = [0] + chunk
-        table = Table(title=title if n == 0 else None, title_justify="left")
+        table = Table(title=Text(title) if title and n == 0 else None, title_justify="left")
         for i in cols:
-            table.add_column(headers[i], justify="left" if i < left else "right", no_wrap=True,
+            table.add_column(Text(headers[i]), justify="left" if i < left else "right", no_wrap=True,
                              min_width=widths[i], max_width=widths[i])
         for r in rows:
-            table.add_row(*[r[i] for i in cols])
+            table.add_row(*[Text(r[i]) for i in cols])       # cells are text, never markup ("[heap]")
         console.print(table)
 
 

@@ -13,7 +13,9 @@ else on the machine moves the figures):
   whole folio mapped by PTEs, unaligned;
 - M: (only where an mTHP size is enabled) a region faulted as mTHPs.
 
-Skips with the reason where THP, root (PFNs) or a THP allocation is missing.
+B and C are then marked MADV_NOHUGEPAGE so that khugepaged cannot collapse
+them again while the test looks.  Skips with the reason where THP, root
+(PFNs) or a THP allocation is missing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from thpcow.lab.inspect import InspectError, inspect_pid
 
 M = 2 << 20
 PAGE = 4096
-MADV_DONTNEED, MADV_HUGEPAGE = 4, 14
+MADV_DONTNEED, MADV_HUGEPAGE, MADV_NOHUGEPAGE = 4, 14, 15
 PROT_READ, PROT_RW = 1, 3
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc only")
@@ -72,6 +74,9 @@ def layout():
         libc.mprotect(r + PAGE, PAGE, PROT_READ)
         libc.mprotect(r + PAGE, PAGE, PROT_RW)
     libc.madvise(C + M // 2, M // 2, MADV_DONTNEED)
+    # khugepaged must not collapse B or C again while the test looks: VM_NOHUGEPAGE on them
+    # (a VMA boundary at a 2 MiB boundary: no PMD or folio is touched).
+    libc.madvise(B, 4 * M, MADV_NOHUGEPAGE)
     ctypes.memset(E, 1, M)
     e_thp = procfs.smaps_field_in_range(procfs.read_smaps("self"), E, E + M, "AnonHugePages")
     dst = base + 20 * M + 3 * PAGE
@@ -88,11 +93,14 @@ def layout():
 
 def test_inspect_reports_a_known_layout_exactly(layout):
     r = inspect_pid(os.getpid())
-    abc = _vma_at(r, layout["A"])
-    assert abc.start == layout["A"] and abc.end == layout["A"] + 8 * M     # A, B and C: one VMA
-    assert abc.pmd_kb == 8192                                # A: 4 PMD-mapped THPs
-    assert abc.pte == {2048: {"aligned": 2048, "unaligned": 0, "partial": 1024}}   # B whole, C half
-    assert abc.small_kb == 0 and abc.swap_kb == 0 and abc.anon_kb == 8192 + 2048 + 1024
+    a = _vma_at(r, layout["A"])
+    assert (a.start, a.end) == (layout["A"], layout["A"] + 4 * M)
+    assert a.pmd_kb == 8192 and a.pte == {} and a.small_kb == 0 and a.anon_kb == 8192   # 4 PMD-mapped THPs
+    bc = _vma_at(r, layout["B"])
+    assert (bc.start, bc.end) == (layout["B"], layout["B"] + 4 * M)                   # B, a gap, C
+    assert bc.pmd_kb == 0
+    assert bc.pte == {2048: {"aligned": 2048, "unaligned": 0, "partial": 1024}}   # B whole, C half
+    assert bc.small_kb == 0 and bc.swap_kb == 0 and bc.anon_kb == 2048 + 1024
     e = _vma_at(r, layout["E"])
     assert (e.start, e.end) == (layout["E"], layout["E"] + M)
     assert e.pmd_kb == 0 and e.pte == {2048: {"aligned": 0, "unaligned": 2048, "partial": 0}}

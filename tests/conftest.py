@@ -151,6 +151,14 @@ def skip_without_real_thp(*more_checks: Callable[[], str | None]) -> None:
             pytest.skip(reason)
 
 
+def skip_unless_settled(settled: bool, scores, what: str) -> None:
+    """Skip, saying so, when other processes kept making THP events through every run of a
+    real-kernel scenario (its system-wide counters cannot then be compared exactly)."""
+    if not settled:
+        pytest.skip(f"{what}: other processes made THP events during every run (system-wide "
+                    f"/proc/vmstat noise scores {list(scores)}); rerun on a quieter machine")
+
+
 def sim_kernel_with_knobs(knobs: dict[str, str], ram: int) -> tuple[Kernel, dict[str, str]]:
     """A checked simulated kernel with the running kernel's writable THP knobs (``knobs``, as
     procfs.read_thp_knobs() reads them); returns it and the knobs it took."""

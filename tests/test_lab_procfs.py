@@ -375,3 +375,10 @@ def test_read_metadata_fake_root(tmp_path: Path) -> None:
     assert md["cpu_model"] == "Test CPU"
     assert md["governor"] == "n/a"  # no cpufreq in the fake tree (nor in most VMs)
     assert int(md["nr_cpus"]) == (os.cpu_count() or 0)
+
+
+def test_a_noise_floor_is_settled_when_the_quietest_score_comes_up_twice():
+    from thpcow.lab.scenario import settled
+    assert not settled([]) and not settled([(4, 10)])
+    assert settled([(4, 10), (6, 3), (4, 99)])          # 4 twice: the scenario's own events
+    assert not settled([(5, 1), (4, 2), (6, 0)])        # every run disturbed differently

@@ -25,7 +25,7 @@ import pytest
 
 from thpcow.lab import procfs, scenario
 
-from conftest import skip_without_real_thp
+from conftest import skip_unless_settled, skip_without_real_thp
 
 pytestmark = pytest.mark.realkernel
 
@@ -50,7 +50,9 @@ def _real_kernel() -> None:
 @pytest.fixture(scope="module")
 def fork_split() -> scenario.ForkSplitResult:
     """run_fork_split(size_mib=8) once for the whole module (4 PMDs, 1 child write each)."""
-    return scenario.run_fork_split(size_mib=8)
+    r = scenario.run_fork_split(size_mib=8)
+    skip_unless_settled(r.settled, r.noise_scores, "run_fork_split")
+    return r
 
 
 def _explain(r: scenario.ForkSplitResult) -> str:

@@ -32,7 +32,8 @@ from thpcow.kernel import HPAGE_PMD_SIZE, PAGE_SIZE
 from thpcow.lab import scenario
 
 from conftest import (
-    MiB, VmstatDelta, aligned_region, sim_kernel_with_knobs, skip_without_real_thp, smaps_anon_huge_kb,
+    MiB, VmstatDelta, aligned_region, sim_kernel_with_knobs, skip_unless_settled, skip_without_real_thp,
+    smaps_anon_huge_kb,
 )
 
 pytestmark = pytest.mark.realkernel
@@ -116,6 +117,7 @@ def pair(request) -> tuple[scenario.ForkSplitResult, SimResult]:
     skip_without_real_thp()
     writes = request.param
     real = scenario.run_fork_split(size_mib=SIZE_MIB, child_writes_per_2m=writes)
+    skip_unless_settled(real.settled, real.noise_scores, "run_fork_split")
     sim = run_fork_split_sim(SIZE_MIB, writes, real.knobs)
     return real, sim
 

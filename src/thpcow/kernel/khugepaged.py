@@ -25,7 +25,7 @@ import numpy as np
 
 from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
-from .folio import PG_SWAPBACKED
+from .folio import PG_REFERENCED, PG_SWAPBACKED
 from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, alloc_thp
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
@@ -120,7 +120,10 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     uf = np.unique(fids)
     if (f.refcount[uf] != f.expected_ref_count(uf, k.mem.mapcount[f.head[uf]])).any():   # is_refcount_suitable()
         return ScanResult.SCAN_PAGE_COUNT
-    referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
+    # A page counts as referenced when its PTE is young or its folio has PG_referenced
+    # (folio_test_young() is idle-page tracking's, never set here; no secondary MMUs).
+    referenced = int(np.count_nonzero((flags[present] & _PAGE_ACCESSED).astype(bool) |
+                                      (f.flags[fids] & PG_REFERENCED).astype(bool)))
     if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):
         return ScanResult.SCAN_LACK_REFERENCED_PAGE
     return ScanResult.SCAN_SUCCEED

@@ -120,12 +120,16 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     uf = np.unique(fids)
     if (f.refcount[uf] != f.expected_ref_count(uf, k.mem.mapcount[f.head[uf]])).any():   # is_refcount_suitable()
         return ScanResult.SCAN_PAGE_COUNT
-    # A page counts as referenced when its PTE is young or its folio has PG_referenced
-    # (folio_test_young() is idle-page tracking's, never set here; no secondary MMUs).
-    referenced = int(np.count_nonzero((flags[present] & _PAGE_ACCESSED).astype(bool) |
-                                      (f.flags[fids] & PG_REFERENCED).astype(bool)))
-    if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):
-        return ScanResult.SCAN_LACK_REFERENCED_PAGE
+    if cc.is_khugepaged:
+        # A page counts as referenced when its PTE is young or its folio has PG_referenced
+        # (folio_test_young() is idle-page tracking's, never set here; no secondary MMUs).
+        # Optimization: the folio flags are looked at only when the young PTEs are not enough.
+        young = (flags[present] & _PAGE_ACCESSED).astype(bool)
+        referenced = int(np.count_nonzero(young))
+        if not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2):
+            referenced = int(np.count_nonzero(young | (f.flags[fids] & PG_REFERENCED).astype(bool)))
+        if not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2):
+            return ScanResult.SCAN_LACK_REFERENCED_PAGE
     return ScanResult.SCAN_SUCCEED
 
 

@@ -25,6 +25,7 @@ from thpcow.kernel.folio import PG_REFERENCED
 from thpcow.kernel.khugepaged import CollapseControl, ScanResult, collapse_scan_pmd
 from thpcow.kernel.mm import PMD_LEAF, PMD_TABLE, _PAGE_ACCESSED
 from thpcow.kernel.task_mmu import KPF_REFERENCED, PM_FILE, PM_MMAP_EXCLUSIVE, PM_PRESENT, kpageflags
+from thpcow.lab import procfs
 
 MiB = 1 << 20
 
@@ -81,6 +82,7 @@ def test_a_load_makes_the_whole_pmd_young():
     assert not pmd_young(p, a) and p.smaps_fields(a)["Referenced"] == 0
     p.read(a + 77 * PAGE_SIZE)
     assert pmd_young(p, a) and p.smaps_fields(a)["Referenced"] == 2048
+    assert procfs.parse_smaps_rollup(p.smaps_rollup())["Referenced"] == 2048
 
 
 def test_read_faults_map_the_zero_page_and_the_huge_zero_pmd_young():

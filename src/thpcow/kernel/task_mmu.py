@@ -14,7 +14,7 @@ from .constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PHYS_PFN
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
 from .mm import (
     MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL, swp_offset,
-    vpn_pmd_index, vpn_pte_index,
+    vpn_pte_index,
 )
 
 # Swap type of hwpoison entries in pagemap's low 5 bits.  Simplification: the

@@ -332,7 +332,7 @@ def _mark_accessed(k: Kernel, mm: MM, sc: np.ndarray, leaf: np.ndarray, rows: np
             old = (pt.pmd_flags[sc] & _PAGE_ACCESSED) == 0
         old &= leaf
         if old.any():
-            pgtable.pmd_update_flags(k, mm, np.unique(sc[old]), set_bits=_PAGE_ACCESSED)
+            pgtable.pmd_update_flags(k, mm, sc[old], set_bits=_PAGE_ACCESSED)   # repeated slots: same result
 
 
 def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None = None) -> np.ndarray:

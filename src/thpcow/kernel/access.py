@@ -314,11 +314,13 @@ def _mark_accessed(k: Kernel, mm: MM, sc: np.ndarray, leaf: np.ndarray, rows: np
     batch are marked together before its faults run, so reclaim during one
     of those faults sees every page the batch found mapped as young.
     """
-    old = (flags & _PAGE_ACCESSED) == 0
-    old &= pfn >= 0                                        # entry_state(): pfn >= 0 only for PTEs
-    if old.any():
-        pgtable.pte_update_flags(k, mm, rows[old], cols[old], set_bits=_PAGE_ACCESSED)
-    if leaf.any():
+    all_leaf = leaf.all()
+    if not all_leaf:
+        old = (flags & _PAGE_ACCESSED) == 0
+        old &= pfn >= 0                                    # entry_state(): pfn >= 0 only for PTEs
+        if old.any():
+            pgtable.pte_update_flags(k, mm, rows[old], cols[old], set_bits=_PAGE_ACCESSED)
+    if all_leaf or leaf.any():
         pt = mm.pt
         n = pt.nr_slots
         if n <= len(sc):

@@ -317,7 +317,7 @@ def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):
     fastest = {k: v.min for k, v in c.figures.items()}
     assert fastest["cow_first"] > fastest["cow_4k"] > 0, (fastest, f)
     assert 10e3 < f["collapse"] < 50e6, f
-    assert f["fault_thp_zero"] > 10 * f["reuse_thp"], f
+    assert fastest["fault_thp_zero"] > 10 * fastest["reuse_thp"], (fastest, f)     # fastest runs, as above
     assert 0.5 < res["4k"] < 1000 and 0.5 < res["thp"] < 1000, res
     prof = c.profile("t", "test")
     assert prof.fault_thp_zero_ns == pytest.approx(f["fault_thp_zero"], rel=1e-6)

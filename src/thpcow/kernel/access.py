@@ -80,9 +80,13 @@ def entry_state(mm: MM, vpages: np.ndarray):
 
 def resolve_pfns(k: Kernel, mm: MM, vpages: np.ndarray) -> np.ndarray:
     """The frame each page maps now (-1 if none); the huge zero PMD maps the zero page."""
-    pt = mm.pt
     sc, kind, rows, cols, pfn, flags = entry_state(mm, vpages)
-    leaf = kind == PMD_LEAF
+    return _leaf_pfns(k, mm, sc, kind == PMD_LEAF, cols, pfn)
+
+
+def _leaf_pfns(k: Kernel, mm: MM, sc: np.ndarray, leaf: np.ndarray, cols: np.ndarray, pfn: np.ndarray) -> np.ndarray:
+    """resolve_pfns() from an entry_state(): the PTE frames, with the PMD leaves' frames filled in."""
+    pt = mm.pt
     if leaf.any():
         fids = pt.pmd_folio[sc[leaf]]
         heads = k.folios.head[fids]
@@ -298,6 +302,41 @@ def write_pages_scalar(k: Kernel, mm: MM, vpages: np.ndarray, tokens: np.ndarray
 
 
 # -- loads ---------------------------------------------------------------------------------------------
+def _mark_accessed(k: Kernel, mm: MM, sc: np.ndarray, leaf: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                   pfn: np.ndarray, flags: np.ndarray) -> None:
+    """The MMU sets the accessed (young) bit of the entry each load goes through.
+
+    Present PTEs (the zero page's too) and PMD leaves (the huge zero PMD's
+    too) of the pages (their entry_state() and PMD-leaf mask) become young;
+    the hardware does it on every access, not only when a fault maps the
+    page.  Pages that are not mapped yet are mapped young by their fault
+    (x86's vm_page_prot has _PAGE_ACCESSED).  Simplification: the loads of a
+    batch are marked together before its faults run, so reclaim during one
+    of those faults sees every page the batch found mapped as young.
+    """
+    all_leaf = leaf.all()
+    if not all_leaf:
+        old = (flags & _PAGE_ACCESSED) == 0
+        old &= pfn >= 0                                    # entry_state(): pfn >= 0 only for PTEs
+        if old.any():
+            pgtable.pte_update_flags(k, mm, rows[old], cols[old], set_bits=_PAGE_ACCESSED)
+    if all_leaf or leaf.any():
+        pt = mm.pt
+        n = pt.nr_slots
+        if n <= len(sc):
+            # Optimization: when no PMD leaf of the mm is old (the usual case), skip the per-page test.
+            old_slot = (pt.pmd_flags[:n] & _PAGE_ACCESSED) == 0
+            old_slot &= pt.pmd_kind[:n] == PMD_LEAF
+            if not old_slot.any():
+                return
+            old = old_slot[sc]
+        else:
+            old = (pt.pmd_flags[sc] & _PAGE_ACCESSED) == 0
+        old &= leaf
+        if old.any():
+            pgtable.pmd_update_flags(k, mm, sc[old], set_bits=_PAGE_ACCESSED)   # repeated slots: same result
+
+
 def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None = None) -> np.ndarray:
     """Load every page: read faults where nothing is mapped; returns the tokens."""
     vpages = np.asarray(vpages, dtype=np.int64)
@@ -308,7 +347,10 @@ def read_pages(k: Kernel, mm: MM, vpages: np.ndarray, addrs: np.ndarray | None =
         raise _segv(mm, int(vpages[bad]), False, None if addrs is None else int(addrs[bad]))
     if not len(vpages):
         return np.empty(0, dtype=np.int64)
-    pfn = resolve_pfns(k, mm, vpages)
+    sc, kind, rows, cols, pfn, flags = entry_state(mm, vpages)
+    leaf = kind == PMD_LEAF
+    _mark_accessed(k, mm, sc, leaf, rows, cols, pfn, flags)
+    pfn = _leaf_pfns(k, mm, sc, leaf, cols, pfn)
     out = np.zeros(len(vpages), dtype=np.int64)
     ok = pfn >= 0
     out[ok] = k.mem.content[pfn[ok]]

@@ -18,13 +18,13 @@ from .constants import (
     ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, VM_HUGEPAGE,
     VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
 )
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_REFERENCED
 from .memory import (
     FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare, copy_user_large_folio,
 )
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
+    _PAGE_RW, _PAGE_SOFT_DIRTY, pmd_index,
 )
 from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, ZERO_PFN, Gfp, alloc_thp
 from .swap import folio_add_lru
@@ -234,7 +234,7 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
         if zfid < 0:
             k.vmstat.count_vm_event("thp_fault_fallback")
             return VM_FAULT_FALLBACK
-        pgtable.set_pmd_at(k, mm, s, zfid, _PAGE_PRESENT | _PAGE_SPECIAL)
+        pgtable.set_pmd_at(k, mm, s, zfid, pgtable.PMD_HUGE_ZERO)      # set_huge_zero_folio(): young (vm_page_prot)
         _install_deposit(mm)
         return VM_FAULT_OK
     fid = vma_alloc_anon_folio_pmd(k, vma)
@@ -403,7 +403,8 @@ def copy_huge_pmd(k: Kernel, dst: MM, src: MM, vma: VMA, s: int) -> None:
     flags = int(spt.pmd_flags[s])
     _install_deposit(dst)
     if k.folios.flags[fid] & PG_HUGE_ZERO:
-        pgtable.set_pmd_at(k, dst, d, fid, flags)
+        # The huge zero PMD too: wrprotect (it is read-only already) and old in the child.
+        pgtable.set_pmd_at(k, dst, d, fid, flags & ~(_PAGE_RW | _PAGE_ACCESSED))
         dst.huge_zero = True
         return
     rmap.folio_try_dup_anon_rmap_pmd(k, fid, dst)
@@ -537,7 +538,7 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     folio_add_lru(k, new_ids)
     mem.folio[pfns[live]] = new_ids
     f.refcount[new_ids] = mapcounts[live]
-    f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY)
+    f.flags[new_ids] = owner_flags[live] & (PG_ANON | rmap.PG_SWAPBACKED | rmap.PG_LRU | PG_DIRTY | PG_REFERENCED)
     dead = pfns[~live]
     mem.folio[dead] = -1
     mem.pflags[dead] = 0

@@ -41,7 +41,7 @@ import numpy as np
 
 from .constants import ALIGN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PFN_PHYS
 from .errors import KernelError, OutOfMemory
-from .folio import PG_ANON, PG_SWAPBACKED
+from .folio import PG_ANON, PG_REFERENCED, PG_SWAPBACKED
 from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, alloc_thp
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, pmd_index
 from . import huge_memory as hm
@@ -240,10 +240,17 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
             k.vmstat.count_vm_event(event)
         return result
     cc.progress += HPAGE_PMD_NR
-    referenced = int(np.count_nonzero(flags[present] & _PAGE_ACCESSED))
     nr_swap = int(np.count_nonzero(swp))
-    if cc.is_khugepaged and (not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2)):
-        return ScanResult.SCAN_LACK_REFERENCED_PAGE
+    if cc.is_khugepaged:
+        # A page counts as referenced when its PTE is young or its folio has PG_referenced
+        # (folio_test_young() is idle-page tracking's, never set here; no secondary MMUs).
+        # Optimization: the folio flags are looked at only when the young PTEs are not enough.
+        young = (flags[present] & _PAGE_ACCESSED).astype(bool)
+        referenced = int(np.count_nonzero(young))
+        if not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2):
+            referenced = int(np.count_nonzero(young | (f.flags[fids] & PG_REFERENCED).astype(bool)))
+        if not referenced or (nr_swap and referenced < HPAGE_PMD_NR // 2):
+            return ScanResult.SCAN_LACK_REFERENCED_PAGE
     return ScanResult.SCAN_SUCCEED
 
 

@@ -18,7 +18,7 @@ from .constants import (
     VM_MERGEABLE, VM_WRITE,
 )
 from .errors import KernelError, einval
-from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_SWAPCACHE
+from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_REFERENCED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory, pgtable
@@ -177,6 +177,14 @@ def _partly_in_range(k: Kernel, fid: int, pfn: int, addr: int, start: int, end: 
     return first < start or first + PFN_PHYS(nr) > end
 
 
+def _mark_lazyfree(f, fid: int) -> None:
+    """Model of folio_mark_lazyfree(): the folio loses PG_swapbacked; lru_lazyfree() also
+    clears PG_referenced of a folio that was swap-backed until now."""
+    if f.flags[fid] & PG_SWAPBACKED:
+        f.flags[fid] &= np.uint16(~PG_REFERENCED & 0xFFFF)
+    f.flags[fid] &= np.uint16(~PG_SWAPBACKED & 0xFFFF)
+
+
 def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
     """Model of madvise_free_single_vma()/madvise_free_pte_range(): mark pages lazily freeable.
 
@@ -197,7 +205,8 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
             if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
                 continue
             if lo == base and hi == base + HPAGE_PMD_SIZE:
-                f.flags[fid] &= np.uint16(~(PG_DIRTY | PG_SWAPBACKED) & 0xFFFF)
+                _mark_lazyfree(f, fid)
+                f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
                 pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
                 continue
             hm.split_folio(k, fid)
@@ -225,7 +234,7 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
                 if shared:
                     continue
                 f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
-            f.flags[fid] &= np.uint16(~PG_SWAPBACKED & 0xFFFF)         # folio_mark_lazyfree()
+            _mark_lazyfree(f, fid)
             pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
 
 
@@ -235,9 +244,11 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
     Folios that may be mapped by other processes are left alone.  A PMD THP
     wholly in the range is taken whole; one only partly in it is split (its
     PMD, then the folio) and handled page by page; likewise a PTE-mapped large
-    folio partly in the range.  MADV_COLD clears the young bits and moves the
-    folios to the head of the LRU (they are reclaimed first); MADV_PAGEOUT
-    reclaims them now (reclaim_pages()).
+    folio partly in the range.  Both clear PG_referenced of the folios they
+    take.  MADV_COLD also clears the young bits of their PTEs/PMDs and moves
+    the folios to the head of the LRU (they are reclaimed first); MADV_PAGEOUT
+    leaves the young bits alone and reclaims the folios now (reclaim_pages()
+    ignores references), so a folio it cannot reclaim stays young.
     """
     from . import vmscan
     pt = mm.pt
@@ -249,7 +260,8 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
             if f.flags[fid] & PG_HUGE_ZERO or f.maybe_mapped_shared(fid, 0):
                 continue
             if lo == base and hi == base + HPAGE_PMD_SIZE:
-                pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_ACCESSED)
+                if not pageout:
+                    pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_ACCESSED)
                 picked.append(fid)
                 continue
             hm.split_huge_pmd(k, mm, vma, s)
@@ -269,9 +281,12 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
                 if hm.split_folio(k, fid) != 0:
                     continue
                 fid = int(k.mem.folio[pfn])
-            pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_ACCESSED)
+            if not pageout:
+                pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_ACCESSED)
             picked.append(fid)
     picked = list(dict.fromkeys(picked))
+    if picked:
+        f.flags[np.array(picked, dtype=np.int64)] &= np.uint16(~PG_REFERENCED & 0xFFFF)   # folio_clear_referenced()
     if pageout:
         vmscan.reclaim_pages(k, picked)
         return

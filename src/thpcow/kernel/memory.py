@@ -468,9 +468,10 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     """Model of copy_pte_range()/copy_present_ptes() for one table, PTEs [lo, hi).
 
     Anonymous pages become shared: writable PTEs are write-protected in the
-    parent, the child's copies are read-only and old, AnonExclusive is cleared,
-    and every page takes one more reference and mapcount.  The zero page is
-    copied as it is.
+    parent, the child's copies are read-only, AnonExclusive is cleared, and
+    every page takes one more reference and mapcount.  The zero page is copied
+    as it is.  Every present PTE the child gets is old (__copy_present_ptes()
+    applies pte_mkold() to the zero page too); the parent's keep their young bit.
     """
     spt, dpt = src.pt, dst.pt
     srow = int(spt.pmd_row[s_src])
@@ -492,7 +493,7 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     idx = np.flatnonzero(normal)
     # Parent: write-protect COW pages (before the child's copies are installed).
     pgtable.ptep_set_wrprotect(k, src, srow, lo + idx)
-    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags)
+    child_flags = np.where(normal, flags & ~np.uint8(_PAGE_RW | _PAGE_ACCESSED), flags & ~np.uint8(_PAGE_ACCESSED))
     pi = np.flatnonzero(present)
     pgtable.set_ptes_scatter(k, dst, drow, lo + pi, pfns[pi], child_flags[pi])
     if not len(idx):

@@ -72,8 +72,11 @@ def swp_offset(val):
     return -2 - val
 
 
+# Entries made from vma->vm_page_prot are young: x86's protections all carry
+# _PAGE_ACCESSED, so a fault maps a page (the zero page too) young.
 PTE_NEW_ANON = _PAGE_PRESENT | _PAGE_RW | _PAGE_DIRTY | _PAGE_ACCESSED
-PTE_ZERO = _PAGE_PRESENT | _PAGE_SPECIAL
+PTE_ZERO = _PAGE_PRESENT | _PAGE_SPECIAL | _PAGE_ACCESSED
+PMD_HUGE_ZERO = _PAGE_PRESENT | _PAGE_SPECIAL | _PAGE_ACCESSED
 
 
 # -- page-table indexes -------------------------------------------------------------------------

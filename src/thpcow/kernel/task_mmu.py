@@ -14,7 +14,7 @@ from .constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE, PHYS_PFN
 from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_SWAPBACKED, PG_REFERENCED, PG_SWAPCACHE, PG_LRU
 from .mm import (
     MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_HWPOISON, _PAGE_SPECIAL, swp_offset,
-    vpn_pmd_index, vpn_pte_index,
+    vpn_pte_index,
 )
 
 # Swap type of hwpoison entries in pagemap's low 5 bits.  Simplification: the
@@ -46,7 +46,7 @@ PM_SWAP = 1 << 62
 PM_PRESENT = 1 << 63
 
 # kpageflags bit numbers (include/uapi/linux/kernel-page-flags.h)
-KPF_DIRTY, KPF_LRU, KPF_MMAP, KPF_ANON, KPF_SWAPCACHE, KPF_SWAPBACKED = 4, 5, 11, 12, 13, 14
+KPF_REFERENCED, KPF_DIRTY, KPF_LRU, KPF_MMAP, KPF_ANON, KPF_SWAPCACHE, KPF_SWAPBACKED = 2, 4, 5, 11, 12, 13, 14
 KPF_COMPOUND_HEAD, KPF_COMPOUND_TAIL, KPF_THP, KPF_ZERO_PAGE, KPF_BUDDY, KPF_NOPAGE = 15, 16, 22, 24, 10, 20
 
 
@@ -63,7 +63,12 @@ class MemSize:
 
 def _accumulate_pages(k: Kernel, mss: MemSize, pfns: np.ndarray, fids: np.ndarray, entry_dirty: np.ndarray,
                       entry_young: np.ndarray, extra_mapcount: np.ndarray) -> None:
-    """Model of smaps_account() for a run of 4 KiB pages (PTE-mapped or one PMD's pages)."""
+    """Model of smaps_account() for a run of 4 KiB pages (PTE-mapped or one PMD's pages).
+
+    Referenced: the page's entry is young (a young PMD counts its whole
+    folio), or the folio has PG_referenced; folio_test_young() (PG_young, set
+    only by idle-page tracking and DAMON) is never set in the simulator.
+    """
     f = k.folios
     v = mss.v
     n = len(pfns)
@@ -200,41 +205,55 @@ def smaps_fields(k: Kernel, mm: MM, addr: int | None) -> dict[str, int]:
 
 # -- pagemap ---------------------------------------------------------------------------------------------
 def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
-    """Model of pagemap_read() for a reader with CAP_SYS_ADMIN: one u64 per page."""
+    """Model of pagemap_read() for a reader with CAP_SYS_ADMIN: one u64 per page.
+
+    PM_MMAP_EXCLUSIVE follows CONFIG_PAGE_MAPCOUNT (the 6.18 kernel modelled):
+    a present page is exclusive when its precise mapcount (its PTE mapcount
+    plus the folio's entire mapcount) is 1, page by page.  A PMD leaf reports
+    the head page's answer for every page it maps (pagemap_pmd_range_thp()
+    looks at the head page only); the huge zero folio is never rmapped
+    (mapcount 0), so its pages are not exclusive, and being no anon folio they
+    carry PM_FILE.  A zero-page PTE has no normal page: present, nothing else.
+    """
     out = np.zeros(npages, dtype=np.uint64)
+    if npages <= 0:
+        return out
     pt = mm.pt
     f = k.folios
+    mem = k.mem
     vpages = PHYS_PFN(addr) + np.arange(npages, dtype=np.int64)
-    for i, (pmd, pte) in enumerate(zip(vpn_pmd_index(vpages).tolist(), vpn_pte_index(vpages).tolist())):
-        s = pt.slot_of.get(pmd)
-        if s is None:
-            continue
-        kind = pt.pmd_kind[s]
-        if kind == PMD_LEAF:
-            fid = int(pt.pmd_folio[s])
-            pfn = int(f.head[fid]) + pte
-            val = PM_PRESENT | pfn
-            if f.flags[fid] & PG_HUGE_ZERO:
-                val |= PM_FILE | PM_MMAP_EXCLUSIVE
-            elif not f.maybe_mapped_shared(fid, 0):
-                val |= PM_MMAP_EXCLUSIVE
-            out[i] = val
-        elif kind == PMD_TABLE:
-            row = int(pt.pmd_row[s])
-            pfn = int(pt.pte_pfn[row, pte])
-            if pfn <= -2:                                 # swap: type 0, then the offset
-                out[i] = PM_SWAP | (swp_offset(pfn) << MAX_SWAPFILES_SHIFT)
-                continue
-            if pfn < 0:
-                if pt.pte_flags[row, pte] & _PAGE_HWPOISON:
-                    out[i] = PM_SWAP | SWP_HWPOISON_TYPE      # a hwpoison swap-type entry
-                continue
-            val = PM_PRESENT | pfn
-            if not pt.pte_flags[row, pte] & _PAGE_SPECIAL:
-                fid = int(k.mem.folio[pfn])
-                if not f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
-                    val |= PM_MMAP_EXCLUSIVE
-            out[i] = val
+    sc, kind = pt.pmd_entries(vpages)
+    cols = vpn_pte_index(vpages)
+    leaf = np.flatnonzero(kind == PMD_LEAF)
+    if len(leaf):                                       # pagemap_pmd_range_thp()
+        fids = pt.pmd_folio[sc[leaf]]
+        heads = f.head[fids]
+        fflags = f.flags[fids]
+        val = PM_PRESENT | (heads + cols[leaf]).astype(np.uint64)
+        val |= np.where(fflags & PG_ANON, 0, PM_FILE).astype(np.uint64)
+        excl = (mem.mapcount[heads] + f.entire[fids] == 1) & ~(fflags & PG_HUGE_ZERO).astype(bool)
+        val |= np.where(excl, PM_MMAP_EXCLUSIVE, 0).astype(np.uint64)
+        out[leaf] = val
+    tab = np.flatnonzero(kind == PMD_TABLE)
+    if len(tab):                                        # pte_to_pagemap_entry()
+        rows = pt.pmd_row[sc[tab]]
+        pfn = pt.pte_pfn[rows, cols[tab]]
+        fl = pt.pte_flags[rows, cols[tab]]
+        val = np.zeros(len(tab), dtype=np.uint64)
+        swp = pfn <= -2                                 # swap: type 0, then the offset
+        val[swp] = PM_SWAP | (swp_offset(pfn[swp]).astype(np.uint64) << np.uint64(MAX_SWAPFILES_SHIFT))
+        hwp = (pfn == -1) & (fl & _PAGE_HWPOISON).astype(bool)
+        val[hwp] = PM_SWAP | SWP_HWPOISON_TYPE          # a hwpoison swap-type entry
+        present = pfn >= 0
+        val[present] = PM_PRESENT | pfn[present].astype(np.uint64)
+        normal = np.flatnonzero(present & ~(fl & _PAGE_SPECIAL).astype(bool))
+        if len(normal):
+            p = pfn[normal]
+            fids = mem.folio[p]
+            val[normal] |= np.where(f.flags[fids] & PG_ANON, 0, PM_FILE).astype(np.uint64)
+            excl = mem.mapcount[p] + f.entire[fids] == 1     # folio_precise_page_mapcount() == 1
+            val[normal] |= np.where(excl, PM_MMAP_EXCLUSIVE, 0).astype(np.uint64)
+        out[tab] = val
     return out
 
 
@@ -261,6 +280,8 @@ def kpageflags(k: Kernel, pfns) -> np.ndarray:
                 bits |= 1 << KPF_MMAP
             if fl & PG_ANON:
                 bits |= 1 << KPF_ANON
+            if fl & PG_REFERENCED:
+                bits |= 1 << KPF_REFERENCED
             if fl & PG_DIRTY:
                 bits |= 1 << KPF_DIRTY
             if fl & PG_LRU:

@@ -2,9 +2,10 @@
 
 Reclaim keeps one LRU of anonymous folios (a stamp per folio, oldest first) with
 second-chance ageing, like the kernel's inactive list: a folio whose mappings
-were accessed since the last look (young PTE/PMD) has the bits cleared and
-goes to the tail; an old one is reclaimed.  (This is the classic two-list
-LRU reduced to one list with a referenced test, not MGLRU.)
+were accessed since the last look (young PTE/PMD) has the bits cleared, is
+marked PG_referenced and goes to the tail; an old one is reclaimed, whatever
+PG_referenced said (``folio_check_references()``).  (This is the classic
+two-list LRU reduced to one list with a referenced test, not MGLRU.)
 
 Reclaiming a folio (``shrink_folio``):
 - a clean lazyfree folio (MADV_FREE, no dirty mapping) is discarded;
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import HPAGE_PMD_ORDER
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_SWAPBACKED, PG_SWAPCACHE
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_REFERENCED, PG_SWAPBACKED, PG_SWAPCACHE
 from .mm import _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SWP_EXCLUSIVE, swp_entry
 from .page_alloc import PG_ANON_EXCLUSIVE
 from .rmap import folio_mappings, folio_referenced, small_mappings, try_to_unmap_to_swap
@@ -84,6 +85,27 @@ def isolate_lru_folios(k: Kernel, n: int) -> np.ndarray:
 def lruvec_lru_size(k: Kernel) -> int:
     """Model of lruvec_lru_size(): the number of folios on the anon LRU."""
     return int(np.count_nonzero(k.folios.lru[: k.folios._next] >= 0))
+
+
+# -- references -------------------------------------------------------------------------------------------
+def folio_check_references(k: Kernel, fid: int) -> bool:
+    """Model of folio_check_references() for an anon folio: keep it (True) or reclaim it.
+
+    folio_referenced() tests and clears the young bit of every mapping, and
+    PG_referenced is tested and cleared.  A folio with a young mapping is
+    kept and marked PG_referenced (the kernel activates it when it was
+    referenced before or more than one mapping was young, and keeps it on
+    the inactive list otherwise: on the one list here both are a second
+    chance).  Without a young mapping an anon folio is reclaimed, whatever
+    PG_referenced said.
+    """
+    young = folio_referenced(k, fid)
+    f = k.folios
+    if young:
+        f.flags[fid] |= PG_REFERENCED
+    else:
+        f.flags[fid] &= np.uint16(~PG_REFERENCED & 0xFFFF)
+    return young
 
 
 # -- pageout ------------------------------------------------------------------------------------------------
@@ -178,9 +200,10 @@ def reclaim_pages(k: Kernel, fids) -> int:
 def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
     """Optimization: second chance and swap-out for many order-0 anon folios at once.
 
-    Same decisions as folio_referenced() + shrink_folio() one by one: young
-    folios get their bits cleared and are returned to be kept; the others are
-    written to swap, their PTEs become swap entries, and they are freed.
+    Same decisions as folio_check_references() + shrink_folio() one by one:
+    young folios get their bits cleared, are marked PG_referenced and are
+    returned to be kept; the others are written to swap, their PTEs become
+    swap entries, and they are freed.
     Returns the folios kept (young, or no swap slot left).
     """
     f = k.folios
@@ -190,7 +213,7 @@ def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
     if not complete:
         keep = []
         for fid in fids.tolist():
-            if folio_referenced(k, fid) or not shrink_folio(k, fid):
+            if folio_check_references(k, fid) or not shrink_folio(k, fid):
                 if f.used[fid]:
                     keep.append(fid)
         return np.array(keep, dtype=np.int64)
@@ -199,6 +222,8 @@ def shrink_small_batch(k: Kernel, fids: np.ndarray) -> np.ndarray:
         y = (mm.pt.pte_flags[rows, cols] & _PAGE_ACCESSED).astype(bool)
         young[idx[y]] = True
         pgtable.pte_update_flags(k, mm, rows[y], cols[y], clear_bits=_PAGE_ACCESSED)
+    f.flags[fids] = (f.flags[fids] & np.uint16(~PG_REFERENCED & 0xFFFF)) | \
+        np.where(young, PG_REFERENCED, 0).astype(np.uint16)
     old = np.flatnonzero(~young)
     slots = k.swap.alloc_many(len(old))
     old = old[: len(slots)]
@@ -250,6 +275,9 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
         for fid in lazy.tolist():
             if freed >= nr_to_reclaim:
                 break
+            if folio_check_references(k, fid):
+                folio_add_lru(k, fid)                     # second chance: to the tail
+                continue
             freed += shrink_folio(k, fid)
         return freed
     limit = 2 * lruvec_lru_size(k) + 1
@@ -271,7 +299,7 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
         if pm.any():
             old = []
             for fid in chunk[pm].tolist():
-                (keep if folio_referenced(k, fid) else old).append(fid)
+                (keep if folio_check_references(k, fid) else old).append(fid)
             if old:
                 old = np.array(old, dtype=np.int64)
                 sizes = 1 << f.order[old].astype(np.int64)
@@ -290,7 +318,7 @@ def shrink_lru(k: Kernel, nr_to_reclaim: int) -> int:
         for fid in chunk[~small & ~pm].tolist():
             if not f.used[fid]:
                 continue
-            if folio_referenced(k, fid):
+            if folio_check_references(k, fid):
                 keep.append(fid)                          # second chance: to the tail
                 continue
             got = shrink_folio(k, fid)

@@ -508,6 +508,7 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
         samples: list[dict[str, Any]] = []
         last_child: dict[str, int] | None = None
         child_exit = None
+        acked_alive = acked
         next_sample = t_fork
         # The send clock goes on from the warm-up, so the fork's pause is caught up at once.
         set_offset = sent - int(set_rate * (t_fork - t_start))
@@ -522,6 +523,7 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
                                 "parent": p, "child": c})
                 if c is not None:
                     last_child = c
+                    acked_alive = acked
                 else:
                     child_exit = now
                     break
@@ -549,7 +551,11 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
             raise RedisError(f"BGSAVE failed: {pers}")
         lifetime_s = child_exit - t_fork0
         first_child = next((s["child"] for s in samples if s["child"] is not None), None)
-        keys_written = key_seq[acked_before:acked_at_exit]
+        # For the layout's prediction, the SETs done before the child read its Private_Dirty (its
+        # report): where its sampled Private_Dirty reached the reported figure.
+        cow = int(pers.get("rdb_last_cow_size", -1))
+        sets_to_report = _sets_until(samples, cow, int(acked_at_exit - acked_before))
+        keys_written = key_seq[acked_before:acked_before + sets_to_report]
         return {
             "server": binary, "version": version.get("v"), "allocator": version.get("malloc"),
             "thp_heap": how, "kernel": os.uname().release, "knobs": procfs.read_thp_knobs(),
@@ -557,6 +563,8 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
             "used_memory": int(mem.get("used_memory", 0)), "layout": layout,
             "set_rate_target": set_rate, "key_dist": key_dist, "zipf_s": zipf_s, "seed": seed,
             "sets_in_window": int(sets_in_window),
+            "sets_while_child_seen": int(acked_alive - acked_before),
+            "sets_until_cow_report": int(sets_to_report),
             "distinct_keys_in_window": int(np.unique(keys_written).size),
             "pages_of_written_values": _pages_of(addrs, keys_written, layout["stride"], value_size),
             "set_rate": sets_in_window / lifetime_s if lifetime_s > 0 else math.nan,
@@ -572,6 +580,23 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
             "vmstat_note": "system-wide /proc/vmstat deltas from just before BGSAVE to the child's exit: "
                            "they include every other process on the machine",
         }
+
+
+def _sets_until(samples: list[dict[str, Any]], cow: int, sets_at_exit: int) -> int:
+    """How many SETs had been acknowledged when the child's Private_Dirty reached ``cow`` bytes
+    (interpolated between the samples that straddle it; past the last sample, extrapolated at the
+    last interval's bytes per SET, at most to the SETs acknowledged at the child's exit)."""
+    pts = [(s["acked"], s["child"]["Private_Dirty"] << 10) for s in samples if s["child"] is not None]
+    if not pts or cow <= pts[0][1]:
+        return pts[0][0] if pts else sets_at_exit
+    for (a0, d0), (a1, d1) in zip(pts, pts[1:]):
+        if d0 < cow <= d1:
+            return int(round(a0 + (a1 - a0) * (cow - d0) / (d1 - d0)))
+    a_last, d_last = pts[-1]
+    if len(pts) >= 2 and pts[-1][0] > pts[-2][0] and d_last > pts[-2][1]:
+        per_set = (d_last - pts[-2][1]) / (pts[-1][0] - pts[-2][0])
+        return int(min(sets_at_exit, round(a_last + (cow - d_last) / per_set)))
+    return sets_at_exit
 
 
 def sds_header(value_size: int) -> int:
@@ -742,14 +767,16 @@ def compare_with_sim(real: dict[str, Any], seed: int = 0) -> dict[str, Any]:
 
 
 def _series(real: dict[str, Any], sim_samples: dict[str, list], fork_ms: float, points: int = 8) -> list[dict]:
-    """The parent's AnonHugePages over the snapshot, real and simulated, at ``points`` of the real
-    sample times (ms after the fork; the simulator's last sample at or before each)."""
+    """The parent's AnonHugePages over the snapshot, real and simulated, at the first five real
+    samples (where the THPs go) and ``points`` more spread over the rest (ms after the fork; the
+    simulator's last sample at or before each)."""
     real_s = [s for s in real["samples"] if s["parent"]]
     if not real_s:
         return []
     t_sim = (np.asarray(sim_samples["t_ns"], dtype=np.float64) / 1e6) - fork_ms
     ahp_sim = np.asarray(sim_samples["anon_huge_kb"])
-    idx = np.unique(np.linspace(0, len(real_s) - 1, min(points, len(real_s))).round().astype(int))
+    idx = np.unique(np.concatenate([np.arange(min(5, len(real_s))),
+                                    np.linspace(0, len(real_s) - 1, min(points, len(real_s))).round()]).astype(int))
     out = []
     for i in idx:
         s = real_s[i]

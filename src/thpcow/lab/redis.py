@@ -12,9 +12,9 @@ given on the command line, no configuration file is written).  It
 3. reads the layout of the values in the server's memory (``/proc/PID/mem``: the address of
    every ``value:<j>``), which is what configures the simulator's key layout,
 4. issues SETs to random keys (uniform, or the simulator's scrambled Zipf law) at ``set_rate``
-   per second from one paced pipelined client, starts ``BGSAVE`` and keeps going until the
-   snapshot child has exited, sampling ``smaps_rollup`` of the parent and the child every
-   ``sample_ms`` ms on the way,
+   per second from one paced pipelined client (``warmup_ms`` of them before the fork), starts
+   ``BGSAVE`` and keeps going until the snapshot child has exited, sampling ``smaps_rollup`` of
+   the parent and the child every ``sample_ms`` ms on the way,
 5. records ``rdb_last_cow_size`` (INFO persistence), ``latest_fork_usec`` (INFO stats), the
    samples, and the ``/proc/vmstat`` deltas over the snapshot (system-wide).
 

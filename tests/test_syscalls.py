@@ -19,7 +19,8 @@ import pytest
 from thpcow.kernel import (
     HPAGE_PMD_SIZE, MADV_DOFORK, MADV_DONTDUMP, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED,
-    MAP_FIXED_NOREPLACE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE,
+    MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MREMAP_DONTUNMAP, MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PAGE_SIZE, PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_NONE,
     PROT_READ, TASK_SIZE, VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ,
     VM_WIPEONFORK, VM_WRITE, Kernel, KernelError, Process, SegmentationFault,
@@ -210,6 +211,26 @@ class TestMmap:
 # -------------------------------------------------------------------------------------------
 # munmap
 # -------------------------------------------------------------------------------------------
+
+def test_a_fork_childs_vma_with_an_anon_vma_does_not_merge_with_one_without(k: Kernel, p: Process) -> None:
+    """is_mergeable_anon_vma(): a VMA without anon_vma may join one that has one only if that
+    one's anon_vma_chain is singular; a fork child's copy of a written VMA also links the
+    parent's anon_vma (vma_had_uncowed_parents()), so a new mapping next to it stays apart.
+    Two parts of one such VMA (same anon_vma) still merge back."""
+    a = FIXED_BASE
+    p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+    p.mmap(4 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 16 * PAGE)
+    p.write(a, 1, token=1)
+    p.write(a + 16 * PAGE, 1, token=1)
+    c = p.fork()
+    c.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)
+    assert [(v.start - a, v.end - a) for v in c.vmas()][:2] == [(0, 2 * PAGE), (2 * PAGE, 4 * PAGE)]
+    c.mprotect(a + 18 * PAGE, 2 * PAGE, PROT_READ)
+    c.mprotect(a + 18 * PAGE, 2 * PAGE, RW)
+    assert [(v.start - a, v.end - a) for v in c.vmas()][2:] == [(16 * PAGE, 20 * PAGE)]
+    p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)     # the parent's chain is singular
+    assert [(v.start - a, v.end - a) for v in p.vmas()][0] == (0, 4 * PAGE)
+
 
 class TestMunmap:
     def test_partial_unmap_splits_vma_and_pmd(self, k: Kernel, p: Process) -> None:
@@ -426,6 +447,58 @@ class TestMprotect:
         p.mprotect(a, 2 * PAGE, PROT_READ | PROT_SEM)
         assert not vma_at(p, a).flags & VM_WRITE
         assert tokens(p, a, 2) == [1, 1]
+
+
+    # The commit-accounting rule of mprotect_fixup() (Linux 6.18, verified on the running kernel
+    # with the same layouts: tests/test_realkernel_vma.py).  VM_ACCOUNT ("ac") is one of the
+    # flags vma_merge compares, so it decides which neighbours merge.
+
+    @pytest.mark.parametrize("fault, merges", [(None, True), ("read", True), ("write", False)])
+    def test_write_removal_uncharges_a_vma_never_written(self, p: Process, fault, merges: bool) -> None:
+        """RW -> R drops VM_ACCOUNT while the VMA has no anon_vma (a read fault maps the zero page
+        and prepares none); the read-only VMA then merges with a read-only neighbour."""
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        if fault == "read":
+            p.read(a, 3 * PAGE)
+        elif fault == "write":
+            p.write(a, 1, token=1)
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        assert ("ac" in smaps_vma(p, a).vm_flags) == (fault == "write")
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 3 * PAGE)
+        spans = [(v.start - a, v.end - a) for v in p.vmas()]
+        assert spans == ([(0, 5 * PAGE)] if merges else [(0, 3 * PAGE), (3 * PAGE, 5 * PAGE)])
+
+    def test_write_removal_lets_an_unwritten_vma_merge_with_a_read_only_prev(self, p: Process) -> None:
+        a = FIXED_BASE
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)
+        p.mprotect(a + 2 * PAGE, 2 * PAGE, PROT_READ)
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, 4 * PAGE)]
+        p.mprotect(a, 4 * PAGE, PROT_NONE)
+        assert "ac" not in smaps_vma(p, a).vm_flags
+
+    def test_write_back_recharges_and_remerges(self, p: Process) -> None:
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        p.mprotect(a + PAGE, PAGE, PROT_READ)
+        assert ["ac" in v.vm_flags for v in smaps_vmas(p)] == [True, False, True]
+        p.mprotect(a + PAGE, PAGE, RW)
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, 3 * PAGE)]
+        assert "ac" in smaps_vma(p, a).vm_flags
+
+    def test_map_noreserve_is_never_charged(self, p: Process) -> None:
+        """MAP_NORESERVE sets VM_NORESERVE ("nr"; overcommit_memory is not 2), so neither mmap()
+        nor mprotect() to writable sets VM_ACCOUNT, and it does not merge with plain mappings."""
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE | MAP_NORESERVE, addr=a)
+        assert "nr" in smaps_vma(p, a).vm_flags and "ac" not in smaps_vma(p, a).vm_flags
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        p.mprotect(a, 3 * PAGE, RW)
+        assert "ac" not in smaps_vma(p, a).vm_flags and "nr" in smaps_vma(p, a).vm_flags
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 3 * PAGE)
+        assert len(p.vmas()) == 2
 
 
 # -------------------------------------------------------------------------------------------

@@ -121,11 +121,40 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         for v in vmas:
             madvise_free_single_vma(k, mm, v, max(v.start, start), min(v.end, end))
     elif advice == MADV_COLLAPSE:
-        if mapped != end - start:
-            raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
-        madvise_collapse(k, mm, start, end)
+        madvise_walk_vmas(k, mm, start, end, lambda vma, lo, hi: madvise_collapse(k, mm, vma, lo, hi))
+        return
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
+
+
+def madvise_walk_vmas(k: Kernel, mm: MM, start: int, end: int, behavior) -> None:
+    """Model of madvise_walk_vmas(): apply ``behavior(vma, lo, hi)`` to each VMA's part of [start, end).
+
+    The VMAs are visited in address order, each with the range clipped to
+    it.  A VMA's error (a KernelError from ``behavior``) ends the walk at
+    once and is the call's result: the VMAs after it are left alone.  A hole
+    in the range (before, between or after the VMAs) does not stop the walk;
+    the call then fails with ENOMEM, but only if no VMA failed.
+    """
+    call = "madvise"
+    unmapped = False
+    vma = next((v for v in mm.vmas if v.end > start), None)      # find_vma()
+    while True:
+        if vma is None:
+            raise KernelError(E.ENOMEM, call, f"addr={start:#x}: no mapping from here to the end of the range")
+        if start < vma.start:                                     # a gap: carry on, ENOMEM at the end
+            unmapped = True
+            start = vma.start
+            if start >= end:
+                break
+        hi = min(vma.end, end)
+        behavior(vma, start, hi)
+        if hi >= end:
+            break
+        vma = next((v for v in mm.vmas if v.end > hi), None)
+        start = hi
+    if unmapped:
+        raise KernelError(E.ENOMEM, call, "part of the range is not mapped")
 
 
 def madvise_thp_setup(k: Kernel, mm: MM, start: int, end: int, advice: int) -> None:

@@ -50,7 +50,16 @@ _ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
 def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
-    """Model of madvise_behavior_valid(); the THP-setup range only with the series applied."""
+    """Model of madvise_behavior_valid() of 6.18 as configured here; the THP-setup range only with the series.
+
+    6.18 accepts 0-4, 8-25 (MERGEABLE/UNMERGEABLE: CONFIG_KSM=y; HUGEPAGE,
+    NOHUGEPAGE, COLLAPSE: CONFIG_TRANSPARENT_HUGEPAGE=y), 102 and 103 (the
+    guard advice); MADV_HWPOISON (100) and MADV_SOFT_OFFLINE (101) need
+    CONFIG_MEMORY_FAILURE, which the machine's 6.18 lacks.  The series' patch
+    1 adds MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END (256 and
+    MADV_THP_COW = 257) under CONFIG_TRANSPARENT_HUGEPAGE.  Anything else is
+    EINVAL.
+    """
     if MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END:   # series thp_cow v1 1/5
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
@@ -58,14 +67,23 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
                                             MADV_POPULATE_WRITE)
 
 
+def int_arg(value: int) -> int:
+    """A syscall argument declared ``int``: the low 32 bits of the register, signed."""
+    return ((int(value) + (1 << 31)) & 0xFFFF_FFFF) - (1 << 31)
+
+
 def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     """Model of do_madvise().
 
-    EINVAL for an unaligned start, a negative length or an unknown advice;
-    ENOMEM when part of the range is not mapped: as in the kernel, the advice
-    is still applied to the mapped parts before ENOMEM is returned.
+    ``advice`` is the syscall's ``int``: only its low 32 bits count.  EINVAL
+    for an unknown advice, an unaligned start, a negative length; ENOMEM when
+    part of the range is not mapped: as in the kernel, the advice is still
+    applied to the mapped parts before ENOMEM is returned.  MADV_COLLAPSE
+    walks the VMAs as madvise_walk_vmas() does: a VMA's own error ends the
+    walk and wins over the ENOMEM of a hole.
     """
     call = "madvise"
+    advice = int_arg(advice)
     if not madvise_behavior_valid(k, advice):
         raise einval(call, f"advice={advice}: unknown advice")
     if not PAGE_ALIGNED(start):

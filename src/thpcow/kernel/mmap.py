@@ -153,8 +153,9 @@ def free_pgtables(k: Kernel, mm: MM, start: int, end: int) -> None:
         elif pt.pmd_kind[s] != PMD_NONE:
             pgtable.pmd_clear(k, mm, s)
     # free_pmd_range(): a PMD table goes once no VMA is left in its 1 GiB (PUD) range.
-    for pud in range(start // PUD_SIZE, (end - 1) // PUD_SIZE + 1):
-        if pud in pt.pmd_tables and not mm.vmas_in(pud * PUD_SIZE, (pud + 1) * PUD_SIZE):
+    first, last = start // PUD_SIZE, (end - 1) // PUD_SIZE
+    for pud in [i for i in pt.pmd_tables if first <= i <= last]:
+        if not mm.vmas_in(pud * PUD_SIZE, (pud + 1) * PUD_SIZE):
             pt.pmd_tables.discard(pud)
 
 

@@ -23,6 +23,8 @@ from thpcow.experiments.policies import parse_policy, policy_names
 from thpcow.strategies import STRATEGIES, parse_strategy
 from thpcow.kernel.page_alloc import PG_ANON_EXCLUSIVE
 
+from conftest import vmstat_delta
+
 RAM = 512 << 20
 
 
@@ -307,6 +309,65 @@ def test_pre58_copies_a_thp_when_it_can():
     v = k.vmstat_snapshot()
     assert v["thp_fault_alloc"] == 2 and v["thp_split_pmd"] == 0
     assert c.smaps_fields(a)["AnonHugePages"] == 2048
+
+
+def _pre58_shared_thp_in_a_fragmented_machine(enabled: str, defrag: str, advise: bool):
+    """A THP shared by fork in a pre-5.8 kernel whose free pageblocks all hold an unmovable page;
+    one pageblock of movable 4 KiB pages (a filler process) is what compaction can free."""
+    k = Kernel(ram=RAM, check=True, build="pre-5.8")
+    k.sysfs.write("enabled", enabled)
+    k.sysfs.write("defrag", defrag)
+    p = k.spawn()
+    a = p.mmap(2 << 20)
+    if advise:
+        p.madvise(a, 2 << 20, MADV_HUGEPAGE)
+    p.write(a, 2 << 20, 4)
+    assert p.smaps_fields(a)["AnonHugePages"] == 2048
+    filler = k.spawn()
+    b = filler.mmap(2 << 20)
+    filler.madvise(b, 2 << 20, MADV_NOHUGEPAGE)
+    filler.write(b, 2 << 20, 1)
+    exhaust_thp_blocks(k)
+    return k, p, p.fork(), a, filler, b
+
+
+@pytest.mark.parametrize("enabled, defrag, advise", [
+    ("madvise", "madvise", True), ("always", "always", False), ("always", "defer+madvise", True)])
+def test_pre58_cow_allocates_its_thp_with_direct_compaction_where_a_fault_would(enabled, defrag, advise):
+    """Before v5.8 do_huge_pmd_wp_page() allocated the copy with alloc_hugepage_vma() and
+    alloc_hugepage_direct_gfpmask(): the fault's gfp, so direct compaction (compact_stall) runs
+    when ``defrag`` lets a fault stall (always; madvise and defer+madvise in MADV_HUGEPAGE
+    regions) and builds the THP the copy goes to."""
+    k, p, c, a, filler, b = _pre58_shared_thp_in_a_fragmented_machine(enabled, defrag, advise)
+    before = k.vmstat_snapshot()
+    c.write(a + PAGE_SIZE, 8, 6)
+    d = vmstat_delta(k, before)
+    assert d["compact_stall"] == 1 and d["compact_success"] == 1
+    assert d["thp_fault_alloc"] == 1 and d["thp_fault_fallback"] == 0 and d["sim_cow_pages"] == 0
+    assert c.smaps_fields(a)["AnonHugePages"] == 2048 and p.smaps_fields(a)["AnonHugePages"] == 2048
+    assert c.read(a + PAGE_SIZE)[0] == 6 and c.read(a)[0] == 4 and p.read(a + PAGE_SIZE)[0] == 4
+    assert (filler.read(b, 2 << 20) == 1).all()
+
+
+@pytest.mark.parametrize("enabled, defrag, advise, kcompactd", [
+    ("madvise", "never", True, False),          # never stall
+    ("always", "madvise", False, False),        # madvise: only MADV_HUGEPAGE regions may stall
+    ("madvise", "defer", True, True),           # defer: wake kcompactd, fail now
+    ("always", "defer+madvise", False, True),   # defer+madvise outside MADV_HUGEPAGE: wake kcompactd
+])
+def test_pre58_cow_without_direct_compaction_copies_small_pages(enabled, defrag, advise, kcompactd):
+    """Where ``defrag`` does not let a fault stall, the pre-5.8 copy does not compact either: no
+    free order-9 block means do_huge_pmd_wp_page_fallback()'s 512 small copies (one
+    thp_fault_fallback); with defer it wakes kcompactd, whose block a later fault can use."""
+    k, p, c, a, filler, b = _pre58_shared_thp_in_a_fragmented_machine(enabled, defrag, advise)
+    before = k.vmstat_snapshot()
+    c.write(a + PAGE_SIZE, 8, 6)
+    d = vmstat_delta(k, before)
+    assert d["compact_stall"] == 0 and d["thp_fault_alloc"] == 0
+    assert d["thp_fault_fallback"] == 1 and d["sim_cow_pages"] == 512 and d["thp_split_pmd"] == 0
+    assert c.smaps_fields(a)["AnonHugePages"] == 0 and c.read(a + PAGE_SIZE)[0] == 6
+    k.advance(2_000_000)
+    assert vmstat_delta(k, before)["compact_daemon_wake"] == (1 if kcompactd else 0)
 
 
 @pytest.mark.parametrize("order", [2, 4, 6, 8])

@@ -19,7 +19,8 @@ import pytest
 from thpcow.kernel import (
     HPAGE_PMD_SIZE, MADV_DOFORK, MADV_DONTDUMP, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_WIPEONFORK, MAP_ANONYMOUS, MAP_FIXED,
-    MAP_FIXED_NOREPLACE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MREMAP_FIXED, MREMAP_MAYMOVE,
+    MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE, MAP_PRIVATE, MAP_SHARED, MREMAP_DONTUNMAP, MREMAP_FIXED,
+    MREMAP_MAYMOVE,
     PAGE_SIZE, PR_GET_THP_DISABLE, PR_SET_THP_DISABLE, PR_THP_DISABLE_EXCEPT_ADVISED, PROT_NONE,
     PROT_READ, TASK_SIZE, VM_DONTCOPY, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_READ,
     VM_WIPEONFORK, VM_WRITE, Kernel, KernelError, Process, SegmentationFault,
@@ -210,6 +211,26 @@ class TestMmap:
 # -------------------------------------------------------------------------------------------
 # munmap
 # -------------------------------------------------------------------------------------------
+
+def test_a_fork_childs_vma_with_an_anon_vma_does_not_merge_with_one_without(k: Kernel, p: Process) -> None:
+    """is_mergeable_anon_vma(): a VMA without anon_vma may join one that has one only if that
+    one's anon_vma_chain is singular; a fork child's copy of a written VMA also links the
+    parent's anon_vma (vma_had_uncowed_parents()), so a new mapping next to it stays apart.
+    Two parts of one such VMA (same anon_vma) still merge back."""
+    a = FIXED_BASE
+    p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+    p.mmap(4 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 16 * PAGE)
+    p.write(a, 1, token=1)
+    p.write(a + 16 * PAGE, 1, token=1)
+    c = p.fork()
+    c.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)
+    assert [(v.start - a, v.end - a) for v in c.vmas()][:2] == [(0, 2 * PAGE), (2 * PAGE, 4 * PAGE)]
+    c.mprotect(a + 18 * PAGE, 2 * PAGE, PROT_READ)
+    c.mprotect(a + 18 * PAGE, 2 * PAGE, RW)
+    assert [(v.start - a, v.end - a) for v in c.vmas()][2:] == [(16 * PAGE, 20 * PAGE)]
+    p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)     # the parent's chain is singular
+    assert [(v.start - a, v.end - a) for v in p.vmas()][0] == (0, 4 * PAGE)
+
 
 class TestMunmap:
     def test_partial_unmap_splits_vma_and_pmd(self, k: Kernel, p: Process) -> None:
@@ -428,6 +449,58 @@ class TestMprotect:
         assert tokens(p, a, 2) == [1, 1]
 
 
+    # The commit-accounting rule of mprotect_fixup() (Linux 6.18, verified on the running kernel
+    # with the same layouts: tests/test_realkernel_vma.py).  VM_ACCOUNT ("ac") is one of the
+    # flags vma_merge compares, so it decides which neighbours merge.
+
+    @pytest.mark.parametrize("fault, merges", [(None, True), ("read", True), ("write", False)])
+    def test_write_removal_uncharges_a_vma_never_written(self, p: Process, fault, merges: bool) -> None:
+        """RW -> R drops VM_ACCOUNT while the VMA has no anon_vma (a read fault maps the zero page
+        and prepares none); the read-only VMA then merges with a read-only neighbour."""
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        if fault == "read":
+            p.read(a, 3 * PAGE)
+        elif fault == "write":
+            p.write(a, 1, token=1)
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        assert ("ac" in smaps_vma(p, a).vm_flags) == (fault == "write")
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 3 * PAGE)
+        spans = [(v.start - a, v.end - a) for v in p.vmas()]
+        assert spans == ([(0, 5 * PAGE)] if merges else [(0, 3 * PAGE), (3 * PAGE, 5 * PAGE)])
+
+    def test_write_removal_lets_an_unwritten_vma_merge_with_a_read_only_prev(self, p: Process) -> None:
+        a = FIXED_BASE
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        p.mmap(2 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 2 * PAGE)
+        p.mprotect(a + 2 * PAGE, 2 * PAGE, PROT_READ)
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, 4 * PAGE)]
+        p.mprotect(a, 4 * PAGE, PROT_NONE)
+        assert "ac" not in smaps_vma(p, a).vm_flags
+
+    def test_write_back_recharges_and_remerges(self, p: Process) -> None:
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        p.mprotect(a + PAGE, PAGE, PROT_READ)
+        assert ["ac" in v.vm_flags for v in smaps_vmas(p)] == [True, False, True]
+        p.mprotect(a + PAGE, PAGE, RW)
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, 3 * PAGE)]
+        assert "ac" in smaps_vma(p, a).vm_flags
+
+    def test_map_noreserve_is_never_charged(self, p: Process) -> None:
+        """MAP_NORESERVE sets VM_NORESERVE ("nr"; overcommit_memory is not 2), so neither mmap()
+        nor mprotect() to writable sets VM_ACCOUNT, and it does not merge with plain mappings."""
+        a = FIXED_BASE
+        p.mmap(3 * PAGE, flags=ANON | MAP_FIXED_NOREPLACE | MAP_NORESERVE, addr=a)
+        assert "nr" in smaps_vma(p, a).vm_flags and "ac" not in smaps_vma(p, a).vm_flags
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        p.mprotect(a, 3 * PAGE, RW)
+        assert "ac" not in smaps_vma(p, a).vm_flags and "nr" in smaps_vma(p, a).vm_flags
+        p.mprotect(a, 3 * PAGE, PROT_READ)
+        p.mmap(2 * PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a + 3 * PAGE)
+        assert len(p.vmas()) == 2
+
+
 # -------------------------------------------------------------------------------------------
 # mremap
 # -------------------------------------------------------------------------------------------
@@ -569,7 +642,8 @@ class TestMremap:
         assert [(v.start, v.end) for v in p.vmas()] == [(a, a + PAGE)]
 
     def test_same_size_without_move_is_a_no_op(self, k: Kernel, p: Process) -> None:
-        """MREMAP_NO_RESIZE returns addr before any range check (vrm_will_map_new() false)."""
+        """MREMAP_NO_RESIZE needs only a VMA at addr: check_prep_vma() asks nothing more of a
+        call that maps nothing new (vrm_will_map_new() false), so the range may span VMAs."""
         a = small_region(p, 2, addr=FIXED_BASE)
         b = small_region(p, 2, addr=FIXED_BASE + 2 * PAGE)
         p.mprotect(b, 2 * PAGE, PROT_READ)
@@ -587,6 +661,111 @@ class TestMremap:
         assert [(v.start, v.end) for v in p.vmas()] == [(dest, dest + 2 * PAGE),
                                                         (dest + 3 * PAGE, dest + 5 * PAGE)]
         assert tokens(p, dest, 2) == [1, 1] and tokens(p, dest + 3 * PAGE, 2) == [2, 2]
+
+    # Which of check_prep_vma()'s checks apply to which call (Linux 6.18, verified on the
+    # running kernel with the same layouts: tests/test_realkernel_vma.py).
+
+    @pytest.mark.parametrize("layout, old_pages, new_pages", [
+        ("two", 3, 2),          # the kept range [a, a+2) spans the R VMA and the RW one
+        ("two", 3, 1),          # the unmapped tail spans both
+        ("hole", 4, 2),         # the old range runs into a hole
+        ("hole", 4, 3),         # the kept range itself runs into the hole
+    ])
+    def test_shrink_in_place_needs_only_a_vma_at_old_addr(self, k: Kernel, p: Process, layout: str,
+                                                          old_pages: int, new_pages: int) -> None:
+        """An in-place shrink (old_len > new_len, no MREMAP_FIXED/DONTUNMAP) maps nothing new:
+        check_prep_vma() returns after finding the VMA at addr, and shrink_vma() unmaps
+        [addr + new_len, addr + old_len) whatever it holds."""
+        a = FIXED_BASE
+        if layout == "two":
+            p.mmap(PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+            small_region(p, 2, token=2, addr=a + PAGE)
+        else:
+            small_region(p, 1, token=2, addr=a)
+        assert p.mremap(a, old_pages * PAGE, new_pages * PAGE) == a
+        kept = [(v.start - a, v.end - a) for v in p.vmas()]
+        if layout == "two":
+            assert kept == ([(0, PAGE), (PAGE, 2 * PAGE)] if new_pages == 2 else [(0, PAGE)])
+        else:
+            assert kept == [(0, PAGE)]
+        for flags in (MREMAP_MAYMOVE, 0):                  # MREMAP_MAYMOVE changes nothing here
+            assert p.mremap(a, 4 * PAGE, PAGE, flags) == a
+
+    def test_shrink_with_unmapped_old_addr_is_efault(self, k: Kernel, p: Process) -> None:
+        small_region(p, 2, addr=FIXED_BASE + PAGE)
+        expect_error(k, [p], errno.EFAULT, p.mremap, FIXED_BASE, 4 * PAGE, PAGE)
+        expect_error(k, [p], errno.EFAULT, p.mremap, FIXED_BASE, 2 * PAGE, 2 * PAGE)   # same size too
+
+    def test_zero_old_len_looks_up_the_vma_first(self, k: Kernel, p: Process) -> None:
+        """old_len 0 on a private mapping is EINVAL, but only once a VMA was found at addr."""
+        a = small_region(p, 1, addr=FIXED_BASE)
+        expect_error(k, [p], errno.EINVAL, p.mremap, a, 0, PAGE, MREMAP_MAYMOVE)
+        expect_error(k, [p], errno.EFAULT, p.mremap, a + 8 * PAGE, 0, PAGE, MREMAP_MAYMOVE)
+
+    def test_shrink_and_move_needs_the_kept_part_in_one_vma(self, k: Kernel, p: Process) -> None:
+        """A shrink that moves (MREMAP_FIXED) checks [addr, addr + new_len) against the VMA at
+        addr (old_len = new_len in check_prep_vma()); the tail may cross boundaries."""
+        a = FIXED_BASE
+        dest = FIXED_BASE + 40 * PAGE
+        p.mmap(PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        small_region(p, 2, token=2, addr=a + PAGE)
+        expect_error(k, [p], errno.EFAULT, p.mremap, a, 3 * PAGE, 2 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dest)
+        assert p.mremap(a, 3 * PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dest) == dest
+        assert [(v.start - a, v.end - a, v.perms()) for v in p.vmas()] == [(40 * PAGE, 41 * PAGE, "r--p")]
+        b = small_region(p, 1, token=3, addr=a)                   # then a hole after it
+        assert p.mremap(b, 3 * PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dest + 8 * PAGE) == dest + 8 * PAGE
+        assert tokens(p, dest + 8 * PAGE, 1) == [3] and vma_at(p, b) is None
+
+    def test_fixed_move_of_several_vmas_must_start_in_a_vma(self, k: Kernel, p: Process) -> None:
+        """remap_move(): "No gap permitted at the start of the range"."""
+        small_region(p, 2, addr=FIXED_BASE + PAGE)
+        expect_error(k, [p], errno.EFAULT, p.mremap, FIXED_BASE, 3 * PAGE, 3 * PAGE,
+                     MREMAP_MAYMOVE | MREMAP_FIXED, FIXED_BASE + 40 * PAGE)
+
+    def test_fixed_move_of_several_vmas_unmaps_only_each_part_destination(self, k: Kernel, p: Process) -> None:
+        """Each VMA's part goes through mremap_to(), which unmaps that part's destination only:
+        what is mapped across from a gap, or past the last VMA, stays."""
+        a, dest = FIXED_BASE, FIXED_BASE + 40 * PAGE
+        p.mmap(PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        small_region(p, 1, token=2, addr=a + 2 * PAGE)
+        p.mmap(8 * PAGE, prot=PROT_NONE, flags=ANON | MAP_FIXED_NOREPLACE, addr=dest)
+        assert p.mremap(a, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dest) == dest
+        assert [(v.start - dest, v.end - dest, v.perms()) for v in p.vmas()] == [
+            (0, PAGE, "r--p"), (PAGE, 2 * PAGE, "---p"), (2 * PAGE, 3 * PAGE, "rw-p"), (3 * PAGE, 8 * PAGE, "---p")]
+        assert tokens(p, dest + 2 * PAGE, 1) == [2]
+
+    def test_dontunmap_with_fixed_moves_several_vmas(self, k: Kernel, p: Process) -> None:
+        """MREMAP_FIXED with old_len == new_len is a remap_move() with MREMAP_DONTUNMAP too."""
+        a, dest = FIXED_BASE, FIXED_BASE + 40 * PAGE
+        p.mmap(PAGE, prot=PROT_READ, flags=ANON | MAP_FIXED_NOREPLACE, addr=a)
+        small_region(p, 2, token=2, addr=a + PAGE)
+        flags = MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP
+        assert p.mremap(a, 3 * PAGE, 3 * PAGE, flags, dest) == dest
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, PAGE), (PAGE, 3 * PAGE),
+                                                                 (40 * PAGE, 41 * PAGE), (41 * PAGE, 43 * PAGE)]
+        assert tokens(p, dest + PAGE, 2) == [2, 2] and tokens(p, a + PAGE, 2) == [0, 0]
+        # without MREMAP_FIXED it is mremap_to() of one VMA: the range must lie in it
+        expect_error(k, [p], errno.EFAULT, p.mremap, a, 3 * PAGE, 3 * PAGE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
+
+    @pytest.mark.parametrize("fixed", [False, True])
+    def test_dontunmap_leaves_the_old_vma_whole(self, k: Kernel, p: Process, fixed: bool) -> None:
+        """move_vma() with MREMAP_DONTUNMAP copies the VMA and moves the pages; the old VMA is
+        neither unmapped nor split, and keeps its anon_vma unless all of it moved."""
+        a = small_region(p, 6, token=4, addr=FIXED_BASE)
+        dest = FIXED_BASE + 40 * PAGE
+        flags = MREMAP_MAYMOVE | MREMAP_DONTUNMAP | (MREMAP_FIXED if fixed else 0)
+        assert p.mremap(a + 2 * PAGE, 2 * PAGE, 2 * PAGE, flags, dest) == dest
+        assert [(v.start - a, v.end - a) for v in p.vmas()] == [(0, 6 * PAGE), (40 * PAGE, 42 * PAGE)]
+        assert tokens(p, a, 6) == [4, 4, 0, 0, 4, 4] and tokens(p, dest, 2) == [4, 4]
+        assert vma_at(p, a).anon_vma
+
+    @pytest.mark.parametrize("new_off", [2 * PAGE, 40 * PAGE + 1])
+    def test_dontunmap_hint_is_checked_like_a_fixed_address(self, k: Kernel, p: Process, new_off: int) -> None:
+        """check_mremap_params() checks new_addr whenever one is implied, MREMAP_DONTUNMAP's
+        hint included: overlapping the old range or unaligned is EINVAL."""
+        a = small_region(p, 6, addr=FIXED_BASE)
+        expect_error(k, [p], errno.EINVAL, p.mremap, a, 4 * PAGE, 4 * PAGE,
+                     MREMAP_MAYMOVE | MREMAP_DONTUNMAP, a + new_off)
 
 
 # -------------------------------------------------------------------------------------------

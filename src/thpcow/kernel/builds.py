@@ -129,19 +129,39 @@ class ThpCowMeant(ThpCowV1):
 
 
 class Pre58(KernelBuild):
-    """do_huge_pmd_wp_page() before v5.8 (commit 3917c80280c9 changed it)."""
+    """do_huge_pmd_wp_page() before v5.8 (commit 3917c80280c9 changed it).
+
+    A shared THP was copied whole into a new THP whenever THP was enabled for
+    the VMA, allocated as a THP fault allocates it: alloc_hugepage_vma() with
+    alloc_hugepage_direct_gfpmask(), the gfp of the ``defrag`` knob (what
+    vma_thp_gfp_mask() still returns).  So the copy stalls in direct
+    compaction where a fault would (defrag=always; madvise and defer+madvise
+    in MADV_HUGEPAGE regions), wakes kcompactd with defer (and defer+madvise
+    elsewhere) and otherwise takes only a free order-9 block.  When THP is
+    off for the VMA, or no THP is had, do_huge_pmd_wp_page_fallback() copies
+    the 512 pages into 4 KiB pages; thp_fault_fallback counts either way.
+    """
 
     name = "pre-5.8"
-    help = "kernels before 5.8: copy the whole 2 MiB; if no THP, copy all 512 pages into 4 KiB pages"
+    help = ("kernels before 5.8: copy the whole 2 MiB into a THP allocated as a fault does (defrag); "
+            "if none, copy all 512 pages into 4 KiB pages")
     takes_series = False
 
-    def pmd_cow_copy(self, k, mm, vma):
+    @staticmethod
+    def transparent_hugepage_enabled(k: Kernel, mm: MM, vma: VMA) -> bool:
+        """Model of __transparent_hugepage_enabled() of v5.7: THP allowed for this VMA at all?"""
         from .huge_memory import vma_thp_disabled
-        enabled = not vma_thp_disabled(mm, vma, False) and k.sysfs.global_allows(vma.flags & VM_HUGEPAGE)
-        return enabled and k.mem.has_free_order(HPAGE_PMD_ORDER)
+        return not vma_thp_disabled(mm, vma, False) and k.sysfs.global_allows(vma.flags & VM_HUGEPAGE)
+
+    def pmd_cow_copy(self, k, mm, vma):
+        # The copy then allocates with vma_thp_gfp_mask() (alloc_hugepage_direct_gfpmask() of
+        # v5.7): compaction or a kcompactd wakeup as ``defrag`` says; a failure counts
+        # thp_fault_fallback (and, this being a 6.18 allocator, anon_fault_fallback[2048kB]).
+        return self.transparent_hugepage_enabled(k, mm, vma)
 
     def huge_pmd_wp_fallback(self, k, mm, vma, addr, s):
-        k.vmstat.count_vm_event("thp_fault_fallback")
+        if not self.transparent_hugepage_enabled(k, mm, vma):
+            k.vmstat.count_vm_event("thp_fault_fallback")      # no allocation was tried to count it
         if do_huge_pmd_wp_page_fallback(k, mm, vma, s) is None:
             return super().huge_pmd_wp_fallback(k, mm, vma, addr, s)
         return 0

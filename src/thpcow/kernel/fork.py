@@ -31,6 +31,7 @@ def dup_mmap(k: Kernel, child: MM, parent: MM) -> None:
         if v.flags & VM_WIPEONFORK or not v.anon_vma:
             continue
         cv.anon_vma = k.new_anon_vma_id()           # anon_vma_fork()
+        cv.uncowed_parents = True                   # the chain holds the parent's anon_vmas too
         memory.copy_page_range(k, child, parent, v)
     khugepaged_fork(k, child, parent)
     k.flush_tlb_range(parent, 0, 1 << 47)            # flush_tlb_mm(oldmm): the parent was write-protected

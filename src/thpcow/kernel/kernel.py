@@ -356,6 +356,7 @@ class Process:
         """process_madvise(2) on ``target`` (one iovec): only the advice the kernel allows remotely."""
         from .constants import MADV_COLD, MADV_COLLAPSE, MADV_PAGEOUT, MADV_WILLNEED
         self._alive("process_madvise")
+        advice = _madvise.int_arg(advice)                   # the syscall's int behavior
         if advice not in (MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED, MADV_COLLAPSE):
             raise einval("process_madvise", f"advice={advice}: not allowed on another process")
         target._sys("process_madvise", _madvise.do_madvise, addr, length, advice)

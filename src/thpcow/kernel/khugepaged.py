@@ -110,6 +110,7 @@ class ScanResult(enum.Enum):
     SCAN_FAIL = enum.auto()
     SCAN_SUCCEED = enum.auto()
     SCAN_PMD_NULL = enum.auto()
+    SCAN_PMD_NONE = enum.auto()
     SCAN_PMD_MAPPED = enum.auto()
     SCAN_EXCEED_NONE_PTE = enum.auto()
     SCAN_EXCEED_SWAP_PTE = enum.auto()
@@ -121,7 +122,9 @@ class ScanResult(enum.Enum):
     SCAN_ALLOC_HUGE_PAGE_FAIL = enum.auto()
 
 
-# Results after which MADV_COLLAPSE goes on with the next block.
+# Results after which MADV_COLLAPSE goes on with the next block (6.18's list).  An empty PMD
+# entry in an existing PMD table (SCAN_PMD_NONE) is not one of them: it ends the VMA's walk;
+# only a block with no PMD table at all (SCAN_PMD_NULL) is passed over.
 _CONTINUE = {ScanResult.SCAN_PMD_NULL, ScanResult.SCAN_LACK_REFERENCED_PAGE, ScanResult.SCAN_PAGE_COUNT}
 
 
@@ -200,7 +203,8 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     s = pt.slot_of.get(pmd_index(haddr))
     if s is None or pt.pmd_kind[s] == 0:
         cc.progress += 1
-        return ScanResult.SCAN_PMD_NULL
+        # find_pmd_or_thp_or_none(): no PMD table (mm_find_pmd() finds none) or a pmd_none entry
+        return ScanResult.SCAN_PMD_NONE if pt.has_pmd_table(haddr) else ScanResult.SCAN_PMD_NULL
     if pt.pmd_kind[s] == PMD_LEAF:
         cc.progress += 1
         return ScanResult.SCAN_PMD_MAPPED
@@ -322,28 +326,32 @@ def collapse_single_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCon
     return result
 
 
-def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
-    """Model of madvise_collapse(): synchronous collapse of every aligned 2 MiB block.
+def madvise_collapse(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+    """Model of madvise_collapse() (Linux 6.18) for [start, end), the part of the madvise range in ``vma``.
 
-    Ignores the sysfs THP masks but honours VM_NOHUGEPAGE and PR_SET_THP_DISABLE
-    (EINVAL), uses direct reclaim/compaction whatever ``defrag`` says, and
-    applies no max_ptes_* limits.  Succeeds when every block ends up
-    PMD-mapped, otherwise fails with the errno of the last failure.
+    madvise_walk_vmas() calls it once per VMA, with the range clipped to the
+    VMA.  A VMA not eligible for a forced collapse is EINVAL
+    (thp_vma_allowable_order(): VM_NOHUGEPAGE, PR_SET_THP_DISABLE, no
+    anon_vma yet, no whole aligned 2 MiB block in the VMA); the sysfs THP
+    masks and the max_ptes_* limits do not apply, and the allocation may
+    always stall in reclaim/compaction whatever ``defrag`` says.  The range
+    is rounded inward to whole 2 MiB blocks; each block is collapsed in turn.
+    A block that is already PMD-mapped counts as done; after some failures
+    (no PMD table at all for the block, an unexpected reference) the next
+    block is tried; after any other (an empty PMD entry in an existing PMD
+    table included) the VMA's walk ends.  The VMA succeeds when every block ends up
+    PMD-mapped, else fails with the errno of the last failure
+    (madvise_collapse_errno()).
     """
+    call = "madvise(MADV_COLLAPSE)"
+    if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_FORCED_COLLAPSE):
+        raise KernelError(E.EINVAL, call, f"addr={vma.start:#x}: the mapping is not eligible for THP")
     cc = CollapseControl(is_khugepaged=False)
-    for vma in mm.vmas_in(start, end):
-        if not hm.thp_vma_allowable_order(k, mm, vma, HPAGE_PMD_ORDER, hm.TVA_FORCED_COLLAPSE):
-            raise KernelError(E.EINVAL, "madvise(MADV_COLLAPSE)",
-                              f"addr={vma.start:#x}: the mapping is not eligible for THP")
     hstart = ALIGN(start, HPAGE_PMD_SIZE)
     hend = end & HPAGE_PMD_MASK
     thps = 0
     last_fail = ScanResult.SCAN_FAIL
     for haddr in range(hstart, hend, HPAGE_PMD_SIZE):
-        vma = mm.find_vma(haddr)
-        if vma is None or vma.end < haddr + HPAGE_PMD_SIZE:
-            last_fail = ScanResult.SCAN_VMA_CHECK
-            break
         result = collapse_single_pmd(k, mm, vma, haddr, cc)
         if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED):
             thps += 1
@@ -351,14 +359,14 @@ def madvise_collapse(k: Kernel, mm: MM, start: int, end: int) -> None:
         last_fail = result
         if result not in _CONTINUE:
             break
-    # The kernel compares thps with (hend - hstart) >> HPAGE_PMD_SHIFT in unsigned arithmetic:
-    # a range inside one block whose rounded start lies past its rounded end never matches
-    # (EINVAL from last_fail = SCAN_FAIL), while hstart == hend (no whole block) succeeds.
+    # 6.18 compares thps with (hend - hstart) >> HPAGE_PMD_SHIFT in unsigned arithmetic and has
+    # no early return for hstart >= hend: a range inside one block whose rounded start lies past
+    # its rounded end never matches (EINVAL from last_fail = SCAN_FAIL), while hstart == hend
+    # (no whole block) succeeds.
     want = (hend - hstart) // HPAGE_PMD_SIZE if hend >= hstart else -1
     if thps != want:
         err = madvise_collapse_errno(last_fail)
-        raise KernelError(err, "madvise(MADV_COLLAPSE)",
-                          f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
+        raise KernelError(err, call, f"addr={start:#x} length={end - start:#x}: {last_fail.name}")
 
 
 # -- registration ---------------------------------------------------------------------------------------
@@ -545,7 +553,8 @@ class Khugepaged:
             result = collapse_single_pmd(k, proc.mm, vma, haddr, cc)
             if result == ScanResult.SCAN_ALLOC_HUGE_PAGE_FAIL:
                 return progress, result
-            if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED, ScanResult.SCAN_PMD_NULL):
+            if result in (ScanResult.SCAN_SUCCEED, ScanResult.SCAN_PMD_MAPPED, ScanResult.SCAN_PMD_NULL,
+                          ScanResult.SCAN_PMD_NONE):
                 del self.hint[key]
         return progress, result
 

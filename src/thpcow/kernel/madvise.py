@@ -50,7 +50,16 @@ _ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
 def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
-    """Model of madvise_behavior_valid(); the THP-setup range only with the series applied."""
+    """Model of madvise_behavior_valid() of 6.18 as configured here; the THP-setup range only with the series.
+
+    6.18 accepts 0-4, 8-25 (MERGEABLE/UNMERGEABLE: CONFIG_KSM=y; HUGEPAGE,
+    NOHUGEPAGE, COLLAPSE: CONFIG_TRANSPARENT_HUGEPAGE=y), 102 and 103 (the
+    guard advice); MADV_HWPOISON (100) and MADV_SOFT_OFFLINE (101) need
+    CONFIG_MEMORY_FAILURE, which the machine's 6.18 lacks.  The series' patch
+    1 adds MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END (256 and
+    MADV_THP_COW = 257) under CONFIG_TRANSPARENT_HUGEPAGE.  Anything else is
+    EINVAL.
+    """
     if MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END:   # series thp_cow v1 1/5
         return k.series_thp_cow
     return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
@@ -58,14 +67,23 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
                                             MADV_POPULATE_WRITE)
 
 
+def int_arg(value: int) -> int:
+    """A syscall argument declared ``int``: the low 32 bits of the register, signed."""
+    return ((int(value) + (1 << 31)) & 0xFFFF_FFFF) - (1 << 31)
+
+
 def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
     """Model of do_madvise().
 
-    EINVAL for an unaligned start, a negative length or an unknown advice;
-    ENOMEM when part of the range is not mapped: as in the kernel, the advice
-    is still applied to the mapped parts before ENOMEM is returned.
+    ``advice`` is the syscall's ``int``: only its low 32 bits count.  EINVAL
+    for an unknown advice, an unaligned start, a negative length; ENOMEM when
+    part of the range is not mapped: as in the kernel, the advice is still
+    applied to the mapped parts before ENOMEM is returned.  MADV_COLLAPSE
+    walks the VMAs as madvise_walk_vmas() does: a VMA's own error ends the
+    walk and wins over the ENOMEM of a hole.
     """
     call = "madvise"
+    advice = int_arg(advice)
     if not madvise_behavior_valid(k, advice):
         raise einval(call, f"advice={advice}: unknown advice")
     if not PAGE_ALIGNED(start):
@@ -121,11 +139,40 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
         for v in vmas:
             madvise_free_single_vma(k, mm, v, max(v.start, start), min(v.end, end))
     elif advice == MADV_COLLAPSE:
-        if mapped != end - start:
-            raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
-        madvise_collapse(k, mm, start, end)
+        madvise_walk_vmas(k, mm, start, end, lambda vma, lo, hi: madvise_collapse(k, mm, vma, lo, hi))
+        return
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
+
+
+def madvise_walk_vmas(k: Kernel, mm: MM, start: int, end: int, behavior) -> None:
+    """Model of madvise_walk_vmas(): apply ``behavior(vma, lo, hi)`` to each VMA's part of [start, end).
+
+    The VMAs are visited in address order, each with the range clipped to
+    it.  A VMA's error (a KernelError from ``behavior``) ends the walk at
+    once and is the call's result: the VMAs after it are left alone.  A hole
+    in the range (before, between or after the VMAs) does not stop the walk;
+    the call then fails with ENOMEM, but only if no VMA failed.
+    """
+    call = "madvise"
+    unmapped = False
+    vma = next((v for v in mm.vmas if v.end > start), None)      # find_vma()
+    while True:
+        if vma is None:
+            raise KernelError(E.ENOMEM, call, f"addr={start:#x}: no mapping from here to the end of the range")
+        if start < vma.start:                                     # a gap: carry on, ENOMEM at the end
+            unmapped = True
+            start = vma.start
+            if start >= end:
+                break
+        hi = min(vma.end, end)
+        behavior(vma, start, hi)
+        if hi >= end:
+            break
+        vma = next((v for v in mm.vmas if v.end > hi), None)
+        start = hi
+    if unmapped:
+        raise KernelError(E.ENOMEM, call, "part of the range is not mapped")
 
 
 def madvise_thp_setup(k: Kernel, mm: MM, start: int, end: int, advice: int) -> None:

@@ -30,6 +30,13 @@ class VMA:
     flags: int
     anon_vma: int = 0            # 0: no anon_vma yet; else an id (anon_vma_prepare)
     pgoff: int = -1              # vm_pgoff: for anon memory, the page index at mmap time
+    # The anon_vma_chain links the parents' anon_vmas too: a fork child's copy of a VMA that
+    # had an anon_vma (anon_vma_fork()), kept by splits and mremap copies (anon_vma_clone()).
+    uncowed_parents: bool = False
+
+    def had_uncowed_parents(self) -> bool:
+        """Model of vma_had_uncowed_parents(): an anon_vma whose chain is not singular."""
+        return bool(self.anon_vma) and self.uncowed_parents
 
     def __post_init__(self) -> None:
         if self.pgoff < 0:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .constants import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
     MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_ALIGN, PAGE_MASK, PAGE_SIZE, PHYS_PFN, PROT_EXEC, PROT_READ,
-    PROT_WRITE, TASK_SIZE, VM_ACCOUNT, VM_WRITE, U64, offset_in_page,
+    PROT_WRITE, PUD_SIZE, TASK_SIZE, VM_ACCOUNT, VM_NORESERVE, VM_WRITE, U64, offset_in_page,
 )
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
@@ -76,7 +76,8 @@ def split_vma(k: Kernel, mm: MM, vma: VMA, addr: int) -> VMA:
     (vma_adjust_trans_huge()).
     """
     hm.vma_adjust_trans_huge(k, mm, vma, addr)
-    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma, vma.pgoff + PHYS_PFN(addr - vma.start))
+    upper = VMA(addr, vma.end, vma.flags, vma.anon_vma, vma.pgoff + PHYS_PFN(addr - vma.start),
+                vma.uncowed_parents)                # anon_vma_clone()
     vma.end = addr
     mm.insert_vma(upper)
     return upper
@@ -94,10 +95,31 @@ def split_range(k: Kernel, mm: MM, start: int, end: int) -> list[VMA]:
     return out
 
 
+def is_mergeable_anon_vma(a: VMA, b: VMA) -> bool:
+    """Model of is_mergeable_anon_vma(): may two adjacent VMAs share one anon_vma?
+
+    Two anon_vmas must be the same one.  A VMA without one may join a VMA
+    that has one, unless that VMA's anon_vma_chain also links its parents'
+    anon_vmas (vma_had_uncowed_parents(): a fork child's VMA that had one).
+    """
+    if a.anon_vma and b.anon_vma:
+        return a.anon_vma == b.anon_vma
+    if a.anon_vma:
+        return not a.had_uncowed_parents()
+    if b.anon_vma:
+        return not b.had_uncowed_parents()
+    return True
+
+
 def can_merge(a: VMA, b: VMA) -> bool:
-    """Model of the anon part of is_mergeable_vma()/is_mergeable_anon_vma()."""
+    """Model of the anon part of is_mergeable_vma()/is_mergeable_anon_vma().
+
+    The flags must be equal, VM_ACCOUNT and VM_NORESERVE included (only
+    VM_SOFTDIRTY is ignored, and thpcow has none); the page offsets must
+    follow on; the anon_vmas must be compatible.
+    """
     return a.end == b.start and a.flags == b.flags and a.pgoff + PHYS_PFN(a.end - a.start) == b.pgoff and \
-        (a.anon_vma == b.anon_vma or not a.anon_vma or not b.anon_vma)
+        is_mergeable_anon_vma(a, b)
 
 
 def merge_vmas(mm: MM, start: int, end: int) -> None:
@@ -111,7 +133,8 @@ def merge_vmas(mm: MM, start: int, end: int) -> None:
             continue
         if can_merge(a, b):
             a.end = b.end
-            a.anon_vma = a.anon_vma or b.anon_vma
+            if not a.anon_vma:
+                a.anon_vma, a.uncowed_parents = b.anon_vma, b.uncowed_parents
             del vmas[i + 1]
             continue
         i += 1
@@ -129,6 +152,11 @@ def free_pgtables(k: Kernel, mm: MM, start: int, end: int) -> None:
             memory.pte_free(k, mm, s)
         elif pt.pmd_kind[s] != PMD_NONE:
             pgtable.pmd_clear(k, mm, s)
+    # free_pmd_range(): a PMD table goes once no VMA is left in its 1 GiB (PUD) range.
+    first, last = start // PUD_SIZE, (end - 1) // PUD_SIZE
+    for pud in [i for i in pt.pmd_tables if first <= i <= last]:
+        if not mm.vmas_in(pud * PUD_SIZE, (pud + 1) * PUD_SIZE):
+            pt.pmd_tables.discard(pud)
 
 
 # -- system calls ----------------------------------------------------------------------------------
@@ -168,7 +196,9 @@ def do_mmap(k: Kernel, mm: MM, addr: int, length: int, prot: int, flags: int) ->
         if start < 0:
             raise enomem(call, f"length={length:#x}: no free range of that size")
     vm_flags = prot_to_vm_flags(prot)
-    if vm_flags & VM_WRITE and not flags & MAP_NORESERVE:
+    if flags & MAP_NORESERVE:
+        vm_flags |= VM_NORESERVE                    # honoured: overcommit_memory is not 2 (never)
+    if (vm_flags & (VM_NORESERVE | VM_WRITE)) == VM_WRITE:
         vm_flags |= VM_ACCOUNT                      # accountable_mapping()
     vma = VMA(start, start + length, vm_flags)
     mm.insert_vma(vma)

@@ -61,6 +61,24 @@ def change_protection(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None
         pgtable.pte_update_flags(k, mm, row, a + np.flatnonzero(ae), set_bits=_PAGE_RW)
 
 
+def mprotect_account(vma: VMA, newbits: int) -> int:
+    """The commit-accounting rule of mprotect_fixup(): ``vma``'s flags with VM_ACCOUNT as it becomes.
+
+    A private mapping made writable is charged (VM_ACCOUNT set) unless it
+    already is, or was writable, or is MAP_NORESERVE.  Taking write away
+    uncharges it (VM_ACCOUNT cleared) only while no page was ever written,
+    i.e. an anonymous VMA with no anon_vma yet; otherwise the charge stays.
+    Both change which neighbours the VMA can merge with.
+    """
+    flags = vma.flags
+    if newbits & VM_WRITE:
+        if not flags & (VM_ACCOUNT | VM_WRITE | VM_NORESERVE):
+            flags |= VM_ACCOUNT
+    elif flags & VM_ACCOUNT and not vma.anon_vma:
+        flags &= ~VM_ACCOUNT
+    return flags
+
+
 def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
     """Model of do_mprotect_pkey().
 
@@ -96,8 +114,7 @@ def do_mprotect(k: Kernel, mm: MM, start: int, length: int, prot: int) -> None:
             continue                                # mprotect_fixup(): same flags, nothing to do
         changed = True
         for v in split_range(k, mm, max(old.start, start), min(old.end, stop)):
-            if newbits & VM_WRITE and not v.flags & (VM_ACCOUNT | VM_WRITE | VM_NORESERVE):
-                v.flags |= VM_ACCOUNT               # mprotect_fixup() charges the new writable range
+            v.flags = mprotect_account(v, newbits)
             v.flags = (v.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | newbits
             change_protection(k, mm, v, v.start, v.end)
     if changed:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PMD_SHIFT, PMD_SIZE, PTRS_PER_PTE
+from .constants import HPAGE_PMD_SIZE, PAGE_SHIFT, PMD_MASK, PMD_SHIFT, PMD_SIZE, PTRS_PER_PMD, PTRS_PER_PTE
 from .errors import null_pmd_oops
 
 if TYPE_CHECKING:
@@ -123,6 +123,10 @@ class PageTables:
         self.pmd_flags = np.zeros(cap_slots, dtype=np.uint8)
         self.pmd_row = np.full(cap_slots, -1, dtype=np.int64)
         self.nr_slots = 0
+        # PUD indexes (1 GiB of address space each) whose PMD table exists: allocated with the
+        # first slot made in its range (__pmd_alloc() on a fault, a fork copy or an mremap
+        # move), freed by free_pgtables() once no VMA is left in the range.
+        self.pmd_tables: set[int] = set()
         self.cap_rows = cap_rows
         self.pte_pfn = np.full((cap_rows, PTRS_PER_PTE), -1, dtype=np.int64)
         self.pte_flags = np.zeros((cap_rows, PTRS_PER_PTE), dtype=np.uint8)
@@ -144,6 +148,7 @@ class PageTables:
             self._grow_slots()
         self.nr_slots += 1
         self.slot_of[pmd_idx] = s
+        self.pmd_tables.add(pmd_idx // PTRS_PER_PMD)
         self.pmd_index[s] = pmd_idx
         self.pmd_kind[s] = PMD_NONE
         self.pmd_folio[s] = -1
@@ -198,6 +203,10 @@ class PageTables:
         has = slots >= 0
         sc = np.where(has, slots, 0)
         return sc, np.where(has, self.pmd_kind[sc], PMD_NONE)
+
+    def has_pmd_table(self, addr: int) -> bool:
+        """Does the PMD table covering ``addr`` exist (the PUD entry is present: mm_find_pmd() finds it)?"""
+        return pmd_index(addr) // PTRS_PER_PMD in self.pmd_tables
 
     def slots_in(self, start: int, end: int) -> list[int]:
         """Slots whose 2 MiB block overlaps [start, end), in address order."""

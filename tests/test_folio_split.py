@@ -113,6 +113,10 @@ def _split_by_free_of_one_page(k, p, a):
     p.madvise(a + (NR - 1) * PAGE_SIZE, PAGE_SIZE, MADV_FREE)
 
 
+def _split_by_pageout_without_swap(k, p, a):
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+
+
 def _split_by_deferred_split_shrinker(k, p, a):
     p.munmap(a + (NR - 1) * PAGE_SIZE, PAGE_SIZE)        # partially mapped: queued
     k.reclaim(1)                                         # shrink_slab(): deferred_split_scan()
@@ -128,6 +132,7 @@ SPLITS = {
     "MADV_PAGEOUT of part": (_split_by_pageout_of_part, NR),
     "MADV_COLD of part": (_split_by_cold_of_part, NR),
     "MADV_FREE of one page": (_split_by_free_of_one_page, NR),
+    "MADV_PAGEOUT without swap": (_split_by_pageout_without_swap, NR),
     "deferred split shrinker": (_split_by_deferred_split_shrinker, NR - 1),
     "migration without a THP target": (_split_by_migration_without_thp_target, NR),
 }
@@ -213,4 +218,43 @@ def test_underused_split_counts_and_remaps_through_the_one_split_path(k):
     assert d["thp_underused_split_page"] == 1 and d["thp_split_page"] == 1
     assert on_zero_page(p, a, NR).sum() == HALF
     assert p.smaps_fields(a)["Rss"] == 4 * HALF
+    assert_reads(p, a, expected)
+
+
+# ==================================================================================================
+# 2. MADV_PAGEOUT without a swap device
+# ==================================================================================================
+def test_pageout_of_a_pmd_thp_without_swap_splits_it_and_keeps_the_pieces():
+    """shrink_folio_list(): folio_alloc_swap() fails (no swap device), the THP is split
+    (split_folio_to_list(): thp_split_pmd, thp_split_page, split), THP_SWPOUT_FALLBACK and
+    swpout_fallback are counted, and the 4 KiB pieces fail too and stay mapped.  As measured on
+    6.18 (no swap): +1 for each of those counters, AnonHugePages 0, Rss 1024 kB, 256 zero pages."""
+    k = Kernel(ram=THP_RAM, check=True)
+    assert k.swap is None
+    p, a, expected = half_written_thp(k)
+    v0 = k.vmstat_snapshot()
+    split0, fb0, defer0 = mthp(k, "split"), mthp(k, "swpout_fallback"), mthp(k, "split_deferred")
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    d = vmstat_delta(k, v0)
+    assert (d["thp_split_pmd"], d["thp_split_page"], d["thp_swpout_fallback"]) == (1, 1, 1)
+    assert (d["thp_swpout"], d["pswpout"], d["thp_deferred_split_page"]) == (0, 0, 0)
+    assert mthp(k, "split") - split0 == 1 and mthp(k, "swpout_fallback") - fb0 == 1
+    assert mthp(k, "split_deferred") == defer0 and mthp(k, "nr_anon") == 0
+    s = p.smaps_fields(a)
+    assert s["AnonHugePages"] == 0 and s["Rss"] == 4 * HALF and s["Swap"] == 0
+    pm = p.pagemap(a, NR)
+    assert ((pm & np.uint64(PM_PRESENT)) != 0).all() and not ((pm & np.uint64(PM_SWAP)) != 0).any()
+    assert on_zero_page(p, a, NR).sum() == HALF
+    assert_reads(p, a, expected)
+
+
+def test_pageout_with_swap_still_swaps_a_thp_whole():
+    """With a free swap cluster nothing changes: thp_swpout, no split."""
+    k = Kernel(ram=THP_RAM, swap=SWAP, check=True)
+    p, a, expected = half_written_thp(k)
+    v0 = k.vmstat_snapshot()
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    d = vmstat_delta(k, v0)
+    assert (d["thp_swpout"], d["thp_split_page"], d["thp_swpout_fallback"]) == (1, 0, 0)
+    assert p.smaps_fields(a)["Swap"] == 2048
     assert_reads(p, a, expected)

@@ -233,8 +233,8 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
     """Model of madvise_cold_or_pageout_pte_range().
 
     Folios that may be mapped by other processes are left alone.  A PMD THP
-    wholly in the range is taken whole; one only partly in it is split (its
-    PMD, then the folio) and handled page by page; likewise a PTE-mapped large
+    wholly in the range is taken whole; one only partly in it is split
+    (split_folio(), which splits the PMD) and handled page by page; likewise a PTE-mapped large
     folio partly in the range.  MADV_COLD clears the young bits and moves the
     folios to the head of the LRU (they are reclaimed first); MADV_PAGEOUT
     reclaims them now (reclaim_pages()).
@@ -252,8 +252,7 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
                 pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_ACCESSED)
                 picked.append(fid)
                 continue
-            hm.split_huge_pmd(k, mm, vma, s)
-            hm.split_folio(k, fid)
+            hm.split_folio(k, fid)                # splits the PMD too; on failure the PMD stays
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])

@@ -248,6 +248,31 @@ def test_pageout_of_a_pmd_thp_without_swap_splits_it_and_keeps_the_pieces():
     assert_reads(p, a, expected)
 
 
+def test_pageout_of_a_pte_mapped_thp_without_swap_splits_it_in_reclaim():
+    """A THP PTE-mapped in one table (mprotect() of one page and back): the batch covers it, so
+    madvise hands it whole to reclaim, which splits it after folio_alloc_swap() fails:
+    thp_split_page, thp_swpout_fallback, and thp_deferred_split_page (the split's unmapping
+    takes the PTEs one by one); no thp_split_pmd.  Measured on 6.18 exactly so."""
+    from thpcow.kernel.constants import PROT_READ, PROT_WRITE
+    k = Kernel(ram=THP_RAM, check=True)
+    p = k.spawn()
+    a = p.mmap(HPAGE_PMD_SIZE)
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_HUGEPAGE)
+    toks = np.arange(1, NR + 1, dtype=np.int64)
+    p.write_many(page_addrs(a, NR), toks)
+    p.mprotect(a, PAGE_SIZE, PROT_READ)
+    p.mprotect(a, PAGE_SIZE, PROT_READ | PROT_WRITE)
+    assert p.smaps_fields(a)["AnonHugePages"] == 0
+    v0 = k.vmstat_snapshot()
+    p.madvise(a, HPAGE_PMD_SIZE, MADV_PAGEOUT)
+    d = vmstat_delta(k, v0)
+    assert (d["thp_split_pmd"], d["thp_split_page"], d["thp_swpout_fallback"], d["thp_deferred_split_page"]) == \
+        (0, 1, 1, 1)
+    assert mthp(k, "nr_anon_partially_mapped") == 0
+    assert p.smaps_fields(a)["Rss"] == 2048
+    assert_reads(p, a, toks)
+
+
 def test_pageout_with_swap_still_swaps_a_thp_whole():
     """With a free swap cluster nothing changes: thp_swpout, no split."""
     k = Kernel(ram=THP_RAM, swap=SWAP, check=True)
@@ -258,3 +283,68 @@ def test_pageout_with_swap_still_swaps_a_thp_whole():
     assert (d["thp_swpout"], d["thp_split_page"], d["thp_swpout_fallback"]) == (1, 0, 0)
     assert p.smaps_fields(a)["Swap"] == 2048
     assert_reads(p, a, expected)
+
+
+# ==================================================================================================
+# 3. Deferred split accounting of a PTE-mapped THP spanning two page tables
+# ==================================================================================================
+@pytest.mark.parametrize("advice", [MADV_PAGEOUT, MADV_COLD, MADV_FREE], ids=["PAGEOUT", "COLD", "FREE"])
+def test_madvise_of_a_whole_thp_spanning_two_tables_splits_it_and_counts_a_deferred_split(advice):
+    """madvise_folio_pte_batch() stops at the end of the first table: 256 < 512, so the folio is
+    split (not taken whole, even by MADV_PAGEOUT); the split's unmapping queues it as partially
+    mapped first (thp_deferred_split_page +1, split_deferred +1), then the split takes it off
+    the queue.  No thp_swpout_fallback: reclaim only sees 4 KiB pieces."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p, b, toks = spanning_thp(k)
+    v0 = k.vmstat_snapshot()
+    defer0, split0 = mthp(k, "split_deferred"), mthp(k, "split")
+    p.madvise(b, HPAGE_PMD_SIZE, advice)
+    d = vmstat_delta(k, v0)
+    assert (d["thp_split_page"], d["thp_deferred_split_page"], d["thp_swpout_fallback"], d["thp_split_pmd"]) == \
+        (1, 1, 0, 0)
+    assert mthp(k, "split_deferred") - defer0 == 1 and mthp(k, "split") - split0 == 1
+    assert mthp(k, "nr_anon_partially_mapped") == 0 and mthp(k, "nr_anon") == 0
+    assert p.smaps_fields(b)["Rss"] == 2048
+    assert_reads(p, b, toks)
+
+
+def test_munmap_of_a_whole_thp_spanning_two_tables_counts_one_deferred_split():
+    """zap_pte_range() removes the rmap a table at a time: after the first table's batch the
+    second table's pages are still mapped, so __folio_remove_rmap() queues the folio (+1) just
+    before the second batch frees it."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p, b, _ = spanning_thp(k)
+    v0 = k.vmstat_snapshot()
+    p.munmap(b, HPAGE_PMD_SIZE)
+    d = vmstat_delta(k, v0)
+    assert d["thp_deferred_split_page"] == 1 and d["thp_split_page"] == 0
+    assert mthp(k, "nr_anon_partially_mapped") == 0 and not k.deferred
+
+
+def test_an_already_partially_mapped_folio_is_counted_once():
+    """deferred_split_folio(true) counts only when it sets PG_partially_mapped: later partial
+    unmaps, and the split that finally comes (here MADV_PAGEOUT), count nothing more."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p, b, toks = spanning_thp(k)
+    v0 = k.vmstat_snapshot()
+    p.munmap(b, PAGE_SIZE)
+    assert vmstat_delta(k, v0)["thp_deferred_split_page"] == 1
+    assert mthp(k, "nr_anon_partially_mapped") == 1
+    p.munmap(b + PAGE_SIZE, PAGE_SIZE)
+    p.munmap(b + 300 * PAGE_SIZE, PAGE_SIZE)
+    p.madvise(b + 2 * PAGE_SIZE, 200 * PAGE_SIZE, MADV_PAGEOUT)
+    d = vmstat_delta(k, v0)
+    assert d["thp_deferred_split_page"] == 1 and d["thp_split_page"] == 1
+    assert mthp(k, "nr_anon_partially_mapped") == 0
+    assert_reads(p, b + 2 * PAGE_SIZE, toks[2:300])
+
+
+def test_splitting_a_pmd_mapped_thp_counts_no_deferred_split():
+    """A PMD mapping is removed whole by the split's unmapping: the folio is never seen partially
+    mapped (measured: MADV_PAGEOUT of part of a PMD THP counts no thp_deferred_split_page)."""
+    k = Kernel(ram=THP_RAM, check=True)
+    p, a, _ = half_written_thp(k)
+    v0 = k.vmstat_snapshot()
+    p.madvise(a, HALF // 2 * PAGE_SIZE, MADV_PAGEOUT)
+    d = vmstat_delta(k, v0)
+    assert d["thp_split_page"] == 1 and d["thp_deferred_split_page"] == 0

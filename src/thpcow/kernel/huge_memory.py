@@ -18,7 +18,7 @@ from .constants import (
     ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, PFN_PHYS,
     VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
 )
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_SWAPCACHE
 from .memory import (
     FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare, copy_user_large_folio,
 )
@@ -483,7 +483,8 @@ def split_folio(k: Kernel, fid: int) -> int:
     non-anon folio or order < 2; -EAGAIN (thp_split_page_failed,
     split_failed) when the folio has references that are not mappings
     (pins).  Otherwise unmap_folio() takes every mapping away (PMD mappings
-    are split, thp_split_pmd each), the pages become order-0 folios, and remap_page()
+    are split, thp_split_pmd each; the unmapping may queue the folio as
+    partially mapped), the pages become order-0 folios, and remap_page()
     with TTU_USE_SHARED_ZEROPAGE maps each zero-filled page to the shared
     zero page and every other page back (split_folios_unmapped_pmd()).
     Counts thp_split_page (PMD order) and split[order]; nr_anon moves to
@@ -509,12 +510,58 @@ def unmap_folio(k: Kernel, fid: int) -> None:
     """Model of unmap_folio(): try_to_migrate() takes every mapping of a folio away before its split.
 
     The mappings are not replaced by migration entries here (the split keeps
-    them and remaps in place); each PMD mapping is split (thp_split_pmd; the
-    kernel turns it straight into migration entries).
+    them and remaps in place); what the unmapping leaves behind is modelled:
+    each PMD mapping is split (thp_split_pmd; the kernel turns it straight
+    into migration entries), and the deferred split event.  try_to_migrate()
+    drops one rmap at a time, a PMD mapping whole and a PTE mapping page by
+    page, and __folio_remove_rmap() calls deferred_split_folio(folio, true)
+    the first time a page loses its last mapping while another page is still
+    PTE-mapped and no PMD maps the folio (thp_deferred_split_page for PMD
+    order, split_deferred; the split then takes the folio off the queue).  A
+    folio only PMD-mapped never counts; one only PTE-mapped counts when two or
+    more of its pages are mapped; for a folio mapped both ways the order of
+    the rmap walk decides (mms in pid order: the anon_vma interval tree visits
+    the parent's VMA before the child's).
     """
-    if k.folios.entire[fid]:
+    f = k.folios
+    if not f.flags[fid] & (PG_PARTIALLY_MAPPED | PG_SWAPCACHE):
+        head = int(f.head[fid])
+        nr = 1 << int(f.order[fid])
+        mc = k.mem.mapcount[head: head + nr].copy()
+        entire = int(f.entire[fid])
+        mapped = int(np.count_nonzero(mc))
+        if entire == 0:
+            partially = mapped >= 2
+        elif mapped == 0:
+            partially = False
+        else:
+            partially = _unmap_walk_partially_mapped(k, fid, head, nr, entire, mc)
+        if partially:
+            rmap.deferred_split_folio(k, fid, partially_mapped=True)
+    if f.entire[fid]:
         for mm, vma, s in rmap.rmap_walk_pmd(k, fid):
             split_huge_pmd(k, mm, vma, s)
+
+
+def _unmap_walk_partially_mapped(k: Kernel, fid: int, head: int, nr: int, entire: int, mc: np.ndarray) -> bool:
+    """unmap_folio() of a folio both PMD- and PTE-mapped: does __folio_remove_rmap() see it
+    partially mapped on the way?  Replays the removals in rmap-walk order (per mm, in pid order)."""
+    groups: dict[int, list] = {}
+    for m in rmap.folio_mappings(k, fid):
+        groups.setdefault(id(m[1]), []).append(m)
+    for maps in groups.values():
+        for m in maps:
+            if m[0] == "pmd":
+                entire -= 1
+                unmapped = nr - int(np.count_nonzero(mc))
+                if entire == 0 and 0 < unmapped < nr:
+                    return True
+        idx = np.array([m[4] - head for m in maps if m[0] == "pte"], dtype=np.int64)
+        if len(idx):
+            if entire == 0 and (mc[idx] == 1).any() and np.count_nonzero(mc) >= 2:
+                return True
+            np.subtract.at(mc, idx, 1)
+    return False
 
 
 def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:

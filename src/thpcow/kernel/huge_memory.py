@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import (
-    ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, VM_HUGEPAGE,
-    VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
+    ALIGN_DOWN, HPAGE_PMD_MASK, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, IS_ALIGNED, PAGE_SIZE, PFN_PHYS,
+    VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WRITE,
 )
-from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_REFERENCED
+from .folio import PG_ANON, PG_DIRTY, PG_HUGE_ZERO, PG_PARTIALLY_MAPPED, PG_REFERENCED, PG_SWAPCACHE
 from .memory import (
     FAULT_FLAG_UNSHARE, FAULT_FLAG_WRITE, VM_FAULT_FALLBACK, VM_FAULT_OK, VmFault, anon_vma_prepare, copy_user_large_folio,
 )
@@ -26,7 +26,7 @@ from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
     _PAGE_RW, _PAGE_SOFT_DIRTY, pmd_index,
 )
-from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, ZERO_PFN, Gfp, alloc_thp
+from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, PG_HWPOISON, ZERO_PFN, Gfp, alloc_thp
 from .swap import folio_add_lru
 from . import pgtable, rmap
 
@@ -478,14 +478,18 @@ def vma_adjust_trans_huge(k: Kernel, mm: MM, vma: VMA, addr: int) -> None:
 
 # -- splitting a folio ---------------------------------------------------------------------------
 def split_folio(k: Kernel, fid: int) -> int:
-    """Model of split_folio() for an anonymous large folio: split to order-0 folios.
+    """Model of split_folio() -> __folio_split() for an anonymous large folio, to order 0.
 
-    Every PMD mapping is split first (thp_split_pmd each), then the folio's
-    pages become independent order-0 folios that keep their mappings: each
-    new folio's refcount is its page's mapcount.  Counts thp_split_page (PMD
-    order) and split[order]; nr_anon moves to order 0.  Returns 0, or an
-    errno-style negative value: -EINVAL for the huge zero folio or order < 2,
-    -EAGAIN when the folio has references that are not mappings (pins).
+    Refused before anything is touched: -EINVAL for the huge zero folio, a
+    non-anon folio or order < 2; -EAGAIN (thp_split_page_failed,
+    split_failed) when the folio has references that are not mappings
+    (pins).  Otherwise unmap_folio() takes every mapping away (PMD mappings
+    are split, thp_split_pmd each; the unmapping may queue the folio as
+    partially mapped), the pages become order-0 folios, and remap_page()
+    with TTU_USE_SHARED_ZEROPAGE maps each zero-filled page to the shared
+    zero page and every other page back (split_folios_unmapped_pmd()).
+    Counts thp_split_page (PMD order) and split[order]; nr_anon moves to
+    order 0.  Returns 0 or the negative errno.
     """
     import errno as _e
 
@@ -498,22 +502,81 @@ def split_folio(k: Kernel, fid: int) -> int:
             k.vmstat.count_vm_event("thp_split_page_failed")
         k.vmstat.count_mthp_stat(order, "split_failed")
         return -_e.EAGAIN
-    # Unmap every PMD mapping by splitting it (the kernel uses migration entries).
-    if f.entire[fid]:
-        for mm, vma, s in rmap.rmap_walk_pmd(k, fid):
-            split_huge_pmd(k, mm, vma, s)
+    unmap_folio(k, fid)
     split_folios_unmapped_pmd(k, np.array([fid], dtype=np.int64))
     return 0
 
 
+def unmap_folio(k: Kernel, fid: int) -> None:
+    """Model of unmap_folio(): try_to_migrate() takes every mapping of a folio away before its split.
+
+    The mappings are not replaced by migration entries here (the split keeps
+    them and remaps in place); what the unmapping leaves behind is modelled:
+    each PMD mapping is split (thp_split_pmd; the kernel turns it straight
+    into migration entries), and the deferred split event.  try_to_migrate()
+    drops one rmap at a time, a PMD mapping whole and a PTE mapping page by
+    page, and __folio_remove_rmap() calls deferred_split_folio(folio, true)
+    the first time a page loses its last mapping while another page is still
+    PTE-mapped and no PMD maps the folio (thp_deferred_split_page for PMD
+    order, split_deferred; the split then takes the folio off the queue).  A
+    folio only PMD-mapped never counts; one only PTE-mapped counts when two or
+    more of its pages are mapped; for a folio mapped both ways the order of
+    the rmap walk decides (mms in pid order: the anon_vma interval tree visits
+    the parent's VMA before the child's).
+    """
+    f = k.folios
+    if not f.flags[fid] & (PG_PARTIALLY_MAPPED | PG_SWAPCACHE):
+        head = int(f.head[fid])
+        nr = 1 << int(f.order[fid])
+        mc = k.mem.mapcount[head: head + nr].copy()
+        entire = int(f.entire[fid])
+        mapped = int(np.count_nonzero(mc))
+        if entire == 0:
+            partially = mapped >= 2
+        elif mapped == 0:
+            partially = False
+        else:
+            partially = _unmap_walk_partially_mapped(k, fid, head, nr, entire, mc)
+        if partially:
+            rmap.deferred_split_folio(k, fid, partially_mapped=True)
+    if f.entire[fid]:
+        for mm, vma, s in rmap.rmap_walk_pmd(k, fid):
+            split_huge_pmd(k, mm, vma, s)
+
+
+def _unmap_walk_partially_mapped(k: Kernel, fid: int, head: int, nr: int, entire: int, mc: np.ndarray) -> bool:
+    """unmap_folio() of a folio both PMD- and PTE-mapped: does __folio_remove_rmap() see it
+    partially mapped on the way?  Replays the removals in rmap-walk order (per mm, in pid order)."""
+    groups: dict[int, list] = {}
+    for m in rmap.folio_mappings(k, fid):
+        groups.setdefault(id(m[1]), []).append(m)
+    for maps in groups.values():
+        for m in maps:
+            if m[0] == "pmd":
+                entire -= 1
+                unmapped = nr - int(np.count_nonzero(mc))
+                if entire == 0 and 0 < unmapped < nr:
+                    return True
+        idx = np.array([m[4] - head for m in maps if m[0] == "pte"], dtype=np.int64)
+        if len(idx):
+            if entire == 0 and (mc[idx] == 1).any() and np.count_nonzero(mc) >= 2:
+                return True
+            np.subtract.at(mc, idx, 1)
+    return False
+
+
 def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
-    """The second half of split_folio(), for many anon large folios at once.
+    """The second half of split_folio() (__folio_freeze_and_split_unmapped(), remap_page()),
+    for many anon large folios at once.
 
     Preconditions: each folio is anon, of order >= 2, has no PMD mapping
-    (entire mapcount 0) and no references besides its mappings.  Mapped
-    pages become order-0 folios keeping their mappings; unmapped ones are
-    freed (the kernel frees them after remapping the others).  Counts
-    thp_split_page / split[order] and moves nr_anon as split_folio() does.
+    (entire mapcount 0) and no references besides its mappings.  Each folio
+    leaves the deferred split queue; its pages become order-0 folios.  Then
+    remap_page(TTU_USE_SHARED_ZEROPAGE), which __folio_split() passes for
+    every successful anon split: a zero-filled page is mapped to the shared
+    zero page instead (try_to_map_unused_to_zeropage()), the others keep
+    their mappings; pages left unmapped are freed.  Counts thp_split_page /
+    split[order] and moves nr_anon as split_folio() does.
     """
     f = k.folios
     mem = k.mem
@@ -528,10 +591,13 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
         if order >= HPAGE_PMD_ORDER:
             k.vmstat.count_vm_event("thp_split_page", int(count))
         k.vmstat.count_mthp_stat(int(order), "split", int(count))
-    f.release_bulk(fids)
     # every page of every folio: head + offset within its folio
     pfns = np.repeat(heads - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
     owner_flags = np.repeat(pflags, sizes)
+    zero = (mem.content[pfns] == 0) & (mem.mapcount[pfns] > 0) & ~(mem.pflags[pfns] & PG_HWPOISON).astype(bool)
+    if zero.any():
+        try_to_map_unused_to_zeropage(k, pfns[zero])
+    f.release_bulk(fids)
     mapcounts = mem.mapcount[pfns]
     live = mapcounts > 0
     new_ids = f.alloc_bulk(pfns[live])
@@ -543,6 +609,59 @@ def split_folios_unmapped_pmd(k: Kernel, fids: np.ndarray) -> None:
     mem.folio[dead] = -1
     mem.pflags[dead] = 0
     mem.free_bulk(dead)
+
+
+def try_to_map_unused_to_zeropage(k: Kernel, pfns: np.ndarray) -> None:
+    """Model of try_to_map_unused_to_zeropage() for every mapping of many zero-filled pages.
+
+    Called while a split remaps its pages (remap_page() with
+    TTU_USE_SHARED_ZEROPAGE): each PTE mapping of these order-0 pages becomes
+    a read-only special PTE of the shared zero page (keeping the soft-dirty
+    bit), MM_ANONPAGES drops by one, and the page loses that mapcount; a
+    mapping in a VM_LOCKED VMA keeps its page.  The caller checked that the
+    pages hold zeros and are not hwpoisoned.  No references change: the
+    split hands each page as many references as it has mappings left.
+    """
+    mem = k.mem
+    maps, complete = rmap.small_mappings(k, pfns)
+    if not complete:
+        maps = _pte_mappings_anywhere(k, pfns)
+    gone = np.zeros(len(pfns), dtype=np.int64)
+    for mm, idx, rows, cols in maps:
+        if any(v.flags & VM_LOCKED for v in mm.vmas):
+            addrs = PFN_PHYS(mem.vpn[pfns[idx]])
+            keep = np.array([v is not None and bool(v.flags & VM_LOCKED) for v in mm.find_vmas(addrs)], dtype=bool)
+            idx, rows, cols = idx[~keep], rows[~keep], cols[~keep]
+            if not len(idx):
+                continue
+        pt = mm.pt
+        flags = (PTE_ZERO | (pt.pte_flags[rows, cols] & _PAGE_SOFT_DIRTY)).astype(np.uint8)
+        k.flush_tlb_pages(mm, mem.vpn[pfns[idx]])
+        pgtable.set_ptes_scatter(k, mm, rows, cols, ZERO_PFN, flags)
+        mm.rss_anon -= len(idx)
+        np.add.at(gone, idx, 1)
+    hit = gone > 0
+    if hit.any():
+        mem.mapcount[pfns[hit]] -= gone[hit].astype(mem.mapcount.dtype)
+        k.vmstat.mod_node_page_state("nr_anon_pages", -int(np.count_nonzero(mem.mapcount[pfns[hit]] == 0)))
+
+
+def _pte_mappings_anywhere(k: Kernel, pfns: np.ndarray):
+    """Every PTE mapping of these pages, searched in every page table (the fallback of
+    small_mappings() when a page is not mapped at its page index in some mm)."""
+    out = []
+    order = np.argsort(pfns)
+    spfns = pfns[order]
+    for p in k.procs.values():
+        pt = p.mm.pt
+        if not pt.nr_rows:
+            continue
+        table = pt.pte_pfn[: pt.nr_rows]
+        r, c = np.nonzero(np.isin(table, spfns) & ~(pt.pte_flags[: pt.nr_rows] & _PAGE_SPECIAL).astype(bool))
+        if len(r):
+            idx = order[np.searchsorted(spfns, table[r, c])]
+            out.append((p.mm, idx, r, c))
+    return out
 
 
 # -- the deferred split shrinker ----------------------------------------------------------------------------
@@ -559,11 +678,11 @@ def thp_underused(k: Kernel, fid: int) -> bool:
 def deferred_split_scan(k: Kernel, nr_to_scan: int | None = None) -> int:
     """Model of deferred_split_scan(): split partially mapped and underused THPs.
 
-    A partially mapped folio is split (its unmapped pages are freed); one that
-    is not partially mapped is split when thp_underused() says so, counting
-    thp_underused_split_page, and its zero-filled pages are remapped to the
-    shared zero page instead of being kept.  Others leave the queue.
-    Returns the pages freed.
+    A partially mapped folio is split (its unmapped pages are freed, and
+    like every anon split its zero-filled pages go to the shared zero page);
+    one that is not partially mapped is split when thp_underused() says so,
+    counting thp_underused_split_page.  A partially mapped folio that fails to
+    split stays queued; others leave the queue.  Returns the pages freed.
     """
     f = k.folios
     freed = 0
@@ -586,29 +705,11 @@ def deferred_split_scan(k: Kernel, nr_to_scan: int | None = None) -> int:
             if split_folio(k, fid) != 0:
                 continue                              # requeued: stays on the list
         elif f.order[fid] >= HPAGE_PMD_ORDER and thp_underused(k, fid):
-            head = int(f.head[fid])
-            zero_pages = np.flatnonzero(k.mem.content[head: head + HPAGE_PMD_NR] == 0) + head
             if split_folio(k, fid) != 0:
+                rmap.folio_unqueue_deferred_split(k, fid)   # considered used: not requeued
                 continue
             k.vmstat.count_vm_event("thp_underused_split_page")
-            remap_zero_pages(k, zero_pages)
         else:
             rmap.folio_unqueue_deferred_split(k, fid)
         freed += k.mem.nr_free - before
     return freed
-
-
-def remap_zero_pages(k: Kernel, pfns: np.ndarray) -> None:
-    """After an underused split, map the zero page where the split pages held zeros."""
-    for pfn in pfns.tolist():
-        fid = int(k.mem.folio[pfn])
-        if fid < 0:
-            continue
-        for m in rmap.folio_mappings(k, fid):
-            if m[0] != "pte":
-                continue
-            _, mm, r, c, p = m
-            pgtable.set_pte_at(k, mm, r, c, ZERO_PFN, PTE_ZERO)
-            rmap.folio_remove_rmap_ptes(k, fid, p, 1, mm)
-            mm.rss_anon -= 1
-            rmap.folio_put(k, fid)

@@ -11,7 +11,7 @@ from .constants import (
     HPAGE_PMD_SIZE, MADV_COLD, MADV_COLLAPSE, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE,
     MADV_HUGEPAGE, MADV_KEEPONFORK, MADV_NOHUGEPAGE, MADV_NORMAL, MADV_PAGEOUT, MADV_RANDOM,
     MADV_SEQUENTIAL, MADV_THP_COW, MADV_THP_SETUP_BASE, MADV_THP_SETUP_END, MADV_WILLNEED, MADV_WIPEONFORK,
-    PAGE_ALIGN, PAGE_ALIGNED, PFN_PHYS, PHYS_PFN,
+    PAGE_ALIGN, PAGE_ALIGNED, PHYS_PFN,
     VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, U64,
     MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
     MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
@@ -19,7 +19,7 @@ from .constants import (
 )
 from .errors import KernelError, einval
 from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_REFERENCED, PG_SWAPBACKED, PG_SWAPCACHE
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SPECIAL, swp_offset
+from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory, pgtable
 from .khugepaged import khugepaged_enter_vma, madvise_collapse
@@ -215,13 +215,22 @@ def madvise_update_vma(k: Kernel, mm: MM, start: int, end: int, set_bits: int, c
     merge_vmas(mm, start, end)
 
 
-def _partly_in_range(k: Kernel, fid: int, pfn: int, addr: int, start: int, end: int) -> bool:
-    """Is the large folio whose page ``pfn`` is mapped at ``addr`` only partly inside [start, end)?"""
-    nr = 1 << int(k.folios.order[fid])
-    if nr == 1:
-        return False
-    first = addr - PFN_PHYS(pfn - int(k.folios.head[fid]))
-    return first < start or first + PFN_PHYS(nr) > end
+def madvise_folio_pte_batch(k: Kernel, pt, row: int, i: int, end: int, pfn: int) -> int:
+    """Model of madvise_folio_pte_batch(): how many PTEs from index ``i`` of this table map the
+    following pages of the folio of ``pfn``.
+
+    The batch stays in this one table and below ``end`` (an index), ends at
+    the folio's last page, and needs each PTE to map the next page with the
+    same bits, young, dirty and soft-dirty aside (folio_pte_batch_flags()).
+    """
+    f = k.folios
+    fid = int(k.mem.folio[pfn])
+    last = int(f.head[fid]) + (1 << int(f.order[fid]))
+    n = min(end - i, last - pfn)
+    got = pt.pte_pfn[row, i: i + n]
+    bits = pt.pte_flags[row, i: i + n] & ~np.uint8(_PAGE_DIRTY | _PAGE_ACCESSED | _PAGE_SOFT_DIRTY)
+    ok = (got == pfn + np.arange(n)) & (bits == bits[0])
+    return n if ok.all() else int(np.argmin(ok))
 
 
 def _mark_lazyfree(f, fid: int) -> None:
@@ -238,8 +247,10 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
     PMD level (madvise_free_huge_pmd()): a THP that may be mapped shared is
     skipped; one only partly in the range is split (split_folio()) and handled
     at PTE level; a whole one is marked clean and lazyfree, its PMD clean and old.
-    PTE level: a large folio only partly in the range is split when it is not
-    shared (skipped otherwise); a folio in the swap cache is skipped (other
+    PTE level: a large folio that one batch of this table's PTEs does not map
+    whole (madvise_folio_pte_batch(): only partly in the range, or spanning
+    two page tables after an mremap()) is split when it is not shared
+    (skipped otherwise); a folio in the swap cache is skipped (other
     swap entries still use its slot, so folio_free_swap() fails); a dirty one
     that may be mapped shared is skipped, an exclusive one is cleaned; then the
     folio is marked lazyfree (PG_swapbacked cleared) and the PTEs made clean and old.
@@ -260,42 +271,57 @@ def madvise_free_single_vma(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        for i in range(PHYS_PFN(lo - base), PHYS_PFN(hi - base)):
+        i, end = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
+        batch_end = i                             # PTEs up to here map a folio whole in one batch
+        while i < end:
             pfn = int(pt.pte_pfn[row, i])
             if pfn <= -2:                         # a swap entry: free_swap_and_cache(), clear it
                 free_swap_and_cache(k, swp_offset(pfn))
                 pgtable.pte_clear(k, mm, row, i)
                 mm.rss_swap -= 1
+                i += 1
                 continue
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
+                i += 1
                 continue
             fid = int(k.mem.folio[pfn])
             shared = f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn]))
-            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
-                if shared or hm.split_folio(k, fid) != 0:
-                    continue
-                fid = int(k.mem.folio[pfn])
+            if f.order[fid] and i >= batch_end:
+                nr = madvise_folio_pte_batch(k, pt, row, i, end, pfn)
+                if nr < 1 << int(f.order[fid]):
+                    if shared or hm.split_folio(k, fid) != 0:
+                        i += nr
+                        continue
+                    continue                      # split: look at this PTE again
+                batch_end = i + nr
             if f.flags[fid] & PG_SWAPCACHE:
+                i += 1
                 continue                          # folio_free_swap() fails: other entries use the slot
             if f.flags[fid] & PG_DIRTY:
                 if shared:
+                    i += 1
                     continue
                 f.flags[fid] &= np.uint16(~PG_DIRTY & 0xFFFF)
             _mark_lazyfree(f, fid)
             pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_DIRTY | _PAGE_ACCESSED)
+            i += 1
 
 
 def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, pageout: bool) -> None:
     """Model of madvise_cold_or_pageout_pte_range().
 
     Folios that may be mapped by other processes are left alone.  A PMD THP
-    wholly in the range is taken whole; one only partly in it is split (its
-    PMD, then the folio) and handled page by page; likewise a PTE-mapped large
-    folio partly in the range.  Both clear PG_referenced of the folios they
-    take.  MADV_COLD also clears the young bits of their PTEs/PMDs and moves
-    the folios to the head of the LRU (they are reclaimed first); MADV_PAGEOUT
-    leaves the young bits alone and reclaims the folios now (reclaim_pages()
-    ignores references), so a folio it cannot reclaim stays young.
+    wholly in the range is taken whole; one only partly in it is split
+    (split_folio(), which splits the PMD) and handled page by page; likewise
+    a PTE-mapped large folio that one batch of this table's PTEs does not map
+    whole (madvise_folio_pte_batch(): partly in the range, or spanning two
+    page tables after an mremap()).  Every split maps the zero-filled pages
+    to the shared zero page.  Both clear PG_referenced of the folios
+    they take.  MADV_COLD also clears the young bits of their PTEs/PMDs and
+    moves the folios to the head of the LRU (they are reclaimed first);
+    MADV_PAGEOUT leaves the young bits alone and reclaims the folios now
+    (reclaim_pages() ignores references), so a folio it cannot reclaim stays
+    young.
     """
     from . import vmscan
     pt = mm.pt
@@ -311,26 +337,32 @@ def madvise_cold_or_pageout(k: Kernel, mm: MM, vma: VMA, start: int, end: int, p
                     pgtable.pmd_update_flags(k, mm, s, clear_bits=_PAGE_ACCESSED)
                 picked.append(fid)
                 continue
-            hm.split_huge_pmd(k, mm, vma, s)
-            hm.split_folio(k, fid)
+            hm.split_folio(k, fid)                # splits the PMD too; on failure the PMD stays
         if pt.pmd_kind[s] != PMD_TABLE:
             continue
         row = int(pt.pmd_row[s])
-        a, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
-        for i in range(a, b):
+        i, b = PHYS_PFN(lo - base), PHYS_PFN(hi - base)
+        while i < b:
             pfn = int(pt.pte_pfn[row, i])
             if pfn < 0 or pt.pte_flags[row, i] & _PAGE_SPECIAL:
+                i += 1
                 continue
             fid = int(k.mem.folio[pfn])
+            nr = 1
+            if f.order[fid]:
+                nr = madvise_folio_pte_batch(k, pt, row, i, b, pfn)
+                if nr < 1 << int(f.order[fid]):
+                    if f.maybe_mapped_shared(fid, 0) or hm.split_folio(k, fid) != 0:
+                        i += nr
+                        continue
+                    continue                      # split: look at this PTE again
             if f.maybe_mapped_shared(fid, int(k.mem.mapcount[pfn])):
+                i += nr
                 continue
-            if _partly_in_range(k, fid, pfn, base + PFN_PHYS(i), start, end):
-                if hm.split_folio(k, fid) != 0:
-                    continue
-                fid = int(k.mem.folio[pfn])
             if not pageout:
-                pgtable.pte_update_flags(k, mm, row, i, clear_bits=_PAGE_ACCESSED)
+                pgtable.pte_update_flags(k, mm, row, np.arange(i, i + nr), clear_bits=_PAGE_ACCESSED)
             picked.append(fid)
+            i += nr
     picked = list(dict.fromkeys(picked))
     if picked:
         f.flags[np.array(picked, dtype=np.int64)] &= np.uint16(~PG_REFERENCED & 0xFFFF)   # folio_clear_referenced()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .folio import PG_SWAPCACHE
+from .page_alloc import PG_HWPOISON
 from .pgtable import _PAGE_HWPOISON
 from .swap_state import delete_from_swap_cache
 from . import huge_memory as hm
@@ -17,9 +18,11 @@ if TYPE_CHECKING:
 def memory_failure(k: Kernel, pfn: int) -> None:
     """Model of memory_failure() for an anon page: lose that 4 KiB page only.
 
-    A large folio is split first (so the rest of a THP survives as 4 KiB
-    pages); the poisoned page is unmapped everywhere and its entries become
-    hwpoison markers: touching them raises SIGBUS.  If the split fails the
+    The page is marked poisoned first.  A large folio is split (so the rest
+    of a THP survives as 4 KiB pages; the split maps its zero-filled pages
+    to the shared zero page, never the poisoned one); the poisoned page is
+    unmapped everywhere and its entries become hwpoison markers: touching
+    them raises SIGBUS.  If the split fails the
     whole folio is unmapped (the processes would be killed).  A folio in the
     swap cache is clean (its slot holds the data): its entries become swap
     entries again.
@@ -29,6 +32,7 @@ def memory_failure(k: Kernel, pfn: int) -> None:
     if fid < 0:
         k.mem.take_pfn(pfn)
         return
+    k.mem.pflags[pfn] |= PG_HWPOISON          # TestSetPageHWPoison(), before any split
     if k.folios.order[fid]:
         if hm.split_folio(k, fid) != 0:
             k.vmstat.count_vm_event("memory_failure_late_kill")

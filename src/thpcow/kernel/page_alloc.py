@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 ZERO_PFN = 0                  # the shared zero page (a reserved frame)
 PG_ANON_EXCLUSIVE = np.uint8(1)
+PG_HWPOISON = np.uint8(2)     # memory_failure() marked the page poisoned (PageHWPoison())
 
 
 class Gfp(enum.IntFlag):

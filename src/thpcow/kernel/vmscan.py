@@ -11,7 +11,8 @@ Reclaiming a folio (``shrink_folio``):
 - a clean lazyfree folio (MADV_FREE, no dirty mapping) is discarded;
 - a partially mapped large folio is split first;
 - otherwise it is added to the swap cache (``add_to_swap``): a PMD-order folio
-  needs a whole swap cluster, else it is split (thp_swpout_fallback);
+  needs a whole swap cluster, else (also with no swap device: MADV_PAGEOUT
+  still gets here) it is split (thp_swpout_fallback) and the pieces tried;
 - every mapping is replaced by a swap entry (``try_to_unmap``; PMD mappings
   are split first, thp_split_pmd each), the folio is written (pswpout,
   thp_swpout / swpout) and freed;
@@ -130,7 +131,17 @@ def discard_lazyfree(k: Kernel, fid: int) -> bool:
 
 
 def shrink_folio(k: Kernel, fid: int) -> int:
-    """Model of shrink_folio_list() for one anon folio: returns pages freed (0 if kept)."""
+    """Model of shrink_folio_list() for one anon folio: returns pages freed (0 if kept).
+
+    A clean lazyfree folio is discarded.  A partially mapped large folio is
+    split first.  Then add_to_swap()/folio_alloc_swap(): a large folio that
+    gets no swap space (no free cluster, or no swap device at all: reclaim
+    does not ask whether there is one) is split (thp_split_page, and the
+    split's thp_split_pmd and zero-page remap), counting thp_swpout_fallback
+    (PMD order) and swpout_fallback, and its pieces are tried one by one; a
+    small folio without swap space is kept (activated).  With a slot, the
+    folio is unmapped to swap entries, written and freed.
+    """
     f = k.folios
     if not f.used[fid] or f.flags[fid] & PG_HUGE_ZERO or not f.flags[fid] & PG_ANON:
         return 0
@@ -138,8 +149,6 @@ def shrink_folio(k: Kernel, fid: int) -> int:
     nr = 1 << order
     if not f.flags[fid] & PG_SWAPBACKED:
         return nr if discard_lazyfree(k, fid) else 0
-    if k.swap is None:
-        return 0
     if f.flags[fid] & PG_SWAPCACHE:
         # Swapped in and still in the swap cache: its slot holds its contents (it is never
         # written while cached: it is mapped read-only), so it is unmapped and freed without
@@ -157,7 +166,7 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         if hm.split_folio(k, fid) != 0:
             return 0
         return _shrink_pieces(k, head, nr)
-    slot = k.swap.alloc_slots(nr)
+    slot = k.swap.alloc_slots(nr) if k.swap is not None else -1
     if order and slot < 0:
         head = int(f.head[fid])
         if hm.split_folio(k, fid) != 0:
@@ -167,7 +176,7 @@ def shrink_folio(k: Kernel, fid: int) -> int:
         k.vmstat.count_mthp_stat(order, "swpout_fallback")
         return _shrink_pieces(k, head, nr)
     if slot < 0:
-        return 0                                          # swap full: keep it
+        return 0                                          # no swap space: keep it (activate_locked_split)
     # add_to_swap(): into the swap cache, which holds nr references
     head = int(f.head[fid])
     add_to_swap_cache(k, fid, slot)
@@ -184,7 +193,13 @@ def shrink_folio(k: Kernel, fid: int) -> int:
 
 
 def _shrink_pieces(k: Kernel, head: int, nr: int) -> int:
-    """shrink_folio() of every folio a split left in frames [head, head + nr): pages freed."""
+    """shrink_folio() of every folio a split left in frames [head, head + nr): pages freed.
+
+    Optimization: with no free swap slot every piece (a swap-backed order-0
+    folio) would be kept, so none is tried.
+    """
+    if k.swap is None or k.swap.nr_free == 0:
+        return 0
     return sum(shrink_folio(k, int(k.mem.folio[p])) for p in range(head, head + nr) if k.mem.folio[p] >= 0)
 
 

@@ -18,13 +18,24 @@ Fixtures need no import.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 import numpy as np
 import pytest
 
-from thpcow.kernel import (
+# NumPy madvise()s every array of 4 MiB or more with MADV_HUGEPAGE: each test process that
+# builds a simulator would then fault real THPs, which the real-kernel tests (running beside it
+# in another worker) see in the system-wide /proc/vmstat.  The simulator's arrays need no THPs.
+try:
+    from numpy._core.multiarray import _set_madvise_hugepage
+except ImportError:                                     # NumPy < 2
+    from numpy.core.multiarray import _set_madvise_hugepage
+_set_madvise_hugepage(False)
+os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"              # the same for the processes tests start
+
+from thpcow.kernel import (  # noqa: E402
     HPAGE_PMD_SIZE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,
     PAGE_SIZE, PROT_READ, PROT_WRITE, Kernel, Process,
 )

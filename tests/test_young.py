@@ -127,14 +127,16 @@ def test_fork_maps_the_zero_page_and_the_huge_zero_pmd_old_in_the_child_only():
 def test_madv_pageout_leaves_the_young_bits_of_what_it_cannot_reclaim():
     """madvise_cold_or_pageout_pte_range() clears young bits only for MADV_COLD; MADV_PAGEOUT
     hands the folios to reclaim_pages(), which ignores references.  Without swap the folios
-    stay, young (the running kernel: Referenced stays 2048 kB after MADV_PAGEOUT)."""
+    stay, young (the running kernel: Referenced stays 2048 kB after MADV_PAGEOUT); the THP is
+    split on the way (no swap for it: AnonHugePages 0) and its PTEs inherit the PMD's young bit."""
     k = Kernel(ram=THP_RAM, check=True)
     p = k.spawn()
     t = thp_region(p, HPAGE_PMD_SIZE)
     s = small_region(p, 8)
     p.madvise(t, HPAGE_PMD_SIZE, MADV_PAGEOUT)
     p.madvise(s, 8 * PAGE_SIZE, MADV_PAGEOUT)
-    assert pmd_young(p, t) and pte_young(p, s, 8).all()
+    assert p.smaps_fields(t)["AnonHugePages"] == 0
+    assert pte_young(p, t, HPAGE_PMD_SIZE // PAGE_SIZE).all() and pte_young(p, s, 8).all()
     assert p.smaps_fields(t)["Referenced"] == 2048 and p.smaps_fields(s)["Referenced"] == 32
 
 

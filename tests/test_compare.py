@@ -615,3 +615,39 @@ def test_coinciding_curves_are_named_in_the_legend():
     x = np.arange(3)
     labels = report._coincide({"a": (x, x * 1.0), "b": (x, x * 1.0), "c": (x, x * 2.0)})
     assert labels == {"a": "a", "b": "b (= a)", "c": "c"}
+
+
+# -- reads and one clock -----------------------------------------------------------------------------
+READ_HEAVY = {"name": "read-heavy-small", "ram_mib": 512, "tlb_in_latency": True, "sysfs": {"enabled": "madvise"},
+              "workload": {"name": "redis-bgsave", "dataset_mib": 64, "writes_per_s": 20000,
+                           "reads_per_s": 6000000, "key_dist": "uniform", "tail_ms": 100},
+              "policies": ["upstream", "thp-cow-meant"]}
+
+
+def test_one_clock_adds_each_ops_translation_time_to_its_cost():
+    """tlb_in_latency: every op's cost grows by the translation time the TLB model charged it;
+    the run's foreground time grows by at least the translation time after the fork."""
+    import pandas as pd
+    on = run_point(READ_HEAVY, "upstream")
+    off = run_point(dict(READ_HEAVY, tlb_in_latency=False), "upstream")
+    a, b = pd.DataFrame(on.ops), pd.DataFrame(off.ops)
+    assert list(a["kind"]) == list(b["kind"])
+    extra = a["cost_ns"] - b["cost_ns"]
+    assert (extra >= 0).all() and extra[a["kind"] == "read"].sum() > 0
+    assert on.summary["model_ms"] - off.summary["model_ms"] == pytest.approx(extra.sum() / 1e6)
+    assert on.summary["model_ms"] - off.summary["model_ms"] >= on.summary["tlb_ms"] * 0.999
+    assert off.summary["tlb_ms"] == pytest.approx(on.summary["tlb_ms"])
+
+
+def test_a_read_heavy_service_trades_memory_for_time():
+    """With heavy reads after the fork and translation on the clock, keeping THPs (the series
+    as meant) costs memory but wins time; upstream wins on memory (and on write-op p99)."""
+    df = thpcow.compare(READ_HEAVY).set_index("policy")
+    up, series = df.loc["upstream"], df.loc["thp-cow-meant"]
+    assert series["model_ms"] < up["model_ms"]                     # the kept THPs pay back
+    assert series["tlb_ms"] < up["tlb_ms"] / 10
+    assert up["peak_mib"] < series["peak_mib"]                     # upstream copies 4 KiB, not 2 MiB
+    assert up["lat_p99_us"] < series["lat_p99_us"]
+    no_reads = thpcow.compare(dict(READ_HEAVY, workload=dict(READ_HEAVY["workload"], reads_per_s=0)))
+    no_reads = no_reads.set_index("policy")
+    assert no_reads.loc["upstream", "model_ms"] < no_reads.loc["thp-cow-meant", "model_ms"]   # the crossover

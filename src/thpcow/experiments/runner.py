@@ -375,6 +375,7 @@ class _Run:
                 self.tlb.sim.reset_stats()
         before = self.k.vmstat_snapshot()
         walks = self.tlb.walks() if self.tlb is not None else 0
+        xlat = self.tlb.sim.translation_ns() if self.tlb is not None else 0.0
         try:
             tables, pmds = self.apply(op)
         except (OutOfMemory, KernelOops) as e:
@@ -391,6 +392,8 @@ class _Run:
         after = self.k.vmstat_snapshot()
         d = {c: after[c] - before[c] for c in COUNTERS}
         cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
+        if self.sc.tlb_in_latency and self.tlb is not None:
+            cost += self.tlb.sim.translation_ns() - xlat          # one clock: translation is part of the op
         self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,
                     self.tlb.walks() - walks if self.tlb is not None else 0, d)
 

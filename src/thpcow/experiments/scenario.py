@@ -12,6 +12,7 @@ Schema (every field but ``workload`` is optional)::
     fragmentation: 0.0          # share of free memory broken by unmovable pages, 0..1
     seed: 0                     # one seed for the kernel and the workload
     check: false                # run the invariant checker after every call (slow)
+    tlb_in_latency: false       # one clock: each op's translation time (TLB model) in its cost
     profile: cal.toml           # latency profile written by `thpcow calibrate` (a path; relative to
                                 #   the scenario file); default: the reference profile
     sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
@@ -38,7 +39,8 @@ from typing import Any
 
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "default.yaml")
 
-FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check", "profile",
+FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check",
+          "tlb_in_latency", "profile",
           "sample_ms", "sysfs", "workload", "policies")
 
 DEFAULT_MACHINE = "amd-zen4-genoa"
@@ -78,6 +80,7 @@ class Scenario:
     fragmentation: float = 0.0
     seed: int = 0
     check: bool = False
+    tlb_in_latency: bool = False         # add each op's translation time (TLB model) to its cost
     profile: str | None = None           # a CalibrationProfile file (thpcow calibrate); None: the reference
     sample_ms: float | None = None
     sysfs: dict[str, str] = field(default_factory=dict)
@@ -98,6 +101,8 @@ class Scenario:
         if not self.tlb_model:
             out["tlb_model"] = False
         out.update(ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed, check=self.check)
+        if self.tlb_in_latency:
+            out["tlb_in_latency"] = True
         if self.profile is not None:
             out["profile"] = self.profile
         if self.sample_ms is not None:
@@ -334,6 +339,9 @@ def scalar_fields() -> dict[str, tuple[type, Any, Any, str]]:
         "fragmentation": (float, 0.0, 1.0, "share of free memory broken by unmovable pages (default: 0)"),
         "seed": (int, 0, None, "one seed for the kernel and the workload (default: 0)"),
         "check": (bool, None, None, "run the invariant checker after every call (slow; default: false)"),
+        "tlb_in_latency": (bool, None, None, "one clock: add each op's address translation time (TLB model: "
+                                             "L2 TLB hits and page walks) to its modelled cost, so latencies "
+                                             "and fg ms include it (default: false; needs tlb_model)"),
         "sample_ms": (float, 1e-6, None, "THP coverage / memory sampling interval in ms (default: the "
                                          "workload's duration / 200)"),
     }

@@ -17,7 +17,8 @@ class RedisBgsave(Workload):
     Timeline (``batch_ms`` ticks): at t=0 the parent (pid 0) maps
     ``dataset_mib`` (MADV_HUGEPAGE if ``thp``) and writes all of it.  From the
     first tick on it stores ``writes_per_s`` values of ``value_size`` bytes at
-    keys drawn uniformly or from a scrambled Zipfian law.  At ``fork_after_ms``
+    keys drawn uniformly or from a scrambled Zipfian law, and reads
+    ``reads_per_s`` values (GETs) at keys of the same law.  At ``fork_after_ms``
     it forks the snapshot child (pid 1), which reads the dataset sequentially
     at ``scan_mib_s`` (one load per page) and exits when done; the parent then
     ends the phase (the COW policy's ``phase_end``) and keeps writing for
@@ -34,6 +35,7 @@ class RedisBgsave(Workload):
         "key_dist": Param("zipf", "key popularity", choices=("uniform", "zipf")),
         "zipf_s": Param(0.99, "Zipf exponent (key_dist=zipf)", lo=0.01, hi=10.0),
         "writes_per_s": Param(100_000.0, "parent writes per second", lo=0),
+        "reads_per_s": Param(0.0, "parent reads (GETs) per second, same key law as the writes", lo=0),
         "scan_mib_s": Param(512.0, "snapshot child's sequential read rate (MiB/s)", lo=1e-3),
         "fork_after_ms": Param(10.0, "time from the load to the fork (ms)", lo=0),
         "tail_ms": Param(100.0, "time the parent keeps writing after the child exits (ms)", lo=0),
@@ -63,6 +65,7 @@ class RedisBgsave(Workload):
         tick, fork_i, exit_i, last, per = self._ticks()
         yield from populate_ops(0, 0, size, self.thp)
         counts = per_tick(self.writes_per_s, tick, last)
+        reads = per_tick(self.reads_per_s, tick, last) if self.reads_per_s else None
         for i in range(1, last + 1):
             t = i * tick
             phase = "before" if i < fork_i else "snapshot" if i <= exit_i else "after"
@@ -73,6 +76,11 @@ class RedisBgsave(Workload):
                 starts = keys(rng, nkeys, self.key_dist, self.zipf_s, n, salt=seed) * self.value_size
                 yield Op(t, WRITE, 0, phase, region=0, offsets=span_offsets(starts, self.value_size),
                          token=1 + i, nbytes=n * self.value_size)
+            r = int(reads[i - 1]) if reads is not None else 0
+            if r:
+                starts = keys(rng, nkeys, self.key_dist, self.zipf_s, r, salt=seed + 1) * self.value_size
+                yield Op(t, READ, 0, phase, region=0, offsets=span_offsets(starts, self.value_size),
+                         nbytes=r * self.value_size)
             if fork_i <= i < exit_i:
                 lo = (i - fork_i) * per
                 hi = min(lo + per, npages)

@@ -408,7 +408,8 @@ def load_results(out: str, grid: Grid | None = None):
 
 
 def plot_sweep(df, grid: Grid, path: str) -> None:
-    """summary.png: COW MiB, p99 latency, peak memory and THP coverage per grid combination and policy."""
+    """summary.png: bytes copied, p99 latency, peak memory, THP coverage, CPU time and translation
+    time per grid combination and policy (where the policies' CPU time lines cross is the crossover)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -418,9 +419,15 @@ def plot_sweep(df, grid: Grid, path: str) -> None:
               if grid.axes else df["scenario"].astype(str))
     df = df.assign(_label=labels)
     cats = list(dict.fromkeys(df["_label"]))
-    fig, axs = plt.subplots(2, 2, figsize=(11, 7), dpi=100)
-    for ax, (col, title) in zip(axs.flat, (("cow_mib", "COW MiB"), ("lat_p99_us", "p99 write latency (µs)"),
-                                           ("peak_mib", "peak memory (MiB)"), ("thp_mean", "THP coverage (mean)"))):
+    cpu = df["model_ms"] + (df["bg_ms"] if "bg_ms" in df.columns else 0.0)
+    copied = df["cow_mib"] + (df["collapse_mib"] if "collapse_mib" in df.columns else 0.0)
+    df = df.assign(_cpu=cpu, _copied=copied)
+    fig, axs = plt.subplots(2, 3, figsize=(14, 7), dpi=100)
+    for ax, (col, title) in zip(axs.flat, (("_copied", "copied: COW + collapse (MiB)"),
+                                           ("lat_p99_us", "p99 write-op latency (µs)"),
+                                           ("peak_mib", "peak memory (MiB)"), ("thp_mean", "THP coverage (mean)"),
+                                           ("_cpu", "CPU time: fg + bg (ms, modelled)"),
+                                           ("tlb_ms", "translation time (ms, TLB model)"))):
         for pol in dict.fromkeys(df["policy"]):
             s = df[df["policy"] == pol]
             ax.plot([cats.index(x) for x in s["_label"]], s[col], marker="o", label=pol)

@@ -272,3 +272,326 @@ def real_kernel_reason() -> str | None:
     if procfs.PAGE_SIZE != PAGE_SIZE or procfs.hpage_pmd_size() != 2 * M:
         return "the simulator models 4 KiB pages and 2 MiB PMDs"
     return None
+
+
+# -- seeded random programs ------------------------------------------------------------------------------
+ADVICE_NAMES = {MADV_HUGEPAGE: "MADV_HUGEPAGE", MADV_NOHUGEPAGE: "MADV_NOHUGEPAGE", MADV_DONTNEED: "MADV_DONTNEED",
+                MADV_COLLAPSE: "MADV_COLLAPSE", MADV_DONTFORK: "MADV_DONTFORK", MADV_DOFORK: "MADV_DOFORK"}
+PROT_NAMES = {RW: "RW", R: "R", NONE: "NONE"}
+RANDOM_SPAN = 32 * M                    # random programs stay in [0, 32 MiB) of their stretch
+
+
+class _Pages:
+    """What a program has done to each 4 KiB page, for touching only what is surely mapped
+    read-write (a store elsewhere would kill the runner): -1 unmapped, else the protection;
+    a call that fails part-way (a hole in its range) leaves its range unknown (-2)."""
+
+    def __init__(self, span: int) -> None:
+        self.prot = np.full(span // K, -1, dtype=np.int8)
+        self.dontfork = np.zeros(span // K, dtype=bool)
+
+    def step(self, step) -> bool:
+        """Apply ``step``; False when it would store to a page not surely read-write."""
+        op, *args = step
+        if op == "fork":
+            self.prot[self.dontfork] = -2           # maybe gone in the child
+            return True
+        lo, hi = args[0] // K, -(-args[1] // K)
+        if op == "remap":
+            new_len = args[2]
+            self.prot[args[0] // K:-(-(args[0] + max(args[1], new_len)) // K)] = -2
+            if len(args) > 4:
+                self.prot[args[4] // K:-(-(args[4] + new_len) // K)] = -2
+            return True
+        if hi > len(self.prot):
+            return op not in ("touch", "read")
+        sl = self.prot[lo:hi]
+        if op == "map":
+            if (sl == -1).all():
+                sl[:] = args[2]
+                self.dontfork[lo:hi] = False
+            elif (sl != -1).all() and (sl != -2).all():
+                pass                                    # EEXIST: nothing changes
+            else:
+                sl[sl == -1] = -2                      # unknown whether it mapped
+        elif op == "unmap":
+            sl[:] = -1
+        elif op == "prot":
+            sl[:] = args[2] if (sl >= 0).all() else -2
+        elif op == "adv":
+            if args[2] == MADV_DONTFORK:
+                self.dontfork[lo:hi] = True
+            elif args[2] == MADV_DOFORK and (sl >= 0).all():
+                self.dontfork[lo:hi] = False
+        elif op in ("touch", "read"):
+            need = (RW,) if op == "touch" else (RW, R)
+            return bool(np.isin(sl, need).all())
+        return True
+
+
+def program_is_safe(program) -> bool:
+    """No step of ``program`` stores to or loads from a page that may not be mapped for it."""
+    pages = _Pages(max(_span(program), RANDOM_SPAN) + G)
+    return all(pages.step(s) for s in program)
+
+
+def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN) -> list[tuple]:
+    """A seeded random program: 2-8 MiB mappings at PMD-aligned offsets, madvise of
+    HUGEPAGE/NOHUGEPAGE/DONTNEED/COLLAPSE/DONTFORK/DOFORK, mprotect, partial munmap and
+    strided stores over random ranges (often straddling PMDs and mappings), perhaps one fork."""
+    pages = _Pages(span)
+    prog: list[tuple] = []
+    regions: list[tuple[int, int]] = []
+
+    def point(near: list[int]) -> int:
+        roll = rng.random()
+        if roll < 0.35 and near:
+            return rng.choice(near)
+        if roll < 0.7:
+            return rng.randrange(0, span // PMD + 1) * PMD
+        return rng.randrange(0, span // K + 1) * K
+
+    def a_range() -> tuple[int, int]:
+        edges = [e for r in regions for e in r]
+        for _ in range(20):
+            lo, hi = sorted((point(edges), point(edges)))
+            if lo < hi:
+                return lo, hi
+        return 0, PMD
+
+    forked = False
+    while len(prog) < steps:
+        roll = rng.random()
+        if roll < 0.2 or not regions:
+            size = rng.randrange(2 * M // K, 8 * M // K + 1) * K if rng.random() < 0.4 else rng.randrange(1, 5) * PMD
+            lo = rng.randrange(0, (span - size) // PMD + 1) * PMD
+            step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]))
+            regions.append((lo, lo + size))
+        elif roll < 0.5:
+            lo, hi = a_range()
+            step = ("adv", lo, hi, rng.choice([MADV_HUGEPAGE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED,
+                                               MADV_COLLAPSE, MADV_COLLAPSE, MADV_DONTFORK, MADV_DOFORK]))
+        elif roll < 0.62:
+            lo, hi = a_range()
+            step = ("prot", lo, hi, rng.choice([RW, RW, R, NONE]))
+        elif roll < 0.68:
+            lo, hi = a_range()
+            if hi - lo > 4 * M:
+                hi = lo + rng.randrange(1, 4 * M // K + 1) * K
+            step = ("unmap", lo, hi)
+        elif roll < 0.97:
+            rw = np.flatnonzero(pages.prot == RW)
+            if not len(rw):
+                continue
+            first = int(rw[rng.randrange(len(rw))])
+            last = first
+            while last + 1 < len(pages.prot) and pages.prot[last + 1] == RW and last - first < 4 * M // K:
+                last += 1
+            lo = first * K
+            hi = rng.randrange(first + 1, last + 2) * K
+            step = ("touch", lo, hi, rng.choice([K, K, 2 * K, 16 * K, 512 * K]))
+        else:
+            if forked:
+                continue
+            forked = True
+            step = ("fork",)
+        if pages.step(step):
+            prog.append(step)
+    return prog
+
+
+def format_program(program) -> str:
+    """The program as Python source (a list of steps, with named constants), one step a line."""
+    def num(x: int) -> str:
+        if x and x % M == 0:
+            return f"{x // M} * M"
+        if x and x % K == 0:
+            return f"{x // K} * K"
+        return str(x)
+
+    lines = []
+    for step in program:
+        op, *args = step
+        if op in ("map", "prot"):
+            parts = [num(args[0]), num(args[1]), PROT_NAMES.get(args[2], str(args[2]))] + [str(a) for a in args[3:]]
+        elif op == "adv":
+            parts = [num(args[0]), num(args[1]), ADVICE_NAMES.get(args[2], str(args[2]))]
+        elif op == "touch":
+            parts = [num(args[0]), num(args[1])] + [num(a) for a in args[2:]]
+        else:
+            parts = [num(a) if isinstance(a, int) else str(a) for a in args]
+        lines.append(f"    ({', '.join([repr(op)] + parts)}{',' if not parts else ''}),")
+    return "[\n" + "\n".join(lines) + "\n]"
+
+
+# -- the differential harness ----------------------------------------------------------------------------
+NOISE_COUNTERS = ("thp_collapse_alloc", "thp_collapse_alloc_failed", "thp_fault_fallback", "thp_split_pmd",
+                  "thp_split_page")
+
+
+def first_difference(a: dict, b: dict) -> str | None:
+    """Where two results first differ (a step's return value, its VMAs, or the VMAs left), or None."""
+    ta, tb = a.get("trace"), b.get("trace")
+    if ta is not None and tb is not None:
+        for i, (x, y) in enumerate(zip(ta, tb)):
+            if x != y:
+                return f"VMAs after step {i}"
+    for i, (x, y) in enumerate(zip(a["rcs"], b["rcs"])):
+        if x != y:
+            return f"return value of call {i}: {x} vs {y}"
+    if len(a["rcs"]) != len(b["rcs"]):
+        return "number of calls"
+    if a["vmas"] != b["vmas"]:
+        return "VMAs left"
+    return None
+
+
+@dataclass
+class Outcome:
+    index: int
+    program: list
+    verdict: str                                        # equal, noisy, different
+    where: str | None = None
+    why: str | None = None                              # for noisy
+    minimal: list | None = None
+    real: dict | None = None
+    sim: dict | None = None
+
+
+@dataclass
+class DiffSummary:
+    programs: int = 0
+    equal: int = 0
+    noisy: int = 0
+    different: int = 0
+    seed: int = 0
+    steps: int = 0
+    elapsed_s: float = 0.0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"programs": self.programs, "equal": self.equal, "noisy": self.noisy, "different": self.different,
+                "seed": self.seed, "steps": self.steps, "elapsed_s": round(self.elapsed_s, 3),
+                "differences": [{"index": o.index, "where": o.where, "program": o.program, "minimal": o.minimal,
+                                 "real": o.real, "sim": o.sim}
+                                for o in self.outcomes if o.verdict == "different"],
+                "noisy_programs": [{"index": o.index, "where": o.where, "why": o.why}
+                                   for o in self.outcomes if o.verdict == "noisy"]}
+
+
+Runner = Callable[[list], dict]
+
+
+def _real_with_vmstat(program) -> tuple[dict, dict[str, int]]:
+    before = procfs.read_vmstat()
+    res = run_real_forked(program, trace=True)
+    after = procfs.read_vmstat()
+    return res, {c: after.get(c, 0) - before.get(c, 0) for c in NOISE_COUNTERS}
+
+
+def shrink(program: list, differs: Callable[[list], bool]) -> list:
+    """Delta debugging: drop chunks of steps, then single steps, while ``differs`` still holds
+    (only programs that store nowhere they should not are tried)."""
+    prog = list(program)
+    n = 2
+    while len(prog) >= 2:
+        chunk = max(1, len(prog) // n)
+        removed = False
+        for start in range(0, len(prog), chunk):
+            cand = prog[:start] + prog[start + chunk:]
+            if cand and program_is_safe(cand) and differs(cand):
+                prog, removed = cand, True
+                n = max(n - 1, 2)
+                break
+        if not removed:
+            if chunk == 1:
+                break
+            n = min(len(prog), n * 2)
+    return prog
+
+
+def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None = None,
+                 real_runner: Runner | None = None, knobs: dict[str, str] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> DiffSummary:
+    """Run ``n`` random programs (seeded by ``seed``) on the simulator and on the running kernel
+    (or ``real_runner``, which is then taken as noise-free) and compare them step by step.
+
+    A mismatch is rerun on the real side: a second run that differs from the first, or a run
+    whose system-wide THP counters (NOISE_COUNTERS: khugepaged collapsing, a failed THP
+    allocation, splits) moved other than the simulator's, makes it noisy; otherwise it is a
+    difference, shrunk to a minimal program.
+    """
+    import time
+
+    t0 = time.monotonic()
+    rng = random.Random(seed)
+    kernel_side = real_runner is None
+    if kernel_side:
+        reason = real_kernel_reason()
+        if reason:
+            raise RuntimeError(reason)
+        knobs = procfs.read_thp_knobs() if knobs is None else knobs
+
+    def sim(program, with_vmstat=False):
+        if sim_runner is not None:
+            return (sim_runner(program), {}) if with_vmstat else sim_runner(program)
+        k = sim_kernel(knobs)
+        before = k.vmstat_snapshot()
+        res = run_sim(program, k, trace=True)
+        after = k.vmstat_snapshot()
+        d = {c: after.get(c, 0) - before.get(c, 0) for c in NOISE_COUNTERS}
+        return (res, d) if with_vmstat else res
+
+    def real(program):
+        if not kernel_side:
+            return real_runner(program), {}
+        from . import scenario
+        with scenario.lab_lock():
+            return _real_with_vmstat(program)
+
+    def differs(program) -> bool:
+        r1, _ = real(program)
+        if first_difference(r1, sim(program)) is None:
+            return False
+        if kernel_side:
+            r2, _ = real(program)
+            return r1 == r2
+        return True
+
+    out = DiffSummary(programs=n, seed=seed, steps=steps)
+    for i in range(n):
+        program = random_program(rng, steps=steps)
+        if progress:
+            progress(f"program {i + 1} of {n}", i, n)
+        r1, d1 = real(program)
+        s, ds = sim(program, with_vmstat=True)
+        where = first_difference(r1, s)
+        if where is None:
+            out.equal += 1
+            out.outcomes.append(Outcome(i, program, "equal"))
+            continue
+        why = None
+        if kernel_side:
+            moved = {c: (d1[c], ds.get(c, 0)) for c in NOISE_COUNTERS if d1[c] != ds.get(c, 0)}
+            r2, _ = real(program)
+            if r2 != r1:
+                why = "a second run on the running kernel differs from the first"
+            elif moved:
+                why = "system-wide THP counters moved other than the simulator's: " + ", ".join(
+                    f"{c} {a} vs {b}" for c, (a, b) in moved.items())
+        if why:
+            out.noisy += 1
+            out.outcomes.append(Outcome(i, program, "noisy", where, why))
+            continue
+        minimal = shrink(program, differs)
+        out.different += 1
+        out.outcomes.append(Outcome(i, program, "different", where, minimal=minimal,
+                                    real=_strip(real(minimal)[0]), sim=_strip(sim(minimal))))
+    if progress:
+        progress("done", n, n)
+    out.elapsed_s = time.monotonic() - t0
+    return out
+
+
+def _strip(res: dict) -> dict:
+    return {"rcs": res["rcs"], "vmas": res["vmas"]}

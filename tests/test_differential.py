@@ -76,3 +76,57 @@ def test_simulator_and_running_kernel_agree_on_random_programs() -> None:
     assert res.programs == res.equal + res.noisy + res.different == 10
     assert res.different == 0, [(o.where, prg.format_program(o.minimal), o.real, o.sim)
                                 for o in res.outcomes if o.verdict == "different"]
+
+
+# -- the command line: thpcow validate --programs N --seed S ----------------------------------------
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from thpcow.cli import app
+
+    res = CliRunner().invoke(app, ["validate", *args])
+    return res.exit_code, res.stdout, (res.stderr if res.stderr_bytes is not None else "")
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("--programs", "0"), "--programs=0: must be between 1 and 100000"),
+    (("--programs", "3", "--seed", "-1"), "--seed=-1: must be 0 or more"),
+    (("--programs", "3", "--steps", "0"), "--steps=0: must be between 1 and 1000"),
+    (("--seed", "3"), "--seed/--steps: need --programs N"),
+    (("--programs", "3", "--quick"), "--programs: cannot be combined with --profile, --quick or --scenario"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, msg) -> None:
+    code, out, err = _cli(*args)
+    assert code == 2 and err.strip() == f"thpcow: {msg}" and not out, (out, err)
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """differential() with the planted simulator bug against the correct simulator."""
+    real_differential = prg.differential
+    monkeypatch.setattr(prg, "real_kernel_reason", lambda: None)
+    monkeypatch.setattr(prg, "differential", lambda n, seed, steps=16, progress=None: real_differential(
+        n, seed, steps, sim_runner=_wrong_sim, real_runner=lambda p: prg.run_sim(p, trace=True), progress=progress))
+
+
+def test_cli_prints_the_summary_and_each_minimal_difference(planted) -> None:
+    code, text, _ = _cli("--programs", "6", "--seed", "3")
+    assert code == 1, text
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    header = next(i for i, line in enumerate(text.splitlines()) if "programs" in line and "different" in line)
+    cells = text.splitlines()[header + 2].replace("│", " ").split()
+    assert cells[0] == "6" and int(cells[1]) + int(cells[2]) + int(cells[3]) == 6 and int(cells[3]) >= 1
+    program = "[\n" + text.split("\n[\n", 1)[1].split("\n]\n")[0] + "\n]"
+    steps = eval(program, {"K": prg.K, "M": prg.M, "RW": prg.RW, "R": prg.R, "NONE": prg.NONE,
+                           "MADV_NOHUGEPAGE": MADV_NOHUGEPAGE})
+    assert [s[0] for s in steps] == ["map", "adv"] and prg.run_sim(steps) != _wrong_sim(steps)
+
+
+def test_cli_json(planted) -> None:
+    import json
+
+    code, text, _ = _cli("--programs", "4", "--seed", "3", "--json")
+    out = json.loads(text)
+    assert out["programs"] == out["equal"] + out["noisy"] + out["different"] == 4
+    assert code == (1 if out["different"] else 0)
+    assert all(d["minimal"] for d in out["differences"])

@@ -119,15 +119,17 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
         console.print(table)
         for o in res.outcomes:
             if o.verdict == "noisy":
-                console.print(f"program {o.index}: noisy ({o.where}): {o.why}", soft_wrap=True, markup=False)
+                print(f"program {o.index}: noisy ({o.where}):\n  {o.why}")
         for o in res.outcomes:
             if o.verdict != "different":
                 continue
-            console.print(f"program {o.index}: different ({o.where}); minimal program "
-                          f"({len(o.minimal)} of {len(o.program)} steps), for run_sim()/run_real() of "
-                          "thpcow.lab.programs (K = 4 KiB, M = 1 MiB):", soft_wrap=True, markup=False)
+            print(f"\nprogram {o.index}: different ({o.where})")
+            print(f"minimal program, {len(o.minimal)} of {len(o.program)} steps (thpcow.lab.programs:")
+            print("run_sim(program) / run_real(program); K = 4 KiB, M = 1 MiB):")
             print(prg.format_program(o.minimal))
-            print(f"# running kernel: {json.dumps(o.real)}")
-            print(f"# simulator:      {json.dumps(o.sim)}")
+            for side, r in (("running kernel", o.real), ("simulator", o.sim)):
+                print(f"# {side}: return values {r['rcs']}")
+                for v in r["vmas"]:
+                    print(f"#   {v[0]:#x}-{v[1]:#x} {v[2]} [{v[3]}] AnonHugePages {v[4]} kB, Rss {v[5]} kB")
     if res.different:
         raise typer.Exit(1)

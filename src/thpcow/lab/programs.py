@@ -475,7 +475,8 @@ class DiffSummary:
                 "differences": [{"index": o.index, "where": o.where, "program": o.program, "minimal": o.minimal,
                                  "real": o.real, "sim": o.sim}
                                 for o in self.outcomes if o.verdict == "different"],
-                "noisy_programs": [{"index": o.index, "where": o.where, "why": o.why}
+                "noisy_programs": [{"index": o.index, "where": o.where, "why": o.why, "program": o.program,
+                                    "real": o.real, "sim": o.sim}
                                    for o in self.outcomes if o.verdict == "noisy"]}
 
 
@@ -584,7 +585,7 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
                     f"{c} {a} vs {b}" for c, (a, b) in moved.items())
         if why:
             out.noisy += 1
-            out.outcomes.append(Outcome(i, program, "noisy", where, why))
+            out.outcomes.append(Outcome(i, program, "noisy", where, why, real=_strip(r1), sim=_strip(s)))
             continue
         minimal = shrink(program, differs)
         out.different += 1

@@ -22,7 +22,7 @@ def test_random_programs_are_seeded_and_safe() -> None:
     for seed in range(40):
         program = prg.random_program(random.Random(seed), steps=20)
         assert len(program) == 20 and prg.program_is_safe(program)
-        assert {s[0] for s in program} <= {"map", "adv", "prot", "unmap", "touch", "fork"}
+        assert {s[0] for s in program} <= {"map", "adv", "prot", "unmap", "remap", "touch", "fork"}
         assert all(s[2] - s[1] in range(2 << 20, (8 << 20) + 1) and s[1] % (2 << 20) == 0
                    for s in program if s[0] == "map")
 

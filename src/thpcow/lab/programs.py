@@ -337,8 +337,8 @@ def program_is_safe(program) -> bool:
 
 def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN) -> list[tuple]:
     """A seeded random program: 2-8 MiB mappings at PMD-aligned offsets, madvise of
-    HUGEPAGE/NOHUGEPAGE/DONTNEED/COLLAPSE/DONTFORK/DOFORK, mprotect, partial munmap and
-    strided stores over random ranges (often straddling PMDs and mappings), perhaps one fork."""
+    HUGEPAGE/NOHUGEPAGE/DONTNEED/COLLAPSE/DONTFORK/DOFORK, mprotect, partial munmap, mremap
+    (in place, or MREMAP_FIXED moves inside the stretch) and strided stores over random ranges (often straddling PMDs and mappings), perhaps one fork."""
     pages = _Pages(span)
     prog: list[tuple] = []
     regions: list[tuple[int, int]] = []
@@ -379,6 +379,16 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
             if hi - lo > 4 * M:
                 hi = lo + rng.randrange(1, 4 * M // K + 1) * K
             step = ("unmap", lo, hi)
+        elif roll < 0.73:
+            lo, hi = a_range()
+            old_len = min(hi - lo, 4 * M)
+            if rng.random() < 0.5:                      # in place: shrink or grow
+                step = ("remap", lo, old_len, rng.randrange(1, 6 * M // K + 1) * K, 0)
+            else:                                       # a fixed move (DONTUNMAP keeps the old range)
+                new_lo = point([])
+                new_lo = min(new_lo, span - old_len)
+                flags = MAYMOVE | FIXED | (DONTUNMAP if rng.random() < 0.25 else 0)
+                step = ("remap", lo, old_len, old_len, flags, new_lo)
         elif roll < 0.97:
             rw = np.flatnonzero(pages.prot == RW)
             if not len(rw):

@@ -100,6 +100,11 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
         fail(f"--programs needs the running kernel: {reason}")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    try:    # NumPy madvise()s its big arrays MADV_HUGEPAGE: the simulator's would feed khugepaged,
+        from numpy._core.multiarray import _set_madvise_hugepage    # whose collapses count as noise
+    except ImportError:                                             # NumPy < 2
+        from numpy.core.multiarray import _set_madvise_hugepage
+    _set_madvise_hugepage(False)
     with Progress(TextColumn("{task.description:<30}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
         task = prog.add_task("differential", total=n)

@@ -352,6 +352,22 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
         return rng.randrange(0, span // K + 1) * K
 
     def a_range() -> tuple[int, int]:
+        mapped = np.flatnonzero(pages.prot != -1)
+        if len(mapped) and rng.random() < 0.6:         # inside a mapping, or just across its edge
+            first = int(mapped[rng.randrange(len(mapped))])
+            last = first
+            while last + 1 < len(pages.prot) and pages.prot[last + 1] != -1:
+                last += 1
+            while first > 0 and pages.prot[first - 1] != -1:
+                first -= 1
+            lo = rng.randrange(first, last + 1)
+            hi = rng.randrange(lo + 1, last + 2)
+            lo, hi = lo * K, hi * K
+            if rng.random() < 0.3:
+                lo, hi = lo & ~(PMD - 1), -(-hi // PMD) * PMD      # widened to whole PMDs
+            if rng.random() < 0.1:
+                hi = min(span, hi + rng.randrange(1, 512) * K)      # across the mapping's end
+            return lo, hi
         edges = [e for r in regions for e in r]
         for _ in range(20):
             lo, hi = sorted((point(edges), point(edges)))
@@ -363,6 +379,21 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
     while len(prog) < steps:
         roll = rng.random()
         if roll < 0.2 or not regions:
+            if regions and rng.random() < 0.6:           # somewhere free, mostly
+                free = [i * PMD for i in range(span // PMD) if (pages.prot[i * PMD // K:(i + 1) * PMD // K] == -1).all()]
+                if not free:
+                    continue
+                size = rng.randrange(1, 5) * PMD
+                lo = rng.choice(free)
+                run = lo
+                while run + PMD < span and run + PMD in free and run + PMD - lo < size:
+                    run += PMD
+                size = max(PMD, min(size, run + PMD - lo))
+                step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]))
+                regions.append((lo, lo + size))
+                if pages.step(step):
+                    prog.append(step)
+                continue
             size = rng.randrange(2 * M // K, 8 * M // K + 1) * K if rng.random() < 0.4 else rng.randrange(1, 5) * PMD
             lo = rng.randrange(0, (span - size) // PMD + 1) * PMD
             step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]))

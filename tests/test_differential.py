@@ -130,3 +130,14 @@ def test_cli_json(planted) -> None:
     assert out["programs"] == out["equal"] + out["noisy"] + out["different"] == 4
     assert code == (1 if out["different"] else 0)
     assert all(d["minimal"] for d in out["differences"])
+
+
+def test_first_difference_walks_the_steps_in_order() -> None:
+    program = [("map", 0, 2 << 20, prg.RW), ("touch", 0, 4096), ("adv", 0, 2 << 20, MADV_NOHUGEPAGE)]
+    a = prg.run_sim(program, trace=True)
+    assert prg.first_difference(a, a, program) is None
+    b = {**a, "rcs": [0, "EINVAL"], "trace": [a["trace"][0], [], a["trace"][2]]}
+    assert prg.first_difference(a, b, program) == "VMAs after step 1 (touch)"
+    b["trace"] = a["trace"]
+    assert prg.first_difference(a, b, program) == "step 2 (adv) returned 0 vs EINVAL"
+    assert prg.first_difference(a, {**a, "vmas": []}) == "VMAs left"

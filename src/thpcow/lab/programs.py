@@ -470,16 +470,24 @@ NOISE_COUNTERS = ("thp_collapse_alloc", "thp_collapse_alloc_failed", "thp_fault_
                   "thp_split_page")
 
 
-def first_difference(a: dict, b: dict) -> str | None:
-    """Where two results first differ (a step's return value, its VMAs, or the VMAs left), or None."""
+def first_difference(a: dict, b: dict, program: list | None = None) -> str | None:
+    """Where two results of ``program`` first differ (step by step when both have a trace:
+    the step's return value, then the VMAs after it; else the return values, then the VMAs
+    left), or None when they agree."""
     ta, tb = a.get("trace"), b.get("trace")
-    if ta is not None and tb is not None:
-        for i, (x, y) in enumerate(zip(ta, tb)):
-            if x != y:
-                return f"VMAs after step {i}"
+    if program is not None and ta is not None and tb is not None:
+        call = 0
+        for i, step in enumerate(program):
+            if step[0] not in ("touch", "read", "fork"):
+                x, y = a["rcs"][call:call + 1], b["rcs"][call:call + 1]
+                if x != y:
+                    return f"step {i} ({step[0]}) returned {x[0] if x else None} vs {y[0] if y else None}"
+                call += 1
+            if ta[i:i + 1] != tb[i:i + 1]:
+                return f"VMAs after step {i} ({step[0]})"
     for i, (x, y) in enumerate(zip(a["rcs"], b["rcs"])):
         if x != y:
-            return f"return value of call {i}: {x} vs {y}"
+            return f"call {i} returned {x} vs {y}"
     if len(a["rcs"]) != len(b["rcs"]):
         return "number of calls"
     if a["vmas"] != b["vmas"]:
@@ -489,6 +497,8 @@ def first_difference(a: dict, b: dict) -> str | None:
 
 @dataclass
 class Outcome:
+    """One program of a differential run: its verdict, where the sides first differed, why a
+    mismatch was judged noise, the minimal program of a difference and the two sides' results."""
     index: int
     program: list
     verdict: str                                        # equal, noisy, different
@@ -501,6 +511,7 @@ class Outcome:
 
 @dataclass
 class DiffSummary:
+    """A differential run: how many programs were run, equal, noisy and different, and each outcome."""
     programs: int = 0
     equal: int = 0
     noisy: int = 0
@@ -594,7 +605,7 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
 
     def differs(program) -> bool:
         r1, _ = real(program)
-        if first_difference(r1, sim(program)) is None:
+        if first_difference(r1, sim(program), program) is None:
             return False
         if kernel_side:
             r2, _ = real(program)
@@ -608,7 +619,7 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
             progress(f"program {i + 1} of {n}", i, n)
         r1, d1 = real(program)
         s, ds = sim(program, with_vmstat=True)
-        where = first_difference(r1, s)
+        where = first_difference(r1, s, program)
         if where is None:
             out.equal += 1
             out.outcomes.append(Outcome(i, program, "equal"))
@@ -617,7 +628,7 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
         if kernel_side:
             moved = {c: (d1[c], ds.get(c, 0)) for c in NOISE_COUNTERS if d1[c] != ds.get(c, 0)}
             reruns = [real(program)[0] for _ in range(2)]
-            if any(first_difference(r, s) is None for r in reruns):
+            if any(first_difference(r, s, program) is None for r in reruns):
                 why = "a rerun on the running kernel gave the simulator's result"
             elif any(r != r1 for r in reruns):
                 why = "reruns on the running kernel differ from the first run"

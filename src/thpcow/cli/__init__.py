@@ -34,7 +34,8 @@ VERBS: tuple[tuple[str, str, str], ...] = (
     ("calibrate", "calibrate",
      "Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML)."),
     ("validate", "validate",
-     "Compare the latency model's predicted times with times measured on the running kernel."),
+     "Compare the latency model's predicted times with times measured on the running kernel "
+     "(--programs N: random VMA programs, simulator vs kernel)."),
 )
 
 

@@ -17,8 +17,20 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
             scenario: list[str] = typer.Option(None, "--scenario", help="run only this scenario (repeatable): "
                                                "first_touch_4k, first_touch_thp, fork_thp, fork_4k, cow_storm, "
                                                "rewrite_thp, rewrite_4k, random_thp, random_split"),
-            as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
+            as_json: bool = typer.Option(False, "--json", help="print the rows as JSON"),
+            programs: int = typer.Option(None, "--programs", help="instead: run N seeded random programs of "
+                                         "mmap/madvise/mprotect/munmap/stores on the simulator and on the "
+                                         "running kernel and compare them (a differential test)"),
+            seed: int = typer.Option(None, "--seed", help="with --programs: the random programs' seed (default 0)"),
+            steps: int = typer.Option(None, "--steps", help="with --programs: steps per program (default 16)")) -> None:
     """Compare the latency model's predicted times with times measured on the running kernel.
+
+    With --programs N: a differential test of the VMA-level calls instead.  N seeded random
+    programs run on the simulator (with the running kernel's THP knobs) and on the running
+    kernel; return values and VMAs (perms, VmFlags, AnonHugePages, Rss) are compared after
+    every step.  A mismatch is rerun: if the kernel's second run differs from its first, or
+    system-wide THP counters moved other than the simulator's (khugepaged), it is noise;
+    otherwise a difference, shrunk to a minimal program and printed (exit status 1).
 
     Each micro-scenario runs on the running kernel (median of repeats) and on the
     simulated kernel with the same calls; the simulator's vmstat deltas are priced
@@ -33,6 +45,11 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     from ..lab import validate as val
     from ..lab.procfs import LabError
 
+    if programs is not None or seed is not None or steps is not None:
+        if profile is not None or quick or scenario:
+            bad_input("--programs: cannot be combined with --profile, --quick or --scenario")
+        _differential(programs, 0 if seed is None else seed, 16 if steps is None else steps, as_json)
+        return
     try:
         prof, lab = cal.load_profile(profile)
     except ValueError as exc:
@@ -63,3 +80,61 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
     busy_warning(res.metadata)
+
+
+def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
+    """validate --programs N --seed S: the simulator against the running kernel, program by program."""
+    from ..lab import programs as prg
+    from ..lab.procfs import LabError
+
+    if n is None:
+        bad_input("--seed/--steps: need --programs N")
+    if n < 1 or n > 100_000:
+        bad_input(f"--programs={n}: must be between 1 and 100000")
+    if seed < 0:
+        bad_input(f"--seed={seed}: must be 0 or more")
+    if steps < 1 or steps > 1000:
+        bad_input(f"--steps={steps}: must be between 1 and 1000")
+    reason = prg.real_kernel_reason()
+    if reason:
+        fail(f"--programs needs the running kernel: {reason}")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:    # NumPy madvise()s its big arrays MADV_HUGEPAGE: the simulator's would feed khugepaged,
+        from numpy._core.multiarray import _set_madvise_hugepage    # whose collapses count as noise
+    except ImportError:                                             # NumPy < 2
+        from numpy.core.multiarray import _set_madvise_hugepage
+    _set_madvise_hugepage(False)
+    with Progress(TextColumn("{task.description:<30}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("differential", total=n)
+        try:
+            res = prg.differential(n, seed, steps=steps, progress=lab_progress(prog, task))
+        except (LabError, OSError, RuntimeError) as exc:
+            fail(str(exc))
+    if as_json:
+        print(json.dumps(res.to_dict(), indent=2, default=str))
+    else:
+        table = Table(title=f"simulator vs kernel, seed {seed}, {steps} steps")
+        for col in ("programs", "equal", "noisy", "different", "time"):
+            table.add_column(col, justify="right")
+        table.add_row(str(res.programs), str(res.equal), str(res.noisy),
+                      str(res.different) if not res.different else f"[bold red]{res.different}[/]",
+                      f"{res.elapsed_s:.1f} s")
+        console.print(table)
+        for o in res.outcomes:
+            if o.verdict == "noisy":
+                print(f"program {o.index}: noisy ({o.where}):\n  {o.why}")
+        for o in res.outcomes:
+            if o.verdict != "different":
+                continue
+            print(f"\nprogram {o.index}: different ({o.where})")
+            print(f"minimal program, {len(o.minimal)} of {len(o.program)} steps (thpcow.lab.programs:")
+            print("run_sim(program) / run_real(program); K = 4 KiB, M = 1 MiB):")
+            print(prg.format_program(o.minimal))
+            for side, r in (("running kernel", o.real), ("simulator", o.sim)):
+                print(f"# {side}: return values {r['rcs']}")
+                for v in r["vmas"]:
+                    print(f"#   {v[0]:#x}-{v[1]:#x} {v[2]} [{v[3]}] AnonHugePages {v[4]} kB, Rss {v[5]} kB")
+    if res.different:
+        raise typer.Exit(1)

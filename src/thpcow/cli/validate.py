@@ -23,7 +23,8 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
                                          "running kernel and compare them (a differential test)"),
             seed: int = typer.Option(None, "--seed", help="with --programs: the random programs' seed (default 0)"),
             steps: int = typer.Option(None, "--steps", help="with --programs: steps per program (default 16)")) -> None:
-    """Compare the latency model's predicted times with times measured on the running kernel.
+    """Compare the latency model's predicted times with times measured on the running kernel
+    (--programs N: random VMA programs, simulator vs kernel).
 
     With --programs N: a differential test of the VMA-level calls instead.  N seeded random
     programs run on the simulator (with the running kernel's THP knobs) and on the running

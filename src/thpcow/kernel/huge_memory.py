@@ -227,7 +227,7 @@ def do_huge_pmd_anonymous_page(k: Kernel, vmf: VmFault) -> int:
     if haddr < vma.start or haddr + HPAGE_PMD_SIZE > vma.end:
         return VM_FAULT_FALLBACK
     from .khugepaged import khugepaged_enter_vma
-    anon_vma_prepare(k, vma)
+    anon_vma_prepare(k, vma, mm)
     khugepaged_enter_vma(k, mm, vma)
     if not vmf.flags & FAULT_FLAG_WRITE and k.sysfs.use_zero_page:
         zfid = mm_get_huge_zero_folio(k, mm)
@@ -360,7 +360,7 @@ def wp_huge_pmd_page_copy(k: Kernel, vmf: VmFault) -> int:
     mm, vma, s = vmf.mm, vmf.vma, vmf.pmd
     pt = mm.pt
     old = int(pt.pmd_folio[s])
-    anon_vma_prepare(k, vma)                               # vmf_anon_prepare()
+    anon_vma_prepare(k, vma, mm)                           # vmf_anon_prepare()
     new = vma_alloc_anon_folio_pmd(k, vma)
     if new < 0:
         return VM_FAULT_FALLBACK

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import (
-    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_WRITE,
+    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_EXEC, VM_READ,
+    VM_WRITE,
 )
 from .errors import OutOfMemory
 from .folio import PG_ANON
@@ -136,13 +137,43 @@ def anon_vma_prepare_pages(k: Kernel, mm: MM, vpns: np.ndarray) -> None:
     """anon_vma_prepare() for every VMA of ``mm`` that holds one of the pages ``vpns`` (a batch of faults)."""
     for v in mm.vmas_in(PFN_PHYS(int(vpns.min())), PFN_PHYS(int(vpns.max()) + 1)):
         if not v.anon_vma and ((vpns >= PHYS_PFN(v.start)) & (vpns < PHYS_PFN(v.end))).any():
-            anon_vma_prepare(k, v)
+            anon_vma_prepare(k, v, mm)
 
 
-def anon_vma_prepare(k: Kernel, vma: VMA) -> None:
-    """Model of anon_vma_prepare(): a VMA gets its anon_vma on first anon fault."""
-    if not vma.anon_vma:
-        vma.anon_vma = k.new_anon_vma_id()
+def anon_vma_prepare(k: Kernel, vma: VMA, mm: MM | None = None) -> None:
+    """Model of anon_vma_prepare(): a VMA gets its anon_vma on first anon fault.
+
+    __anon_vma_prepare() first tries find_mergeable_anon_vma(): the next VMA's
+    anon_vma, then the previous one's, when that neighbour is
+    anon_vma_compatible() (adjacent, flags equal but for read/write/exec,
+    page offsets continuous) and its anon_vma_chain is singular (not a fork
+    child's copy).  Sharing it is what lets the two merge later, once their
+    protections agree.  ``mm`` None: no neighbour is looked at.
+    """
+    if vma.anon_vma:
+        return
+    reused = find_mergeable_anon_vma(mm, vma) if mm is not None else 0
+    vma.anon_vma = reused or k.new_anon_vma_id()
+
+
+def _anon_vma_compatible(a: VMA, b: VMA) -> bool:
+    """Model of anon_vma_compatible(): ``a`` ends where ``b`` starts, the flags agree but for
+    VM_READ/VM_WRITE/VM_EXEC, and the page offsets follow on."""
+    return a.end == b.start and not ((a.flags ^ b.flags) & ~(VM_READ | VM_WRITE | VM_EXEC)) \
+        and b.pgoff == a.pgoff + PHYS_PFN(b.start - a.start)
+
+
+def find_mergeable_anon_vma(mm: MM, vma: VMA) -> int:
+    """Model of find_mergeable_anon_vma()/reusable_anon_vma(): a neighbour's anon_vma id to reuse, or 0."""
+    if vma not in mm.vmas:
+        return 0
+    i = mm.vmas.index(vma)
+    nxt = mm.vmas[i + 1] if i + 1 < len(mm.vmas) else None
+    prev = mm.vmas[i - 1] if i > 0 else None
+    for old, a, b in ((nxt, vma, nxt), (prev, prev, vma)):          # the next VMA first
+        if old is not None and old.anon_vma and not old.uncowed_parents and _anon_vma_compatible(a, b):
+            return old.anon_vma
+    return 0
 
 
 def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[int, int]:
@@ -184,7 +215,7 @@ def do_anonymous_page(k: Kernel, mm: MM, vma: VMA, addr: int, row: int, write: b
     if not write:
         pgtable.set_pte_at(k, mm, row, i, ZERO_PFN, PTE_ZERO)
         return VM_FAULT_OK
-    anon_vma_prepare(k, vma)
+    anon_vma_prepare(k, vma, mm)
     fid, order = alloc_anon_folio(k, mm, vma, addr, row)
     if fid < 0:
         raise OutOfMemory(addr)

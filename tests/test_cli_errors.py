@@ -102,3 +102,13 @@ def test_inspect_json_of_this_process(monkeypatch, capsys):
     assert code == 0
     [proc] = json.loads(out)
     assert proc["pid"] == os.getpid() and proc["vmas"] and proc["total"]["anon_kb"] > 0
+
+
+def test_a_trace_with_advice_the_simulator_does_not_model_is_refused(monkeypatch, capsys, tmp_path):
+    csv = tmp_path / "g.csv"
+    csv.write_text("time_ns,pid,op,address,length,arg\n0,1,mmap,0x200000,2097152,\n"
+                   "10,1,madvise,0x200000,4096,guard_install\n")
+    sc = tmp_path / "g.yaml"
+    sc.write_text(f"name: g\nworkload: {{name: trace, path: {csv}}}\n")
+    code, _out, err = run_main(monkeypatch, capsys, "compare", str(sc), "--out", str(tmp_path / "o"))
+    assert code == 2 and "row 2: madvise arg='guard_install': the simulator does not model this advice yet" in err

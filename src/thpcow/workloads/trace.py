@@ -74,15 +74,22 @@ def _int(path: str, row: int, col: str, val) -> int:
 
 
 def _advice(path: str, row: int, val) -> int:
+    from ..kernel.madvise import advice_modelled
+
     text = str(val).strip()
     key = text.lower().removeprefix("madv_")
     if key in _ADVICE:
-        return _ADVICE[key]
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ValueError(f"trace {path}: row {row}: madvise arg={text!r} is not an advice "
-                         f"(e.g. hugepage, nohugepage, dontfork, collapse)") from None
+        advice = _ADVICE[key]
+    else:
+        try:
+            advice = int(text, 0)
+        except ValueError:
+            raise ValueError(f"trace {path}: row {row}: madvise arg={text!r} is not an advice "
+                             f"(e.g. hugepage, nohugepage, dontfork, collapse)") from None
+    if not advice_modelled(advice):
+        raise ValueError(f"trace {path}: row {row}: madvise arg={text!r}: the simulator does not model "
+                         "this advice yet")
+    return advice
 
 
 class Trace(Workload):

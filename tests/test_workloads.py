@@ -324,3 +324,17 @@ def test_every_workload_runs_on_a_checked_kernel(trace_csv):
         vm, _ = run_stream(make(name, trace_csv).ops(0), check=True)
         assert vm["pgfault"] > 0, name
 
+
+
+def test_prefork_workers_can_read_the_shared_state():
+    """reads_per_tick: each worker loads that many random 8-byte places of all the data per tick;
+    without it the stream is the same as before (no extra random draws)."""
+    from thpcow.workloads.ops import READ
+    w = get_workload("prefork-server", data_mib=8, workers=2, serve_ms=20, batch_ms=10, reads_per_tick=100)
+    reads = [op for op in w.ops(seed=0) if op.kind == READ]
+    assert len(reads) == 2 * 2 and all(len(op.offsets) == 100 and op.pid in (1, 2) for op in reads)
+    assert all((op.offsets % 8 == 0).all() and (op.offsets < 8 << 20).all() for op in reads)
+    plain = get_workload("prefork-server", data_mib=8, workers=2, serve_ms=20, batch_ms=10)
+    assert stream_digest(plain.ops(seed=0)) == stream_digest(
+        op for op in get_workload("prefork-server", data_mib=8, workers=2, serve_ms=20, batch_ms=10,
+                                  reads_per_tick=0).ops(seed=0))

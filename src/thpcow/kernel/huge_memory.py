@@ -24,7 +24,7 @@ from .memory import (
 )
 from .mm import (
     MM, PMD_LEAF, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PRESENT,
-    _PAGE_RW, _PAGE_SOFT_DIRTY, pmd_index,
+    _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, pmd_index,
 )
 from .page_alloc import GFP_TRANSHUGE, GFP_TRANSHUGE_LIGHT, PG_ANON_EXCLUSIVE, PG_HWPOISON, ZERO_PFN, Gfp, alloc_thp
 from .swap import folio_add_lru

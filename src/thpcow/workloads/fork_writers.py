@@ -8,7 +8,7 @@ import numpy as np
 
 from ..kernel.constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
 from .base import MIB, NSEC_PER_SEC, Param, Workload, keys, ms, page_offsets, per_tick, populate_ops
-from .ops import END, EXIT, FORK, PHASE_END, WRITE, Op
+from .ops import END, EXIT, FORK, PHASE_END, READ, WRITE, Op
 
 
 def _sorted(ops: list[Op]) -> list[Op]:
@@ -90,7 +90,8 @@ class PreforkServer(Workload):
     children (pids 1..K) ``fork_gap_ms`` apart, starting at ``fork_after_ms``.
     Each worker writes 8 bytes into each page of its own random share
     (``share`` of the pages), spread evenly over ``serve_ms`` in ``batch_ms``
-    ticks.  Then the parent ends the phase and the workers exit.  Phases:
+    ticks, and (``reads_per_tick``) loads 8 bytes at random places of all the
+    data every tick.  Then the parent ends the phase and the workers exit.  Phases:
     ``load``, ``serve``, ``after``.
     """
 
@@ -106,6 +107,8 @@ class PreforkServer(Workload):
         "batch_ms": Param(10.0, "one write batch per worker per tick of this length (ms)", lo=1e-3),
         "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
         "fork_gap_ms": Param(1.0, "time between two forks (ms)", lo=0),
+        "reads_per_tick": Param(0, "loads each worker makes per tick at random places of all the data "
+                                   "(a read-mostly server: its shared state)", lo=0),
     }
 
     def _plan(self) -> tuple[int, int, int]:
@@ -138,6 +141,11 @@ class PreforkServer(Workload):
                 if len(offs):
                     out.append(Op(t_fork + (j + 1) * tick, WRITE, w, "serve", region=0, offsets=offs,
                                   token=1000 * w + j, nbytes=8 * len(offs)))
+                reads = getattr(self, "reads_per_tick", 0)        # (python-refcount: its reads are writes)
+                if reads:
+                    loads = rng.integers(0, size // 8, size=reads, dtype=np.int64) * 8
+                    out.append(Op(t_fork + (j + 1) * tick, READ, w, "serve", region=0, offsets=loads,
+                                  nbytes=8 * len(loads)))
         t_end = self.duration_ns()
         out.append(Op(t_end, PHASE_END, 0, "serve"))
         out += [Op(t_end, EXIT, w, "after") for w in range(1, self.workers + 1)]

@@ -63,9 +63,9 @@ def print_fitted(title: str | None, headers: list[str], rows: list[list[str]],
     other columns' groups) stay together when they fit; the first ``left``
     columns are left-justified.
     """
-    from ..experiments.report import table_chunks
+    from ..experiments.report import column_widths, table_chunks
 
-    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
+    widths = column_widths(rows, headers)
     for n, chunk in enumerate(table_chunks(rows, console.width, headers, groups)):
         cols = [0] + chunk
         table = Table(title=Text(title) if title and n == 0 else None, title_justify="left")

@@ -102,6 +102,11 @@ def table_rows(summary) -> list[list[str]]:
     return out
 
 
+def column_widths(rows: list[list[str]], headers: list[str]) -> list[int]:
+    """Each column's printed width: its widest cell or header."""
+    return [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
+
+
 def table_chunks(rows: list[list[str]], width: int, headers: list[str] | None = None,
                  groups: list[int] | None = None) -> list[list[int]]:
     """Column indexes (after the first column, 0, which every table repeats) of each table that fits
@@ -116,7 +121,7 @@ def table_chunks(rows: list[list[str]], width: int, headers: list[str] | None = 
     if groups is None:
         groups = [len(g) for g in TABLE_GROUPS] if headers == [h for _c, h, _s in TABLE] else \
             [1] * (len(headers) - 1)
-    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(len(headers))]
+    widths = column_widths(rows, headers)
     base = widths[0] + 3 + 1
     chunks: list[list[int]] = []
     cur: list[int] = []

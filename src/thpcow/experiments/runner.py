@@ -112,6 +112,11 @@ SUMMARY_SCHEMA: dict[str, str] = {
 ProgressFn = Callable[[int, int], None]
 
 
+def _deltas(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The COUNTERS' deltas between two vmstat snapshots."""
+    return {c: after[c] - before[c] for c in COUNTERS}
+
+
 @dataclass
 class PointResult:
     """One policy on one scenario: the summary row, per-op records and samples (columns of lists).
@@ -367,13 +372,12 @@ class _Run:
             self.oops = e.summary()
             self.record_background(seq, op, bg)
             raise
-        self.record_background(seq, op, bg)
+        before = self.record_background(seq, op, bg)  # also the state the op starts from
         if op.kind == O.FORK and self.before_fork is None:
-            self.before_fork = self.k.vmstat_snapshot()
+            self.before_fork = before
             self.mem_at_fork = self.used()
             if self.tlb is not None:
                 self.tlb.sim.reset_stats()
-        before = self.k.vmstat_snapshot()
         walks = self.tlb.walks() if self.tlb is not None else 0
         xlat = self.tlb.sim.translation_ns() if self.tlb is not None else 0.0
         try:
@@ -384,25 +388,25 @@ class _Run:
                 self.oom = True
             else:
                 self.oops = e.summary()
-            after = self.k.vmstat_snapshot()
-            d = {c: after[c] - before[c] for c in COUNTERS}
+            d = _deltas(before, self.k.vmstat_snapshot())
             self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes,
                         self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes), 0, d)
             raise
-        after = self.k.vmstat_snapshot()
-        d = {c: after[c] - before[c] for c in COUNTERS}
+        d = _deltas(before, self.k.vmstat_snapshot())
         cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
         if self.sc.tlb_in_latency and self.tlb is not None:
             cost += self.tlb.sim.translation_ns() - xlat          # one clock: translation is part of the op
         self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,
                     self.tlb.walks() - walks if self.tlb is not None else 0, d)
 
-    def record_background(self, seq: int, op: O.Op, before: dict[str, int]) -> None:
-        """One ``kthread`` row for what the kernel threads did while the clock ran up to ``op``."""
+    def record_background(self, seq: int, op: O.Op, before: dict[str, int]) -> dict[str, int]:
+        """One ``kthread`` row for what the kernel threads did while the clock ran up to ``op``;
+        returns the vmstat snapshot taken now."""
         after = self.k.vmstat_snapshot()
-        d = {c: after[c] - before[c] for c in COUNTERS}
+        d = _deltas(before, after)
         if any(d.values()):
             self.record(seq, self.k.now, KTHREAD, -1, op.phase, 0, 0, self.model.op_cost_ns(KTHREAD, d), 0, d)
+        return after
 
     def record(self, seq: int, t: int, kind: str, pid: int, phase: str, n: int, nbytes: int, cost: float,
                walks: int, d: dict[str, int]) -> None:

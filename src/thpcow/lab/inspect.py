@@ -111,8 +111,9 @@ def _comm(pid: int, root: str) -> str:
         return "?"
 
 
-def _folios(pfns: np.ndarray, root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each PFN: (is in a large folio, its folio's head PFN, the folio's order); -1 where not."""
+def _folios(pfns: np.ndarray, root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each PFN: (is in a large folio, its folio's head PFN, the folio's order, is the zero
+    page); head and order -1 where not in a large folio."""
     blocks = np.unique(pfns // BLOCK)
     words = procfs.read_kpageflags((blocks[:, None] * BLOCK + np.arange(BLOCK)).ravel(), root)
     words = words.reshape(len(blocks), BLOCK)
@@ -136,7 +137,7 @@ def _folios(pfns: np.ndarray, root: str) -> tuple[np.ndarray, np.ndarray, np.nda
     head_pfn = np.where(in_large & (h >= 0), (pfns // BLOCK) * BLOCK + np.maximum(h, 0), -1)
     nr = np.where(in_large & (h >= 0), length[b, np.maximum(h, 0)], 0)
     order = np.where(nr > 0, np.log2(np.maximum(nr, 1)).astype(np.int64), -1)
-    return in_large & (h >= 0), head_pfn.astype(np.int64), order
+    return in_large & (h >= 0), head_pfn.astype(np.int64), order, zero[b, off]
 
 
 def inspect_vma(pid: int, v: procfs.Vma, root: str = "/", use_scan: bool = True) -> tuple[VmaThp, bool]:
@@ -177,8 +178,7 @@ def inspect_vma(pid: int, v: procfs.Vma, root: str = "/", use_scan: bool = True)
     pfns = np.concatenate(pfn_chunks) if pfn_chunks else np.zeros(0, np.int64)
     if not len(pfns):
         return out, scanned
-    large, head, order = _folios(pfns, root)
-    zero = kpf_test(procfs.read_kpageflags(pfns, root), KPF_ZERO_PAGE)
+    large, head, order, zero = _folios(pfns, root)
     out.zero_kb = int(np.count_nonzero(zero)) * PAGE_KB
     out.small_kb = int(np.count_nonzero(~large & ~zero)) * PAGE_KB
     if large.any():

@@ -198,18 +198,16 @@ def _real_steps(program, base: int, span: int, out_fd: int | None = None, trace:
     return out
 
 
-def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None) -> dict:
-    """fork(); the child runs ``rest`` and reports its results and VMAs through a pipe."""
+def _in_child(fn) -> tuple[int, dict | None]:
+    """fork(); the child runs ``fn()`` and sends back its JSON result through a pipe.  Returns
+    the child's wait status and the result (None if the child sent none)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             os.close(r)
-            if trace is not None:
-                trace[-1] = _vma_rows(procfs.read_smaps(os.getpid()), base, span)
-            out = _real_steps(rest, base, span, trace=trace)
-            os.write(w, json.dumps(out).encode())
+            os.write(w, json.dumps(fn()).encode())
             status = 0
         finally:
             os._exit(status)
@@ -219,11 +217,21 @@ def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None)
         chunks.append(chunk)
     os.close(r)
     _, status = os.waitpid(pid, 0)
+    return status, (json.loads(b"".join(chunks)) if status == 0 else None)
+
+
+def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None) -> dict:
+    """fork(); the child runs ``rest`` and reports its results and VMAs through a pipe."""
+    def child() -> dict:
+        if trace is not None:
+            trace[-1] = _vma_rows(procfs.read_smaps(os.getpid()), base, span)
+        return _real_steps(rest, base, span, trace=trace)
+
+    status, got = _in_child(child)
     assert status == 0, f"the child failed (wait status {status})"
-    child = json.loads(b"".join(chunks))
-    out = {"rcs": rcs + child["rcs"], "vmas": child["vmas"]}
+    out = {"rcs": rcs + got["rcs"], "vmas": got["vmas"]}
     if trace is not None:
-        out["trace"] = child["trace"]
+        out["trace"] = got["trace"]
     return out
 
 
@@ -244,25 +252,10 @@ def run_real(program, trace: bool = False) -> dict:
 def run_real_forked(program, trace: bool = False) -> dict:
     """run_real() in a forked child: a program that faults kills the child, not this process
     (RuntimeError then)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(r)
-            os.write(w, json.dumps(run_real(program, trace)).encode())
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(w)
-    chunks = []
-    while chunk := os.read(r, 1 << 16):
-        chunks.append(chunk)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
+    status, got = _in_child(lambda: run_real(program, trace))
     if status != 0:
         raise RuntimeError(f"the program's child failed (wait status {status})")
-    return json.loads(b"".join(chunks))
+    return got
 
 
 def real_kernel_reason() -> str | None:

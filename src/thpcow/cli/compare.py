@@ -25,8 +25,16 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
             as_csv: bool = typer.Option(False, "--csv", help="print the summary rows as CSV instead of tables"),
             profile: str = typer.Option(None, "--profile", help="latency profile written by `thpcow calibrate` "
                                         "(default: the scenario's, else the reference profile)"),
+            on: str = typer.Option("sim", "--on", help="where to run: sim (the default), or sim,real to "
+                                   "also replay the workload on this machine's kernel with real processes "
+                                   "and print both side by side (root; never writes sysfs)"),
             ) -> None:
     """Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report.
+
+    With --on sim,real each policy that this kernel can run (upstream and the
+    userspace strategies) also runs for real: one table per policy with the
+    simulator's figure, the real one and their ratio, and one line for every
+    difference between counters both sides count (see docs/validation.md).
 
     Columns (from just before the first fork to the end): bytes moved, apart:
     COW copies (COW MiB), copies made by collapses (khugepaged and
@@ -54,6 +62,9 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
             raise ValueError(f"--rank-by={rank_by}: expected one of {', '.join(report.RANK_BY)}")
         if as_json and as_csv:
             raise ValueError("--json and --csv: give one")
+        sides = parse_on(on)
+        if "real" in sides and as_csv:
+            raise ValueError("--csv with --on sim,real: use --json for both sides")
         sc = resolve_scenario(scenario)
         if policy:
             sc = sc.with_policies(list(policy))
@@ -77,6 +88,11 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
         writable_dir(out_dir, "--out")
     except (ScenarioError, ValueError) as exc:
         bad_input(str(exc))
+    if "real" in sides:
+        from ..lab import procfs
+        ok, reason = procfs.thp_available()
+        if not ok:
+            fail(f"--on real: THP is not available on this kernel: {reason}")
     from ..experiments.costs import latency_model, profile_warning
     model = latency_model(sc.profile)
     warning = profile_warning(model)
@@ -94,13 +110,17 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
     elapsed = _time.perf_counter() - t0
     summary = report.ranked(res.summary, rank_by)
     paths = report.write_results(res, out_dir)
+    real = run_real_side(sc, res) if "real" in sides else None
     if as_json or as_csv:
         import json
         if as_json:
             rows = json.loads(summary.to_json(orient="records"))
-            print(json.dumps({"scenario": sc.name, "rank_by": rank_by, "report": paths["report"],
-                              "profile": {"name": model.profile.name, "path": sc.profile, "cpu": model.profile.cpu},
-                              "rows": rows}, indent=2))
+            doc = {"scenario": sc.name, "rank_by": rank_by, "report": paths["report"],
+                   "profile": {"name": model.profile.name, "path": sc.profile, "cpu": model.profile.cpu},
+                   "rows": rows}
+            if real is not None:
+                doc["real"] = real_json(sc, real)
+            print(json.dumps(doc, indent=2))
         else:
             print(summary.to_csv(index=False), end="")
     else:
@@ -118,6 +138,101 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
              f"the workload could not run in {sc.ram_mib} MiB; no verdict")
     if not (as_json or as_csv):
         console.print(report.verdict(summary, rank_by), markup=False, highlight=False, soft_wrap=True)
+        if real is not None:
+            print_real(sc, real)
+
+
+SIDES = ("sim", "real")
+
+
+def parse_on(on: str) -> tuple[str, ...]:
+    """``--on``: a comma-separated subset of sim, real that includes sim; ValueError naming it."""
+    sides = tuple(dict.fromkeys(p.strip() for p in str(on).split(",")))
+    bad = [p for p in sides if p not in SIDES]
+    if bad or not sides:
+        raise ValueError(f"--on={on}: expected sim or sim,real (comma-separated: {', '.join(SIDES)})")
+    if "sim" not in sides:
+        raise ValueError(f"--on={on}: the real run is shown beside the simulator's: use --on sim,real")
+    return sides
+
+
+def run_real_side(sc, res) -> list[tuple[str, dict, object, str]]:
+    """Each policy on the running kernel: (policy, sim figures, RealResult or None, why not)."""
+    import time as _time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..lab.realrun import RealRunError, real_support, run_real, sim_extras
+
+    out = []
+    recs = res.summary.to_dict("records")
+    todo = [r["policy"] for r in recs if not real_support(r["policy"])]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=err_console, transient=True, auto_refresh=False) as prog:
+        tasks = {p: prog.add_task(f"real: {p}", total=1) for p in todo}
+        for rec in recs:
+            pol = rec["policy"]
+            sim = sim_extras(rec, res.ops[res.ops["policy"] == pol], res.samples[res.samples["policy"] == pol])
+            sim["sim_wall_s"] = res.wall_s.get(pol)
+            why = real_support(pol)
+            if why:
+                out.append((pol, sim, None, why))
+                continue
+            last = [0.0]
+
+            def cb(t: int, total: int, pol=pol) -> None:
+                now = _time.monotonic()
+                if now - last[0] > 0.2:
+                    last[0] = now
+                    prog.update(tasks[pol], completed=t, total=total)
+                    prog.refresh()
+            try:
+                out.append((pol, sim, run_real(sc, pol, cb), ""))
+            except RealRunError as exc:
+                fail(f"--on real: policy {pol}: {exc}")
+    return out
+
+
+def real_json(sc, real) -> list[dict]:
+    from ..lab.realrun import explain, knob_differences
+
+    out = []
+    for pol, sim, rr, why in real:
+        rec = {"policy": pol, "sim": {k: v for k, v in sim.items() if isinstance(v, (int, float, str, bool))}}
+        if rr is None:
+            rec.update(status=why)
+        else:
+            rec.update(status="ran", real=rr.summary, notes=explain(sim, rr, sc), source=rr.source,
+                       runs=rr.runs, settled=rr.settled, thp_scores=[s[0] for s in rr.scores],
+                       knob_differences=knob_differences(sc),
+                       anon_huge_samples=rr.samples)
+        out.append(rec)
+    return out
+
+
+def print_real(sc, real) -> None:
+    """One table per policy: sim, real, model/real; then the differences explained."""
+    import os as _os
+
+    from ..lab.realrun import explain, knob_differences, side_by_side
+
+    console.print(f"\n{sc.name} on this kernel ({_os.uname().release}) beside the simulator: the same op "
+                  "stream replayed by real processes, as fast as they go (not paced by the ops' times)",
+                  soft_wrap=True, markup=False, highlight=False)
+    knobs = knob_differences(sc)
+    for pol, sim, rr, why in real:
+        print_fitted(f"{pol}", ["figure", "sim", "real", "model/real"], side_by_side(sim, rr, why))
+        if rr is None:
+            continue
+        lines = [f"counters: {rr.source}, from the fork on; {rr.runs} run(s), "
+                 f"{'the quietest kept' if rr.settled else 'NOISY: no two runs equally quiet'}; pgfault: "
+                 "the agents' own faults during their ops (getrusage); COW: pagemap PFNs that changed"]
+        lines += [f"  {n}" for n in explain(sim, rr, sc)]
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+    if knobs:
+        console.print("THP settings differ (sysfs is never written): " + "; ".join(knobs),
+                      soft_wrap=True, markup=False, highlight=False)
 
 
 def print_tables(summary, title: str) -> None:

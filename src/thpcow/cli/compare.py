@@ -205,7 +205,7 @@ def real_json(sc, real) -> list[dict]:
             rec.update(status="ran", real=rr.summary, notes=explain(sim, rr, sc), source=rr.source,
                        runs=rr.runs, settled=rr.settled, thp_scores=[s[0] for s in rr.scores],
                        knob_differences=knob_differences(sc),
-                       anon_huge_samples=rr.samples)
+                       anon_huge_samples=rr.samples, agent_pids=rr.agent_pids)
         out.append(rec)
     return out
 

@@ -314,6 +314,7 @@ class RealResult:
     scores: list[tuple[int, int]] = field(default_factory=list)
     settled: bool = True
     source: str = "/proc/vmstat"
+    agent_pids: list[int] = field(default_factory=list)   # every agent process of every run
 
 
 def _pfns(pid: int, addr: int, length: int) -> np.ndarray:
@@ -356,6 +357,7 @@ class _Once:
         self.vm_fork: dict[str, int] | None = None
         self.cg_fork: dict[str, int] | None = None
         self.strategy_ns = 0
+        self.killed: list[int] = []
 
     # -- COW from pagemap -----------------------------------------------------------------------
     def follow(self, pid: int) -> None:
@@ -621,7 +623,12 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
             cg.close()
     best = min(range(len(results)), key=lambda i: scores[i])
     once, res = results[best]
-    return _result(sc, policy, once, res, scores, cg is not None or settled(scores), len(results))
+    out = _result(sc, policy, once, res, scores, cg is not None or settled(scores), len(results))
+    out.agent_pids = [pid for o, _r in results for pid in o.all_pids]
+    if any(o.killed for o, _r in results):
+        out.notes.append(f"agents {[p for o, _r in results for p in o.killed]} did not exit when asked "
+                         "and were killed")
+    return out
 
 
 def _result(sc, policy: str, once: _Once, res: dict, scores, is_settled: bool, nruns: int) -> RealResult:
@@ -718,7 +725,7 @@ def sim_extras(summary: dict, ops, samples) -> dict:
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if isinstance(v, float) and not float(v).is_integer():
+    if isinstance(v, float):
         return f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
     return f"{int(v):,}"
 

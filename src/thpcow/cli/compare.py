@@ -221,15 +221,22 @@ def print_real(sc, real) -> None:
                   soft_wrap=True, markup=False, highlight=False)
     knobs = knob_differences(sc)
     for pol, sim, rr, why in real:
-        print_fitted(f"{pol}", ["figure", "sim", "real", "model/real"], side_by_side(sim, rr, why))
         if rr is None:
             continue
+        print_fitted(f"{pol}", ["figure", "sim", "real", "model/real"], side_by_side(sim, rr, why))
         lines = [f"counters: {rr.source}, from the fork on; {rr.runs} run(s), "
                  f"{'the quietest kept' if rr.settled else 'NOISY: no two runs equally quiet'}; pgfault: "
                  "the agents' own faults during their ops (getrusage); COW: pagemap PFNs that changed"]
         lines += [f"  {n}" for n in explain(sim, rr, sc)]
         for line in lines:
             console.print(line, soft_wrap=True, markup=False, highlight=False)
+    lacking = [(pol, sim, why) for pol, sim, rr, why in real if rr is None]
+    if lacking:
+        from ..lab.realrun import fmt_figure
+        print_fitted("policies this kernel cannot run (the simulator's figures)",
+                     ["policy", "COW MiB", "thp_split_pmd", "p99 µs", "real"],
+                     [[pol, fmt_figure(sim.get("cow_mib")), fmt_figure(sim.get("thp_split_pmd")),
+                       fmt_figure(sim.get("lat_p99_us")), why] for pol, sim, why in lacking])
     if knobs:
         console.print("THP settings differ (sysfs is never written): " + "; ".join(knobs),
                       soft_wrap=True, markup=False, highlight=False)

@@ -722,7 +722,8 @@ def sim_extras(summary: dict, ops, samples) -> dict:
     return out
 
 
-def _fmt(v) -> str:
+def fmt_figure(v) -> str:
+    """A figure as table text: floats with 1 or 2 decimals, counts with thousands separators."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
@@ -745,12 +746,12 @@ def side_by_side(sim: dict, real: "RealResult | None", why_not: str = "") -> lis
     for label, sk, rk, _exact in FIGURES:
         s = sim.get(sk)
         if real is None:
-            rows.append([label, _fmt(s), why_not or "-", "-"])
+            rows.append([label, fmt_figure(s), why_not or "-", "-"])
             continue
         r = real.summary.get(rk)
-        rows.append([label, _fmt(s), _fmt(r), _ratio(s, r)])
+        rows.append([label, fmt_figure(s), fmt_figure(r), _ratio(s, r)])
     if real is not None:
-        rows.append(["run wall s", _fmt(sim.get("sim_wall_s")), _fmt(real.summary.get("wall_s")), "-"])
+        rows.append(["run wall s", fmt_figure(sim.get("sim_wall_s")), fmt_figure(real.summary.get("wall_s")), "-"])
     return rows
 
 

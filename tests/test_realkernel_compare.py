@@ -286,3 +286,47 @@ def test_cli_on_sim_real_prints_both(monkeypatch, capsys, tmp_path):
     up = real["upstream"]
     assert up["status"] == "ran" and up["real"]["cow_mib"] > 0 and up["sim"]["cow_mib"] > 0
     assert up["agent_pids"] and alive_agents(up["agent_pids"]) == []
+
+
+RUNNER = r"""
+import os, sys, time
+from thpcow.experiments.scenario import resolve_scenario
+from thpcow.lab import realrun
+sc = resolve_scenario({"name": "hold", "ram_mib": 256, "tlb_model": False,
+                       "workload": {"name": "copy-after-fork", "size_mib": 8, "copy_mib": 4,
+                                    "range_kib": 2048, "thp": False}, "policies": ["upstream"]})
+once = realrun._Once(sc, "upstream", None)
+def progress(t, total):
+    if len(once.agents) == 2:
+        print(" ".join(str(a.pid) for a in once.agents.values()), flush=True)
+        time.sleep(60)
+once.run(progress)
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGINT"])
+def test_no_agent_survives_the_runner(tmp_path, sig):
+    """The runner killed (SIGKILL: the first agent dies with it, its fork exits at EOF) or
+    interrupted (SIGINT: the runner ends its agents) mid-run, with a parent and a child agent."""
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (realrun._package_path(),
+                                                                    os.environ.get("PYTHONPATH")))))
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 2 and all(realrun.is_agent(p) for p in pids)
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while alive_agents(pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive_agents(pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -17,9 +17,9 @@ Figures (one :class:`RealResult` per policy):
   before the first fork to the end (the window the simulator's summary uses), and over the whole
   run.  /proc/vmstat is system-wide: the run is repeated until its quietest THP score comes up
   twice (:func:`thpcow.lab.scenario.settled`, at most ``max_runs``) and the quietest run is kept;
-  ``settled`` says whether that happened.  Where a cgroup v2 memory controller can be used, a
-  cgroup of the run's own is made and its memory.stat gives the THP events of the agents alone
-  (``source``);
+  ``settled`` says whether that happened.  Where a cgroup v2 hierarchy offers the memory
+  controller to its children and can be written, a cgroup of the run's own is made and its
+  memory.stat gives thp_fault_alloc and thp_collapse_alloc of the agents alone (``source``);
 - ``pgfault``: the agents' own minor faults during their ops (getrusage around each op), not
   system-wide;
 - ``cow_mib``: pages copied by COW, from pagemap: the PFNs of every region are read in both
@@ -158,9 +158,8 @@ class _Cgroup:
     def __init__(self, base: str) -> None:
         with open(os.path.join(base, "cgroup.subtree_control")) as f:
             on = f.read().split()
-        if "memory" not in on:
-            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
-                f.write("+memory")
+        if "memory" not in on:                 # enabling it would change the machine's cgroups: not done
+            raise OSError(f"{base}: the memory controller is not enabled for its children")
         self.path = os.path.join(base, f"thpcow-real-{os.getpid()}")
         os.mkdir(self.path)
 
@@ -611,8 +610,6 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
                 vm0, vm1 = res["vm0"], res["vm1"]
                 scores.append((sum(vm1[k] - v for k, v in vm0.items() if k.startswith("thp_") and k in vm1),
                                vm1.get("pgfault", 0) - vm0.get("pgfault", 0)))
-                if cg is not None:
-                    break                          # the cgroup counts the agents alone: one run
                 if len(results) >= runs and settled(scores):
                     break
                 if len(results) >= max_runs:
@@ -623,7 +620,7 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
             cg.close()
     best = min(range(len(results)), key=lambda i: scores[i])
     once, res = results[best]
-    out = _result(sc, policy, once, res, scores, cg is not None or settled(scores), len(results))
+    out = _result(sc, policy, once, res, scores, settled(scores), len(results))
     out.agent_pids = [pid for o, _r in results for pid in o.all_pids]
     if any(o.killed for o, _r in results):
         out.notes.append(f"agents {[p for o, _r in results for p in o.killed]} did not exit when asked "
@@ -652,7 +649,8 @@ def _result(sc, policy: str, once: _Once, res: dict, scores, is_settled: bool, n
             summary[c + "_run"] = int(vm1[c] - vm0[c])
     source = "/proc/vmstat (system-wide)"
     if res["cg1"] is not None:
-        source = "memory cgroup v2 of the run (memory.stat)"
+        source = ("thp_fault_alloc, thp_collapse_alloc: the run's memory cgroup (v2 memory.stat); "
+                  "the others: /proc/vmstat (system-wide)")
         cgf, cg1, cg0 = res["cg_fork"], res["cg1"], res["cg0"]
         for c in ("thp_fault_alloc", "thp_collapse_alloc"):
             if c in cg1:
@@ -761,7 +759,7 @@ def explain(sim: dict, real: RealResult, sc) -> list[str]:
     notes = []
     knobs = knob_differences(sc)
     khd = [k for k in knobs if k.startswith("khugepaged/")]
-    noisy = not real.settled and real.source.startswith("/proc/vmstat")
+    noisy = not real.settled
     s_ = real.summary
     for label, sk, rk, exact in FIGURES:
         if not exact and sk != "cow_mib":

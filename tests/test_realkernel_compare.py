@@ -330,3 +330,22 @@ def test_no_agent_survives_the_runner(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@linux_only
+def test_lock_busy(tmp_path, monkeypatch):
+    """lock_busy() sees a lock another open file description holds (as another process's would)."""
+    import fcntl
+
+    from thpcow.lab import scenario
+
+    path = tmp_path / "lab.lock"
+    monkeypatch.setattr(scenario, "LOCK_PATH", str(path))
+    assert realrun.lock_busy() is False
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert realrun.lock_busy() is True
+    finally:
+        os.close(fd)
+    assert realrun.lock_busy() is False

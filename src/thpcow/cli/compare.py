@@ -186,8 +186,11 @@ def run_real_side(sc, res) -> list[tuple[str, dict, object, str]]:
                     last[0] = now
                     prog.update(tasks[pol], completed=t, total=total)
                     prog.refresh()
+            def waiting(pol=pol) -> None:
+                prog.update(tasks[pol], description=f"real: {pol} (waiting for another real-kernel run)")
+                prog.refresh()
             try:
-                out.append((pol, sim, run_real(sc, pol, cb), ""))
+                out.append((pol, sim, run_real(sc, pol, cb, on_wait=waiting), ""))
             except RealRunError as exc:
                 fail(f"--on real: policy {pol}: {exc}")
     return out
@@ -196,13 +199,24 @@ def run_real_side(sc, res) -> list[tuple[str, dict, object, str]]:
 def real_json(sc, real) -> list[dict]:
     from ..lab.realrun import explain, knob_differences
 
+    import math
+
+    def plain(d: dict) -> dict:
+        """JSON values: numpy scalars as Python ones, NaN as null."""
+        out = {}
+        for k, v in d.items():
+            v = v.item() if hasattr(v, "item") else v
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                out[k] = None if isinstance(v, float) and math.isnan(v) else v
+        return out
+
     out = []
     for pol, sim, rr, why in real:
-        rec = {"policy": pol, "sim": {k: v for k, v in sim.items() if isinstance(v, (int, float, str, bool))}}
+        rec = {"policy": pol, "sim": plain(sim)}
         if rr is None:
             rec.update(status=why)
         else:
-            rec.update(status="ran", real=rr.summary, notes=explain(sim, rr, sc), source=rr.source,
+            rec.update(status="ran", real=plain(rr.summary), notes=explain(sim, rr, sc), source=rr.source,
                        runs=rr.runs, settled=rr.settled, thp_scores=[s[0] for s in rr.scores],
                        knob_differences=knob_differences(sc),
                        anon_huge_samples=rr.samples, agent_pids=rr.agent_pids)

@@ -581,12 +581,29 @@ def _quantile(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if len(x) else math.nan
 
 
+def lock_busy() -> bool:
+    """Does another lab run hold :func:`thpcow.lab.scenario.lab_lock` now?"""
+    import fcntl
+
+    from .scenario import LOCK_PATH
+
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)                      # closing the only fd of this open drops a lock taken here
+    return False
+
+
 def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs: int = 2,
-             max_runs: int = 4) -> RealResult:
+             max_runs: int = 4, on_wait: Callable[[], None] | None = None) -> RealResult:
     """Run one policy of ``scenario`` on the running kernel (see the module docstring).
 
     RealRunError (one line) when THP is unavailable, the policy needs a kernel change, memory is
-    short or an agent fails.  Holds :func:`thpcow.lab.scenario.lab_lock` while it runs.
+    short or an agent fails.  Holds :func:`thpcow.lab.scenario.lab_lock` while it runs;
+    ``on_wait()`` is called first when another lab run holds it.
     """
     from ..experiments.scenario import resolve_scenario
     from .scenario import lab_lock, settled
@@ -600,6 +617,8 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
         raise RealRunError(f"THP is not available on this kernel: {reason}")
     results: list[tuple[_Once, dict]] = []
     scores: list[tuple[int, int]] = []
+    if on_wait is not None and lock_busy():
+        on_wait()
     cg = open_cgroup()
     try:
         with lab_lock():
@@ -663,6 +682,8 @@ def _result(sc, policy: str, once: _Once, res: dict, scores, is_settled: bool, n
     summary["peak_anon_huge_mib"] = max(once.sample_sums, default=0) / 1024.0
     summary["lat_p50_us"] = _quantile(lat, 50)
     summary["lat_p99_us"] = _quantile(lat, 99)
+    summary["lat_p999_us"] = _quantile(lat, 99.9)
+    summary["lat_max_us"] = float(lat.max()) if len(lat) else math.nan
     summary["write_batches"] = int(len(lat))
     summary["op_ms"] = float(wall.sum()) / 1e6
     summary["wall_s"] = res["wall_s"]

@@ -782,6 +782,11 @@ def explain(sim: dict, real: RealResult, sc) -> list[str]:
     khd = [k for k in knobs if k.startswith("khugepaged/")]
     noisy = not real.settled
     s_ = real.summary
+    if getattr(sc, "fragmentation", 0):
+        notes.append(f"the scenario fragments the simulator's {sc.ram_mib} MiB (fragmentation="
+                     f"{sc.fragmentation:g}); the real run has this machine's free memory as it is")
+    if sim.get("oom"):
+        notes.append(f"the simulator ran out of its {sc.ram_mib} MiB; the real run has no such limit")
     for label, sk, rk, exact in FIGURES:
         if not exact and sk != "cow_mib":
             continue

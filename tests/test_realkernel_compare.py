@@ -349,3 +349,18 @@ def test_lock_busy(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert realrun.lock_busy() is False
+
+
+@linux_only
+def test_short_memory_is_one_line_and_leaves_nothing(monkeypatch):
+    """MemAvailable below what the workload maps: one-line RealRunError before the mmap."""
+    sc = resolve_scenario(small_copy(False, size_mib=128, copy_mib=4))
+    monkeypatch.setattr(realrun, "mem_available", lambda root="/": realrun.MEM_MARGIN + 100 * MiB)
+    once = realrun._Once(sc, "upstream", None)
+    with pytest.raises(RealRunError) as ei:
+        once.run()
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith("not enough free memory for the real run: mmap of 128 MiB needs 128 MiB")
+    assert "MemAvailable is 356 MiB" in msg
+    assert alive_agents(once.all_pids) == []

@@ -225,35 +225,39 @@ def real_json(sc, real) -> list[dict]:
 
 
 def print_real(sc, real) -> None:
-    """One table per policy: sim, real, model/real; then the differences explained."""
+    """One table per policy: sim, real, model/real; then the differences explained (lines wrapped
+    to the console's width)."""
     import os as _os
+    import textwrap
 
-    from ..lab.realrun import explain, knob_differences, side_by_side
+    from ..lab.realrun import explain, fmt_figure, knob_differences, side_by_side
 
-    console.print(f"\n{sc.name} on this kernel ({_os.uname().release}) beside the simulator: the same op "
-                  "stream replayed by real processes, as fast as they go (not paced by the ops' times)",
-                  soft_wrap=True, markup=False, highlight=False)
+    def say(text: str, indent: str = "") -> None:
+        width = max(console.width, 40)
+        console.print(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + "  "),
+                      markup=False, highlight=False, soft_wrap=True)
+
+    console.print()
+    say(f"{sc.name} on this kernel ({_os.uname().release}) beside the simulator: the same op stream "
+        "replayed by real processes, as fast as they go (not paced by the ops' times)")
     knobs = knob_differences(sc)
     for pol, sim, rr, why in real:
         if rr is None:
             continue
         print_fitted(f"{pol}", ["figure", "sim", "real", "model/real"], side_by_side(sim, rr, why))
-        lines = [f"counters: {rr.source}, from the fork on; {rr.runs} run(s), "
-                 f"{'the quietest kept' if rr.settled else 'NOISY: no two runs equally quiet'}; pgfault: "
-                 "the agents' own faults during their ops (getrusage); COW: pagemap PFNs that changed"]
-        lines += [f"  {n}" for n in explain(sim, rr, sc)]
-        for line in lines:
-            console.print(line, soft_wrap=True, markup=False, highlight=False)
+        say(f"counters: {rr.source}, from the fork on; {rr.runs} run(s), "
+            f"{'the quietest kept' if rr.settled else 'NOISY: no two runs equally quiet'}; pgfault: "
+            "the agents' own faults during their ops (getrusage); COW: pagemap PFNs that changed")
+        for n in [*explain(sim, rr, sc), *rr.notes]:
+            say(n, "  ")
     lacking = [(pol, sim, why) for pol, sim, rr, why in real if rr is None]
     if lacking:
-        from ..lab.realrun import fmt_figure
         print_fitted("policies this kernel cannot run (the simulator's figures)",
                      ["policy", "COW MiB", "thp_split_pmd", "p99 µs", "real"],
                      [[pol, fmt_figure(sim.get("cow_mib")), fmt_figure(sim.get("thp_split_pmd")),
                        fmt_figure(sim.get("lat_p99_us")), why] for pol, sim, why in lacking])
     if knobs:
-        console.print("THP settings differ (sysfs is never written): " + "; ".join(knobs),
-                      soft_wrap=True, markup=False, highlight=False)
+        say("THP settings differ (sysfs is never written): " + "; ".join(knobs))
 
 
 def print_tables(summary, title: str) -> None:

@@ -691,17 +691,42 @@ def _result(sc, policy: str, once: _Once, res: dict, scores, is_settled: bool, n
     return RealResult(policy, summary, rows, once.samples, [], nruns, list(scores), is_settled, source)
 
 
+_KNOB_STATS = ("khugepaged/full_scans", "khugepaged/pages_collapsed", "hpage_pmd_size")   # read-only figures
+
+
+def sim_knobs(sc) -> dict[str, str]:
+    """The THP knobs the simulated kernel runs the scenario with: its boot values, then the
+    scenario's sysfs writes (as the runner makes them)."""
+    from ..kernel import Kernel
+
+    k = Kernel(ram=64 * MIB, seed=0)
+    for path, value in sc.sysfs.items():
+        k.sysfs.write(path, value)
+    out = {}
+    for path in k.sysfs.paths():
+        try:
+            out[path] = procfs.knob_value(k.sysfs.read(path))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def knob_differences(sc) -> list[str]:
-    """The scenario's sysfs values that differ from this machine's (which is not written)."""
+    """The THP knobs the simulator runs the scenario with (its defaults and the scenario's sysfs
+    values) that differ from this machine's, which is never written."""
     try:
         knobs = procfs.read_thp_knobs()
     except procfs.LabError:
         return []
+    sim = sim_knobs(sc)
     out = []
-    for path, want in sc.sysfs.items():
-        have = knobs.get(path)
-        if have is not None and str(have) != str(want):
-            out.append(f"{path}: scenario {want}, this machine {have}")
+    for path, have in knobs.items():
+        if path in _KNOB_STATS:
+            continue
+        want = sim.get(path)
+        if want is not None and str(have) != str(want):
+            how = "scenario" if path in sc.sysfs else "simulator's default"
+            out.append(f"{path}: {how} {want}, this machine {have}")
     return out
 
 

@@ -93,6 +93,12 @@ class Loop:
             return max(op.t + self.shift.get(op.pid, 0.0), self.busy.get(op.pid, 0.0))
         return float(op.t)
 
+    def _arrive(self, op: Op, start: float) -> float:
+        """Where an op's latency counts from: its arrival (open loop, queueing included), its start
+        (closed loop: the client waits for nothing but its own previous op, and a barrier's hold is
+        time it does not ask)."""
+        return min(float(op.t), start) if self.mode == "open" else start
+
     def start_of(self, op: Op) -> float:
         return max(self.arrival(op), self.busy.get(op.pid, 0.0), self.floor)
 
@@ -144,14 +150,14 @@ class Loop:
                     del self.queues[pid]
                 if math.isinf(start):             # a pid never spawned: the runner names the op
                     start = max(float(op.t), self.floor)
-                yield Issued(seq, op, start, min(self.arrival(op), start))
+                yield Issued(seq, op, start, self._arrive(op, start))
                 continue
             if self.held is None:
                 return
             seq, op = self.held
             self.held = None
             start = max(self.start_of(op), self.horizon)
-            yield Issued(seq, op, start, self.arrival(op))
+            yield Issued(seq, op, start, self._arrive(op, start))
 
     # -- when it completes ----------------------------------------------------------------------
     def finish(self, it: Issued, cost_ns: float) -> tuple[float, float]:

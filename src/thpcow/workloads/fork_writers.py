@@ -107,7 +107,9 @@ class CopyAfterFork(Workload):
         loads = Loads(size, self.read_dist, self.read_zipf_s)
         reader = 1 if self.reader == "child" else 0
         out = []
-        for j, n in enumerate(per_tick(self.reads_per_s, tick, nticks).tolist()):
+        ends = np.minimum(np.arange(1, nticks + 1, dtype=np.float64) * tick, t_exit - t_fork)
+        edges = np.floor(np.concatenate(([0.0], ends)) * self.reads_per_s / NSEC_PER_SEC)
+        for j, n in enumerate(np.diff(edges).astype(np.int64).tolist()):      # the last tick pro rata
             t = t_fork + j * tick
             if n:
                 offs = loads.offsets(rng, reader, n)

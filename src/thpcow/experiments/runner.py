@@ -1,10 +1,12 @@
 """The runner: apply a workload's op stream to a simulated kernel under one COW policy, and measure.
 
 For each op of the stream (see :mod:`thpcow.workloads.ops`) the runner lets
-the kernel's clock run to the op's time (khugepaged and other kernel threads
+the kernel's clock run to the op's start (khugepaged and other kernel threads
 run then), takes a THP-coverage/memory sample at every ``sample_ms`` boundary
 on the way, applies the op (a batch of stores is one ``write_many``), and
-records the op's vmstat deltas, its modelled cost and the memory in use.
+records the op's vmstat deltas, its modelled cost and the memory in use.  The
+start is the op's own time, or under the scenario's ``loop`` (open or closed)
+what :mod:`.loop` decides from the costs of the ops before it.
 
 Figures of a run (one summary row per policy):
 
@@ -17,19 +19,26 @@ Figures of a run (one summary row per policy):
 - ``peak_mib``: max of (nr_frames - nr_free) x 4 KiB after every op;
   ``peak_extra_mib``/``end_extra_mib``: above the level just before the fork;
 - ``lat_p50_us``/``lat_p99_us``/``lat_p999_us``/``lat_max_us``: the
-  modelled latency of one *write op* of the workload's measured phase
+  modelled latency (``lat_ns``: the cost, plus the wait under an open loop)
+  of one *write op* of the workload's measured phase
   (redis-bgsave: ``snapshot``): a write op is one batch of stores (one
   ``write_many`` call: a request's writes, a range rewritten), priced by
   :func:`~thpcow.experiments.costs.latency_model` (thpcow.machine.latency on
   the op's vmstat deltas, plus its accesses and bytes);
+- ``read_p50_us``/``read_p99_us``/``read_p999_us``: the same for its read ops
+  (``read_batches`` of them);
+- ``ops_per_s``/``loads_per_s``: read and write ops, and loads, per second of
+  modelled time, from the first fork's start (or the first op's) to the last
+  of them's completion; ``end_ms``: the modelled end of the run; ``loop``;
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
 - ``thp_child_mean``/``thp_child_min``/``thp_child_end``: the same for the
   other live processes together (the children), over the samples where one
   lives (``thp_child_end``: the last of them); NaN if no sample saw one;
 - ``model_ms``: foreground time, the sum of the modelled cost of every op of
-  the workload (translation excluded); ``bg_ms``: background time, what the
-  kernel threads (khugepaged) did between ops, priced the same way (a
+  the workload (translation included with ``tlb_in_latency`` or a loop);
+  ``bg_ms``: background time, what the kernel threads (khugepaged) did
+  between ops, priced the same way (a
   collapse at its calibrated cost); both over the whole run, the load
   before the fork included;
 - ``tlb_misses``: page walks (last-level dTLB misses) of the workload's

@@ -244,3 +244,28 @@ def test_workload_reads_are_deterministic_under_a_loop():
     w = get_workload("copy-after-fork", reads_per_s=1000, read_dist="zipf")
     from thpcow.workloads import stream_digest
     assert stream_digest(w.ops(4)) == stream_digest(w.ops(4))
+
+
+@pytest.mark.parametrize("name, params", [
+    ("redis-bgsave", dict(dataset_mib=8, writes_per_s=20000, reads_per_s=200000, scan_mib_s=256, tail_ms=5)),
+    ("copy-after-fork", dict(size_mib=8, copy_mib=4, range_kib=1024, reads_per_s=100000, reader="child")),
+    ("prefork-server", dict(data_mib=8, workers=3, serve_ms=20, share=0.05, reads_per_tick=50)),
+    ("python-refcount", dict(data_mib=8, workers=3, serve_ms=20, touches_per_s=20000)),
+    ("forkserver", dict(data_mib=8, children=40, hot_mib=1, pages_per_child=4, reads_per_child=20)),
+    ("fork-touch", dict(size_mib=8)),
+])
+@pytest.mark.parametrize("loop", ["open", "closed"])
+def test_every_workload_runs_whole_under_each_loop(name, params, loop):
+    """Every op of the stream is applied once, in start order, with the same kernel events as far
+    as the ops' order allows; a loop never makes a run end before its workload's last op."""
+    sc = {"name": "w", "ram_mib": 256, "sysfs": {"enabled": "madvise"}, "workload": dict(name=name, **params)}
+    plain = run_point(sc, "upstream")
+    looped = run_point(dict(sc, loop=loop, cores=1), "upstream")
+    a, b = pd.DataFrame(plain.ops), pd.DataFrame(looped.ops)
+    work_a, work_b = a[a["kind"] != "kthread"], b[b["kind"] != "kthread"]
+    assert sorted(work_a["seq"]) == sorted(work_b["seq"]) == list(range(len(work_a)))
+    assert b["t_ns"].is_monotonic_increasing
+    assert (work_b["end_ns"] > work_b["t_ns"] - 1).all()          # t_ns: the start rounded up to a ns
+    assert looped.summary["end_ms"] >= plain.summary["sim_ms"]
+    assert looped.summary["cow_mib"] > 0 or plain.summary["cow_mib"] == 0
+    assert not looped.summary["oom"] and not looped.summary["oops"]

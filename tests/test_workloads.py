@@ -364,6 +364,11 @@ def test_copy_after_fork_reader_loads_its_region_from_the_fork_to_the_childs_exi
     offs = np.concatenate([op.offsets for op in reads])
     assert (offs % 8 == 0).all() and (offs >= 0).all() and (offs < 8 * MIB).all()
     assert [op.t for op in ops] == sorted(op.t for op in ops)
+    for phase in ("copy", "after"):
+        only = _loads(get_workload("copy-after-fork", reads_per_s=100_000, read_batch_ms=0.5, read_in=phase, **kw),
+                      seed=1)
+        assert {op.phase for op in only} == {phase}
+        assert [op.t for op in only] == [op.t for op in reads if op.phase == phase]
     child = get_workload("copy-after-fork", reads_per_s=100_000, reader="child", **kw)
     assert {op.pid for op in _loads(child)} == {1}
     assert next(op for op in child.ops(0) if op.kind == O.FORK).needs == ((0, 0, 8 * MIB),)

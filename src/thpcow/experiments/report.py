@@ -34,7 +34,8 @@ TABLE_GROUPS: tuple[tuple[tuple[str, str, str], ...], ...] = (
     (("thp_mean", "THP mean", "{:.2f}"), ("thp_end", "THP end", "{:.2f}"),
      ("tlb_misses", "TLB misses", "{:.0f}"), ("tlb_ms", "TLB ms", "{:.2f}"),
      ("model_ms", "fg ms", "{:.1f}"), ("bg_ms", "bg ms", "{:.1f}")),
-    (("ops_per_s", "ops/s", "{:.0f}"), ("loads_per_s", "loads/s", "{:.3g}"), ("end_ms", "end ms", "{:.1f}")),
+    (("read_p99_us", "read p99 µs", "{:.1f}"), ("ops_per_s", "ops/s", "{:.0f}"),
+     ("loads_per_s", "loads/s", "{:.3g}"), ("end_ms", "end ms", "{:.1f}")),
 )
 TABLE = (("policy", "policy", "{}"),) + tuple(c for g in TABLE_GROUPS for c in g)
 
@@ -42,7 +43,8 @@ TABLE = (("policy", "policy", "{}"),) + tuple(c for g in TABLE_GROUPS for c in g
 TABLE_NOTES = (
     "MiB: bytes moved from the fork on: COW copies, collapse copies (khugepaged and MADV_COLLAPSE), "
     "pages cleared for faults; peak: most memory in use.  Counters: /proc/vmstat deltas from the "
-    "fork on.  µs: modelled latency of one write op (one batch of stores) of the measured phase.  "
+    "fork on.  µs: modelled latency of one write op (one batch of stores; read p99: of one read op) "
+    "of the measured phase, under an open loop its wait included.  "
     "THP: the parent's AnonHugePages / Anonymous.  fg ms: modelled time of the workload's ops; "
     "bg ms: of the kernel threads (khugepaged) between them.  ops/s, loads/s: read and write ops, and "
     "loads, per second of modelled time from the fork to the last one's completion; end ms: when the "

@@ -28,7 +28,7 @@ class CopyAfterFork(Workload):
     From the fork to the child's exit the ``reader`` (parent or child) loads
     ``reads_per_s`` 8-byte words of the whole region, one batch per
     ``read_batch_ms`` tick, where ``read_dist`` puts them (a service reading
-    its heap while a copy runs, and after it).
+    its heap while a copy runs, and after it; ``read_in`` keeps one phase).
     Phases: ``load``, ``copy``, ``after``.
     """
 
@@ -47,6 +47,8 @@ class CopyAfterFork(Workload):
         "hold_ms": Param(10.0, "time the child lives after the copy (ms)", lo=0),
         "reads_per_s": Param(0.0, "loads per second by the reader, from the fork to the child's exit", lo=0),
         "reader": Param("parent", "which side loads", choices=("parent", "child")),
+        "read_in": Param("both", "the phases the reader loads in: copy (while the copy runs), after (from "
+                                 "its end to the child's exit) or both", choices=("both", "copy", "after")),
         "read_batch_ms": Param(1.0, "one batch of loads per tick of this length (ms)", lo=1e-3, hi=10_000),
         **read_params("the region"),
     }
@@ -111,10 +113,10 @@ class CopyAfterFork(Workload):
         edges = np.floor(np.concatenate(([0.0], ends)) * self.reads_per_s / NSEC_PER_SEC)
         for j, n in enumerate(np.diff(edges).astype(np.int64).tolist()):      # the last tick pro rata
             t = t_fork + j * tick
-            if n:
+            phase = "copy" if t < t_done else "after"
+            if n and self.read_in in ("both", phase):
                 offs = loads.offsets(rng, reader, n)
-                out.append(Op(t, READ, reader, "copy" if t < t_done else "after", region=0, offsets=offs,
-                              nbytes=8 * n))
+                out.append(Op(t, READ, reader, phase, region=0, offsets=offs, nbytes=8 * n))
         return out
 
 

@@ -259,10 +259,6 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
             kw[key] = _scalar(source, key, fields[key][1], kind, lo, hi)
     if "loop" in kw and kw["loop"] not in LOOPS:
         raise err(fields["loop"][1], "loop", f"{kw['loop']!r}: expected one of {', '.join(LOOPS)}")
-    if kw.get("cores") and kw.get("loop", "none") == "none":
-        raise err(fields["cores"][1], "cores", "has no effect without a loop (set loop: open or closed)")
-    if kw.get("think_us") and kw.get("loop") != "closed":
-        raise err(fields["think_us"][1], "think_us", "is the closed loop's think time (set loop: closed)")
     if "profile" in fields:
         kw["profile"] = _profile(source, fields["profile"][1], base_dir)
     if "machine" in kw and kw["machine"] not in machine_presets():
@@ -370,11 +366,11 @@ def scalar_fields() -> dict[str, tuple[type, Any, Any, str]]:
                                   "ops delay later ones; under a loop each op's translation time (TLB "
                                   "model) is part of its cost"),
         "think_us": (float, 0.0, None, "closed loop: a client's think time after each op, on top of the "
-                                       "workload's gaps (µs; default: 0)"),
+                                       "workload's gaps (µs; default: 0; other loops ignore it)"),
         "cores": (int, 0, 4096, "under a loop, CPUs shared by the clients and the background (khugepaged, "
                                 "kcompactd): with L live clients, L + 1 > cores takes the background's "
                                 "time from the clients, each op of each client later by its share / L; "
-                                "0 (default): background time is free"),
+                                "0 (default): background time is free; ignored without a loop"),
         "sample_ms": (float, 1e-6, None, "THP coverage / memory sampling interval in ms (default: the "
                                          "workload's duration / 200)"),
     }

@@ -227,9 +227,9 @@ READ_DISTS = ("uniform", "zipf", "sequential")
 def read_params(what: str) -> dict[str, Param]:
     """The locality parameters every workload's loads share: ``read_dist`` and ``read_zipf_s``."""
     return {
-        "read_dist": Param("uniform", f"where the loads fall in {what}: uniform 8-byte words, a scrambled "
-                                      "Zipfian law over 64-byte lines, or sequential 64-byte lines (each "
-                                      "reader continues where its last batch stopped, wrapping)",
+        "read_dist": Param("uniform", f"where the loads fall in {what}: uniform 8-byte words, zipf "
+                                      "(scrambled, over 64-byte lines) or sequential 64-byte lines (each "
+                                      "reader goes on where it stopped)",
                            choices=READ_DISTS),
         "read_zipf_s": Param(0.99, "Zipf exponent of the loads (read_dist=zipf)", lo=0.01, hi=10.0),
     }

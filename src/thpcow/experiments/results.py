@@ -71,7 +71,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("read-heavy", "read-heavy.yaml"),
 )
 
-# The read-rate axis of the crossover (docs/scenarios/read-crossover.yaml).
+# The read-rate crossovers (docs/scenarios/read-crossover.yaml and read-crossover-closed.yaml):
+# the scenario each sweeps, open loop (CPU time) and closed loop (throughput).
+CROSSOVERS = {"read-crossover": "read-heavy.yaml", "read-crossover-closed": "read-heavy-closed.yaml"}
 CROSSOVER_RATES = (0, 1_000_000, 2_000_000, 4_000_000, 8_000_000)
 CROSSOVER_POLICIES = ("upstream", "thp-cow-meant", "collapse-after-fork:who=parent")
 
@@ -249,11 +251,14 @@ def i(x: float) -> str:
     return f"{int(round(x)):,}" if np.isfinite(x) else "n/a"
 
 
-def crossing(points: list[dict[str, Any]], a: str, b: str) -> float:
-    """The read rate where policy ``a``'s CPU time first drops below ``b``'s (linear between the
-    measured rates; NaN when it never does)."""
-    pa = {c["reads_per_s"]: c["cpu_ms"] for c in points if c["policy"] == a}
-    pb = {c["reads_per_s"]: c["cpu_ms"] for c in points if c["policy"] == b}
+def crossing(points: list[dict[str, Any]], a: str, b: str, figure: str = "cpu_ms") -> float:
+    """The read rate where policy ``a``'s ``figure`` first drops below ``b``'s (linear between the
+    rates run; NaN when it never does).  For a figure where more is better, pass its negation's
+    name: ``-loads_per_s``."""
+    sign = -1.0 if figure.startswith("-") else 1.0
+    figure = figure.lstrip("-")
+    pa = {c["reads_per_s"]: sign * c[figure] for c in points if c["policy"] == a}
+    pb = {c["reads_per_s"]: sign * c[figure] for c in points if c["policy"] == b}
     rates = sorted(set(pa) & set(pb))
     for lo, hi in zip(rates, rates[1:]):
         d0, d1 = pa[lo] - pb[lo], pa[hi] - pb[hi]
@@ -325,7 +330,7 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
 
 # --- figures ---------------------------------------------------------------------------------
 
-def _figures(runs: dict[str, ScenarioRun], crossover: list[dict[str, Any]], outdir: str) -> list[str]:
+def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, Any]]], outdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -372,16 +377,20 @@ def _figures(runs: dict[str, ScenarioRun], crossover: list[dict[str, Any]], outd
         plt.close(fig)
         made.append(path)
 
-    # 3. The read crossover: CPU time against read rate.
-    if crossover:
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        for pol in CROSSOVER_POLICIES:
-            pts = [c for c in crossover if c["policy"] == pol]
-            ax.plot([c["reads_per_s"] / 1e6 for c in pts], [c["cpu_ms"] for c in pts], marker="o", label=pol)
-        ax.set_xlabel("GETs per second (millions)")
-        ax.set_ylabel("CPU time, ms (fg + bg, simulated)")
-        ax.set_title("Where keeping THPs after fork pays back")
-        ax.legend(fontsize=8)
+    # 3. The read crossovers: CPU time (open loop) and loads per second (closed loop) against read rate.
+    if any(crossover.values()):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 4))
+        for ax, key, fig_key, label in ((ax1, "read-crossover", "cpu_ms", "CPU time, ms (fg + bg)"),
+                                        (ax2, "read-crossover-closed", "loads_per_s", "loads per second, closed loop")):
+            for pol in CROSSOVER_POLICIES:
+                pts = [c for c in crossover.get(key, []) if c["policy"] == pol]
+                ax.plot([c["reads_per_s"] / 1e6 for c in pts], [c[fig_key] for c in pts], marker="o", label=pol)
+            ax.set_xlabel("GETs per second offered (millions)")
+            ax.set_ylabel(label + " (simulated)")
+        ax1.set_title("CPU time (open loop)", fontsize=10)
+        ax2.set_title("throughput (closed loop)", fontsize=10)
+        ax1.legend(fontsize=7)
+        fig.suptitle("Where keeping THPs after fork pays back")
         fig.tight_layout()
         path = os.path.join(outdir, "read-crossover.png")
         fig.savefig(path, dpi=110)
@@ -424,11 +433,10 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
     template = template or os.path.join(DOCS, TEMPLATE)
     figures_dir = figures_dir or os.path.join(os.path.dirname(out), "results")
     tasks = [(s, quick, None) for s in SPECS]
-    cross_spec = next(s for s in SPECS if s.key == "read-heavy")
-    cross_spec = Spec("read-crossover", cross_spec.file, policies=CROSSOVER_POLICIES)
-    tasks += [(cross_spec, quick, float(r)) for r in CROSSOVER_RATES]
+    for key, file in CROSSOVERS.items():
+        tasks += [(Spec(key, file, policies=CROSSOVER_POLICIES), quick, float(rate)) for rate in CROSSOVER_RATES]
     runs: dict[str, ScenarioRun] = {}
-    crossover: list[dict[str, Any]] = []
+    crossover: dict[str, list[dict[str, Any]]] = {key: [] for key in CROSSOVERS}
     done = 0
 
     def collect(result) -> None:
@@ -440,10 +448,11 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
             say(f"[{done}/{len(tasks)}] {key}: {len(summ)} policies, {wall:.1f} s")
         else:
             for rec in summ.to_dict("records"):
-                crossover.append({"reads_per_s": reads, "policy": rec["policy"],
-                                  "cpu_ms": rec["model_ms"] + rec["bg_ms"], "peak_mib": rec["peak_mib"],
-                                  "p99_us": rec["lat_p99_us"]})
-            say(f"[{done}/{len(tasks)}] read-crossover at {reads:,.0f} GETs/s, {wall:.1f} s")
+                crossover[key].append({"reads_per_s": reads, "policy": rec["policy"],
+                                       "cpu_ms": rec["model_ms"] + rec["bg_ms"], "peak_mib": rec["peak_mib"],
+                                       "p99_us": rec["lat_p99_us"], "loads_per_s": rec["loads_per_s"],
+                                       "ops_per_s": rec["ops_per_s"], "end_ms": rec["end_ms"]})
+            say(f"[{done}/{len(tasks)}] {key} at {reads:,.0f} GETs/s, {wall:.1f} s")
 
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -452,7 +461,8 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
     else:
         for t in tasks:
             collect(_run_spec(t))
-    crossover.sort(key=lambda c: (CROSSOVER_POLICIES.index(c["policy"]), c["reads_per_s"]))
+    for pts in crossover.values():
+        pts.sort(key=lambda c: (CROSSOVER_POLICIES.index(c["policy"]), c["reads_per_s"]))
     measured = _measure(say, quick) if real else Measured(platform.release(), False, "not measured (--no-real)",
                                                           redis_reason="not measured (--no-real)",
                                                           validate_reason="not measured (--no-real)")

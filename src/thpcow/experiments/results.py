@@ -380,13 +380,20 @@ def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, A
     # 3. The read crossovers: CPU time (open loop) and loads per second (closed loop) against read rate.
     if any(crossover.values()):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 4))
-        for ax, key, fig_key, label in ((ax1, "read-crossover", "cpu_ms", "CPU time, ms (fg + bg)"),
-                                        (ax2, "read-crossover-closed", "loads_per_s", "loads per second, closed loop")):
-            for pol in CROSSOVER_POLICIES:
-                pts = [c for c in crossover.get(key, []) if c["policy"] == pol]
-                ax.plot([c["reads_per_s"] / 1e6 for c in pts], [c[fig_key] for c in pts], marker="o", label=pol)
+        for pol in CROSSOVER_POLICIES:
+            pts = [c for c in crossover.get("read-crossover", []) if c["policy"] == pol]
+            ax1.plot([c["reads_per_s"] / 1e6 for c in pts], [c["cpu_ms"] for c in pts], marker="o", label=pol)
+        base = {c["reads_per_s"]: c["loads_per_s"] for c in crossover.get("read-crossover-closed", [])
+                if c["policy"] == "upstream"}
+        for pol in CROSSOVER_POLICIES:
+            pts = [c for c in crossover.get("read-crossover-closed", []) if c["policy"] == pol and base.get(c["reads_per_s"])]
+            ax2.plot([c["reads_per_s"] / 1e6 for c in pts], [c["loads_per_s"] / base[c["reads_per_s"]] for c in pts],
+                     marker="o", label=pol)
+        ax2.axhline(1.0, color="grey", lw=0.6)
+        for ax in (ax1, ax2):
             ax.set_xlabel("GETs per second offered (millions)")
-            ax.set_ylabel(label + " (simulated)")
+        ax1.set_ylabel("CPU time, ms (fg + bg; simulated)")
+        ax2.set_ylabel("loads/s relative to upstream (simulated)")
         ax1.set_title("CPU time (open loop)", fontsize=10)
         ax2.set_title("throughput (closed loop)", fontsize=10)
         ax1.legend(fontsize=7)

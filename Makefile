@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 STAMP_DEV = $(VENV)/.installed-dev
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest -n 2 -q
+
+# docs/results.md and docs/results/*.png from the built-in scenarios (a real Redis needs the dev extras).
+results: $(STAMP_DEV)
+	$(VENV)/bin/thpcow results
 
 bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done

@@ -338,3 +338,93 @@ def test_prefork_workers_can_read_the_shared_state():
     assert stream_digest(plain.ops(seed=0)) == stream_digest(
         op for op in get_workload("prefork-server", data_mib=8, workers=2, serve_ms=20, batch_ms=10,
                                   reads_per_tick=0).ops(seed=0))
+
+
+# -- reads in every workload ------------------------------------------------------------------
+def _loads(w, seed=0):
+    return [op for op in w.ops(seed=seed) if op.kind == O.READ]
+
+
+def test_copy_after_fork_reader_loads_its_region_from_the_fork_to_the_childs_exit():
+    """reads_per_s loads in read_batch_ms ticks by the reader, between the fork and the child's exit,
+    in the copy phase and then the after phase; 8-byte aligned, within the region."""
+    kw = dict(size_mib=8, copy_mib=4, range_kib=1024, copy_mib_s=1024, fork_after_ms=2, hold_ms=3)
+    w = get_workload("copy-after-fork", reads_per_s=100_000, read_batch_ms=0.5, **kw)
+    ops = list(w.ops(seed=1))
+    fork = next(op for op in ops if op.kind == O.FORK)
+    exit_ = next(op for op in ops if op.kind == O.EXIT)
+    done = next(op for op in ops if op.kind == O.PHASE_END)
+    reads = [op for op in ops if op.kind == O.READ]
+    assert {op.pid for op in reads} == {0}
+    assert all(fork.t <= op.t < exit_.t for op in reads)
+    assert {op.phase for op in reads} == {"copy", "after"}
+    assert all((op.phase == "copy") == (op.t < done.t) for op in reads)
+    span_s = (exit_.t - fork.t) / 1e9
+    assert sum(op.n for op in reads) == pytest.approx(100_000 * span_s, abs=1)
+    offs = np.concatenate([op.offsets for op in reads])
+    assert (offs % 8 == 0).all() and (offs >= 0).all() and (offs < 8 * MIB).all()
+    assert [op.t for op in ops] == sorted(op.t for op in ops)
+    for phase in ("copy", "after"):
+        only = _loads(get_workload("copy-after-fork", reads_per_s=100_000, read_batch_ms=0.5, read_in=phase, **kw),
+                      seed=1)
+        assert {op.phase for op in only} == {phase}
+        assert [op.t for op in only] == [op.t for op in reads if op.phase == phase]
+    child = get_workload("copy-after-fork", reads_per_s=100_000, reader="child", **kw)
+    assert {op.pid for op in _loads(child)} == {1}
+    assert next(op for op in child.ops(0) if op.kind == O.FORK).needs == ((0, 0, 8 * MIB),)
+    # Without reads the stream is the one it always was.
+    assert stream_digest(get_workload("copy-after-fork", **kw).ops(1)) == stream_digest(
+        op for op in ops if op.kind != O.READ)
+
+
+def test_read_dist_sequential_continues_and_zipf_is_skewed():
+    kw = dict(size_mib=4, copy_mib=1, range_kib=1024, fork_after_ms=1, hold_ms=2, reads_per_s=1_000_000)
+    seq = _loads(get_workload("copy-after-fork", read_dist="sequential", **kw))
+    offs = np.concatenate([op.offsets for op in seq])
+    lines = 4 * MIB // 64
+    assert (offs == (np.arange(len(offs)) % lines) * 64).all()      # one line after another, across batches
+    zipf = np.concatenate([op.offsets for op in _loads(get_workload("copy-after-fork", read_dist="zipf", **kw))])
+    uni = np.concatenate([op.offsets for op in _loads(get_workload("copy-after-fork", **kw))])
+    top = lambda o: np.sort(np.unique(o // 64, return_counts=True)[1])[-10:].sum() / len(o)  # noqa: E731
+    assert top(zipf) > 10 * top(uni)
+    assert (zipf % 64 == 0).all() and (zipf < 4 * MIB).all()
+
+
+def test_forkserver_children_load_the_data():
+    w = get_workload("forkserver", data_mib=8, children=20, hot_mib=1, pages_per_child=2, reads_per_child=50,
+                     read_dist="zipf")
+    ops = list(w.ops(seed=2))
+    reads = [op for op in ops if op.kind == O.READ]
+    assert len(reads) == 20 and all(op.n == 50 for op in reads)
+    assert sorted(op.pid for op in reads) == list(range(1, 21))
+    for r in reads:                      # after its own fork and write, before its exit
+        idx = ops.index(r)
+        assert any(o.kind == O.FORK and o.arg == r.pid for o in ops[:idx])
+        assert any(o.kind == O.EXIT and o.pid == r.pid for o in ops[idx:])
+    assert all(op.needs == ((0, 0, 8 * MIB),) for op in ops if op.kind == O.FORK)
+    assert stream_digest(w.ops(2)) == stream_digest(w.ops(2)) != stream_digest(w.ops(3))
+
+
+def test_prefork_read_dist():
+    w = get_workload("prefork-server", data_mib=8, workers=2, serve_ms=20, batch_ms=10, reads_per_tick=64,
+                     read_dist="sequential")
+    by = {}
+    for op in _loads(w):
+        by.setdefault(op.pid, []).append(op.offsets)
+    for pid, chunks in by.items():       # each worker has its own cursor
+        assert (np.concatenate(chunks) == np.arange(64 * len(chunks)) * 64).all()
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(read_dist="random"), "read_dist"), (dict(reads_per_s=-1), "reads_per_s"),
+    (dict(reader="both"), "reader"), (dict(read_batch_ms=0), "read_batch_ms")])
+def test_bad_read_parameters_are_named(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        get_workload("copy-after-fork", **kwargs)
+
+
+def test_workloads_with_reads_run_on_a_checked_kernel():
+    for name, kw in (("copy-after-fork", dict(size_mib=8, copy_mib=4, range_kib=1024, reads_per_s=200_000)),
+                     ("forkserver", dict(data_mib=8, children=10, hot_mib=1, reads_per_child=100))):
+        vm, _ = run_stream(get_workload(name, **kw).ops(0), check=True)
+        assert vm["pgfault"] > 0, name

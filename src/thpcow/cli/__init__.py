@@ -29,6 +29,8 @@ VERBS: tuple[tuple[str, str, str], ...] = (
      "Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report."),
     ("sweep", "sweep",
      "Run a grid of scenario parameters x policies; every finished point is stored at once (resumable)."),
+    ("results", "results",
+     "Regenerate docs/results.md and its figures from the built-in scenarios (`make results`)."),
     ("inspect", "inspect",
      "Show a live process's THP state from smaps, PAGEMAP_SCAN, pagemap and kpageflags."),
     ("calibrate", "calibrate",

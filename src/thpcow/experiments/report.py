@@ -34,6 +34,8 @@ TABLE_GROUPS: tuple[tuple[tuple[str, str, str], ...], ...] = (
     (("thp_mean", "THP mean", "{:.2f}"), ("thp_end", "THP end", "{:.2f}"),
      ("tlb_misses", "TLB misses", "{:.0f}"), ("tlb_ms", "TLB ms", "{:.2f}"),
      ("model_ms", "fg ms", "{:.1f}"), ("bg_ms", "bg ms", "{:.1f}")),
+    (("read_p99_us", "read p99 µs", "{:.1f}"), ("ops_per_s", "ops/s", "{:.0f}"),
+     ("loads_per_s", "loads/s", "{:.3g}"), ("end_ms", "end ms", "{:.1f}")),
 )
 TABLE = (("policy", "policy", "{}"),) + tuple(c for g in TABLE_GROUPS for c in g)
 
@@ -41,9 +43,12 @@ TABLE = (("policy", "policy", "{}"),) + tuple(c for g in TABLE_GROUPS for c in g
 TABLE_NOTES = (
     "MiB: bytes moved from the fork on: COW copies, collapse copies (khugepaged and MADV_COLLAPSE), "
     "pages cleared for faults; peak: most memory in use.  Counters: /proc/vmstat deltas from the "
-    "fork on.  µs: modelled latency of one write op (one batch of stores) of the measured phase.  "
+    "fork on.  µs: modelled latency of one write op (one batch of stores; read p99: of one read op) "
+    "of the measured phase, under an open loop its wait included.  "
     "THP: the parent's AnonHugePages / Anonymous.  fg ms: modelled time of the workload's ops; "
-    "bg ms: of the kernel threads (khugepaged) between them.")
+    "bg ms: of the kernel threads (khugepaged) between them.  ops/s, loads/s: read and write ops, and "
+    "loads, per second of modelled time from the fork to the last one's completion; end ms: when the "
+    "run ends on the modelled clock (under a loop, later as ops get slower).")
 
 # --rank-by: (label, the figure, sign: 1 lower is better, -1 higher is better, unit, decimals).
 RANK_BY: dict[str, tuple[str, Any, int, str, int]] = {
@@ -53,8 +58,20 @@ RANK_BY: dict[str, tuple[str, Any, int, str, int]] = {
     "peak": ("peak memory", "peak_mib", 1, " MiB", 1),
     "thp": ("THP coverage (mean)", "thp_mean", -1, "", 2),
     "cpu": ("CPU time (fg + bg)", lambda r: r["model_ms"] + r["bg_ms"], 1, " ms", 1),
+    "tput": ("throughput (read and write ops/s)", "ops_per_s", -1, " ops/s", 0),
 }
 DEFAULT_RANK_BY = "p99"
+
+
+def _loop_note(sc) -> str:
+    """How the scenario's ops are clocked, for the report."""
+    if sc.loop == "none":
+        return " (ops start at the workload's times; latency is an op's own cost)"
+    extra = f", think {sc.think_us:g} µs" if sc.loop == "closed" and sc.think_us else ""
+    cores = f"background on {sc.cores} cores shared with the clients" if sc.cores else "background free"
+    how = ("queueing per client, latency includes the wait" if sc.loop == "open"
+           else "a slower op delays its client's later ops")
+    return f" ({how}{extra}; {cores})"
 
 
 def _missing(value: Any) -> bool:
@@ -72,7 +89,7 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def _figure_of(rec: dict, how) -> Any:
-    return how(rec) if callable(how) else rec[how]
+    return how(rec) if callable(how) else rec.get(how)
 
 
 def _failed(rec: dict) -> bool:
@@ -158,7 +175,10 @@ def verdict(summary, rank_by: str = DEFAULT_RANK_BY) -> str:
     oom = [r["policy"] for r in recs if r.get("oom")]
     oops = [f"{r['policy']} ({r['oops']})" for r in recs if r.get("oops")]
     parts, leaders = [], []
+    looped = any(r.get("loop") not in (None, "none") for r in recs)
     for key in [rank_by] + [k for k in RANK_BY if k != rank_by]:
+        if key == "tput" and not looped and key != rank_by:
+            continue                      # without a loop, the ops run at the workload's times
         label, how, sign, unit, nd = RANK_BY[key]
         best = min(_key(_figure_of(r, how), sign) for r in ok)
         if math.isinf(best):
@@ -322,6 +342,93 @@ def plot_cost_benefit(summary) -> bytes:
     return _png(plt, fig)
 
 
+BASELINE = "upstream"
+
+
+def crossover(ops, policies: list[str], base: str = BASELINE) -> dict[str, dict[str, Any]]:
+    """Where keeping THPs pays back, from one run: for each policy but ``base``, over the ops from the
+    first fork on, in stream order (``seq``, the same for every policy), ``x`` = the loads made so far
+    per byte the policy has copied so far (COW + collapse), ``y`` = the CPU time (fg + bg, modelled,
+    ms) the policy is ahead of ``base`` so far; ``cross`` = the x from which it stays ahead (linear
+    between two points; NaN if it never gets ahead, 0 if it always was).  Empty without ``base`` or
+    without loads."""
+    import numpy as np
+
+    if base not in policies or ops is None or not len(ops):
+        return {}
+    since = ops[ops["since_fork"].astype(bool)]
+    if not (since["kind"] == "read").any():
+        return {}
+
+    def cumulative(pol: str):
+        o = since[since["policy"] == pol]
+        g = o.assign(loads=np.where(o["kind"] == "read", o["n"], 0),
+                     copied=o["sim_cow_bytes"] + o["sim_collapse_bytes"]).groupby("seq")[
+            ["cost_ns", "loads", "copied"]].sum()
+        return g
+
+    ref = cumulative(base)
+    out: dict[str, dict[str, Any]] = {}
+    for pol in policies:
+        if pol == base:
+            continue
+        g = cumulative(pol)
+        seqs = ref.index.union(g.index)
+        a, b = ref.reindex(seqs, fill_value=0).cumsum(), g.reindex(seqs, fill_value=0).cumsum()
+        copied = b["copied"].to_numpy(dtype=float)
+        ok = copied > 0
+        x = b["loads"].to_numpy(dtype=float)[ok] / copied[ok]
+        y = (a["cost_ns"].to_numpy(dtype=float) - b["cost_ns"].to_numpy(dtype=float))[ok] / 1e6
+        cross = math.nan
+        if len(y) and y[-1] > 0:
+            behind = np.nonzero(y <= 0)[0]
+            if not len(behind):
+                cross = 0.0
+            else:
+                i = int(behind[-1])
+                x0, x1, y0, y1 = x[i], x[i + 1], y[i], y[i + 1]
+                cross = float(x0 + (x1 - x0) * (-y0) / (y1 - y0)) if y1 != y0 else float(x1)
+        out[pol] = {"x": x, "y": y, "cross": cross}
+    return out
+
+
+def plot_crossover(ops, policies: list[str], base: str = BASELINE) -> bytes | None:
+    """The crossover chart: each policy's CPU-time advantage over ``base`` against the loads made per
+    byte it copied, as the run goes (see :func:`crossover`); None when the run has no loads."""
+    curves = crossover(ops, policies, base)
+    if not curves:
+        return None
+    plt, fig, ax = _figure()
+    for i, (pol, c) in enumerate(curves.items()):
+        pos = c["x"] > 0                            # log axis: from the first load on
+        line = ax.plot(c["x"][pos], c["y"][pos], label=pol, **_style(i))[0]
+        if math.isfinite(c["cross"]) and c["cross"] > 0:
+            ax.axvline(c["cross"], color=line.get_color(), linewidth=0.8, linestyle=":")
+            ax.annotate(f"ahead from {c['cross']:.3g}", (c["cross"], 0.03), xycoords=("data", "axes fraction"),
+                        fontsize=7, rotation=90, xytext=(3, 0), textcoords="offset points",
+                        color=line.get_color(), va="bottom")
+    ax.axhline(0, color="0.5", linewidth=0.8)
+    if any((c["x"] > 0).any() for c in curves.values()):
+        ax.set_xscale("log")
+    ax.set(xlabel="loads so far per byte the policy copied so far (from the fork on)",
+           ylabel=f"CPU time ahead of {base} so far (ms, fg + bg)",
+           title=f"crossover: where keeping THPs pays back (above 0: ahead of {base})")
+    ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
+def crossover_text(ops, policies: list[str], base: str = BASELINE) -> str:
+    """One sentence per policy: from how many loads per copied byte it is ahead of ``base`` (or not)."""
+    parts = []
+    for pol, c in crossover(ops, policies, base).items():
+        end = f"{c['y'][-1]:+.1f} ms at the end" if len(c["y"]) else "no copies"
+        if math.isfinite(c["cross"]):
+            parts.append(f"{pol} is ahead of {base} from {c['cross']:.3g} loads per copied byte ({end})")
+        else:
+            parts.append(f"{pol} does not get ahead of {base} in this run ({end})")
+    return "; ".join(parts)
+
+
 # -- files ------------------------------------------------------------------------------------
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
@@ -394,6 +501,10 @@ def render_html(result) -> str:
         ("Memory over time", plot_memory(result.ops, pols)),
         ("Cost and benefit", plot_cost_benefit(result.summary)),
     ]
+    cross = plot_crossover(result.ops, pols)
+    if cross is not None:
+        images.append(("Crossover: loads per copied byte against the CPU time saved", cross))
+    cross_text = crossover_text(result.ops, pols) if cross is not None else ""
     head = "".join(f"<th>{html.escape(h)}</th>" for _c, h, _s in TABLE)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
                    for row in table_rows(result.summary))
@@ -416,8 +527,10 @@ Latency model: {html.escape(model)}; measured phase: <i>{html.escape(phase)}</i>
 of the workload's loads and stores from the first fork on, replayed through the TLB simulator of
 thpcow.machine (preset <i>{html.escape(sc.machine)}</i>; it is flushed wherever the simulated kernel
 flushed: COW remaps, PMD splits, collapses, unmaps, swap-out, migration, fork and exit; n/a without
-thpcow.machine or with <code>tlb_model: false</code>); TLB ms: the translation time it estimates (not
-in the latencies).</p>
+thpcow.machine or with <code>tlb_model: false</code>); TLB ms: the translation time it estimates (part of
+each op's time, so of the latencies and fg ms, with <code>tlb_in_latency</code> or a loop).
+Loop: <i>{html.escape(sc.loop)}</i>{html.escape(_loop_note(sc))}.</p>
+{f"<p>Crossover: {html.escape(cross_text)}.</p>" if cross_text else ""}
 {figs}
 <h2>Scenario</h2><pre>{html.escape(sc.to_yaml())}</pre>
 <p>Simulated on the host in {html.escape(wall)}.</p>

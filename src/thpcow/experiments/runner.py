@@ -1,10 +1,12 @@
 """The runner: apply a workload's op stream to a simulated kernel under one COW policy, and measure.
 
 For each op of the stream (see :mod:`thpcow.workloads.ops`) the runner lets
-the kernel's clock run to the op's time (khugepaged and other kernel threads
+the kernel's clock run to the op's start (khugepaged and other kernel threads
 run then), takes a THP-coverage/memory sample at every ``sample_ms`` boundary
 on the way, applies the op (a batch of stores is one ``write_many``), and
-records the op's vmstat deltas, its modelled cost and the memory in use.
+records the op's vmstat deltas, its modelled cost and the memory in use.  The
+start is the op's own time, or under the scenario's ``loop`` (open or closed)
+what :mod:`.loop` decides from the costs of the ops before it.
 
 Figures of a run (one summary row per policy):
 
@@ -17,19 +19,26 @@ Figures of a run (one summary row per policy):
 - ``peak_mib``: max of (nr_frames - nr_free) x 4 KiB after every op;
   ``peak_extra_mib``/``end_extra_mib``: above the level just before the fork;
 - ``lat_p50_us``/``lat_p99_us``/``lat_p999_us``/``lat_max_us``: the
-  modelled latency of one *write op* of the workload's measured phase
+  modelled latency (``lat_ns``: the cost, plus the wait under an open loop)
+  of one *write op* of the workload's measured phase
   (redis-bgsave: ``snapshot``): a write op is one batch of stores (one
   ``write_many`` call: a request's writes, a range rewritten), priced by
   :func:`~thpcow.experiments.costs.latency_model` (thpcow.machine.latency on
   the op's vmstat deltas, plus its accesses and bytes);
+- ``read_p50_us``/``read_p99_us``/``read_p999_us``: the same for its read ops
+  (``read_batches`` of them);
+- ``ops_per_s``/``loads_per_s``: read and write ops, and loads, per second of
+  modelled time, from the first fork's start (or the first op's) to the last
+  of them's completion; ``end_ms``: the modelled end of the run; ``loop``;
 - ``thp_mean``/``thp_min``/``thp_end``: AnonHugePages / Anonymous of the
   parent (workload pid 0) over the samples;
 - ``thp_child_mean``/``thp_child_min``/``thp_child_end``: the same for the
   other live processes together (the children), over the samples where one
   lives (``thp_child_end``: the last of them); NaN if no sample saw one;
 - ``model_ms``: foreground time, the sum of the modelled cost of every op of
-  the workload (translation excluded); ``bg_ms``: background time, what the
-  kernel threads (khugepaged) did between ops, priced the same way (a
+  the workload (translation included with ``tlb_in_latency`` or a loop);
+  ``bg_ms``: background time, what the kernel threads (khugepaged) did
+  between ops, priced the same way (a
   collapse at its calibrated cost); both over the whole run, the load
   before the fork included;
 - ``tlb_misses``: page walks (last-level dTLB misses) of the workload's
@@ -80,6 +89,7 @@ from .policies import parse_policy
 from ..workloads import ops as O
 from ..workloads.ops import check_order
 from .costs import latency_model
+from .loop import Issued, Loop
 from .scenario import Scenario, resolve_scenario
 
 MIB = 1 << 20
@@ -102,6 +112,8 @@ SUMMARY_SCHEMA: dict[str, str] = {
     **{c: "int64" for c in COUNTERS},
     "lat_p50_us": "float64", "lat_p99_us": "float64", "lat_p999_us": "float64", "lat_max_us": "float64",
     "write_batches": "int64",
+    "read_p50_us": "float64", "read_p99_us": "float64", "read_p999_us": "float64", "read_batches": "int64",
+    "ops_per_s": "float64", "loads_per_s": "float64", "end_ms": "float64", "loop": "string",
     "thp_mean": "float64", "thp_min": "float64", "thp_end": "float64",
     "thp_child_mean": "float64", "thp_child_min": "float64", "thp_child_end": "float64",
     "tlb_misses": "float64", "tlb_ms": "float64",
@@ -220,6 +232,10 @@ class _Run:
             self.k.sysfs.write(path, value)
         self.model = latency_model(scenario.profile)
         self.tlb = _TlbMeter.make(scenario.machine) if scenario.tlb_model else None
+        # One clock: translation is part of an op's time when asked, and always under a loop.
+        self.tlb_in_latency = scenario.tlb_in_latency or scenario.loop != "none"
+        self.loop = Loop(check_order(self.workload.ops(scenario.seed)), scenario.loop, scenario.think_us * 1000.0,
+                         scenario.cores)
         if self.tlb is not None:
             self.k.tlb_flush_log = []
         self.procs: dict[int, Any] = {}
@@ -231,8 +247,8 @@ class _Run:
         self.interval = max(int(step), 1000)
         self.next_sample = 0
         self.ops: dict[str, list] = {c: [] for c in ("seq", "t_ns", "kind", "pid", "phase", "n", "nbytes",
-                                                     "cost_ns", "mem_bytes", "tlb_walks", "since_fork",
-                                                     *COUNTERS)}
+                                                     "cost_ns", "lat_ns", "end_ns", "mem_bytes", "tlb_walks",
+                                                     "since_fork", *COUNTERS)}
         self.samples: dict[str, list] = {c: [] for c in ("t_ns", "anon_kb", "anon_huge_kb", "thp_coverage",
                                                          "child_anon_kb", "child_anon_huge_kb",
                                                          "child_thp_coverage", "mem_bytes", "nr_procs")}
@@ -361,13 +377,14 @@ class _Run:
             self.policy_phase_end(proc, kids)
         return 0, 0
 
-    def step(self, seq: int, op: O.Op) -> None:
+    def step(self, it: Issued) -> None:
+        seq, op = it.seq, it.op
         if op.phase != self.phase:
             self.end_phase()
             self.phase = op.phase
         bg = self.k.vmstat_snapshot()
         try:
-            self.advance_to(op.t)                     # kernel threads (khugepaged) run on the way
+            self.advance_to(it.t)                     # kernel threads (khugepaged) run on the way
         except KernelOops as e:
             self.oops = e.summary()
             self.record_background(seq, op, bg)
@@ -389,15 +406,16 @@ class _Run:
             else:
                 self.oops = e.summary()
             d = _deltas(before, self.k.vmstat_snapshot())
-            self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes,
-                        self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes), 0, d)
+            cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes)
+            self.record(seq, it.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost, 0, d,
+                        self.loop.finish(it, cost))
             raise
         d = _deltas(before, self.k.vmstat_snapshot())
         cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
-        if self.sc.tlb_in_latency and self.tlb is not None:
+        if self.tlb_in_latency and self.tlb is not None:
             cost += self.tlb.sim.translation_ns() - xlat          # one clock: translation is part of the op
-        self.record(seq, op.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,
-                    self.tlb.walks() - walks if self.tlb is not None else 0, d)
+        self.record(seq, it.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,
+                    self.tlb.walks() - walks if self.tlb is not None else 0, d, self.loop.finish(it, cost))
 
     def record_background(self, seq: int, op: O.Op, before: dict[str, int]) -> dict[str, int]:
         """One ``kthread`` row for what the kernel threads did while the clock ran up to ``op``;
@@ -405,11 +423,14 @@ class _Run:
         after = self.k.vmstat_snapshot()
         d = _deltas(before, after)
         if any(d.values()):
-            self.record(seq, self.k.now, KTHREAD, -1, op.phase, 0, 0, self.model.op_cost_ns(KTHREAD, d), 0, d)
+            cost = self.model.op_cost_ns(KTHREAD, d)
+            self.loop.background(cost)                    # the clients' share of it, on few cores
+            self.record(seq, self.k.now, KTHREAD, -1, op.phase, 0, 0, cost, 0, d, (self.k.now + cost, cost))
         return after
 
     def record(self, seq: int, t: int, kind: str, pid: int, phase: str, n: int, nbytes: int, cost: float,
-               walks: int, d: dict[str, int]) -> None:
+               walks: int, d: dict[str, int], done: tuple[float, float]) -> None:
+        """One ops row; ``done``: (completion, latency) in ns, from the loop."""
         mem = self.used()
         self.peak = max(self.peak, mem)
         r = self.ops
@@ -421,6 +442,8 @@ class _Run:
         r["n"].append(n)
         r["nbytes"].append(nbytes)
         r["cost_ns"].append(cost)
+        r["end_ns"].append(done[0])
+        r["lat_ns"].append(done[1])
         r["mem_bytes"].append(mem)
         r["tlb_walks"].append(walks)
         r["since_fork"].append(self.before_fork is not None)
@@ -438,9 +461,12 @@ class _Run:
         kinds = np.asarray(r["kind"], dtype=object)
         phases = np.asarray(r["phase"], dtype=object)
         cost = np.asarray(r["cost_ns"], dtype=np.float64)
+        wait = np.asarray(r["lat_ns"], dtype=np.float64)        # the cost, plus queueing under a loop
         bg = kinds == KTHREAD
-        sel = (kinds == O.WRITE) & (phases == self.workload.measure_phase)
-        lat = cost[sel] / 1000.0
+        measured = phases == self.workload.measure_phase
+        lat = wait[(kinds == O.WRITE) & measured] / 1000.0
+        rlat = wait[(kinds == O.READ) & measured] / 1000.0
+        ops_per_s, loads_per_s = self._throughput(kinds)
         cov = np.asarray(self.samples["thp_coverage"], dtype=np.float64)
         cov = cov[~np.isnan(cov)]
         kid = np.asarray(self.samples["child_thp_coverage"], dtype=np.float64)
@@ -462,6 +488,13 @@ class _Run:
             "lat_p999_us": float(np.percentile(lat, 99.9)) if len(lat) else math.nan,
             "lat_max_us": float(lat.max()) if len(lat) else math.nan,
             "write_batches": int(len(lat)),
+            "read_p50_us": float(np.percentile(rlat, 50)) if len(rlat) else math.nan,
+            "read_p99_us": float(np.percentile(rlat, 99)) if len(rlat) else math.nan,
+            "read_p999_us": float(np.percentile(rlat, 99.9)) if len(rlat) else math.nan,
+            "read_batches": int(len(rlat)),
+            "ops_per_s": ops_per_s, "loads_per_s": loads_per_s,
+            "end_ms": max(max(r["end_ns"], default=0.0), float(self.k.now)) / 1e6,
+            "loop": self.sc.loop,
             "thp_mean": float(cov.mean()) if len(cov) else math.nan,
             "thp_min": float(cov.min()) if len(cov) else math.nan,
             "thp_end": float(cov[-1]) if len(cov) else math.nan,
@@ -479,18 +512,35 @@ class _Run:
         }
         return out
 
+    def _throughput(self, kinds: np.ndarray) -> tuple[float, float]:
+        """(read and write ops, loads) per second of modelled time, from the first fork's start (or the
+        first op's) to the completion of the last read or write op; NaN without any."""
+        r = self.ops
+        since = np.asarray(r["since_fork"], dtype=bool)
+        t = np.asarray(r["t_ns"], dtype=np.float64)
+        fork = since & (kinds == O.FORK)
+        t0 = float(t[fork][0]) if fork.any() else float(t[0]) if len(t) else 0.0
+        sel = since & ((kinds == O.READ) | (kinds == O.WRITE))
+        if not sel.any():
+            return math.nan, math.nan
+        span = (float(np.asarray(r["end_ns"], dtype=np.float64)[sel].max()) - t0) / 1e9
+        loads = float(np.asarray(r["n"], dtype=np.float64)[sel & (kinds == O.READ)].sum())
+        if span <= 0:
+            return math.nan, math.nan
+        return float(np.count_nonzero(sel)) / span, loads / span
+
     def run(self, policy: str, progress: ProgressFn | None = None) -> PointResult:
         t0 = time.perf_counter()
         self._start = self.phase_start = self.k.vmstat_snapshot()
         self._start_mem = self.used()
         self.peak = self._start_mem
-        for seq, op in enumerate(check_order(self.workload.ops(self.sc.seed))):
+        for it in self.loop:
             try:
-                self.step(seq, op)
+                self.step(it)
             except (OutOfMemory, KernelOops):
                 break
             if progress is not None:
-                progress(min(op.t, self.duration), self.duration)
+                progress(min(it.op.t, self.duration), self.duration)
         if not self.oom and not self.oops:
             self.advance_to(self.k.now)
             if not self.samples["t_ns"] or self.samples["t_ns"][-1] != self.k.now:

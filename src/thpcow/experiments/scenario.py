@@ -13,6 +13,10 @@ Schema (every field but ``workload`` is optional)::
     seed: 0                     # one seed for the kernel and the workload
     check: false                # run the invariant checker after every call (slow)
     tlb_in_latency: false       # one clock: each op's translation time (TLB model) in its cost
+    loop: none                  # none | open | closed: when ops start (experiments/loop.py); under a
+                                #   loop translation time is always in an op's cost
+    think_us: 0                 # closed loop: a client's pause after each op (on top of the workload's gaps)
+    cores: 0                    # CPUs for clients + background (khugepaged...); 0: background is free
     profile: cal.toml           # latency profile written by `thpcow calibrate` (a path; relative to
                                 #   the scenario file); default: the reference profile
     sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
@@ -40,10 +44,11 @@ from typing import Any
 DEFAULT_PATH = os.path.join(os.path.dirname(__file__), "default.yaml")
 
 FIELDS = ("name", "description", "machine", "tlb_model", "ram_mib", "fragmentation", "seed", "check",
-          "tlb_in_latency", "profile",
+          "tlb_in_latency", "loop", "think_us", "cores", "profile",
           "sample_ms", "sysfs", "workload", "policies")
 
 DEFAULT_MACHINE = "amd-zen4-genoa"
+LOOPS = ("none", "open", "closed")            # experiments/loop.py
 # Used when thpcow.machine cannot be imported: the core of the calibration VM.
 FALLBACK_PRESETS = {DEFAULT_MACHINE: "AMD Zen 4 (EPYC 9004), the core of the calibration VM"}
 
@@ -81,6 +86,9 @@ class Scenario:
     seed: int = 0
     check: bool = False
     tlb_in_latency: bool = False         # add each op's translation time (TLB model) to its cost
+    loop: str = "none"                   # none | open | closed (experiments/loop.py)
+    think_us: float = 0.0                # closed loop: think time after each op
+    cores: int = 0                       # cores for clients + background; 0: background is free
     profile: str | None = None           # a CalibrationProfile file (thpcow calibrate); None: the reference
     sample_ms: float | None = None
     sysfs: dict[str, str] = field(default_factory=dict)
@@ -103,6 +111,12 @@ class Scenario:
         out.update(ram_mib=self.ram_mib, fragmentation=self.fragmentation, seed=self.seed, check=self.check)
         if self.tlb_in_latency:
             out["tlb_in_latency"] = True
+        if self.loop != "none":
+            out["loop"] = self.loop
+        if self.think_us:
+            out["think_us"] = self.think_us
+        if self.cores:
+            out["cores"] = self.cores
         if self.profile is not None:
             out["profile"] = self.profile
         if self.sample_ms is not None:
@@ -243,6 +257,8 @@ def scenario_from_node(node, source: str, base_dir: str | None = None, default_n
     for key, (kind, lo, hi, _doc) in scalar_fields().items():
         if key in fields:
             kw[key] = _scalar(source, key, fields[key][1], kind, lo, hi)
+    if "loop" in kw and kw["loop"] not in LOOPS:
+        raise err(fields["loop"][1], "loop", f"{kw['loop']!r}: expected one of {', '.join(LOOPS)}")
     if "profile" in fields:
         kw["profile"] = _profile(source, fields["profile"][1], base_dir)
     if "machine" in kw and kw["machine"] not in machine_presets():
@@ -342,6 +358,19 @@ def scalar_fields() -> dict[str, tuple[type, Any, Any, str]]:
         "tlb_in_latency": (bool, None, None, "one clock: add each op's address translation time (TLB model: "
                                              "L2 TLB hits and page walks) to its modelled cost, so latencies "
                                              "and fg ms include it (default: false; needs tlb_model)"),
+        "loop": (str, None, None, "when each op starts (default: none, the workload's own times, no "
+                                  "queueing); open: the workload's times are arrivals and an op that "
+                                  "arrives while its client (workload pid) is busy waits, its latency "
+                                  "including the wait; closed: a client issues its next op when the "
+                                  "previous completes, after the workload's gap plus think_us, so slower "
+                                  "ops delay later ones; under a loop each op's translation time (TLB "
+                                  "model) is part of its cost"),
+        "think_us": (float, 0.0, None, "closed loop: a client's think time after each op, on top of the "
+                                       "workload's gaps (µs; default: 0; other loops ignore it)"),
+        "cores": (int, 0, 4096, "under a loop, CPUs shared by the clients and the background (khugepaged, "
+                                "kcompactd): with L live clients, L + 1 > cores takes the background's "
+                                "time from the clients, each op of each client later by its share / L; "
+                                "0 (default): background time is free; ignored without a loop"),
         "sample_ms": (float, 1e-6, None, "THP coverage / memory sampling interval in ms (default: the "
                                          "workload's duration / 200)"),
     }

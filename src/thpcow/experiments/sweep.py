@@ -409,7 +409,8 @@ def load_results(out: str, grid: Grid | None = None):
 
 def plot_sweep(df, grid: Grid, path: str) -> None:
     """summary.png: bytes copied, p99 latency, peak memory, THP coverage, CPU time and translation
-    time per grid combination and policy (where the policies' CPU time lines cross is the crossover)."""
+    time per grid combination and policy (where the policies' CPU time lines cross is the crossover),
+    and under a loop the throughput (ops/s, loads/s)."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -422,12 +423,14 @@ def plot_sweep(df, grid: Grid, path: str) -> None:
     cpu = df["model_ms"] + (df["bg_ms"] if "bg_ms" in df.columns else 0.0)
     copied = df["cow_mib"] + (df["collapse_mib"] if "collapse_mib" in df.columns else 0.0)
     df = df.assign(_cpu=cpu, _copied=copied)
-    fig, axs = plt.subplots(2, 3, figsize=(14, 7), dpi=100)
-    for ax, (col, title) in zip(axs.flat, (("_copied", "copied: COW + collapse (MiB)"),
-                                           ("lat_p99_us", "p99 write-op latency (µs)"),
-                                           ("peak_mib", "peak memory (MiB)"), ("thp_mean", "THP coverage (mean)"),
-                                           ("_cpu", "CPU time: fg + bg (ms, modelled)"),
-                                           ("tlb_ms", "translation time (ms, TLB model)"))):
+    panels = [("_copied", "copied: COW + collapse (MiB)"), ("lat_p99_us", "p99 write-op latency (µs)"),
+              ("peak_mib", "peak memory (MiB)"), ("thp_mean", "THP coverage (mean)"),
+              ("_cpu", "CPU time: fg + bg (ms, modelled)"), ("tlb_ms", "translation time (ms, TLB model)")]
+    if "loop" in df.columns and (df["loop"].astype(str) != "none").any() and "loads_per_s" in df.columns:
+        panels += [("ops_per_s", "throughput: read + write ops/s (loop)"),
+                   ("loads_per_s", "throughput: loads/s (loop)")]
+    fig, axs = plt.subplots(2, len(panels) // 2, figsize=(14 * len(panels) / 6, 7), dpi=100)
+    for ax, (col, title) in zip(axs.flat, panels):
         for pol in dict.fromkeys(df["policy"]):
             s = df[df["policy"] == pol]
             ax.plot([cats.index(x) for x in s["_label"]], s[col], marker="o", label=pol)

@@ -221,6 +221,46 @@ def scramble(ranks: np.ndarray, n: int, salt: int) -> np.ndarray:
     return (z % np.uint64(n)).astype(np.int64)
 
 
+READ_DISTS = ("uniform", "zipf", "sequential")
+
+
+def read_params(what: str) -> dict[str, Param]:
+    """The locality parameters every workload's loads share: ``read_dist`` and ``read_zipf_s``."""
+    return {
+        "read_dist": Param("uniform", f"where the loads fall in {what}: uniform 8-byte words, zipf "
+                                      "(scrambled, over 64-byte lines) or sequential 64-byte lines (each "
+                                      "reader goes on where it stopped)",
+                           choices=READ_DISTS),
+        "read_zipf_s": Param(0.99, "Zipf exponent of the loads (read_dist=zipf)", lo=0.01, hi=10.0),
+    }
+
+
+class Loads:
+    """Load offsets of one workload's readers: one sequential cursor per reader, one law for all.
+
+    ``offsets(rng, reader, n)`` gives ``n`` 8-byte-aligned offsets in
+    [``start``, ``start + size``); deterministic for the generator's state.
+    """
+
+    LINE = 64
+
+    def __init__(self, size: int, dist: str, zipf_s: float, start: int = 0, salt: int = 0) -> None:
+        self.size, self.dist, self.zipf_s, self.start, self.salt = size, dist, zipf_s, start, salt
+        self.lines = max(1, size // self.LINE)
+        self.cursor: dict[int, int] = {}
+
+    def offsets(self, rng: np.random.Generator, reader: int, n: int) -> np.ndarray:
+        if self.dist == "uniform":
+            return self.start + rng.integers(0, max(1, self.size // 8), size=n, dtype=np.int64) * 8
+        if self.dist == "zipf":
+            lines = scramble(zipf_ranks(rng, self.lines, self.zipf_s, n), self.lines, self.salt + reader)
+        else:
+            first = self.cursor.get(reader, 0)
+            lines = (first + np.arange(n, dtype=np.int64)) % self.lines
+            self.cursor[reader] = int((first + n) % self.lines)
+        return self.start + lines * self.LINE
+
+
 def keys(rng: np.random.Generator, nkeys: int, dist: str, zipf_s: float, size: int, salt: int = 0) -> np.ndarray:
     """``size`` key indices in [0, nkeys): uniform, or scrambled Zipfian with exponent zipf_s."""
     if dist == "uniform":

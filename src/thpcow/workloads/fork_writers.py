@@ -7,7 +7,8 @@ from typing import Iterator
 import numpy as np
 
 from ..kernel.constants import HPAGE_PMD_NR, HPAGE_PMD_SIZE, PAGE_SIZE
-from .base import MIB, NSEC_PER_SEC, Param, Workload, keys, ms, page_offsets, per_tick, populate_ops
+from .base import (MIB, NSEC_PER_SEC, Loads, Param, Workload, keys, ms, page_offsets, per_tick, populate_ops,
+                   read_params)
 from .ops import END, EXIT, FORK, PHASE_END, READ, WRITE, Op
 
 
@@ -24,6 +25,10 @@ class CopyAfterFork(Workload):
     in ranges of ``range_kib`` (every page of a range, one op per range),
     in sequential or random range order, at ``copy_mib_s``.  The phase ends
     (``phase_end``) with the child alive; ``hold_ms`` later the child exits.
+    From the fork to the child's exit the ``reader`` (parent or child) loads
+    ``reads_per_s`` 8-byte words of the whole region, one batch per
+    ``read_batch_ms`` tick, where ``read_dist`` puts them (a service reading
+    its heap while a copy runs, and after it; ``read_in`` keeps one phase).
     Phases: ``load``, ``copy``, ``after``.
     """
 
@@ -40,6 +45,12 @@ class CopyAfterFork(Workload):
         "copy_mib_s": Param(4096.0, "rewrite bandwidth (MiB/s): one range every range/bandwidth", lo=1e-3),
         "fork_after_ms": Param(10.0, "time from the load to the fork (ms)", lo=0),
         "hold_ms": Param(10.0, "time the child lives after the copy (ms)", lo=0),
+        "reads_per_s": Param(0.0, "loads per second by the reader, from the fork to the child's exit", lo=0),
+        "reader": Param("parent", "which side loads", choices=("parent", "child")),
+        "read_in": Param("both", "the phases the reader loads in: copy (while the copy runs), after (from "
+                                 "its end to the child's exit) or both", choices=("both", "copy", "after")),
+        "read_batch_ms": Param(1.0, "one batch of loads per tick of this length (ms)", lo=1e-3, hi=10_000),
+        **read_params("the region"),
     }
 
     def check(self) -> None:
@@ -72,15 +83,41 @@ class CopyAfterFork(Workload):
         order = np.arange(slots) if self.order == "sequential" else rng.permutation(slots)
         chosen = order[:nranges]
         writer = 1 if self.writer == "child" else 0
-        needs = tuple((0, int(s) * rbytes, rbytes) for s in np.sort(chosen)) if writer == 1 else ()
-        yield Op(t_fork, FORK, 0, "copy", arg=1, needs=needs)
+        if self.reads_per_s and self.reader == "child":
+            needs: tuple = ((0, 0, size),)             # the child loads from all of it
+        elif writer == 1:
+            needs = tuple((0, int(s) * rbytes, rbytes) for s in np.sort(chosen))
+        else:
+            needs = ()
+        out = [Op(t_fork, FORK, 0, "copy", arg=1, needs=needs)]
         for i, slot in enumerate(chosen.tolist()):
-            yield Op(t_fork + i * per, WRITE, writer, "copy", region=0,
-                     offsets=page_offsets(slot * rbytes, rbytes), token=2 + i, nbytes=rbytes)
+            out.append(Op(t_fork + i * per, WRITE, writer, "copy", region=0,
+                          offsets=page_offsets(slot * rbytes, rbytes), token=2 + i, nbytes=rbytes))
         t_done = t_fork + nranges * per
-        yield Op(t_done, PHASE_END, 0, "copy")
-        yield Op(t_done + ms(self.hold_ms), EXIT, 1, "after")
-        yield Op(t_done + ms(self.hold_ms), END, 0, "after")
+        t_exit = t_done + ms(self.hold_ms)
+        out.append(Op(t_done, PHASE_END, 0, "copy"))
+        if self.reads_per_s:
+            out += self._reads(rng, size, t_fork, t_done, t_exit)
+        out.append(Op(t_exit, EXIT, 1, "after"))
+        out.append(Op(t_exit, END, 0, "after"))
+        yield from _sorted(out)
+
+    def _reads(self, rng: np.random.Generator, size: int, t_fork: int, t_done: int, t_exit: int) -> list[Op]:
+        """The reader's load batches, one per tick from the fork until (not at) the child's exit."""
+        tick = max(ms(self.read_batch_ms), 1)
+        nticks = -(-(t_exit - t_fork) // tick)
+        loads = Loads(size, self.read_dist, self.read_zipf_s)
+        reader = 1 if self.reader == "child" else 0
+        out = []
+        ends = np.minimum(np.arange(1, nticks + 1, dtype=np.float64) * tick, t_exit - t_fork)
+        edges = np.floor(np.concatenate(([0.0], ends)) * self.reads_per_s / NSEC_PER_SEC)
+        for j, n in enumerate(np.diff(edges).astype(np.int64).tolist()):      # the last tick pro rata
+            t = t_fork + j * tick
+            phase = "copy" if t < t_done else "after"
+            if n and self.read_in in ("both", phase):
+                offs = loads.offsets(rng, reader, n)
+                out.append(Op(t, READ, reader, phase, region=0, offsets=offs, nbytes=8 * n))
+        return out
 
 
 class PreforkServer(Workload):
@@ -91,7 +128,8 @@ class PreforkServer(Workload):
     Each worker writes 8 bytes into each page of its own random share
     (``share`` of the pages), spread evenly over ``serve_ms`` in ``batch_ms``
     ticks, and (``reads_per_tick``) loads 8 bytes at random places of all the
-    data every tick.  Then the parent ends the phase and the workers exit.  Phases:
+    data every tick (where ``read_dist`` puts them).  Then the parent ends the phase and the
+    workers exit.  Phases:
     ``load``, ``serve``, ``after``.
     """
 
@@ -109,6 +147,7 @@ class PreforkServer(Workload):
         "fork_gap_ms": Param(1.0, "time between two forks (ms)", lo=0),
         "reads_per_tick": Param(0, "loads each worker makes per tick at random places of all the data "
                                    "(a read-mostly server: its shared state)", lo=0),
+        **read_params("all the data"),
     }
 
     def _plan(self) -> tuple[int, int, int]:
@@ -134,6 +173,8 @@ class PreforkServer(Workload):
         yield from populate_ops(0, 0, size, self.thp)
         out: list[Op] = []
         gap = ms(self.fork_gap_ms)
+        reads = getattr(self, "reads_per_tick", 0)        # (python-refcount: its reads are writes)
+        loads = Loads(size, self.read_dist, self.read_zipf_s, salt=seed) if reads else None
         for w in range(1, self.workers + 1):
             t_fork = t0 + (w - 1) * gap
             out.append(Op(t_fork, FORK, 0, "serve", arg=w, needs=((0, 0, size),)))
@@ -141,11 +182,10 @@ class PreforkServer(Workload):
                 if len(offs):
                     out.append(Op(t_fork + (j + 1) * tick, WRITE, w, "serve", region=0, offsets=offs,
                                   token=1000 * w + j, nbytes=8 * len(offs)))
-                reads = getattr(self, "reads_per_tick", 0)        # (python-refcount: its reads are writes)
-                if reads:
-                    loads = rng.integers(0, size // 8, size=reads, dtype=np.int64) * 8
-                    out.append(Op(t_fork + (j + 1) * tick, READ, w, "serve", region=0, offsets=loads,
-                                  nbytes=8 * len(loads)))
+                if loads is not None:
+                    offs = loads.offsets(rng, w, reads)
+                    out.append(Op(t_fork + (j + 1) * tick, READ, w, "serve", region=0, offsets=offs,
+                                  nbytes=8 * len(offs)))
         t_end = self.duration_ns()
         out.append(Op(t_end, PHASE_END, 0, "serve"))
         out += [Op(t_end, EXIT, w, "after") for w in range(1, self.workers + 1)]
@@ -199,7 +239,9 @@ class Forkserver(Workload):
     The parent (pid 0) maps and writes ``data_mib``.  From ``fork_after_ms``
     on it forks ``children`` children at ``fork_rate_per_s``; child i writes
     ``pages_per_child`` random pages of the first ``hot_mib`` at its fork time,
-    lives ``lifetime_ms``, and exits right after the parent's ``phase_end``.
+    then loads ``reads_per_child`` 8-byte words of all the data (where
+    ``read_dist`` puts them), lives ``lifetime_ms``, and exits right after the
+    parent's ``phase_end``.
     Phases: ``load``, ``serve``.
     """
 
@@ -215,6 +257,8 @@ class Forkserver(Workload):
         "fork_rate_per_s": Param(1000.0, "forks per second", lo=1e-3),
         "lifetime_ms": Param(0.5, "how long a child lives (ms)", lo=0),
         "fork_after_ms": Param(10.0, "time from the load to the first fork (ms)", lo=0),
+        "reads_per_child": Param(0, "loads each child makes after its writes, over all the data", lo=0),
+        **read_params("all the data"),
     }
 
     def check(self) -> None:
@@ -235,13 +279,17 @@ class Forkserver(Workload):
         yield from populate_ops(0, 0, size, self.thp)
         out: list[Op] = []
         life = ms(self.lifetime_ms)
+        loads = Loads(size, self.read_dist, self.read_zipf_s, salt=seed) if self.reads_per_child else None
         for i in range(self.children):
             pid, t = i + 1, self._times(i)
             pages = rng.integers(0, hot, size=self.pages_per_child, dtype=np.int64)
-            out.append(Op(t, FORK, 0, "serve", arg=pid, needs=((0, 0, hot * PAGE_SIZE),)))
+            out.append(Op(t, FORK, 0, "serve", arg=pid, needs=((0, 0, size if loads else hot * PAGE_SIZE),)))
             if len(pages):
                 out.append(Op(t, WRITE, pid, "serve", region=0, offsets=pages * PAGE_SIZE, token=100 + i,
                               nbytes=8 * len(pages)))
+            if loads is not None:
+                offs = loads.offsets(rng, pid, self.reads_per_child)
+                out.append(Op(t, READ, pid, "serve", region=0, offsets=offs, nbytes=8 * len(offs)))
             out.append(Op(t + life, PHASE_END, 0, "serve"))
             out.append(Op(t + life, EXIT, pid, "serve"))
         out.append(Op(self.duration_ns(), END, 0, "serve"))

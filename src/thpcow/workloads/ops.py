@@ -14,8 +14,11 @@ Writes and reads come in batches: one op carries an int64 array of offsets
 stores of one ``batch_ms`` tick) so that a simulation makes a few thousand
 kernel calls, not millions.
 
-Time is open-loop: ``t`` is when the op is issued, in simulated ns; the
-modelled cost of an op does not delay the ops after it.
+``t`` is when the op is issued, in simulated ns.  By default time is open
+loop without queueing: the modelled cost of an op does not delay the ops after
+it.  A scenario's ``loop`` (``open``: ``t`` is an arrival and ops queue behind
+their client's busy time; ``closed``: each op's cost shifts its client's later
+ops) is applied by :mod:`thpcow.experiments.loop`; streams stay the same.
 """
 
 from __future__ import annotations

@@ -364,3 +364,35 @@ def test_short_memory_is_one_line_and_leaves_nothing(monkeypatch):
     assert msg.startswith("not enough free memory for the real run: mmap of 128 MiB needs 128 MiB")
     assert "MemAvailable is 356 MiB" in msg
     assert alive_agents(once.all_pids) == []
+
+
+def test_real_paced_needs_real(monkeypatch, capsys, tmp_path):
+    from thpcow.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["thpcow", "compare", "--real-paced", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as ei:
+        main()
+    _out, err = capsys.readouterr()
+    assert ei.value.code == 2
+    assert err.strip().splitlines() == ["thpcow: --real-paced: needs --on sim,real"]
+
+
+@linux_only
+def test_paced_run_lasts_as_long_as_the_stream():
+    """--real-paced: each op waits for its time; the fast default does not."""
+    import time
+
+    d = small_copy(False, size_mib=8, copy_mib=4)
+    d["workload"].update(fork_after_ms=1000, hold_ms=1000)
+    sc = resolve_scenario(d)
+    dur = sc.make_workload().duration_ns() / 1e9
+    assert dur >= 2.0
+    walls = {}
+    for paced in (False, True):
+        once = realrun._Once(sc, "upstream", None, paced)
+        t0 = time.perf_counter()
+        once.run()
+        walls[paced] = time.perf_counter() - t0
+        assert alive_agents(once.all_pids) == []
+    assert walls[True] >= dur
+    assert walls[False] < dur             # an agent's start and a few ms of ops, not 2 s

@@ -28,6 +28,10 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
             on: str = typer.Option("sim", "--on", help="where to run: sim (the default), or sim,real to "
                                    "also replay the workload on this machine's kernel with real processes "
                                    "and print both side by side (root; never writes sysfs)"),
+            real_paced: bool = typer.Option(False, "--real-paced", help="with --on sim,real: each real op "
+                                            "waits for its time in the stream, so the real run lasts as "
+                                            "long as the stream (khugepaged gets its time); default: as "
+                                            "fast as the ops go"),
             ) -> None:
     """Run each COW policy on one scenario; print a table and a verdict; write Parquet and an HTML report.
 
@@ -65,6 +69,8 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
         sides = parse_on(on)
         if "real" in sides and as_csv:
             raise ValueError("--csv with --on sim,real: use --json for both sides")
+        if real_paced and "real" not in sides:
+            raise ValueError("--real-paced: needs --on sim,real")
         sc = resolve_scenario(scenario)
         if policy:
             sc = sc.with_policies(list(policy))
@@ -110,7 +116,7 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
     elapsed = _time.perf_counter() - t0
     summary = report.ranked(res.summary, rank_by)
     paths = report.write_results(res, out_dir)
-    real = run_real_side(sc, res) if "real" in sides else None
+    real = run_real_side(sc, res, real_paced) if "real" in sides else None
     if as_json or as_csv:
         import json
         if as_json:
@@ -156,7 +162,7 @@ def parse_on(on: str) -> tuple[str, ...]:
     return sides
 
 
-def run_real_side(sc, res) -> list[tuple[str, dict, object, str]]:
+def run_real_side(sc, res, paced: bool = False) -> list[tuple[str, dict, object, str]]:
     """Each policy on the running kernel: (policy, sim figures, RealResult or None, why not)."""
     import time as _time
 
@@ -190,7 +196,7 @@ def run_real_side(sc, res) -> list[tuple[str, dict, object, str]]:
                 prog.update(tasks[pol], description=f"real: {pol} (waiting for another real-kernel run)")
                 prog.refresh()
             try:
-                out.append((pol, sim, run_real(sc, pol, cb, on_wait=waiting), ""))
+                out.append((pol, sim, run_real(sc, pol, cb, on_wait=waiting, paced=paced), ""))
             except RealRunError as exc:
                 fail(f"--on real: policy {pol}: {exc}")
     return out
@@ -219,7 +225,7 @@ def real_json(sc, real) -> list[dict]:
             rec.update(status="ran", real=plain(rr.summary), notes=explain(sim, rr, sc), source=rr.source,
                        runs=rr.runs, settled=rr.settled, thp_scores=[s[0] for s in rr.scores],
                        knob_differences=knob_differences(sc),
-                       anon_huge_samples=rr.samples, agent_pids=rr.agent_pids)
+                       anon_huge_samples=rr.samples, agent_pids=rr.agent_pids, paced=rr.paced)
         out.append(rec)
     return out
 
@@ -238,8 +244,11 @@ def print_real(sc, real) -> None:
                       markup=False, highlight=False, soft_wrap=True)
 
     console.print()
+    paced = any(rr is not None and rr.paced for _p, _s, rr, _w in real)
+    pace = ("each op at its time in the stream (--real-paced)" if paced
+            else "as fast as they go (not paced by the ops' times)")
     say(f"{sc.name} on this kernel ({_os.uname().release}) beside the simulator: the same op stream "
-        "replayed by real processes, as fast as they go (not paced by the ops' times)")
+        f"replayed by real processes, {pace}")
     knobs = knob_differences(sc)
     for pol, sim, rr, why in real:
         if rr is None:

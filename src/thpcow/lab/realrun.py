@@ -314,6 +314,7 @@ class RealResult:
     settled: bool = True
     source: str = "/proc/vmstat"
     agent_pids: list[int] = field(default_factory=list)   # every agent process of every run
+    paced: bool = False
 
 
 def _pfns(pid: int, addr: int, length: int) -> np.ndarray:
@@ -332,7 +333,7 @@ def _rollup(pid: int) -> tuple[int, int]:
 class _Once:
     """One real run of one policy."""
 
-    def __init__(self, scenario, policy: str, cgroup: "_Cgroup | None") -> None:
+    def __init__(self, scenario, policy: str, cgroup: "_Cgroup | None", paced: bool = False) -> None:
         from ..experiments.policies import parse_policy
 
         self.sc = scenario
@@ -357,6 +358,7 @@ class _Once:
         self.cg_fork: dict[str, int] | None = None
         self.strategy_ns = 0
         self.killed: list[int] = []
+        self.paced = paced                            # wait for each op's time (from the first op)
 
     # -- COW from pagemap -----------------------------------------------------------------------
     def follow(self, pid: int) -> None:
@@ -545,7 +547,12 @@ class _Once:
         vm0 = procfs.read_vmstat()
         cg0 = self.cg.stat() if self.cg is not None else None
         try:
+            start = time.perf_counter_ns()
             for seq, op in enumerate(check_order(self.workload.ops(self.sc.seed))):
+                if self.paced:
+                    ahead = start + op.t - time.perf_counter_ns()
+                    if ahead > 0:
+                        time.sleep(ahead / 1e9)
                 self.advance_to(op.t)
                 if op.kind == O.FORK and self.vm_fork is None:
                     self.vm_fork = procfs.read_vmstat()
@@ -598,12 +605,14 @@ def lock_busy() -> bool:
 
 
 def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs: int = 2,
-             max_runs: int = 4, on_wait: Callable[[], None] | None = None) -> RealResult:
+             max_runs: int = 4, on_wait: Callable[[], None] | None = None, paced: bool = False) -> RealResult:
     """Run one policy of ``scenario`` on the running kernel (see the module docstring).
 
     RealRunError (one line) when THP is unavailable, the policy needs a kernel change, memory is
     short or an agent fails.  Holds :func:`thpcow.lab.scenario.lab_lock` while it runs;
-    ``on_wait()`` is called first when another lab run holds it.
+    ``on_wait()`` is called first when another lab run holds it.  ``paced``: each op waits for its
+    time ``t`` (from the first op), so the run lasts as long as the op stream and the kernel's
+    threads (khugepaged) get their time; by default ops run as fast as they go.
     """
     from ..experiments.scenario import resolve_scenario
     from .scenario import lab_lock, settled
@@ -623,7 +632,7 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
     try:
         with lab_lock():
             while len(results) < max(runs, 1):
-                once = _Once(sc, policy, cg)
+                once = _Once(sc, policy, cg, paced)
                 res = once.run(progress)
                 results.append((once, res))
                 vm0, vm1 = res["vm0"], res["vm1"]
@@ -641,6 +650,8 @@ def run_real(scenario, policy: str, progress: ProgressFn | None = None, *, runs:
     once, res = results[best]
     out = _result(sc, policy, once, res, scores, settled(scores), len(results))
     out.agent_pids = [pid for o, _r in results for pid in o.all_pids]
+    out.paced = paced
+    out.summary["stream_s"] = once.duration / 1e9
     if any(o.killed for o, _r in results):
         out.notes.append(f"agents {[p for o, _r in results for p in o.killed]} did not exit when asked "
                          "and were killed")
@@ -843,6 +854,10 @@ def explain(sim: dict, real: RealResult, sc) -> list[str]:
         elif sk == "thp_collapse_alloc":
             why = (f"khugepaged's pace differs ({'; '.join(khd)}; sysfs is not written)" if khd
                    else "khugepaged ran on its own schedule")
+            stream, wall = s_.get("stream_s"), s_.get("wall_s")
+            if not real.paced and stream and wall and stream > 1.5 * wall:
+                why += (f"; the stream spans {stream:,.1f} s, the real run took {wall:,.1f} s (not paced: "
+                        "--real-paced gives khugepaged the stream's time)")
             notes.append(f"{label}: khugepaged collapsed {int(s)} PMDs in the simulator, {int(r)} here: {why}")
         elif noisy:
             notes.append(f"{label}: real {d:+,}: other processes made THP events during every run "

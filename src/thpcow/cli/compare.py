@@ -192,6 +192,7 @@ def run_real_side(sc, res, paced: bool = False) -> list[tuple[str, dict, object,
                     last[0] = now
                     prog.update(tasks[pol], completed=t, total=total)
                     prog.refresh()
+
             def waiting(pol=pol) -> None:
                 prog.update(tasks[pol], description=f"real: {pol} (waiting for another real-kernel run)")
                 prog.refresh()
@@ -203,9 +204,10 @@ def run_real_side(sc, res, paced: bool = False) -> list[tuple[str, dict, object,
 
 
 def real_json(sc, real) -> list[dict]:
-    from ..lab.realrun import explain, knob_differences
-
+    """The real side for --json: per policy both sides' figures, the notes and how they were made."""
     import math
+
+    from ..lab.realrun import explain, knob_differences
 
     def plain(d: dict) -> dict:
         """JSON values: numpy scalars as Python ones, NaN as null."""

@@ -155,8 +155,8 @@ def test_nelder_mead_finds_a_minimum():
 def test_split_sets_alternate_sizes():
     cases = [{"size_mib": s} for s in (64, 4, 16, 4, 256)]
     fit_set, check_set = tm.split_sets(cases)
-    assert [c["size_mib"] for c in fit_set] == [64, 4, 4]          # sizes 4, 16, 64, 256: 1st and 3rd
-    assert [c["size_mib"] for c in check_set] == [16, 256]
+    assert [c["size_mib"] for c in fit_set] == [64, 4, 4, 256]     # sizes 4, 16, 64, 256: odd ones + last
+    assert [c["size_mib"] for c in check_set] == [16]
 
 
 # -- the sweep's pieces ------------------------------------------------------------------------
@@ -271,3 +271,22 @@ def test_wrong_backing_is_refused(real_kernel):
         tm.prepare(r, "4k")
         with pytest.raises(tm.WrongBackingError, match="AnonHugePages"):
             tm.measure_region(r, "thp", ("seq",), tm.SweepConfig(repeats=1))
+
+
+@pytest.mark.realkernel
+def test_llc_probe_and_a_probed_sweep(real_kernel):
+    probe = tm.LlcProbe(steps=5_000)
+    try:
+        best = probe.settle(tries=3, pause_s=0.0)
+        assert 0 < best < 10_000 and probe.best == best
+        ok, ns = probe.quiet(ratio=1e9)
+        assert ok and ns >= best
+    finally:
+        probe.close()
+    # A whole (tiny) sweep: one region per backing, the probe gating every timed run.
+    res = tm.sweep(tm.SweepConfig(sizes_mib=(4,), backings=("4k", "thp"), gather_accesses=50_000,
+                                  chase_steps=20_000, repeats=2, probe_wait_s=0.2))
+    assert [(c["pattern"], c["backing"]) for c in res["cases"]] == [
+        (p, b) for b in ("4k", "thp") for p in tm.PATTERNS]
+    assert all(c["extra"]["probe_ns"] > 0 and c["ns"] > 0 for c in res["cases"])
+    assert res["metadata"]["probe_best_ns"] > 0 and res["metadata"]["sizes_dropped_mib"] == []

@@ -194,7 +194,7 @@ def chase(u64, start, steps):
 
 @dataclass
 class SweepConfig:
-    sizes_mib: tuple[int, ...] = (4, 16, 64, 256, 1024, 4096)
+    sizes_mib: tuple[int, ...] = (4, 16, 64, 256, 1024, 2048, 4096)
     patterns: tuple[str, ...] = PATTERNS
     backings: tuple[str, ...] = ("4k", "thp")
     gather_accesses: int = 4_000_000
@@ -202,10 +202,13 @@ class SweepConfig:
     repeats: int = 5
     seed: int = 0
     counters: bool = True              # count dTLB misses where perf_event_open can
+    probe: bool = True                 # wait out LLC contention before each timed run (LlcProbe)
+    probe_wait_s: float = 3.0          # at most this long per case, then time it anyway (flagged)
 
     @classmethod
     def quick_config(cls, **kw) -> "SweepConfig":
-        base = dict(sizes_mib=(4, 64, 256, 1024), gather_accesses=1_000_000, chase_steps=300_000, repeats=5)
+        base = dict(sizes_mib=(4, 16, 64, 256, 1024), gather_accesses=1_000_000, chase_steps=300_000, repeats=5,
+                    probe_wait_s=0.5)
         base.update(kw)
         return cls(**base)
 
@@ -275,9 +278,61 @@ def prepare(r: cal.Region, backing: str) -> None:
             child.exit()
 
 
+class LlcProbe:
+    """Detects contention for the last-level cache: a short pointer chase over a 4 MiB THP region.
+
+    On a quiet machine the region stays in the LLC and a step costs an LLC hit
+    (about 35 ns on the lab VM); while other processes or other tenants of the
+    host thrash the shared LLC it costs a memory access (about 3-4x as much),
+    and every read sweep of the moment is slow too.  :meth:`quiet` runs the
+    probe and compares it with the fastest probe of this run.
+    """
+
+    def __init__(self, size: int = 4 * MiB, steps: int = 20_000, seed: int = 0) -> None:
+        self.region = cal.Region(size, "thp")
+        self.region.buf[::PAGE] = 1
+        self.u64 = self.region.buf.view(np.uint64)
+        self.lines = size // LINE
+        self.start = link_chase(self.u64, chase_lines(size, self.lines, seed))
+        self.steps = min(steps, self.lines)
+        self.best = float("inf")
+        chase(self.u64, self.start, self.steps)                # JIT and cache warm-up
+
+    def __call__(self) -> float:
+        """ns per step now (thread CPU time); the best so far is kept in ``best``."""
+        # Refill the whole region (what the last sweep evicted), then time the lines refilled
+        # first: the 2 MiB L2 no longer holds them, the LLC does unless something thrashed it.
+        chase(self.u64, self.start, self.lines)
+        t, _ = cpu_timed_ns(lambda: chase(self.u64, self.start, self.steps))
+        ns = t / self.steps
+        self.best = min(self.best, ns)
+        return ns
+
+    def settle(self, tries: int = 5, pause_s: float = 0.02) -> float:
+        """Probe a few times (pauses between) so that ``best`` is a quiet moment's; returns it."""
+        for _ in range(tries):
+            self()
+            time.sleep(pause_s)
+        return self.best
+
+    def quiet(self, ratio: float = 1.5) -> tuple[bool, float]:
+        """(probe within ``ratio`` of the best, the probe's ns)."""
+        ns = self()
+        return ns <= ratio * self.best, ns
+
+    def close(self) -> None:
+        self.u64 = None
+        self.region.close()
+
+
 def measure_region(r: cal.Region, backing: str, patterns: Iterable[str], cfg: SweepConfig,
-                   counter: DtlbCounter | None = None) -> list[CaseResult]:
-    """Time each pattern over one prepared region (see the module docstring)."""
+                   counter: DtlbCounter | None = None, probe: LlcProbe | None = None) -> list[CaseResult]:
+    """Time each pattern over one prepared region (see the module docstring).
+
+    With a ``probe``, each timed run waits (up to ``cfg.probe_wait_s`` per
+    case) until the probe finds the LLC uncontended; a case that timed a run
+    under contention anyway has ``extra["disturbed"]`` runs > 0.
+    """
     huge = _check_backing(r, backing)
     size = r.size
     u64 = r.buf.view(np.uint64)
@@ -303,8 +358,18 @@ def measure_region(r: cal.Region, backing: str, patterns: Iterable[str], cfg: Sw
             def run():
                 u64.sum()
         run()                                                  # warm-up (caches, TLBs, JIT)
-        runs, walls, misses = [], [], []
+        runs, walls, misses, probes = [], [], [], []
+        disturbed = 0
+        deadline = time.monotonic() + cfg.probe_wait_s
         for _ in range(cfg.repeats):
+            if probe is not None:
+                ok, pns = probe.quiet()
+                while not ok and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    ok, pns = probe.quiet()
+                probes.append(pns)
+                disturbed += not ok
+                run()                                          # refill what the probe evicted
             if counter is not None:
                 with counter:
                     t, w = cpu_timed_ns(run)
@@ -318,6 +383,8 @@ def measure_region(r: cal.Region, backing: str, patterns: Iterable[str], cfg: Sw
         out.append(CaseResult(pattern=pattern, backing=backing, size_mib=size // MiB, ns=med,
                               runs_ns=[round(x, 3) for x in runs], accesses=n, anon_huge_kb=huge,
                               dtlb_misses=dtlb, extra={"wall_ns": round(float(statistics.median(walls)), 3)}))
+        if probes:
+            out[-1].extra.update({"probe_ns": round(float(statistics.median(probes)), 2), "disturbed": disturbed})
     return out
 
 
@@ -365,8 +432,12 @@ def sweep(cfg: SweepConfig | None = None, progress: Callable[[str, int, int], No
     gc_was = gc.isenabled()
     gc.disable()
     t0 = time.perf_counter()
+    probe = None
     try:
         with lab_lock():
+            if cfg.probe:
+                probe = LlcProbe(seed=cfg.seed)
+                probe.settle()
             for i, (size_mib, backing) in enumerate(todo):
                 if progress:
                     progress(f"{backing} {size_mib} MiB", i, len(todo))
@@ -376,7 +447,7 @@ def sweep(cfg: SweepConfig | None = None, progress: Callable[[str, int, int], No
                     with cal.Region(size_mib * MiB, kind) as r:
                         try:
                             prepare(r, backing)
-                            cases += measure_region(r, backing, cfg.patterns, cfg, counter)
+                            cases += measure_region(r, backing, cfg.patterns, cfg, counter, probe)
                             break
                         except WrongBackingError:
                             if attempt == attempts:
@@ -384,13 +455,17 @@ def sweep(cfg: SweepConfig | None = None, progress: Callable[[str, int, int], No
     finally:
         if counter is not None:
             counter.close()
+        if probe is not None:
+            probe.close()
         if gc_was:
             gc.enable()
     if progress:
         progress("done", len(todo), len(todo))
     meta = cal.collect_metadata(root)
     meta.update({"dtlb_counters": counter is not None, "dtlb_counters_reason": why,
-                 "sizes_dropped_mib": dropped, "elapsed_s": round(time.perf_counter() - t0, 1)})
+                 "sizes_dropped_mib": dropped, "elapsed_s": round(time.perf_counter() - t0, 1),
+                 "probe_best_ns": round(probe.best, 2) if probe is not None else None,
+                 "disturbed_cases": sum(1 for c in cases if c.extra.get("disturbed"))})
     return {"config": cfg.to_dict(), "cases": [c.to_dict() for c in cases], "metadata": meta}
 
 
@@ -455,46 +530,64 @@ def nelder_mead(f: Callable[[np.ndarray], float], x0: np.ndarray, step: float = 
     return pts[int(np.argmin(vals))]
 
 
+# The parameters that move with the machine's state rather than its design: the share of the
+# shared LLC this guest gets, memory latency and bandwidth under other tenants' load, and the cost
+# of a walk (under nested paging it depends on how the host backs the guest's memory today).
+STATE_PARAMS = ("llc_ns", "dram_ns", "llc_mib", "walk_hit_ns", "walk_miss_ns", "mlp", "seq_dram_ns",
+                "seq_llc_mib")
+
+
 def fit_timing(cases: Iterable[dict], knobs, start=None, name: str = "fitted", source: str = "",
-               restarts: int = 3):
+               restarts: int = 3, params: Iterable[str] | None = None):
     """Fit a :class:`~thpcow.machine.tlb.ReadTiming` to measured cases (least squares of log ratios).
 
-    The parameters are fitted in log space (all stay positive); the TLB counts
-    of every case are simulated once.  Restarting the simplex from its own best
-    point a few times gets it out of the flat valleys of the capacity terms.
+    ``params``: the parameters to fit (default: all of ReadTiming.PARAMS); the
+    others keep ``start``'s values.  The parameters are fitted in log space
+    (all stay positive); the TLB counts of every case are simulated once.
+    Restarting the simplex from its own best point a few times gets it out of
+    the flat valleys of the capacity terms.  Deterministic.
     """
-    from ..machine.tlb import ReadTiming, read_ns
+    from ..machine.tlb import ReadTiming, read_ns, read_rates
 
     cases = list(cases)
     t0 = start or ReadTiming(tlb_preset=knobs.name)
+    names = tuple(params) if params is not None else ReadTiming.PARAMS
+    unknown = set(names) - set(ReadTiming.PARAMS)
+    if unknown:
+        raise ValueError(f"params: unknown {', '.join(sorted(unknown))}")
+    where = [ReadTiming.PARAMS.index(n) for n in names]
     prepared = []
     for c in cases:
-        backing_shift = 21 if c["backing"] == "thp" else 12
-        rates = {}
-        if c["pattern"] != "seq":
-            from ..machine.tlb import read_rates
-            rates = read_rates(knobs, c["size_mib"] * MiB, backing_shift)
-        prepared.append((c["pattern"], c["size_mib"] * MiB, rates, backing_shift, math.log(c["ns"])))
+        shift = 21 if c["backing"] == "thp" else 12
+        rates = read_rates(knobs, c["size_mib"] * MiB, shift) if c["pattern"] != "seq" else {}
+        prepared.append((c["pattern"], c["size_mib"] * MiB, rates, shift, math.log(c["ns"])))
+    base = t0.params()
+
+    def timing_of(x: np.ndarray):
+        v = base.copy()
+        v[where] = np.exp(x)
+        return t0.with_params(v)
 
     def loss(x: np.ndarray) -> float:
-        t = t0.with_params(np.exp(x))
+        t = timing_of(x)
         s = 0.0
         for pattern, size, rates, shift, logm in prepared:
             s += (math.log(max(read_ns(t, knobs, pattern, size, rates, shift)["ns"], 1e-9)) - logm) ** 2
         return s
 
-    x = np.log(np.maximum(t0.params(), 1e-6))
+    x = np.log(np.maximum(base[where], 1e-6))
     for _ in range(restarts):
         x = nelder_mead(loss, x)
-    fitted = t0.with_params(np.exp(x))
+    fitted = timing_of(x)
     fitted.name, fitted.source, fitted.tlb_preset = name, source, knobs.name
     return fitted
 
 
 def split_sets(cases: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(fit set, check set): the sizes alternate between the two, in increasing order."""
+    """(fit set, check set): the sizes alternate between the two, in increasing order; the largest
+    is always fitted (the check set interpolates, never extrapolates)."""
     sizes = sorted({c["size_mib"] for c in cases})
-    fit_sizes = set(sizes[0::2])
+    fit_sizes = set(sizes[0::2]) | set(sizes[-1:])
     return ([c for c in cases if c["size_mib"] in fit_sizes], [c for c in cases if c["size_mib"] not in fit_sizes])
 
 

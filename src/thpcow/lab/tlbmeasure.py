@@ -12,8 +12,11 @@ A *case* is (pattern, backing, size):
   store per 2 MiB in the parent: every PMD split by COW, the child exited).
 * size: a multiple of 2 MiB.
 
-Each case is measured ``repeats`` times after one untimed warm-up pass; the
-figure is the median ns per access of this thread's CPU time
+The regions of a sweep are measured in batches of at most ``batch_mib``
+(all sizes up to 1 GiB together), round-robin: each round times every case
+of the batch once, after an untimed pass over it, so that a change of the
+machine's state during the sweep reaches every case alike.  Each case is
+timed ``repeats`` times; the figure is the median ns per access of this thread's CPU time
 (``CLOCK_THREAD_CPUTIME_ID``), which leaves out the time the thread sat
 preempted: on a shared 2-core machine the wall time of the same run varied
 4x, its CPU time by a few per cent (the wall median is kept beside it).  Before each region is allocated, a
@@ -32,6 +35,7 @@ Nothing here writes sysfs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import gc
@@ -204,6 +208,7 @@ class SweepConfig:
     counters: bool = True              # count dTLB misses where perf_event_open can
     probe: bool = True                 # wait out LLC contention before each timed run (LlcProbe)
     probe_wait_s: float = 3.0          # at most this long per case, then time it anyway (flagged)
+    batch_mib: int = 6144              # regions measured together, round-robin (memory they may take)
 
     @classmethod
     def quick_config(cls, **kw) -> "SweepConfig":
@@ -222,8 +227,8 @@ class SweepConfig:
         for b in self.backings:
             if b not in BACKINGS:
                 raise ValueError(f"backings: {b!r}; expected one of {', '.join(BACKINGS)}")
-        if self.gather_accesses <= 0 or self.chase_steps <= 0 or self.repeats <= 0:
-            raise ValueError("gather_accesses, chase_steps and repeats must be > 0")
+        if self.gather_accesses <= 0 or self.chase_steps <= 0 or self.repeats <= 0 or self.batch_mib <= 0:
+            raise ValueError("gather_accesses, chase_steps, repeats and batch_mib must be > 0")
         return self
 
     def to_dict(self) -> dict:
@@ -325,66 +330,99 @@ class LlcProbe:
         self.region.close()
 
 
-def measure_region(r: cal.Region, backing: str, patterns: Iterable[str], cfg: SweepConfig,
-                   counter: DtlbCounter | None = None, probe: LlcProbe | None = None) -> list[CaseResult]:
-    """Time each pattern over one prepared region (see the module docstring).
-
-    With a ``probe``, each timed run waits (up to ``cfg.probe_wait_s`` per
-    case) until the probe finds the LLC uncontended; a case that timed a run
-    under contention anyway has ``extra["disturbed"]`` runs > 0.
-    """
-    huge = _check_backing(r, backing)
+def _case_runner(r: cal.Region, pattern: str, cfg: SweepConfig, shared: dict) -> tuple[int, Callable[[], object]]:
+    """(accesses per run, the run) of one pattern over one prepared region."""
     size = r.size
     u64 = r.buf.view(np.uint64)
-    out = []
-    for pattern in patterns:
-        if pattern == "gather":
-            n = cfg.gather_accesses
-            idx = gather_indices(size, n, cfg.seed)
-            res = np.empty(n, dtype=np.uint64)
+    if pattern == "gather":
+        n = cfg.gather_accesses
+        if ("idx", size) not in shared:
+            shared[("idx", size)] = gather_indices(size, n, cfg.seed)
+        if "out" not in shared:
+            shared["out"] = np.empty(n, dtype=np.uint64)
+        idx, res = shared[("idx", size)], shared["out"]
+        return n, lambda: np.take(u64, idx, out=res, mode="clip")
+    if pattern == "chase":
+        n = cfg.chase_steps
+        start = link_chase(u64, chase_lines(size, n, cfg.seed))
+        return n, lambda: chase(u64, start, n)
+    return size // 8, lambda: u64.sum()
 
-            def run():
-                np.take(u64, idx, out=res, mode="clip")
-        elif pattern == "chase":
-            n = cfg.chase_steps
-            lines = chase_lines(size, n, cfg.seed)
-            start = link_chase(u64, lines)
 
-            def run():
-                chase(u64, start, n)
-        else:
-            n = size // 8
+def measure_regions(regions: list[tuple[cal.Region, str]], patterns: Iterable[str], cfg: SweepConfig,
+                    counter: DtlbCounter | None = None, probe: LlcProbe | None = None) -> list[CaseResult]:
+    """Time each pattern over each prepared (region, backing), round-robin (see the module docstring).
 
-            def run():
-                u64.sum()
-        run()                                                  # warm-up (caches, TLBs, JIT)
-        runs, walls, misses, probes = [], [], [], []
-        disturbed = 0
-        deadline = time.monotonic() + cfg.probe_wait_s
-        for _ in range(cfg.repeats):
+    Each round times every case once, so that a change of the machine's state
+    during the sweep (other tenants' load, the vCPU's speed) reaches every
+    case alike; the figure of a case is its median over ``cfg.repeats`` rounds.
+    With a ``probe``, each timed run waits (up to ``cfg.probe_wait_s`` per case
+    in all) until the probe finds the LLC uncontended; a case that timed a run
+    under contention anyway has ``extra["disturbed"]`` runs > 0.
+    """
+    shared: dict = {}
+    todo = []
+    for r, backing in regions:
+        huge = _check_backing(r, backing)
+        for pattern in patterns:
+            n, run = _case_runner(r, pattern, cfg, shared)
+            run()                                              # warm-up (caches, TLBs, JIT)
+            todo.append({"r": r, "backing": backing, "pattern": pattern, "n": n, "run": run, "huge": huge,
+                         "runs": [], "walls": [], "misses": [], "probes": [], "disturbed": 0,
+                         "wait": cfg.probe_wait_s})
+    for _ in range(cfg.repeats):
+        for c in todo:
+            run, n = c["run"], c["n"]
+            run()                                              # refill what the other cases evicted
             if probe is not None:
+                t_wait = time.monotonic()
                 ok, pns = probe.quiet()
-                while not ok and time.monotonic() < deadline:
+                while not ok and time.monotonic() - t_wait < c["wait"]:
                     time.sleep(0.05)
                     ok, pns = probe.quiet()
-                probes.append(pns)
-                disturbed += not ok
+                c["wait"] = max(0.0, c["wait"] - (time.monotonic() - t_wait))
+                c["probes"].append(pns)
+                c["disturbed"] += not ok
                 run()                                          # refill what the probe evicted
             if counter is not None:
                 with counter:
                     t, w = cpu_timed_ns(run)
-                misses.append(counter.count / n)
+                c["misses"].append(counter.count / n)
             else:
                 t, w = cpu_timed_ns(run)
-            runs.append(t / n)
-            walls.append(w / n)
-        med = float(statistics.median(runs))
-        dtlb = float(statistics.median(misses)) if misses else None
-        out.append(CaseResult(pattern=pattern, backing=backing, size_mib=size // MiB, ns=med,
-                              runs_ns=[round(x, 3) for x in runs], accesses=n, anon_huge_kb=huge,
-                              dtlb_misses=dtlb, extra={"wall_ns": round(float(statistics.median(walls)), 3)}))
-        if probes:
-            out[-1].extra.update({"probe_ns": round(float(statistics.median(probes)), 2), "disturbed": disturbed})
+            c["runs"].append(t / n)
+            c["walls"].append(w / n)
+    out = []
+    for c in todo:
+        res = CaseResult(pattern=c["pattern"], backing=c["backing"], size_mib=c["r"].size // MiB,
+                         ns=float(statistics.median(c["runs"])), runs_ns=[round(x, 3) for x in c["runs"]],
+                         accesses=c["n"], anon_huge_kb=c["huge"],
+                         dtlb_misses=float(statistics.median(c["misses"])) if c["misses"] else None,
+                         extra={"wall_ns": round(float(statistics.median(c["walls"])), 3)})
+        if c["probes"]:
+            res.extra.update({"probe_ns": round(float(statistics.median(c["probes"])), 2),
+                              "disturbed": c["disturbed"]})
+        out.append(res)
+    return out
+
+
+def measure_region(r: cal.Region, backing: str, patterns: Iterable[str], cfg: SweepConfig,
+                   counter: DtlbCounter | None = None, probe: LlcProbe | None = None) -> list[CaseResult]:
+    """measure_regions() of one region."""
+    return measure_regions([(r, backing)], patterns, cfg, counter, probe)
+
+
+def batches(todo: list[tuple[int, str]], budget: int) -> list[list[tuple[int, str]]]:
+    """Consecutive groups of (size MiB, backing) whose regions together stay within ``budget`` bytes
+    (a region larger than the budget goes alone)."""
+    out: list[list[tuple[int, str]]] = []
+    total = budget + 1
+    for size_mib, backing in todo:
+        if total + size_mib * MiB > budget:
+            out.append([])
+            total = 0
+        out[-1].append((size_mib, backing))
+        total += size_mib * MiB
     return out
 
 
@@ -438,20 +476,27 @@ def sweep(cfg: SweepConfig | None = None, progress: Callable[[str, int, int], No
             if cfg.probe:
                 probe = LlcProbe(seed=cfg.seed)
                 probe.settle()
-            for i, (size_mib, backing) in enumerate(todo):
+            groups = batches(todo, max(min(cfg.batch_mib * MiB, free_memory_bytes(root) // 3), 1))
+            done = 0
+            for group in groups:
                 if progress:
-                    progress(f"{backing} {size_mib} MiB", i, len(todo))
-                kind = "thp" if backing == "split" else backing
+                    progress(", ".join(f"{b} {s} MiB" for s, b in group), done, len(todo))
                 for attempt in range(1, attempts + 1):
-                    cal.prewarm(size_mib * MiB, kind)
-                    with cal.Region(size_mib * MiB, kind) as r:
-                        try:
+                    with contextlib.ExitStack() as stack:
+                        regions = []
+                        for size_mib, backing in group:
+                            kind = "thp" if backing == "split" else backing
+                            cal.prewarm(size_mib * MiB, kind)
+                            r = stack.enter_context(cal.Region(size_mib * MiB, kind))
                             prepare(r, backing)
-                            cases += measure_region(r, backing, cfg.patterns, cfg, counter, probe)
+                            regions.append((r, backing))
+                        try:
+                            cases += measure_regions(regions, cfg.patterns, cfg, counter, probe)
                             break
                         except WrongBackingError:
                             if attempt == attempts:
                                 raise
+                done += len(group)
     finally:
         if counter is not None:
             counter.close()

@@ -286,11 +286,12 @@ def prepare(r: cal.Region, backing: str) -> None:
 class LlcProbe:
     """Detects contention for the last-level cache: a short pointer chase over a 4 MiB THP region.
 
-    On a quiet machine the region stays in the LLC and a step costs an LLC hit
-    (about 35 ns on the lab VM); while other processes or other tenants of the
-    host thrash the shared LLC it costs a memory access (about 3-4x as much),
-    and every read sweep of the moment is slow too.  :meth:`quiet` runs the
-    probe and compares it with the fastest probe of this run.
+    On a quiet machine most of the region stays in the LLC; while other
+    processes or other tenants of the host thrash the shared LLC more of its
+    steps cost a memory access, and every read sweep of the moment is slow
+    too.  :meth:`quiet` runs the probe and compares it with the fastest probe
+    of this run (a relative test: the probe's own level moves with the LLC
+    share this guest gets).
     """
 
     def __init__(self, size: int = 4 * MiB, steps: int = 20_000, seed: int = 0) -> None:

@@ -213,7 +213,7 @@ class SweepConfig:
     @classmethod
     def quick_config(cls, **kw) -> "SweepConfig":
         base = dict(sizes_mib=(4, 16, 64, 256, 1024), gather_accesses=1_000_000, chase_steps=300_000, repeats=5,
-                    probe_wait_s=0.5)
+                    probe_wait_s=0.3)
         base.update(kw)
         return cls(**base)
 

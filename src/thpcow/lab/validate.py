@@ -42,6 +42,7 @@ from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile, cost_vmstat_d
 from . import calibrate as cal
 from . import procfs
 from .calibrate import GiB, MiB, PAGE, PMD, Child, Counters, Expect, Region, check_path, populate
+from .tlbmeasure import cpu_timed_ns
 
 BAND = (0.75, 1.33)
 SIM_COUNTERS = ("pgfault", "pgreuse", "thp_fault_alloc", "thp_split_pmd", "thp_collapse_alloc")
@@ -214,13 +215,16 @@ def predict_rewrite(size: int, backing: str, profile: CalibrationProfile, extras
 
 def predict_random_reads(size: int, mode: str, accesses: int, model: cal.RandomReadModel,
                          knobs: Mapping[str, str] | None = None, seed: int = 0,
-                         sim_accesses: int = 400_000) -> Prediction:
+                         sim_accesses: int = 400_000, read_timing=None) -> Prediction:
     """``accesses`` random 8-byte reads over a THP region, as populated ("thp") or COW-split ("split").
 
     Split: fork, the parent writes one byte per 2 MiB (its PMDs split), the
     child exits.  The TLB simulator sees the page size of every access from
     page_shifts_of() on the simulated parent; ``sim_accesses`` of the same
     random stream are simulated and the rates scaled to ``accesses``.
+    With ``read_timing`` (a fitted :class:`~thpcow.machine.tlb.ReadTiming`,
+    see machine_read_timing()) the reads are priced by its gather form
+    (machine/tlb.py read_ns); otherwise by ``model``.
     """
     from ..machine.tlb import page_shifts_of
 
@@ -231,15 +235,32 @@ def predict_random_reads(size: int, mode: str, accesses: int, model: cal.RandomR
         child = s.p.fork()
         d = s.delta(lambda: s.p.write_many(s.pages(PAGE, PMD), 2))
         child.exit()
-    l2, refs = cal.tlb_rates(size, lambda v: page_shifts_of(s.p, v), model.knobs(size), sim_accesses, seed,
-                             base=s.addr)
-    mem = model.mem_ns(size) * accesses
-    tr = model.translation_ns(l2, refs, size) * accesses
+    if read_timing is not None:
+        from ..machine.presets import get_preset
+        from ..machine.tlb import read_ns, read_rates
+
+        tk = get_preset(read_timing.tlb_preset)
+        rates = read_rates(tk, size, lambda v: page_shifts_of(s.p, v), sim_accesses, seed, base=s.addr)
+        t = read_ns(read_timing, tk, "gather", size, rates)
+        mem, tr = t["data"] * accesses, t["translation"] * accesses
+        l2, refs = rates["l2_hits"], rates["pte_refs"] + rates["pmd_refs"]
+    else:
+        l2, refs = cal.tlb_rates(size, lambda v: page_shifts_of(s.p, v), model.knobs(size), sim_accesses, seed,
+                                 base=s.addr)
+        mem = model.mem_ns(size) * accesses
+        tr = model.translation_ns(l2, refs, size) * accesses
     pred = Prediction(ns=mem + tr, parts_ns={"memory": mem, "translation": tr},
                       events={"l2_tlb_hits": int(round(l2 * accesses)), "walk_refs": int(round(refs * accesses))},
                       sim_delta={k: int(d.get(k, 0)) for k in SIM_COUNTERS},
                       sim_anon_huge_kb=s.anon_huge_kb(), nr_pmds=size // PMD)
     return pred
+
+
+def machine_read_timing():
+    """The read timing fitted for this machine's CPU (machine/presets.py READ_TIMINGS), or None."""
+    from .tlbmeasure import machine_timing
+
+    return machine_timing()[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +373,8 @@ class _Real:
             u64 = r.buf.view(np.uint64)
             np.take(u64, idx, out=res, mode="clip")      # warm-up pass
             for _ in range(self.cfg.repeats):
-                with Counters(self.root) as c:
-                    t = cal.timed_ns(lambda: np.take(u64, idx, out=res, mode="clip"))
+                with Counters(self.root) as c:       # CPU time: preemption is not the reads' cost
+                    t, _ = cpu_timed_ns(lambda: np.take(u64, idx, out=res, mode="clip"))
                 check_path(f"random reads ({mode})", c.delta,
                            cal.RULES["no_faults"](0, 0))
                 out.append((t, obs))
@@ -411,7 +432,7 @@ def scenarios(cfg: ValidationConfig) -> list[Scenario]:
             lambda c: (c.random_accesses, "read"),
             lambda real, mode=mode: real.random_reads(real.cfg.random_size, mode),
             lambda c, p, x, m, k, mode=mode: predict_random_reads(c.random_size, mode, c.random_accesses, m, k,
-                                                                  c.seed)))
+                                                                  c.seed, read_timing=machine_read_timing())))
     return out
 
 

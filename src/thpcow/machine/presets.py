@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import fields
 from pathlib import Path
 
-from .tlb import TlbKnobs
+from .tlb import ReadTiming, TlbKnobs
 
 
 class PresetError(ValueError):
@@ -149,3 +149,76 @@ def save_preset(knobs: TlbKnobs, path: str | Path) -> Path:
             lines.append(f"{key} = {val}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# -- read timing: fitted per machine (machine/tlb.py read_ns) --------------------------------------
+# A separate block from the TLB geometry above: the fitted free parameters of
+# the read-timing model, per machine, and the sweep each was fitted to.
+
+_EMR_SOURCE = ("fitted to the read sweep of lab/tlbmeasure.py (thread CPU time, median of 5) on a "
+               "2-vCPU KVM guest, Intel Xeon family 6 model 207 (Emerald Rapids), Linux 6.18.44, "
+               "2026-12-05; fit set: sizes 4, 16, 64, 256, 1024, 4096 MiB")
+
+READ_TIMINGS: dict[str, ReadTiming] = {
+    "intel-emr-kvm": ReadTiming(
+        name="intel-emr-kvm", tlb_preset="intel-spr-goldencove",
+        source=_EMR_SOURCE,
+        llc_ns=34.5842, dram_ns=118.7917, llc_mib=13.3431, cache_slope=1.1814, walk_hit_ns=10.9979,
+        walk_miss_ns=77.2732, pt_cache_mib=1.5278, mlp=19.8897, walk_mlp=8.5144, gather_ns=1.2835,
+        seq_cache_ns=0.288, seq_dram_ns=0.5782, seq_llc_mib=20.7268,
+    ),
+}
+
+# The machines each fitted timing is for: (cpuinfo vendor_id, cpu family, model) -> READ_TIMINGS key.
+# Sapphire Rapids (143) and Emerald Rapids (207) share the Golden Cove / Raptor Cove dTLBs.
+READ_TIMING_CPUS: dict[tuple[str, str, str], str] = {
+    ("GenuineIntel", "6", "207"): "intel-emr-kvm",
+    ("GenuineIntel", "6", "143"): "intel-emr-kvm",
+}
+
+# The sweep READ_TIMINGS["intel-emr-kvm"] was fitted to: ns per 8-byte read, {(pattern, backing):
+# {size MiB: median}}.  Fit set: the sizes 4, 16, 64, 256, 1024, 4096; the others check the fit.
+READ_SWEEPS: dict[str, dict[tuple[str, str], dict[int, float]]] = {
+    "intel-emr-kvm": {
+        ("gather", "4k"): {4: 3.127, 8: 3.868, 16: 4.868, 32: 5.379, 64: 6.664, 128: 8.329, 256: 11.727,
+                           512: 12.113, 1024: 13.119, 2048: 15.484, 4096: 16.25},
+        ("chase", "4k"): {4: 34.083, 8: 36.422, 16: 54.612, 32: 117.319, 64: 126.793, 128: 123.999,
+                          256: 137.812, 512: 139.832, 1024: 145.607, 2048: 192.64, 4096: 202.157},
+        ("seq", "4k"): {4: 0.282, 8: 0.274, 16: 0.287, 32: 0.255, 64: 0.596, 128: 0.563, 256: 0.609,
+                        512: 0.619, 1024: 0.598, 2048: 0.608, 4096: 0.6},
+        ("gather", "thp"): {4: 3.135, 8: 3.424, 16: 3.695, 32: 3.22, 64: 6.31, 128: 5.929, 256: 7.133,
+                            512: 7.163, 1024: 7.147, 2048: 7.943, 4096: 8.705},
+        ("chase", "thp"): {4: 32.884, 8: 32.383, 16: 65.665, 32: 52.701, 64: 114.432, 128: 110.567,
+                           256: 111.589, 512: 109.941, 1024: 109.789, 2048: 113.703, 4096: 119.019},
+        ("seq", "thp"): {4: 0.307, 8: 0.274, 16: 0.281, 32: 0.245, 64: 0.606, 128: 0.594, 256: 0.588,
+                         512: 0.595, 1024: 0.6, 2048: 0.596, 4096: 0.673},
+        ("gather", "split"): {4: 3.489, 8: 3.544, 16: 4.284, 32: 4.611, 64: 6.754, 128: 8.611, 256: 9.592,
+                              512: 11.516, 1024: 12.866, 2048: 14.527, 4096: 16.8},
+        ("chase", "split"): {4: 40.321, 8: 35.708, 16: 47.269, 32: 122.049, 64: 123.27, 128: 132.816,
+                             256: 130.371, 512: 134.981, 1024: 143.842, 2048: 158.473, 4096: 248.309},
+        ("seq", "split"): {4: 0.302, 8: 0.279, 16: 0.279, 32: 0.361, 64: 0.334, 128: 0.613, 256: 0.618,
+                           512: 0.593, 1024: 0.592, 2048: 0.6, 4096: 0.676},
+    },
+}
+
+
+def get_read_timing(name: str) -> ReadTiming:
+    """A copy of a fitted read timing by name."""
+    try:
+        t = READ_TIMINGS[name]
+    except KeyError:
+        raise PresetError(f"read timing {name!r}: unknown; fitted timings are {', '.join(sorted(READ_TIMINGS))}") \
+            from None
+    return ReadTiming(**t.to_dict())
+
+
+def read_timing_for_cpu(vendor: str, family: str, model: str) -> ReadTiming | None:
+    """The fitted read timing of a CPU (cpuinfo's vendor_id, cpu family, model), or None."""
+    name = READ_TIMING_CPUS.get((vendor.strip(), str(family).strip(), str(model).strip()))
+    return get_read_timing(name) if name else None
+
+
+def sweep_cases(name: str) -> list[dict]:
+    """READ_SWEEPS[name] as case dicts (pattern, backing, size_mib, ns), sizes in order."""
+    return [{"pattern": p, "backing": b, "size_mib": s, "ns": ns}
+            for (p, b), row in READ_SWEEPS[name].items() for s, ns in sorted(row.items())]

@@ -1159,3 +1159,160 @@ def page_shifts_of(proc: "Process", vaddr) -> np.ndarray:
     slots = pt.lookup_slots(vaddr >> PAGE_SHIFT_2M)
     kind = np.where(slots >= 0, pt.pmd_kind[np.maximum(slots, 0)], 0)
     return np.where(kind == PMD_LEAF, PAGE_SHIFT_2M, PAGE_SHIFT_4K).astype(np.uint8)
+
+
+# -- read timing: per-access time of a read sweep from the TLB model's counts ----------------------
+READ_PATTERNS = ("gather", "chase", "seq")
+_RATE_BASE = 0x7F00_0000_0000          # where a simulated read sweep's region starts (1 GiB aligned)
+
+
+@dataclass
+class ReadTiming:
+    """The fitted free parameters of :func:`read_ns` for one machine (see its docstring for the form).
+
+    ``tlb_preset`` names the :data:`~thpcow.machine.presets.PRESETS` entry
+    whose geometry gives the TLB counts; its ``l2_hit_cycles`` / ``cpu_ghz``
+    price an L2 TLB hit.  Under nested paging (a VM) the walk costs include the
+    host side of each guest page-table reference.
+    """
+
+    name: str = "default"
+    source: str = ""
+    tlb_preset: str = "intel-spr-goldencove"
+    llc_ns: float = 35.0          # a dependent load that hits the last-level cache
+    dram_ns: float = 110.0        # a dependent load served by memory
+    llc_mib: float = 8.0          # effective LLC capacity for random lines (MiB)
+    cache_slope: float = 2.0      # k: past its capacity a cache holds (capacity / footprint) ** k
+    walk_hit_ns: float = 10.0     # one page-table reference whose line is cached
+    walk_miss_ns: float = 60.0    # extra for a PTE reference whose line is not cached
+    pt_cache_mib: float = 2.0     # effective cache capacity left to PTE lines (MiB)
+    mlp: float = 12.0             # independent loads in flight (numpy take)
+    walk_mlp: float = 4.0         # page walks in flight for independent loads (the page walkers)
+    gather_ns: float = 1.0        # per-element loop cost of numpy take
+    seq_cache_ns: float = 0.28    # ns per 8-byte word streamed from the caches
+    seq_dram_ns: float = 0.6      # ns per 8-byte word streamed from memory
+    seq_llc_mib: float = 32.0     # the largest region a sequential sweep streams from the caches
+
+    PARAMS = ("llc_ns", "dram_ns", "llc_mib", "cache_slope", "walk_hit_ns", "walk_miss_ns", "pt_cache_mib",
+              "mlp", "walk_mlp", "gather_ns", "seq_cache_ns", "seq_dram_ns", "seq_llc_mib")
+
+    def validate(self) -> "ReadTiming":
+        for name in self.PARAMS:
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+                raise ValueError(f"field '{name}': must be a number >= 0, got {val!r}")
+        for name in ("llc_mib", "pt_cache_mib", "mlp", "walk_mlp", "cache_slope", "seq_llc_mib"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"field '{name}': must be > 0, got {getattr(self, name)}")
+        return self
+
+    def params(self) -> np.ndarray:
+        return np.array([float(getattr(self, p)) for p in self.PARAMS])
+
+    def with_params(self, values) -> "ReadTiming":
+        d = asdict(self)
+        d.update({p: float(v) for p, v in zip(self.PARAMS, values)})
+        return ReadTiming(**d)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update({p: round(float(d[p]), 4) for p in self.PARAMS})
+        return d
+
+
+def cache_hit_ratio(footprint: float, capacity: float, slope: float = 1.0) -> float:
+    """The share of uniformly random lines of ``footprint`` bytes found in a cache of ``capacity``:
+    (capacity / footprint) ** slope past the capacity (slope 1: an ideal LRU cache of its own;
+    steeper where other data and other tenants share it)."""
+    return 1.0 if footprint <= capacity else (capacity / footprint) ** slope
+
+
+def read_rates(knobs: TlbKnobs, size: int, page_shift, accesses: int = 200_000, seed: int = 0,
+               base: int = _RATE_BASE) -> dict[str, float]:
+    """TLB counts per access of uniformly random 8-byte reads over ``size`` bytes at ``base``.
+
+    ``page_shift``: 12 or 21 for the whole region, or a function of the
+    addresses giving each one's page size (e.g. :func:`page_shifts_of`).  The
+    first quarter of the stream only warms the TLBs.  Returns l2_hits, walks,
+    pte_refs (page-table references to PTE lines) and pmd_refs (to PMD lines)
+    per access.  Deterministic for a seed.
+    """
+    if not callable(page_shift):
+        return dict(_read_rates_cached(tuple(sorted(knobs.to_dict().items())), int(size), int(page_shift),
+                                       int(accesses), int(seed), int(base)))
+    return _read_rates(knobs, size, page_shift, accesses, seed, base)
+
+
+def _read_rates(knobs, size, page_shift, accesses, seed, base):
+    rng = np.random.default_rng([seed, max(1, size >> 20)])
+    vaddr = (base + rng.integers(0, size // 8, accesses, dtype=np.int64) * 8).astype(np.uint64)
+    shifts = np.asarray(page_shift(vaddr) if callable(page_shift) else page_shift, dtype=np.uint8)
+    sim = TlbSimulator(knobs)
+    warm = accesses // 4
+    sim.simulate(vaddr[:warm], page_shift=shifts if shifts.ndim == 0 else shifts[:warm])
+    sim.reset_stats()
+    sim.simulate(vaddr[warm:], page_shift=shifts if shifts.ndim == 0 else shifts[warm:])
+    n = accesses - warm
+    pmd = sim.get_metric(SimMetric.WALKS_PMD)
+    hit = sim.get_metric(SimMetric.WALKS_PTE_PWC_HIT)
+    miss = sim.get_metric(SimMetric.WALKS_PTE_PWC_MISS)
+    l2 = sim.l2.get_metric(Metric.HITS) if sim.l2 else 0
+    return {"l2_hits": l2 / n, "walks": (pmd + hit + miss) / n, "pte_refs": (hit + miss) / n,
+            "pmd_refs": (pmd + miss) / n}
+
+
+_RATE_CACHE: dict = {}
+
+
+def _read_rates_cached(knob_items, size, page_shift, accesses, seed, base):
+    key = (knob_items, size, page_shift, accesses, seed, base)
+    if key not in _RATE_CACHE:
+        _RATE_CACHE[key] = _read_rates(TlbKnobs(**dict(knob_items)), size, page_shift, accesses, seed, base)
+    return _RATE_CACHE[key]
+
+
+def read_ns(timing: ReadTiming, knobs: TlbKnobs, pattern: str, size: int, rates: dict[str, float],
+            page_shift: int = PAGE_SHIFT_4K) -> dict[str, float]:
+    """Predicted ns per 8-byte read of one sweep: {"ns", "data", "translation"}.
+
+    The form (S = region bytes, h(F, C) = 1 if F <= C else (C / F) ** k, the
+    share of random lines of footprint F that a cache of C holds; k =
+    ``cache_slope``, 1 for an ideal LRU cache of its own)::
+
+        data  D = h(S, llc) * llc_ns + (1 - h(S, llc)) * dram_ns
+        PTE reference  R = walk_hit_ns + (1 - h(S / 512, pt_cache)) * walk_miss_ns
+        translation  X = l2_hits * l2_hit_ns + pte_refs * R + pmd_refs * walk_hit_ns
+        chase   t = D + X                       (dependent loads: latencies add)
+        gather  t = gather_ns + D / mlp + X / walk_mlp   (independent loads overlap;
+                                                    walks overlap less: few walkers)
+        seq     t = seq_cache_ns if S <= seq_llc else seq_dram_ns, + X / walk_mlp
+
+    ``rates`` are the TLB simulator's counts per access (:func:`read_rates`):
+    L2 TLB hits, and the walks' references to PTE lines (a 4 KiB page; 2 when
+    the PDE cache misses: the PMD line too) and to PMD lines (S / 512 bytes of
+    PTEs against S / 256 Ki of PMDs: PMD lines stay cached).  The sequential
+    sweep takes one walk per page: its rates are 1/512 (4 KiB) or 1/262144
+    (2 MiB) walks per 8-byte word and no L2 hits.  Not linear in the misses:
+    both cache shares depend on the region size, and the data and translation
+    times overlap by different factors in a gather.
+    """
+    if pattern not in READ_PATTERNS:
+        raise ValueError(f"pattern {pattern!r}: expected one of {', '.join(READ_PATTERNS)}")
+    t = timing
+    mib = float(1 << 20)
+    h = cache_hit_ratio(size, t.llc_mib * mib, t.cache_slope)
+    data = h * t.llc_ns + (1.0 - h) * t.dram_ns
+    pte_ns = t.walk_hit_ns + (1.0 - cache_hit_ratio(size / 512, t.pt_cache_mib * mib, t.cache_slope)) * t.walk_miss_ns
+    if pattern == "seq":
+        per_page = 8.0 / (1 << page_shift)
+        rates = {"l2_hits": 0.0, "pte_refs": per_page if page_shift == PAGE_SHIFT_4K else 0.0,
+                 "pmd_refs": per_page if page_shift != PAGE_SHIFT_4K else 0.0}
+    l2_ns = knobs.l2_hit_cycles / knobs.cpu_ghz
+    tr = rates["l2_hits"] * l2_ns + rates["pte_refs"] * pte_ns + rates["pmd_refs"] * t.walk_hit_ns
+    if pattern == "chase":
+        return {"ns": data + tr, "data": data, "translation": tr}
+    if pattern == "gather":
+        return {"ns": t.gather_ns + data / t.mlp + tr / t.walk_mlp, "data": t.gather_ns + data / t.mlp,
+                "translation": tr / t.walk_mlp}
+    stream = t.seq_cache_ns if size <= t.seq_llc_mib * mib else t.seq_dram_ns
+    return {"ns": stream + tr / t.walk_mlp, "data": stream, "translation": tr / t.walk_mlp}

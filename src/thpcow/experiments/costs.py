@@ -62,11 +62,11 @@ def resolve_profile(spec: str | None, auto: bool = False):
 
     if spec is None and not auto:
         return latency.DEFAULT_PROFILE, {}, cp.Choice(latency.DEFAULT_PROFILE, "reference")
-    if spec is None or spec == "auto":
+    if spec is None or (spec == "auto" and not Path(spec).exists()):
         choice = cp.select()
         lab = load_profile(choice.path)[1] if choice.path is not None else {}
         return choice.profile, lab, choice
-    if spec in cp.PRESETS:
+    if spec in cp.PRESETS and not Path(spec).exists():
         return cp.PRESETS[spec], {}, cp.Choice(cp.PRESETS[spec], "preset")
     if not Path(spec).exists():
         raise cp.ProfileChoiceError(f"--profile={spec}: no such profile file or preset "

@@ -1368,12 +1368,25 @@ def read_lab_section(path: str | Path) -> dict:
 
 
 def load_profile(path: str | Path | None) -> tuple[CalibrationProfile, dict]:
-    """(profile, lab section) of a profile file; (DEFAULT_PROFILE, {}) for None."""
+    """(profile, lab section) of a profile file; (DEFAULT_PROFILE, {}) for None.
+
+    A name that is no file but a cost preset (thpcow.machine.cost_presets) gives
+    the preset, and ``auto`` the profile cost_presets.select() picks for this
+    machine; neither has a lab section, except a cached profile.
+    """
+    from ..machine import cost_presets
+
     if path is None:
         return DEFAULT_PROFILE, {}
+    if not Path(path).exists() and str(path) in cost_presets.PRESETS:
+        return cost_presets.PRESETS[str(path)], {}
+    if not Path(path).exists() and str(path) == "auto":
+        choice = cost_presets.select()
+        return choice.profile, (read_lab_section(choice.path) if choice.path is not None else {})
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such profile file")
+        raise ValueError(f"{path}: no such profile file or cost preset (presets: "
+                         f"{', '.join(cost_presets.PRESETS)}, or auto)")
     profile = CalibrationProfile.load(path)
     return profile, (read_lab_section(path) if path.suffix != ".json" else {})
 

@@ -91,6 +91,13 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
     busy_warning(res.metadata)
+    then = dict(lab.get("metadata", {})).get("other_cpu_busy")
+    now = res.metadata.get("other_cpu_busy")
+    if isinstance(then, float) and isinstance(now, float) and abs(then - now) > 0.2:
+        console.print(f"note: the profile was calibrated with {then:.0%} of the CPUs busy with other work, "
+                      f"this run with {now:.0%}: memory shared with that work moves every cost (up to "
+                      "30 % here); calibrate and validate together (--calibrate) on a quieter machine",
+                      soft_wrap=True, highlight=False)
 
 
 def _fit(quick: bool, before, as_json: bool):

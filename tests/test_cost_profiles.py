@@ -233,3 +233,9 @@ def test_validate_uses_the_cached_profile_and_says_so(monkeypatch, capsys, tmp_p
     assert any(ln.startswith("│ first touch THP 64 MiB") for ln in lines), out
     assert "band 0.90-1.10" in out
     assert max(len(ln) for ln in lines if ln.startswith(("│", "┃", "┏", "└"))) <= 80
+
+
+def test_probe_drift_is_now_over_then():
+    assert cal.probe_drift({"memset_ns": 100.0, "call_ns": 50.0}, {"memset_ns": 130.0, "call_ns": 50.0}) \
+        == {"memset_ns": 1.3, "call_ns": 1.0}
+    assert cal.probe_drift(None, {"memset_ns": 1.0}) == {} and cal.probe_drift({"memset_ns": 0.0}, {"memset_ns": 1.0}) == {}

@@ -55,6 +55,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
         _differential(programs, 0 if seed is None else seed, 16 if steps is None else steps, as_json)
         return
     from ..experiments.costs import resolve_profile
+    from ..lab import calibrate as cal
     from ..machine.cost_presets import mismatch
 
     if refit and profile is not None:
@@ -79,8 +80,10 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
                                only=tuple(scenario) if scenario else None)
         except (LabError, OSError, ValueError) as exc:
             fail(str(exc))
+    drift = cal.probe_drift(lab.get("probe"), res.metadata.get("probe"))
     if as_json:
-        print(json.dumps(res.to_dict(), indent=2, default=str))
+        print(json.dumps({**res.to_dict(), "profile_probe": lab.get("probe"), "probe_drift": drift},
+                         indent=2, default=str))
         return
     lo, hi = val.BAND
     rows = [[r.label, human_ns(r.measured_ns), human_ns(r.predicted_ns), f"{r.ratio:.2f}",
@@ -91,6 +94,9 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
     busy_warning(res.metadata)
+    if drift:
+        console.print("machine speed now vs at calibration (probe, CPU time; above 1: slower now): "
+                      + ", ".join(f"{k[:-3]} x{v:.2f}" for k, v in drift.items()), soft_wrap=True, highlight=False)
     then = dict(lab.get("metadata", {})).get("other_cpu_busy")
     now = res.metadata.get("other_cpu_busy")
     if isinstance(then, float) and isinstance(now, float) and abs(then - now) > 0.2:

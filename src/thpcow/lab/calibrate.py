@@ -957,6 +957,33 @@ class Calibrator:
         return CalibrationProfile.from_dict(vals)
 
 
+PROBE_SIZE = 32 * MiB
+
+
+def speed_probe(reps: int = 5) -> dict[str, float]:
+    """How fast this machine is right now: fault-free work timed like the figures (CPU time).
+
+    ``memset_ns``: memset of a populated 32 MiB (memory bandwidth); ``call_ns``:
+    one ctypes call into libc (the CPU).  Medians of ``reps``.  A guest's speed
+    drifts with what the host runs beside it, which no counter inside the guest
+    shows; validate compares its probe with the calibration's.
+    """
+    lc = libc()
+    with Region(PROBE_SIZE, "4k") as r:
+        populate(r)
+        mem = [timed_ns(lambda: ctypes.memset(r.addr, 1, PROBE_SIZE)) for _ in range(reps)]
+    calls = [timed_ns(lambda: [lc.labs(-1) for _ in range(2000)]) / 2000 for _ in range(reps)]
+    return {"memset_ns": float(statistics.median(mem)), "call_ns": float(statistics.median(calls))}
+
+
+def probe_drift(then: Mapping | None, now: Mapping | None) -> dict[str, float]:
+    """now / then of each probe figure both have (above 1: the machine is slower now)."""
+    if not then or not now:
+        return {}
+    return {k: float(now[k]) / float(then[k]) for k in ("memset_ns", "call_ns")
+            if k in then and k in now and float(then[k]) > 0}
+
+
 def random_indices(size: int, m: int, seed: int) -> np.ndarray:
     """``m`` random 8-byte word indices into ``size`` bytes (the same for every run of a size)."""
     return np.random.default_rng(seed + size // MiB).integers(0, size // 8, m, dtype=np.int64)
@@ -1250,6 +1277,7 @@ def calibrate(config: CalibrationConfig | None = None,
     load = MachineLoad(root)
     try:
         with lab_lock(), load:
+            probe = speed_probe()
             for i, (label, fn) in enumerate(steps):
                 if progress:
                     progress(label, i, len(steps) + 1)
@@ -1288,6 +1316,7 @@ def calibrate(config: CalibrationConfig | None = None,
         "metadata": meta,
         "knobs": knobs,
         "not_measured": list(NOT_MEASURED),
+        "probe": {k: round(v, 3) for k, v in probe.items()},
         "extras": extras,
         "random_reads": {"accesses": cfg.random_accesses,
                          "points": {f"{p['backing']}-{p['size_mib']}": p for p in cal.random_points},

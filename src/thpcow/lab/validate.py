@@ -506,6 +506,7 @@ def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = 
     load = cal.MachineLoad(root)
     try:
         with lab_lock(), load:
+            meta["probe"] = {k: round(v, 3) for k, v in cal.speed_probe().items()}
             for i, sc in enumerate(todo):
                 if progress:
                     progress(sc.label, 1 + i, total)

@@ -309,7 +309,10 @@ def fork_hints(proc: "Process") -> dict[str, int]:
     pt = proc.mm.pt
     kind = pt.pmd_kind[: pt.nr_slots]
     rows = pt.pmd_row[: pt.nr_slots][kind == PMD_TABLE]
-    ptes = int(np.count_nonzero((pt.pte_pfn[rows] != PTE_NONE) | (pt.pte_flags[rows] != 0))) if len(rows) else 0
+    ptes = 0
+    for i in range(0, len(rows), 4096):                # bounded temporaries for big processes
+        r = rows[i:i + 4096]
+        ptes += int(np.count_nonzero((pt.pte_pfn[r] != PTE_NONE) | (pt.pte_flags[r] != 0)))
     return {"forks": 1, "fork_pmds": int(np.count_nonzero(kind == PMD_LEAF)),
             "fork_pte_tables": int(len(rows)), "fork_ptes": ptes}
 

@@ -111,9 +111,10 @@ def test_resolve_profile_takes_files_presets_and_auto(tmp_path, monkeypatch):
 # -- which profile a run uses -------------------------------------------------------------------------
 def test_selection_cached_then_cpu_preset_then_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("THPCOW_PROFILE_CACHE", str(tmp_path))
-    intel = cp.select(cpu_id="GenuineIntel:6:207", kernel="6.18.1")
-    assert intel.how == "reference" and intel.profile is DEFAULT_PROFILE
-    assert "run `thpcow calibrate`" in intel.line()
+    other = cp.select(cpu_id="GenuineIntel:6:1", kernel="6.18.1")
+    assert other.how == "reference" and other.profile is DEFAULT_PROFILE
+    assert "run `thpcow calibrate`" in other.line()
+    assert cp.select(cpu_id="GenuineIntel:6:207", kernel="6.18.1").profile.name == "intel-xeon-6-207-kvm"
     zen5 = cp.select(cpu_id="AuthenticAMD:26:2", kernel="6.18.1")
     assert zen5.how == "cpu-preset" and zen5.profile.name == "amd-zen5-turin"
     assert "matches this CPU" in zen5.line()
@@ -123,9 +124,9 @@ def test_selection_cached_then_cpu_preset_then_reference(tmp_path, monkeypatch):
     cal.write_profile(mine, path, {"format": 1, "metadata": {"kernel": "6.18.1"}})
     got = cp.select(cpu_id="GenuineIntel:6:207", kernel="6.18.1")
     assert got.how == "cached" and got.profile.fault_4k_zero_ns == 999.0 and str(path) in got.line()
-    assert cp.select(cpu_id="GenuineIntel:6:207", kernel="6.19.0").how == "reference"   # keyed by kernel
-    path.write_text("fault_4k_zero_ns = -1\n")                                          # broken: ignored
-    assert cp.select(cpu_id="GenuineIntel:6:207", kernel="6.18.1").how == "reference"
+    assert cp.select(cpu_id="GenuineIntel:6:207", kernel="6.19.0").how == "cpu-preset"   # keyed by kernel
+    path.write_text("fault_4k_zero_ns = -1\n")                                           # broken: ignored
+    assert cp.select(cpu_id="GenuineIntel:6:207", kernel="6.18.1").how == "cpu-preset"
     monkeypatch.setenv("THPCOW_PROFILE_CACHE", "off")
     assert cp.cache_dir() is None and cp.cache_path("x", "y") is None
 

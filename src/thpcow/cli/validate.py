@@ -40,9 +40,13 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     simulated kernel with the same calls; the simulator's vmstat deltas are priced
     with the profile (cost_vmstat_delta; random reads: the TLB simulator over the
     simulated page sizes plus a per-access memory cost).  A ratio predicted/measured
-    within 0.90-1.10 is in band.  Without --profile: the profile `thpcow calibrate` cached
-    for this CPU and kernel, else the preset of this CPU, else the reference; one line says which.  A real run whose counters show another path than the
+    within 0.90-1.10 is in band.  A real run whose counters show another path than the
     simulator's is refused (exit status 1).  Never writes sysfs.
+
+    Without --profile: the profile `thpcow calibrate` cached for this CPU and kernel;
+    when there is none, this machine is calibrated first and the profile cached
+    (--profile auto: the cached one, else this CPU's preset, else the reference, never
+    fitting).  The first line says which profile and why.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -101,8 +105,8 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     now = res.metadata.get("other_cpu_busy")
     if isinstance(then, float) and isinstance(now, float) and abs(then - now) > 0.2:
         console.print(f"note: the profile was calibrated with {then:.0%} of the CPUs busy with other work, "
-                      f"this run with {now:.0%}: memory shared with that work moves every cost (up to "
-                      "30 % here); calibrate and validate together (--calibrate) on a quieter machine",
+                      f"this run with {now:.0%}: memory shared with that work moves every cost (by up to "
+                      "30 % on a shared VM); calibrate and validate together (--calibrate)",
                       soft_wrap=True, highlight=False)
 
 

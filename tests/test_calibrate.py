@@ -309,6 +309,10 @@ def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):
     c = cal.Calibrator(cfg)
     for step in (c.measure_thp_chain, c.measure_4k_chain, c.measure_zero_reads, c.measure_copies):
         cal.run_step(c, step)                      # retried if another process's burst was refused
+    for _ in range(3):      # 4 PMD reuse faults (~3 us) can drown in a burst of other work: the run
+        if c.figures["reuse_thp"].runs:            # is then dropped (below zero); measure again
+            break
+        cal.run_step(c, c.measure_thp_chain)
     res = c.measure_random_reads(32 * MiB, repeats=2)
     f = {k: v.median for k, v in c.figures.items()}
     assert 10e3 < f["fault_thp_zero"] < 20e6, f               # a 2 MiB clear: tens of us .. ms (cold VM)

@@ -34,6 +34,9 @@ except ImportError:                                     # NumPy < 2
     from numpy.core.multiarray import _set_madvise_hugepage
 _set_madvise_hugepage(False)
 os.environ["NUMPY_MADVISE_HUGEPAGE"] = "0"              # the same for the processes tests start
+# No test may depend on a profile `thpcow calibrate` cached on this machine (cost_presets.cache_dir()):
+# the tests about the cache point it at a tmp dir.
+os.environ["THPCOW_PROFILE_CACHE"] = "off"
 
 from thpcow.kernel import (  # noqa: E402
     HPAGE_PMD_SIZE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE, MAP_PRIVATE,

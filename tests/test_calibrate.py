@@ -31,7 +31,8 @@ PAGE = 4096
 # A profile with round numbers, so predictions can be written down exactly.
 ROUND = CalibrationProfile(name="round", source="test", fault_4k_zero_ns=1000.0, fault_thp_zero_ns=100_000.0,
                            cow_4k_ns=2000.0, split_pmd_ns=10_000.0, fork_base_ns=500_000.0, fork_pmd_ns=1000.0,
-                           fork_pte_table_ns=50_000.0, reuse_4k_ns=700.0, reuse_thp_ns=1500.0)
+                           fork_pte_table_ns=50_000.0, fork_pte_ns=100.0, reuse_4k_ns=700.0, reuse_thp_ns=1500.0,
+                           cow_dense_4k_ns=300.0)
 
 
 # -- the profile file ----------------------------------------------------------------------------
@@ -207,13 +208,14 @@ def test_predictions_on_the_simulator_are_exact_with_a_round_profile():
     assert val.predict_first_touch(S, "4k", ROUND).ns == 2048 * 1000.0
     assert val.predict_first_touch(S, "thp", ROUND).ns == 4 * 100_000.0
     assert val.predict_fork(S, "thp", ROUND).ns == 4 * 1000.0      # the region's share: no fork_base
-    assert val.predict_fork(S, "4k", ROUND).ns == 4 * 50_000.0
+    assert val.predict_fork(S, "4k", ROUND).ns == 4 * (50_000.0 + 512 * 100.0)     # 4 tables, 2048 PTEs
     storm = val.predict_cow_storm(S, ROUND)
     assert storm.ns == 4 * 10_000.0 + 2048 * 2000.0
     assert storm.sim_delta["thp_split_pmd"] == 4 and storm.sim_anon_huge_kb == 0
     extras = {"memset_2m_ns": 50_000.0}
-    assert val.predict_rewrite(S, "thp", ROUND, extras).ns == 4 * 10_000.0 + 2048 * 2000.0 + 4 * 50_000.0
-    assert val.predict_rewrite(S, "4k", ROUND, extras).ns == 2048 * 2000.0 + 4 * 50_000.0
+    # every COW fault of a memset is a dense one: + cow_dense_4k_ns each
+    assert val.predict_rewrite(S, "thp", ROUND, extras).ns == 4 * 10_000.0 + 2048 * 2300.0 + 4 * 50_000.0
+    assert val.predict_rewrite(S, "4k", ROUND, extras).ns == 2048 * 2300.0 + 4 * 50_000.0
 
 
 def test_random_read_predictions_are_deterministic_and_see_the_split():
@@ -307,6 +309,10 @@ def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):
     c = cal.Calibrator(cfg)
     for step in (c.measure_thp_chain, c.measure_4k_chain, c.measure_zero_reads, c.measure_copies):
         cal.run_step(c, step)                      # retried if another process's burst was refused
+    for _ in range(3):      # 4 PMD reuse faults (~3 us) can drown in a burst of other work: the run
+        if c.figures["reuse_thp"].runs:            # is then dropped (below zero); measure again
+            break
+        cal.run_step(c, c.measure_thp_chain)
     res = c.measure_random_reads(32 * MiB, repeats=2)
     f = {k: v.median for k, v in c.figures.items()}
     assert 10e3 < f["fault_thp_zero"] < 20e6, f               # a 2 MiB clear: tens of us .. ms (cold VM)

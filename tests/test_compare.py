@@ -535,9 +535,11 @@ def test_a_calibration_profile_prices_the_run_and_is_named(tiny, tmp_path):
     from dataclasses import replace
 
     from thpcow.experiments.costs import host_cpu
+    from thpcow.machine.cost_presets import host_cpu_id, host_kernel
     from thpcow.machine.latency import DEFAULT_PROFILE
 
-    slow = replace(DEFAULT_PROFILE, name="slow-cow", cow_4k_ns=DEFAULT_PROFILE.cow_4k_ns * 10, cpu=host_cpu())
+    slow = replace(DEFAULT_PROFILE, name="slow-cow", cow_4k_ns=DEFAULT_PROFILE.cow_4k_ns * 10, cpu=host_cpu(),
+                   cpu_id=host_cpu_id(), kernel=host_kernel())
     path = str(tmp_path / "slow.toml")
     slow.save(path)
     code, text = run_cli("compare", tiny, "--policy", "upstream", "--json", "--out", str(tmp_path / "a"))
@@ -550,7 +552,12 @@ def test_a_calibration_profile_prices_the_run_and_is_named(tiny, tmp_path):
     assert got["profile"] == {"name": "slow-cow", "path": path, "cpu": host_cpu()}
     assert got["rows"][0]["lat_p50_us"] > 5 * base["rows"][0]["lat_p50_us"]
     assert "slow-cow" in got["rows"][0]["latency_model"]
-    assert "warning: the latency profile" not in text          # measured on this CPU: no warning
+    assert "warning:" not in text                              # measured on this CPU and kernel: no warning
+    code, text = run_cli("compare", tiny, "--policy", "upstream", "--json", "--profile", "amd-zen5-turin",
+                         "--out", str(tmp_path / "c"))                # a cost preset, by name
+    assert code == 0, text
+    got = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert got["profile"]["name"] == "amd-zen5-turin" and "amd-zen5-turin" in got["rows"][0]["latency_model"]
     code, text = run_cli("compare", tiny, "--profile", str(tmp_path / "none.toml"))
     assert code == 2 and "--profile=" in text and "no such profile file" in text
 

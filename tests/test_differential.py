@@ -93,7 +93,8 @@ def _cli(*args):
     (("--programs", "3", "--seed", "-1"), "--seed=-1: must be 0 or more"),
     (("--programs", "3", "--steps", "0"), "--steps=0: must be between 1 and 1000"),
     (("--seed", "3"), "--seed/--steps: need --programs N"),
-    (("--programs", "3", "--quick"), "--programs: cannot be combined with --profile, --quick or --scenario"),
+    (("--programs", "3", "--quick"),
+     "--programs: cannot be combined with --profile, --calibrate, --quick or --scenario"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, msg) -> None:
     code, out, err = _cli(*args)

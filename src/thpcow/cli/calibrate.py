@@ -17,7 +17,9 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
             quick: bool = typer.Option(False, "--quick", help="smaller regions, fewer repeats: under a minute"),
             cold: bool = typer.Option(False, "--cold", help="sleep 3.5 s before every allocating step instead "
                                       "of pre-touching scratch memory (calibration.md 'cold'; slow)"),
-            as_json: bool = typer.Option(False, "--json", help="print the profile, figures and metadata as JSON")) -> None:
+            as_json: bool = typer.Option(False, "--json", help="print the profile, figures and metadata as JSON"),
+            list_presets: bool = typer.Option(False, "--list-presets", help="list the cost presets (other CPUs "
+                                              "and kernels, with their sources) and exit")) -> None:
     """Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML).
 
     Measures mmap/munmap/madvise, fork() and exit per GiB (THP- and 4 KiB-backed),
@@ -30,8 +32,14 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
     counters show another kernel path is refused (exit status 1, no profile).
     Never writes sysfs.  The profile loads with CalibrationProfile.load(); a commented
     [lab] section keeps the metadata (kernel, THP knobs, CPU, governor, date, warm).
+    The profile is also cached as this machine's (keyed by CPU and kernel; see
+    THPCOW_PROFILE_CACHE), which `thpcow validate` then uses when given no --profile.
     """
     import time as _time
+
+    if list_presets:
+        _list_presets()
+        return
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -52,6 +60,15 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
         cal.write_profile(res.profile, path, res.lab)
     except (OSError, ValueError) as exc:
         fail(f"{path}: cannot write the profile: {exc}")
+    from ..machine import cost_presets as cp
+
+    cached = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
+    if cached is not None:
+        try:
+            cal.write_profile(res.profile, cached, res.lab)
+        except OSError as exc:
+            cached = None
+            console.print(f"[yellow]note:[/] cannot cache the profile: {exc}", soft_wrap=True)
     rows = list(cal.profile_rows(res))
     if as_json:
         print(json.dumps({"profile": res.profile.to_dict(), "path": str(path), "rows": rows, "lab": res.lab,
@@ -88,4 +105,23 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
     out_console.print(t2)
     console.print(f"profile written to {path} ({res.elapsed_s:.1f} s; not measured, kept at the reference: "
                   f"{', '.join(res.lab['not_measured'])})", soft_wrap=True)
+    if cached is not None:
+        console.print(f"cached as this machine's profile: {cached}", soft_wrap=True, highlight=False)
     busy_warning(meta)
+
+
+def _list_presets() -> None:
+    """calibrate --list-presets: one block per cost preset, its changed costs and its sources."""
+    from ..machine import cost_presets as cp
+    from ..machine.latency import DEFAULT_PROFILE
+    from .common import print_fitted
+
+    rows = []
+    for name, p in cp.PRESETS.items():
+        changed = [f"{k} {human_ns(v)}" for k, v in p.to_dict().items()
+                   if k.endswith("_ns") and v != getattr(DEFAULT_PROFILE, k)]
+        rows.append([name, p.cpu_id or "-", p.kernel or "-", ", ".join(changed) or "(reference)"])
+    print_fitted("cost presets (--profile NAME); the costs that differ from the reference",
+                 ["preset", "cpu_id", "kernel", "costs"], rows)
+    for name, p in cp.PRESETS.items():
+        console.print(f"{name}: {p.source}", soft_wrap=True, highlight=False)

@@ -8,12 +8,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, wide_console
+from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted
 
 
-def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate` "
-                                        "(default: the built-in reference profile, calibration.md)"),
+def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate`, or a "
+                                        "cost preset (`thpcow calibrate --list-presets`); default: this "
+                                        "machine's cached profile, else this CPU's preset, else the reference"),
             quick: bool = typer.Option(False, "--quick", help="smaller regions, fewer repeats"),
+            refit: bool = typer.Option(False, "--calibrate", help="calibrate this machine first (as `thpcow "
+                                       "calibrate`, --quick with --quick), cache the profile, validate with it"),
             scenario: list[str] = typer.Option(None, "--scenario", help="run only this scenario (repeatable): "
                                                "first_touch_4k, first_touch_thp, fork_thp, fork_4k, cow_storm, "
                                                "rewrite_thp, rewrite_4k, random_thp, random_split"),
@@ -37,24 +40,41 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     simulated kernel with the same calls; the simulator's vmstat deltas are priced
     with the profile (cost_vmstat_delta; random reads: the TLB simulator over the
     simulated page sizes plus a per-access memory cost).  A ratio predicted/measured
-    within 0.75-1.33 is in band.  A real run whose counters show another path than the
+    within 0.90-1.10 is in band.  A real run whose counters show another path than the
     simulator's is refused (exit status 1).  Never writes sysfs.
+
+    Without --profile: the profile `thpcow calibrate` cached for this CPU and kernel;
+    when there is none, this machine is calibrated first and the profile cached
+    (--profile auto: the cached one, else this CPU's preset, else the reference, never
+    fitting).  The first line says which profile and why.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..lab import calibrate as cal
     from ..lab import validate as val
     from ..lab.procfs import LabError
 
     if programs is not None or seed is not None or steps is not None:
-        if profile is not None or quick or scenario:
-            bad_input("--programs: cannot be combined with --profile, --quick or --scenario")
+        if profile is not None or quick or scenario or refit:
+            bad_input("--programs: cannot be combined with --profile, --calibrate, --quick or --scenario")
         _differential(programs, 0 if seed is None else seed, 16 if steps is None else steps, as_json)
         return
+    from ..experiments.costs import resolve_profile
+    from ..lab import calibrate as cal
+    from ..machine.cost_presets import mismatch
+
+    if refit and profile is not None:
+        bad_input("--calibrate: cannot be combined with --profile (it measures the profile)")
     try:
-        prof, lab = cal.load_profile(profile)
+        prof, lab, choice = resolve_profile(profile, auto=True)
     except ValueError as exc:
-        bad_input(str(exc))
+        bad_input(str(exc) if str(exc).startswith("--profile") else f"--profile={profile}: {exc}")
+    if refit or (profile is None and choice.how != "cached"):
+        prof, lab, choice = _fit(quick, choice, as_json)
+    if not as_json:
+        console.print(choice.line(), soft_wrap=True, highlight=False)
+        warn = mismatch(prof)
+        if warn:
+            console.print(f"[yellow]warning:[/] {warn}", soft_wrap=True)
     cfg = val.ValidationConfig.quick_config() if quick else val.ValidationConfig()
     with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
@@ -64,23 +84,64 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
                                only=tuple(scenario) if scenario else None)
         except (LabError, OSError, ValueError) as exc:
             fail(str(exc))
+    drift = cal.probe_drift(lab.get("probe"), res.metadata.get("probe"))
     if as_json:
-        print(json.dumps(res.to_dict(), indent=2, default=str))
+        print(json.dumps({**res.to_dict(), "profile_probe": lab.get("probe"), "probe_drift": drift},
+                         indent=2, default=str))
         return
     lo, hi = val.BAND
-    table = Table(title=f"model vs Linux {res.metadata.get('kernel')}: profile {prof.name} "
-                        f"(band {lo}-{hi}, median of {cfg.repeats} runs)")
-    for col, just in (("scenario", "left"), ("measured", "right"), ("predicted", "right"),
-                      ("pred/meas", "right"), ("in band", "center")):
-        table.add_column(col, justify=just)
-    for r in res.rows:
-        table.add_row(r.label, human_ns(r.measured_ns), human_ns(r.predicted_ns), f"{r.ratio:.2f}",
-                      "yes" if r.in_band else "[bold red]no[/]")
-    wide_console(160).print(table)
+    rows = [[r.label, human_ns(r.measured_ns), human_ns(r.predicted_ns), f"{r.ratio:.2f}",
+             "yes" if r.in_band else "NO"] for r in res.rows]
+    print_fitted(f"model vs Linux {res.metadata.get('kernel')}: band {lo:.2f}-{hi:.2f}, median of {cfg.repeats}",
+                 ["scenario", "measured", "predicted", "ratio", "band"], rows)
     n_in = sum(r.in_band for r in res.rows)
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
     busy_warning(res.metadata)
+    if drift:
+        console.print("machine speed now vs at calibration (probe, CPU time; above 1: slower now): "
+                      + ", ".join(f"{k[:-3]} x{v:.2f}" for k, v in drift.items()), soft_wrap=True, highlight=False)
+    then = dict(lab.get("metadata", {})).get("other_cpu_busy")
+    now = res.metadata.get("other_cpu_busy")
+    if isinstance(then, float) and isinstance(now, float) and abs(then - now) > 0.2:
+        console.print(f"note: the profile was calibrated with {then:.0%} of the CPUs busy with other work, "
+                      f"this run with {now:.0%}: memory shared with that work moves every cost (by up to "
+                      "30 % on a shared VM); calibrate and validate together (--calibrate)",
+                      soft_wrap=True, highlight=False)
+
+
+def _fit(quick: bool, before, as_json: bool):
+    """Calibrate this machine now (quick with --quick), cache the profile; (profile, lab, Choice)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..lab import calibrate as cal
+    from ..lab.procfs import LabError
+    from ..machine import cost_presets as cp
+
+    why = ("--calibrate" if before.how == "cached" else
+           "no profile of this machine is cached" + (" (--profile auto would use "
+                                                     f"{before.profile.name})" if before.how != "reference" else ""))
+    if not as_json:
+        console.print(f"fitting this machine's profile first ({why}): thpcow calibrate"
+                      f"{' --quick' if quick else ''}", soft_wrap=True, highlight=False)
+    cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
+    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("calibrating", total=1)
+        try:
+            res = cal.calibrate(cfg, progress=lab_progress(prog, task))
+        except (LabError, OSError, ValueError) as exc:
+            fail(str(exc))
+    path = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
+    if path is not None:
+        try:
+            cal.write_profile(res.profile, path, res.lab)
+        except OSError as exc:
+            if not as_json:
+                console.print(f"[yellow]note:[/] cannot cache the profile: {exc}", soft_wrap=True)
+            path = None
+    how = "fitted" if path is None else "cached"
+    return res.profile, res.lab, cp.Choice(res.profile, how, path)
 
 
 def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:

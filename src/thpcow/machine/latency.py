@@ -24,8 +24,10 @@ How counters map to costs (``d`` is the delta, every name as in /proc/vmstat)::
     compaction, per page          pgmigrate_success + hint compact_pages       compact_page_ns
     TLB shootdown                 nr_tlb_remote_flush + hint shootdowns        tlb_shootdown_ns
     failed THP allocation         thp_fault_fallback                           thp_fault_fallback_ns
-    fork page-table copy          hints forks, fork_pmds, fork_pte_tables      fork_*_ns
-    exit page-table teardown      hints exit_pmds, exit_pte_tables             exit_*_ns
+    fork page-table copy          hints forks, fork_pmds, fork_pte_tables,     fork_*_ns
+                                  fork_ptes (present PTEs; default 512/table)
+    exit page-table teardown      hints exit_pmds, exit_pte_tables, exit_ptes  exit_*_ns
+    COW in a dense overwrite      hint dense_cow_pages                         cow_dense_4k_ns
     read fault on the zero page   hint zero_page_reads                         zero_page_read_ns
     read fault, huge zero page    hint huge_zero_reads                         huge_zero_read_ns
     reuse fault on a PMD          hint thp_reuse                               reuse_thp_ns
@@ -47,6 +49,18 @@ What is approximate:
   counts the same pages for successful compactions) also counts NUMA and
   other migrations, and a failed compaction's scanning is not priced;
   ``nr_tlb_remote_flush`` exists only with CONFIG_DEBUG_TLBFLUSH.
+* fork() copies page tables entry by entry: a PTE table costs its
+  allocation and its walk (``fork_pte_table_ns``) plus ``fork_pte_ns`` for
+  every present entry (copy_present_pte(): the entry, the folio's refcount and
+  its rmap dup).  A sparsely populated table is cheap; a full one costs 512
+  entries.  Exit likewise.  Without a ``fork_ptes`` hint every table is full.
+* A COW fault costs more when the store that took it is the start of a
+  stream that overwrites the whole page (a memset, a rewrite of a buffer):
+  the copy has filled the cache with lines that the stream then rewrites,
+  and the faults break the stream.  ``cow_dense_4k_ns`` is that extra per
+  page, measured by calibrate as (a memset over fork-shared 4 KiB pages -
+  the same memset without faults) / pages - a 1-byte COW fault; callers that
+  know a write is dense pass the ``dense_cow_pages`` hint.
 * Every cost is a median: variance, cache state and the host's faults
   (calibration.md "cold" numbers, 20x dearer for THP faults) are not modelled.
 """
@@ -68,6 +82,7 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 HPAGE_PMD_SIZE = 2 << 20
+PTRS_PER_TABLE = 512
 US = 1000.0
 
 try:                                   # HDR histograms (pip install hdrhistogram), else the fallback below
@@ -92,6 +107,10 @@ class CalibrationProfile:
     source: str = "reference calibration of the lab VM (2026-11-25), warm numbers"
     # The CPU it was measured on (/proc/cpuinfo "model name"): a profile is only right on that kind.
     cpu: str = "AMD EPYC (Zen 4 / Genoa, family 25 model 17), KVM guest, 2 vCPUs"
+    # The kernel release it was measured on (uname -r); "" when not known.
+    kernel: str = "6.18.44-fc-v669"
+    # vendor:family:model of /proc/cpuinfo ("AuthenticAMD:25:17"): what auto-selection matches on.
+    cpu_id: str = "AuthenticAMD:25:17"
     # 1. First-touch faults (256 MiB region), rows "4K write (MADV_NOHUGEPAGE) | warm" and
     #    "THP write fault (MADV_HUGEPAGE, 2M aligned) | warm": per-fault p50 1.53 us and 221 us.
     fault_4k_zero_ns: float = 1.53 * US
@@ -108,13 +127,19 @@ class CalibrationProfile:
     # 3a. row "thp | warm": 1st write per 2 MiB 10.7 us = PMD split + a 4 KiB COW (1.82 us).
     split_pmd_ns: float = (10.7 - 1.82) * US
     # 2. fork() latency, "Key numbers": THP-backed 0.47 ms per GiB + 0.16 ms (512 PMDs per GiB);
-    #    4 KiB-backed 67 ns per PTE, i.e. 34.3 us per PTE table of 512 entries.
+    #    4 KiB-backed 67 ns per PTE (full tables only: the table's own share is not separated
+    #    there, so it is folded into the per-PTE cost and the per-table cost is 0).
     fork_base_ns: float = 160 * US
     fork_pmd_ns: float = 0.47e6 / 512
-    fork_pte_table_ns: float = 67.0 * 512
-    # 2. "child exit after fork (no writes)": 4 KiB 14 ms per GiB, THP 0.35 ms per GiB.
-    exit_pte_table_ns: float = 14e6 / 512
+    fork_pte_ns: float = 67.0
+    fork_pte_table_ns: float = 0.0
+    # 2. "child exit after fork (no writes)": 4 KiB 14 ms per GiB, THP 0.35 ms per GiB (as above).
+    exit_pte_ns: float = 14e6 / 512 / 512
+    exit_pte_table_ns: float = 0.0
     exit_pmd_ns: float = 0.35e6 / 512
+    # 3c. "parent writes all (child alive)", 4k: 1,453 us per 2 MiB = memset 77.3 + 512 COW faults
+    #    at 1.80 + 512 x 0.89 us: the extra of a COW fault taken by a dense overwrite.
+    cow_dense_4k_ns: float = (1453 - 77.3) / 512 * US - 1.80 * US
     # 5. MADV_COLLAPSE, row "child exited - warm": p50 169 us per 2 MiB (pages exclusive).
     collapse_ns: float = 169 * US
     # 2. "re-dirty whole region after fork" (child exited): 4k 359-385 us per 2 MiB = 0.7 us per
@@ -147,7 +172,12 @@ class CalibrationProfile:
             elif isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) \
                     or val < 0:
                 raise ValueError(f"{where}: field '{key}': expected a cost in ns >= 0, got {val!r}")
-        return cls(**{k: (v if known[k] == "str" else float(v)) for k, v in data.items()})
+        vals = {k: (v if known[k] == "str" else float(v)) for k, v in data.items()}
+        for op in ("fork", "exit"):     # files from before the per-PTE fields: a cost per full table
+            if f"{op}_pte_table_ns" in vals and f"{op}_pte_ns" not in vals:
+                vals[f"{op}_pte_ns"] = vals[f"{op}_pte_table_ns"] / PTRS_PER_TABLE
+                vals[f"{op}_pte_table_ns"] = 0.0
+        return cls(**vals)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationProfile":
@@ -186,7 +216,8 @@ class CalibrationProfile:
 DEFAULT_PROFILE = CalibrationProfile()
 
 HINTS = ("zero_page_reads", "huge_zero_reads", "thp_reuse", "forks", "fork_pmds", "fork_pte_tables",
-         "exit_pmds", "exit_pte_tables", "shootdowns", "compact_pages")
+         "fork_ptes", "exit_pmds", "exit_pte_tables", "exit_ptes", "shootdowns", "compact_pages",
+         "dense_cow_pages")
 
 _EVENTS = ("pgfault", "pgmajfault", "pgreuse", "thp_fault_alloc", "thp_fault_fallback", "thp_split_pmd",
            "thp_collapse_alloc", "sim_cow_pages", "sim_cow_bytes", "pswpin", "pswpout",
@@ -233,12 +264,15 @@ def cost_vmstat_delta(delta: Mapping[str, int], profile: CalibrationProfile | No
     other = max(0, g("pgfault") - thp_faults - reuse - g("pgmajfault") - h("zero_page_reads")
                 - h("huge_zero_reads") - h("thp_reuse"))
     cow_faults = min(cow_pages, other)
+    ptes = {op: (h(f"{op}_ptes") if f"{op}_ptes" in hints else PTRS_PER_TABLE * h(f"{op}_pte_tables"))
+            for op in ("fork", "exit")}
     events = {
         "fault_4k_zero": other - cow_faults,
         "fault_thp_zero": thp_faults,
         "zero_page_read": h("zero_page_reads"),
         "huge_zero_read": h("huge_zero_reads"),
         "cow_4k": cow_faults,
+        "cow_dense_4k": min(h("dense_cow_pages"), cow_faults),
         "copy_4k": cow_pages - cow_faults,
         "copy_2m": huge_copies,
         "split_pmd": g("thp_split_pmd"),
@@ -253,26 +287,34 @@ def cost_vmstat_delta(delta: Mapping[str, int], profile: CalibrationProfile | No
         "fork_base": h("forks"),
         "fork_pmd": h("fork_pmds"),
         "fork_pte_table": h("fork_pte_tables"),
+        "fork_pte": ptes["fork"],
         "exit_pmd": h("exit_pmds"),
         "exit_pte_table": h("exit_pte_tables"),
+        "exit_pte": ptes["exit"],
     }
     parts = {name: n * getattr(p, name + "_ns") for name, n in events.items()}
     return OpCost(total_ns=float(sum(parts.values())), events=events, parts_ns=parts)
 
 
 def fork_hints(proc: "Process") -> dict[str, int]:
-    """The page-table work fork() (or exit) of a simulated process does: its PMD leaves and PTE tables.
+    """The page-table work fork() (or exit) of a simulated process does: PMD leaves, PTE tables, PTEs.
 
     A PMD leaf costs one copy_huge_pmd(); every PTE table (a PMD of kind
-    table) one copy_pte_range() over 512 entries.  Use as hints for the fork
-    (``forks=1, fork_pmds, fork_pte_tables``) or, renamed, for the exit.
+    table) one copy_pte_range() walk, plus one copy_present_pte() per entry
+    that is not none.  Use as hints for the fork (``forks=1, fork_pmds,
+    fork_pte_tables, fork_ptes``) or, renamed, for the exit.
     """
-    from ..kernel.mm import PMD_LEAF, PMD_TABLE
+    from ..kernel.mm import PMD_LEAF, PMD_TABLE, PTE_NONE
 
     pt = proc.mm.pt
     kind = pt.pmd_kind[: pt.nr_slots]
+    rows = pt.pmd_row[: pt.nr_slots][kind == PMD_TABLE]
+    ptes = 0
+    for i in range(0, len(rows), 4096):                # bounded temporaries for big processes
+        r = rows[i:i + 4096]
+        ptes += int(np.count_nonzero((pt.pte_pfn[r] != PTE_NONE) | (pt.pte_flags[r] != 0)))
     return {"forks": 1, "fork_pmds": int(np.count_nonzero(kind == PMD_LEAF)),
-            "fork_pte_tables": int(np.count_nonzero(kind == PMD_TABLE))}
+            "fork_pte_tables": int(len(rows)), "fork_ptes": ptes}
 
 
 # -- latency distributions ----------------------------------------------------------------------

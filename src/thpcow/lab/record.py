@@ -333,6 +333,7 @@ class RecordSummary:
     scan_ns_median: float
     method: str
     exit_status: int | None = None
+    interrupted: bool = False
 
     def to_dict(self) -> dict:
         """The summary as a plain dict."""
@@ -851,12 +852,15 @@ def record(argv: list[str] | None = None, pid: int | None = None, out: str | Non
            method: str = "uffd-wp", interval_ms: float = 10.0, duration_s: float | None = None,
            progress: Callable[[str], None] | None = None) -> tuple[list[tuple], RecordSummary]:
     """Record ``argv`` (started here) or the running ``pid``; write the trace to ``out`` if given.
-    Returns (rows, summary).  RecordError for what stops the recording (one line)."""
+    Returns (rows, summary).  RecordError for what stops the recording (one line).  Ctrl-C ends
+    the recording: the trace holds what was recorded until then (``summary.interrupted``), the
+    command started here is killed, a ``pid`` is left running, untraced."""
     ok, why = method_supported(method)
     if not ok:
         raise RecordError(why)
     rec = Recorder(method, interval_ms, progress)
     started = argv is not None
+    interrupted = False
     try:
         if started:
             rec.spawn(argv)
@@ -866,17 +870,17 @@ def record(argv: list[str] | None = None, pid: int | None = None, out: str | Non
             rec.attach(pid)
         rec.run(duration_s)
     except KeyboardInterrupt:
-        rec.close(kill_started=started)
-        raise
+        interrupted = True
     except pt.PtraceError as exc:
-        rec.close(kill_started=started)
         raise RecordError(str(exc)) from None
     finally:
         rec.close(kill_started=started)
     if out:
         from ..workloads.trace import write_trace
         write_trace(out, rec.trace.rows)
-    return rec.trace.rows, rec.summary()
+    summary = rec.summary()
+    summary.interrupted = interrupted
+    return rec.trace.rows, summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ VERBS: tuple[tuple[str, str, str], ...] = (
      "Show a live process's THP state from smaps, PAGEMAP_SCAN, pagemap and kpageflags."),
     ("calibrate", "calibrate",
      "Measure the latency model's costs on the running kernel and write a CalibrationProfile (TOML)."),
+    ("record", "record",
+     "Record which pages a real process writes, and when, as a trace the simulator replays."),
     ("validate", "validate",
      "Compare the latency model's predicted times with times measured on the running kernel "
      "(--programs N: random VMA programs, simulator vs kernel)."),

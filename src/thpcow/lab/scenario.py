@@ -43,18 +43,34 @@ STAGES: tuple[str, ...] = ("populate", "child_writes", "child_exit")
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "thpcow-lab.lock")
 
 
+_held: dict[int, int] = {}      # pid -> how deep this process holds the lab lock
+
+
 @contextmanager
 def lab_lock() -> Iterator[None]:
     """Serialise real-kernel measurements between processes of this lab (flock on LOCK_PATH).
 
     vmstat is system-wide, so two lab scenarios running at once (e.g. pytest -n 2) would
     count each other's faults. This cannot keep the rest of the system quiet.
+    Reentrant within one process (a measurement that holds it may call another that takes
+    it): flock locks belong to an open file, so a second open of the file in the same process
+    would otherwise wait for itself.  A forked child does not inherit the hold.
     """
+    pid = os.getpid()
+    if _held.get(pid):
+        _held[pid] += 1
+        try:
+            yield
+        finally:
+            _held[pid] -= 1
+        return
     fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[pid] = 1
         yield
     finally:
+        _held.pop(pid, None)
         # Explicit unlock: a forked child shares the open file description.
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -81,3 +81,30 @@ def test_cli_refuses_bad_jobs_with_one_line(capsys):
     r = CliRunner().invoke(build_app(), ["results", "--jobs", "0"])
     assert r.exit_code == 2
     assert "--jobs=0" in r.output and "Traceback" not in r.output
+
+
+def test_end_to_end_ranking_ties_within_the_tolerance_and_flags_opposite_orders():
+    from thpcow.experiments import endtoend as e2e
+
+    def pt(pol, sim, real):
+        return e2e.Point("s", pol, {"cow_mib": sim}, {"cow_mib": real})
+
+    # 10 vs 11 is a tie on the simulator (within 15 %): no disagreement whatever the kernel says
+    assert e2e._order_conflicts([pt("a", 10.0, 10.0), pt("b", 11.0, 5.0)], "cow_mib", +1) == []
+    # clearly opposite orders on both sides: a disagreement
+    assert e2e._order_conflicts([pt("a", 10.0, 20.0), pt("b", 20.0, 10.0)], "cow_mib", +1) == [("a", "b")]
+    p = pt("a", 11.5, 10.0)
+    assert p.ratio("cow_mib") == pytest.approx(1.15) and p.agrees("cow_mib")
+    assert not pt("a", 12.0, 10.0).agrees("cow_mib")
+
+
+def test_end_to_end_table_is_written_between_its_markers_only(tmp_path):
+    from thpcow.experiments import endtoend as e2e
+
+    doc = tmp_path / "validation.md"
+    doc.write_text(f"before\n{e2e.MARK_BEGIN}\nold\n{e2e.MARK_END}\nafter\n")
+    e2e.write_into(str(doc), "| new |")
+    assert doc.read_text() == f"before\n{e2e.MARK_BEGIN}\n| new |\n{e2e.MARK_END}\nafter\n"
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError):
+        e2e.write_into(str(tmp_path / "plain.md"), "x")

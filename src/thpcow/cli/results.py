@@ -20,7 +20,8 @@ def command(out: str = typer.Option(None, "--out", help="the page to write (defa
 
     Runs every scenario of the page on the simulated kernel (in --jobs worker processes), the
     measured sections on the running kernel where THP is available (never writing sysfs), renders
-    docs/results.in.md and writes the figures.  Every sentence that states a result is checked;
+    docs/results.in.md and writes the figures; the end-to-end table (each scenario's runnable
+    policies, simulated and real) also goes into docs/validation.md.  Every sentence that states a result is checked;
     the exit status is 1 when one no longer holds (it is marked on the page).
     """
     import os
@@ -33,7 +34,8 @@ def command(out: str = typer.Option(None, "--out", help="the page to write (defa
         bad_input(f"--out={out}: its directory does not exist")
     if not os.path.exists(os.path.join(res.DOCS, res.TEMPLATE)):
         fail(f"no template {res.TEMPLATE} in {res.DOCS}: run from a checkout of thpcow")
-    outcome = res.generate(out, quick=quick, real=real, jobs=jobs,
+    validation_md = os.path.join(res.DOCS, "validation.md") if out is None and not quick else None
+    outcome = res.generate(out, quick=quick, real=real, jobs=jobs, validation_md=validation_md,
                            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"wrote {outcome.path} and {len(outcome.figures)} figures in {outcome.seconds:.0f} s; "
           f"{outcome.claims.held} claims hold, {len(outcome.claims.failed)} do not")

@@ -287,15 +287,20 @@ class Measured:
     validate_reason: str = ""
     validate_profile: str = ""
     validate_band: tuple[float, float] = (0.0, 0.0)
+    e2e: list[Any] = field(default_factory=list)              # endtoend.ScenarioResult
+    e2e_table: str = ""
+    e2e_summary: str = ""
+    e2e_reason: str = ""
 
 
 def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     from ..lab import procfs
 
+    say = progress
     ok, why = procfs.thp_available()
     m = Measured(kernel=platform.release(), available=bool(ok), reason="" if ok else why)
     if not ok:
-        m.redis_reason = m.validate_reason = why
+        m.redis_reason = m.validate_reason = m.e2e_reason = why
         return m
     progress("measured: latency model against the running kernel (validate --quick)")
     try:
@@ -325,6 +330,14 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
                             "fork_usec": real.get("latest_fork_usec")})
     except Exception as e:
         m.redis_reason = f"{type(e).__name__}: {e}"
+    try:
+        from . import endtoend
+        scenarios = endtoend.SCENARIOS[:3] if quick else endtoend.SCENARIOS
+        m.e2e = endtoend.run(say, scenarios)
+        m.e2e_table = endtoend.markdown(m.e2e)
+        m.e2e_summary = endtoend.summary_line(m.e2e)
+    except Exception as e:
+        m.e2e_reason = f"{type(e).__name__}: {e}"
     return m
 
 
@@ -429,9 +442,12 @@ class Outcome:
 
 
 def generate(out: str | None = None, *, template: str | None = None, figures_dir: str | None = None,
-             quick: bool = False, real: bool = True, jobs: int = 2,
+             quick: bool = False, real: bool = True, jobs: int = 2, validation_md: str | None = None,
              progress: Callable[[str], None] | None = None) -> Outcome:
-    """Run every scenario of the page, measure what the running kernel can, write the page."""
+    """Run every scenario of the page, measure what the running kernel can, write the page.
+
+    ``validation_md``: also write the end-to-end table into that file's generated block
+    (docs/validation.md), when it was measured."""
     import jinja2
 
     say = progress or (lambda msg: None)
@@ -470,9 +486,9 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
             collect(_run_spec(t))
     for pts in crossover.values():
         pts.sort(key=lambda c: (CROSSOVER_POLICIES.index(c["policy"]), c["reads_per_s"]))
-    measured = _measure(say, quick) if real else Measured(platform.release(), False, "not measured (--no-real)",
-                                                          redis_reason="not measured (--no-real)",
-                                                          validate_reason="not measured (--no-real)")
+    nr = "not measured (--no-real)"
+    measured = _measure(say, quick) if real else Measured(platform.release(), False, nr, redis_reason=nr,
+                                                          validate_reason=nr, e2e_reason=nr)
     say("figures")
     figs = _figures(runs, crossover, figures_dir)
     claims = Claims()
@@ -490,4 +506,9 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
     with open(out + ".tmp", "w") as fh:
         fh.write(page)
     os.replace(out + ".tmp", out)
+    if validation_md and measured.e2e_table:
+        from . import endtoend
+        endtoend.write_into(validation_md, f"Linux {measured.kernel}, made by `make results` on "
+                            f"{_dt.date.today().isoformat()} (commit `{_git_commit()}`): "
+                            f"{measured.e2e_summary}.\n\n{measured.e2e_table}")
     return Outcome(out, figs, claims, time.perf_counter() - t0)

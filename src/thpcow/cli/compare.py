@@ -20,7 +20,7 @@ def command(scenario: str = typer.Argument(None, help="scenario YAML file (defau
                                      "and leaves the TLB columns n/a"),
             rank_by: str = typer.Option("p99", "--rank-by", help="order the rows and lead the verdict by: "
                                         "p99 (write-op latency, the default), cow, copied (COW + collapse), "
-                                        "peak, thp or cpu (fg + bg)"),
+                                        "peak, thp, cpu (fg + bg) or tput (ops/s; with a scenario loop)"),
             as_json: bool = typer.Option(False, "--json", help="print the summary rows as JSON instead of tables"),
             as_csv: bool = typer.Option(False, "--csv", help="print the summary rows as CSV instead of tables"),
             profile: str = typer.Option(None, "--profile", help="latency profile written by `thpcow calibrate` "

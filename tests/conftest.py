@@ -183,3 +183,13 @@ def sim_kernel_with_knobs(knobs: dict[str, str], ram: int) -> tuple[Kernel, dict
             k.sysfs.write(path, value)
             copied[path] = value
     return k, copied
+
+
+@pytest.fixture
+def real_kernel():
+    """The running kernel with THP, held for this test alone (the lab lock); skips without THP."""
+    skip_without_real_thp()
+    from thpcow.lab.scenario import lab_lock
+
+    with lab_lock():
+        yield

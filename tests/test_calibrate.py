@@ -292,14 +292,6 @@ def test_counters_sum_pgalloc_and_read_a_fake_root(tmp_path):
 
 
 # -- the running kernel --------------------------------------------------------------------------
-@pytest.fixture
-def real_kernel():
-    skip_without_real_thp()
-    from thpcow.lab.scenario import lab_lock
-
-    with lab_lock():
-        yield
-
 
 @pytest.mark.realkernel
 def test_calibrate_single_measurements_on_the_running_kernel(real_kernel):

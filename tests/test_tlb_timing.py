@@ -227,14 +227,6 @@ def test_random_read_validation_uses_the_timing(fitted):
 
 
 # -- the running kernel ------------------------------------------------------------------------
-@pytest.fixture
-def real_kernel():
-    skip_without_real_thp()
-    from thpcow.lab.scenario import lab_lock
-
-    with lab_lock():
-        yield
-
 
 @pytest.mark.realkernel
 @pytest.mark.parametrize("backing", ["4k", "thp", "split"])

@@ -6,10 +6,9 @@ import json
 import os
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .common import busy_warning, console, fail, human_ns, lab_progress, wide_console
+from .common import busy_warning, console, fail, human_ns, run_calibration, wide_console
 
 
 def command(out: str = typer.Option(None, "--out", help="profile file to write (TOML; default "
@@ -41,19 +40,10 @@ def command(out: str = typer.Option(None, "--out", help="profile file to write (
         _list_presets()
         return
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..lab import calibrate as cal
-    from ..lab.procfs import LabError
 
     cfg = cal.CalibrationConfig.quick_config(warm=not cold) if quick else cal.CalibrationConfig(warm=not cold)
-    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("calibrating", total=1)
-        try:
-            res = cal.calibrate(cfg, progress=lab_progress(prog, task))
-        except (LabError, OSError, ValueError) as exc:
-            fail(str(exc))
+    res = run_calibration(cfg)
     kernel = res.lab["metadata"].get("kernel", "unknown")
     path = out or os.path.join("results", f"calibration-{kernel}-{_time.strftime('%Y%m%d-%H%M%S')}.toml")
     try:

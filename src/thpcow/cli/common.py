@@ -103,6 +103,23 @@ def lab_progress(prog, task):
     return cb
 
 
+def run_calibration(cfg):
+    """``thpcow.lab.calibrate.calibrate(cfg)`` under a progress bar on stderr; a lab error is one
+    line and exit status 1."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..lab import calibrate as cal
+    from ..lab.procfs import LabError
+
+    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("calibrating", total=1)
+        try:
+            return cal.calibrate(cfg, progress=lab_progress(prog, task))
+        except (LabError, OSError, ValueError) as exc:
+            fail(str(exc))
+
+
 def busy_warning(meta: dict) -> None:
     """Warn when other tasks kept the CPUs busy during a lab run (the figures are then inflated)."""
     from ..lab.calibrate import BUSY_WARNING

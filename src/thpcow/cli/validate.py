@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted
+from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted, run_calibration
 
 
 def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate`, or a "
@@ -112,10 +112,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
 
 def _fit(quick: bool, before, as_json: bool):
     """Calibrate this machine now (quick with --quick), cache the profile; (profile, lab, Choice)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..lab import calibrate as cal
-    from ..lab.procfs import LabError
     from ..machine import cost_presets as cp
 
     why = ("--calibrate" if before.how == "cached" else
@@ -125,13 +122,7 @@ def _fit(quick: bool, before, as_json: bool):
         console.print(f"fitting this machine's profile first ({why}): thpcow calibrate"
                       f"{' --quick' if quick else ''}", soft_wrap=True, highlight=False)
     cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
-    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("calibrating", total=1)
-        try:
-            res = cal.calibrate(cfg, progress=lab_progress(prog, task))
-        except (LabError, OSError, ValueError) as exc:
-            fail(str(exc))
+    res = run_calibration(cfg)
     path = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
     if path is not None:
         try:

@@ -343,6 +343,17 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
 
 # --- figures ---------------------------------------------------------------------------------
 
+def _save(fig, outdir: str, name: str) -> str:
+    """Write one figure as a PNG in ``outdir`` and close it; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(outdir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, Any]]], outdir: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -367,11 +378,7 @@ def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, A
     ax.set_ylabel("p99 write latency, µs (simulated)")
     ax.set_title("Memory copied against tail latency, per policy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(outdir, "cow-vs-p99.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    made.append(path)
+    made.append(_save(fig, outdir, "cow-vs-p99.png"))
 
     # 2. THP coverage over time after a snapshot (redis-recovery).
     if "redis-recovery" in runs:
@@ -384,11 +391,7 @@ def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, A
         ax.set_ylabel("parent THP coverage")
         ax.set_title("THP coverage after a BGSAVE, khugepaged at its defaults (simulated)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(outdir, "coverage-recovery.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, outdir, "coverage-recovery.png"))
 
     # 3. The read crossovers: CPU time (open loop) and loads per second (closed loop) against read rate.
     if any(crossover.values()):
@@ -411,11 +414,7 @@ def _figures(runs: dict[str, ScenarioRun], crossover: dict[str, list[dict[str, A
         ax2.set_title("throughput (closed loop)", fontsize=10)
         ax1.legend(fontsize=7)
         fig.suptitle("Where keeping THPs after fork pays back")
-        fig.tight_layout()
-        path = os.path.join(outdir, "read-crossover.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, outdir, "read-crossover.png"))
     return made
 
 

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from ._libc import Libc
+
 PMD = 2 << 20
 PROT_RW = 0x1 | 0x2
 MAP_PRIVATE_ANON = 0x02 | 0x20
@@ -68,20 +70,7 @@ def recv_msg(sock: socket.socket, want_fds: bool = False):
     return pickle.loads(_recv_exact(sock, n)), fds
 
 
-class _Libc:
-    def __init__(self) -> None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        self.mmap = lib.mmap
-        self.mmap.restype = ctypes.c_void_p
-        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        self.munmap = lib.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.madvise = lib.madvise
-        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def aligned_mmap(libc: _Libc, length: int) -> int:
+def aligned_mmap(libc: Libc, length: int) -> int:
     """mmap ``length`` bytes whose start is PMD-aligned (over-map by one PMD, unmap head and tail)."""
     raw = libc.mmap(None, length + PMD, PROT_RW, MAP_PRIVATE_ANON, -1, 0)
     if raw is None or raw == ctypes.c_void_p(-1).value:
@@ -108,7 +97,7 @@ class Agent:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.libc = _Libc()
+        self.libc = Libc()
         self.views: dict[int, np.ndarray] = {}        # region start -> uint8 view
 
     def view(self, addr: int, offsets: np.ndarray) -> np.ndarray:

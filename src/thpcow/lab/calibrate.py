@@ -70,6 +70,7 @@ import numpy as np
 
 from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile
 from . import procfs
+from ._libc import Libc
 from .scenario import _write_all
 
 PAGE = 4096
@@ -257,19 +258,12 @@ RULES: dict[str, Callable[[int, int], list[Expect]]] = {
 # Memory regions and children on the running kernel
 # ---------------------------------------------------------------------------------------------
 
-class _Libc:
+class _Libc(Libc):
     """mmap/munmap/madvise through ctypes (with errno), and a null call for the ctypes overhead."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        self.mmap = lib.mmap
-        self.mmap.restype = ctypes.c_void_p
-        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        self.munmap = lib.munmap
-        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        self.madvise = lib.madvise
-        self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        super().__init__()
+        lib = self.lib
         self.labs = lib.labs
         self.labs.argtypes = [ctypes.c_long]
         self.labs.restype = ctypes.c_long

@@ -19,6 +19,7 @@ Errors are :class:`LabError`, whose message names the file and the problem.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from dataclasses import dataclass, field
@@ -410,24 +411,27 @@ _PM_SCAN_ARG_SIZE = 96                        # struct pm_scan_arg: 12 u64
 PAGEMAP_SCAN = (3 << 30) | (_PM_SCAN_ARG_SIZE << 16) | (ord("f") << 8) | 16     # _IOWR('f', 16, ...)
 
 
+class PageRegion(ctypes.Structure):
+    """struct page_region: one run of pages PAGEMAP_SCAN reports, and their categories."""
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class PmScanArg(ctypes.Structure):
+    """struct pm_scan_arg: the PAGEMAP_SCAN ioctl's argument (include/uapi/linux/fs.h)."""
+    _fields_ = [(n, ctypes.c_uint64) for n in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len",
+                                               "max_pages", "category_inverted", "category_mask",
+                                               "category_anyof_mask", "return_mask")]
+
+
 def pagemap_scan(pid: int | str, start: int, end: int, categories: int, root: str = "/",
                  max_regions: int = 4096) -> list[tuple[int, int, int]] | None:
     """PAGEMAP_SCAN over [start, end): (start, end, categories) ranges of the pages that have any of
     ``categories``, each range reporting which of them it has.  None where the kernel lacks the
     ioctl (before v6.7)."""
-    import ctypes
     import errno as _errno
     import fcntl
 
     path = _path(root, "proc", str(pid), "pagemap")
-
-    class PageRegion(ctypes.Structure):
-        _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
-
-    class PmScanArg(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_uint64) for n in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len",
-                                                   "max_pages", "category_inverted", "category_mask",
-                                                   "category_anyof_mask", "return_mask")]
 
     vec = (PageRegion * max_regions)()
     out: list[tuple[int, int, int]] = []

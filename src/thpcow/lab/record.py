@@ -96,14 +96,6 @@ class _UffdioWriteprotect(ctypes.Structure):
     _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64)]
 
 
-class _PageRegion(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
-
-
-class _PmScanArg(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len",
-                                               "max_pages", "category_inverted", "category_mask",
-                                               "category_anyof_mask", "return_mask")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +227,7 @@ class Scanner:
         self.path = f"/proc/{pid}/pagemap"
         self.fd = os.open(self.path, os.O_RDONLY)
         self.nvec = nvec
-        self.vec = (_PageRegion * nvec)()
+        self.vec = (procfs.PageRegion * nvec)()
 
     def close(self) -> None:
         """Close the pagemap file."""
@@ -251,7 +243,7 @@ class Scanner:
         out: list[tuple[int, int, int]] = []
         pos = start
         while pos < end:
-            arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), flags=flags, start=pos, end=end,
+            arg = procfs.PmScanArg(size=ctypes.sizeof(procfs.PmScanArg), flags=flags, start=pos, end=end,
                              vec=ctypes.addressof(self.vec), vec_len=self.nvec, category_inverted=inverted,
                              category_mask=mask, category_anyof_mask=anyof, return_mask=ret or mask)
             try:

@@ -92,7 +92,9 @@ def _cli(*args):
     (("--programs", "0"), "--programs=0: must be between 1 and 100000"),
     (("--programs", "3", "--seed", "-1"), "--seed=-1: must be 0 or more"),
     (("--programs", "3", "--steps", "0"), "--steps=0: must be between 1 and 1000"),
-    (("--seed", "3"), "--seed/--steps: need --programs N"),
+    (("--seed", "3"), "--seed/--steps/--set: need --programs N"),
+    (("--set", "wide"), "--seed/--steps/--set: need --programs N"),
+    (("--programs", "3", "--set", "all"), "--set=all: must be basic or wide"),
     (("--programs", "3", "--quick"), "--programs: cannot be combined with --profile, --quick or --scenario"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, msg) -> None:
@@ -105,8 +107,9 @@ def planted(monkeypatch):
     """differential() with the planted simulator bug against the correct simulator."""
     real_differential = prg.differential
     monkeypatch.setattr(prg, "real_kernel_reason", lambda: None)
-    monkeypatch.setattr(prg, "differential", lambda n, seed, steps=16, progress=None: real_differential(
-        n, seed, steps, sim_runner=_wrong_sim, real_runner=lambda p: prg.run_sim(p, trace=True), progress=progress))
+    monkeypatch.setattr(prg, "differential", lambda n, seed, steps=16, progress=None, wide=False: real_differential(
+        n, seed, steps, sim_runner=_wrong_sim, real_runner=lambda p: prg.run_sim(p, trace=True), progress=progress,
+        wide=wide))
 
 
 def test_cli_prints_the_summary_and_each_minimal_difference(planted) -> None:
@@ -118,7 +121,7 @@ def test_cli_prints_the_summary_and_each_minimal_difference(planted) -> None:
     assert cells[0] == "6" and int(cells[1]) + int(cells[2]) + int(cells[3]) == 6 and int(cells[3]) >= 1
     program = "[\n" + text.split("\n[\n", 1)[1].split("\n]\n")[0] + "\n]"
     steps = eval(program, {"K": prg.K, "M": prg.M, "RW": prg.RW, "R": prg.R, "NONE": prg.NONE,
-                           "MADV_NOHUGEPAGE": MADV_NOHUGEPAGE})
+                           "MADV_NOHUGEPAGE": MADV_NOHUGEPAGE, "MAP_NORESERVE": prg.MAP_NORESERVE})
     assert [s[0] for s in steps] == ["map", "adv"] and prg.run_sim(steps) != _wrong_sim(steps)
 
 

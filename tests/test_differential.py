@@ -10,6 +10,7 @@ import time
 import pytest
 
 from thpcow.kernel import MADV_NOHUGEPAGE
+from thpcow.kernel.constants import MADV_GUARD_INSTALL, MADV_GUARD_REMOVE
 from thpcow.lab import programs as prg
 
 from conftest import skip_without_real_thp
@@ -31,6 +32,28 @@ def test_an_unsafe_program_is_recognised() -> None:
     assert not prg.program_is_safe([("touch", 0, 4096)])
     assert not prg.program_is_safe([("map", 0, 2 << 20, prg.R), ("touch", 0, 4096)])
     assert prg.program_is_safe([("map", 0, 2 << 20, prg.RW), ("touch", 0, 4096)])
+    guarded = [("map", 0, 2 << 20, prg.RW), ("adv", 0, 8192, MADV_GUARD_INSTALL)]
+    assert not prg.program_is_safe(guarded + [("touch", 0, 4096)])
+    assert not prg.program_is_safe(guarded + [("read", 4096, 8192)])
+    assert prg.program_is_safe(guarded + [("touch", 8192, 12288)])
+    assert prg.program_is_safe(guarded + [("adv", 0, 8192, MADV_GUARD_REMOVE), ("touch", 0, 4096)])
+    assert not prg.program_is_safe([("map", 0, 2 << 20, prg.RW), ("padv", 0, 4096, 21)])     # no child yet
+    assert prg.program_is_safe([("map", 0, 2 << 20, prg.RW), ("fork",), ("padv", 0, 4096, 21)])
+
+
+def test_wide_programs_are_seeded_safe_and_use_the_wider_set() -> None:
+    progs = [prg.random_program(random.Random(seed), steps=30, wide=True) for seed in range(30)]
+    assert progs == [prg.random_program(random.Random(seed), steps=30, wide=True) for seed in range(30)]
+    assert all(len(p) == 30 and prg.program_is_safe(p) for p in progs)
+    ops = {s[0] for p in progs for s in p}
+    advice = {s[3] for p in progs for s in p if s[0] == "adv"}
+    assert ops == {"map", "adv", "padv", "prot", "unmap", "remap", "touch", "read", "fork", "forkexit", "thpoff"}
+    assert set(prg.WIDE_ADVICE) <= advice
+    assert {s[3] for p in progs for s in p if s[0] == "padv"} <= set(prg.REMOTE_ADVICE)
+    assert any(len(s) == 5 and s[4] == prg.MAP_NORESERVE for p in progs for s in p if s[0] == "map")
+    # rows with the wide columns: Referenced, pagemap present/exclusive/swapped/guard
+    res = prg.run_sim(progs[0], prg.sim_kernel(), wide=True)
+    assert all(len(row) == 6 + len(prg.WIDE_COLUMNS) for row in res["vmas"])
 
 
 def _wrong_sim(program) -> dict:

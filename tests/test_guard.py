@@ -15,7 +15,7 @@ from thpcow.kernel import MADV_COLLAPSE, MADV_HUGEPAGE, Kernel, KernelError, Seg
 from thpcow.kernel.constants import (
     MADV_DONTFORK, MADV_DONTNEED, MADV_FREE, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, MADV_WIPEONFORK,
 )
-from thpcow.lab import procfs
+from thpcow.lab import procfs, scenario
 from thpcow.lab import programs as prg
 
 K, M, RW, R = prg.K, prg.M, prg.RW, prg.R
@@ -140,7 +140,8 @@ def test_guard_programs_on_the_running_kernel(name: str) -> None:
     if knobs.get("enabled") != "madvise":
         pytest.skip("the expectations were taken with THP enabled=madvise")
     program, _, _ = CASES[name]
-    real = prg.run_real_forked(program, wide=True)
-    if real != _sim(program) and "touch" in {s[0] for s in program}:
-        real = prg.run_real_forked(program, wide=True)  # once more: khugepaged may have collapsed meanwhile
+    with scenario.lab_lock():
+        real = prg.run_real_forked(program, wide=True)
+        if real != _sim(program) and "touch" in {s[0] for s in program}:
+            real = prg.run_real_forked(program, wide=True)  # once more: khugepaged may have collapsed meanwhile
     assert real == _sim(program)

@@ -806,10 +806,11 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
 
 
 class _LockSlice:
-    """The lab lock (scenario.lab_lock()), held for up to ``slice_s`` seconds of runs at a time:
+    """The lab lock (scenario.lab_lock()), held for up to ``slice_s`` seconds of runs at a time (others
+    hold it for whole tests):
     one wait for the lock per slice rather than per program."""
 
-    def __init__(self, slice_s: float = 15.0) -> None:
+    def __init__(self, slice_s: float = 60.0) -> None:
         import contextlib
         self.slice_s = slice_s
         self.stack = contextlib.ExitStack()

@@ -95,7 +95,7 @@ def test_simulator_and_running_kernel_agree_on_random_programs() -> None:
     skip_without_real_thp(lambda: None if os.geteuid() == 0 else "not root (the lab's vmstat noise check and lock)")
     t0 = time.monotonic()
     res = prg.differential(10, seed=2026)
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 - res.lock_wait_s < 20         # other lab runs may hold the lock
     assert res.programs == res.equal + res.noisy + res.different == 10
     assert res.different == 0, [(o.where, prg.format_program(o.minimal), o.real, o.sim)
                                 for o in res.outcomes if o.verdict == "different"]

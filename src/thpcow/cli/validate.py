@@ -132,6 +132,8 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool, program_s
                       str(res.different) if not res.different else f"[bold red]{res.different}[/]",
                       f"{res.elapsed_s:.1f} s")
         console.print(table)
+        if res.lock_wait_s >= 1:
+            print(f"({res.lock_wait_s:.0f} s of it waiting for the lab lock: other real-kernel runs)")
         for o in res.outcomes:
             if o.verdict == "noisy":
                 print(f"program {o.index}: noisy ({o.where}):\n  {o.why}")

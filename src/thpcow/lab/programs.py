@@ -701,11 +701,13 @@ class DiffSummary:
     seed: int = 0
     steps: int = 0
     elapsed_s: float = 0.0
+    lock_wait_s: float = 0.0                            # of elapsed_s, waiting for the lab lock
     outcomes: list[Outcome] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"programs": self.programs, "equal": self.equal, "noisy": self.noisy, "different": self.different,
                 "seed": self.seed, "steps": self.steps, "elapsed_s": round(self.elapsed_s, 3),
+                "lock_wait_s": round(self.lock_wait_s, 3),
                 "differences": [{"index": o.index, "where": o.where, "program": o.program, "minimal": o.minimal,
                                  "real": o.real, "sim": o.sim}
                                 for o in self.outcomes if o.verdict == "different"],
@@ -799,10 +801,12 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
 
     lock = _LockSlice()
     try:
-        return _differential(n, rng, steps, wide, sim, real, differs, kernel_side, progress, t0,
-                             DiffSummary(programs=n, seed=seed, steps=steps))
+        out = _differential(n, rng, steps, wide, sim, real, differs, kernel_side, progress, t0,
+                            DiffSummary(programs=n, seed=seed, steps=steps))
     finally:
         lock.release()
+    out.lock_wait_s = lock.waited_s
+    return out
 
 
 class _LockSlice:
@@ -815,14 +819,17 @@ class _LockSlice:
         self.slice_s = slice_s
         self.stack = contextlib.ExitStack()
         self.since: float | None = None
+        self.waited_s = 0.0                     # time spent waiting for the lock
 
     def hold(self) -> None:
         import time
 
         from . import scenario
         if self.since is None:
+            t = time.monotonic()
             self.stack.enter_context(scenario.lab_lock())
             self.since = time.monotonic()
+            self.waited_s += self.since - t
 
     def maybe_release(self) -> None:
         import time

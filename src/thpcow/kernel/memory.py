@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import (
-    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_EXEC, VM_READ,
+    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_EXEC, VM_MAYBE_GUARD, VM_READ,
     VM_WRITE,
 )
 from .errors import OutOfMemory
@@ -161,8 +161,9 @@ def anon_vma_prepare(k: Kernel, vma: VMA, mm: MM | None = None) -> None:
 
 def _anon_vma_compatible(a: VMA, b: VMA) -> bool:
     """Model of anon_vma_compatible(): ``a`` ends where ``b`` starts, the flags agree but for
-    VM_READ/VM_WRITE/VM_EXEC, and the page offsets follow on."""
-    return a.end == b.start and not ((a.flags ^ b.flags) & ~(VM_READ | VM_WRITE | VM_EXEC)) \
+    VM_READ/VM_WRITE/VM_EXEC and those merging ignores (VM_IGNORE_MERGE: the sticky
+    VM_MAYBE_GUARD), and the page offsets follow on."""
+    return a.end == b.start and not ((a.flags ^ b.flags) & ~(VM_READ | VM_WRITE | VM_EXEC | VM_MAYBE_GUARD)) \
         and b.pgoff == a.pgoff + PHYS_PFN(b.start - a.start)
 
 

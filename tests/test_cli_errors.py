@@ -105,6 +105,8 @@ def test_inspect_json_of_this_process(monkeypatch, capsys):
 
 
 def test_a_trace_with_advice_the_simulator_does_not_model_is_refused(monkeypatch, capsys, tmp_path):
+    from thpcow.kernel import madvise
+    monkeypatch.setattr(madvise, "_LATER_ADVICE", (102,))   # as if MADV_GUARD_INSTALL were not modelled
     csv = tmp_path / "g.csv"
     csv.write_text("time_ns,pid,op,address,length,arg\n0,1,mmap,0x200000,2097152,\n"
                    "10,1,madvise,0x200000,4096,guard_install\n")

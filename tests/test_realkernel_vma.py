@@ -401,7 +401,6 @@ ACCEPTED_6_18 = {0, 1, 2, 3, 4, *range(8, 26), 102, 103}
 # A 4-page written mapping: what each advice returned on Linux 6.18 (everything else EINVAL:
 # unknown advice, MADV_REMOVE on private anonymous memory, MADV_COLLAPSE of a VMA below 2 MiB).
 NOT_EINVAL_6_18 = {0, 1, 2, 3, 4, *range(8, 25), 102, 103} - {9}
-GUARD_ADVICE = {102, 103}                   # MADV_GUARD_INSTALL/REMOVE: valid, not modelled
 
 
 def test_valid_advice_is_6_18s_and_the_series_adds_256_and_257() -> None:
@@ -432,8 +431,8 @@ def _sim_advice_outcomes(advice_values) -> dict[int, int | str]:
 
 
 def test_unknown_advice_is_einval_as_on_6_18() -> None:
-    out = _sim_advice_outcomes([a for a in ADVICE_RANGE if a not in GUARD_ADVICE])
-    assert {a for a, r in out.items() if r != "EINVAL"} == NOT_EINVAL_6_18 - GUARD_ADVICE
+    out = _sim_advice_outcomes(ADVICE_RANGE)
+    assert {a for a, r in out.items() if r != "EINVAL"} == NOT_EINVAL_6_18
 
 
 def _real_advice_outcomes(advice_values) -> dict[int, int | str]:
@@ -451,10 +450,9 @@ def test_advice_outcomes_match_the_running_kernel() -> None:
     reason = _real_kernel_reason()
     if reason:
         pytest.skip(reason)
-    values = [a for a in ADVICE_RANGE if a not in GUARD_ADVICE]
-    real = _real_advice_outcomes(values)
-    assert {a for a, r in real.items() if r != "EINVAL"} | GUARD_ADVICE == NOT_EINVAL_6_18, real
-    assert _sim_advice_outcomes(values) == real
+    real = _real_advice_outcomes(ADVICE_RANGE)
+    assert {a for a, r in real.items() if r != "EINVAL"} == NOT_EINVAL_6_18, real
+    assert _sim_advice_outcomes(ADVICE_RANGE) == real
 
 
 @pytest.mark.parametrize("high", [1 << 32, 1 << 40])

@@ -25,14 +25,19 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
                                          "mmap/madvise/mprotect/munmap/stores on the simulator and on the "
                                          "running kernel and compare them (a differential test)"),
             seed: int = typer.Option(None, "--seed", help="with --programs: the random programs' seed (default 0)"),
-            steps: int = typer.Option(None, "--steps", help="with --programs: steps per program (default 16)")) -> None:
+            steps: int = typer.Option(None, "--steps", help="with --programs: steps per program (default 16)"),
+            program_set: str = typer.Option(None, "--set", help="with --programs: 'wide' (default: also loads, "
+                                            "MADV_FREE/COLD/PAGEOUT/WILLNEED/WIPEONFORK/GUARD_*, process_madvise, "
+                                            "PR_SET_THP_DISABLE; compares Referenced and pagemap counts too) or "
+                                            "'basic' (the first set)")) -> None:
     """Compare the latency model's predicted times with times measured on the running kernel
     (--programs N: random VMA programs, simulator vs kernel).
 
     With --programs N: a differential test of the VMA-level calls instead.  N seeded random
     programs run on the simulator (with the running kernel's THP knobs) and on the running
     kernel; return values and VMAs (perms, VmFlags, AnonHugePages, Rss) are compared after
-    every step.  A mismatch is rerun: if the kernel's second run differs from its first, or
+    every step (--set wide, the default: also smaps Referenced and the pagemap counts of present,
+    exclusive, swapped and guard pages).  A mismatch is rerun: if the kernel's second run differs from its first, or
     system-wide THP counters moved other than the simulator's (khugepaged), it is noise;
     otherwise a difference, shrunk to a minimal program and printed (exit status 1).
 
@@ -53,10 +58,11 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     from ..lab import validate as val
     from ..lab.procfs import LabError
 
-    if programs is not None or seed is not None or steps is not None:
+    if programs is not None or seed is not None or steps is not None or program_set is not None:
         if profile is not None or quick or scenario or refit:
             bad_input("--programs: cannot be combined with --profile, --calibrate, --quick or --scenario")
-        _differential(programs, 0 if seed is None else seed, 16 if steps is None else steps, as_json)
+        _differential(programs, 0 if seed is None else seed, 16 if steps is None else steps, as_json,
+                      "wide" if program_set is None else program_set)
         return
     from ..experiments.costs import resolve_profile
     from ..lab import calibrate as cal
@@ -135,13 +141,15 @@ def _fit(quick: bool, before, as_json: bool):
     return res.profile, res.lab, cp.Choice(res.profile, how, path)
 
 
-def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
+def _differential(n: int | None, seed: int, steps: int, as_json: bool, program_set: str = "wide") -> None:
     """validate --programs N --seed S: the simulator against the running kernel, program by program."""
     from ..lab import programs as prg
     from ..lab.procfs import LabError
 
     if n is None:
-        bad_input("--seed/--steps: need --programs N")
+        bad_input("--seed/--steps/--set: need --programs N")
+    if program_set not in ("basic", "wide"):
+        bad_input(f"--set={program_set}: must be basic or wide")
     if n < 1 or n > 100_000:
         bad_input(f"--programs={n}: must be between 1 and 100000")
     if seed < 0:
@@ -162,19 +170,22 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
         task = prog.add_task("differential", total=n)
         try:
-            res = prg.differential(n, seed, steps=steps, progress=lab_progress(prog, task))
+            res = prg.differential(n, seed, steps=steps, progress=lab_progress(prog, task),
+                                   wide=program_set == "wide")
         except (LabError, OSError, RuntimeError) as exc:
             fail(str(exc))
     if as_json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:
-        table = Table(title=f"simulator vs kernel, seed {seed}, {steps} steps")
+        table = Table(title=f"simulator vs kernel, {program_set} set, seed {seed}, {steps} steps")
         for col in ("programs", "equal", "noisy", "different", "time"):
             table.add_column(col, justify="right")
         table.add_row(str(res.programs), str(res.equal), str(res.noisy),
                       str(res.different) if not res.different else f"[bold red]{res.different}[/]",
                       f"{res.elapsed_s:.1f} s")
         console.print(table)
+        if res.lock_wait_s >= 1:
+            print(f"({res.lock_wait_s:.0f} s of it waiting for the lab lock: other real-kernel runs)")
         for o in res.outcomes:
             if o.verdict == "noisy":
                 print(f"program {o.index}: noisy ({o.where}):\n  {o.why}")
@@ -189,5 +200,8 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool) -> None:
                 print(f"# {side}: return values {r['rcs']}")
                 for v in r["vmas"]:
                     print(f"#   {v[0]:#x}-{v[1]:#x} {v[2]} [{v[3]}] AnonHugePages {v[4]} kB, Rss {v[5]} kB")
+                    if len(v) > 6:
+                        print("#     Referenced {} kB; present {}, exclusive {}, swapped {}, "
+                              "guard {}".format(*v[6:]))
     if res.different:
         raise typer.Exit(1)

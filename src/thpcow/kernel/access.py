@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PFN_PHYS, PHYS_PFN, VM_READ, VM_WRITE
+from .constants import HPAGE_PMD_NR, HPAGE_PMD_ORDER, PFN_PHYS, PHYS_PFN, VM_MAYBE_GUARD, VM_READ, VM_WRITE
 from .errors import SegmentationFault
 from .folio import PG_HUGE_ZERO
 from .mm import (
@@ -35,7 +35,20 @@ if TYPE_CHECKING:
 
 # -- permission checks ------------------------------------------------------------------------
 def first_bad_page(mm: MM, vpages: np.ndarray, need: int) -> int:
-    """Index of the first page not in a VMA with ``need`` (VM_READ/VM_WRITE), or -1."""
+    """Index of the first page not in a VMA with ``need`` (VM_READ/VM_WRITE), or on a guard
+    marker (handle_pte_marker(): SIGSEGV), or -1."""
+    bad = _first_bad_vma_page(mm, vpages, need)
+    if len(vpages) and any(v.flags & VM_MAYBE_GUARD for v in mm.vmas):
+        upto = vpages if bad < 0 else vpages[:bad]
+        if len(upto):
+            sc, kind, rows, cols, pfn, flags = entry_state(mm, upto)
+            guard = np.flatnonzero((kind == PMD_TABLE) & pgtable.pte_guard_mask(pfn, flags))
+            if len(guard):
+                return int(guard[0])
+    return bad
+
+
+def _first_bad_vma_page(mm: MM, vpages: np.ndarray, need: int) -> int:
     if not mm.vmas:
         return 0 if len(vpages) else -1
     if not len(vpages):
@@ -62,6 +75,10 @@ def _segv(mm: MM, vpage: int, write: bool, addr: int | None = None) -> Segmentat
     vma = mm.find_vma(addr)
     if vma is None:
         return SegmentationFault(addr, "not mapped (SEGV_MAPERR)")
+    if vma.flags & VM_MAYBE_GUARD:
+        sc, kind, rows, cols, pfn, flags = entry_state(mm, np.array([vpage], dtype=np.int64))
+        if kind[0] == PMD_TABLE and pgtable.pte_guard_mask(pfn, flags)[0]:
+            return SegmentationFault(addr, "a guard region (MADV_GUARD_INSTALL)")
     what = "write to a mapping without PROT_WRITE" if write else "read of a mapping without PROT_READ"
     return SegmentationFault(addr, f"{what} (SEGV_ACCERR)")
 

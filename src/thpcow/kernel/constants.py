@@ -152,6 +152,7 @@ VM_MAYREAD = 0x00000010
 VM_MAYWRITE = 0x00000020
 VM_MAYEXEC = 0x00000040
 VM_GROWSDOWN = 0x00000100
+VM_MAYBE_GUARD = 0x00000800   # guard markers may be in the page tables (bit 11, shown "gu")
 VM_LOCKED = 0x00002000
 VM_DONTCOPY = 0x00020000
 VM_DONTEXPAND = 0x00040000
@@ -168,7 +169,7 @@ VM_THP_COW = 1 << 43          # the 2026 series, VMA bit 43
 VM_FLAG_MNEMONICS = (
     (VM_READ, "rd"), (VM_WRITE, "wr"), (VM_EXEC, "ex"), (VM_SHARED, "sh"),
     (VM_MAYREAD, "mr"), (VM_MAYWRITE, "mw"), (VM_MAYEXEC, "me"),
-    (VM_GROWSDOWN, "gd"), (VM_LOCKED, "lo"), (VM_DONTCOPY, "dc"),
+    (VM_GROWSDOWN, "gd"), (VM_MAYBE_GUARD, "gu"), (VM_LOCKED, "lo"), (VM_DONTCOPY, "dc"),
     (VM_DONTEXPAND, "de"), (VM_ACCOUNT, "ac"), (VM_NORESERVE, "nr"),
     (VM_WIPEONFORK, "wf"), (VM_DONTDUMP, "dd"), (VM_HUGEPAGE, "hg"),
     (VM_NOHUGEPAGE, "nh"), (VM_MERGEABLE, "mg"), (VM_THP_COW, "tc"),

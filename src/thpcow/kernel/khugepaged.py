@@ -183,7 +183,8 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     The kernel walks the 512 PTEs in order and stops at the first that fails
     (the model finds that PTE with running counts):
 
-    - a swap entry counts towards ``max_ptes_swap`` (khugepaged only):
+    - a swap entry or a PTE marker (a guard region: is_swap_pte()) counts
+      towards ``max_ptes_swap`` (khugepaged only):
       exceeding it is SCAN_EXCEED_SWAP_PTE, ``thp_scan_exceed_swap_pte``;
     - an empty or zero-page entry counts towards ``max_ptes_none``:
       SCAN_EXCEED_NONE_PTE, ``thp_scan_exceed_none_pte``;
@@ -211,8 +212,9 @@ def collapse_scan_pmd(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseContr
     row = int(pt.pmd_row[s])
     pfns = pt.pte_pfn[row]
     flags = pt.pte_flags[row]
-    none_or_zero = (pfns == -1) | (flags & _PAGE_SPECIAL).astype(bool)
-    swp = pfns <= -2
+    # is_swap_pte(): a swap entry or a PTE marker (a guard marker counts as "unmapped" too)
+    swp = (pfns <= -2) | ((pfns == -1) & ~pgtable.pte_none_mask(pfns, flags))
+    none_or_zero = pgtable.pte_none_mask(pfns, flags) | ((pfns >= 0) & (flags & _PAGE_SPECIAL).astype(bool))
     present = ~none_or_zero & ~swp
     idx = np.flatnonzero(present)
     p = pfns[idx]
@@ -283,8 +285,13 @@ def collapse_huge_page(k: Kernel, mm: MM, vma: VMA, haddr: int, cc: CollapseCont
     row = int(pt.pmd_row[s])
     # __collapse_huge_page_swapin(): fault the swapped pages back in first.  A fault that
     # fails ends the collapse (SCAN_FAIL); the pages already swapped in stay.
+    # A PTE marker (a guard region) faults VM_FAULT_SIGSEGV there (handle_pte_marker()): SCAN_FAIL.
     from .memory import do_swap_page
-    for i in np.flatnonzero(pt.pte_pfn[row] <= -2).tolist():
+    marker = (pt.pte_pfn[row] == -1) & ~pgtable.pte_none_mask(pt.pte_pfn[row], pt.pte_flags[row])
+    for i in np.flatnonzero((pt.pte_pfn[row] <= -2) | marker).tolist():
+        if marker[i]:
+            rmap.free_folio(k, new)
+            return ScanResult.SCAN_FAIL
         try:
             do_swap_page(k, mm, vma, haddr + PFN_PHYS(i), row, write=False)
         except OutOfMemory:

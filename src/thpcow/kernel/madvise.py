@@ -15,11 +15,11 @@ from .constants import (
     VM_DONTCOPY, VM_HUGEPAGE, VM_LOCKED, VM_NOHUGEPAGE, VM_THP_COW, VM_WIPEONFORK, U64,
     MADV_DONTDUMP, MADV_DODUMP, MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_REMOVE, MADV_POPULATE_READ,
     MADV_POPULATE_WRITE, MADV_DONTNEED_LOCKED, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE, VM_DONTDUMP,
-    VM_MERGEABLE, VM_WRITE,
+    VM_MAYBE_GUARD, VM_MERGEABLE, VM_WRITE,
 )
 from .errors import KernelError, einval
 from .folio import PG_DIRTY, PG_HUGE_ZERO, PG_REFERENCED, PG_SWAPBACKED, PG_SWAPCACHE
-from .mm import MM, PMD_LEAF, PMD_TABLE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, swp_offset
+from .mm import MM, PMD_LEAF, PMD_TABLE, PTE_NONE, VMA, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, swp_offset
 from . import huge_memory as hm
 from . import memory, pgtable
 from .khugepaged import khugepaged_enter_vma, madvise_collapse
@@ -45,7 +45,8 @@ _FLAG_ADVICE = {
     MADV_UNMERGEABLE: (0, VM_MERGEABLE),
 }
 _NOOP_ADVICE = (MADV_NORMAL, MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED)
-_LATER_ADVICE = (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
+_LATER_ADVICE: tuple[int, ...] = ()
+_GUARD_ADVICE = (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE)
 _ZAP_ADVICE = (MADV_DONTNEED, MADV_DONTNEED_LOCKED)
 
 
@@ -67,7 +68,7 @@ def madvise_behavior_valid(k: Kernel, advice: int) -> bool:
     """
     if MADV_THP_SETUP_BASE <= advice < MADV_THP_SETUP_END:   # series thp_cow v1 1/5
         return k.series_thp_cow
-    return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _LATER_ADVICE or \
+    return advice in _FLAG_ADVICE or advice in _NOOP_ADVICE or advice in _GUARD_ADVICE or \
         advice in _ZAP_ADVICE or advice in (MADV_FREE, MADV_COLLAPSE, MADV_COLD, MADV_PAGEOUT, MADV_REMOVE, MADV_POPULATE_READ,
                                             MADV_POPULATE_WRITE)
 
@@ -123,7 +124,7 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
                 raise einval(call, f"addr={v.start:#x}: MADV_DONTNEED on a VM_LOCKED mapping")
         for v in vmas:
             lo, hi = max(v.start, start), min(v.end, end)
-            memory.zap_range(k, mm, v, lo, hi)
+            memory.zap_range(k, mm, v, lo, hi, drop_markers=False)
             reclaim_empty_pte_tables(k, mm, lo, hi)
     elif advice in (MADV_COLD, MADV_PAGEOUT):
         for v in vmas:
@@ -145,6 +146,12 @@ def do_madvise(k: Kernel, mm: MM, start: int, length: int, advice: int) -> None:
             madvise_free_single_vma(k, mm, v, max(v.start, start), min(v.end, end))
     elif advice == MADV_COLLAPSE:
         madvise_walk_vmas(k, mm, start, end, lambda vma, lo, hi: madvise_collapse(k, mm, vma, lo, hi))
+        return
+    elif advice == MADV_GUARD_INSTALL:
+        madvise_walk_vmas(k, mm, start, end, lambda vma, lo, hi: madvise_guard_install(k, mm, vma, lo, hi))
+        return
+    elif advice == MADV_GUARD_REMOVE:
+        madvise_walk_vmas(k, mm, start, end, lambda vma, lo, hi: madvise_guard_remove(k, mm, vma, lo, hi))
         return
     if mapped != end - start:
         raise KernelError(E.ENOMEM, call, f"addr={start:#x} length={end - start:#x}: part of the range is not mapped")
@@ -180,6 +187,65 @@ def madvise_walk_vmas(k: Kernel, mm: MM, start: int, end: int, behavior) -> None
         raise KernelError(E.ENOMEM, call, "part of the range is not mapped")
 
 
+def is_valid_guard_vma(vma: VMA, allow_locked: bool) -> bool:
+    """Model of is_valid_guard_vma(): no VM_SPECIAL/VM_HUGETLB VMA (none here), and no VM_LOCKED
+    one for an install (zapping locked pages is not allowed)."""
+    return allow_locked or not vma.flags & VM_LOCKED
+
+
+def madvise_guard_install(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+    """Model of madvise_guard_install() for [start, end) inside ``vma`` (madvise_walk_vmas()).
+
+    EINVAL for a VM_LOCKED VMA.  The VMA is marked VM_MAYBE_GUARD as a whole
+    (an atomic flag: no split, "gu" in smaps) and gets an anon_vma
+    (anon_vma_prepare(), so that fork copies its page tables).  Whatever is
+    mapped in the range is zapped first (zap_vma_range(): a PMD leaf only
+    partly in the range is split, one wholly in it zapped; existing guard
+    markers stay), then every entry of the range becomes a guard marker,
+    page tables allocated where needed.
+    """
+    if not is_valid_guard_vma(vma, allow_locked=False):
+        raise einval("madvise(MADV_GUARD_INSTALL)", f"addr={vma.start:#x}: a VM_LOCKED mapping")
+    vma.flags |= VM_MAYBE_GUARD
+    memory.anon_vma_prepare(k, vma, mm)
+    pt = mm.pt
+    populated = False
+    for s, base, lo, hi in pt.spans_in(start, end):
+        kind = pt.pmd_kind[s]
+        if kind == PMD_LEAF:
+            populated = True
+        elif kind == PMD_TABLE:
+            row, a, b = int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base)
+            if not pgtable.pte_guard_mask(pt.pte_pfn[row, a:b], pt.pte_flags[row, a:b]).all():
+                populated = True
+    if populated:
+        memory.zap_range(k, mm, vma, start, end, drop_markers=False)
+    a = start
+    while a < end:
+        nxt = pgtable.pmd_addr_end(a, end)
+        s = pt.slot(pgtable.pmd_index(a))
+        row = memory.pte_alloc(k, mm, s)
+        i, j = pgtable.pte_index(a), pgtable.pte_index(nxt - 1) + 1
+        cur_pfn, cur_flags = pt.pte_pfn[row, i:j], pt.pte_flags[row, i:j]
+        new = np.flatnonzero(~pgtable.pte_guard_mask(cur_pfn, cur_flags))
+        if len(new):
+            pgtable.set_ptes_scatter(k, mm, row, i + new, PTE_NONE, pgtable.PTE_MARKER_GUARD)
+        a = nxt
+
+
+def madvise_guard_remove(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+    """Model of madvise_guard_remove(): clear the guard markers of [start, end) inside ``vma``
+    (a VM_LOCKED VMA is allowed; PMD leaves hold none; VM_MAYBE_GUARD stays)."""
+    pt = mm.pt
+    for s, base, lo, hi in pt.spans_in(start, end):
+        if pt.pmd_kind[s] != PMD_TABLE:
+            continue
+        row, a, b = int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base)
+        marks = np.flatnonzero(pgtable.pte_guard_mask(pt.pte_pfn[row, a:b], pt.pte_flags[row, a:b]))
+        for i in (a + marks).tolist():
+            pgtable.pte_clear(k, mm, row, i)
+
+
 def madvise_thp_setup(k: Kernel, mm: MM, start: int, end: int, advice: int) -> None:
     """The THP-setup branch of madvise_vma_behavior() (series thp_cow v1 1/5).
 
@@ -197,14 +263,16 @@ def madvise_thp_setup(k: Kernel, mm: MM, start: int, end: int, advice: int) -> N
 def reclaim_empty_pte_tables(k: Kernel, mm: MM, start: int, end: int) -> None:
     """Model of CONFIG_PT_RECLAIM (try_to_free_pte()): MADV_DONTNEED frees PTE tables it emptied.
 
-    Only tables whose whole 2 MiB lies inside the zapped range are candidates.
+    Only tables whose whole 2 MiB lies inside the zapped range are candidates, and only
+    when every entry is none (a guard marker the zap kept is not).
     """
     pt = mm.pt
     for s in pt.slots_in(start, end):
         base = int(pt.pmd_index[s]) * HPAGE_PMD_SIZE
         if base < start or base + HPAGE_PMD_SIZE > end or pt.pmd_kind[s] != PMD_TABLE:
             continue
-        if (pt.pte_pfn[int(pt.pmd_row[s])] == -1).all():
+        row = int(pt.pmd_row[s])
+        if pgtable.pte_none_mask(pt.pte_pfn[row], pt.pte_flags[row]).all():
             memory.pte_free(k, mm, s)
 
 

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .constants import (
-    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_EXEC, VM_READ,
+    ALIGN_DOWN, HPAGE_PMD_NR, HPAGE_PMD_ORDER, HPAGE_PMD_SIZE, PAGE_SIZE, PFN_PHYS, PHYS_PFN, VM_EXEC, VM_MAYBE_GUARD, VM_READ,
     VM_WRITE,
 )
 from .errors import OutOfMemory
 from .folio import PG_ANON
 from .mm import (
-    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
+    MM, PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_MARKER_GUARD, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, VMA, _PAGE_ACCESSED, _PAGE_DIRTY,
     _PAGE_PRESENT, _PAGE_RW, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, _PAGE_HWPOISON, pmd_index, pte_index, swp_offset,
 )
 from .page_alloc import PG_ANON_EXCLUSIVE, ZERO_PFN
@@ -123,6 +123,9 @@ def handle_pte_fault(k: Kernel, mm: MM, vma: VMA, addr: int, s: int, write: bool
         if pt.pte_flags[row, i] & _PAGE_HWPOISON:
             from .errors import HardwarePoison
             raise HardwarePoison(addr)
+        if pt.pte_flags[row, i] & PTE_MARKER_GUARD:      # handle_pte_marker(): VM_FAULT_SIGSEGV
+            from .errors import SegmentationFault
+            raise SegmentationFault(addr, "a guard region (MADV_GUARD_INSTALL)")
         return do_anonymous_page(k, mm, vma, addr, row, write)
     if val < 0:
         return do_swap_page(k, mm, vma, addr, row, write)
@@ -158,8 +161,9 @@ def anon_vma_prepare(k: Kernel, vma: VMA, mm: MM | None = None) -> None:
 
 def _anon_vma_compatible(a: VMA, b: VMA) -> bool:
     """Model of anon_vma_compatible(): ``a`` ends where ``b`` starts, the flags agree but for
-    VM_READ/VM_WRITE/VM_EXEC, and the page offsets follow on."""
-    return a.end == b.start and not ((a.flags ^ b.flags) & ~(VM_READ | VM_WRITE | VM_EXEC)) \
+    VM_READ/VM_WRITE/VM_EXEC and those merging ignores (VM_IGNORE_MERGE: the sticky
+    VM_MAYBE_GUARD), and the page offsets follow on."""
+    return a.end == b.start and not ((a.flags ^ b.flags) & ~(VM_READ | VM_WRITE | VM_EXEC | VM_MAYBE_GUARD)) \
         and b.pgoff == a.pgoff + PHYS_PFN(b.start - a.start)
 
 
@@ -194,7 +198,8 @@ def alloc_anon_folio(k: Kernel, mm: MM, vma: VMA, addr: int, row: int) -> tuple[
     while candidates:
         o = candidates[0]
         first = ALIGN_DOWN(pte_index(addr), 1 << o)
-        if (pt.pte_pfn[row, first: first + (1 << o)] == PTE_NONE).all():
+        if pgtable.pte_none_mask(pt.pte_pfn[row, first: first + (1 << o)],
+                                 pt.pte_flags[row, first: first + (1 << o)]).all():     # pte_range_none()
             break
         candidates.pop(0)
     for o in candidates:
@@ -455,12 +460,21 @@ def unmap_pages(k: Kernel, mm: MM, pfns: np.ndarray) -> None:
         rmap.folio_put(k, fid, b - a)
 
 
-def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
+def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int, drop_markers: bool = True) -> None:
     """Model of zap_pte_range() over PTE indexes [lo, hi) of one table.
 
     The entries are cleared first, then pages of the same folio are unmapped
-    as one batch (zap_present_ptes()).
+    as one batch (zap_present_ptes()).  Guard markers are cleared only with
+    ``drop_markers`` (zap_nonpresent_ptes(): ZAP_FLAG_DROP_MARKER, set by
+    munmap and exit, not by MADV_DONTNEED or a guard install's zap).
     """
+    pt = mm.pt
+    if not drop_markers:
+        keep = pgtable.pte_guard_mask(pt.pte_pfn[row, lo:hi], pt.pte_flags[row, lo:hi])
+        if keep.any():
+            for a, b in _runs(~keep):
+                zap_pte_range(k, mm, row, lo + a, lo + b)
+            return
     pfns, flags = pgtable.get_and_clear_full_ptes(k, mm, row, lo, hi)
     normal = (pfns >= 0) & ~(flags & _PAGE_SPECIAL).astype(bool)
     idx = np.flatnonzero(normal)
@@ -472,11 +486,18 @@ def zap_pte_range(k: Kernel, mm: MM, row: int, lo: int, hi: int) -> None:
         mm.rss_swap -= int(np.count_nonzero(swp))
 
 
-def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The [a, b) runs of True in ``mask``."""
+    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+
+
+def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int, drop_markers: bool = True) -> None:
     """Model of unmap_page_range()/zap_pmd_range() for [start, end) inside one VMA.
 
     A PMD leaf wholly inside the range is zapped whole (zap_huge_pmd()); one
-    that is only partly inside is split first (split_huge_pmd()).
+    that is only partly inside is split first (split_huge_pmd()).  Guard
+    markers go only with ``drop_markers`` (zap_pte_range()).
     """
     from . import huge_memory as hm
 
@@ -490,7 +511,7 @@ def zap_range(k: Kernel, mm: MM, vma: VMA, start: int, end: int) -> None:
             hm.split_huge_pmd(k, mm, vma, s)
             kind = pt.pmd_kind[s]
         if kind == PMD_TABLE:
-            zap_pte_range(k, mm, int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base))
+            zap_pte_range(k, mm, int(pt.pmd_row[s]), PHYS_PFN(lo - base), PHYS_PFN(hi - base), drop_markers)
     k.flush_tlb_range(mm, start, end)                 # tlb_finish_mmu()
 
 
@@ -509,6 +530,10 @@ def copy_pte_range(k: Kernel, dst: MM, src: MM, vma: VMA, s_src: int, lo: int, h
     d = dpt.slot(int(spt.pmd_index[s_src]))
     drow = pte_alloc(k, dst, d)
     pfns = spt.pte_pfn[srow, lo:hi].copy()
+    marks = pgtable.pte_guard_mask(pfns, spt.pte_flags[srow, lo:hi])
+    if marks.any():                                # copy_pte_marker(): guard markers are copied
+        cols = lo + np.flatnonzero(marks)
+        pgtable.set_ptes_scatter(k, dst, drow, cols, PTE_NONE, PTE_MARKER_GUARD)
     swp = pfns <= -2
     if swp.any():                                  # copy_nonpresent_pte(): swap_duplicate()
         cols = lo + np.flatnonzero(swp)

@@ -15,7 +15,7 @@ from .constants import (
     PHYS_PFN, VM_FLAG_MNEMONICS, VM_READ, VM_WRITE, VM_EXEC, VM_MAYREAD, VM_MAYWRITE, VM_MAYEXEC,
 )
 from .pgtable import (  # noqa: F401  (re-exported)
-    PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, PageTables, _PAGE_ACCESSED, _PAGE_DIRTY,
+    PMD_LEAF, PMD_NONE, PMD_TABLE, PTE_MARKER_GUARD, PTE_NEW_ANON, PTE_NONE, PTE_ZERO, PageTables, _PAGE_ACCESSED, _PAGE_DIRTY,
     _PAGE_HWPOISON, _PAGE_PRESENT, _PAGE_RW, _PAGE_SOFT_DIRTY, _PAGE_SPECIAL, _PAGE_SWP_EXCLUSIVE, pmd_index,
     pte_index, swp_entry, swp_offset, vpn_pmd_index, vpn_pte_index,
 )

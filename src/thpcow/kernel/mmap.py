@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .constants import (
     HPAGE_PMD_MASK, HPAGE_PMD_SIZE, MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_NORESERVE, MAP_POPULATE,
     MAP_PRIVATE, MAP_SHARED, MMAP_MIN_ADDR, PAGE_ALIGN, PAGE_MASK, PAGE_SIZE, PHYS_PFN, PROT_EXEC, PROT_READ,
-    PROT_WRITE, PUD_SIZE, TASK_SIZE, VM_ACCOUNT, VM_NORESERVE, VM_WRITE, U64, offset_in_page,
+    PROT_WRITE, PUD_SIZE, TASK_SIZE, VM_ACCOUNT, VM_MAYBE_GUARD, VM_NORESERVE, VM_WRITE, U64, offset_in_page,
 )
 from .errors import KernelError, einval, enomem
 from .mm import MM, PMD_NONE, PMD_TABLE, VMA, prot_to_vm_flags
@@ -114,11 +114,12 @@ def is_mergeable_anon_vma(a: VMA, b: VMA) -> bool:
 def can_merge(a: VMA, b: VMA) -> bool:
     """Model of the anon part of is_mergeable_vma()/is_mergeable_anon_vma().
 
-    The flags must be equal, VM_ACCOUNT and VM_NORESERVE included (only
-    VM_SOFTDIRTY is ignored, and thpcow has none); the page offsets must
-    follow on; the anon_vmas must be compatible.
+    The flags must be equal, VM_ACCOUNT and VM_NORESERVE included, but for
+    VM_IGNORE_MERGE: VM_SOFTDIRTY (thpcow has none) and the sticky
+    VM_MAYBE_GUARD, which the merged VMA keeps if either had it (VM_STICKY);
+    the page offsets must follow on; the anon_vmas must be compatible.
     """
-    return a.end == b.start and a.flags == b.flags and a.pgoff + PHYS_PFN(a.end - a.start) == b.pgoff and \
+    return a.end == b.start and not (a.flags ^ b.flags) & ~VM_MAYBE_GUARD and a.pgoff + PHYS_PFN(a.end - a.start) == b.pgoff and \
         is_mergeable_anon_vma(a, b)
 
 
@@ -133,6 +134,7 @@ def merge_vmas(mm: MM, start: int, end: int) -> None:
             continue
         if can_merge(a, b):
             a.end = b.end
+            a.flags |= b.flags & VM_MAYBE_GUARD
             if not a.anon_vma:
                 a.anon_vma, a.uncowed_parents = b.anon_vma, b.uncowed_parents
             del vmas[i + 1]

@@ -60,8 +60,21 @@ _PAGE_SWP_EXCLUSIVE = 1 << 6  # a swap entry whose page was AnonExclusive
 _PAGE_HWPOISON = 1 << 7       # an empty entry left by memory_failure(): access is SIGBUS
 
 # Entry encoding in pte_pfn: >= 0 a present page's PFN, -1 none, <= -2 a swap entry
-# for slot (-2 - value).
+# for slot (-2 - value).  A PTE marker is a -1 entry with marker bits in its flags:
+# _PAGE_HWPOISON (PTE_MARKER_POISONED, left by memory_failure()) or PTE_MARKER_GUARD.
 PTE_NONE = -1
+PTE_MARKER_GUARD = _PAGE_SPECIAL      # MADV_GUARD_INSTALL's marker: any access is SIGSEGV
+_PTE_MARKER_BITS = _PAGE_HWPOISON | PTE_MARKER_GUARD
+
+
+def pte_none_mask(pfn, flags):
+    """pte_none(): no page, no swap entry and no marker (ints or arrays)."""
+    return (pfn == PTE_NONE) & ((flags & _PTE_MARKER_BITS) == 0)
+
+
+def pte_guard_mask(pfn, flags):
+    """is_guard_pte_marker(): a guard marker (ints or arrays)."""
+    return (pfn == PTE_NONE) & ((flags & PTE_MARKER_GUARD) != 0)
 
 
 def swp_entry(slot):

@@ -23,6 +23,7 @@ from .mm import (
 SWP_HWPOISON_TYPE = 0x1F
 MAX_SWAPFILES_SHIFT = 5       # pagemap puts a swap entry's offset above its 5-bit type
 from .page_alloc import ZERO_PFN
+from .pgtable import pte_guard_mask
 from . import huge_memory as hm
 
 if TYPE_CHECKING:
@@ -214,6 +215,7 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
     looks at the head page only); the huge zero folio is never rmapped
     (mapcount 0), so its pages are not exclusive, and being no anon folio they
     carry PM_FILE.  A zero-page PTE has no normal page: present, nothing else.
+    A guard marker is a swap-type entry with PM_GUARD_REGION.
     """
     out = np.zeros(npages, dtype=np.uint64)
     if npages <= 0:
@@ -244,6 +246,8 @@ def pagemap_read(k: Kernel, mm: MM, addr: int, npages: int) -> np.ndarray:
         val[swp] = PM_SWAP | (swp_offset(pfn[swp]).astype(np.uint64) << np.uint64(MAX_SWAPFILES_SHIFT))
         hwp = (pfn == -1) & (fl & _PAGE_HWPOISON).astype(bool)
         val[hwp] = PM_SWAP | SWP_HWPOISON_TYPE          # a hwpoison swap-type entry
+        guard = pte_guard_mask(pfn, fl)
+        val[guard] = PM_SWAP | PM_GUARD_REGION          # a guard marker: a swap-type entry, PM_GUARD_REGION
         present = pfn >= 0
         val[present] = PM_PRESENT | pfn[present].astype(np.uint64)
         normal = np.flatnonzero(present & ~(fl & _PAGE_SPECIAL).astype(bool))

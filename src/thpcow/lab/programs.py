@@ -12,10 +12,15 @@ offsets are relative to it):
     ("adv", lo, hi, advice)                     madvise
     ("remap", lo, old_len, new_len, flags[, new_lo])   mremap
     ("fork",)                                   the rest runs in a child, whose VMAs are the result
+    ("padv", lo, hi, advice)                    after a fork: the parent's process_madvise() on the child
+    ("thpoff",)                                 prctl(PR_SET_THP_DISABLE, 1)
+    ("forkexit",)                               fork(); the child exits at once, the program goes on
 
 A result is {"rcs": the calls' return values (0, an offset for mremap, or an errno name),
 "vmas": the VMAs left in the stretch as rows (start, end, perms, VmFlags the simulator models,
 AnonHugePages kB, Rss kB)}; with ``trace=True`` also "trace": per step, the rows after it.
+With ``wide=True`` each row also has smaps Referenced (kB) and the counts of the VMA's pages
+that pagemap shows present, PM_MMAP_EXCLUSIVE, swapped and guard regions (WIDE_COLUMNS).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import errno
 import json
 import os
 import random
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,7 +42,11 @@ from ..kernel import (
     MAP_PRIVATE, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE, PAGE_SIZE, PROT_NONE, PROT_READ, PROT_WRITE,
     Kernel, KernelError,
 )
-from ..kernel.constants import MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, VM_FLAG_MNEMONICS
+from ..kernel.constants import (
+    MADV_COLD, MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE,
+    MADV_PAGEOUT, MADV_WILLNEED, MADV_WIPEONFORK,
+    PR_SET_THP_DISABLE, VM_FLAG_MNEMONICS,
+)
 from . import procfs
 
 K = PAGE_SIZE
@@ -54,7 +64,7 @@ def _span(program) -> int:
     """The stretch of address space a program uses, from base."""
     end = 0
     for step in program:
-        if step[0] in ("map", "touch", "read", "prot", "unmap", "adv"):
+        if step[0] in ("map", "touch", "read", "prot", "unmap", "adv", "padv"):
             end = max(end, step[2])
         elif step[0] == "remap":
             end = max(end, step[1] + max(step[2], step[3]))
@@ -66,11 +76,25 @@ def _span(program) -> int:
 _MODELLED_FLAGS = {name for _, name in VM_FLAG_MNEMONICS}
 
 
-def _vma_rows(vmas, base: int, span: int) -> list[list]:
-    """The VMAs in [base, base + span): offsets, perms, the VmFlags the simulator models, AnonHugePages, Rss."""
-    return [[v.start - base, v.end - base, v.perms, " ".join(f for f in v.vm_flags if f in _MODELLED_FLAGS),
-             v.fields.get("AnonHugePages", 0), v.fields.get("Rss", 0)]
-            for v in vmas if v.start < base + span and v.end > base]
+WIDE_COLUMNS = ("Referenced kB", "present", "exclusive", "swapped", "guard")
+_PM_MASKS = (procfs.PM_PRESENT, procfs.PM_MMAP_EXCLUSIVE, procfs.PM_SWAP, procfs.PM_GUARD_REGION)
+
+
+def _vma_rows(vmas, base: int, span: int, pagemap: Callable[[int, int], np.ndarray] | None = None) -> list[list]:
+    """The VMAs in [base, base + span): offsets, perms, the VmFlags the simulator models, AnonHugePages, Rss;
+    with ``pagemap`` (start, npages -> entries) also the WIDE_COLUMNS."""
+    rows = []
+    for v in vmas:
+        if not (v.start < base + span and v.end > base):
+            continue
+        row = [v.start - base, v.end - base, v.perms, " ".join(f for f in v.vm_flags if f in _MODELLED_FLAGS),
+               v.fields.get("AnonHugePages", 0), v.fields.get("Rss", 0)]
+        if pagemap is not None:
+            lo, hi = max(v.start, base), min(v.end, base + span)
+            entries = pagemap(lo, (hi - lo) // K)
+            row += [v.fields.get("Referenced", 0)] + [int(np.count_nonzero(entries & np.uint64(m))) for m in _PM_MASKS]
+        rows.append(row)
+    return rows
 
 
 def _stride(args) -> int:
@@ -89,10 +113,12 @@ def sim_kernel(knobs: dict[str, str] | None = None, ram: int = 1 << 30) -> Kerne
     return k
 
 
-def run_sim(program, k: Kernel | None = None, trace: bool = False) -> dict:
-    """The program on a simulated kernel (Linux 6.18 as booted, unless ``k`` is given)."""
+def run_sim(program, k: Kernel | None = None, trace: bool = False, wide: bool = False) -> dict:
+    """The program on a simulated kernel (Linux 6.18 as booted, unless ``k`` is given); ``wide``:
+    rows with the WIDE_COLUMNS."""
     k = k or Kernel(ram=1 << 30, check=True)
     p = k.spawn()
+    parent = None
     base, span = SIM_BASE, _span(program)
     rcs: list = []
     steps: list = []
@@ -103,6 +129,9 @@ def run_sim(program, k: Kernel | None = None, trace: bool = False) -> dict:
         except KernelError as e:
             return errno.errorcode[e.errno]
         return r
+
+    def rows():
+        return _vma_rows(procfs.parse_smaps(p.smaps()), base, span, p.pagemap if wide else None)
 
     for step in program:
         op, *args = step
@@ -121,17 +150,25 @@ def run_sim(program, k: Kernel | None = None, trace: bool = False) -> dict:
             rcs.append(call(p.munmap, base + args[0], args[1] - args[0]) or 0)
         elif op == "adv":
             rcs.append(call(p.madvise, base + args[0], args[1] - args[0], args[2]) or 0)
+        elif op == "padv":
+            if parent is None:
+                raise ValueError("padv before fork")
+            rcs.append(call(parent.process_madvise, p, base + args[0], args[1] - args[0], args[2]) or 0)
         elif op == "remap":
             lo, old_len, new_len, flags, *new = args
             r = call(p.mremap, base + lo, old_len, new_len, flags, base + new[0] if new else 0)
             rcs.append(r if isinstance(r, str) else r - base)
         elif op == "fork":
-            p = p.fork()
+            parent, p = p, p.fork()
+        elif op == "forkexit":
+            p.fork().exit()
+        elif op == "thpoff":
+            rcs.append(call(p.prctl, PR_SET_THP_DISABLE, 1) or 0)
         else:
             raise ValueError(op)
         if trace:
-            steps.append(_vma_rows(procfs.parse_smaps(p.smaps()), base, span))
-    out = {"rcs": rcs, "vmas": _vma_rows(procfs.parse_smaps(p.smaps()), base, span)}
+            steps.append(rows())
+    out = {"rcs": rcs, "vmas": rows()}
     if trace:
         out["trace"] = steps
     return out
@@ -157,8 +194,22 @@ def _syscall(nr: int, *args: int) -> int:
     return _libc.syscall(ctypes.c_long(nr), *(ctypes.c_ulong(a & ((1 << 64) - 1)) for a in args))
 
 
-def _real_steps(program, base: int, span: int, out_fd: int | None = None, trace: list | None = None) -> dict:
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_SYS_PIDFD_OPEN, _SYS_PROCESS_MADVISE = 434, 440
+_REQ = struct.Struct("qqq")                     # a padv request: start, length, advice
+_NO_RC = ("touch", "read", "fork", "forkexit")  # the steps that return nothing
+
+
+def _own_pagemap(start: int, npages: int) -> np.ndarray:
+    return procfs.read_pagemap(os.getpid(), start, npages)
+
+
+def _real_steps(program, base: int, span: int, trace: list | None = None, wide: bool = False,
+                padv: tuple[int, int] | None = None) -> dict:
+    """The steps on this process; ``padv``: the pipes (request, reply) to the parent that
+    carries out process_madvise() on this process."""
     rcs: list = []
+    pagemap = _own_pagemap if wide else None
     for i, step in enumerate(program):
         op, *args = step
         ctypes.set_errno(0)
@@ -180,38 +231,99 @@ def _real_steps(program, base: int, span: int, out_fd: int | None = None, trace:
             rcs.append(_rc(_libc.munmap(base + args[0], args[1] - args[0])))
         elif op == "adv":
             rcs.append(_rc(_syscall(_SYS_MADVISE, base + args[0], args[1] - args[0], args[2])))
+        elif op == "padv":
+            if padv is None:
+                raise ValueError("padv before fork")
+            os.write(padv[0], _REQ.pack(base + args[0], args[1] - args[0], args[2]))
+            (r,) = struct.unpack("q", _read_exact(padv[1], 8))
+            rcs.append(errno.errorcode[-r] if r < 0 else 0)
         elif op == "remap":
             lo, old_len, new_len, flags, *new = args
             r = _syscall(_SYS_MREMAP, base + lo, old_len, new_len, flags, base + new[0] if new else 0)
             rcs.append(errno.errorcode[ctypes.get_errno()] if r == -1 else (r & ((1 << 64) - 1)) - base)
+        elif op == "thpoff":
+            rcs.append(_rc(_libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)))
+        elif op == "forkexit":
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
         elif op == "fork":
             if trace is not None:
                 trace.append(None)              # the child's VMAs, filled in by _real_fork
-            return _real_fork(program[i + 1:], base, span, rcs, trace)
+            return _real_fork(program[i + 1:], base, span, rcs, trace, wide)
         else:
             raise ValueError(op)
         if trace is not None:
-            trace.append(_vma_rows(procfs.read_smaps(os.getpid()), base, span))
-    out = {"rcs": rcs, "vmas": _vma_rows(procfs.read_smaps(os.getpid()), base, span)}
+            trace.append(_vma_rows(procfs.read_smaps(os.getpid()), base, span, pagemap))
+    out = {"rcs": rcs, "vmas": _vma_rows(procfs.read_smaps(os.getpid()), base, span, pagemap)}
     if trace is not None:
         out["trace"] = trace
     return out
 
 
-def _in_child(fn) -> tuple[int, dict | None]:
-    """fork(); the child runs ``fn()`` and sends back its JSON result through a pipe.  Returns
-    the child's wait status and the result (None if the child sent none)."""
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def _serve_padv(pid: int, requests: int, replies: int) -> None:
+    """The parent's side of "padv": process_madvise() on the child ``pid`` for each request,
+    until the child closes its end."""
+    pidfd = _syscall(_SYS_PIDFD_OPEN, pid, 0)
+    try:
+        while len(req := _read_exact(requests, _REQ.size)) == _REQ.size:
+            start, length, advice = _REQ.unpack(req)
+            iov = (ctypes.c_ulong * 2)(start, length)
+            if pidfd < 0:
+                r = -errno.ESRCH
+            else:
+                ret = _syscall(_SYS_PROCESS_MADVISE, pidfd, ctypes.addressof(iov), 1, advice, 0)
+                r = -ctypes.get_errno() if ret == -1 else 0
+            os.write(replies, struct.pack("q", r))
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _in_child(fn, serve: bool = False) -> tuple[int, dict | None]:
+    """fork(); the child runs ``fn()`` (``fn(padv_pipes)`` with ``serve``) and sends back its JSON
+    result through a pipe.  With ``serve`` this process answers the child's "padv" requests
+    meanwhile.  Returns the child's wait status and the result (None if the child sent none)."""
     r, w = os.pipe()
+    if serve:
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             os.close(r)
-            os.write(w, json.dumps(fn()).encode())
+            if serve:
+                os.close(req_r)
+                os.close(rep_w)
+                res = fn((req_w, rep_r))
+                os.close(req_w)                 # the parent stops serving
+            else:
+                res = fn()
+            os.write(w, json.dumps(res).encode())
             status = 0
         finally:
             os._exit(status)
     os.close(w)
+    if serve:
+        os.close(req_w)
+        os.close(rep_r)
+        try:
+            _serve_padv(pid, req_r, rep_w)
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
     chunks = []
     while chunk := os.read(r, 1 << 16):
         chunks.append(chunk)
@@ -220,14 +332,15 @@ def _in_child(fn) -> tuple[int, dict | None]:
     return status, (json.loads(b"".join(chunks)) if status == 0 else None)
 
 
-def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None) -> dict:
-    """fork(); the child runs ``rest`` and reports its results and VMAs through a pipe."""
-    def child() -> dict:
+def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None, wide: bool = False) -> dict:
+    """fork(); the child runs ``rest`` and reports its results and VMAs through a pipe; this
+    process serves its "padv" steps."""
+    def child(padv) -> dict:
         if trace is not None:
-            trace[-1] = _vma_rows(procfs.read_smaps(os.getpid()), base, span)
-        return _real_steps(rest, base, span, trace=trace)
+            trace[-1] = _vma_rows(procfs.read_smaps(os.getpid()), base, span, _own_pagemap if wide else None)
+        return _real_steps(rest, base, span, trace=trace, wide=wide, padv=padv)
 
-    status, got = _in_child(child)
+    status, got = _in_child(child, serve=True)
     assert status == 0, f"the child failed (wait status {status})"
     out = {"rcs": rcs + got["rcs"], "vmas": got["vmas"]}
     if trace is not None:
@@ -235,7 +348,7 @@ def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None)
     return out
 
 
-def run_real(program, trace: bool = False) -> dict:
+def run_real(program, trace: bool = False, wide: bool = False) -> dict:
     """The program on the running kernel, on a fresh 1 GiB aligned stretch of this process."""
     span = _span(program)
     size = span + G
@@ -244,15 +357,15 @@ def run_real(program, trace: bool = False) -> dict:
     base = -(-r // G) * G
     _libc.munmap(r, size)                          # [base, base + span) is free now
     try:
-        return _real_steps(program, base, span, trace=[] if trace else None)
+        return _real_steps(program, base, span, trace=[] if trace else None, wide=wide)
     finally:
         _libc.munmap(base, span)
 
 
-def run_real_forked(program, trace: bool = False) -> dict:
+def run_real_forked(program, trace: bool = False, wide: bool = False) -> dict:
     """run_real() in a forked child: a program that faults kills the child, not this process
     (RuntimeError then)."""
-    status, got = _in_child(lambda: run_real(program, trace))
+    status, got = _in_child(lambda: run_real(program, trace, wide))
     if status != 0:
         raise RuntimeError(f"the program's child failed (wait status {status})")
     return got
@@ -269,7 +382,10 @@ def real_kernel_reason() -> str | None:
 
 # -- seeded random programs ------------------------------------------------------------------------------
 ADVICE_NAMES = {MADV_HUGEPAGE: "MADV_HUGEPAGE", MADV_NOHUGEPAGE: "MADV_NOHUGEPAGE", MADV_DONTNEED: "MADV_DONTNEED",
-                MADV_COLLAPSE: "MADV_COLLAPSE", MADV_DONTFORK: "MADV_DONTFORK", MADV_DOFORK: "MADV_DOFORK"}
+                MADV_COLLAPSE: "MADV_COLLAPSE", MADV_DONTFORK: "MADV_DONTFORK", MADV_DOFORK: "MADV_DOFORK",
+                MADV_FREE: "MADV_FREE", MADV_COLD: "MADV_COLD", MADV_PAGEOUT: "MADV_PAGEOUT",
+                MADV_WILLNEED: "MADV_WILLNEED", MADV_WIPEONFORK: "MADV_WIPEONFORK",
+                MADV_GUARD_INSTALL: "MADV_GUARD_INSTALL", MADV_GUARD_REMOVE: "MADV_GUARD_REMOVE"}
 PROT_NAMES = {RW: "RW", R: "R", NONE: "NONE"}
 RANDOM_SPAN = 32 * M                    # random programs stay in [0, 32 MiB) of their stretch
 
@@ -277,18 +393,30 @@ RANDOM_SPAN = 32 * M                    # random programs stay in [0, 32 MiB) of
 class _Pages:
     """What a program has done to each 4 KiB page, for touching only what is surely mapped
     read-write (a store elsewhere would kill the runner): -1 unmapped, else the protection;
-    a call that fails part-way (a hole in its range) leaves its range unknown (-2)."""
+    a call that fails part-way (a hole in its range) leaves its range unknown (-2); and
+    where guard markers may be.  A "padv" needs a fork before it."""
 
     def __init__(self, span: int) -> None:
         self.prot = np.full(span // K, -1, dtype=np.int8)
         self.dontfork = np.zeros(span // K, dtype=bool)
+        self.guard = np.zeros(span // K, dtype=bool)        # maybe a guard marker (SIGSEGV on access)
+        self.forked = False
+
+    def accessible(self, need: tuple[int, ...]) -> np.ndarray:
+        """The pages surely mapped with one of the protections ``need`` and no guard marker."""
+        return np.isin(self.prot, need) & ~self.guard
 
     def step(self, step) -> bool:
         """Apply ``step``; False when it would store to a page not surely read-write."""
         op, *args = step
         if op == "fork":
             self.prot[self.dontfork] = -2           # maybe gone in the child
+            self.forked = True
             return True
+        if op in ("forkexit", "thpoff"):
+            return True
+        if op == "padv" and not self.forked:
+            return False                            # process_madvise() on a child not there yet
         lo, hi = args[0] // K, -(-args[1] // K)
         if op == "remap":
             new_len = args[2]
@@ -303,12 +431,14 @@ class _Pages:
             if (sl == -1).all():
                 sl[:] = args[2]
                 self.dontfork[lo:hi] = False
+                self.guard[lo:hi] = False
             elif (sl != -1).all() and (sl != -2).all():
                 pass                                    # EEXIST: nothing changes
             else:
                 sl[sl == -1] = -2                      # unknown whether it mapped
         elif op == "unmap":
             sl[:] = -1
+            self.guard[lo:hi] = False
         elif op == "prot":
             sl[:] = args[2] if (sl >= 0).all() else -2
         elif op == "adv":
@@ -316,9 +446,13 @@ class _Pages:
                 self.dontfork[lo:hi] = True
             elif args[2] == MADV_DOFORK and (sl >= 0).all():
                 self.dontfork[lo:hi] = False
+            elif args[2] == MADV_GUARD_INSTALL:
+                self.guard[lo:hi] = True
+            elif args[2] == MADV_GUARD_REMOVE:
+                self.guard[lo:hi] &= sl < 0             # cleared where surely mapped
         elif op in ("touch", "read"):
             need = (RW,) if op == "touch" else (RW, R)
-            return bool(np.isin(sl, need).all())
+            return bool(self.accessible(need)[lo:hi].all())
         return True
 
 
@@ -328,10 +462,16 @@ def program_is_safe(program) -> bool:
     return all(pages.step(s) for s in program)
 
 
-def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN) -> list[tuple]:
+def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN, wide: bool = False) -> list[tuple]:
     """A seeded random program: 2-8 MiB mappings at PMD-aligned offsets, madvise of
     HUGEPAGE/NOHUGEPAGE/DONTNEED/COLLAPSE/DONTFORK/DOFORK, mprotect, partial munmap, mremap
-    (in place, or MREMAP_FIXED moves inside the stretch) and strided stores over random ranges (often straddling PMDs and mappings), perhaps one fork."""
+    (in place, or MREMAP_FIXED moves inside the stretch) and strided stores over random ranges
+    (often straddling PMDs and mappings), perhaps one fork.
+
+    ``wide``: the wider set, also MADV_FREE/COLD/PAGEOUT/WILLNEED/WIPEONFORK, MAP_NORESERVE,
+    PROT_NONE round trips, loads (and load-then-store), process_madvise() of the parent on its
+    forked child (COLD/PAGEOUT/WILLNEED/COLLAPSE), PR_SET_THP_DISABLE before the fork and a
+    child that exits at once."""
     pages = _Pages(span)
     prog: list[tuple] = []
     regions: list[tuple[int, int]] = []
@@ -371,7 +511,8 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
     forked = False
     while len(prog) < steps:
         roll = rng.random()
-        if roll < 0.2 or not regions:
+        kind = _wide_kind(roll, forked) if wide else _basic_kind(roll)
+        if kind == "map" or not regions:
             if regions and rng.random() < 0.6:           # somewhere free, mostly
                 free = [i * PMD for i in range(span // PMD) if (pages.prot[i * PMD // K:(i + 1) * PMD // K] == -1).all()]
                 if not free:
@@ -382,28 +523,35 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
                 while run + PMD < span and run + PMD in free and run + PMD - lo < size:
                     run += PMD
                 size = max(PMD, min(size, run + PMD - lo))
-                step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]))
+                step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]), *_map_extra(rng, wide))
                 regions.append((lo, lo + size))
                 if pages.step(step):
                     prog.append(step)
                 continue
             size = rng.randrange(2 * M // K, 8 * M // K + 1) * K if rng.random() < 0.4 else rng.randrange(1, 5) * PMD
             lo = rng.randrange(0, (span - size) // PMD + 1) * PMD
-            step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]))
+            step = ("map", lo, lo + size, rng.choice([RW, RW, RW, R]), *_map_extra(rng, wide))
             regions.append((lo, lo + size))
-        elif roll < 0.5:
+        elif kind == "adv":
             lo, hi = a_range()
-            step = ("adv", lo, hi, rng.choice([MADV_HUGEPAGE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED,
-                                               MADV_COLLAPSE, MADV_COLLAPSE, MADV_DONTFORK, MADV_DOFORK]))
-        elif roll < 0.62:
+            step = ("adv", lo, hi, rng.choice(WIDE_ADVICE if wide else BASIC_ADVICE))
+        elif kind == "padv":
+            lo, hi = a_range()
+            step = ("padv", lo, hi, rng.choice(REMOTE_ADVICE))
+        elif kind == "prot":
             lo, hi = a_range()
             step = ("prot", lo, hi, rng.choice([RW, RW, R, NONE]))
-        elif roll < 0.68:
+            if wide and rng.random() < 0.3 and (pages.prot[lo // K:-(-hi // K)] >= 0).all():
+                back = int(pages.prot[lo // K])         # a PROT_NONE round trip
+                if (pages.prot[lo // K:-(-hi // K)] == back).all() and pages.step(("prot", lo, hi, NONE)):
+                    prog.append(("prot", lo, hi, NONE))
+                    step = ("prot", lo, hi, back)
+        elif kind == "unmap":
             lo, hi = a_range()
             if hi - lo > 4 * M:
                 hi = lo + rng.randrange(1, 4 * M // K + 1) * K
             step = ("unmap", lo, hi)
-        elif roll < 0.73:
+        elif kind == "remap":
             lo, hi = a_range()
             old_len = min(hi - lo, 4 * M)
             if rng.random() < 0.5:                      # in place: shrink or grow
@@ -413,25 +561,65 @@ def random_program(rng: random.Random, steps: int = 16, span: int = RANDOM_SPAN)
                 new_lo = min(new_lo, span - old_len)
                 flags = MAYMOVE | FIXED | (DONTUNMAP if rng.random() < 0.25 else 0)
                 step = ("remap", lo, old_len, old_len, flags, new_lo)
-        elif roll < 0.97:
-            rw = np.flatnonzero(pages.prot == RW)
+        elif kind in ("touch", "read"):
+            ok = pages.accessible((RW,) if kind == "touch" else (RW, R))
+            rw = np.flatnonzero(ok)
             if not len(rw):
                 continue
             first = int(rw[rng.randrange(len(rw))])
             last = first
-            while last + 1 < len(pages.prot) and pages.prot[last + 1] == RW and last - first < 4 * M // K:
+            while last + 1 < len(pages.prot) and ok[last + 1] and last - first < 4 * M // K:
                 last += 1
             lo = first * K
             hi = rng.randrange(first + 1, last + 2) * K
-            step = ("touch", lo, hi, rng.choice([K, K, 2 * K, 16 * K, 512 * K]))
+            if kind == "read":
+                step = ("read", lo, hi)
+                if rng.random() < 0.4 and pages.accessible((RW,))[first:hi // K].all() and pages.step(step):
+                    prog.append(step)                   # read, then write
+                    step = ("touch", lo, hi)
+            else:
+                step = ("touch", lo, hi, rng.choice([K, K, 2 * K, 16 * K, 512 * K]))
+        elif kind == "forkexit":
+            step = ("forkexit",)
         else:
             if forked:
                 continue
             forked = True
+            if wide and rng.random() < 0.3 and len(prog) + 1 < steps:
+                prog.append(("thpoff",))                # PR_SET_THP_DISABLE, inherited by the child
             step = ("fork",)
         if pages.step(step):
             prog.append(step)
-    return prog
+    return prog[:steps]
+
+
+BASIC_ADVICE = [MADV_HUGEPAGE, MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTNEED, MADV_COLLAPSE, MADV_COLLAPSE,
+                MADV_DONTFORK, MADV_DOFORK]
+WIDE_ADVICE = BASIC_ADVICE + [MADV_FREE, MADV_FREE, MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED, MADV_WIPEONFORK,
+                              MADV_GUARD_INSTALL, MADV_GUARD_REMOVE]
+REMOTE_ADVICE = [MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED, MADV_COLLAPSE]     # process_madvise() on another process
+
+
+def _basic_kind(roll: float) -> str:
+    """The basic set's step kinds, by a uniform roll."""
+    for bound, kind in ((0.2, "map"), (0.5, "adv"), (0.62, "prot"), (0.68, "unmap"), (0.73, "remap"), (0.97, "touch")):
+        if roll < bound:
+            return kind
+    return "fork"
+
+
+def _wide_kind(roll: float, forked: bool) -> str:
+    """The wide set's step kinds: also loads, process_madvise() on the child, fork-and-exit."""
+    for bound, kind in ((0.15, "map"), (0.38, "adv"), (0.48, "prot"), (0.53, "unmap"), (0.58, "remap"),
+                        (0.72, "touch"), (0.84, "read"), (0.91, "padv"), (0.95, "forkexit")):
+        if roll < bound:
+            return "adv" if kind == "padv" and not forked else kind
+    return "fork"
+
+
+def _map_extra(rng: random.Random, wide: bool) -> tuple:
+    """The wide set maps one mapping in five MAP_NORESERVE."""
+    return (MAP_NORESERVE,) if wide and rng.random() < 0.2 else ()
 
 
 def format_program(program) -> str:
@@ -447,8 +635,9 @@ def format_program(program) -> str:
     for step in program:
         op, *args = step
         if op in ("map", "prot"):
-            parts = [num(args[0]), num(args[1]), PROT_NAMES.get(args[2], str(args[2]))] + [str(a) for a in args[3:]]
-        elif op == "adv":
+            parts = [num(args[0]), num(args[1]), PROT_NAMES.get(args[2], str(args[2]))] + \
+                ["MAP_NORESERVE" if a == MAP_NORESERVE else str(a) for a in args[3:]]
+        elif op in ("adv", "padv"):
             parts = [num(args[0]), num(args[1]), ADVICE_NAMES.get(args[2], str(args[2]))]
         elif op == "touch":
             parts = [num(args[0]), num(args[1])] + [num(a) for a in args[2:]]
@@ -471,7 +660,7 @@ def first_difference(a: dict, b: dict, program: list | None = None) -> str | Non
     if program is not None and ta is not None and tb is not None:
         call = 0
         for i, step in enumerate(program):
-            if step[0] not in ("touch", "read", "fork"):
+            if step[0] not in _NO_RC:
                 x, y = a["rcs"][call:call + 1], b["rcs"][call:call + 1]
                 if x != y:
                     return f"step {i} ({step[0]}) returned {x[0] if x else None} vs {y[0] if y else None}"
@@ -512,11 +701,13 @@ class DiffSummary:
     seed: int = 0
     steps: int = 0
     elapsed_s: float = 0.0
+    lock_wait_s: float = 0.0                            # of elapsed_s, waiting for the lab lock
     outcomes: list[Outcome] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"programs": self.programs, "equal": self.equal, "noisy": self.noisy, "different": self.different,
                 "seed": self.seed, "steps": self.steps, "elapsed_s": round(self.elapsed_s, 3),
+                "lock_wait_s": round(self.lock_wait_s, 3),
                 "differences": [{"index": o.index, "where": o.where, "program": o.program, "minimal": o.minimal,
                                  "real": o.real, "sim": o.sim}
                                 for o in self.outcomes if o.verdict == "different"],
@@ -528,9 +719,9 @@ class DiffSummary:
 Runner = Callable[[list], dict]
 
 
-def _real_with_vmstat(program) -> tuple[dict, dict[str, int]]:
+def _real_with_vmstat(program, wide: bool = False) -> tuple[dict, dict[str, int]]:
     before = procfs.read_vmstat()
-    res = run_real_forked(program, trace=True)
+    res = run_real_forked(program, trace=True, wide=wide)
     after = procfs.read_vmstat()
     return res, {c: after.get(c, 0) - before.get(c, 0) for c in NOISE_COUNTERS}
 
@@ -558,9 +749,10 @@ def shrink(program: list, differs: Callable[[list], bool]) -> list:
 
 def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None = None,
                  real_runner: Runner | None = None, knobs: dict[str, str] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> DiffSummary:
+                 progress: Callable[[str, int, int], None] | None = None, wide: bool = False) -> DiffSummary:
     """Run ``n`` random programs (seeded by ``seed``) on the simulator and on the running kernel
     (or ``real_runner``, which is then taken as noise-free) and compare them step by step.
+    ``wide``: the wider set of programs (random_program()) and of columns (WIDE_COLUMNS).
 
     A mismatch is rerun twice on the real side: a rerun that gives the simulator's result or
     differs from the first run, or a first run
@@ -584,7 +776,7 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
             return (sim_runner(program), {}) if with_vmstat else sim_runner(program)
         k = sim_kernel(knobs)
         before = k.vmstat_snapshot()
-        res = run_sim(program, k, trace=True)
+        res = run_sim(program, k, trace=True, wide=wide)
         after = k.vmstat_snapshot()
         d = {c: after.get(c, 0) - before.get(c, 0) for c in NOISE_COUNTERS}
         return (res, d) if with_vmstat else res
@@ -592,9 +784,11 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
     def real(program):
         if not kernel_side:
             return real_runner(program), {}
-        from . import scenario
-        with scenario.lab_lock():
-            return _real_with_vmstat(program)
+        lock.hold()
+        try:
+            return _real_with_vmstat(program, wide)
+        finally:
+            lock.maybe_release()
 
     def differs(program) -> bool:
         r1, _ = real(program)
@@ -605,9 +799,54 @@ def differential(n: int, seed: int, steps: int = 16, sim_runner: Runner | None =
             return r1 == r2
         return True
 
-    out = DiffSummary(programs=n, seed=seed, steps=steps)
+    lock = _LockSlice()
+    try:
+        out = _differential(n, rng, steps, wide, sim, real, differs, kernel_side, progress, t0,
+                            DiffSummary(programs=n, seed=seed, steps=steps))
+    finally:
+        lock.release()
+    out.lock_wait_s = lock.waited_s
+    return out
+
+
+class _LockSlice:
+    """The lab lock (scenario.lab_lock()), held for up to ``slice_s`` seconds of runs at a time (others
+    hold it for whole tests):
+    one wait for the lock per slice rather than per program."""
+
+    def __init__(self, slice_s: float = 60.0) -> None:
+        import contextlib
+        self.slice_s = slice_s
+        self.stack = contextlib.ExitStack()
+        self.since: float | None = None
+        self.waited_s = 0.0                     # time spent waiting for the lock
+
+    def hold(self) -> None:
+        import time
+
+        from . import scenario
+        if self.since is None:
+            t = time.monotonic()
+            self.stack.enter_context(scenario.lab_lock())
+            self.since = time.monotonic()
+            self.waited_s += self.since - t
+
+    def maybe_release(self) -> None:
+        import time
+        if self.since is not None and time.monotonic() - self.since > self.slice_s:
+            self.release()
+
+    def release(self) -> None:
+        self.stack.close()
+        self.since = None
+
+
+def _differential(n, rng, steps, wide, sim, real, differs, kernel_side, progress, t0, out) -> DiffSummary:
+    """The loop of differential(): each program run, judged, and if different shrunk."""
+    import time
+
     for i in range(n):
-        program = random_program(rng, steps=steps)
+        program = random_program(rng, steps=steps, wide=wide)
         if progress:
             progress(f"program {i + 1} of {n}", i, n)
         r1, d1 = real(program)

@@ -305,8 +305,10 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     progress("measured: latency model against the running kernel (validate --quick)")
     try:
         from ..lab.validate import BAND, ValidationConfig, validate
-        rep = validate(ValidationConfig.quick_config())          # holds the lab lock itself
-        m.validate_profile = rep.profile.name
+        from ..machine import cost_presets
+        choice = cost_presets.select()       # this machine's cached profile, else its CPU's preset
+        rep = validate(ValidationConfig.quick_config(), choice.profile)   # holds the lab lock itself
+        m.validate_profile = choice.line()
         m.validate_band = tuple(BAND)
         for row in rep.rows:
             m.validate.append({"scenario": row.label, "measured_ms": row.measured_ns / 1e6,

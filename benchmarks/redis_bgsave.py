@@ -90,12 +90,12 @@ def run(sc: Scenario, tlb: bool) -> tuple[runner.PointResult, float, dict[str, f
     saved_step, saved_init = runner._Run.step, runner._Run.__init__
     wall: dict[str, float] = {}
 
-    def step(self, seq, op):
+    def step(self, it):
         t = time.perf_counter()
         try:
-            saved_step(self, seq, op)
+            saved_step(self, it)
         finally:
-            key = f"{op.kind}/{op.phase}"
+            key = f"{it.op.kind}/{it.op.phase}"
             wall[key] = wall.get(key, 0.0) + time.perf_counter() - t
 
     def init(self, *a, **kw):

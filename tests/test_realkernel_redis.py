@@ -112,6 +112,23 @@ def test_cow_bytes_within_10_percent(pair) -> None:
     assert abs(c["sim_over_real"] - 1) <= 0.10, _explain(real, cmp)
 
 
+@pytest.fixture(scope="module")
+def small_pages() -> tuple[dict, dict]:
+    """The same BGSAVE with the heap left on 4 KiB pages (the allocator not asked to advise it)."""
+    real = _run(set_rate=RATE, thp=False)
+    return real, R.compare_with_sim(real)
+
+
+def test_a_heap_on_4k_pages_gets_no_thp_and_the_simulator_follows(small_pages) -> None:
+    real, cmp = small_pages
+    assert real["thp"] is False and cmp["sim_params"]["thp"] is False
+    assert real["rollup"]["before_fork"]["AnonHugePages"] == 0, _explain(real, cmp)
+    assert cmp["split"]["sim_thp_split_pmd"] == 0
+    c = cmp["cow"]
+    assert c["real_rdb_last_cow_size"] > 4 << 20, _explain(real, cmp)
+    assert abs(c["sim_over_real"] - 1) <= 0.10, _explain(real, cmp)
+
+
 def test_the_real_cow_is_the_layout_plus_the_childs_own_writes(pair, idle) -> None:
     """rdb_last_cow_size = the pages of the keys written (from the measured layout) + what the
     child writes by itself (measured at 0 SET/s) + the blocks of the values the warm-up moved.

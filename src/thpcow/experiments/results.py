@@ -320,11 +320,15 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     try:
         from ..lab import redis as rl
         binary = rl.find_redis_server()
-        for label, rate in (("light", 20_000.0), ("heavy", 60_000.0)):
-            progress(f"measured: a real Redis BGSAVE under {label} SET load ({rate:,.0f}/s)")
-            real = rl.run_redis_bgsave(16 if quick else 64, rate, server=binary)
+        cases = [(thp, label, rate) for thp in (True, False)
+                 for label, rate in (("light", 20_000.0), ("heavy", 60_000.0))]
+        for thp, label, rate in cases:
+            pages = "THP" if thp else "4 KiB"
+            progress(f"measured: a real Redis BGSAVE under {label} SET load ({rate:,.0f}/s), {pages} heap")
+            real = rl.run_redis_bgsave(16 if quick else 64, rate, server=binary, thp=thp)
             cmp = rl.compare_with_sim(real)
-            m.redis.append({"load": label, "set_rate": rate, "real_cow_mib": cmp["cow"]["real_rdb_last_cow_size"] / MIB,
+            m.redis.append({"load": label, "pages": pages, "set_rate": rate,
+                            "real_cow_mib": cmp["cow"]["real_rdb_last_cow_size"] / MIB,
                             "sim_cow_mib": cmp["cow"]["sim_cow_bytes"] / MIB,
                             "ratio": cmp["cow"]["sim_over_real"],
                             "real_split": cmp["split"]["real_parent_thps_split"],

@@ -489,7 +489,7 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
         if before_roll is None:
             raise RedisError("the server went away")
         dataset_kb = dataset_mib * 1024
-        if before_roll["AnonHugePages"] < dataset_kb // 2:
+        if env_extra and before_roll["AnonHugePages"] < dataset_kb // 2:
             raise RedisUnavailable(
                 f"the server's heap is not on THPs: AnonHugePages {before_roll['AnonHugePages']} kB of "
                 f"Anonymous {before_roll['Anonymous']} kB after loading {dataset_mib} MiB ({how}; THP knobs "
@@ -558,7 +558,7 @@ def _once(binary: str, version: dict[str, str], env_extra: dict[str, str], how: 
         keys_written = key_seq[acked_before:acked_before + sets_to_report]
         return {
             "server": binary, "version": version.get("v"), "allocator": version.get("malloc"),
-            "thp_heap": how, "kernel": os.uname().release, "knobs": procfs.read_thp_knobs(),
+            "thp_heap": how, "thp": bool(env_extra), "kernel": os.uname().release, "knobs": procfs.read_thp_knobs(),
             "dataset_mib": dataset_mib, "value_size": value_size, "nkeys": nkeys, "populate_s": populate_s,
             "used_memory": int(mem.get("used_memory", 0)), "layout": layout,
             "set_rate_target": set_rate, "key_dist": key_dist, "zipf_s": zipf_s, "seed": seed,
@@ -624,14 +624,15 @@ def _pages_of(addrs: np.ndarray, written: np.ndarray, stride: int, value_size: i
 def run_redis_bgsave(dataset_mib: int = 64, set_rate: float = 20_000.0, *, value_size: int = 1000,
                      key_dist: str = "uniform", zipf_s: float = 0.99, sample_ms: float = 2.0,
                      warmup_ms: float = 50.0, seed: int = 0, server: str | None = None, attempts: int = 3,
-                     rate_tolerance: float = 0.2, max_child_s: float = 20.0) -> dict[str, Any]:
+                     rate_tolerance: float = 0.2, max_child_s: float = 20.0, thp: bool = True) -> dict[str, Any]:
     """A real BGSAVE of ``dataset_mib`` MiB while a client SETs ``set_rate`` keys per second.
 
     Returns a dict (see the module docstring).  A run is retried (up to ``attempts``) when it
     was disturbed: the client's rate inside the snapshot window off the target by more than
     ``rate_tolerance`` (the machine was busy), or khugepaged collapsed into the server while the
     child lived (thp_collapse_alloc moved and the parent's AnonHugePages grew); the reasons are
-    kept in ``retries``.  RedisUnavailable when there is no server, no THP, or the heap did not
+    kept in ``retries``.  ``thp=False``: the heap is left on 4 KiB pages (the allocator is not
+    asked to advise it).  RedisUnavailable when there is no server, no THP, or the heap did not
     get THPs (the reason says which).
     """
     if dataset_mib < 4:
@@ -649,7 +650,7 @@ def run_redis_bgsave(dataset_mib: int = 64, set_rate: float = 20_000.0, *, value
         raise RedisUnavailable("reading the server's memory (/proc/PID/mem) needs root")
     binary = find_redis_server(server)
     version = server_version(binary)
-    env_extra, how = thp_heap_env(binary, version)
+    env_extra, how = thp_heap_env(binary, version) if thp else ({}, "4 KiB pages (the heap is not advised)")
     retries: list[str] = []
     with lab_lock():
         for i in range(max(1, attempts)):
@@ -692,7 +693,7 @@ def sim_params(real: dict[str, Any]) -> dict[str, Any]:
     dataset_mib = max(1, math.ceil(real["nkeys"] * stride / MiB))
     lifetime_s = real["child_lifetime_ms"] / 1e3
     return {
-        "dataset_mib": dataset_mib, "thp": True, "value_size": stride,
+        "dataset_mib": dataset_mib, "thp": bool(real.get("thp", True)), "value_size": stride,
         "key_dist": real["key_dist"], "zipf_s": real["zipf_s"],
         "writes_per_s": float(real["set_rate"]),
         "scan_mib_s": dataset_mib / lifetime_s,
@@ -730,7 +731,7 @@ def compare_with_sim(real: dict[str, Any], seed: int = 0) -> dict[str, Any]:
     # sample its own writes split (its malloc buffers, in the same heap).
     child_split = ((ro["before_fork"]["AnonHugePages"] - ro["child_last"]["AnonHugePages"]) // pmd_kb
                    if ro["child_last"] else None)
-    sim_ahp_before = int(params["dataset_mib"] * 1024)
+    sim_ahp_before = int(params["dataset_mib"] * 1024) if params["thp"] else 0
     sim_ahp_after = int(snap.get("anon_huge_kb", {}).get(0, -1))
     return {
         "sim_params": params,

@@ -287,8 +287,13 @@ def test_recorded_program_replays_with_the_real_cow_and_splits(tmp_path, seed):
     fork_row = next(i for i, r in enumerate(rows) if r[2] == "fork")
     exit_row = next(i for i, r in enumerate(rows) if r[1] == child and r[2] == "exit")
     assert where and fork_row < min(where) and max(where) < exit_row
-    written = sum(r[4] for r in rows if r[1] == child and r[2] == "write" and lo <= r[3] < hi)
-    assert written == real["written"] * PAGE                      # exact: each page once, nothing else
+    # exactly the pages the child wrote, nothing else (a page may come in the rows of two
+    # intervals when a scan meets its store: one CI run saw 479 page-rows for 478 pages)
+    pages = set()
+    for r in rows:
+        if r[1] == child and r[2] == "write" and lo <= r[3] < hi:
+            pages.update(range(r[3] // PAGE, (r[3] + r[4]) // PAGE))
+    assert len(pages) == real["written"]
     _check_against_replay(tmp_path, real, rows)
 
 

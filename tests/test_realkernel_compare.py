@@ -289,7 +289,9 @@ def test_cli_on_sim_real_prints_both(monkeypatch, capsys, tmp_path):
 
 
 RUNNER = r"""
-import os, sys, time
+import os, signal, sys, time
+# a test runner's worker may ignore SIGINT, and a child inherits that: take Python's handler back
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from thpcow.experiments.scenario import resolve_scenario
 from thpcow.lab import realrun
 sc = resolve_scenario({"name": "hold", "ram_mib": 256, "tlb_model": False,
@@ -323,7 +325,7 @@ def test_no_agent_survives_the_runner(tmp_path, sig):
         proc.send_signal(getattr(signal, sig))
         # the runner's own cleanup is bounded (5 s per agent's exit reply, 10 s for a process to
         # go, 2 s per pid to be reaped): under a loaded machine it may take most of that
-        proc.wait(timeout=90)
+        proc.wait(timeout=45)
         deadline = time.monotonic() + 10
         while alive_agents(pids) and time.monotonic() < deadline:
             time.sleep(0.05)

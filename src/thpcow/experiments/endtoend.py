@@ -128,9 +128,9 @@ def _real_figures(real) -> dict[str, float]:
     kinds = np.asarray(rows["kind"], dtype=object)
     wall = np.asarray(rows["wall_ns"], dtype=np.float64)
     busy = wall[np.isin(kinds, ("write", "read"))]
-    t = np.asarray(samples["t_ns"])
-    anon = np.asarray(samples["anon_kb"], dtype=np.float64)
-    peak = max((anon[t == x].sum() for x in np.unique(t)), default=math.nan) / 1024.0
+    _times, at = np.unique(np.asarray(samples["t_ns"]), return_inverse=True)
+    per_sample = np.bincount(at, weights=np.asarray(samples["anon_kb"], dtype=np.float64))
+    peak = float(per_sample.max()) / 1024.0 if len(per_sample) else math.nan
     return {"cow_mib": float(s["cow_mib"]), "peak_anon_mib": float(peak),
             "p99_us": float(s["lat_p99_us"]),
             "ops_per_s": len(busy) / (busy.sum() / 1e9) if busy.sum() else math.nan}
@@ -140,12 +140,12 @@ def _scenario(file: str | None, overrides: dict[str, Any]):
     import os
     from dataclasses import replace
 
+    from .results import DOCS
     from .scenario import default_scenario, load_scenario
 
     if file is None:
         return default_scenario()
-    here = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "scenarios"))
-    sc = load_scenario(os.path.join(here, file))
+    sc = load_scenario(os.path.join(DOCS, "scenarios", file))
     return replace(sc, params={**sc.params, **overrides}) if overrides else sc
 
 

@@ -56,7 +56,7 @@ PMD = 2 * M
 R, RW, NONE = PROT_READ, PROT_READ | PROT_WRITE, PROT_NONE
 MAYMOVE, FIXED, DONTUNMAP = MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP
 SIM_BASE = 0x7E00_0000_0000            # 1 GiB aligned, far below the simulator's mmap base
-__all__ = ["run_sim", "run_real", "run_real_forked", "random_program", "differential", "shrink",
+__all__ = ["run_sim", "run_real", "run_real_forked", "one_cpu", "random_program", "differential", "shrink",
            "real_kernel_reason", "sim_kernel", "format_program", "DiffSummary", "MAP_NORESERVE"]
 
 
@@ -362,10 +362,30 @@ def run_real(program, trace: bool = False, wide: bool = False) -> dict:
         _libc.munmap(base, span)
 
 
-def run_real_forked(program, trace: bool = False, wide: bool = False) -> dict:
+def one_cpu() -> int:
+    """Pin this process (and the children it forks from now on) to one CPU it may run on; the CPU.
+
+    The simulator runs every task on one CPU.  On the kernel a fresh small folio waits in the
+    faulting CPU's LRU-add batch (folio_add_lru()) until that batch drains, and
+    madvise_cold_or_pageout_pte_range() skips a folio not on the LRU, while madvise_cold() and
+    madvise_pageout() drain only the calling CPU's batch (lru_add_drain()).  A parent's
+    process_madvise(MADV_COLD) on its child thus leaves the child's last stores young when the
+    two ran on different CPUs; on one CPU the drain puts them on the LRU, as the simulator has it.
+    """
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
+def run_real_forked(program, trace: bool = False, wide: bool = False, pin: bool = True) -> dict:
     """run_real() in a forked child: a program that faults kills the child, not this process
-    (RuntimeError then)."""
-    status, got = _in_child(lambda: run_real(program, trace, wide))
+    (RuntimeError then).  ``pin``: the child and its children run on one CPU (one_cpu())."""
+    def child() -> dict:
+        if pin:
+            one_cpu()
+        return run_real(program, trace, wide)
+
+    status, got = _in_child(child)
     if status != 0:
         raise RuntimeError(f"the program's child failed (wait status {status})")
     return got

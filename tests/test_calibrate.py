@@ -358,3 +358,96 @@ def test_a_run_below_zero_is_dropped_as_a_measurement_error():
     rows = {r["figure"]: r for r in profile_rows(CalibrationResult(cal.profile("t", "t"), cal.figures, {}))}
     assert rows["mmap"]["dropped"] == 1 and rows["mmap"]["min_ns"] == 500.0
     assert rows["munmap"]["dropped"] == 1 and rows["munmap"]["repeats"] == 0      # reported, not used
+
+
+# -- calibrate and validate interleaved ----------------------------------------------------------
+
+def test_interleaved_steps_put_the_other_measurement_after_every_round():
+    cfg = cal.CalibrationConfig.quick_config(repeats=3, fork_repeats=7, random_sizes=(32 * MiB, 64 * MiB))
+    c = cal.Calibrator(cfg)
+    seen = []
+
+    def between(i, rounds):
+        seen.append((i, rounds))
+        return [(f"validate {i}", lambda: None)]
+
+    labels = [label for label, _ in cal._steps(c, between)]
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+    assert labels[0] == "mmap / munmap / madvise"
+    rounds = [labels[1 + 8 * i: 1 + 8 * (i + 1)] for i in range(3)]
+    for i, r in enumerate(rounds):
+        # every figure in each round (fork pairs split: ceil(7 / 3) = 3 a round), then the other steps
+        assert [x.split(" (")[0] for x in r] == ["zero-page reads", "THP fault, reuse, COW, collapse",
+                                                 "4 KiB fault, reuse, COW", "memcpy / memset", "fork / exit x 3",
+                                                 "random reads, 32 MiB", "random reads, 64 MiB", f"validate {i}"]
+    assert len(labels) == 1 + 8 * 3
+    plain = [label for label, _ in cal._steps(c)]           # without: forks and random reads at the end
+    assert plain[-3:] == ["fork / exit, 1024 MiB x 7", "random reads, 32 MiB", "random reads, 64 MiB"]
+
+
+def test_random_points_of_several_rounds_merge_into_their_median():
+    pts = [{"size_mib": 64, "backing": "4k", "ns": 9.0, "runs_ns": [9.0]},
+           {"size_mib": 64, "backing": "thp", "ns": 5.0, "runs_ns": [5.0]},
+           {"size_mib": 64, "backing": "4k", "ns": 12.0, "runs_ns": [12.0]},
+           {"size_mib": 64, "backing": "4k", "ns": 10.0, "runs_ns": [10.0, 11.0]}]
+    got = {(p["size_mib"], p["backing"]): p for p in cal.merged_random_points(pts)}
+    assert got[(64, "4k")]["ns"] == 10.5 and got[(64, "4k")]["runs_ns"] == [9.0, 12.0, 10.0, 11.0]
+    assert got[(64, "4k")]["min_ns"] == 9.0 and got[(64, "4k")]["max_ns"] == 12.0
+    assert got[(64, "thp")]["ns"] == 5.0 and len(got) == 2
+
+
+def test_read_scale_is_measured_over_predicted_and_scales_the_random_rows():
+    from thpcow.machine.presets import get_preset
+    from thpcow.machine.tlb import ReadTiming, read_ns, read_rates
+
+    timing = ReadTiming(tlb_preset="intel-spr-goldencove")
+    tk = get_preset(timing.tlb_preset)
+    pts = []
+    for size_mib, backing, slower in ((64, "4k", 1.2), (256, "thp", 1.3), (1024, "4k", 1.25)):
+        shift = 21 if backing == "thp" else 12
+        ns = read_ns(timing, tk, "gather", size_mib * MiB, read_rates(tk, size_mib * MiB, shift))["ns"]
+        pts.append({"size_mib": size_mib, "backing": backing, "ns": ns * slower})
+    assert val.read_scale_of(pts, timing) == pytest.approx(1.25, rel=1e-9)
+    assert val.read_scale_of([], timing) == 1.0
+    twice = val.scaled_timing(timing, 2.0)
+    assert twice.dram_ns == 2 * timing.dram_ns and twice.walk_miss_ns == 2 * timing.walk_miss_ns
+    assert twice.mlp == timing.mlp and twice.llc_mib == timing.llc_mib       # counts and sizes stay
+    # no L2 TLB hits at 4 KiB over 1 GiB random: every part of the gather doubles
+    rates = read_rates(tk, 1024 * MiB, 12)
+    a = read_ns(timing, tk, "gather", 1024 * MiB, rates)
+    b = read_ns(twice, tk, "gather", 1024 * MiB, rates)
+    assert b["data"] == pytest.approx(2 * a["data"]) and b["ns"] > 1.9 * a["ns"]
+
+
+def test_predict_all_prices_random_reads_with_the_scaled_timing(monkeypatch):
+    from thpcow.machine.tlb import ReadTiming
+
+    monkeypatch.setattr(val, "machine_read_timing", lambda: ReadTiming(tlb_preset="intel-spr-goldencove"))
+    cfg = val.ValidationConfig.quick_config(random_size=64 * MiB, random_accesses=100_000)
+    one = val.predict_all(cfg, ROUND, only=("random_split", "first_touch_thp"))
+    two = val.predict_all(cfg, ROUND, only=("random_split", "first_touch_thp"), read_scale=2.0)
+    assert two["first_touch_thp"].ns == one["first_touch_thp"].ns              # faults: the profile's
+    assert 1.9 * one["random_split"].ns < two["random_split"].ns <= 2 * one["random_split"].ns
+
+
+@pytest.mark.realkernel
+def test_calibrate_and_validate_interleaved_on_the_running_kernel(real_kernel):
+    """Every round: the calibration's figures, then each scenario once; the profile is the
+    calibration's and the rows are priced with it."""
+    small = dict(size=8 * MiB, fork_size=32 * MiB, fork_thp_size=64 * MiB, random_accesses=200_000)
+    cal_cfg = cal.CalibrationConfig.quick_config(**small, copy_size=8 * MiB, zero_read_size=64 * MiB,
+                                                 random_sizes=(32 * MiB,), repeats=2, fork_repeats=3)
+    cfg = val.ValidationConfig.quick_config(**small, random_size=32 * MiB, repeats=2, fork_repeats=3)
+    labels = []
+    res, v = val.calibrate_and_validate(cal_cfg, cfg, progress=lambda label, i, n: labels.append(label),
+                                        only=("first_touch_thp", "fork_4k", "random_split"))
+    assert [x for x in labels if x.startswith("first touch")] == ["first touch THP 8 MiB (1/2)",
+                                                                  "first touch THP 8 MiB (2/2)"]
+    rows = {r.key: r for r in v.rows}
+    assert set(rows) == {"first_touch_thp", "fork_4k", "random_split"}
+    assert len(rows["first_touch_thp"].measured_runs) == 2
+    assert len(rows["fork_4k"].measured_runs) == 2 * 2                   # ceil(3 / 2) pairs a round
+    assert rows["first_touch_thp"].predicted_ns == pytest.approx(4 * res.profile.fault_thp_zero_ns)
+    assert v.profile is res.profile and v.metadata["interleaved"] is True
+    assert v.metadata["read_scale"] > 0 and rows["random_split"].measured_ns > 0
+    assert len(res.lab["random_reads"]["points"]) == 2                  # 4k and thp, rounds merged

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted, run_calibration
+from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted
 
 
 def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate`, or a "
@@ -74,23 +74,26 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
         prof, lab, choice = resolve_profile(profile, auto=True)
     except ValueError as exc:
         bad_input(str(exc) if str(exc).startswith("--profile") else f"--profile={profile}: {exc}")
-    if refit or (profile is None and choice.how != "cached"):
-        prof, lab, choice = _fit(quick, choice, as_json)
+    cfg = val.ValidationConfig.quick_config() if quick else val.ValidationConfig()
+    only = tuple(scenario) if scenario else None
+    fit = refit or (profile is None and choice.how != "cached")
+    if fit:
+        prof, lab, choice, res = _fit(quick, choice, as_json, cfg, only)
     if not as_json:
         console.print(choice.line(), soft_wrap=True, highlight=False)
         warn = mismatch(prof)
         if warn:
             console.print(f"[yellow]warning:[/] {warn}", soft_wrap=True)
-    cfg = val.ValidationConfig.quick_config() if quick else val.ValidationConfig()
-    with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("validating", total=1)
-        try:
-            res = val.validate(cfg, prof, lab, progress=lab_progress(prog, task),
-                               only=tuple(scenario) if scenario else None)
-        except (LabError, OSError, ValueError) as exc:
-            fail(str(exc))
-    drift = cal.probe_drift(lab.get("probe"), res.metadata.get("probe"))
+    if not fit:
+        with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                      auto_refresh=False) as prog:
+            task = prog.add_task("validating", total=1)
+            try:
+                res = val.validate(cfg, prof, lab, progress=lab_progress(prog, task), only=only)
+            except (LabError, OSError, ValueError) as exc:
+                fail(str(exc))
+    drift = {} if fit else cal.probe_drift(lab.get("probe"), res.metadata.get("probe"))
     if as_json:
         print(json.dumps({**res.to_dict(), "profile_probe": lab.get("probe"), "probe_drift": drift},
                          indent=2, default=str))
@@ -104,6 +107,10 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "
                   "for the misses", soft_wrap=True)
     busy_warning(res.metadata)
+    if fit:
+        console.print("measured interleaved with the calibration (each round: every figure, then every "
+                      f"scenario once); random reads x{res.metadata.get('read_scale', 1.0):.2f}, the read "
+                      "timing against the calibration's random reads", soft_wrap=True, highlight=False)
     if drift:
         console.print("machine speed now vs at calibration (probe, CPU time; above 1: slower now): "
                       + ", ".join(f"{k[:-3]} x{v:.2f}" for k, v in drift.items()), soft_wrap=True, highlight=False)
@@ -116,9 +123,12 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
                       soft_wrap=True, highlight=False)
 
 
-def _fit(quick: bool, before, as_json: bool):
-    """Calibrate this machine now (quick with --quick), cache the profile; (profile, lab, Choice)."""
+def _fit(quick: bool, before, as_json: bool, cfg, only):
+    """Calibrate this machine now (quick with --quick) interleaved with the validation, cache the
+    profile; (profile, lab, Choice, ValidationResult)."""
     from ..lab import calibrate as cal
+    from ..lab import validate as val
+    from ..lab.procfs import LabError
     from ..machine import cost_presets as cp
 
     why = ("--calibrate" if before.how == "cached" else
@@ -126,9 +136,18 @@ def _fit(quick: bool, before, as_json: bool):
                                                      f"{before.profile.name})" if before.how != "reference" else ""))
     if not as_json:
         console.print(f"fitting this machine's profile first ({why}): thpcow calibrate"
-                      f"{' --quick' if quick else ''}", soft_wrap=True, highlight=False)
-    cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
-    res = run_calibration(cfg)
+                      f"{' --quick' if quick else ''}, interleaved with the validation",
+                      soft_wrap=True, highlight=False)
+    cal_cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
+        task = prog.add_task("calibrating and validating", total=1)
+        try:
+            res, vres = val.calibrate_and_validate(cal_cfg, cfg, progress=lab_progress(prog, task), only=only)
+        except (LabError, OSError, ValueError) as exc:
+            fail(str(exc))
     path = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
     if path is not None:
         try:
@@ -138,7 +157,7 @@ def _fit(quick: bool, before, as_json: bool):
                 console.print(f"[yellow]note:[/] cannot cache the profile: {exc}", soft_wrap=True)
             path = None
     how = "fitted" if path is None else "cached"
-    return res.profile, res.lab, cp.Choice(res.profile, how, path)
+    return res.profile, res.lab, cp.Choice(res.profile, how, path), vres
 
 
 def _differential(n: int | None, seed: int, steps: int, as_json: bool, program_set: str = "wide") -> None:

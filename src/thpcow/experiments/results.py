@@ -302,13 +302,14 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     if not ok:
         m.redis_reason = m.validate_reason = m.e2e_reason = why
         return m
-    progress("measured: latency model against the running kernel (validate --quick)")
+    progress("measured: latency model against the running kernel (validate --quick --calibrate)")
     try:
-        from ..lab.validate import BAND, ValidationConfig, validate
-        from ..machine import cost_presets
-        choice = cost_presets.select()       # this machine's cached profile, else its CPU's preset
-        rep = validate(ValidationConfig.quick_config(), choice.profile)   # holds the lab lock itself
-        m.validate_profile = choice.line()
+        from ..lab.calibrate import CalibrationConfig
+        from ..lab.validate import BAND, ValidationConfig, calibrate_and_validate
+        # this machine's profile, calibrated interleaved with the validation (holds the lab lock itself)
+        fitted, rep = calibrate_and_validate(CalibrationConfig.quick_config(), ValidationConfig.quick_config())
+        m.validate_profile = (f"profile {fitted.profile.name}, calibrated by the same run, interleaved with it "
+                              f"(random reads x{rep.metadata['read_scale']:.2f})")
         m.validate_band = tuple(BAND)
         for row in rep.rows:
             m.validate.append({"scenario": row.label, "measured_ms": row.measured_ns / 1e6,

@@ -867,8 +867,9 @@ class Calibrator:
             self.record("memset_2m", t, size // PMD, c.delta, rules="no_faults", rule_n=size // PAGE)
 
     # -- fork / exit ---------------------------------------------------------------------------------
-    def measure_forks(self) -> None:
-        """fork() and the child's exit, with and without a THP-backed, a 4 KiB-backed and a sparse region.
+    def measure_forks(self, repeats: int | None = None) -> None:
+        """fork() and the child's exit, with and without a THP-backed, a 4 KiB-backed and a sparse region
+        (``repeats`` pairs each; default the config's fork_repeats).
 
         The sparse region has one page per 2 MiB: its PTE tables hold one entry
         each, so its cost per table is the table's own (allocation and walk),
@@ -888,7 +889,7 @@ class Calibrator:
                     populate(r)
                 kb = r.kb if backing != "4k_sparse" else nr_pmd * PAGE // 1024
                 with Counters(self.root) as c:
-                    pairs = fork_pairs(r, self.cfg.fork_repeats)
+                    pairs = fork_pairs(r, repeats or self.cfg.fork_repeats)
                 obs = {**c.delta, **r.smaps()}
                 for fb, fr, eb, er in pairs:
                     self.record("fork_base", fb, 1, {}, rules="none")
@@ -1205,18 +1206,44 @@ class CalibrationResult:
     elapsed_s: float = 0.0
 
 
-def _steps(cal: Calibrator) -> list[tuple[str, Callable[[], object]]]:
+Steps = list[tuple[str, Callable[[], object]]]
+
+
+def _steps(cal: Calibrator, between: Callable[[int, int], Steps] | None = None) -> Steps:
+    """The calibration's steps in order.  With ``between``, every figure is measured in each of
+    the ``repeats`` rounds (fork pairs and random reads split over them) and ``between(i, rounds)``'s
+    steps follow round ``i``: other measurements then see the machine at the same speeds."""
     cfg = cal.cfg
-    steps: list[tuple[str, Callable[[], object]]] = [("mmap / munmap / madvise", cal.measure_syscalls)]
+    steps: Steps = [("mmap / munmap / madvise", cal.measure_syscalls)]
+    per_round = -(-cfg.fork_repeats // cfg.repeats)
     for i in range(cfg.repeats):
         steps += [(f"zero-page reads ({i + 1}/{cfg.repeats})", cal.measure_zero_reads),
                   (f"THP fault, reuse, COW, collapse ({i + 1}/{cfg.repeats})", cal.measure_thp_chain),
                   (f"4 KiB fault, reuse, COW ({i + 1}/{cfg.repeats})", cal.measure_4k_chain),
                   (f"memcpy / memset ({i + 1}/{cfg.repeats})", cal.measure_copies)]
+        if between is None:
+            continue
+        steps.append((f"fork / exit x {per_round} ({i + 1}/{cfg.repeats})",
+                      lambda: cal.measure_forks(per_round)))
+        steps += [(f"random reads, {size // MiB} MiB ({i + 1}/{cfg.repeats})",
+                   lambda s=size: cal.measure_random_reads(s, 1)) for size in cfg.random_sizes]
+        steps += between(i, cfg.repeats)
+    if between is not None:
+        return steps
     steps.append((f"fork / exit, {cfg.fork_size // MiB} MiB x {cfg.fork_repeats}", cal.measure_forks))
     for size in cfg.random_sizes:
         steps.append((f"random reads, {size // MiB} MiB", lambda s=size: cal.measure_random_reads(s)))
     return steps
+
+
+def merged_random_points(points: list[dict]) -> list[dict]:
+    """One random-read point per (size, backing): the runs of several rounds, their median."""
+    by: dict[tuple[int, str], list[float]] = {}
+    for p in points:
+        by.setdefault((p["size_mib"], p["backing"]), []).extend(p["runs_ns"])
+    return [{"size_mib": size, "backing": backing, "ns": round(float(statistics.median(runs)), 3),
+             "min_ns": round(min(runs), 3), "max_ns": round(max(runs), 3), "runs_ns": runs}
+            for (size, backing), runs in by.items()]
 
 
 STEP_ATTEMPTS = 3
@@ -1245,14 +1272,16 @@ def run_step(cal: "Calibrator", fn: Callable[[], object], attempts: int = STEP_A
 
 
 def calibrate(config: CalibrationConfig | None = None,
-              progress: Callable[[str, int, int], None] | None = None, root: str = "/") -> CalibrationResult:
+              progress: Callable[[str, int, int], None] | None = None, root: str = "/",
+              between: Callable[[int, int], Steps] | None = None) -> CalibrationResult:
     """Measure every figure on the running kernel and build the profile; see the module docstring.
 
     Holds lab_lock() for the whole run and disables the garbage collector
     during it.  ``progress(label, done, total)`` is called before every step
-    and once at the end.  Raises WrongPathError (a figure's counters show the
-    wrong path), procfs.LabError (THP unavailable, a view unreadable) or
-    OSError (a system call failed).
+    and once at the end.  ``between``: steps of another measurement run after
+    each round (see _steps(); validate's interleaved runs).  Raises
+    WrongPathError (a figure's counters show the wrong path), procfs.LabError
+    (THP unavailable, a view unreadable) or OSError (a system call failed).
     """
     from .scenario import lab_lock
 
@@ -1261,7 +1290,7 @@ def calibrate(config: CalibrationConfig | None = None,
     if not ok:
         raise procfs.LabError(f"cannot calibrate THP costs: {reason}")
     cal = Calibrator(cfg, root)
-    steps = _steps(cal)
+    steps = _steps(cal, between)
     t0 = time.perf_counter()
     meta = collect_metadata(root)
     knobs = procfs.read_thp_knobs(root)
@@ -1282,6 +1311,7 @@ def calibrate(config: CalibrationConfig | None = None,
         if gc_was:
             gc.enable()
     meta["other_cpu_busy"] = load.meta_value()
+    cal.random_points = merged_random_points(cal.random_points)
     pts: dict[int, list[float]] = {}
     for p in cal.random_points:
         pts.setdefault(p["size_mib"], [math.nan, math.nan])[0 if p["backing"] == "4k" else 1] = p["ns"]

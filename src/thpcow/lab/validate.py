@@ -32,7 +32,7 @@ import ctypes
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -402,8 +402,8 @@ class Scenario:
     label: str
     ops: Callable[[ValidationConfig], tuple[int, str]]
     measure: Callable[[_Real], list[tuple[float, dict]]]
-    predict: Callable[[ValidationConfig, CalibrationProfile, Mapping, "cal.RandomReadModel", Mapping | None],
-                      Prediction]
+    predict: Callable[[ValidationConfig, CalibrationProfile, Mapping, "cal.RandomReadModel", Mapping | None,
+                       object], Prediction]     # (config, profile, extras, read model, knobs, ReadTiming | None)
 
 
 def scenarios(cfg: ValidationConfig) -> list[Scenario]:
@@ -415,31 +415,31 @@ def scenarios(cfg: ValidationConfig) -> list[Scenario]:
             f"first_touch_{b}", f"first touch {name} {_fmt_size(S)}",
             lambda c: (c.size // PAGE, "store"),
             lambda real, b=b: real.first_touch(real.cfg.size, b),
-            lambda c, p, x, m, k, b=b: predict_first_touch(c.size, b, p, k)))
+            lambda c, p, x, m, k, t, b=b: predict_first_touch(c.size, b, p, k)))
     for b, name in (("thp", "THP"), ("4k", "4 KiB")):
         out.append(Scenario(
             f"fork_{b}", f"fork() of {name} {_fmt_size(cfg.fork_thp_size if b == 'thp' else cfg.fork_size)}",
             lambda c: (1, "fork"),
             lambda real, b=b: real.fork(real.cfg.fork_thp_size if b == "thp" else real.cfg.fork_size, b),
-            lambda c, p, x, m, k, b=b: predict_fork(c.fork_thp_size if b == "thp" else c.fork_size, b, p, k)))
+            lambda c, p, x, m, k, t, b=b: predict_fork(c.fork_thp_size if b == "thp" else c.fork_size, b, p, k)))
     out.append(Scenario(
         "cow_storm", f"COW-split storm THP {_fmt_size(S)}",
         lambda c: (c.size // PAGE, "fault"),
         lambda real: real.cow_storm(real.cfg.size),
-        lambda c, p, x, m, k: predict_cow_storm(c.size, p, k)))
+        lambda c, p, x, m, k, t: predict_cow_storm(c.size, p, k)))
     for b, name in (("thp", "THP"), ("4k", "4 KiB")):
         out.append(Scenario(
             f"rewrite_{b}", f"rewrite after fork {name} {_fmt_size(S)}",
             lambda c: (c.size // PMD, "2 MiB"),
             lambda real, b=b: real.rewrite(real.cfg.size, b),
-            lambda c, p, x, m, k, b=b: predict_rewrite(c.size, b, p, x, k)))
+            lambda c, p, x, m, k, t, b=b: predict_rewrite(c.size, b, p, x, k)))
     for mode, name in (("thp", "THP"), ("split", "COW-split")):
         out.append(Scenario(
             f"random_{mode}", f"random reads {name} {_fmt_size(R)}",
             lambda c: (c.random_accesses, "read"),
             lambda real, mode=mode: real.random_reads(real.cfg.random_size, mode),
-            lambda c, p, x, m, k, mode=mode: predict_random_reads(c.random_size, mode, c.random_accesses, m, k,
-                                                                  c.seed, read_timing=machine_read_timing())))
+            lambda c, p, x, m, k, t, mode=mode: predict_random_reads(c.random_size, mode, c.random_accesses, m,
+                                                                     k, c.seed, read_timing=t)))
     return out
 
 
@@ -465,16 +465,54 @@ class ValidationResult:
 
 
 def predict_all(cfg: ValidationConfig, profile: CalibrationProfile = DEFAULT_PROFILE, lab: Mapping | None = None,
-                knobs: Mapping[str, str] | None = None, only: tuple[str, ...] | None = None) -> dict[str, Prediction]:
-    """The simulated side of every scenario (no real kernel needed; deterministic)."""
+                knobs: Mapping[str, str] | None = None, only: tuple[str, ...] | None = None,
+                read_scale: float = 1.0) -> dict[str, Prediction]:
+    """The simulated side of every scenario (no real kernel needed; deterministic).  Random reads
+    are priced by this CPU's read timing (machine_read_timing()), its times times ``read_scale``
+    (read_scale_of()), else by the profile's random-read model."""
     extras = cal.lab_extras(lab or {})
     model = cal.random_model(lab or {})
-    return {s.key: s.predict(cfg, profile, extras, model, knobs) for s in scenarios(cfg)
+    timing = machine_read_timing()
+    if timing is not None and read_scale != 1.0:
+        timing = scaled_timing(timing, read_scale)
+    return {s.key: s.predict(cfg, profile, extras, model, knobs, timing) for s in scenarios(cfg)
             if only is None or s.key in only}
 
 
+TIME_PARAMS = ("llc_ns", "dram_ns", "walk_hit_ns", "walk_miss_ns", "gather_ns", "seq_cache_ns", "seq_dram_ns")
+
+
+def scaled_timing(timing, factor: float):
+    """A ReadTiming whose memory and walk times are ``factor`` times ``timing``'s (the machine's
+    memory slower or faster than when it was fitted; the L2 TLB hit, priced in cycles, stays)."""
+    return timing.with_params([getattr(timing, p) * (factor if p in TIME_PARAMS else 1.0)
+                               for p in timing.PARAMS])
+
+
+def read_scale_of(points: list[dict], timing=None, seed: int = 0) -> float:
+    """How much slower (above 1) this machine read now than ``timing`` (this CPU's read timing)
+    predicts: the median over calibration random-read points ({size_mib, backing, ns}, numpy
+    take over 4 KiB- or THP-backed memory) of measured / predicted; 1.0 without either."""
+    from ..machine.presets import get_preset
+    from ..machine.tlb import read_ns, read_rates
+
+    timing = timing if timing is not None else machine_read_timing()
+    if timing is None or not points:
+        return 1.0
+    tk = get_preset(timing.tlb_preset)
+    ratios = []
+    for p in points:
+        size = int(p["size_mib"]) * MiB
+        shift = 21 if p["backing"] == "thp" else 12
+        pred = read_ns(timing, tk, "gather", size, read_rates(tk, size, shift, seed=seed))["ns"]
+        if pred > 0:
+            ratios.append(float(p["ns"]) / pred)
+    return float(statistics.median(ratios)) if ratios else 1.0
+
+
 def predict_isolated(cfg: ValidationConfig, profile: CalibrationProfile, lab: Mapping | None,
-                     knobs: Mapping[str, str] | None, only: tuple[str, ...]) -> dict[str, Prediction]:
+                     knobs: Mapping[str, str] | None, only: tuple[str, ...],
+                     read_scale: float = 1.0) -> dict[str, Prediction]:
     """predict_all() in a forked child, so that this process stays as small as it was.
 
     The simulated kernels leave the interpreter's heap hundreds of MiB larger
@@ -482,7 +520,7 @@ def predict_isolated(cfg: ValidationConfig, profile: CalibrationProfile, lab: Ma
     those page tables too.
     """
     def task() -> dict:
-        return {k: asdict(v) for k, v in predict_all(cfg, profile, lab, knobs, only).items()}
+        return {k: asdict(v) for k, v in predict_all(cfg, profile, lab, knobs, only, read_scale).items()}
 
     child, _ = Child.fork(task)
     try:
@@ -490,6 +528,43 @@ def predict_isolated(cfg: ValidationConfig, profile: CalibrationProfile, lab: Ma
     finally:
         child.exit()
     return {k: Prediction(**v) for k, v in report.items()}
+
+
+def _scenarios_to_run(cfg: ValidationConfig, only: tuple[str, ...] | None, root: str) -> list[Scenario]:
+    ok, reason = procfs.thp_available(root)
+    if not ok:
+        raise procfs.LabError(f"cannot validate the THP scenarios: {reason}")
+    if only:
+        unknown = set(only) - set(SCENARIO_KEYS)
+        if unknown:
+            raise ValueError(f"unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIO_KEYS)}")
+    return [s for s in scenarios(cfg) if only is None or s.key in only]
+
+
+def _measured(sc: Scenario, real: _Real, pred: Prediction,
+              attempts: int = cal.STEP_ATTEMPTS) -> tuple[list[tuple[float, dict]], list[str]]:
+    """The scenario's runs on the running kernel, each checked against the simulator's path
+    (up to ``attempts`` tries, as calibrate.run_step()); (runs, the rules checked)."""
+    for attempt in range(1, attempts + 1):
+        runs = sc.measure(real)
+        try:
+            checked: list[str] = []
+            for _, obs in runs:
+                checked = check_path(sc.key, obs, path_rules(pred))
+            return runs, checked
+        except cal.WrongPathError as e:
+            if attempt == attempts:
+                raise cal.WrongPathError(f"{e} (refused in all {attempt} attempts)" if attempts > 1 else str(e)) \
+                    from None
+    raise AssertionError("unreachable")
+
+
+def _row(sc: Scenario, cfg: ValidationConfig, pred: Prediction, runs: list[tuple[float, dict]],
+         checked: list[str]) -> Row:
+    ops, per = sc.ops(cfg)
+    return Row(key=sc.key, label=sc.label, measured_ns=float(statistics.median(t for t, _ in runs)),
+               predicted_ns=pred.ns, measured_runs=[t for t, _ in runs], prediction=pred,
+               observed=runs[len(runs) // 2][1], checked=checked, per_op=per, ops=ops)
 
 
 def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = DEFAULT_PROFILE,
@@ -504,19 +579,12 @@ def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = 
     from .scenario import lab_lock
 
     cfg = cfg or ValidationConfig()
-    ok, reason = procfs.thp_available(root)
-    if not ok:
-        raise procfs.LabError(f"cannot validate the THP scenarios: {reason}")
-    if only:
-        unknown = set(only) - set(SCENARIO_KEYS)
-        if unknown:
-            raise ValueError(f"unknown scenario(s) {', '.join(sorted(unknown))}; known: {', '.join(SCENARIO_KEYS)}")
+    todo = _scenarios_to_run(cfg, only, root)
     t0 = time.perf_counter()
     knobs = procfs.read_thp_knobs(root)
     meta = cal.collect_metadata(root)
     model = cal.random_model(lab or {})
     real = _Real(cfg, root)
-    todo = [s for s in scenarios(cfg) if only is None or s.key in only]
     total = len(todo) + 1
     if progress:
         progress(f"simulating {len(todo)} scenarios (simulated kernel, TLB simulator)", 0, total)
@@ -531,21 +599,8 @@ def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = 
             for i, sc in enumerate(todo):
                 if progress:
                     progress(sc.label, 1 + i, total)
-                pred = preds[sc.key]
-                for attempt in range(1, cal.STEP_ATTEMPTS + 1):    # see calibrate.run_step()
-                    runs = sc.measure(real)
-                    try:
-                        checked: list[str] = []
-                        for _, obs in runs:
-                            checked = check_path(sc.key, obs, path_rules(pred))
-                        break
-                    except cal.WrongPathError as e:
-                        if attempt == cal.STEP_ATTEMPTS:
-                            raise cal.WrongPathError(f"{e} (refused in all {attempt} attempts)") from None
-                ops, per = sc.ops(cfg)
-                rows.append(Row(key=sc.key, label=sc.label, measured_ns=float(statistics.median(t for t, _ in runs)),
-                                predicted_ns=pred.ns, measured_runs=[t for t, _ in runs], prediction=pred,
-                                observed=runs[len(runs) // 2][1], checked=checked, per_op=per, ops=ops))
+                runs, checked = _measured(sc, real, preds[sc.key])
+                rows.append(_row(sc, cfg, preds[sc.key], runs, checked))
     finally:
         if gc_was:
             gc.enable()
@@ -554,3 +609,50 @@ def validate(cfg: ValidationConfig | None = None, profile: CalibrationProfile = 
         progress("done", total, total)
     return ValidationResult(rows=rows, profile=profile, metadata=meta, knobs=knobs, config=cfg,
                             random_model=model.to_dict(), elapsed_s=time.perf_counter() - t0)
+
+
+def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: ValidationConfig | None = None,
+                           progress: Callable[[str, int, int], None] | None = None,
+                           only: tuple[str, ...] | None = None,
+                           root: str = "/") -> tuple["cal.CalibrationResult", ValidationResult]:
+    """Calibrate this machine and validate with that profile, the two interleaved.
+
+    A shared VM's speed drifts by 20-50 % within minutes with what the host runs
+    beside it (docs/validation.md).  Here each of the calibration's rounds (every
+    figure once, fork pairs and random reads split over the rounds) is followed by
+    one run of every scenario, so the profile's medians and the measured medians
+    come from the same minutes.  The prediction is still the model's: the
+    scenarios' costs composed from the figures of other regions and processes.
+    Random reads are priced by this CPU's read timing scaled by the calibration's
+    random-read points (read_scale_of(); the scale is in the result's metadata).
+    Returns (the calibration, the validation); raises as calibrate() and validate().
+    """
+    cal_cfg = cal_cfg or cal.CalibrationConfig()
+    cfg = cfg or ValidationConfig()
+    todo = _scenarios_to_run(cfg, only, root)
+    t0 = time.perf_counter()
+    knobs = procfs.read_thp_knobs(root)
+    keys = tuple(s.key for s in todo)
+    if progress:
+        progress(f"simulating {len(todo)} scenarios (the paths the real runs must take)", 0, 1)
+    paths = predict_isolated(cfg, DEFAULT_PROFILE, {}, knobs, keys)     # sim deltas: the same with any profile
+    runs: dict[str, list[tuple[float, dict]]] = {k: [] for k in keys}
+    checked: dict[str, list[str]] = {}
+
+    def one_run(sc: Scenario, real: _Real) -> None:
+        got, checked[sc.key] = _measured(sc, real, paths[sc.key], attempts=1)    # run_step() retries
+        runs[sc.key] += got
+
+    def between(i: int, rounds: int) -> "cal.Steps":
+        real = _Real(replace(cfg, repeats=1, fork_repeats=-(-cfg.fork_repeats // rounds)), root)
+        return [(f"{sc.label} ({i + 1}/{rounds})", lambda sc=sc: one_run(sc, real)) for sc in todo]
+
+    res = cal.calibrate(cal_cfg, progress=progress, root=root, between=between)
+    scale = read_scale_of(list(res.lab.get("random_reads", {}).get("points", {}).values()), seed=cal_cfg.seed)
+    preds = predict_isolated(cfg, res.profile, res.lab, knobs, keys, read_scale=scale)
+    meta = {**res.lab["metadata"], "probe": res.lab.get("probe"), "interleaved": True,
+            "read_scale": round(scale, 4)}
+    rows = [_row(sc, cfg, preds[sc.key], runs[sc.key], checked[sc.key]) for sc in todo]
+    out = ValidationResult(rows=rows, profile=res.profile, metadata=meta, knobs=knobs, config=cfg,
+                           random_model=cal.random_model(res.lab).to_dict(), elapsed_s=time.perf_counter() - t0)
+    return res, out

@@ -135,7 +135,7 @@ def replay_tiny(policy: str) -> dict:
         b = k.vmstat_snapshot()
         c.write_many(a + i * MIB + np.arange(256) * PAGE_SIZE, 2 + i)
         d = {name: k.vmstat_snapshot()[name] - b[name] for name in COUNTERS}
-        lat.append(model.op_cost_ns("write", d, accesses=256, nbytes=MIB) / 1000)
+        lat.append(model.op_cost_ns("write", d, accesses=256, nbytes=MIB, dense=True) / 1000)
         peak = max(peak, used())
     k.run_until(2_000_000 + 8 * per)
     if pol.strategy:

@@ -29,12 +29,15 @@ class MachineLatencyModel:
         self.name = f"thpcow.machine.latency ({self.profile.name})"
 
     def op_cost_ns(self, kind: str, d: Mapping[str, int], accesses: int = 0, nbytes: int = 0,
-                   pte_tables: int = 0, pmds: int = 0, ptes: int | None = None) -> float:
+                   pte_tables: int = 0, pmds: int = 0, ptes: int | None = None, dense: bool = False) -> float:
         """Modelled time of one op; fork and exit get the page-table hints vmstat does not count.
 
-        ``ptes``: the present PTEs in those tables (None: every table full).
+        ``ptes``: the present PTEs in those tables (None: every table full).  ``dense``: the op
+        overwrites whole pages, so each of its COW faults is a dense one (``cow_dense_4k_ns``).
         """
         hints: dict[str, int] = {}
+        if dense:
+            hints["dense_cow_pages"] = int(d.get("sim_cow_pages", 0))
         if kind in ("fork", "exit"):
             hints = {f"{kind}_pmds": pmds, f"{kind}_pte_tables": pte_tables}
             if kind == "fork":

@@ -145,15 +145,17 @@ class PointResult:
     phases: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
-def _mapped(proc) -> tuple[int, int]:
-    """(PTE tables, PMD leaves) of a process: what fork() copies and exit() tears down."""
+def _mapped(proc) -> tuple[int, int, int]:
+    """(PTE tables, PMD leaves, PTEs not none) of a process: what fork() copies and exit() tears
+    down (machine.latency.fork_hints())."""
     try:
-        from ..kernel.mm import PMD_LEAF, PMD_TABLE
-        kind = proc.mm.pt.pmd_kind[:proc.mm.pt.nr_slots]
-        return int(np.count_nonzero(kind == PMD_TABLE)), int(np.count_nonzero(kind == PMD_LEAF))
+        from ..machine.latency import fork_hints
+        h = fork_hints(proc)
+        return h["fork_pte_tables"], h["fork_pmds"], h["fork_ptes"]
     except (AttributeError, ImportError):          # the public (slower) view: 2 MiB blocks with 4 KiB pages
         f = proc.smaps_fields()
-        return -(-(f["Rss"] - f["AnonHugePages"]) // 2048), f["AnonHugePages"] // 2048
+        return (-(-(f["Rss"] - f["AnonHugePages"]) // 2048), f["AnonHugePages"] // 2048,
+                (f["Rss"] - f["AnonHugePages"]) // 4)
 
 
 def thp_kb(proc) -> tuple[int, int]:
@@ -329,12 +331,12 @@ class _Run:
         return self.k.build.cost_bytes(self.k)
 
     # -- ops ------------------------------------------------------------------------------------
-    def apply(self, op: O.Op) -> tuple[int, int]:
-        """Do one op; returns (PTE tables, PMD leaves) walked by a fork or exit (else zeros)."""
+    def apply(self, op: O.Op) -> tuple[int, int, int]:
+        """Do one op; returns (PTE tables, PMD leaves, PTEs) walked by a fork or exit (else zeros)."""
         k, kind = self.k, op.kind
         if kind == O.SPAWN:
             self.procs[op.pid] = self.live[op.pid] = k.spawn()
-            return 0, 0
+            return 0, 0, 0
         proc = self.procs.get(op.pid)
         if proc is None and kind != O.END:
             raise ValueError(f"op at t={op.t}: {kind} by pid {op.pid}, which was never spawned or forked")
@@ -375,7 +377,7 @@ class _Run:
         elif kind == O.PHASE_END:
             kids = [self.procs[c] for c in self.children.get(op.pid, []) if self.procs[c].mm.alive]
             self.policy_phase_end(proc, kids)
-        return 0, 0
+        return 0, 0, 0
 
     def step(self, it: Issued) -> None:
         seq, op = it.seq, it.op
@@ -398,7 +400,7 @@ class _Run:
         walks = self.tlb.walks() if self.tlb is not None else 0
         xlat = self.tlb.sim.translation_ns() if self.tlb is not None else 0.0
         try:
-            tables, pmds = self.apply(op)
+            tables, pmds, ptes = self.apply(op)
         except (OutOfMemory, KernelOops) as e:
             # The op stopped part way: its row keeps what it did (so that the rows still sum to the summary).
             if isinstance(e, OutOfMemory):
@@ -411,7 +413,9 @@ class _Run:
                         self.loop.finish(it, cost))
             raise
         d = _deltas(before, self.k.vmstat_snapshot())
-        cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds)
+        cost = self.model.op_cost_ns(op.kind, d, accesses=op.n, nbytes=op.nbytes, pte_tables=tables, pmds=pmds,
+                                     ptes=ptes if op.kind in (O.FORK, O.EXIT) else None,
+                                     dense=op.kind == O.WRITE and op.n > 0 and op.nbytes >= op.n * PAGE_SIZE)
         if self.tlb_in_latency and self.tlb is not None:
             cost += self.tlb.sim.translation_ns() - xlat          # one clock: translation is part of the op
         self.record(seq, it.t, op.kind, op.pid, op.phase, op.n, op.nbytes, cost,

@@ -27,7 +27,8 @@ Figures (one :class:`RealResult` per policy):
   ``phase_end``, then read again after it: its collapses are not COW) and at the end; a present
   page whose PFN changed was copied.  A process stops being followed when no process it shares
   pages with (its parent or children) is alive;
-- AnonHugePages of each live agent (smaps_rollup) at every sample time of the op stream;
+- AnonHugePages of each live agent (smaps_rollup) and the present pages of its workload regions
+  (pagemap; not its interpreter's memory) at every sample time of the op stream;
   ``peak_anon_huge_mib`` the most, summed over the agents, at one sample;
 - per-op wall time (the agent's perf_counter_ns around the system call or the stores):
   ``lat_p50_us``/``lat_p99_us`` of the write ops of the workload's measured phase, ``op_ms`` the
@@ -330,6 +331,20 @@ def _rollup(pid: int) -> tuple[int, int]:
     return r.get("Anonymous", 0), r.get("AnonHugePages", 0)
 
 
+def _workload_anon_kb(pid: int, regions) -> int:
+    """kB of an agent's workload regions that are present (pagemap), what the simulator's
+    process counts as its anonymous memory: the agent's interpreter (~26 MiB each, shared by its
+    forked children) is left out.  0 once the agent has gone."""
+    pages = 0
+    try:
+        for addr, length in regions:
+            e = procfs.read_pagemap(pid, addr, length // PAGE_SIZE)
+            pages += int(np.count_nonzero(e & np.uint64(procfs.PM_PRESENT)))
+    except (procfs.LabError, OSError):
+        return 0
+    return pages * (PAGE_SIZE >> 10)
+
+
 class _Once:
     """One real run of one policy."""
 
@@ -397,7 +412,8 @@ class _Once:
     def sample(self, t: int) -> None:
         total = 0
         for pid, a in self.agents.items():
-            anon, huge = _rollup(a.pid)
+            _all, huge = _rollup(a.pid)
+            anon = _workload_anon_kb(a.pid, list(a.regions.values()))
             s = self.samples
             s["t_ns"].append(t)
             s["pid"].append(pid)

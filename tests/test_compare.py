@@ -564,6 +564,15 @@ def test_a_calibration_profile_prices_the_run_and_is_named(tiny, tmp_path):
     assert got["profile"]["name"] == "amd-zen5-turin" and "amd-zen5-turin" in got["rows"][0]["latency_model"]
     code, text = run_cli("compare", tiny, "--profile", str(tmp_path / "none.toml"))
     assert code == 2 and "--profile=" in text and "no such profile file" in text
+    named = tmp_path / "named.yaml"                             # profile: in the scenario, a preset's name
+    named.write_text(open(tiny).read() + "profile: amd-zen5-turin\n")
+    code, text = run_cli("compare", str(named), "--policy", "upstream", "--json", "--out", str(tmp_path / "d"))
+    assert code == 0, text
+    got = json.loads(text[text.index("{"):text.rindex("}") + 1])
+    assert got["profile"]["name"] == "amd-zen5-turin"
+    named.write_text(open(tiny).read() + "profile: no-such-preset\n")
+    code, text = run_cli("compare", str(named))
+    assert code == 2 and "profile" in text and "no such profile file or cost preset" in text
 
 
 def test_the_report_is_whole_html_with_its_plots_and_names_its_profile(tiny, tmp_path):

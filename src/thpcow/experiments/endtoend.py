@@ -12,6 +12,9 @@ policy both sides run the same op stream (:func:`thpcow.experiments.runner.run_p
 - ``p99_us``: the 99th percentile of the measured phase's write ops (real: wall time of each);
 - ``ops_per_s``: the workload's ops per second of op time (real: the ops' wall time, not paced).
 
+The simulator prices the ops with this machine's profile (``profile: auto``: the one `thpcow
+calibrate` cached here, else this CPU's preset) unless the scenario names one.
+
 A ratio sim / real within :data:`TOLERANCE` agrees.  The ranking of the runnable policies by a
 figure agrees when no pair is ordered one way by the simulator and the other way by the kernel,
 each by more than the tolerance (closer than that is a tie on that side).
@@ -20,7 +23,7 @@ each by more than the tolerance (closer than that is a tie on that side).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -159,6 +162,8 @@ def run(progress: Callable[[str], None] | None = None,
     out = []
     for name, file, overrides in scenarios:
         sc = _scenario(file, overrides)
+        if sc.profile is None:          # priced with this machine's costs, as the real side runs here
+            sc = replace(sc, profile="auto")
         points = []
         for pol in sc.policies:
             if realrun.real_support(pol):

@@ -291,6 +291,29 @@ class Measured:
     e2e_table: str = ""
     e2e_summary: str = ""
     e2e_reason: str = ""
+    e2e_profile: str = ""
+
+
+def _profile_words(choice) -> str:
+    """Which profile a run used, for the page (no machine paths)."""
+    name = f"`{choice.profile.name}`"
+    return {"cached": f"{name}, this machine's, calibrated by this run or an earlier one",
+            "fitted": f"{name}, this machine's", "file": f"{name}, a profile file",
+            "preset": f"the cost preset {name}", "cpu-preset": f"the cost preset {name} of this CPU"
+            }.get(choice.how, f"the reference profile {name}")
+
+
+def _cache(fitted) -> None:
+    """Cache a calibration as this machine's profile (thpcow validate --calibrate does the same)."""
+    from ..lab.calibrate import write_profile
+    from ..machine import cost_presets
+
+    path = cost_presets.cache_path(fitted.profile.cpu_id, fitted.profile.kernel)
+    if path is not None:
+        try:
+            write_profile(fitted.profile, path, fitted.lab)
+        except OSError:
+            pass                             # not cached: profile auto falls back to this CPU's preset
 
 
 def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
@@ -308,6 +331,7 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
         from ..lab.validate import BAND, ValidationConfig, calibrate_and_validate
         # this machine's profile, calibrated interleaved with the validation (holds the lab lock itself)
         fitted, rep = calibrate_and_validate(CalibrationConfig.quick_config(), ValidationConfig.quick_config())
+        _cache(fitted)                       # the end-to-end runs below price with it (profile auto)
         m.validate_profile = (f"profile {fitted.profile.name}, calibrated by the same run, interleaved with it "
                               f"(random reads x{rep.metadata['read_scale']:.2f})")
         m.validate_band = tuple(BAND)
@@ -338,9 +362,11 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     except Exception as e:
         m.redis_reason = f"{type(e).__name__}: {e}"
     try:
+        from ..machine import cost_presets
         from . import endtoend
         scenarios = endtoend.SCENARIOS[:3] if quick else endtoend.SCENARIOS
         m.e2e = endtoend.run(say, scenarios)
+        m.e2e_profile = _profile_words(cost_presets.select())
         m.e2e_table = endtoend.markdown(m.e2e)
         m.e2e_summary = endtoend.summary_line(m.e2e)
     except Exception as e:
@@ -516,5 +542,6 @@ def generate(out: str | None = None, *, template: str | None = None, figures_dir
         from . import endtoend
         endtoend.write_into(validation_md, f"Linux {measured.kernel}, made by `make results` on "
                             f"{_dt.date.today().isoformat()} (commit `{_git_commit()}`): "
-                            f"{measured.e2e_summary}.\n\n{measured.e2e_table}")
+                            f"{measured.e2e_summary}; simulator priced with {measured.e2e_profile}.\n\n"
+                            f"{measured.e2e_table}")
     return Outcome(out, figs, claims, time.perf_counter() - t0)

@@ -17,8 +17,9 @@ Schema (every field but ``workload`` is optional)::
                                 #   loop translation time is always in an op's cost
     think_us: 0                 # closed loop: a client's pause after each op (on top of the workload's gaps)
     cores: 0                    # CPUs for clients + background (khugepaged...); 0: background is free
-    profile: cal.toml           # latency profile written by `thpcow calibrate` (a path; relative to
-                                #   the scenario file); default: the reference profile
+    profile: cal.toml           # latency profile written by `thpcow calibrate` (a path, relative to
+                                #   the scenario file), a cost preset's name, or auto (this machine's);
+                                #   default: the reference profile
     sample_ms: 5                # THP coverage / memory sampling interval; default duration/200
     sysfs:                      # written in order under /sys/kernel/mm/transparent_hugepage/, after
       enabled: madvise          #   the policy attached (so they win over e.g. thp-cow-v1's thp_cow),
@@ -89,7 +90,7 @@ class Scenario:
     loop: str = "none"                   # none | open | closed (experiments/loop.py)
     think_us: float = 0.0                # closed loop: think time after each op
     cores: int = 0                       # cores for clients + background; 0: background is free
-    profile: str | None = None           # a CalibrationProfile file (thpcow calibrate); None: the reference
+    profile: str | None = None           # a profile file (thpcow calibrate), a cost preset or auto; None: the reference
     sample_ms: float | None = None
     sysfs: dict[str, str] = field(default_factory=dict)
     policies: list[str] = field(default_factory=lambda: ["upstream"])
@@ -377,8 +378,9 @@ def scalar_fields() -> dict[str, tuple[type, Any, Any, str]]:
 
 
 OTHER_FIELDS = {
-    "profile": "latency profile written by `thpcow calibrate` (a path, relative to the scenario file); "
-               "default: the reference profile",
+    "profile": "latency profile written by `thpcow calibrate` (a path, relative to the scenario file), "
+               "a cost preset's name (`thpcow calibrate --list-presets`) or auto (this machine's cached "
+               "profile, else its CPU's preset); default: the reference profile",
     "sysfs": "mapping of /sys/kernel/mm/transparent_hugepage/ files to values, written in order after "
              "the policy's kernel booted (so they win over e.g. thp-cow-v1's thp_cow), each exactly as "
              "`echo VALUE > file` would write it",
@@ -389,14 +391,18 @@ OTHER_FIELDS = {
 
 
 def _profile(source: str, node, base_dir: str | None) -> str:
-    """A latency profile path, resolved against the scenario's directory and loaded once to check it."""
+    """A latency profile: a path, resolved against the scenario's directory, or a cost preset's
+    name or ``auto`` (this machine's: cost_presets.select()) when no such file exists; loaded
+    once to check it."""
     from ..lab.calibrate import load_profile
+    from ..machine.cost_presets import PRESETS
 
     path = value_of(node)
     if not isinstance(path, str) or not path:
-        raise err(node, "profile", f"expected a path to a profile file, got {path!r}")
+        raise err(node, "profile", f"expected a profile file, a cost preset or auto, got {path!r}")
     if base_dir and not os.path.isabs(path):
-        path = os.path.join(base_dir, path)
+        joined = os.path.join(base_dir, path)
+        path = path if (path in PRESETS or path == "auto") and not os.path.exists(joined) else joined
     try:
         load_profile(path)
     except (OSError, ValueError) as exc:

@@ -83,12 +83,20 @@ def layout():
     got = libc.mremap(E, M, M, 3, dst)                       # MREMAP_MAYMOVE | MREMAP_FIXED
     assert got == dst
     a_thp = procfs.smaps_field_in_range(procfs.read_smaps("self"), A, A + 4 * M, "AnonHugePages")
+
+    def release() -> None:
+        # Not munmap(raw, 40 MiB): the hole the mremap() left at E is free address space, and this
+        # process (pytest, NumPy, glibc) may have mapped something there since; unmapping that
+        # crashed the worker once (SIGSEGV at the teardown).
+        libc.munmap(raw, E - raw)
+        libc.munmap(E + M, raw + 40 * M - (E + M))
+
     if a_thp != 8192 or e_thp != 2048:
-        libc.munmap(raw, 40 * M)
+        release()
         pytest.skip(f"the kernel did not give this test its THPs (AnonHugePages {a_thp} and {e_thp} kB): "
                     "memory too fragmented?")
     yield {"A": A, "B": B, "C": C, "E": dst}
-    libc.munmap(raw, 40 * M)
+    release()
 
 
 def test_inspect_reports_a_known_layout_exactly(layout):

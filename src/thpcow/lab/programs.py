@@ -348,14 +348,37 @@ def _real_fork(rest, base: int, span: int, rcs: list, trace: list | None = None,
     return out
 
 
-def run_real(program, trace: bool = False, wide: bool = False) -> dict:
-    """The program on the running kernel, on a fresh 1 GiB aligned stretch of this process."""
-    span = _span(program)
-    size = span + G
-    r = _libc.mmap(None, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+REAL_BASE = 0x2000_0000_0000          # 32 TiB: far below where mmap() and malloc() place anything
+
+
+def _free_stretch(span: int) -> int:
+    """A free, 1 GiB aligned stretch of ``span`` bytes of this process's address space.
+
+    Low in the address space (REAL_BASE): mmap() without an address takes the highest gap that
+    fits, so the interpreter's own later mappings (arenas, NumPy buffers) never land in the holes
+    a program leaves, where they would change the program's VMAs and be unmapped with the
+    stretch at the end.
+    """
+    step = -(-span // G) * G + G
+    for i in range(64):
+        want = REAL_BASE + i * step
+        r = _libc.mmap(want, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE,
+                       -1, 0)
+        if r not in (None, MAP_FAILED):
+            _libc.munmap(r, span)
+            if r == want:
+                return want
+    r = _libc.mmap(None, span + G, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
     assert r not in (None, MAP_FAILED), "could not reserve address space"
-    base = -(-r // G) * G
-    _libc.munmap(r, size)                          # [base, base + span) is free now
+    _libc.munmap(r, span + G)
+    return -(-r // G) * G
+
+
+def run_real(program, trace: bool = False, wide: bool = False) -> dict:
+    """The program on the running kernel, on a fresh 1 GiB aligned stretch of this process
+    (_free_stretch())."""
+    span = _span(program)
+    base = _free_stretch(span)                     # [base, base + span) is free now
     try:
         return _real_steps(program, base, span, trace=[] if trace else None, wide=wide)
     finally:

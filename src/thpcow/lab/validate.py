@@ -60,14 +60,14 @@ class ValidationConfig:
     random_size: int = 1 * GiB
     random_accesses: int = 8_000_000
     repeats: int = 5
-    fork_repeats: int = 15
+    fork_repeats: int = 31
     warm: bool = True
     seed: int = 0
     quick: bool = False
 
     @classmethod
     def quick_config(cls, **kw) -> "ValidationConfig":
-        base = dict(size=64 * MiB, random_accesses=4_000_000, repeats=3, fork_repeats=11, quick=True)
+        base = dict(size=64 * MiB, random_accesses=4_000_000, repeats=3, fork_repeats=21, quick=True)
         base.update(kw)
         return cls(**base)
 

@@ -203,6 +203,9 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool, program_s
                       str(res.different) if not res.different else f"[bold red]{res.different}[/]",
                       f"{res.elapsed_s:.1f} s")
         console.print(table)
+        if res.rerun_equal:
+            print(f"({res.rerun_equal} of the equal judged by a rerun: khugepaged worked during their "
+                  "first run, on its own timer, which the simulator's programs do not reach)")
         if res.lock_wait_s >= 1:
             print(f"({res.lock_wait_s:.0f} s of it waiting for the lab lock: other real-kernel runs)")
         for o in res.outcomes:

@@ -374,13 +374,14 @@ def test_interleaved_steps_put_the_other_measurement_after_every_round():
     labels = [label for label, _ in cal._steps(c, between)]
     assert seen == [(0, 3), (1, 3), (2, 3)]
     assert labels[0] == "mmap / munmap / madvise"
-    rounds = [labels[1 + 8 * i: 1 + 8 * (i + 1)] for i in range(3)]
+    rounds = [labels[1 + 9 * i: 1 + 9 * (i + 1)] for i in range(3)]
     for i, r in enumerate(rounds):
         # every figure in each round (fork pairs split: ceil(7 / 3) = 3 a round), then the other steps
         assert [x.split(" (")[0] for x in r] == ["zero-page reads", "THP fault, reuse, COW, collapse",
                                                  "4 KiB fault, reuse, COW", "memcpy / memset", "fork / exit x 3",
-                                                 "random reads, 32 MiB", "random reads, 64 MiB", f"validate {i}"]
-    assert len(labels) == 1 + 8 * 3
+                                                 "random reads, 32 MiB", "random reads, 64 MiB",
+                                                 f"calibration round {i + 1}/3 done", f"validate {i}"]
+    assert len(labels) == 1 + 9 * 3
     plain = [label for label, _ in cal._steps(c)]           # without: forks and random reads at the end
     assert plain[-3:] == ["fork / exit, 1024 MiB x 7", "random reads, 32 MiB", "random reads, 64 MiB"]
 
@@ -451,3 +452,41 @@ def test_calibrate_and_validate_interleaved_on_the_running_kernel(real_kernel):
     assert v.profile is res.profile and v.metadata["interleaved"] is True
     assert v.metadata["read_scale"] > 0 and rows["random_split"].measured_ns > 0
     assert len(res.lab["random_reads"]["points"]) == 2                  # 4k and thp, rounds merged
+    assert len(res.rounds) == 2 and all(len(r.random_points) == 2 for r in res.rounds)
+    for r in v.rows:                                                    # each round judged on its own
+        assert len(r.round_ratios) == 2 and min(r.round_ratios) <= r.ratio <= max(r.round_ratios)
+
+
+def test_reprice_with_the_profile_a_prediction_was_made_with_gives_it_back():
+    """reprice(): the prediction's own profile gives its total; another profile's costs move
+    each priced part by its event count, memset and reads by their factors."""
+    from dataclasses import replace
+
+    S = 8 * MiB
+    extras = {"memset_2m_ns": 50_000.0}
+    for pred in (val.predict_first_touch(S, "4k", ROUND), val.predict_fork(S, "4k", ROUND),
+                 val.predict_cow_storm(S, ROUND), val.predict_rewrite(S, "thp", ROUND, extras)):
+        assert val.reprice(pred, ROUND) == pytest.approx(pred.ns)
+    slow = replace(ROUND, cow_4k_ns=4000.0, split_pmd_ns=20_000.0)
+    storm = val.predict_cow_storm(S, ROUND)
+    assert val.reprice(storm, slow) == pytest.approx(4 * 20_000.0 + 2048 * 4000.0)
+    rw = val.predict_rewrite(S, "4k", ROUND, extras)
+    assert val.reprice(rw, ROUND, memset_factor=2.0) == pytest.approx(rw.ns + 4 * 50_000.0)
+    reads = val.Prediction(ns=30.0, parts_ns={"memory": 10.0, "translation": 20.0})
+    assert val.reprice(reads, ROUND, read_factor=1.5) == pytest.approx(45.0)
+
+
+def test_a_calibrators_round_holds_that_rounds_runs_only():
+    c = cal.Calibrator()
+    c.record("mmap", 1000.0, 1, {}, rules="syscall")          # measured once, before the rounds
+    pts = []
+    for r, ns in enumerate((100.0, 200.0, 300.0)):
+        c.record("cow_4k", ns, 1, {}, rules="syscall")
+        c.record("cow_4k", ns + 10, 1, {}, rules="syscall")
+        pts.append({"size_mib": 64, "backing": "4k", "ns": ns, "runs_ns": [ns]})
+        c.random_points.append(pts[-1])
+        c.mark_round()
+    one = c.round(1, pts)
+    assert one.figures["cow_4k"].runs == [200.0, 210.0] and one.figures["mmap"].runs == [1000.0]
+    assert [p["ns"] for p in one.random_points] == [200.0]
+    assert one.profile("r", "t").cow_4k_ns == pytest.approx(205.0)

@@ -101,7 +101,9 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     lo, hi = val.BAND
     rows = [[r.label, human_ns(r.measured_ns), human_ns(r.predicted_ns), f"{r.ratio:.2f}",
              "yes" if r.in_band else "NO"] for r in res.rows]
-    print_fitted(f"model vs Linux {res.metadata.get('kernel')}: band {lo:.2f}-{hi:.2f}, median of {cfg.repeats}",
+    how = (f"ratio: median of {cfg.repeats} rounds' own" if res.metadata.get("interleaved")
+           else f"median of {cfg.repeats}")
+    print_fitted(f"model vs Linux {res.metadata.get('kernel')}: band {lo:.2f}-{hi:.2f}, {how}",
                  ["scenario", "measured", "predicted", "ratio", "band"], rows)
     n_in = sum(r.in_band for r in res.rows)
     console.print(f"{n_in} of {len(res.rows)} scenarios in band ({res.elapsed_s:.1f} s); see docs/validation.md "

@@ -668,6 +668,7 @@ class Calibrator:
         self.root = root
         self.figures: dict[str, Figure] = {}
         self.random_points: list[dict] = []
+        self.round_marks: list[tuple[dict[str, int], int]] = []   # after each round: runs per figure, points
         self.cpu = "unknown"                  # /proc/cpuinfo model name, for the profile's ``cpu``
         self.kernel = ""                      # uname -r, for the profile's ``kernel``
         self.cpu_id = ""                      # vendor:family:model, for the profile's ``cpu_id``
@@ -929,6 +930,32 @@ class Calibrator:
                                        "min_ns": round(min(runs), 3), "max_ns": round(max(runs), 3),
                                        "runs_ns": [round(x, 3) for x in runs]})
         return res
+
+    # -- rounds (interleaved runs) -------------------------------------------------------------------
+    def mark_round(self) -> None:
+        """Note where a round of the calibration ends (see _steps() with ``between``)."""
+        self.round_marks.append(({k: len(f.runs) for k, f in self.figures.items()}, len(self.random_points)))
+
+    def round(self, i: int, points: list[dict]) -> "Calibrator":
+        """A Calibrator holding only round ``i``'s runs (figures measured once, before the rounds,
+        keep all theirs) and its random-read ``points`` (those of every round, unmerged), so that
+        its profile() and extras() are that round's."""
+        lo, lo_pts = self.round_marks[i - 1] if i else ({}, 0)
+        hi, hi_pts = self.round_marks[i]
+        sub = Calibrator(self.cfg, self.root)
+        sub.cpu, sub.kernel, sub.cpu_id = self.cpu, self.kernel, self.cpu_id
+        for k, f in self.figures.items():
+            a, b = lo.get(k, 0), hi.get(k, 0)
+            keep = slice(a, b) if b > a else slice(None)
+            sub.figures[k] = Figure(f.name, f.what, f.per, f.n, f.runs[keep], f.observed[keep], f.checked)
+        sub.random_points = merged_random_points(points[lo_pts:hi_pts])
+        return sub
+
+    def extras(self) -> dict[str, float]:
+        """The lab extras (ns) of the [lab] section: medians of the figures that are no profile field."""
+        return {f"{k}_ns": round(self.figures[k].median, 3)
+                for k in ("mmap", "munmap", "madvise", "memset_2m", "cow_first", "cow_4k_4kbacked",
+                          "collapse_4k_pages", "exit_base", "numpy_store") if k in self.figures and self.figures[k].runs}
 
     # -- the profile ----------------------------------------------------------------------------------
     def profile(self, name: str, source: str) -> CalibrationProfile:
@@ -1208,6 +1235,17 @@ class CalibrationResult:
     figures: dict[str, Figure]
     lab: dict
     elapsed_s: float = 0.0
+    rounds: list["RoundProfile"] = field(default_factory=list)     # interleaved runs: each round's own
+
+
+@dataclass
+class RoundProfile:
+    """One round of an interleaved calibration: the profile, lab extras and random-read points
+    of that round's runs alone (Calibrator.round())."""
+
+    profile: CalibrationProfile
+    extras: dict[str, float]
+    random_points: list[dict]
 
 
 Steps = list[tuple[str, Callable[[], object]]]
@@ -1231,6 +1269,7 @@ def _steps(cal: Calibrator, between: Callable[[int, int], Steps] | None = None) 
                       lambda: cal.measure_forks(per_round)))
         steps += [(f"random reads, {size // MiB} MiB ({i + 1}/{cfg.repeats})",
                    lambda s=size: cal.measure_random_reads(s, 1)) for size in cfg.random_sizes]
+        steps.append((f"calibration round {i + 1}/{cfg.repeats} done", cal.mark_round))
         steps += between(i, cfg.repeats)
     if between is not None:
         return steps
@@ -1315,7 +1354,8 @@ def calibrate(config: CalibrationConfig | None = None,
         if gc_was:
             gc.enable()
     meta["other_cpu_busy"] = load.meta_value()
-    cal.random_points = merged_random_points(cal.random_points)
+    points = cal.random_points                                          # unmerged: the rounds' own
+    cal.random_points = merged_random_points(points)
     pts: dict[int, list[float]] = {}
     for p in cal.random_points:
         pts.setdefault(p["size_mib"], [math.nan, math.nan])[0 if p["backing"] == "4k" else 1] = p["ns"]
@@ -1330,9 +1370,7 @@ def calibrate(config: CalibrationConfig | None = None,
     cal.kernel = str(meta.get("kernel", ""))
     cal.cpu_id = cpu_id_of(meta)
     profile = cal.profile(name, source)
-    extras = {f"{k}_ns": round(cal.figures[k].median, 3)
-              for k in ("mmap", "munmap", "madvise", "memset_2m", "cow_first", "cow_4k_4kbacked",
-                        "collapse_4k_pages", "exit_base", "numpy_store") if k in cal.figures and cal.figures[k].runs}
+    extras = cal.extras()
     lab = {
         "format": LAB_FORMAT,
         "date": date,
@@ -1353,7 +1391,9 @@ def calibrate(config: CalibrationConfig | None = None,
     }
     if progress:
         progress("done", len(steps) + 1, len(steps) + 1)
-    return CalibrationResult(profile=profile, figures=cal.figures, lab=lab, elapsed_s=time.perf_counter() - t0)
+    return CalibrationResult(profile=profile, figures=cal.figures, lab=lab, elapsed_s=time.perf_counter() - t0,
+                             rounds=[RoundProfile(r.profile(name, source), r.extras(), r.random_points)
+                                     for r in (cal.round(i, points) for i in range(len(cal.round_marks)))])
 
 
 # -- the file ------------------------------------------------------------------------------------

@@ -108,9 +108,13 @@ class Row:
     checked: list[str]
     per_op: str = ""
     ops: int = 1
+    round_ratios: list[float] = field(default_factory=list)    # interleaved: each round's own ratio
 
     @property
     def ratio(self) -> float:
+        """predicted / measured; for an interleaved run the median of the rounds' own ratios."""
+        if self.round_ratios:
+            return float(statistics.median(self.round_ratios))
         return self.predicted_ns / self.measured_ns if self.measured_ns > 0 else float("nan")
 
     @property
@@ -125,6 +129,7 @@ class Row:
                 "measured_runs_ns": [round(x, 1) for x in self.measured_runs],
                 "predicted_parts_ns": {k: round(v, 1) for k, v in p.parts_ns.items() if v},
                 "predicted_events": {k: v for k, v in p.events.items() if v},
+                **({"round_ratios": [round(x, 4) for x in self.round_ratios]} if self.round_ratios else {}),
                 "sim_delta": p.sim_delta, "real_observed": self.observed, "checked": self.checked}
 
 
@@ -510,6 +515,24 @@ def read_scale_of(points: list[dict], timing=None, seed: int = 0) -> float:
     return float(statistics.median(ratios)) if ratios else 1.0
 
 
+def reprice(pred: Prediction, profile: CalibrationProfile, memset_factor: float = 1.0,
+            read_factor: float = 1.0) -> float:
+    """``pred``'s total with another profile's costs: each priced event's count times the
+    profile's cost, the memset part times ``memset_factor`` and the random reads' parts times
+    ``read_factor`` (ratios of the new extras and read scale to those ``pred`` was priced with)."""
+    total = 0.0
+    for part, ns in pred.parts_ns.items():
+        if part in ("memory", "translation"):
+            total += ns * read_factor
+        elif part == "memset":
+            total += ns * memset_factor
+        elif part in pred.events and hasattr(profile, part + "_ns"):
+            total += pred.events[part] * getattr(profile, part + "_ns")
+        else:
+            total += ns
+    return total
+
+
 def predict_isolated(cfg: ValidationConfig, profile: CalibrationProfile, lab: Mapping | None,
                      knobs: Mapping[str, str] | None, only: tuple[str, ...],
                      read_scale: float = 1.0) -> dict[str, Prediction]:
@@ -625,6 +648,10 @@ def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: 
     scenarios' costs composed from the figures of other regions and processes.
     Random reads are priced by this CPU's read timing scaled by the calibration's
     random-read points (read_scale_of(); the scale is in the result's metadata).
+    Each row's ratio is the median of the rounds' own ratios: each round's runs
+    against the prediction priced with that round's figures alone (reprice()),
+    so that the drift from round to round cancels too; measured and predicted
+    are the medians over the whole run.
     Returns (the calibration, the validation); raises as calibrate() and validate().
     """
     cal_cfg = cal_cfg or cal.CalibrationConfig()
@@ -636,23 +663,39 @@ def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: 
     if progress:
         progress(f"simulating {len(todo)} scenarios (the paths the real runs must take)", 0, 1)
     paths = predict_isolated(cfg, DEFAULT_PROFILE, {}, knobs, keys)     # sim deltas: the same with any profile
-    runs: dict[str, list[tuple[float, dict]]] = {k: [] for k in keys}
+    runs: dict[str, list[list[tuple[float, dict]]]] = {k: [] for k in keys}      # per round
     checked: dict[str, list[str]] = {}
 
-    def one_run(sc: Scenario, real: _Real) -> None:
+    def one_run(sc: Scenario, real: _Real, i: int) -> None:
         got, checked[sc.key] = _measured(sc, real, paths[sc.key], attempts=1)    # run_step() retries
-        runs[sc.key] += got
+        while len(runs[sc.key]) <= i:
+            runs[sc.key].append([])
+        runs[sc.key][i] += got
 
     def between(i: int, rounds: int) -> "cal.Steps":
         real = _Real(replace(cfg, repeats=1, fork_repeats=-(-cfg.fork_repeats // rounds)), root)
-        return [(f"{sc.label} ({i + 1}/{rounds})", lambda sc=sc: one_run(sc, real)) for sc in todo]
+        return [(f"{sc.label} ({i + 1}/{rounds})", lambda sc=sc: one_run(sc, real, i)) for sc in todo]
 
     res = cal.calibrate(cal_cfg, progress=progress, root=root, between=between)
     scale = read_scale_of(list(res.lab.get("random_reads", {}).get("points", {}).values()), seed=cal_cfg.seed)
     preds = predict_isolated(cfg, res.profile, res.lab, knobs, keys, read_scale=scale)
+    timed = machine_read_timing() is not None
+    memset = cal.lab_extras(res.lab)["memset_2m_ns"]
+    rows = []
+    for sc in todo:
+        ratios = []
+        for rnd, got in zip(res.rounds, runs[sc.key]):
+            if not got:
+                continue
+            r_scale = read_scale_of(rnd.random_points, seed=cal_cfg.seed) if timed else scale
+            pred = reprice(preds[sc.key], rnd.profile, rnd.extras.get("memset_2m_ns", memset) / memset,
+                           r_scale / scale)
+            ratios.append(pred / float(statistics.median(t for t, _ in got)))
+        row = _row(sc, cfg, preds[sc.key], [x for got in runs[sc.key] for x in got], checked[sc.key])
+        row.round_ratios = ratios
+        rows.append(row)
     meta = {**res.lab["metadata"], "probe": res.lab.get("probe"), "interleaved": True,
             "read_scale": round(scale, 4)}
-    rows = [_row(sc, cfg, preds[sc.key], runs[sc.key], checked[sc.key]) for sc in todo]
     out = ValidationResult(rows=rows, profile=res.profile, metadata=meta, knobs=knobs, config=cfg,
                            random_model=cal.random_model(res.lab).to_dict(), elapsed_s=time.perf_counter() - t0)
     return res, out

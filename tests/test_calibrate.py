@@ -490,3 +490,24 @@ def test_a_calibrators_round_holds_that_rounds_runs_only():
     assert one.figures["cow_4k"].runs == [200.0, 210.0] and one.figures["mmap"].runs == [1000.0]
     assert [p["ns"] for p in one.random_points] == [200.0]
     assert one.profile("r", "t").cow_4k_ns == pytest.approx(205.0)
+
+
+def test_the_dense_overwrite_extra_may_be_negative_and_nothing_else(tmp_path):
+    """cow_dense_4k_ns is a difference of two costs: on a CPU where the copy leaves the page in
+    the cache, a memset over COW faults costs less than memset + 1-byte COW faults."""
+    from dataclasses import replace
+
+    c = cal.Calibrator()
+    for ns in (2000.0, 2100.0, 1900.0):
+        c.record("cow_4k", ns, 1, {}, rules="syscall")
+        c.record("cow_dense", ns - 250.0, 1, {}, rules="syscall")
+    prof = c.profile("t", "t")
+    assert prof.cow_dense_4k_ns == pytest.approx(-250.0)
+    path = tmp_path / "p.toml"
+    prof.save(path)
+    assert CalibrationProfile.load(path).cow_dense_4k_ns == pytest.approx(-250.0)
+    with pytest.raises(ValueError, match="cow_4k_ns.*>= 0"):
+        CalibrationProfile.from_dict({**prof.to_dict(), "cow_4k_ns": -1.0})
+    dense = replace(ROUND, cow_dense_4k_ns=-300.0)      # a rewrite then costs less than its parts
+    extras = {"memset_2m_ns": 50_000.0}
+    assert val.predict_rewrite(8 * MiB, "4k", dense, extras).ns == 2048 * 1700.0 + 4 * 50_000.0

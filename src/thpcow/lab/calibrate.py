@@ -68,7 +68,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..machine.latency import DEFAULT_PROFILE, CalibrationProfile
+from ..machine.latency import DEFAULT_PROFILE, SIGNED_FIELDS, CalibrationProfile
 from . import procfs
 from ._libc import Libc
 from .scenario import _write_all
@@ -972,14 +972,15 @@ class Calibrator:
                 d = self.fig(derived)
                 d.n = self.figures[a_name].n
                 a_runs, b_runs = self.figures[a_name].runs, self.figures[b_name].runs
+                low = -math.inf if FIGURES[derived][2] in SIGNED_FIELDS else 0.0
                 if len(a_runs) == len(b_runs):
-                    d.runs = [max(0.0, a - b) / div for a, b in zip(a_runs, b_runs)]
+                    d.runs = [max(low, a - b) / div for a, b in zip(a_runs, b_runs)]
                 else:
-                    d.runs = [max(0.0, med[a_name] - med[b_name]) / div]
+                    d.runs = [max(low, med[a_name] - med[b_name]) / div]
                 med[derived] = d.median
         for fig_name, (_, _, fld) in FIGURES.items():
             if fld and fig_name in med:
-                vals[fld] = round(max(0.0, med[fig_name]), 3)
+                vals[fld] = round(med[fig_name] if fld in SIGNED_FIELDS else max(0.0, med[fig_name]), 3)
         return CalibrationProfile.from_dict(vals)
 
 

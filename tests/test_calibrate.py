@@ -378,8 +378,8 @@ def test_interleaved_steps_put_the_other_measurement_after_every_round():
     for i, r in enumerate(rounds):
         # every figure in each round (fork pairs split: ceil(7 / 3) = 3 a round), then the other steps
         assert [x.split(" (")[0] for x in r] == ["zero-page reads", "THP fault, reuse, COW, collapse",
-                                                 "4 KiB fault, reuse, COW", "memcpy / memset", "fork / exit x 3",
-                                                 "random reads, 32 MiB", "random reads, 64 MiB",
+                                                 "4 KiB fault, reuse, COW", "memcpy / memset",
+                                                 "random reads, 32 MiB", "random reads, 64 MiB", "fork / exit x 3",
                                                  f"calibration round {i + 1}/3 done", f"validate {i}"]
     assert len(labels) == 1 + 9 * 3
     plain = [label for label, _ in cal._steps(c)]           # without: forks and random reads at the end
@@ -511,3 +511,20 @@ def test_the_dense_overwrite_extra_may_be_negative_and_nothing_else(tmp_path):
     dense = replace(ROUND, cow_dense_4k_ns=-300.0)      # a rewrite then costs less than its parts
     extras = {"memset_2m_ns": 50_000.0}
     assert val.predict_rewrite(8 * MiB, "4k", dense, extras).ns == 2048 * 1700.0 + 4 * 50_000.0
+
+
+def test_read_scale_takes_the_points_of_the_nearest_size():
+    from thpcow.machine.presets import get_preset
+    from thpcow.machine.tlb import ReadTiming, read_ns, read_rates
+
+    timing = ReadTiming(tlb_preset="intel-spr-goldencove")
+    tk = get_preset(timing.tlb_preset)
+    pts = []
+    for size_mib, slower in ((64, 2.0), (1024, 1.1), (4096, 3.0)):
+        for backing, shift in (("4k", 12), ("thp", 21)):
+            ns = read_ns(timing, tk, "gather", size_mib * MiB, read_rates(tk, size_mib * MiB, shift))["ns"]
+            pts.append({"size_mib": size_mib, "backing": backing, "ns": ns * slower})
+    assert val.read_scale_of(pts, timing, size=1024 * MiB) == pytest.approx(1.1)
+    assert val.read_scale_of(pts, timing, size=900 * MiB) == pytest.approx(1.1)
+    assert val.read_scale_of(pts, timing, size=8192 * MiB) == pytest.approx(3.0)
+    assert val.read_scale_of(pts, timing) == pytest.approx(2.0)

@@ -494,16 +494,20 @@ def scaled_timing(timing, factor: float):
                                for p in timing.PARAMS])
 
 
-def read_scale_of(points: list[dict], timing=None, seed: int = 0) -> float:
+def read_scale_of(points: list[dict], timing=None, seed: int = 0, size: int | None = None) -> float:
     """How much slower (above 1) this machine read now than ``timing`` (this CPU's read timing)
     predicts: the median over calibration random-read points ({size_mib, backing, ns}, numpy
-    take over 4 KiB- or THP-backed memory) of measured / predicted; 1.0 without either."""
+    take over 4 KiB- or THP-backed memory) of measured / predicted; 1.0 without either.  With
+    ``size``: only the points of the measured region size nearest to it."""
     from ..machine.presets import get_preset
     from ..machine.tlb import read_ns, read_rates
 
     timing = timing if timing is not None else machine_read_timing()
     if timing is None or not points:
         return 1.0
+    if size is not None:
+        near = min({int(p["size_mib"]) for p in points}, key=lambda m: abs(m * MiB - size))
+        points = [p for p in points if int(p["size_mib"]) == near]
     tk = get_preset(timing.tlb_preset)
     ratios = []
     for p in points:
@@ -647,7 +651,8 @@ def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: 
     come from the same minutes.  The prediction is still the model's: the
     scenarios' costs composed from the figures of other regions and processes.
     Random reads are priced by this CPU's read timing scaled by the calibration's
-    random-read points (read_scale_of(); the scale is in the result's metadata).
+    random-read points of the size nearest the scenarios' (read_scale_of(); the
+    scale is in the result's metadata).
     Each row's ratio is the median of the rounds' own ratios: each round's runs
     against the prediction priced with that round's figures alone (reprice()),
     so that the drift from round to round cancels too; measured and predicted
@@ -677,7 +682,8 @@ def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: 
         return [(f"{sc.label} ({i + 1}/{rounds})", lambda sc=sc: one_run(sc, real, i)) for sc in todo]
 
     res = cal.calibrate(cal_cfg, progress=progress, root=root, between=between)
-    scale = read_scale_of(list(res.lab.get("random_reads", {}).get("points", {}).values()), seed=cal_cfg.seed)
+    scale = read_scale_of(list(res.lab.get("random_reads", {}).get("points", {}).values()), seed=cal_cfg.seed,
+                          size=cfg.random_size)
     preds = predict_isolated(cfg, res.profile, res.lab, knobs, keys, read_scale=scale)
     timed = machine_read_timing() is not None
     memset = cal.lab_extras(res.lab)["memset_2m_ns"]
@@ -687,7 +693,7 @@ def calibrate_and_validate(cal_cfg: "cal.CalibrationConfig | None" = None, cfg: 
         for rnd, got in zip(res.rounds, runs[sc.key]):
             if not got:
                 continue
-            r_scale = read_scale_of(rnd.random_points, seed=cal_cfg.seed) if timed else scale
+            r_scale = read_scale_of(rnd.random_points, seed=cal_cfg.seed, size=cfg.random_size) if timed else scale
             pred = reprice(preds[sc.key], rnd.profile, rnd.extras.get("memset_2m_ns", memset) / memset,
                            r_scale / scale)
             ratios.append(pred / float(statistics.median(t for t, _ in got)))

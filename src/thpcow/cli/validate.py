@@ -101,7 +101,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     lo, hi = val.BAND
     rows = [[r.label, human_ns(r.measured_ns), human_ns(r.predicted_ns), f"{r.ratio:.2f}",
              "yes" if r.in_band else "NO"] for r in res.rows]
-    how = (f"ratio: median of {cfg.repeats} rounds' own" if res.metadata.get("interleaved")
+    how = (f"median of {cfg.repeats} rounds' ratios" if res.metadata.get("interleaved")
            else f"median of {cfg.repeats}")
     print_fitted(f"model vs Linux {res.metadata.get('kernel')}: band {lo:.2f}-{hi:.2f}, {how}",
                  ["scenario", "measured", "predicted", "ratio", "band"], rows)

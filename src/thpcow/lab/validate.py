@@ -511,9 +511,9 @@ def read_scale_of(points: list[dict], timing=None, seed: int = 0, size: int | No
     tk = get_preset(timing.tlb_preset)
     ratios = []
     for p in points:
-        size = int(p["size_mib"]) * MiB
+        region = int(p["size_mib"]) * MiB
         shift = 21 if p["backing"] == "thp" else 12
-        pred = read_ns(timing, tk, "gather", size, read_rates(tk, size, shift, seed=seed))["ns"]
+        pred = read_ns(timing, tk, "gather", region, read_rates(tk, region, shift, seed=seed))["ns"]
         if pred > 0:
             ratios.append(float(p["ns"]) / pred)
     return float(statistics.median(ratios)) if ratios else 1.0

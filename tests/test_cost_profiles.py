@@ -236,6 +236,37 @@ def test_validate_uses_the_cached_profile_and_says_so(monkeypatch, capsys, tmp_p
     assert max(len(ln) for ln in lines if ln.startswith(("│", "┃", "┏", "└"))) <= 80
 
 
+@pytest.mark.realkernel
+def test_validate_calibrate_interleaves_caches_and_says_so(monkeypatch, capsys, tmp_path):
+    """validate --calibrate with no profile cached (the first use): one line says it fits this
+    machine's profile interleaved with the validation, the table's ratios are the rounds'
+    medians, the profile is cached (small sizes)."""
+    from conftest import skip_without_real_thp
+
+    skip_without_real_thp()
+    monkeypatch.setenv("THPCOW_PROFILE_CACHE", str(tmp_path))
+    monkeypatch.setattr("rich.console.Console.is_terminal", property(lambda self: False))
+    small = dict(size=8 * 2**20, fork_size=32 * 2**20, fork_thp_size=64 * 2**20, random_accesses=200_000)
+    cal_quick, val_quick = cal.CalibrationConfig.quick_config, val.ValidationConfig.quick_config
+    monkeypatch.setattr(cal.CalibrationConfig, "quick_config", classmethod(lambda cls: cal_quick(
+        **small, copy_size=8 * 2**20, zero_read_size=64 * 2**20, random_sizes=(32 * 2**20,), repeats=2,
+        fork_repeats=3)))
+    monkeypatch.setattr(val.ValidationConfig, "quick_config", classmethod(lambda cls: val_quick(
+        **small, random_size=32 * 2**20, repeats=2, fork_repeats=3)))
+    code, out, err = _main(monkeypatch, capsys, "validate", "--quick", "--calibrate", "--scenario", "first_touch_thp")
+    assert code == 0, err
+    lines = out.splitlines()
+    path = cp.cache_path(cp.host_cpu_id(), cp.host_kernel())
+    assert lines[0].startswith("fitting this machine's profile first (no profile of this machine is cached")
+    assert lines[0].endswith("thpcow calibrate --quick, interleaved with the validation")     # the first use
+    assert lines[1].startswith("profile: calibrated-") and lines[1].endswith(f"(this machine's, cached {path})")
+    assert "median of 2 rounds' ratios" in " ".join(out.split()), out          # the title (wrapped to the table)
+    assert any(ln.startswith("│ first touch THP 8 MiB") for ln in lines), out
+    assert any(ln.startswith("measured interleaved with the calibration") for ln in lines), out
+    assert max(len(ln) for ln in lines if ln.startswith(("│", "┃", "┏", "└"))) <= 80
+    assert path.exists() and cal.load_profile(path)[0].name == lines[1].split()[1]
+
+
 def test_probe_drift_is_now_over_then():
     assert cal.probe_drift({"memset_ns": 100.0, "call_ns": 50.0}, {"memset_ns": 130.0, "call_ns": 50.0}) \
         == {"memset_ns": 1.3, "call_ns": 1.0}

@@ -103,21 +103,30 @@ def lab_progress(prog, task):
     return cb
 
 
+def run_lab(fn, label: str, width: int = 52, errors: tuple[type, ...] | None = None):
+    """``fn(progress)`` (a thpcow.lab run taking a lab_progress() callback) under a progress bar on
+    stderr, starting at ``label``; its result.  A lab error (``errors``; default LabError, OSError,
+    ValueError) is one line and exit status 1."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..lab.procfs import LabError
+
+    with Progress(TextColumn(f"{{task.description:<{width}}}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=Console(stderr=True),
+                  transient=True, auto_refresh=False) as prog:
+        task = prog.add_task(label, total=1)
+        try:
+            return fn(lab_progress(prog, task))
+        except errors or (LabError, OSError, ValueError) as exc:
+            fail(str(exc))
+
+
 def run_calibration(cfg):
     """``thpcow.lab.calibrate.calibrate(cfg)`` under a progress bar on stderr; a lab error is one
     line and exit status 1."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..lab import calibrate as cal
-    from ..lab.procfs import LabError
 
-    with Progress(TextColumn("{task.description:<52}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("calibrating", total=1)
-        try:
-            return cal.calibrate(cfg, progress=lab_progress(prog, task))
-        except (LabError, OSError, ValueError) as exc:
-            fail(str(exc))
+    return run_lab(lambda progress: cal.calibrate(cfg, progress=progress), "calibrating")
 
 
 def busy_warning(meta: dict) -> None:

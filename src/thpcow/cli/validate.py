@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .common import bad_input, busy_warning, console, fail, human_ns, lab_progress, print_fitted
+from .common import bad_input, busy_warning, console, fail, human_ns, print_fitted, run_lab
 
 
 def command(profile: str = typer.Option(None, "--profile", help="profile file from `thpcow calibrate`, or a "
@@ -53,10 +52,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
     (--profile auto: the cached one, else this CPU's preset, else the reference, never
     fitting).  The first line says which profile and why.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..lab import validate as val
-    from ..lab.procfs import LabError
 
     if programs is not None or seed is not None or steps is not None or program_set is not None:
         if profile is not None or quick or scenario or refit:
@@ -85,14 +81,7 @@ def command(profile: str = typer.Option(None, "--profile", help="profile file fr
         if warn:
             console.print(f"[yellow]warning:[/] {warn}", soft_wrap=True)
     if not fit:
-        with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-                      auto_refresh=False) as prog:
-            task = prog.add_task("validating", total=1)
-            try:
-                res = val.validate(cfg, prof, lab, progress=lab_progress(prog, task), only=only)
-            except (LabError, OSError, ValueError) as exc:
-                fail(str(exc))
+        res = run_lab(lambda progress: val.validate(cfg, prof, lab, progress=progress, only=only), "validating", 60)
     drift = {} if fit else cal.probe_drift(lab.get("probe"), res.metadata.get("probe"))
     if as_json:
         print(json.dumps({**res.to_dict(), "profile_probe": lab.get("probe"), "probe_drift": drift},
@@ -130,7 +119,6 @@ def _fit(quick: bool, before, as_json: bool, cfg, only):
     profile; (profile, lab, Choice, ValidationResult)."""
     from ..lab import calibrate as cal
     from ..lab import validate as val
-    from ..lab.procfs import LabError
     from ..machine import cost_presets as cp
 
     why = ("--calibrate" if before.how == "cached" else
@@ -141,15 +129,8 @@ def _fit(quick: bool, before, as_json: bool, cfg, only):
                       f"{' --quick' if quick else ''}, interleaved with the validation",
                       soft_wrap=True, highlight=False)
     cal_cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description:<60}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("calibrating and validating", total=1)
-        try:
-            res, vres = val.calibrate_and_validate(cal_cfg, cfg, progress=lab_progress(prog, task), only=only)
-        except (LabError, OSError, ValueError) as exc:
-            fail(str(exc))
+    res, vres = run_lab(lambda progress: val.calibrate_and_validate(cal_cfg, cfg, progress=progress, only=only),
+                        "calibrating and validating", 60)
     path = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
     if path is not None:
         try:
@@ -180,21 +161,14 @@ def _differential(n: int | None, seed: int, steps: int, as_json: bool, program_s
     reason = prg.real_kernel_reason()
     if reason:
         fail(f"--programs needs the running kernel: {reason}")
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     try:    # NumPy madvise()s its big arrays MADV_HUGEPAGE: the simulator's would feed khugepaged,
         from numpy._core.multiarray import _set_madvise_hugepage    # whose collapses count as noise
     except ImportError:                                             # NumPy < 2
         from numpy.core.multiarray import _set_madvise_hugepage
     _set_madvise_hugepage(False)
-    with Progress(TextColumn("{task.description:<30}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=True, auto_refresh=False) as prog:
-        task = prog.add_task("differential", total=n)
-        try:
-            res = prg.differential(n, seed, steps=steps, progress=lab_progress(prog, task),
-                                   wide=program_set == "wide")
-        except (LabError, OSError, RuntimeError) as exc:
-            fail(str(exc))
+    res = run_lab(lambda progress: prg.differential(n, seed, steps=steps, progress=progress,
+                                                    wide=program_set == "wide"),
+                  "differential", 30, errors=(LabError, OSError, RuntimeError))
     if as_json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:

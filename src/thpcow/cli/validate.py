@@ -131,14 +131,12 @@ def _fit(quick: bool, before, as_json: bool, cfg, only):
     cal_cfg = cal.CalibrationConfig.quick_config() if quick else cal.CalibrationConfig()
     res, vres = run_lab(lambda progress: val.calibrate_and_validate(cal_cfg, cfg, progress=progress, only=only),
                         "calibrating and validating", 60)
-    path = cp.cache_path(res.profile.cpu_id, res.profile.kernel)
-    if path is not None:
-        try:
-            cal.write_profile(res.profile, path, res.lab)
-        except OSError as exc:
-            if not as_json:
-                console.print(f"[yellow]note:[/] cannot cache the profile: {exc}", soft_wrap=True)
-            path = None
+    try:
+        path = cal.cache_profile(res)
+    except OSError as exc:
+        if not as_json:
+            console.print(f"[yellow]note:[/] cannot cache the profile: {exc}", soft_wrap=True)
+        path = None
     how = "fitted" if path is None else "cached"
     return res.profile, res.lab, cp.Choice(res.profile, how, path), vres
 

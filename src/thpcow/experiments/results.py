@@ -303,19 +303,6 @@ def _profile_words(choice) -> str:
             }.get(choice.how, f"the reference profile {name}")
 
 
-def _cache(fitted) -> None:
-    """Cache a calibration as this machine's profile (thpcow validate --calibrate does the same)."""
-    from ..lab.calibrate import write_profile
-    from ..machine import cost_presets
-
-    path = cost_presets.cache_path(fitted.profile.cpu_id, fitted.profile.kernel)
-    if path is not None:
-        try:
-            write_profile(fitted.profile, path, fitted.lab)
-        except OSError:
-            pass                             # not cached: profile auto falls back to this CPU's preset
-
-
 def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
     from ..lab import procfs
 
@@ -327,11 +314,14 @@ def _measure(progress: Callable[[str], None], quick: bool) -> Measured:
         return m
     progress("measured: latency model against the running kernel (validate --quick --calibrate)")
     try:
-        from ..lab.calibrate import CalibrationConfig
+        from ..lab.calibrate import CalibrationConfig, cache_profile
         from ..lab.validate import BAND, ValidationConfig, calibrate_and_validate
         # this machine's profile, calibrated interleaved with the validation (holds the lab lock itself)
         fitted, rep = calibrate_and_validate(CalibrationConfig.quick_config(), ValidationConfig.quick_config())
-        _cache(fitted)                       # the end-to-end runs below price with it (profile auto)
+        try:
+            cache_profile(fitted)            # the end-to-end runs below price with it (profile auto)
+        except OSError:
+            pass                             # not cached: profile auto falls back to this CPU's preset
         m.validate_profile = (f"profile {fitted.profile.name}, calibrated by the same run, interleaved with it "
                               f"(random reads x{rep.metadata['read_scale']:.2f})")
         m.validate_band = tuple(BAND)

@@ -1455,6 +1455,15 @@ def write_profile(profile: CalibrationProfile, path: str | Path, lab: Mapping | 
     return path
 
 
+def cache_profile(result: "CalibrationResult") -> Path | None:
+    """Write a calibration as this machine's cached profile (cost_presets.cache_path()); its path,
+    or None when the cache is off.  Raises OSError when it cannot be written."""
+    from ..machine import cost_presets
+
+    path = cost_presets.cache_path(result.profile.cpu_id, result.profile.kernel)
+    return None if path is None else write_profile(result.profile, path, result.lab)
+
+
 def read_lab_section(path: str | Path) -> dict:
     """The commented [lab] section of a profile file ({} if it has none)."""
     path = Path(path)
